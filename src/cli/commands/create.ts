@@ -1,0 +1,127 @@
+// `qdedup create`: a new, empty QCOW2 image. Options follow `qemu-img create -o`.
+
+import type { Argv } from 'yargs';
+import { UsageError } from '../../errors.ts';
+import { createImage, type CreateOptions } from '../../image/create.ts';
+import { Image, probeFormat } from '../../image/image.ts';
+import { checkFormat, withFormatOption, withQuietOption } from '../common.ts';
+import { parseBool, parseOptionList, parseSize } from '../parse.ts';
+import type { Output } from '../output.ts';
+import { isAbsolute, resolve, dirname } from 'node:path';
+
+/** The `-o` keys `create` accepts, with their help text (printed by `-o help`). */
+export const CREATE_OPTIONS: [string, string, string][] = [
+  ['backing_file', 'str', 'File name of a base image'],
+  ['backing_fmt', 'str', 'Image format of the base image (qcow2 or raw)'],
+  ['cluster_size', 'size', 'qcow2 cluster size, a power of two from 512 to 2M (default 65536)'],
+  ['compat', 'str', 'Compatibility level (v2 [0.10] or v3 [1.1], default 1.1)'],
+  ['lazy_refcounts', 'bool (on/off)', 'Postpone refcount updates (compatible feature bit; v3 only)'],
+  ['refcount_bits', 'num', 'Width of a reference count entry in bits: 1, 2, 4, 8, 16, 32 or 64 (default 16)'],
+  ['size', 'size', 'Virtual disk size'],
+];
+
+export interface CreateArgs {
+  file: string;
+  size?: string;
+  options: string[];
+  backing?: string;
+  backingFormat?: string;
+  force: boolean;
+  quiet: boolean;
+}
+
+export async function runCreate(a: CreateArgs, io: Output): Promise<number> {
+  const opts = parseOptionList(a.options);
+  if (opts.has('help')) {
+    let text = 'Supported options:\n';
+    for (const [name, type, help] of CREATE_OPTIONS) text += `  ${name}=<${type}>${' '.repeat(Math.max(1, 24 - name.length - type.length))}- ${help}\n`;
+    await io.out(text);
+    return 0;
+  }
+  if (!a.file) throw new UsageError('Expecting image file name');
+  for (const key of opts.keys()) {
+    if (!CREATE_OPTIONS.some(([name]) => name === key)) throw new UsageError(`Invalid parameter '${key}'`);
+  }
+  const compat = opts.get('compat') ?? '1.1';
+  let version: 2 | 3;
+  if (compat === '0.10' || compat === 'v2') version = 2;
+  else if (compat === '1.1' || compat === 'v3') version = 3;
+  else throw new UsageError(`Invalid compatibility level: '${compat}' (0.10 or 1.1)`);
+
+  const clusterSize = opts.has('cluster_size') ? parseSize(opts.get('cluster_size')!, 'cluster size') : 65536;
+  const clusterBits = Math.log2(clusterSize);
+  if (!Number.isInteger(clusterBits) || clusterBits < 9 || clusterBits > 21) throw new UsageError('Cluster size must be a power of two between 512 and 2048k');
+
+  const refcountBits = opts.has('refcount_bits') ? Number(opts.get('refcount_bits')) : 16;
+  const refcountOrder = Math.log2(refcountBits);
+  if (!Number.isInteger(refcountOrder) || refcountOrder < 0 || refcountOrder > 6) throw new UsageError('Refcount width must be a power of two and may not exceed 64 bits');
+  if (version === 2 && refcountBits !== 16) throw new UsageError('Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1)');
+
+  const lazyRefcounts = opts.has('lazy_refcounts') ? parseBool(opts.get('lazy_refcounts')!, 'lazy_refcounts') : false;
+  if (lazyRefcounts && version === 2) throw new UsageError('Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1)');
+
+  const backingFile = a.backing ?? opts.get('backing_file');
+  let backingFormat = a.backingFormat ?? opts.get('backing_fmt');
+  if (backingFormat !== undefined && backingFormat !== 'qcow2' && backingFormat !== 'raw') throw new UsageError(`backing format '${backingFormat}' is not supported (qcow2 or raw)`);
+  if (backingFormat !== undefined && backingFile === undefined) throw new UsageError('a backing format was given without a backing file');
+
+  const sizeText = a.size ?? opts.get('size');
+  let size: number | undefined = sizeText !== undefined ? parseSize(sizeText, 'image size') : undefined;
+  if (backingFile !== undefined) {
+    // Like qemu-img: the name is stored as given, resolved against the new image's folder.
+    const backingPath = isAbsolute(backingFile) ? backingFile : resolve(dirname(a.file), backingFile);
+    backingFormat ??= await probeFormat(backingPath);
+    if (size === undefined) {
+      if (backingFormat === 'qcow2') {
+        const base = await Image.open(backingPath);
+        size = base.size;
+        await base.close();
+      } else {
+        const { RawImage } = await import('../../image/image.ts');
+        const base = await RawImage.open(backingPath);
+        size = base.size;
+        await base.close();
+      }
+    }
+  }
+  if (size === undefined) throw new UsageError('Image creation needs a size parameter');
+
+  const o: CreateOptions = { size, clusterBits, version, refcountOrder, lazyRefcounts, backingFile, backingFormat, force: a.force };
+  const header = await createImage(a.file, o);
+  if (!a.quiet) {
+    const backing = backingFile !== undefined ? ` backing_file=${backingFile} backing_fmt=${backingFormat}` : '';
+    await io.out(`Formatting '${a.file}', fmt=qcow2 cluster_size=${clusterSize} compat=${version === 3 ? '1.1' : '0.10'}${backing} size=${header.size} lazy_refcounts=${lazyRefcounts ? 'on' : 'off'} refcount_bits=${refcountBits}\n`);
+  }
+  return 0;
+}
+
+export const command = 'create [file] [size]';
+export const describe = 'create a new QCOW2 image';
+
+export function builder(y: Argv) {
+  return withQuietOption(withFormatOption(y))
+    .positional('file', { type: 'string', describe: 'image file to create' })
+    .positional('size', { type: 'string', describe: 'virtual size (k, M, G, T, P, E suffixes: powers of 1024)' })
+    .option('o', { type: 'string', array: true, describe: 'options: KEY=VALUE[,KEY=VALUE…]; -o help lists them', default: [], requiresArg: true })
+    .option('b', { type: 'string', describe: 'backing file', requiresArg: true })
+    .option('F', { type: 'string', describe: 'backing file format (qcow2 or raw)', requiresArg: true })
+    .option('force', { type: 'boolean', describe: 'replace an existing file', default: false })
+    .example('$0 create disk.qcow2 10G', 'a 10 GiB image with 64 KiB clusters')
+    .example('$0 create -o cluster_size=4k,compat=0.10 old.qcow2 1G', 'a v2 image with 4 KiB clusters')
+    .example('$0 create -b base.qcow2 -F qcow2 overlay.qcow2', 'an overlay on a backing image')
+    .example('$0 create -o help x 0', 'list the -o options');
+}
+
+export function toArgs(argv: Record<string, unknown>): CreateArgs {
+  checkFormat(argv.f);
+  return {
+    file: argv.file === undefined ? '' : String(argv.file),
+    size: argv.size === undefined ? undefined : String(argv.size),
+    options: (argv.o as string[]) ?? [],
+    backing: argv.b as string | undefined,
+    backingFormat: argv.F as string | undefined,
+    force: Boolean(argv.force),
+    quiet: Boolean(argv.quiet),
+  };
+}
+export const run = runCreate;

@@ -1,0 +1,143 @@
+// `qdedup write`: writes a pattern, a file's bytes or zeroes at a guest offset, like
+// qemu-io's `write`, and makes them durable before it exits 0.
+
+import type { Argv } from 'yargs';
+import { open } from 'node:fs/promises';
+import { UsageError } from '../../errors.ts';
+import { ioError } from '../../image/block-file.ts';
+import { Image } from '../../image/image.ts';
+import { checkFormat, withFormatOption, withQuietOption } from '../common.ts';
+import { parsePattern, parseSize } from '../parse.ts';
+import type { Output } from '../output.ts';
+import { startProgress } from '../progress.ts';
+
+/** Bytes of input read and written per step of a long write. */
+const CHUNK_BYTES = 8 * 1024 * 1024;
+
+export interface WriteArgs {
+  file: string;
+  offset: number;
+  length?: number;
+  pattern?: number;
+  input?: string;
+  zero: boolean;
+  quiet: boolean;
+  progress: boolean;
+}
+
+export async function runWrite(a: WriteArgs, io: Output): Promise<number> {
+  const sources = [a.pattern !== undefined, a.input !== undefined, a.zero].filter(Boolean).length;
+  if (sources !== 1) throw new UsageError('give exactly one of -P PATTERN, -i INPUT or -z');
+  if (a.input === undefined && a.length === undefined) throw new UsageError('LENGTH is needed with -P and -z');
+
+  // Find the input's length first, so a write past the disk fails before anything is written.
+  let stdinData: Buffer | undefined;
+  let length = a.length;
+  if (a.input === '-') {
+    stdinData = await readStdin(length);
+    if (length === undefined) length = stdinData.length;
+    else if (stdinData.length < length) throw new UsageError(`standard input ended after ${stdinData.length} of ${length} bytes`);
+  } else if (a.input !== undefined) {
+    let inputSize: number;
+    try {
+      const fh = await open(a.input, 'r');
+      inputSize = (await fh.stat()).size;
+      await fh.close();
+    } catch (err) {
+      throw ioError(err, a.input, 'cannot read input');
+    }
+    if (length === undefined) length = inputSize;
+    else if (inputSize < length) throw new UsageError(`input '${a.input}' has only ${inputSize} bytes, fewer than LENGTH ${length}`);
+  }
+  const total = length!;
+
+  const image = await Image.open(a.file, { writable: true });
+  if (a.offset + total > image.size) {
+    await image.close();
+    throw new UsageError(`offset ${a.offset} + length ${total} is past the end of the disk (virtual size ${image.size})`);
+  }
+  try {
+    if (a.zero) {
+      await image.writeZeroes(a.offset, total);
+    } else if (a.pattern !== undefined) {
+      const chunk = Buffer.alloc(Math.min(total, CHUNK_BYTES), a.pattern);
+      for (let done = 0; done < total; done += chunk.length) {
+        await image.write(a.offset + done, chunk.subarray(0, Math.min(chunk.length, total - done)));
+      }
+    } else if (stdinData) {
+      await image.write(a.offset, stdinData.subarray(0, total));
+    } else {
+      const progress = a.progress && !a.quiet ? startProgress(io, total) : null;
+      let fh;
+      try {
+        fh = await open(a.input!, 'r');
+      } catch (err) {
+        throw ioError(err, a.input!, 'cannot read input');
+      }
+      try {
+        const buf = Buffer.alloc(Math.min(total, CHUNK_BYTES));
+        for (let done = 0; done < total;) {
+          const want = Math.min(buf.length, total - done);
+          const { bytesRead } = await fh.read(buf, 0, want, done).catch((err) => { throw ioError(err, a.input!, 'cannot read input'); });
+          if (bytesRead === 0) throw new UsageError(`input '${a.input}' ended early, after ${done} bytes`);
+          await image.write(a.offset + done, buf.subarray(0, bytesRead));
+          done += bytesRead;
+          progress?.update(done);
+        }
+      } finally {
+        progress?.stop();
+        await fh.close();
+      }
+    }
+    await image.close(); // commits metadata and syncs: durable before exit 0 (I3)
+  } catch (err) {
+    await image.abandon();
+    throw err;
+  }
+  if (!a.quiet) await io.out(`wrote ${total}/${total} bytes at offset ${a.offset}\n`);
+  return 0;
+}
+
+/** Reads standard input to its end (or `limit` bytes). */
+async function readStdin(limit?: number): Promise<Buffer> {
+  const chunks: Buffer[] = [];
+  let size = 0;
+  for await (const chunk of process.stdin) {
+    chunks.push(chunk as Buffer);
+    size += (chunk as Buffer).length;
+    if (limit !== undefined && size >= limit) break;
+  }
+  return Buffer.concat(chunks);
+}
+
+export const command = 'write <file> <offset> [length]';
+export const describe = 'write a pattern, a file or zeroes into an image (like qemu-io write)';
+
+export function builder(y: Argv) {
+  return withQuietOption(withFormatOption(y))
+    .positional('file', { type: 'string', describe: 'image file' })
+    .positional('offset', { type: 'string', describe: 'guest byte offset (size syntax: 1M, 0x100000, …)' })
+    .positional('length', { type: 'string', describe: 'bytes to write (default with -i: the whole input)' })
+    .option('P', { type: 'string', describe: 'fill with this byte (decimal or 0x hex)', requiresArg: true })
+    .option('i', { type: 'string', describe: "write the bytes of this file ('-' for standard input)", requiresArg: true })
+    .option('z', { type: 'boolean', describe: 'write zeroes (zero clusters where whole clusters)', default: false })
+    .option('p', { type: 'boolean', describe: 'show a progress bar on stderr (a terminal only)', default: true })
+    .example('$0 write -P 0xab disk.qcow2 0 64k', '64 KiB of 0xab at offset 0')
+    .example('$0 write -i data.bin disk.qcow2 1M', 'the bytes of data.bin at 1 MiB')
+    .example('$0 write -z disk.qcow2 0 1G', 'zero the first GiB');
+}
+
+export function toArgs(argv: Record<string, unknown>): WriteArgs {
+  checkFormat(argv.f);
+  return {
+    file: String(argv.file),
+    offset: parseSize(String(argv.offset), 'offset'),
+    length: argv.length === undefined ? undefined : parseSize(String(argv.length), 'length'),
+    pattern: argv.P === undefined ? undefined : parsePattern(String(argv.P)),
+    input: argv.i === undefined ? undefined : String(argv.i),
+    zero: Boolean(argv.z),
+    quiet: Boolean(argv.quiet),
+    progress: Boolean(argv.p),
+  };
+}
+export const run = runWrite;

@@ -1,0 +1,37 @@
+// Big-endian integer helpers shared by every on-disk structure. Pure.
+// QCOW2 stores every multi-byte integer big-endian. JavaScript numbers are exact only up
+// to 2^53, so 64-bit fields are read as two u32 halves and refused above that bound.
+
+import { UnsupportedError } from '../errors.ts';
+
+export const TWO_32 = 0x1_0000_0000;
+
+/** Reads a u64 as a number; throws UnsupportedError when it exceeds 2^53 - 1. */
+export function readU64(buf: Buffer, pos: number, what: string): number {
+  const hi = buf.readUInt32BE(pos);
+  const lo = buf.readUInt32BE(pos + 4);
+  if (hi >= 0x200000) throw new UnsupportedError(`${what} 0x${hi.toString(16)}${lo.toString(16).padStart(8, '0')} is beyond 2^53 bytes`);
+  return hi * TWO_32 + lo;
+}
+
+/** Writes a non-negative integer below 2^53 as a big-endian u64. */
+export function writeU64(buf: Buffer, pos: number, value: number): void {
+  buf.writeUInt32BE(Math.floor(value / TWO_32), pos);
+  buf.writeUInt32BE(value >>> 0, pos + 4);
+}
+
+export function readBigU64(buf: Buffer, pos: number): bigint {
+  return buf.readBigUInt64BE(pos);
+}
+
+export function isPowerOfTwo(n: number): boolean {
+  return n > 0 && Number.isInteger(n) && (n & (n - 1)) === 0 && n <= 0x4000_0000;
+}
+
+export function alignUp(n: number, alignment: number): number {
+  return Math.ceil(n / alignment) * alignment;
+}
+
+export function divCeil(n: number, d: number): number {
+  return Math.ceil(n / d);
+}

@@ -1,0 +1,54 @@
+// Internal snapshot table entries. Pure. Spec: docs/interop/qcow2.rst "Snapshots".
+// qdedup reads snapshots (for check and refcount rebuild) but never creates them.
+
+import { CorruptImageError, hex } from '../errors.ts';
+import { readU64 } from './bytes.ts';
+
+/** QEMU's QCOW_MAX_SNAPSHOT_EXTRA_DATA. */
+export const MAX_SNAPSHOT_EXTRA = 1024;
+/** Fixed part of an entry, before extra data, ID and name. */
+export const SNAPSHOT_FIXED_BYTES = 40;
+
+export interface SnapshotEntry {
+  l1TableOffset: number;
+  l1Size: number;
+  id: string;
+  name: string;
+  dateSec: number;
+  dateNsec: number;
+  vmClockNsec: bigint;
+  vmStateSize: number;
+  /** Offset of this entry in the snapshot table. */
+  tableOffset: number;
+}
+
+/**
+ * Decodes the entry at `pos` in `buf`. Returns the entry and its padded length, or null
+ * when `buf` does not yet hold the whole entry (the caller reads more and retries).
+ * Throws CorruptImageError for lengths beyond QEMU's limits.
+ */
+export function decodeSnapshotEntry(buf: Buffer, pos: number, tableOffset: number): { entry: SnapshotEntry; length: number } | null {
+  if (pos + SNAPSHOT_FIXED_BYTES > buf.length) return null;
+  const idLen = buf.readUInt16BE(pos + 12);
+  const nameLen = buf.readUInt16BE(pos + 14);
+  const extra = buf.readUInt32BE(pos + 36);
+  if (extra > MAX_SNAPSHOT_EXTRA) throw new CorruptImageError(`snapshot entry at ${hex(tableOffset + pos)}: extra data too large (${extra} bytes)`, { offset: tableOffset + pos + 36, structure: 'snapshot table' });
+  const length = Math.ceil((SNAPSHOT_FIXED_BYTES + extra + idLen + nameLen) / 8) * 8;
+  if (pos + SNAPSHOT_FIXED_BYTES + extra + idLen + nameLen > buf.length) return null;
+  const idStart = pos + SNAPSHOT_FIXED_BYTES + extra;
+  const vmStateSize = extra >= 8 ? readU64(buf, pos + 40, 'snapshot VM state size') : buf.readUInt32BE(pos + 32);
+  return {
+    entry: {
+      l1TableOffset: readU64(buf, pos, 'snapshot L1 table offset'),
+      l1Size: buf.readUInt32BE(pos + 8),
+      dateSec: buf.readUInt32BE(pos + 16),
+      dateNsec: buf.readUInt32BE(pos + 20),
+      vmClockNsec: buf.readBigUInt64BE(pos + 24),
+      vmStateSize,
+      id: buf.subarray(idStart, idStart + idLen).toString('utf8'),
+      name: buf.subarray(idStart + idLen, idStart + idLen + nameLen).toString('utf8'),
+      tableOffset: tableOffset + pos,
+    },
+    length,
+  };
+}

@@ -1,0 +1,134 @@
+// Positional file I/O behind a narrow interface, so the engine can run on a real file
+// (NodeFile, fs.promises FileHandle) or on a test double that fails on purpose.
+// Reads past the end of the file return zeros, as QEMU's file driver does: QCOW2 files
+// are not padded to a cluster boundary and tables may end past EOF.
+
+import { open, type FileHandle } from 'node:fs/promises';
+import { IoError } from '../errors.ts';
+
+export interface BlockFile {
+  readonly path: string;
+  /** Reads `length` bytes at `pos` into a new buffer; bytes past EOF read as zeros. */
+  read(pos: number, length: number): Promise<Buffer>;
+  /** Writes all of `data` at `pos`, extending the file if needed. */
+  write(pos: number, data: Buffer): Promise<void>;
+  /** Makes every completed write durable (fdatasync). */
+  sync(): Promise<void>;
+  /** Current length of the file in bytes. */
+  size(): Promise<number>;
+  /** Bytes the file occupies on the host (st_blocks * 512). */
+  allocatedBytes(): Promise<number>;
+  truncate(length: number): Promise<void>;
+  close(): Promise<void>;
+}
+
+/** Maps a Node.js file system error to an IoError that names the file and the operation. */
+export function ioError(err: unknown, path: string, what: string): IoError {
+  const e = err as NodeJS.ErrnoException;
+  const reason: Record<string, string> = {
+    ENOENT: 'No such file or directory',
+    EACCES: 'Permission denied',
+    EPERM: 'Operation not permitted',
+    ENOSPC: 'No space left on device',
+    EIO: 'Input/output error',
+    EISDIR: 'Is a directory',
+    EROFS: 'Read-only file system',
+    EDQUOT: 'Disk quota exceeded',
+    EFBIG: 'File too large',
+  };
+  const text = (e && e.code && reason[e.code]) || (e && e.message) || String(err);
+  return new IoError(`${what}: ${text}`, { path }, e && e.code ? e.code : 'EIO');
+}
+
+export class NodeFile implements BlockFile {
+  readonly path: string;
+  private readonly fh: FileHandle;
+
+  private constructor(path: string, fh: FileHandle) {
+    this.path = path;
+    this.fh = fh;
+  }
+
+  /** Opens an existing file; `writable` opens it read-write. Throws IoError. */
+  static async open(path: string, writable: boolean): Promise<NodeFile> {
+    try {
+      return new NodeFile(path, await open(path, writable ? 'r+' : 'r'));
+    } catch (err) {
+      throw ioError(err, path, 'cannot open');
+    }
+  }
+
+  /** Creates a file: `exclusive` refuses to replace an existing one. Throws IoError. */
+  static async create(path: string, exclusive: boolean): Promise<NodeFile> {
+    try {
+      return new NodeFile(path, await open(path, exclusive ? 'wx+' : 'w+'));
+    } catch (err) {
+      const e = err as NodeJS.ErrnoException;
+      if (e.code === 'EEXIST') throw new IoError('file exists (use --force to replace it)', { path }, 'EEXIST');
+      throw ioError(err, path, 'cannot create');
+    }
+  }
+
+  async read(pos: number, length: number): Promise<Buffer> {
+    const buf = Buffer.alloc(length);
+    let done = 0;
+    try {
+      while (done < length) {
+        const { bytesRead } = await this.fh.read(buf, done, length - done, pos + done);
+        if (bytesRead === 0) break; // EOF: the rest stays zero
+        done += bytesRead;
+      }
+    } catch (err) {
+      throw ioError(err, this.path, `read of ${length} bytes at ${pos} failed`);
+    }
+    return buf;
+  }
+
+  async write(pos: number, data: Buffer): Promise<void> {
+    let done = 0;
+    try {
+      while (done < data.length) {
+        const { bytesWritten } = await this.fh.write(data, done, data.length - done, pos + done);
+        done += bytesWritten;
+      }
+    } catch (err) {
+      throw ioError(err, this.path, `write of ${data.length} bytes at ${pos} failed`);
+    }
+  }
+
+  async sync(): Promise<void> {
+    try {
+      await this.fh.datasync();
+    } catch (err) {
+      throw ioError(err, this.path, 'sync failed');
+    }
+  }
+
+  async size(): Promise<number> {
+    return (await this.stat()).size;
+  }
+
+  async allocatedBytes(): Promise<number> {
+    return (await this.stat()).blocks * 512;
+  }
+
+  private async stat() {
+    try {
+      return await this.fh.stat();
+    } catch (err) {
+      throw ioError(err, this.path, 'stat failed');
+    }
+  }
+
+  async truncate(length: number): Promise<void> {
+    try {
+      await this.fh.truncate(length);
+    } catch (err) {
+      throw ioError(err, this.path, 'truncate failed');
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.fh.close();
+  }
+}

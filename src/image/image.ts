@@ -1,0 +1,634 @@
+// An open QCOW2 image: guest reads and writes through L1/L2 tables, copy on write,
+// zero clusters, compressed clusters, backing files, and the commit that writes cached
+// metadata back in crash-safe order. Spec: docs/interop/qcow2.rst; design: docs/DESIGN.md.
+//
+// State: open read-only | open read-write (metadata cached, dirty until commit) → closed.
+// Every write to the file is checked against the known metadata clusters first, so a
+// hostile L2 entry or a wrong refcount can never make us overwrite a table (BRIEF I4).
+
+import { inflateRawSync } from 'node:zlib';
+import { dirname, isAbsolute, resolve } from 'node:path';
+import { realpath } from 'node:fs/promises';
+import { CorruptImageError, IoError, QdedupError, UnsupportedError, hex } from '../errors.ts';
+import {
+  AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_HOST_OFFSET, backingFormatOf, clusterSizeOf,
+  decodeHeader, encodeHeader, l2EntriesOf, type Header,
+} from '../format/header.ts';
+import {
+  compressedClusterSpan, decodeL1Entry, decodeL2Entry, encodeL1Entry, encodeL2Entry, type L2Entry,
+} from '../format/l1l2.ts';
+import { decodeSnapshotEntry, type SnapshotEntry } from '../format/snapshot.ts';
+import { NodeFile, type BlockFile } from './block-file.ts';
+import { Refcounts } from './refcounts.ts';
+
+/** Deepest backing chain followed (QEMU has no fixed limit; this bounds hostile chains). */
+export const MAX_BACKING_DEPTH = 32;
+/** Dirty metadata held in memory before a write commits on its own (bounds RAM, I5). */
+const MAX_DIRTY_METADATA_BYTES = 64 * 1024 * 1024;
+/** Clean L2 tables kept in memory before the cache is emptied of them. */
+const MAX_CACHED_L2_BYTES = 64 * 1024 * 1024;
+/** New clusters gathered into one allocation and one write. */
+const MAX_BATCH_BYTES = 8 * 1024 * 1024;
+
+/** What a guest range reads from: a QCOW2 image or a raw file. */
+export interface GuestReader {
+  readonly size: number;
+  /** Reads guest bytes; ranges past `size` read as zeros. */
+  readGuest(guestOffset: number, length: number): Promise<Buffer>;
+  close(): Promise<void>;
+}
+
+export interface OpenOptions {
+  writable?: boolean;
+  /** Internal: backing chain depth and visited files, to bound hostile chains. */
+  chain?: string[];
+  /** Test hook: a file implementation to use instead of opening `path`. */
+  file?: BlockFile;
+}
+
+/** One guest cluster waiting for a new host cluster in the current write batch. */
+interface PendingCluster {
+  guestCluster: number;
+  data: Buffer;
+  old: L2Entry;
+}
+
+export class Image implements GuestReader {
+  readonly path: string;
+  readonly file: BlockFile;
+  header: Header;
+  readonly clusterSize: number;
+  readonly clusterBits: number;
+  readonly l2Entries: number;
+  readonly size: number;
+  readonly writable: boolean;
+  backing: GuestReader | null = null;
+  /** The active L1 table (l1Size entries). */
+  readonly l1: Buffer;
+  private readonly l1Dirty = new Set<number>();
+  private readonly l2Cache = new Map<number, Buffer>();
+  private readonly l2Dirty = new Set<number>();
+  private refcounts: Refcounts | null = null;
+  /** Cluster index → name of the metadata structure there (overlap guard). */
+  private readonly metadata = new Map<number, string>();
+  private headerDirty = false;
+  private lastCompressed: { offset: number; data: Buffer } | null = null;
+  private closed = false;
+
+  private constructor(path: string, file: BlockFile, header: Header, l1: Buffer, writable: boolean) {
+    this.path = path;
+    this.file = file;
+    this.header = header;
+    this.clusterBits = header.clusterBits;
+    this.clusterSize = clusterSizeOf(header);
+    this.l2Entries = l2EntriesOf(header);
+    this.size = header.size;
+    this.l1 = l1;
+    this.writable = writable;
+  }
+
+  /**
+   * Opens and validates an image. Read-write opens refuse corrupt images, clear unknown
+   * autoclear bits (synced before any other write) and rebuild refcounts of dirty images.
+   * Throws NotQcow2Error, CorruptImageError, UnsupportedError or IoError.
+   */
+  static async open(path: string, options: OpenOptions = {}): Promise<Image> {
+    const writable = options.writable ?? false;
+    const file = options.file ?? (await NodeFile.open(path, writable));
+    try {
+      const image = await Image.load(path, file, writable);
+      await image.openBacking(options.chain ?? []);
+      if (writable) await image.prepareForWrites();
+      return image;
+    } catch (err) {
+      await file.close().catch(() => {});
+      throw err;
+    }
+  }
+
+  private static async load(path: string, file: BlockFile, writable: boolean): Promise<Image> {
+    const fileSize = await file.size();
+    const first = await file.read(0, Math.min(fileSize, 104));
+    let clusterBytes = 512;
+    if (first.length >= 24) {
+      const bits = first.readUInt32BE(20);
+      if (bits >= 9 && bits <= 21) clusterBytes = 2 ** bits;
+    }
+    const headBuf = (await file.read(0, clusterBytes)).subarray(0, Math.max(Math.min(fileSize, clusterBytes), 0));
+    const header = decodeHeader(headBuf, fileSize);
+    const l1 = header.l1Size ? await file.read(header.l1TableOffset, header.l1Size * 8) : Buffer.alloc(0);
+    return new Image(path, file, header, l1, writable);
+  }
+
+  private async openBacking(chain: string[]): Promise<void> {
+    const name = this.header.backingFile;
+    if (name === undefined) return;
+    const where = { path: this.path, structure: 'backing file name', offset: this.header.backingFileOffset };
+    if (name.includes('\0')) throw new CorruptImageError('backing file name contains a NUL byte', where);
+    if (/^[a-z][a-z0-9+.-]*:/i.test(name) && !isAbsolute(name)) throw new UnsupportedError(`backing file '${name}': protocols are not supported`, where);
+    const backingPath = isAbsolute(name) ? name : resolve(dirname(this.path), name);
+    const self = await realpath(this.path).catch(() => resolve(this.path));
+    const visited = [...chain, self];
+    if (visited.length > MAX_BACKING_DEPTH) throw new CorruptImageError(`backing chain deeper than ${MAX_BACKING_DEPTH} images`, where);
+    const target = await realpath(backingPath).catch(() => {
+      throw new IoError(`cannot open backing file '${name}': No such file or directory`, { path: backingPath }, 'ENOENT');
+    });
+    if (visited.includes(target)) throw new CorruptImageError(`backing chain loops back to '${name}'`, where);
+    const format = backingFormatOf(this.header) ?? (await probeFormat(target));
+    if (format === 'qcow2') this.backing = await Image.open(target, { chain: visited });
+    else if (format === 'raw') this.backing = await RawImage.open(target);
+    else throw new UnsupportedError(`backing file format '${format}' is not supported (qcow2 or raw)`, where);
+  }
+
+  /** Read-write open: refuse corrupt images, clear foreign autoclear bits, load refcounts. */
+  private async prepareForWrites(): Promise<void> {
+    const h = this.header;
+    if (h.incompatibleFeatures & INCOMPAT_CORRUPT) {
+      throw new CorruptImageError("image is marked corrupt (incompatible bit 1); it can only be opened read-only or repaired with 'qdedup check -r all'", { path: this.path, structure: 'header', offset: 72 });
+    }
+    if (h.nbSnapshots > 0) await this.loadSnapshots(); // their tables join the overlap guard
+    this.indexMetadata();
+    this.refcounts = await Refcounts.load(this.file, {
+      clusterBits: this.clusterBits, refcountOrder: h.refcountOrder,
+      tableOffset: h.refcountTableOffset, tableClusters: h.refcountTableClusters,
+    }, (c) => this.metadata.get(c));
+    for (const offset of this.refcounts.blockOffsets()) this.markMetadata(offset, this.clusterSize, 'refcount block');
+    // Every autoclear bit qdedup does not maintain must be cleared before the first write
+    // (the spec's rule); bitmaps (bit 0) are not maintained by qdedup either.
+    const keepAutoclear = 0n;
+    if (h.autoclearFeatures & ~keepAutoclear) {
+      h.autoclearFeatures &= keepAutoclear;
+      await this.writeHeader();
+      await this.file.sync(); // the cleared bits reach disk before any data write
+    }
+    void AUTOCLEAR_BITMAPS;
+    if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
+      const { rebuildRefcounts } = await import('./check.ts');
+      await rebuildRefcounts(this);
+    }
+  }
+
+  snapshots: SnapshotEntry[] = [];
+
+  /** Reads the snapshot table (bounded by nb_snapshots and QEMU's per-entry limits). */
+  async loadSnapshots(): Promise<SnapshotEntry[]> {
+    const h = this.header;
+    const out: SnapshotEntry[] = [];
+    let buf = Buffer.alloc(0);
+    let bufStart = h.snapshotsOffset;
+    let pos = 0;
+    while (out.length < h.nbSnapshots) {
+      const decoded = decodeSnapshotEntry(buf, pos, bufStart);
+      if (!decoded) {
+        const more = await this.file.read(bufStart + buf.length, 64 * 1024);
+        buf = Buffer.concat([buf.subarray(pos), more]);
+        bufStart += pos;
+        pos = 0;
+        continue;
+      }
+      const e = decoded.entry;
+      if (e.l1TableOffset % this.clusterSize !== 0) throw new CorruptImageError(`snapshot ${out.length} L1 table offset ${hex(e.l1TableOffset)} is not cluster aligned`, { path: this.path, offset: e.tableOffset, structure: 'snapshot table' });
+      if (e.l1Size * 8 > 32 * 1024 * 1024) throw new CorruptImageError(`snapshot ${out.length} L1 table too large (${e.l1Size} entries)`, { path: this.path, offset: e.tableOffset + 8, structure: 'snapshot table' });
+      out.push(e);
+      pos += decoded.length;
+    }
+    this.snapshots = out;
+    return out;
+  }
+
+  private markMetadata(offset: number, byteLength: number, what: string): void {
+    const first = Math.floor(offset / this.clusterSize);
+    const last = Math.floor((offset + Math.max(byteLength, 1) - 1) / this.clusterSize);
+    for (let c = first; c <= last; c++) if (!this.metadata.has(c)) this.metadata.set(c, what);
+  }
+
+  private indexMetadata(): void {
+    const h = this.header;
+    this.markMetadata(0, this.clusterSize, 'header');
+    this.markMetadata(h.refcountTableOffset, h.refcountTableClusters * this.clusterSize, 'refcount table');
+    if (h.l1Size) this.markMetadata(h.l1TableOffset, h.l1Size * 8, 'active L1 table');
+    for (let i = 0; i < h.l1Size; i++) {
+      const e = decodeL1Entry(this.l1, i);
+      if (e.l2Offset) this.markMetadata(e.l2Offset, this.clusterSize, 'L2 table');
+    }
+    if (h.nbSnapshots) {
+      this.markMetadata(h.snapshotsOffset, 1, 'snapshot table');
+      for (const s of this.snapshots) if (s.l1Size) this.markMetadata(s.l1TableOffset, s.l1Size * 8, 'snapshot L1 table');
+    }
+  }
+
+  /** Throws CorruptImageError if a data write at [offset, +length) would land on metadata. */
+  private guardDataWrite(hostOffset: number, length: number): void {
+    const first = Math.floor(hostOffset / this.clusterSize);
+    const last = Math.floor((hostOffset + length - 1) / this.clusterSize);
+    for (let c = first; c <= last; c++) {
+      const what = this.metadata.get(c);
+      if (what) throw new CorruptImageError(`preventing a data write at ${hex(c * this.clusterSize)}: it overlaps the ${what}`, { path: this.path, offset: c * this.clusterSize, structure: what });
+    }
+  }
+
+  // ---------------------------------------------------------------- mapping
+
+  /** Loads the L2 table that L1 entry `l1Index` points at (cached), or null if none. */
+  private async l2Table(l1Index: number): Promise<Buffer | null> {
+    const cached = this.l2Cache.get(l1Index);
+    if (cached) return cached;
+    if (l1Index >= this.header.l1Size) return null;
+    const e = decodeL1Entry(this.l1, l1Index);
+    if (e.l2Offset === 0) return null;
+    if (e.l2Offset % this.clusterSize !== 0) {
+      throw new CorruptImageError(`L2 table offset ${hex(e.l2Offset)} unaligned (L1 index: ${hex(l1Index)})`, { path: this.path, offset: this.header.l1TableOffset + l1Index * 8, structure: 'L1 table' });
+    }
+    if (this.l2Cache.size * this.clusterSize >= MAX_CACHED_L2_BYTES) {
+      for (const k of this.l2Cache.keys()) if (!this.l2Dirty.has(k)) this.l2Cache.delete(k);
+    }
+    const table = await this.file.read(e.l2Offset, this.clusterSize);
+    this.l2Cache.set(l1Index, table);
+    return table;
+  }
+
+  /** The L2 entry of guest cluster `guestCluster`, validated. */
+  async entry(guestCluster: number): Promise<L2Entry> {
+    const l1Index = Math.floor(guestCluster / this.l2Entries);
+    const table = await this.l2Table(l1Index);
+    if (!table) return UNALLOCATED;
+    const l2Index = guestCluster % this.l2Entries;
+    const e = decodeL2Entry(table, l2Index, this.clusterBits);
+    if (e.kind === 'compressed') {
+      if (e.compressedOffset >= MAX_HOST_OFFSET) throw this.l2Corruption(l1Index, l2Index, `compressed cluster offset ${hex(e.compressedOffset)} is beyond the largest host offset`);
+    } else if (e.hostOffset % this.clusterSize !== 0) {
+      throw this.l2Corruption(l1Index, l2Index, `cluster allocation offset ${hex(e.hostOffset)} unaligned`);
+    } else if (e.kind === 'zero' && this.header.version === 2) {
+      throw this.l2Corruption(l1Index, l2Index, 'zero cluster flag set in a version 2 image');
+    }
+    return e;
+  }
+
+  private l2Corruption(l1Index: number, l2Index: number, what: string): CorruptImageError {
+    const l2Offset = decodeL1Entry(this.l1, l1Index).l2Offset;
+    return new CorruptImageError(`${what} (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(l2Index)})`, { path: this.path, offset: l2Offset + l2Index * 8, structure: 'L2 table' });
+  }
+
+  // ---------------------------------------------------------------- reads
+
+  /** Reads `length` guest bytes at `guestOffset`; the range must lie inside the disk. */
+  async read(guestOffset: number, length: number): Promise<Buffer> {
+    this.checkRange(guestOffset, length);
+    const dst = Buffer.alloc(length);
+    await this.readInto(dst, 0, guestOffset, length);
+    return dst;
+  }
+
+  async readGuest(guestOffset: number, length: number): Promise<Buffer> {
+    const dst = Buffer.alloc(length);
+    const inside = Math.max(0, Math.min(length, this.size - guestOffset));
+    if (inside > 0) await this.readInto(dst, 0, guestOffset, inside);
+    return dst;
+  }
+
+  /** Reads guest bytes into `dst` (which must be zero-filled), merging contiguous host runs. */
+  private async readInto(dst: Buffer, dstStart: number, guestOffset: number, length: number): Promise<void> {
+    let runHost = -1;
+    let runDst = 0;
+    let runLen = 0;
+    const flush = async () => {
+      if (runLen === 0) return;
+      const data = await this.file.read(runHost, runLen);
+      data.copy(dst, runDst);
+      runLen = 0;
+    };
+    let pos = guestOffset;
+    const end = guestOffset + length;
+    while (pos < end) {
+      const guestCluster = Math.floor(pos / this.clusterSize);
+      const inCluster = pos - guestCluster * this.clusterSize;
+      const n = Math.min(this.clusterSize - inCluster, end - pos);
+      const at = dstStart + (pos - guestOffset);
+      const e = await this.entry(guestCluster);
+      if (e.kind === 'normal') {
+        const host = e.hostOffset + inCluster;
+        if (runLen > 0 && runHost + runLen === host && runLen < MAX_BATCH_BYTES) {
+          runLen += n;
+        } else {
+          await flush();
+          runHost = host;
+          runDst = at;
+          runLen = n;
+        }
+      } else {
+        await flush();
+        if (e.kind === 'compressed') {
+          (await this.decompress(e)).copy(dst, at, inCluster, inCluster + n);
+        } else if (e.kind === 'unallocated' && this.backing) {
+          (await this.backing.readGuest(pos, n)).copy(dst, at);
+        }
+        // zero clusters and unallocated clusters without backing stay zero
+      }
+      pos += n;
+    }
+    await flush();
+  }
+
+  /** Inflates a compressed cluster (raw deflate) to exactly one cluster of bytes. */
+  private async decompress(e: L2Entry): Promise<Buffer> {
+    if (this.lastCompressed?.offset === e.compressedOffset) return this.lastCompressed.data;
+    const input = await this.file.read(e.compressedOffset, e.compressedLength);
+    let data: Buffer;
+    try {
+      data = inflateRawSync(input, { finishFlush: 2 /* Z_SYNC_FLUSH: the stream may end mid-sector */, maxOutputLength: this.clusterSize });
+    } catch (err) {
+      throw new CorruptImageError(`compressed cluster at ${hex(e.compressedOffset)} does not inflate: ${(err as Error).message}`, { path: this.path, offset: e.compressedOffset, structure: 'compressed cluster' });
+    }
+    if (data.length < this.clusterSize) {
+      throw new CorruptImageError(`compressed cluster at ${hex(e.compressedOffset)} inflates to ${data.length} bytes, not ${this.clusterSize}`, { path: this.path, offset: e.compressedOffset, structure: 'compressed cluster' });
+    }
+    this.lastCompressed = { offset: e.compressedOffset, data };
+    return data;
+  }
+
+  private checkRange(guestOffset: number, length: number): void {
+    if (!Number.isSafeInteger(guestOffset) || !Number.isSafeInteger(length) || guestOffset < 0 || length < 0 || guestOffset + length > this.size) {
+      throw new QdedupError(`offset ${guestOffset} + length ${length} is outside the virtual disk (${this.size} bytes)`, 'ERANGE', 1, { path: this.path });
+    }
+  }
+
+  // ---------------------------------------------------------------- writes
+
+  private assertWritable(): Refcounts {
+    if (!this.writable || !this.refcounts || this.closed) throw new QdedupError('internal: image not open for writing', 'EINTERNAL');
+    return this.refcounts;
+  }
+
+  /**
+   * Writes `data` at guest offset `guestOffset` (any alignment). Clusters owned by this
+   * L2 entry alone (COPIED) are written in place; every other cluster (unallocated, zero,
+   * compressed, shared) gets a new host cluster, filled from the old contents where the
+   * write covers it only in part. Metadata is committed by flush()/close().
+   */
+  async write(guestOffset: number, data: Buffer): Promise<void> {
+    this.checkRange(guestOffset, data.length);
+    this.assertWritable();
+    let batch: PendingCluster[] = [];
+    let pos = guestOffset;
+    const end = guestOffset + data.length;
+    while (pos < end) {
+      const guestCluster = Math.floor(pos / this.clusterSize);
+      const inCluster = pos - guestCluster * this.clusterSize;
+      const n = Math.min(this.clusterSize - inCluster, end - pos);
+      const part = data.subarray(pos - guestOffset, pos - guestOffset + n);
+      const old = await this.entry(guestCluster);
+      if (old.kind === 'normal' && old.copied) {
+        this.guardDataWrite(old.hostOffset + inCluster, n);
+        await this.file.write(old.hostOffset + inCluster, part);
+      } else {
+        let full = part;
+        if (n < this.clusterSize) {
+          full = await this.readCluster(guestCluster, old);
+          part.copy(full, inCluster);
+        }
+        batch.push({ guestCluster, data: full, old });
+        if (batch.length * this.clusterSize >= MAX_BATCH_BYTES) {
+          await this.writeNewClusters(batch);
+          batch = [];
+        }
+      }
+      pos += n;
+    }
+    if (batch.length) await this.writeNewClusters(batch);
+    await this.commitIfLarge();
+  }
+
+  /** The whole current content of a guest cluster (a fresh buffer). */
+  private async readCluster(guestCluster: number, e: L2Entry): Promise<Buffer> {
+    const guestOffset = guestCluster * this.clusterSize;
+    switch (e.kind) {
+      case 'normal': return this.file.read(e.hostOffset, this.clusterSize);
+      case 'compressed': return Buffer.from(await this.decompress(e));
+      case 'zero': return Buffer.alloc(this.clusterSize);
+      case 'unallocated': return this.backing ? this.backing.readGuest(guestOffset, this.clusterSize) : Buffer.alloc(this.clusterSize);
+    }
+  }
+
+  /** Allocates one contiguous run for the batch, writes it with one call, then maps it. */
+  private async writeNewClusters(batch: PendingCluster[]): Promise<void> {
+    const refcounts = this.assertWritable();
+    // L2 tables first: allocating them may take clusters, and the data run must stay contiguous.
+    for (const p of batch) await this.l2TableForWrite(Math.floor(p.guestCluster / this.l2Entries));
+    const start = await refcounts.allocate(batch.length);
+    this.guardDataWrite(start, batch.length * this.clusterSize);
+    const joined = batch.length === 1 ? batch[0].data : Buffer.concat(batch.map((p) => p.data));
+    await this.file.write(start, joined);
+    for (let i = 0; i < batch.length; i++) {
+      const p = batch[i];
+      await this.setEntry(p.guestCluster, start + i * this.clusterSize, true, false);
+      this.releaseHostClusters(p.old);
+    }
+  }
+
+  /**
+   * Makes guest clusters read as zeros. Whole clusters become zero clusters (v3) or
+   * unallocated (v2 without backing) and release their host clusters; partial clusters,
+   * and whole ones of a v2 image with a backing file, get written zeros.
+   */
+  async writeZeroes(guestOffset: number, length: number): Promise<void> {
+    this.checkRange(guestOffset, length);
+    this.assertWritable();
+    let pos = guestOffset;
+    const end = guestOffset + length;
+    while (pos < end) {
+      const guestCluster = Math.floor(pos / this.clusterSize);
+      const inCluster = pos - guestCluster * this.clusterSize;
+      const n = Math.min(this.clusterSize - inCluster, end - pos);
+      const wholeCluster = n === this.clusterSize || (inCluster === 0 && pos + n === this.size);
+      if (!wholeCluster || (this.header.version === 2 && this.backing)) {
+        await this.write(pos, Buffer.alloc(n));
+      } else {
+        await this.zeroCluster(guestCluster);
+      }
+      pos += n;
+    }
+    await this.commitIfLarge();
+  }
+
+  private async zeroCluster(guestCluster: number): Promise<void> {
+    const old = await this.entry(guestCluster);
+    const v3 = this.header.version === 3;
+    if (old.kind === 'zero' && old.hostOffset === 0) return;
+    if (old.kind === 'unallocated' && !this.backing) return;
+    await this.l2TableForWrite(Math.floor(guestCluster / this.l2Entries));
+    await this.setEntry(guestCluster, 0, false, v3);
+    this.releaseHostClusters(old);
+  }
+
+  /** Queues the references an old L2 entry held for release at commit. */
+  private releaseHostClusters(old: L2Entry): void {
+    const refcounts = this.assertWritable();
+    if (old.kind === 'compressed') {
+      const [first, last] = compressedClusterSpan(old, this.clusterBits);
+      for (let c = first; c <= last; c++) refcounts.deferFree(c);
+    } else if (old.hostOffset !== 0) {
+      refcounts.deferFree(old.hostOffset / this.clusterSize);
+    }
+  }
+
+  /**
+   * Returns the L2 table for L1 entry `l1Index`, ready to be modified: allocates an empty
+   * one when the L1 entry is empty, copies it first when it is shared (COPIED clear).
+   */
+  private async l2TableForWrite(l1Index: number): Promise<Buffer> {
+    const refcounts = this.assertWritable();
+    const l1e = decodeL1Entry(this.l1, l1Index);
+    if (l1e.l2Offset !== 0 && l1e.copied) {
+      const table = await this.l2Table(l1Index);
+      return table!;
+    }
+    let table: Buffer;
+    if (l1e.l2Offset === 0) {
+      table = Buffer.alloc(this.clusterSize);
+    } else {
+      // Shared with a snapshot: copy on write. The data clusters keep their counts (one
+      // reference moves from the old table to the copy); the old table loses one.
+      table = Buffer.from((await this.l2Table(l1Index))!);
+      refcounts.deferFree(l1e.l2Offset / this.clusterSize);
+    }
+    const offset = await refcounts.allocate(1);
+    this.markMetadata(offset, this.clusterSize, 'L2 table');
+    encodeL1Entry(this.l1, l1Index, offset, true);
+    this.l1Dirty.add(Math.floor((l1Index * 8) / this.clusterSize));
+    this.l2Cache.set(l1Index, table);
+    this.l2Dirty.add(l1Index);
+    return table;
+  }
+
+  private async setEntry(guestCluster: number, hostOffset: number, copied: boolean, zero: boolean): Promise<void> {
+    const l1Index = Math.floor(guestCluster / this.l2Entries);
+    const table = await this.l2TableForWrite(l1Index);
+    encodeL2Entry(table, guestCluster % this.l2Entries, hostOffset, copied, zero);
+    this.l2Dirty.add(l1Index);
+  }
+
+  private async commitIfLarge(): Promise<void> {
+    const dirty = this.l2Dirty.size * this.clusterSize + (this.refcounts?.dirtyBytes() ?? 0);
+    if (dirty >= MAX_DIRTY_METADATA_BYTES) await this.flush();
+  }
+
+  // ---------------------------------------------------------------- commit
+
+  /**
+   * Writes all cached metadata back and makes every write durable. Order (I3: a crash at
+   * any point leaves at worst leaked clusters):
+   *   1. refcount increments (and a moved refcount table), then sync — data written
+   *      earlier is durable with them;
+   *   2. the header, if the refcount table moved, then sync;
+   *   3. L2 tables, then sync if the L1 changes next;
+   *   4. L1 entries, then sync;
+   *   5. queued decrements (frees), then sync.
+   */
+  async flush(): Promise<void> {
+    if (!this.writable || this.closed) return;
+    const refcounts = this.assertWritable();
+    await refcounts.prepareTable();
+    if (refcounts.hasDirty()) await refcounts.writeDirty();
+    await this.file.sync(); // I3: data and refcount increments durable before anything points at them
+    if (refcounts.tableMoved || this.headerDirty) {
+      this.header.refcountTableOffset = refcounts.tableOffset;
+      this.header.refcountTableClusters = refcounts.tableClusters;
+      this.markMetadata(refcounts.tableOffset, refcounts.tableClusters * this.clusterSize, 'refcount table');
+      await this.writeHeader();
+      await this.file.sync(); // I3: the new refcount table is in use before L2 entries rely on it
+      refcounts.tableMoved = false;
+    }
+    if (this.l2Dirty.size) {
+      const order = [...this.l2Dirty].sort((a, b) => decodeL1Entry(this.l1, a).l2Offset - decodeL1Entry(this.l1, b).l2Offset);
+      for (const l1Index of order) await this.file.write(decodeL1Entry(this.l1, l1Index).l2Offset, this.l2Cache.get(l1Index)!);
+      this.l2Dirty.clear();
+      if (this.l1Dirty.size) await this.file.sync(); // I3: new L2 tables durable before the L1 points at them
+    }
+    if (this.l1Dirty.size) {
+      for (const i of [...this.l1Dirty].sort((a, b) => a - b)) {
+        const from = i * this.clusterSize;
+        const to = Math.min(this.l1.length, from + this.clusterSize);
+        await this.file.write(this.header.l1TableOffset + from, this.l1.subarray(from, to));
+      }
+      this.l1Dirty.clear();
+      await this.file.sync();
+    }
+    if (refcounts.hasPendingFrees()) {
+      // Old references are gone from durable tables: only now may the clusters be freed (and reused).
+      await refcounts.applyPendingFrees();
+      await refcounts.writeDirty();
+      await this.file.sync();
+    }
+  }
+
+  /** Rewrites the header cluster's bytes from `this.header`. */
+  async writeHeader(): Promise<void> {
+    await this.file.write(0, encodeHeader(this.header));
+    this.headerDirty = false;
+  }
+
+  /** Marks the header for rewriting at the next flush. */
+  markHeaderDirty(): void {
+    this.headerDirty = true;
+  }
+
+  /** Commits (read-write) and closes this image and its backing chain. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    try {
+      if (this.writable) await this.flush();
+    } finally {
+      this.closed = true;
+      await this.file.close().catch(() => {});
+      if (this.backing) await this.backing.close();
+    }
+  }
+
+  /** Closes without committing (after an error): the file keeps what was already durable. */
+  async abandon(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.file.close().catch(() => {});
+    if (this.backing) await this.backing.close().catch(() => {});
+  }
+
+  /** Internal access for check and rebuild. */
+  get refcountState(): Refcounts | null {
+    return this.refcounts;
+  }
+}
+
+const UNALLOCATED: L2Entry = Object.freeze({ kind: 'unallocated', hostOffset: 0, copied: false, reservedBits: false, compressedOffset: 0, compressedLength: 0 });
+
+/** A raw file used as a backing image: guest offset = file offset. */
+export class RawImage implements GuestReader {
+  private constructor(private readonly file: BlockFile, readonly size: number) {}
+
+  static async open(path: string): Promise<RawImage> {
+    const file = await NodeFile.open(path, false);
+    return new RawImage(file, await file.size());
+  }
+
+  async readGuest(guestOffset: number, length: number): Promise<Buffer> {
+    const inside = Math.max(0, Math.min(length, this.size - guestOffset));
+    if (inside === length) return this.file.read(guestOffset, length);
+    const out = Buffer.alloc(length);
+    if (inside > 0) (await this.file.read(guestOffset, inside)).copy(out);
+    return out;
+  }
+
+  async close(): Promise<void> {
+    await this.file.close();
+  }
+}
+
+/** 'qcow2' when the file starts with the QCOW2 magic, else 'raw' (QEMU's probe, reduced to two formats). */
+export async function probeFormat(path: string): Promise<string> {
+  const file = await NodeFile.open(path, false);
+  try {
+    const magic = await file.read(0, 4);
+    return magic.readUInt32BE(0) === 0x514649fb ? 'qcow2' : 'raw';
+  } finally {
+    await file.close();
+  }
+}

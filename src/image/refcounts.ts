@@ -1,0 +1,275 @@
+// Refcount table and refcount blocks: cluster allocation, increments and deferred frees.
+// Spec: docs/interop/qcow2.rst "Host cluster management"; write ordering: docs/DESIGN.md.
+//
+// The refcount table lives in memory as the master copy (≤ 8 MiB on disk, QEMU's cap);
+// blocks are loaded on demand and kept until written back by the image's commit. New
+// blocks count themselves when they fall inside the range they describe, and a table
+// that outgrows its clusters is moved, at commit, to clusters it describes itself.
+//
+// I3 (crash leaves at worst leaks): increments are written before any L2 entry points at
+// the cluster; decrements are queued (deferFree) and applied only after the L2 tables
+// that dropped the reference are durable, so a freed cluster is never reused early.
+
+import { CorruptImageError, QdedupError, hex } from '../errors.ts';
+import { MAX_HOST_OFFSET, MAX_REFTABLE_BYTES } from '../format/header.ts';
+import { REFT_RESERVED_LO } from '../format/l1l2.ts';
+import { getRefcount, maxRefcount, refblockEntries, setRefcount } from '../format/refcount.ts';
+import { readU64, writeU64 } from '../format/bytes.ts';
+import type { BlockFile } from './block-file.ts';
+
+/** Clean refcount blocks kept in memory before the cache is emptied of them. */
+const MAX_CACHED_BLOCKS = 4096;
+
+export interface RefcountLayout {
+  clusterBits: number;
+  refcountOrder: number;
+  tableOffset: number;
+  tableClusters: number;
+}
+
+export class Refcounts {
+  readonly clusterBits: number;
+  readonly clusterSize: number;
+  readonly refcountOrder: number;
+  /** Refcount entries per block. */
+  readonly blockEntries: number;
+  readonly max: number;
+  tableOffset: number;
+  tableClusters: number;
+  /** True when tableOffset/tableClusters changed and the header must be rewritten. */
+  tableMoved = false;
+  /** Host offset of each refcount block, 0 when absent. Master copy. */
+  private table: number[];
+  private tableDirty = false;
+  private readonly blocks = new Map<number, Buffer>();
+  private readonly dirtyBlocks = new Set<number>();
+  /** Clusters whose refcount drops by one at the next commit, after the L2 updates are durable. */
+  private pendingFrees: number[] = [];
+  /** Lowest cluster index that may be free. */
+  private freeHint = 0;
+  /** Returns the name of the metadata structure occupying a cluster, if any (overlap guard). */
+  private readonly metadataAt: (clusterIndex: number) => string | undefined;
+
+  private constructor(private readonly file: BlockFile, layout: RefcountLayout, table: number[], metadataAt: (c: number) => string | undefined) {
+    this.clusterBits = layout.clusterBits;
+    this.clusterSize = 2 ** layout.clusterBits;
+    this.refcountOrder = layout.refcountOrder;
+    this.blockEntries = refblockEntries(layout.clusterBits, layout.refcountOrder);
+    this.max = maxRefcount(layout.refcountOrder);
+    this.tableOffset = layout.tableOffset;
+    this.tableClusters = layout.tableClusters;
+    this.table = table;
+    this.metadataAt = metadataAt;
+  }
+
+  /** Reads and validates the refcount table. Throws CorruptImageError naming the bad entry. */
+  static async load(file: BlockFile, layout: RefcountLayout, metadataAt: (c: number) => string | undefined): Promise<Refcounts> {
+    const clusterSize = 2 ** layout.clusterBits;
+    const raw = await file.read(layout.tableOffset, layout.tableClusters * clusterSize);
+    const table: number[] = [];
+    for (let i = 0; i < raw.length / 8; i++) {
+      if (raw.readUInt32BE(i * 8 + 4) & REFT_RESERVED_LO) {
+        throw new CorruptImageError(`refcount table entry ${i} has reserved bits set`, { offset: layout.tableOffset + i * 8, structure: 'refcount table' });
+      }
+      const offset = readU64(raw, i * 8, `refcount block offset (refcount table entry ${i})`);
+      if (offset % clusterSize !== 0) throw new CorruptImageError(`refcount block ${i} at ${hex(offset)} is not cluster aligned`, { offset: layout.tableOffset + i * 8, structure: 'refcount table' });
+      if (offset >= MAX_HOST_OFFSET) throw new CorruptImageError(`refcount block ${i} at ${hex(offset)} is beyond the largest host offset`, { offset: layout.tableOffset + i * 8, structure: 'refcount table' });
+      table.push(offset);
+    }
+    while (table.length > 0 && table[table.length - 1] === 0) table.pop();
+    return new Refcounts(file, layout, table, metadataAt);
+  }
+
+  /** Host offsets of every refcount block in use. */
+  blockOffsets(): number[] {
+    return this.table.filter((o) => o !== 0);
+  }
+
+  private async block(tableIndex: number): Promise<Buffer | undefined> {
+    const cached = this.blocks.get(tableIndex);
+    if (cached) return cached;
+    const offset = this.table[tableIndex];
+    if (!offset) return undefined;
+    if (this.blocks.size >= MAX_CACHED_BLOCKS) this.dropCleanBlocks();
+    const buf = await this.file.read(offset, this.clusterSize);
+    this.blocks.set(tableIndex, buf);
+    return buf;
+  }
+
+  private dropCleanBlocks(): void {
+    for (const t of this.blocks.keys()) if (!this.dirtyBlocks.has(t)) this.blocks.delete(t);
+  }
+
+  /** Refcount of host cluster `clusterIndex` (0 where no block covers it). */
+  async get(clusterIndex: number): Promise<number> {
+    const block = await this.block(Math.floor(clusterIndex / this.blockEntries));
+    return block ? getRefcount(block, clusterIndex % this.blockEntries, this.refcountOrder) : 0;
+  }
+
+  private async set(clusterIndex: number, value: number): Promise<void> {
+    const t = Math.floor(clusterIndex / this.blockEntries);
+    const block = await this.block(t);
+    if (!block) throw new QdedupError(`internal: no refcount block for cluster ${clusterIndex}`, 'EINTERNAL');
+    setRefcount(block, clusterIndex % this.blockEntries, this.refcountOrder, value);
+    this.dirtyBlocks.add(t);
+  }
+
+  /** Adds one reference to an allocated cluster. Throws when the refcount would overflow. */
+  async increment(clusterIndex: number): Promise<number> {
+    await this.ensureBlock(Math.floor(clusterIndex / this.blockEntries));
+    const value = (await this.get(clusterIndex)) + 1;
+    if (value > this.max) throw new CorruptImageError(`refcount of cluster ${clusterIndex} would exceed ${this.max}`, { offset: clusterIndex * this.clusterSize, structure: 'refcount block' });
+    await this.set(clusterIndex, value);
+    return value;
+  }
+
+  /** Queues one reference to be dropped at the next commit, after the L2 updates are durable (I3). */
+  deferFree(clusterIndex: number): void {
+    this.pendingFrees.push(clusterIndex);
+  }
+
+  hasPendingFrees(): boolean {
+    return this.pendingFrees.length > 0;
+  }
+
+  /** Applies queued decrements. Called by the commit once the tables that dropped them are on disk. */
+  async applyPendingFrees(): Promise<void> {
+    const frees = this.pendingFrees;
+    this.pendingFrees = [];
+    for (const c of frees) {
+      const value = await this.get(c);
+      if (value === 0) throw new CorruptImageError(`refcount of cluster ${c} would drop below 0`, { offset: c * this.clusterSize, structure: 'refcount block' });
+      await this.set(c, value - 1);
+      if (value === 1 && c < this.freeHint) this.freeHint = c;
+    }
+  }
+
+  /**
+   * Allocates `count` contiguous free clusters, sets their refcounts to 1 and returns the
+   * host offset of the first. Creates refcount blocks as needed (they count themselves
+   * when they fall inside their own range). Throws CorruptImageError if a free cluster
+   * turns out to hold metadata (refcounts are wrong: repair with check -r all).
+   */
+  async allocate(count: number): Promise<number> {
+    for (;;) {
+      const start = await this.findFreeRun(count);
+      let created = false;
+      const lastTable = Math.floor((start + count - 1) / this.blockEntries);
+      for (let t = Math.floor(start / this.blockEntries); t <= lastTable; t++) {
+        if (!this.table[t]) {
+          await this.createBlock(t);
+          created = true;
+          break;
+        }
+      }
+      if (created) continue; // the new block took a cluster, perhaps inside the run
+      for (let c = start; c < start + count; c++) {
+        const what = this.metadataAt(c);
+        if (what) throw new CorruptImageError(`refcount of cluster ${c} is 0 but it holds the ${what}; run 'qdedup check -r all'`, { offset: c * this.clusterSize, structure: 'refcount block' });
+        await this.set(c, 1);
+      }
+      this.freeHint = start + count;
+      return start * this.clusterSize;
+    }
+  }
+
+  /** First run of `count` clusters with refcount 0 at or after the free hint. */
+  private async findFreeRun(count: number): Promise<number> {
+    const limit = MAX_HOST_OFFSET / this.clusterSize;
+    let runStart = this.freeHint;
+    let c = runStart;
+    while (c - runStart < count) {
+      if (c >= limit) throw new CorruptImageError('no free cluster below the largest host offset', { structure: 'refcount table' });
+      const t = Math.floor(c / this.blockEntries);
+      const block = await this.block(t);
+      if (!block) {
+        // No block: the whole range it would cover is free.
+        c = Math.min((t + 1) * this.blockEntries, runStart + count);
+        continue;
+      }
+      const end = Math.min((t + 1) * this.blockEntries, runStart + count);
+      for (; c < end; c++) {
+        if (getRefcount(block, c % this.blockEntries, this.refcountOrder) !== 0) runStart = c + 1;
+      }
+      if (runStart > c) c = runStart;
+    }
+    return runStart;
+  }
+
+  private async ensureBlock(tableIndex: number): Promise<void> {
+    if (!this.table[tableIndex]) await this.createBlock(tableIndex);
+  }
+
+  /** Creates an empty refcount block for table entry `tableIndex`, placed in the lowest free cluster. */
+  private async createBlock(tableIndex: number): Promise<void> {
+    for (;;) {
+      const place = await this.findFreeRun(1);
+      const placeTable = Math.floor(place / this.blockEntries);
+      const what = this.metadataAt(place);
+      if (what) throw new CorruptImageError(`refcount of cluster ${place} is 0 but it holds the ${what}; run 'qdedup check -r all'`, { offset: place * this.clusterSize, structure: 'refcount block' });
+      if (placeTable !== tableIndex && !this.table[placeTable]) {
+        await this.createBlock(placeTable); // describe the place first, then retry
+        continue;
+      }
+      if ((tableIndex + 1) * 8 > MAX_REFTABLE_BYTES) throw new CorruptImageError('image too large: the refcount table would exceed 8 MiB', { structure: 'refcount table' });
+      const block = Buffer.alloc(this.clusterSize);
+      while (this.table.length <= tableIndex) this.table.push(0);
+      this.table[tableIndex] = place * this.clusterSize;
+      this.tableDirty = true;
+      this.blocks.set(tableIndex, block);
+      this.dirtyBlocks.add(tableIndex);
+      await this.set(place, 1); // counted by itself or by the existing block of placeTable
+      this.freeHint = place + 1;
+      return;
+    }
+  }
+
+  /**
+   * Makes room for the in-memory table on disk: when it outgrew its clusters, allocates a
+   * larger table (in clusters it describes) and queues the old clusters for freeing.
+   * Must run before writeDirty(); the header must then be rewritten (tableMoved).
+   */
+  async prepareTable(): Promise<void> {
+    const entriesPerCluster = this.clusterSize / 8;
+    if (this.table.length <= this.tableClusters * entriesPerCluster) return;
+    let clusters = Math.ceil(this.table.length / entriesPerCluster) + Math.ceil(this.tableClusters / 2) + 1;
+    for (;;) {
+      if (clusters * this.clusterSize > MAX_REFTABLE_BYTES) throw new CorruptImageError('image too large: the refcount table would exceed 8 MiB', { structure: 'refcount table' });
+      const offset = await this.allocate(clusters);
+      if (this.table.length <= clusters * entriesPerCluster) {
+        const oldFirst = this.tableOffset / this.clusterSize;
+        for (let i = 0; i < this.tableClusters; i++) this.deferFree(oldFirst + i);
+        this.tableOffset = offset;
+        this.tableClusters = clusters;
+        this.tableMoved = true;
+        this.tableDirty = true;
+        return;
+      }
+      // Allocating the table needed so many new blocks that it no longer fits: never written, so free at once.
+      for (let i = 0; i < clusters; i++) await this.set(offset / this.clusterSize + i, 0);
+      this.freeHint = Math.min(this.freeHint, offset / this.clusterSize);
+      clusters *= 2;
+    }
+  }
+
+  hasDirty(): boolean {
+    return this.dirtyBlocks.size > 0 || this.tableDirty;
+  }
+
+  dirtyBytes(): number {
+    return this.dirtyBlocks.size * this.clusterSize;
+  }
+
+  /** Writes dirty blocks, then the table if it changed. The caller syncs. */
+  async writeDirty(): Promise<void> {
+    const order = [...this.dirtyBlocks].sort((a, b) => this.table[a] - this.table[b]);
+    for (const t of order) await this.file.write(this.table[t], this.blocks.get(t)!);
+    this.dirtyBlocks.clear();
+    if (this.tableDirty) {
+      const buf = Buffer.alloc(this.tableClusters * this.clusterSize);
+      this.table.forEach((o, i) => writeU64(buf, i * 8, o));
+      await this.file.write(this.tableOffset, buf);
+      this.tableDirty = false;
+    }
+  }
+}
