@@ -12,6 +12,8 @@ export interface BlockFile {
   read(pos: number, length: number): Promise<Buffer>;
   /** Writes all of `data` at `pos`, extending the file if needed. */
   write(pos: number, data: Buffer): Promise<void>;
+  /** Writes the buffers back to back from `pos` (one call where the system allows). */
+  writev(pos: number, buffers: Buffer[]): Promise<void>;
   /** Makes every completed write durable (fdatasync). */
   sync(): Promise<void>;
   /** Current length of the file in bytes. */
@@ -94,6 +96,17 @@ export class NodeFile implements BlockFile {
     } catch (err) {
       throw ioError(err, this.path, `write of ${data.length} bytes at ${pos} failed`);
     }
+  }
+
+  async writev(pos: number, buffers: Buffer[]): Promise<void> {
+    const total = buffers.reduce((n, b) => n + b.length, 0);
+    let done = 0;
+    try {
+      done = (await this.fh.writev(buffers, pos)).bytesWritten;
+    } catch (err) {
+      throw ioError(err, this.path, `write of ${total} bytes at ${pos} failed`);
+    }
+    if (done < total) await this.write(pos + done, Buffer.concat(buffers).subarray(done)); // short write: finish it
   }
 
   async sync(): Promise<void> {

@@ -416,8 +416,7 @@ export class Image implements GuestReader {
     for (const p of batch) await this.l2TableForWrite(Math.floor(p.guestCluster / this.l2Entries));
     const start = await refcounts.allocate(batch.length);
     this.guardDataWrite(start, batch.length * this.clusterSize);
-    const joined = batch.length === 1 ? batch[0].data : Buffer.concat(batch.map((p) => p.data));
-    await this.file.write(start, joined);
+    await this.file.writev(start, batch.map((p) => p.data));
     for (let i = 0; i < batch.length; i++) {
       const p = batch[i];
       await this.setEntry(p.guestCluster, start + i * this.clusterSize, true, false);

@@ -102,7 +102,7 @@ export function builder(y: Argv) {
   return withQuietOption(withFormatOption(y))
     .positional('file', { type: 'string', describe: 'image file to create' })
     .positional('size', { type: 'string', describe: 'virtual size (k, M, G, T, P, E suffixes: powers of 1024)' })
-    .option('o', { type: 'string', array: true, describe: 'options: KEY=VALUE[,KEY=VALUE…]; -o help lists them', default: [], requiresArg: true })
+    .option('o', { type: 'string', array: true, nargs: 1, describe: 'options: KEY=VALUE[,KEY=VALUE…]; -o help lists them', default: [], requiresArg: true })
     .option('b', { type: 'string', describe: 'backing file', requiresArg: true })
     .option('F', { type: 'string', describe: 'backing file format (qcow2 or raw)', requiresArg: true })
     .option('force', { type: 'boolean', describe: 'replace an existing file', default: false })

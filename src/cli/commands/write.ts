@@ -75,13 +75,28 @@ export async function runWrite(a: WriteArgs, io: Output): Promise<number> {
         throw ioError(err, a.input!, 'cannot read input');
       }
       try {
-        const buf = Buffer.alloc(Math.min(total, CHUNK_BYTES));
-        for (let done = 0; done < total;) {
-          const want = Math.min(buf.length, total - done);
-          const { bytesRead } = await fh.read(buf, 0, want, done).catch((err) => { throw ioError(err, a.input!, 'cannot read input'); });
-          if (bytesRead === 0) throw new UsageError(`input '${a.input}' ended early, after ${done} bytes`);
-          await image.write(a.offset + done, buf.subarray(0, bytesRead));
-          done += bytesRead;
+        // Two buffers: the next chunk is read from the input while the current one is written.
+        const buffers = [Buffer.alloc(Math.min(total, CHUNK_BYTES)), Buffer.alloc(Math.min(total, CHUNK_BYTES))];
+        const readChunk = async (index: number, pos: number): Promise<Buffer> => {
+          const buf = buffers[index % 2];
+          const want = Math.min(buf.length, total - pos);
+          let got = 0;
+          while (got < want) {
+            const { bytesRead } = await fh!.read(buf, got, want - got, pos + got).catch((err) => { throw ioError(err, a.input!, 'cannot read input'); });
+            if (bytesRead === 0) throw new UsageError(`input '${a.input}' ended early, after ${pos + got} bytes`);
+            got += bytesRead;
+          }
+          return buf.subarray(0, want);
+        };
+        let next = readChunk(0, 0);
+        for (let index = 0, done = 0; done < total; index++) {
+          const chunk = await next;
+          if (done + chunk.length < total) {
+            next = readChunk(index + 1, done + chunk.length);
+            next.catch(() => {}); // a failed read surfaces at the await above, not as an unhandled rejection
+          }
+          await image.write(a.offset + done, chunk);
+          done += chunk.length;
           progress?.update(done);
         }
       } finally {
