@@ -1,0 +1,43 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { compressedClusterSpan, decodeL1Entry, decodeL2Entry, encodeCompressedL2Entry, encodeL1Entry, encodeL2Entry } from '../../src/format/l1l2.ts';
+
+const table = (hex: string) => Buffer.from(hex, 'hex');
+
+test('L2 entries of every kind decode as the spec says', () => {
+  assert.equal(decodeL2Entry(table('0000000000000000'), 0, 16).kind, 'unallocated');
+  const zero = decodeL2Entry(table('0000000000000001'), 0, 16);
+  assert.deepEqual([zero.kind, zero.hostOffset], ['zero', 0]);
+  const prealloc = decodeL2Entry(table('8000000000090001'), 0, 16);
+  assert.deepEqual([prealloc.kind, prealloc.hostOffset, prealloc.copied], ['zero', 0x90000, true]);
+  const normal = decodeL2Entry(table('8000000000050000'), 0, 16);
+  assert.deepEqual([normal.kind, normal.hostOffset, normal.copied, normal.reservedBits], ['normal', 0x50000, true, false]);
+  assert.equal(decodeL2Entry(table('8000000000090002'), 0, 16).reservedBits, true);
+  assert.equal(decodeL2Entry(table('0100000000090000'), 0, 16).reservedBits, true);
+  // High offsets beyond 32 bits survive the hi/lo split.
+  assert.equal(decodeL2Entry(table('0000123456789000'), 0, 16).hostOffset, 0x123456789000);
+});
+
+test('compressed descriptor: the example QEMU wrote at 64 KiB clusters', () => {
+  // 0x40400000000501E9: bit 62, offset 0x501E9, one additional sector.
+  const e = decodeL2Entry(table('40400000000501e9'), 0, 16);
+  assert.equal(e.kind, 'compressed');
+  assert.equal(e.compressedOffset, 0x501e9);
+  assert.equal(e.compressedLength, 2 * 512 - (0x501e9 % 512));
+  assert.deepEqual(compressedClusterSpan(e, 16), [5, 5]);
+  const buf = Buffer.alloc(8);
+  encodeCompressedL2Entry(buf, 0, 16, 0x501e9, e.compressedLength);
+  assert.equal(buf.toString('hex'), '40400000000501e9');
+});
+
+test('encode/decode round trips, golden hex', () => {
+  const buf = Buffer.alloc(16);
+  encodeL2Entry(buf, 0, 0x1234560000, true);
+  encodeL2Entry(buf, 1, 0, false, true);
+  assert.equal(buf.toString('hex'), '8000001234560000' + '0000000000000001');
+  encodeL1Entry(buf, 0, 0x70000, true);
+  assert.equal(buf.subarray(0, 8).toString('hex'), '8000000000070000');
+  assert.deepEqual(decodeL1Entry(buf, 0), { l2Offset: 0x70000, copied: true, reservedBits: false });
+  buf.write('7f00000000070001', 0, 'hex');
+  assert.equal(decodeL1Entry(buf, 0).reservedBits, true);
+});
