@@ -1,0 +1,177 @@
+// The log store: an in-RAM cuckoo hash table of hash entries (SILT's LogStore), 2^order
+// buckets of 4 slots, two candidate buckets per key taken from the hash bytes, a bounded
+// number of kicks. Pure (no I/O): the journal makes it durable, an incarnation freezes it.
+// Layout of a frozen table and of tags: docs/FORMAT.md "Incarnation".
+//
+// Slots live in typed arrays (32 hash bytes, host offset, first guest offset, state per
+// slot), so the table costs 49 bytes per slot and no per-entry object.
+
+export const BUCKET_SLOTS = 4;
+/** Cuckoo displacements tried before an insert reports the table full (the seed's QCOW_LOG_STORE_MAX_KICKS). */
+export const MAX_KICKS = 128;
+
+/** Slot states. A tombstone records that the hash was deleted (it shadows older incarnations). */
+export const SLOT_EMPTY = 0;
+export const SLOT_USED = 1;
+export const SLOT_TOMBSTONE = 2;
+
+/** Bucket indexes of a hash: bytes 0–3 and 4–7, masked to the order (distinct when there are 2+ buckets). */
+export function candidateBuckets(hash: Uint8Array, order: number): [number, number] {
+  const mask = 2 ** order - 1;
+  const b1 = ((hash[0] << 24) | (hash[1] << 16) | (hash[2] << 8) | hash[3]) & mask;
+  let b2 = ((hash[4] << 24) | (hash[5] << 16) | (hash[6] << 8) | hash[7]) & mask;
+  if (b2 === b1 && order > 0) b2 = b1 ^ 1;
+  return [b1 >>> 0, b2 >>> 0];
+}
+
+/** The 16-bit filter tag of a hash: bytes 8–9, never 0 (0 marks an empty slot). */
+export function tagOf(hash: Uint8Array): number {
+  return ((hash[8] << 8) | hash[9]) || 1;
+}
+
+export class LogStore {
+  readonly order: number;
+  readonly buckets: number;
+  readonly slots: number;
+  readonly hashes: Uint8Array;
+  readonly hostOffsets: Float64Array;
+  readonly guestOffsets: Float64Array;
+  readonly states: Uint8Array;
+  /** Used slots, tombstones included. */
+  count = 0;
+  /** Pseudo-random state for the kick walk (deterministic: replay rebuilds the same table). */
+  private seed = 0x9e3779b9;
+
+  constructor(order: number) {
+    if (!Number.isInteger(order) || order < 0 || order > 24) throw new RangeError(`log store order ${order} out of range 0–24`);
+    this.order = order;
+    this.buckets = 2 ** order;
+    this.slots = this.buckets * BUCKET_SLOTS;
+    this.hashes = new Uint8Array(this.slots * 32);
+    this.hostOffsets = new Float64Array(this.slots);
+    this.guestOffsets = new Float64Array(this.slots);
+    this.states = new Uint8Array(this.slots);
+  }
+
+  /** RAM the table holds, in bytes. */
+  get ramBytes(): number {
+    return this.slots * (32 + 8 + 8 + 1);
+  }
+
+  private matches(slot: number, hash: Uint8Array): boolean {
+    const base = slot * 32;
+    for (let i = 0; i < 32; i++) if (this.hashes[base + i] !== hash[i]) return false;
+    return true;
+  }
+
+  /** Slot holding `hash` (used or tombstone), or -1. */
+  find(hash: Uint8Array): number {
+    const [b1, b2] = candidateBuckets(hash, this.order);
+    for (const b of b1 === b2 ? [b1] : [b1, b2]) {
+      for (let s = b * BUCKET_SLOTS; s < (b + 1) * BUCKET_SLOTS; s++) {
+        if (this.states[s] !== SLOT_EMPTY && this.matches(s, hash)) return s;
+      }
+    }
+    return -1;
+  }
+
+  /**
+   * Inserts or replaces the entry for `hash` (`state` SLOT_USED or SLOT_TOMBSTONE).
+   * Returns false, with the table unchanged, when no slot can be found within MAX_KICKS
+   * displacements: the table is full and must be frozen.
+   */
+  put(hash: Uint8Array, hostOffset: number, guestOffset: number, state = SLOT_USED): boolean {
+    const existing = this.find(hash);
+    if (existing >= 0) {
+      this.setSlot(existing, hash, hostOffset, guestOffset, state);
+      return true;
+    }
+    const [b1, b2] = candidateBuckets(hash, this.order);
+    for (const b of [b1, b2]) {
+      const free = this.freeSlot(b);
+      if (free >= 0) {
+        this.setSlot(free, hash, hostOffset, guestOffset, state);
+        this.count++;
+        return true;
+      }
+    }
+    // Random walk: evict a slot of the current bucket into its other bucket, undoing the
+    // whole path if it does not end in a free slot.
+    const path: { slot: number; hash: Uint8Array; host: number; guest: number; state: number }[] = [];
+    let curHash = Uint8Array.from(hash);
+    let curHost = hostOffset;
+    let curGuest = guestOffset;
+    let curState = state;
+    let bucket = this.nextRandom() & 1 ? b1 : b2;
+    for (let kick = 0; kick < MAX_KICKS; kick++) {
+      const victim = bucket * BUCKET_SLOTS + (this.nextRandom() % BUCKET_SLOTS);
+      const saved = { slot: victim, hash: this.hashes.slice(victim * 32, victim * 32 + 32), host: this.hostOffsets[victim], guest: this.guestOffsets[victim], state: this.states[victim] };
+      path.push(saved);
+      this.setSlot(victim, curHash, curHost, curGuest, curState);
+      curHash = saved.hash;
+      curHost = saved.host;
+      curGuest = saved.guest;
+      curState = saved.state;
+      const [v1, v2] = candidateBuckets(curHash, this.order);
+      bucket = v1 === bucket ? v2 : v1;
+      const free = this.freeSlot(bucket);
+      if (free >= 0) {
+        this.setSlot(free, curHash, curHost, curGuest, curState);
+        this.count++;
+        return true;
+      }
+    }
+    for (let i = path.length - 1; i >= 0; i--) {
+      const p = path[i];
+      this.setSlot(p.slot, p.hash, p.host, p.guest, p.state);
+    }
+    return false;
+  }
+
+  /** Removes `hash` from this table. Returns true if it was there. */
+  remove(hash: Uint8Array): boolean {
+    const slot = this.find(hash);
+    if (slot < 0) return false;
+    this.states[slot] = SLOT_EMPTY;
+    this.hashes.fill(0, slot * 32, slot * 32 + 32);
+    this.hostOffsets[slot] = 0;
+    this.guestOffsets[slot] = 0;
+    this.count--;
+    return true;
+  }
+
+  /** Empties the table (after it was frozen into an incarnation). */
+  clear(): void {
+    this.hashes.fill(0);
+    this.hostOffsets.fill(0);
+    this.guestOffsets.fill(0);
+    this.states.fill(0);
+    this.count = 0;
+  }
+
+  hashAt(slot: number): Uint8Array {
+    return this.hashes.subarray(slot * 32, slot * 32 + 32);
+  }
+
+  private freeSlot(bucket: number): number {
+    for (let s = bucket * BUCKET_SLOTS; s < (bucket + 1) * BUCKET_SLOTS; s++) if (this.states[s] === SLOT_EMPTY) return s;
+    return -1;
+  }
+
+  private setSlot(slot: number, hash: Uint8Array, host: number, guest: number, state: number): void {
+    this.hashes.set(hash.subarray(0, 32), slot * 32);
+    this.hostOffsets[slot] = host;
+    this.guestOffsets[slot] = guest;
+    this.states[slot] = state;
+  }
+
+  private nextRandom(): number {
+    // xorshift32
+    let x = this.seed;
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    this.seed = x >>> 0;
+    return this.seed;
+  }
+}
