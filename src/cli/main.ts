@@ -1,6 +1,7 @@
 // The qdedup command line: registers the subcommands with yargs and holds the one place
 // where errors become messages and exit codes (see README "Exit codes").
 
+import { readFileSync } from 'node:fs';
 import yargs, { type Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { InternalError, QdedupError, UsageError } from '../errors.ts';
@@ -20,6 +21,52 @@ interface CommandModule {
 }
 
 const COMMANDS: CommandModule[] = [create, info, write, read, check];
+
+/**
+ * qdedup's version from package.json. yargs' own lookup fails once the CLI is bundled into
+ * dist/qdedup.mjs (it printed "unknown"), so search upwards from this module: one level
+ * from dist/, two from src/cli/.
+ */
+function packageVersion(): string {
+  for (const rel of ['../package.json', '../../package.json']) {
+    try {
+      const pkg = JSON.parse(readFileSync(new URL(rel, import.meta.url), 'utf8'));
+      if (pkg.name === 'qdedup' && typeof pkg.version === 'string') return pkg.version;
+    } catch {
+      // not there: try the next level
+    }
+  }
+  return 'unknown';
+}
+
+/**
+ * The first option in `argv` that is not in `known`, or undefined. yargs lets an unknown
+ * option swallow the next word (`info -x disk.qcow2` became "Not enough non-option
+ * arguments"), so a failed parse is re-examined for the option the user actually mistyped.
+ */
+export function unknownOption(argv: string[], known: Set<string>): string | undefined {
+  for (const token of argv) {
+    if (token === '--') break;
+    if (!token.startsWith('-') || token === '-') continue;
+    const names = token.startsWith('--') ? [token.slice(2).split('=')[0].replace(/^no-/, '')] : [...token.slice(1).split('=')[0]];
+    for (const name of names) {
+      const camel = name.replace(/-([a-z])/g, (_, c: string) => c.toUpperCase());
+      if (!known.has(name) && !known.has(camel)) return name;
+    }
+  }
+  return undefined;
+}
+
+/** Option names (and aliases) a yargs instance knows. */
+function optionNames(y: Argv<any>): Set<string> {
+  const o = (y as unknown as { getOptions(): { key: Record<string, unknown>; alias: Record<string, string[]> } }).getOptions();
+  const names = new Set<string>(['help', 'h', 'version', 'V', 'color', ...Object.keys(o.key)]);
+  for (const [k, aliases] of Object.entries(o.alias ?? {})) {
+    names.add(k);
+    for (const a of aliases) names.add(a);
+  }
+  return names;
+}
 
 /** Prints an error as one line (and JSON under --output json) and returns its exit code. */
 export function report(err: unknown, io: Output, json: boolean): number {
@@ -53,22 +100,44 @@ export async function main(argv: string[]): Promise<void> {
     .recommendCommands()
     .help()
     .alias('h', 'help')
-    .version()
+    .version(packageVersion())
     .alias('V', 'version')
     .wrap(Math.min(100, process.stdout.columns || 100))
     .showHelpOnFail(false)
     .fail((msg, err) => {
-      if (err) throw err;
+      if (err) {
+        // yargs' own parse errors (`create -o` without a value: "Not enough arguments
+        // following: o") are usage errors, not bugs to report with a stack trace.
+        if (!(err instanceof QdedupError) && err.name === 'YError') throw new UsageError(err.message);
+        throw err;
+      }
+      // Name a mistyped option rather than the argument it swallowed; this also replaces
+      // yargs' "Unknown arguments: cluster-size, clusterSize" (its camel-case twin).
+      const unknown = unknownOption(argv, commandOptions ?? optionNames(parser));
+      if (unknown !== undefined) throw new UsageError(`Unknown argument: ${unknown}`);
       throw new UsageError(msg);
     });
+  /** Options of the subcommand being parsed (set by its builder). */
+  let commandOptions: Set<string> | undefined;
   for (const mod of COMMANDS) {
     parser = parser.command({
       command: mod.command,
       describe: mod.describe,
-      builder: mod.builder,
+      builder: (y: Argv) => {
+        const built = mod.builder(y);
+        commandOptions = optionNames(built);
+        return built;
+      },
       handler: async (args: Record<string, unknown>) => {
         io = processOutput(args.color as boolean | undefined);
-        process.exitCode = await mod.run(mod.toArgs(args), io);
+        try {
+          process.exitCode = await mod.run(mod.toArgs(args), io);
+        } catch (err) {
+          // Errors found after an image was opened (refcount table, allocation) come from
+          // code that knows no path: they are in the command's image, so name it.
+          if (err instanceof QdedupError && !(err instanceof UsageError) && !err.details.path && typeof args.file === 'string') err.details.path = args.file;
+          throw err;
+        }
       },
     });
   }

@@ -181,12 +181,15 @@ export function decodeHeader(buf: Buffer, fileSize: number): Header {
     extensions: [],
   };
 
-  h.extensions = decodeExtensions(buf, headerLength, clusterSize);
+  // Like QEMU, the extension area ends where the backing file name starts (when it lies in
+  // cluster 0), so an extension can never run over the name.
+  const nameInCluster = h.backingFileOffset > headerLength && h.backingFileOffset < clusterSize;
+  h.extensions = decodeExtensions(buf, headerLength, nameInCluster ? h.backingFileOffset : clusterSize, nameInCluster ? 'the backing file name' : 'the first cluster');
   checkFeatures(h);
 
   if (h.cryptMethod !== 0) {
     if (h.cryptMethod > 2) throw new CorruptImageError(`unsupported encryption method ${h.cryptMethod}`, where(32));
-    throw new UnsupportedError('encrypted images are not supported', where(32));
+    throw new UnsupportedError(`encrypted images are not supported (crypt_method ${h.cryptMethod}: ${h.cryptMethod === 1 ? 'AES' : 'LUKS'})`, where(32));
   }
   if (h.size >= MAX_HOST_OFFSET) throw new UnsupportedError(`virtual size ${h.size} is too large`, where(24));
 
@@ -227,17 +230,27 @@ function checkTableOffset(offset: number, byteLength: number, clusterSize: numbe
   if (offset + byteLength > MAX_HOST_OFFSET) throw new CorruptImageError(`${what} at ${hex(offset)} lies beyond the largest host offset`, { offset: fieldPos, structure: 'header' });
 }
 
-function decodeExtensions(buf: Buffer, headerLength: number, clusterSize: number): HeaderExtension[] {
+/**
+ * Parses the extensions from `headerLength` up to `end` (the cluster size, or the backing
+ * file name's offset), `endWhat` naming that bound in messages. Throws CorruptImageError.
+ */
+function decodeExtensions(buf: Buffer, headerLength: number, end: number, endWhat: string): HeaderExtension[] {
   const extensions: HeaderExtension[] = [];
-  const limit = Math.min(clusterSize, buf.length);
+  // A Set, not a scan of `extensions`: a 2 MiB header cluster holds 262,000 empty
+  // extensions, and a quadratic duplicate check would hang on it (I4: bounded time).
+  const seen = new Set<number>();
+  const limit = Math.min(end, buf.length);
+  // A file cut short inside cluster 0 is named as such rather than as a missing end marker.
+  const bound = buf.length < end ? `the end of the file (byte ${buf.length})` : endWhat;
   let pos = headerLength;
   for (;;) {
-    if (pos + 8 > limit) throw new CorruptImageError(`header extension at ${hex(pos)} runs past the first cluster (no end marker)`, { offset: pos, structure: 'header extension' });
+    if (pos + 8 > limit) throw new CorruptImageError(`header extension at ${hex(pos)} runs past ${bound} (no end marker)`, { offset: pos, structure: 'header extension' });
     const type = buf.readUInt32BE(pos);
     const length = buf.readUInt32BE(pos + 4);
     if (type === EXT_END) return extensions;
-    if (length > limit - pos - 8) throw new CorruptImageError(`header extension ${hex(type)} too large: length ${length}`, { offset: pos + 4, structure: 'header extension' });
-    if (extensions.some((e) => e.type === type)) throw new CorruptImageError(`header extension ${hex(type)} appears twice`, { offset: pos, structure: 'header extension' });
+    if (length > limit - pos - 8) throw new CorruptImageError(`header extension ${hex(type)} at ${hex(pos)} too large: length ${length} runs past ${bound}`, { offset: pos + 4, structure: 'header extension' });
+    if (seen.has(type)) throw new CorruptImageError(`header extension ${hex(type)} appears twice`, { offset: pos, structure: 'header extension' });
+    seen.add(type);
     extensions.push({ type, data: Buffer.from(buf.subarray(pos + 8, pos + 8 + length)) });
     pos += 8 + divCeil(length, 8) * 8;
   }
@@ -248,15 +261,19 @@ function checkFeatures(h: Header): void {
   const known = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
   const unknown = h.incompatibleFeatures & ~known;
   if (unknown !== 0n) {
-    const names = featureNames(h);
+    // Worded as QEMU's report_unsupported_feature(): feature-table names in table order
+    // (the first entry naming a bit wins; the table ends at an entry with an empty name),
+    // then the hex mask of the bits no entry named.
     const parts: string[] = [];
     let rest = unknown;
-    for (let bit = 0n; bit < 64n; bit++) {
-      const name = names.get(`0:${bit}`);
-      if ((unknown >> bit) & 1n && name) {
-        parts.push(name);
-        rest &= ~(1n << bit);
-      }
+    const table = h.extensions.find((e) => e.type === EXT_FEATURE_TABLE)?.data ?? Buffer.alloc(0);
+    for (let pos = 0; pos + 48 <= table.length && table[pos + 2] !== 0; pos += 48) {
+      const bit = 1n << BigInt(table[pos + 1]);
+      if (table[pos] !== 0 || (rest & bit) === 0n) continue;
+      const raw = table.subarray(pos + 2, pos + 48);
+      const end = raw.indexOf(0);
+      parts.push(raw.subarray(0, end < 0 ? raw.length : end).toString('latin1'));
+      rest &= ~bit;
     }
     if (rest !== 0n) parts.push(`Unknown incompatible feature: ${rest.toString(16)}`);
     throw new UnsupportedError(`unsupported qcow2 feature(s): ${parts.join(', ')}`, where);

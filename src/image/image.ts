@@ -44,6 +44,8 @@ export interface OpenOptions {
   chain?: string[];
   /** Test hook: a file implementation to use instead of opening `path`. */
   file?: BlockFile;
+  /** false: do not open the backing chain (`info`, like qemu-img info; guest reads then see no backing data). */
+  backing?: boolean;
 }
 
 /** One guest cluster waiting for a new host cluster in the current write batch. */
@@ -97,11 +99,14 @@ export class Image implements GuestReader {
     const file = options.file ?? (await NodeFile.open(path, writable));
     try {
       const image = await Image.load(path, file, writable);
-      await image.openBacking(options.chain ?? []);
+      if (options.backing !== false) await image.openBacking(options.chain ?? []);
       if (writable) await image.prepareForWrites();
       return image;
     } catch (err) {
       await file.close().catch(() => {});
+      // Name the file the error is in (this image, not the top of its backing chain) when
+      // the thrower could not: header decoding is pure and knows no path.
+      if (err instanceof QdedupError && !err.details.path) err.details.path = path;
       throw err;
     }
   }
@@ -146,6 +151,12 @@ export class Image implements GuestReader {
     if (h.incompatibleFeatures & INCOMPAT_CORRUPT) {
       throw new CorruptImageError("image is marked corrupt (incompatible bit 1); it can only be opened read-only or repaired with 'qdedup check -r all'", { path: this.path, structure: 'header', offset: 72 });
     }
+    if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
+      // Refcounts may be stale: rebuild them (and clear the bit) before they are loaded and
+      // before any write; the rebuild clears foreign autoclear bits before its own first write.
+      const { rebuildRefcounts } = await import('./check.ts');
+      await rebuildRefcounts(this);
+    }
     if (h.nbSnapshots > 0) await this.loadSnapshots(); // their tables join the overlap guard
     this.indexMetadata();
     this.refcounts = await Refcounts.load(this.file, {
@@ -162,10 +173,6 @@ export class Image implements GuestReader {
       await this.file.sync(); // the cleared bits reach disk before any data write
     }
     void AUTOCLEAR_BITMAPS;
-    if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
-      const { rebuildRefcounts } = await import('./check.ts');
-      await rebuildRefcounts(this);
-    }
   }
 
   snapshots: SnapshotEntry[] = [];
@@ -379,6 +386,11 @@ export class Image implements GuestReader {
       const old = await this.entry(guestCluster);
       if (old.kind === 'normal' && old.copied) {
         this.guardDataWrite(old.hostOffset + inCluster, n);
+        // I4: COPIED is trusted only for a cluster the refcounts count. A hostile entry
+        // (say at 1 TiB, past every refcount block) had us grow the file to 1 TiB.
+        if ((await this.assertWritable().get(old.hostOffset / this.clusterSize)) === 0) {
+          throw this.l2Corruption(Math.floor(guestCluster / this.l2Entries), guestCluster % this.l2Entries, `data cluster ${hex(old.hostOffset)} has the COPIED flag but refcount 0`);
+        }
         await this.file.write(old.hostOffset + inCluster, part);
       } else {
         let full = part;
@@ -478,6 +490,11 @@ export class Image implements GuestReader {
     const refcounts = this.assertWritable();
     const l1e = decodeL1Entry(this.l1, l1Index);
     if (l1e.l2Offset !== 0 && l1e.copied) {
+      // I4: as for data clusters, COPIED is trusted only for a table the refcounts count
+      // (checked once: a dirty table was checked or allocated here).
+      if (!this.l2Dirty.has(l1Index) && (await refcounts.get(l1e.l2Offset / this.clusterSize)) === 0) {
+        throw new CorruptImageError(`L2 table at ${hex(l1e.l2Offset)} has the COPIED flag but refcount 0 (L1 index: ${hex(l1Index)})`, { path: this.path, offset: this.header.l1TableOffset + l1Index * 8, structure: 'L1 table' });
+      }
       const table = await this.l2Table(l1Index);
       return table!;
     }

@@ -1,8 +1,124 @@
-// PLACEHOLDER — being written.
+// `qdedup check`: the consistency check of qemu-img check, with its output and exit codes.
+// The summary goes to stdout (human or JSON, nothing under -q), each problem line to stderr
+// as it is found. Exit codes: 0 clean, 1 check not completed, 2 corruptions, 3 leaks only,
+// 63 not a QCOW2 image; after -r they describe the repaired image.
+//
+// Like qemu-img, a check that cannot open the image prints no JSON document (only the
+// error on stderr), unlike the other commands' {"error": …}; scripts can rely on stdout
+// holding either a complete check result or nothing.
+
 import type { Argv } from 'yargs';
+import { InternalError, NotQcow2Error, QdedupError, UsageError } from '../../errors.ts';
+import { checkExitCode, checkImage, type ImageCheck, type RepairMode } from '../../image/check.ts';
+import { checkFormat, outputFormat, withFormatOption, withOutputOption, withQuietOption, type OutputFormat } from '../common.ts';
 import type { Output } from '../output.ts';
+
+/** Exit code for "this file cannot be checked" (qemu-img: the format has no checks). */
+export const EXIT_CANNOT_CHECK = 63;
+
+export interface CheckArgs {
+  file: string;
+  output: OutputFormat;
+  quiet: boolean;
+  repair?: RepairMode;
+}
+
+/**
+ * The JSON document of `check --output json`: qemu-img's ImageCheck keys, in the order
+ * qemu-img 7.2 prints them (its dictionary order), counters left out when 0.
+ */
+export function checkJson(r: ImageCheck): Record<string, string | number> {
+  const out: Record<string, string | number> = {};
+  const optional = (key: string, value: number) => {
+    if (value) out[key] = value;
+  };
+  optional('image-end-offset', r.imageEndOffset);
+  optional('compressed-clusters', r.compressedClusters);
+  optional('total-clusters', r.totalClusters);
+  optional('corruptions', r.corruptions);
+  optional('corruptions-fixed', r.corruptionsFixed);
+  out['check-errors'] = r.checkErrors;
+  optional('leaks', r.leaks);
+  optional('leaks-fixed', r.leaksFixed);
+  optional('allocated-clusters', r.allocatedClusters);
+  out.filename = r.filename;
+  out.format = r.format;
+  optional('fragmented-clusters', r.fragmentedClusters);
+  return out;
+}
+
+/** qemu-img's dump_human_image_check. */
+export function checkHuman(r: ImageCheck): string {
+  let text = '';
+  if (!(r.corruptions || r.leaks || r.checkErrors)) {
+    text += 'No errors were found on the image.\n';
+  } else {
+    if (r.corruptions) text += `\n${r.corruptions} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n`;
+    if (r.leaks) text += `\n${r.leaks} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n`;
+    if (r.checkErrors) text += `\n${r.checkErrors} internal errors have occurred during the check.\n`;
+  }
+  if (r.totalClusters !== 0 && r.allocatedClusters !== 0) {
+    const pct = (n: number, d: number) => ((n * 100) / d).toFixed(2);
+    text += `${r.allocatedClusters}/${r.totalClusters} = ${pct(r.allocatedClusters, r.totalClusters)}% allocated, `
+      + `${pct(r.fragmentedClusters, r.allocatedClusters)}% fragmented, ${pct(r.compressedClusters, r.allocatedClusters)}% compressed clusters\n`;
+  }
+  if (r.imageEndOffset) text += `Image end offset: ${r.imageEndOffset}\n`;
+  return text;
+}
+
+/** The block qemu-img prints between the repair and the check of the repaired image. */
+export function repairSummary(repaired: { leaksFixed: number; corruptionsFixed: number }): string {
+  return 'The following inconsistencies were found and repaired:\n\n'
+    + `    ${repaired.leaksFixed} leaked clusters\n`
+    + `    ${repaired.corruptionsFixed} corruptions\n\n`
+    + 'Double checking the fixed image now...\n';
+}
+
+export async function runCheck(a: CheckArgs, io: Output): Promise<number> {
+  let result: ImageCheck;
+  try {
+    result = await checkImage(a.file, { repair: a.repair, onMessage: (line) => io.err(line) });
+  } catch (err) {
+    // Cannot open or read the image: a one-line error, no result document (as qemu-img).
+    if (!(err instanceof QdedupError) || err instanceof InternalError) throw err;
+    const where = err.details.path ?? a.file;
+    io.err(`qdedup: ${where}: ${err.message}`);
+    return err instanceof NotQcow2Error ? EXIT_CANNOT_CHECK : err.exitCode;
+  }
+  if (result.repaired && a.output === 'human' && !a.quiet) await io.out(repairSummary(result.repaired));
+  if (result.failure === undefined && !a.quiet) {
+    await io.out(a.output === 'json' ? JSON.stringify(checkJson(result), null, 4) + '\n' : checkHuman(result));
+  }
+  if (result.failure !== undefined) io.err(`qdedup: Check failed: ${result.failure}`);
+  else if (result.checkErrors) io.err('qdedup: Check failed');
+  return checkExitCode(result);
+}
+
 export const command = 'check <file>';
-export const describe = 'check an image for consistency';
-export function builder(y: Argv) { return y; }
-export function toArgs(argv: Record<string, unknown>) { return argv; }
-export async function run(_a: unknown, _io: Output): Promise<number> { return 1; }
+export const describe = 'check an image for consistency, optionally repairing it (qemu-img check)';
+
+export function builder(y: Argv) {
+  return withQuietOption(withOutputOption(withFormatOption(y)))
+    .positional('file', { type: 'string', describe: 'image file' })
+    .option('r', {
+      alias: 'repair',
+      type: 'string',
+      requiresArg: true,
+      describe: "repair: 'leaks' (leaked clusters only) or 'all' (also corruptions, rebuilding refcounts if needed)",
+    })
+    .example('$0 check disk.qcow2', 'report problems; exit 0 clean, 2 corruptions, 3 leaks only')
+    .example('$0 check -r leaks disk.qcow2', 'give leaked clusters back')
+    .example('$0 check --output json disk.qcow2', "qemu-img check's JSON document")
+    .epilogue('Exit codes: 0 consistent, 1 check not completed, 2 corruptions found, 3 only leaks found, 63 not a qcow2 image. After -r they describe the repaired image.');
+}
+
+export function toArgs(argv: Record<string, unknown>): CheckArgs {
+  checkFormat(argv.f);
+  const r = argv.r;
+  if (r !== undefined && r !== 'leaks' && r !== 'all') {
+    throw new UsageError(`Unknown option for -r (expecting 'leaks' or 'all'): ${String(r)}`);
+  }
+  return { file: String(argv.file), output: outputFormat(argv.output), quiet: Boolean(argv.quiet), repair: r as RepairMode | undefined };
+}
+
+export const run = runCheck;

@@ -1,7 +1,7 @@
 // `qdedup info`: what the image is, with qemu-img info's keys and meanings.
 
 import type { Argv } from 'yargs';
-import { resolve, dirname, isAbsolute } from 'node:path';
+import { isAbsolute } from 'node:path';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, backingFormatOf } from '../../format/header.ts';
 import { Image } from '../../image/image.ts';
 import { checkFormat, outputFormat, withFormatOption, withOutputOption, type OutputFormat } from '../common.ts';
@@ -28,7 +28,9 @@ export interface ImageInfo {
 }
 
 export async function imageInfo(path: string): Promise<ImageInfo> {
-  const image = await Image.open(path);
+  // Like qemu-img info, the backing chain is not opened: info must describe an image whose
+  // backing file is missing or loops (it names the backing file instead of failing).
+  const image = await Image.open(path, { backing: false });
   try {
     const h = image.header;
     const data: Record<string, unknown> = h.version === 3
@@ -52,7 +54,10 @@ export async function imageInfo(path: string): Promise<ImageInfo> {
     };
     if (h.backingFile !== undefined) {
       info['backing-filename'] = h.backingFile;
-      info['full-backing-filename'] = isAbsolute(h.backingFile) ? h.backingFile : resolve(dirname(path), h.backingFile);
+      // qemu's path_combine(): the image path up to its last '/', then the name; not made
+      // absolute (`info o.qcow2` shows "a.qcow2", as qemu-img info does).
+      const slash = path.lastIndexOf('/');
+      info['full-backing-filename'] = isAbsolute(h.backingFile) || slash < 0 ? h.backingFile : path.slice(0, slash + 1) + h.backingFile;
       const format = backingFormatOf(h);
       if (format) info['backing-filename-format'] = format;
     }

@@ -4,7 +4,7 @@
 import type { Argv } from 'yargs';
 import { UsageError } from '../../errors.ts';
 import { Image } from '../../image/image.ts';
-import { checkFormat, withFormatOption, withQuietOption } from '../common.ts';
+import { checkFormat, pastTheEnd, withFormatOption, withQuietOption } from '../common.ts';
 import { parsePattern, parseSize } from '../parse.ts';
 import type { Output } from '../output.ts';
 
@@ -39,7 +39,7 @@ export async function runRead(a: ReadArgs, io: Output): Promise<number> {
   const image = await Image.open(a.file);
   try {
     const length = a.length ?? Math.max(0, image.size - a.offset);
-    if (a.offset + length > image.size) throw new UsageError(`offset ${a.offset} + length ${length} is past the end of the disk (virtual size ${image.size})`);
+    if (a.offset + length > image.size) throw pastTheEnd(a.file, a.offset, length, image.size);
     const raw = a.pattern === undefined && !a.verbose;
     if (raw && io.stdoutIsTTY) throw new UsageError('refusing to write raw disk bytes to a terminal: redirect stdout, or use -v (hexdump) or -P (verify)');
     let mismatch = -1;

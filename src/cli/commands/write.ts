@@ -6,7 +6,7 @@ import { open } from 'node:fs/promises';
 import { UsageError } from '../../errors.ts';
 import { ioError } from '../../image/block-file.ts';
 import { Image } from '../../image/image.ts';
-import { checkFormat, withFormatOption, withQuietOption } from '../common.ts';
+import { checkFormat, pastTheEnd, withFormatOption, withQuietOption } from '../common.ts';
 import { parsePattern, parseSize } from '../parse.ts';
 import type { Output } from '../output.ts';
 import { startProgress } from '../progress.ts';
@@ -51,11 +51,14 @@ export async function runWrite(a: WriteArgs, io: Output): Promise<number> {
   }
   const total = length!;
 
+  // The range is checked on a read-only open first: a read-write open may already rewrite
+  // the header (clearing foreign autoclear bits), and a refused write must leave the file
+  // unchanged. Like qemu-io ("write failed: Input/output error"), this is not a usage error.
+  const probe = await Image.open(a.file, { backing: false });
+  const virtualSize = probe.size;
+  await probe.close();
+  if (a.offset + total > virtualSize) throw pastTheEnd(a.file, a.offset, total, virtualSize);
   const image = await Image.open(a.file, { writable: true });
-  if (a.offset + total > image.size) {
-    await image.close();
-    throw new UsageError(`offset ${a.offset} + length ${total} is past the end of the disk (virtual size ${image.size})`);
-  }
   try {
     if (a.zero) {
       await image.writeZeroes(a.offset, total);
