@@ -11,6 +11,9 @@ await build({
   format: 'esm',
   target: 'node20',
   logLevel: 'warning',
+  // Smaller to parse at every start; identifiers stay readable for internal-error traces.
+  minifyWhitespace: true,
+  minifySyntax: true,
   // Bundled CommonJS packages (cli-progress) call require() for Node built-ins.
   banner: { js: "import { createRequire as __qdedupRequire } from 'node:module'; const require = __qdedupRequire(import.meta.url);" },
 });

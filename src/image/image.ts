@@ -97,13 +97,15 @@ export class Image implements GuestReader {
   static async open(path: string, options: OpenOptions = {}): Promise<Image> {
     const writable = options.writable ?? false;
     const file = options.file ?? (await NodeFile.open(path, writable));
+    let image: Image | undefined;
     try {
-      const image = await Image.load(path, file, writable);
+      image = await Image.load(path, file, writable);
       if (options.backing !== false) await image.openBacking(options.chain ?? []);
       if (writable) await image.prepareForWrites();
       return image;
     } catch (err) {
       await file.close().catch(() => {});
+      await image?.backing?.close().catch(() => {});
       // Name the file the error is in (this image, not the top of its backing chain) when
       // the thrower could not: header decoding is pure and knows no path.
       if (err instanceof QdedupError && !err.details.path) err.details.path = path;
