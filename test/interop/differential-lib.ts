@@ -5,8 +5,9 @@
 
 import { spawn } from 'node:child_process';
 import { createCipheriv } from 'node:crypto';
-import { openSync, writeSync, closeSync, ftruncateSync, readSync } from 'node:fs';
-import { BIN } from '../helpers.ts';
+import { openSync, writeSync, closeSync, ftruncateSync, readSync, mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { BIN, tempDir } from '../helpers.ts';
 
 // ------------------------------------------------------------------ PRNG
 
@@ -255,4 +256,21 @@ export function sizeName(n: number): string {
   if (n >= 1 << 20 && n % (1 << 20) === 0) return `${n / (1 << 20)}M`;
   if (n >= 1024 && n % 1024 === 0) return `${n / 1024}k`;
   return String(n);
+}
+
+/**
+ * Per-test-file helpers: `scratch()` makes a fresh subfolder of one temporary folder, and
+ * `seedOf(label)` gives the stable seed of the case named `label` for a base seed.
+ */
+export function testFolders(prefix: string, baseSeed: number): { scratch: () => string; seedOf: (label: string) => number } {
+  const dir = tempDir(prefix);
+  let next = 0;
+  return {
+    scratch: () => {
+      const sub = join(dir, `s${next++}`);
+      mkdirSync(sub, { recursive: true });
+      return sub;
+    },
+    seedOf: (label: string) => deriveSeed(baseSeed, label),
+  };
 }

@@ -11,26 +11,17 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { mkdirSync, readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
+import { readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { HAVE_QEMU, NO_QEMU, ROOT, tempDir } from '../helpers.ts';
-import { Rng, deriveSeed, pool, qdedupAsync, runAsync, runOk, sizeName, toRaw } from './differential-lib.ts';
+import { HAVE_QEMU, NO_QEMU, ROOT } from '../helpers.ts';
+import { Rng, testFolders, pool, qdedupAsync, runAsync, runOk, sizeName, toRaw } from './differential-lib.ts';
 
 const BASE_SEED = process.env.QDEDUP_SEED ? Number(process.env.QDEDUP_SEED) >>> 0 : 0x2d5e_ed03;
 const ONLY = process.env.QDEDUP_ONLY;
 const only = (label: string) => ONLY === undefined || ONLY === label;
 const FIXTURES = join(ROOT, 'fixtures');
 
-const DIR = tempDir('qdedup-diffr-');
-let nextName = 0;
-function scratch(): string {
-  const dir = join(DIR, `s${nextName++}`);
-  mkdirSync(dir, { recursive: true });
-  return dir;
-}
-
-/** The seed of the case named `label` (stable across runs for one base seed). */
-const seedOf = (label: string): number => deriveSeed(BASE_SEED, label);
+const { scratch, seedOf } = testFolders('qdedup-diffr-', BASE_SEED);
 
 const sha256 = (b: Buffer) => createHash('sha256').update(b).digest('hex');
 

@@ -15,12 +15,12 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { join, basename } from 'node:path';
-import { copyFileSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { copyFileSync, readFileSync, writeFileSync } from 'node:fs';
 import { Image } from '../../src/image/image.ts';
 import { createImage } from '../../src/image/create.ts';
-import { NO_QEMU, tempDir } from '../helpers.ts';
+import { NO_QEMU } from '../helpers.ts';
 import {
-  Rng, Shadow, deriveSeed, checkImage, compareAndCheck, compareRaw, peekHeader, qdedupOk, runAsync, runOk, sizeName, toRaw,
+  Rng, Shadow, testFolders, checkImage, compareAndCheck, compareRaw, peekHeader, qdedupOk, runAsync, runOk, sizeName, toRaw,
 } from './differential-lib.ts';
 
 const BASE_SEED = process.env.QDEDUP_SEED ? Number(process.env.QDEDUP_SEED) >>> 0 : 0x2d5e_ed02;
@@ -33,17 +33,7 @@ const CLI_SEQUENCES = Number(process.env.QDEDUP_CLI_SEQUENCES ?? 30);
 const WHOLE_DISK_MAX = 24 << 20;
 const WHOLE_DISK_MAX_CLUSTERS = 8192;
 
-const DIR = tempDir('qdedup-diffw-');
-let nextName = 0;
-/** A fresh subfolder of the test's temporary folder. */
-function scratch(): string {
-  const dir = join(DIR, `s${nextName++}`);
-  mkdirSync(dir, { recursive: true });
-  return dir;
-}
-
-/** The seed of the case named `label` (stable across runs for one base seed). */
-const seedOf = (label: string): number => deriveSeed(BASE_SEED, label);
+const { scratch, seedOf } = testFolders('qdedup-diffw-', BASE_SEED);
 
 const only = (label: string) => ONLY === undefined || ONLY === label;
 
