@@ -437,15 +437,22 @@ export class Image implements GuestReader {
   /** Allocates one contiguous run for the batch, writes it with one call, then maps it. */
   private async writeNewClusters(batch: PendingCluster[]): Promise<void> {
     const refcounts = this.assertWritable();
-    // L2 tables first: allocating them may take clusters, and the data run must stay contiguous.
-    for (const p of batch) await this.l2TableForWrite(Math.floor(p.guestCluster / this.l2Entries));
+    // L2 tables first, once per table: allocating them may take clusters, and the data
+    // run must stay contiguous.
+    const tables = new Map<number, Buffer>();
+    for (const p of batch) {
+      const l1Index = Math.floor(p.guestCluster / this.l2Entries);
+      if (!tables.has(l1Index)) tables.set(l1Index, await this.l2TableForWrite(l1Index));
+    }
     const start = await refcounts.allocate(batch.length);
     this.guardDataWrite(start, batch.length * this.clusterSize);
     await this.file.writev(start, batch.map((p) => p.data));
     this.startWriteback(batch.length * this.clusterSize);
     for (let i = 0; i < batch.length; i++) {
       const p = batch[i];
-      await this.setEntry(p.guestCluster, start + i * this.clusterSize, true, false);
+      const l1Index = Math.floor(p.guestCluster / this.l2Entries);
+      encodeL2Entry(tables.get(l1Index)!, p.guestCluster % this.l2Entries, start + i * this.clusterSize, true, false);
+      this.l2Dirty.add(l1Index);
       this.releaseHostClusters(p.old);
     }
   }

@@ -166,7 +166,12 @@ export class Refcounts {
       for (let c = start; c < start + count; c++) {
         const what = this.metadataAt(c);
         if (what) throw new CorruptImageError(`refcount of cluster ${c} is 0 but it holds the ${what}; run 'qdedup check -r all'`, { offset: c * this.clusterSize, structure: 'refcount block' });
-        await this.set(c, 1);
+      }
+      for (let t = Math.floor(start / this.blockEntries); t <= lastTable; t++) {
+        const block = (await this.block(t))!;
+        const end = Math.min(start + count, (t + 1) * this.blockEntries);
+        for (let c = Math.max(start, t * this.blockEntries); c < end; c++) setRefcount(block, c % this.blockEntries, this.refcountOrder, 1);
+        this.dirtyBlocks.add(t);
       }
       this.freeHint = start + count;
       return start * this.clusterSize;
