@@ -4,32 +4,15 @@
 // Layout of a frozen table and of tags: docs/FORMAT.md "Incarnation".
 //
 // Slots live in typed arrays (32 hash bytes, host offset, first guest offset, state per
-// slot), so the table costs 49 bytes per slot and no per-entry object.
+// slot), so the table costs 49 bytes per slot and no per-entry object. Bucket choice, tags
+// and slot states are part of the on-disk layout and live in src/format/incarnation.ts.
 
-export const BUCKET_SLOTS = 4;
+import { BUCKET_SLOTS, SLOT_EMPTY, SLOT_USED, candidateBuckets, type SlotArrays } from '../format/incarnation.ts';
+
 /** Cuckoo displacements tried before an insert reports the table full (the seed's QCOW_LOG_STORE_MAX_KICKS). */
 export const MAX_KICKS = 128;
 
-/** Slot states. A tombstone records that the hash was deleted (it shadows older incarnations). */
-export const SLOT_EMPTY = 0;
-export const SLOT_USED = 1;
-export const SLOT_TOMBSTONE = 2;
-
-/** Bucket indexes of a hash: bytes 0–3 and 4–7, masked to the order (distinct when there are 2+ buckets). */
-export function candidateBuckets(hash: Uint8Array, order: number): [number, number] {
-  const mask = 2 ** order - 1;
-  const b1 = ((hash[0] << 24) | (hash[1] << 16) | (hash[2] << 8) | hash[3]) & mask;
-  let b2 = ((hash[4] << 24) | (hash[5] << 16) | (hash[6] << 8) | hash[7]) & mask;
-  if (b2 === b1 && order > 0) b2 = b1 ^ 1;
-  return [b1 >>> 0, b2 >>> 0];
-}
-
-/** The 16-bit filter tag of a hash: bytes 8–9, never 0 (0 marks an empty slot). */
-export function tagOf(hash: Uint8Array): number {
-  return ((hash[8] << 8) | hash[9]) || 1;
-}
-
-export class LogStore {
+export class LogStore implements SlotArrays {
   readonly order: number;
   readonly buckets: number;
   readonly slots: number;

@@ -1,7 +1,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
-import { BUCKET_SLOTS, LogStore, SLOT_TOMBSTONE, SLOT_USED, candidateBuckets, tagOf } from '../../src/dedup/log-store.ts';
+import { LogStore } from '../../src/dedup/log-store.ts';
+import { BUCKET_SLOTS, SLOT_TOMBSTONE, SLOT_USED, candidateBuckets, tagOf } from '../../src/format/incarnation.ts';
 
 const h = (i: number) => createHash('sha256').update(String(i)).digest();
 

@@ -1,0 +1,91 @@
+// Incarnations: a frozen log store written to disk as a filter of 16-bit tags followed by
+// a hash table with the same slot order (SILT's HashStore, BufferHash's incarnations).
+// Pure. Layout: docs/FORMAT.md "Incarnation".
+//
+//   area   := filter pad table pad                     (whole clusters)
+//   filter := slots × u16 tag, big-endian; 0 = empty slot
+//   table  := slots × 48-byte hash entry (docs/FORMAT.md "Hash entry"), starting at the
+//             first cluster boundary after the filter; an empty slot is all zero, a
+//             tombstone (a deleted hash that shadows older incarnations) has host offset 0
+//
+// A key lives in one of two buckets of 4 slots (bytes 0–3 and 4–7 of its hash, masked to
+// the order), so a lookup compares 8 tags in RAM and reads the 48-byte slots whose tag
+// matches: one disk read per hit, barring a 2^-16 tag collision per slot.
+
+import { HASH_ENTRY_BYTES, encodeHashEntry, decodeHashEntry, type HashEntry } from './hash-entry.ts';
+
+export const BUCKET_SLOTS = 4;
+
+/** Bucket indexes of a hash: bytes 0–3 and 4–7, masked to the order (distinct when there are 2+ buckets). */
+export function candidateBuckets(hash: Uint8Array, order: number): [number, number] {
+  const mask = 2 ** order - 1;
+  const b1 = ((hash[0] << 24) | (hash[1] << 16) | (hash[2] << 8) | hash[3]) & mask;
+  let b2 = ((hash[4] << 24) | (hash[5] << 16) | (hash[6] << 8) | hash[7]) & mask;
+  if (b2 === b1 && order > 0) b2 = b1 ^ 1;
+  return [b1 >>> 0, b2 >>> 0];
+}
+
+/** The 16-bit filter tag of a hash: bytes 8–9, never 0 (0 marks an empty slot). */
+export function tagOf(hash: Uint8Array): number {
+  return ((hash[8] << 8) | hash[9]) || 1;
+}
+
+/** Slot states of a table in memory. A tombstone records a deleted hash. */
+export const SLOT_EMPTY = 0;
+export const SLOT_USED = 1;
+export const SLOT_TOMBSTONE = 2;
+
+/** The slot arrays of a log store, as the freezer reads them. */
+export interface SlotArrays {
+  readonly slots: number;
+  readonly hashes: Uint8Array;
+  readonly hostOffsets: Float64Array;
+  readonly guestOffsets: Float64Array;
+  readonly states: Uint8Array;
+}
+
+export interface IncarnationLayout {
+  slots: number;
+  /** Byte offset of the hash table from the start of the area. */
+  tableOffset: number;
+  clusters: number;
+}
+
+export function incarnationLayout(order: number, clusterSize: number): IncarnationLayout {
+  const slots = 2 ** order * BUCKET_SLOTS;
+  const tableOffset = Math.ceil((slots * 2) / clusterSize) * clusterSize;
+  const clusters = (tableOffset + Math.ceil((slots * HASH_ENTRY_BYTES) / clusterSize) * clusterSize) / clusterSize;
+  return { slots, tableOffset, clusters };
+}
+
+/** Encodes a whole incarnation area (filter, then table) from a log store's slots. */
+export function encodeIncarnation(store: SlotArrays, clusterSize: number, order: number): Buffer {
+  const layout = incarnationLayout(order, clusterSize);
+  if (layout.slots !== store.slots) throw new RangeError(`store has ${store.slots} slots, order ${order} gives ${layout.slots}`);
+  const buf = Buffer.alloc(layout.clusters * clusterSize);
+  for (let s = 0; s < store.slots; s++) {
+    if (store.states[s] === SLOT_EMPTY) continue;
+    const hash = store.hashes.subarray(s * 32, s * 32 + 32);
+    buf.writeUInt16BE(tagOf(hash), s * 2);
+    const entry: HashEntry = {
+      hash: Buffer.from(hash.buffer, hash.byteOffset, 32),
+      hostOffset: store.states[s] === SLOT_TOMBSTONE ? 0 : store.hostOffsets[s],
+      firstGuestOffset: store.guestOffsets[s],
+    };
+    encodeHashEntry(entry, buf, layout.tableOffset + s * HASH_ENTRY_BYTES);
+  }
+  return buf;
+}
+
+/** Decodes the filter part of an incarnation area into RAM (2 bytes a slot). */
+export function decodeFilter(area: Buffer, slots: number): Uint16Array {
+  const tags = new Uint16Array(slots);
+  for (let s = 0; s < slots; s++) tags[s] = area.readUInt16BE(s * 2);
+  return tags;
+}
+
+/** Decodes one 48-byte table slot; `tombstone` when its host offset is 0. */
+export function decodeIncarnationSlot(buf: Buffer, pos = 0): HashEntry & { tombstone: boolean } {
+  const e = decodeHashEntry(buf, pos);
+  return { ...e, tombstone: e.hostOffset === 0 };
+}
