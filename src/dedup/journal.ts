@@ -1,0 +1,95 @@
+// A dedup journal on disk: appends hash entries in whole, checksummed, sequence-numbered
+// blocks and replays them. Layout and replay rule: docs/FORMAT.md "Journal".
+//
+// Commit rule (the review of the 2013 design): a block is written whole and never
+// rewritten. flush() writes every full block and the partly filled one; the entries of a
+// partly filled block are written again, with the next sequence number, in the next block
+// once more entries arrive. So a torn write can only damage the block being written, never
+// entries committed earlier, and replay stops there.
+
+import { decodeJournalBlock, encodeJournalBlock, entriesPerBlock, type BlockVerdict, type JournalEntry } from '../format/journal-block.ts';
+import type { JournalDescriptor } from '../format/dedup-ext.ts';
+import type { BlockFile } from '../image/block-file.ts';
+
+export interface ReplayStop {
+  /** Index of the block where replay stopped (= blocks replayed). */
+  block: number;
+  verdict: BlockVerdict | 'end-of-journal';
+  reason: string;
+}
+
+export interface ReplayResult {
+  entries: JournalEntry[];
+  stop: ReplayStop;
+}
+
+/** Reads blocks from block 0 until the first one that is not valid (or the end). */
+export async function replayJournal(file: BlockFile, desc: JournalDescriptor, blockSize: number): Promise<ReplayResult> {
+  const entries: JournalEntry[] = [];
+  const perRead = Math.max(1, Math.floor((1024 * 1024) / blockSize));
+  for (let first = 0; first < desc.blocks; first += perRead) {
+    const count = Math.min(perRead, desc.blocks - first);
+    const buf = await file.read(desc.offset + first * blockSize, count * blockSize);
+    for (let i = 0; i < count; i++) {
+      const block = first + i;
+      const decoded = decodeJournalBlock(buf.subarray(i * blockSize, (i + 1) * blockSize), desc.startSequence + block);
+      if (decoded.verdict !== 'valid') return { entries, stop: { block, verdict: decoded.verdict, reason: decoded.reason } };
+      entries.push(...decoded.entries);
+    }
+  }
+  return { entries, stop: { block: desc.blocks, verdict: 'end-of-journal', reason: 'every block replayed' } };
+}
+
+export class Journal {
+  readonly desc: JournalDescriptor;
+  readonly blockSize: number;
+  readonly perBlock: number;
+  /** Next block index to write. */
+  private nextBlock: number;
+  /** Entries not yet in a block written whole and full. */
+  private pending: JournalEntry[] = [];
+  /** Full blocks encoded and waiting for flush(). */
+  private ready: Buffer[] = [];
+
+  constructor(private readonly file: BlockFile, desc: JournalDescriptor, blockSize: number, blocksUsed = 0) {
+    this.desc = desc;
+    this.blockSize = blockSize;
+    this.perBlock = entriesPerBlock(blockSize);
+    this.nextBlock = blocksUsed;
+  }
+
+  /** Blocks written or committed to being written, the partly filled one included. */
+  get blocksUsed(): number {
+    return this.nextBlock + this.ready.length + (this.pending.length ? 1 : 0);
+  }
+
+  /** True when `count` more entries would not fit in the journal's blocks. */
+  wouldOverflow(count: number): boolean {
+    const entries = this.ready.length * this.perBlock + this.pending.length + count;
+    return this.nextBlock + Math.ceil(entries / this.perBlock) > this.desc.blocks;
+  }
+
+  /** Queues an entry; the caller checks wouldOverflow() first. */
+  append(entry: JournalEntry): void {
+    if (this.wouldOverflow(1)) throw new RangeError('journal full');
+    this.pending.push(entry);
+    if (this.pending.length === this.perBlock) {
+      this.ready.push(encodeJournalBlock(this.blockSize, this.desc.startSequence + this.nextBlock + this.ready.length, this.pending));
+      this.pending = [];
+    }
+  }
+
+  /**
+   * Writes the full blocks and the partly filled one (the caller syncs). The partly filled
+   * block's entries stay pending: they are written again, in the next block, next time.
+   */
+  async flush(): Promise<void> {
+    const blocks = [...this.ready];
+    if (this.pending.length) blocks.push(encodeJournalBlock(this.blockSize, this.desc.startSequence + this.nextBlock + this.ready.length, this.pending));
+    if (blocks.length === 0) return;
+    await this.file.writev(this.desc.offset + this.nextBlock * this.blockSize, blocks);
+    this.nextBlock += blocks.length;
+    this.ready = [];
+    // Entries of the partly filled block move on to the next block: the written one is never rewritten.
+  }
+}
