@@ -1,0 +1,107 @@
+// The hash store: frozen log stores (incarnations) on disk, each with its filter of tags
+// in RAM, searched youngest first; a FIFO of at most `maxIncarnations`, whose forgotten
+// areas go to limbo for reuse. Layout: docs/FORMAT.md "Log stores and incarnations".
+//
+// Forgetting an incarnation only lowers the dedup ratio: a hash that is no longer found
+// makes the next copy of that content start a new cluster. It never corrupts data.
+
+import {
+  BUCKET_SLOTS, candidateBuckets, decodeFilter, decodeIncarnationSlot, encodeIncarnation, incarnationLayout, tagOf,
+  type IncarnationLayout, type SlotArrays,
+} from '../format/incarnation.ts';
+import { HASH_ENTRY_BYTES, type HashEntry } from '../format/hash-entry.ts';
+import type { IncarnationRecord, LimboRecord } from '../format/dedup-ext.ts';
+import type { BlockFile } from '../image/block-file.ts';
+
+export interface Incarnation {
+  record: IncarnationRecord;
+  tags: Uint16Array;
+}
+
+/** What a lookup found: an entry, or a tombstone saying the hash was deleted. */
+export type Found = { entry: HashEntry; tombstone: boolean };
+
+export class HashStore {
+  readonly layout: IncarnationLayout;
+  /** Youngest first. */
+  incarnations: Incarnation[] = [];
+  limbo: LimboRecord[] = [];
+  /** Statistics: lookups that reached the incarnations, disk reads they made, hits. */
+  lookups = 0;
+  diskReads = 0;
+  hits = 0;
+
+  constructor(
+    private readonly file: BlockFile,
+    readonly order: number,
+    readonly clusterSize: number,
+    readonly maxIncarnations: number,
+  ) {
+    this.layout = incarnationLayout(order, clusterSize);
+  }
+
+  /** Loads the filters of the recorded incarnations (one read each). */
+  async load(records: IncarnationRecord[], limbo: LimboRecord[]): Promise<void> {
+    this.incarnations = [];
+    for (const record of records) {
+      const filter = await this.file.read(record.offset, this.layout.slots * 2);
+      this.incarnations.push({ record, tags: decodeFilter(filter, this.layout.slots) });
+    }
+    this.limbo = [...limbo];
+  }
+
+  /** RAM held by the filters. */
+  get ramBytes(): number {
+    return this.incarnations.length * this.layout.slots * 2;
+  }
+
+  get entries(): number {
+    return this.incarnations.reduce((n, i) => n + i.record.entries, 0);
+  }
+
+  /** Searches the incarnations youngest first; reads only slots whose tag matches. */
+  async lookup(hash: Uint8Array): Promise<Found | null> {
+    if (this.incarnations.length === 0) return null;
+    this.lookups++;
+    const tag = tagOf(hash);
+    const [b1, b2] = candidateBuckets(hash, this.order);
+    for (const inc of this.incarnations) {
+      for (const b of b1 === b2 ? [b1] : [b1, b2]) {
+        for (let s = b * BUCKET_SLOTS; s < (b + 1) * BUCKET_SLOTS; s++) {
+          if (inc.tags[s] !== tag) continue;
+          this.diskReads++;
+          const slot = decodeIncarnationSlot(await this.file.read(inc.record.offset + this.layout.tableOffset + s * HASH_ENTRY_BYTES, HASH_ENTRY_BYTES));
+          if (!slot.hash.equals(hash)) continue;
+          if (!slot.tombstone) this.hits++;
+          return { entry: slot, tombstone: slot.tombstone };
+        }
+      }
+    }
+    return null;
+  }
+
+  /**
+   * Writes a full log store as the youngest incarnation, in a limbo area when one is free,
+   * else in clusters from `allocate`. Beyond maxIncarnations the oldest is forgotten and its
+   * area goes to limbo. The caller syncs; the configuration area records the change.
+   */
+  async freeze(store: SlotArrays, count: number, generation: number, allocate: (clusters: number) => Promise<number>): Promise<void> {
+    const area = encodeIncarnation(store, this.clusterSize, this.order);
+    const reused = this.limbo.findIndex((l) => l.clusters >= this.layout.clusters);
+    const offset = reused >= 0 ? this.limbo.splice(reused, 1)[0].offset : await allocate(this.layout.clusters);
+    await this.file.write(offset, area);
+    this.incarnations.unshift({ record: { offset, entries: count, generation }, tags: decodeFilter(area, this.layout.slots) });
+    while (this.maxIncarnations > 0 && this.incarnations.length > this.maxIncarnations) {
+      const oldest = this.incarnations.pop()!;
+      this.limbo.push({ offset: oldest.record.offset, clusters: this.layout.clusters });
+    }
+  }
+
+  /** Every area the store owns (incarnations and limbo), for check and dedup-stats. */
+  areas(): { offset: number; clusters: number }[] {
+    return [
+      ...this.incarnations.map((i) => ({ offset: i.record.offset, clusters: this.layout.clusters })),
+      ...this.limbo.map((l) => ({ offset: l.offset, clusters: l.clusters })),
+    ];
+  }
+}

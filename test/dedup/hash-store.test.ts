@@ -1,0 +1,75 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createHash } from 'node:crypto';
+import { HashStore } from '../../src/dedup/hash-store.ts';
+import { LogStore } from '../../src/dedup/log-store.ts';
+import { MemFile } from '../../src/image/mem-file.ts';
+import { SLOT_TOMBSTONE } from '../../src/format/incarnation.ts';
+
+const h = (i: number) => createHash('sha256').update(String(i)).digest();
+const ORDER = 4; // 64 slots
+const CLUSTER = 512;
+
+/** Fills a log store with keys [from, to) and freezes it. */
+async function freezeRange(hs: HashStore, from: number, to: number, generation: number, next: { offset: number }): Promise<void> {
+  const store = new LogStore(ORDER);
+  for (let i = from; i < to; i++) assert.ok(store.put(h(i), 0x100000 + i * CLUSTER, i * CLUSTER));
+  await hs.freeze(store, store.count, generation, async (clusters) => {
+    const offset = next.offset;
+    next.offset += clusters * CLUSTER;
+    return offset;
+  });
+}
+
+test('hits are found youngest first with about one disk read each; misses read nothing', async () => {
+  const file = new MemFile();
+  const hs = new HashStore(file, ORDER, CLUSTER, 0);
+  const next = { offset: 0x10000 };
+  for (let g = 0; g < 6; g++) await freezeRange(hs, g * 50, g * 50 + 50, g, next);
+  assert.equal(hs.incarnations.length, 6);
+  assert.equal(hs.entries, 300);
+  for (let i = 0; i < 300; i++) {
+    const found = await hs.lookup(h(i));
+    assert.ok(found && !found.tombstone, `key ${i}`);
+    assert.equal(found.entry.hostOffset, 0x100000 + i * CLUSTER);
+  }
+  assert.ok(hs.diskReads / hs.hits <= 1.02, `reads per hit ${hs.diskReads / hs.hits}`);
+  const readsBefore = hs.diskReads;
+  for (let i = 1000; i < 1300; i++) assert.equal(await hs.lookup(h(i)), null);
+  assert.ok(hs.diskReads - readsBefore <= 3, `misses read ${hs.diskReads - readsBefore} slots`);
+  assert.equal(hs.ramBytes, 6 * 64 * 2);
+  // Reloading from records gives the same answers.
+  const again = new HashStore(file, ORDER, CLUSTER, 0);
+  await again.load(hs.incarnations.map((i) => i.record), hs.limbo);
+  assert.equal((await again.lookup(h(123)))?.entry.firstGuestOffset, 123 * CLUSTER);
+});
+
+test('a tombstone in a younger incarnation shadows the older entry', async () => {
+  const hs = new HashStore(new MemFile(), ORDER, CLUSTER, 0);
+  const next = { offset: 0x10000 };
+  await freezeRange(hs, 0, 10, 0, next);
+  const store = new LogStore(ORDER);
+  store.put(h(3), 0, 3 * CLUSTER, SLOT_TOMBSTONE);
+  await hs.freeze(store, 1, 1, async () => { const o = next.offset; next.offset += 0x10000; return o; });
+  assert.equal((await hs.lookup(h(3)))?.tombstone, true);
+  assert.equal((await hs.lookup(h(4)))?.tombstone, false);
+});
+
+test('FIFO: beyond the maximum the oldest is forgotten and its area reused from limbo', async () => {
+  const hs = new HashStore(new MemFile(), ORDER, CLUSTER, 2);
+  const next = { offset: 0x10000 };
+  await freezeRange(hs, 0, 20, 0, next);
+  await freezeRange(hs, 20, 40, 1, next);
+  const firstArea = hs.incarnations[1].record.offset;
+  await freezeRange(hs, 40, 60, 2, next);
+  assert.equal(hs.incarnations.length, 2);
+  assert.deepEqual(hs.limbo.map((l) => l.offset), [firstArea]);
+  assert.equal(await hs.lookup(h(5)), null); // forgotten: only the ratio drops
+  assert.ok(await hs.lookup(h(45)));
+  const allocatedBefore = next.offset;
+  await freezeRange(hs, 60, 80, 3, next);
+  assert.equal(next.offset, allocatedBefore, 'the fourth incarnation reused the limbo area');
+  assert.equal(hs.incarnations[0].record.offset, firstArea);
+  assert.equal(hs.limbo.length, 1);
+  assert.equal(hs.areas().length, 3);
+});
