@@ -1,0 +1,212 @@
+// The dedup store: the key-value index from cluster hash to host cluster (SILT/BufferHash
+// after the seed). Lookups go current log store → frozen log store → incarnations youngest
+// first; inserts and deletions go to the current log store and its journal. A full log
+// store is frozen (the journals swap roles) and written as an incarnation at the next
+// flush; a journal full of replacements and deletions is packed.
+// Layouts: docs/FORMAT.md §6–9. Trust rules (dirty flag, autoclear bit): src/dedup/dedup.ts.
+
+import { SLOT_EMPTY, SLOT_TOMBSTONE, SLOT_USED } from '../format/incarnation.ts';
+import { entriesPerBlock, type JournalEntry } from '../format/journal-block.ts';
+import { nextGeneration, type DedupConfig, type JournalDescriptor } from '../format/dedup-ext.ts';
+import type { HashEntry } from '../format/hash-entry.ts';
+import type { BlockFile } from '../image/block-file.ts';
+import { HashStore } from './hash-store.ts';
+import { Journal, replayJournal, type ReplayResult } from './journal.ts';
+import { LogStore } from './log-store.ts';
+
+export interface StoreGeometry {
+  order: number;
+  clusterSize: number;
+  journalBlockSize: number;
+  maxIncarnations: number;
+}
+
+/** Allocates `clusters` contiguous clusters for store metadata and returns the host offset. */
+export type Allocate = (clusters: number) => Promise<number>;
+
+/** Journal blocks per log store: room for every slot twice (the seed's journal ratio) plus partial blocks. */
+export function journalBlocksFor(g: StoreGeometry): number {
+  return Math.ceil((2 ** g.order * 4 * 2) / entriesPerBlock(g.journalBlockSize)) + 16;
+}
+
+interface Side {
+  store: LogStore;
+  journal: Journal;
+  desc: JournalDescriptor;
+}
+
+export class DedupStore {
+  readonly geometry: StoreGeometry;
+  readonly hashStore: HashStore;
+  private current: Side;
+  /** The previous log store, full, searchable, waiting to become an incarnation at flush(). */
+  private frozen: Side | null = null;
+  /** Descriptor of the journal that is not the current one. */
+  private other: JournalDescriptor;
+  private currentIndex: number;
+  /** Where replay stopped at open, per journal (for journal-dump and dedup-stats). */
+  readonly replays: [ReplayResult | null, ReplayResult | null] = [null, null];
+  freezes = 0;
+  packs = 0;
+
+  private constructor(private readonly file: BlockFile, geometry: StoreGeometry, config: DedupConfig) {
+    this.geometry = geometry;
+    this.hashStore = new HashStore(file, geometry.order, geometry.clusterSize, geometry.maxIncarnations);
+    this.currentIndex = config.currentJournal;
+    const desc = config.journals[config.currentJournal];
+    this.current = { store: new LogStore(geometry.order), journal: new Journal(file, desc, geometry.journalBlockSize), desc };
+    this.other = config.journals[1 - config.currentJournal];
+  }
+
+  /** Allocates two empty journals: a new store with nothing indexed. */
+  static async create(file: BlockFile, g: StoreGeometry, allocate: Allocate): Promise<DedupStore> {
+    const blocks = journalBlocksFor(g);
+    const clusters = Math.ceil((blocks * g.journalBlockSize) / g.clusterSize);
+    const journals: [JournalDescriptor, JournalDescriptor] = [
+      { offset: await allocate(clusters), blocks, startSequence: 0 },
+      { offset: await allocate(clusters), blocks, startSequence: 0 },
+    ];
+    // Fresh clusters may hold old bytes: zero block 0 so replay ends there.
+    for (const j of journals) await file.write(j.offset, Buffer.alloc(g.journalBlockSize));
+    return new DedupStore(file, g, { currentJournal: 0, journals, incarnations: [], limbo: [] });
+  }
+
+  /** Opens a trusted store: replays both journals and loads the incarnations' filters. */
+  static async open(file: BlockFile, g: StoreGeometry, config: DedupConfig): Promise<DedupStore> {
+    const s = new DedupStore(file, g, config);
+    await s.hashStore.load(config.incarnations, config.limbo);
+    const cur = await replayJournal(file, s.current.desc, g.journalBlockSize);
+    s.replays[s.currentIndex] = cur;
+    s.current.journal = new Journal(file, s.current.desc, g.journalBlockSize, cur.stop.block);
+    for (const e of cur.entries) s.apply(s.current.store, e);
+    const other = await replayJournal(file, s.other, g.journalBlockSize);
+    s.replays[1 - s.currentIndex] = other;
+    if (other.entries.length) {
+      // A frozen log store that was not yet an incarnation at close.
+      const store = new LogStore(g.order);
+      for (const e of other.entries) s.apply(store, e);
+      s.frozen = { store, journal: new Journal(file, s.other, g.journalBlockSize, other.stop.block), desc: s.other };
+    }
+    return s;
+  }
+
+  private apply(store: LogStore, e: JournalEntry): void {
+    // A deletion becomes a tombstone: it must keep shadowing the hash in older stores.
+    store.put(e.hash, e.deleted ? 0 : e.hostOffset, e.firstGuestOffset, e.deleted ? SLOT_TOMBSTONE : SLOT_USED);
+  }
+
+  /** The entry for `hash`, or null (never indexed, deleted, or forgotten). */
+  async lookup(hash: Uint8Array): Promise<HashEntry | null> {
+    for (const side of this.frozen ? [this.current, this.frozen] : [this.current]) {
+      const slot = side.store.find(hash);
+      if (slot >= 0) {
+        if (side.store.states[slot] === SLOT_TOMBSTONE) return null;
+        return { hash: Buffer.from(hash), hostOffset: side.store.hostOffsets[slot], firstGuestOffset: side.store.guestOffsets[slot] };
+      }
+    }
+    const found = await this.hashStore.lookup(hash);
+    return found && !found.tombstone ? found.entry : null;
+  }
+
+  /** Records that `hash` is the content of the cluster at `hostOffset` (first written at guestOffset). */
+  async insert(hash: Uint8Array, hostOffset: number, guestOffset: number, allocate: Allocate): Promise<void> {
+    await this.record({ hash: Buffer.from(hash), hostOffset, firstGuestOffset: guestOffset, deleted: false }, allocate);
+  }
+
+  /** Deletes `hash` (I2: the caller flushes before the cluster can be reused). */
+  async remove(hash: Uint8Array, allocate: Allocate): Promise<void> {
+    await this.record({ hash: Buffer.from(hash), hostOffset: 0, firstGuestOffset: 0, deleted: true }, allocate);
+  }
+
+  private async record(e: JournalEntry, allocate: Allocate): Promise<void> {
+    const state = e.deleted ? SLOT_TOMBSTONE : SLOT_USED;
+    if (!this.current.store.put(e.hash, e.hostOffset, e.firstGuestOffset, state)) {
+      await this.rotate(allocate);
+      if (!this.current.store.put(e.hash, e.hostOffset, e.firstGuestOffset, state)) throw new Error('internal: an empty log store refused an entry');
+    }
+    if (this.current.journal.wouldOverflow(1)) await this.pack(allocate);
+    this.current.journal.append(e);
+  }
+
+  /** The current log store is full: it becomes the frozen one and the journals swap. */
+  private async rotate(allocate: Allocate): Promise<void> {
+    if (this.frozen) await this.incarnateFrozen(allocate);
+    this.frozen = this.current;
+    this.currentIndex = 1 - this.currentIndex;
+    const desc = this.resetDescriptor(this.other);
+    this.other = this.frozen.desc;
+    this.current = { store: new LogStore(this.geometry.order), journal: new Journal(this.file, desc, this.geometry.journalBlockSize), desc };
+    this.freezes++;
+  }
+
+  /** A journal is reused from block 0 under sequence numbers past any it carried before. */
+  private resetDescriptor(d: JournalDescriptor): JournalDescriptor {
+    return { offset: d.offset, blocks: d.blocks, startSequence: d.startSequence + d.blocks + 1 };
+  }
+
+  /** Rewrites the current journal with only the live slots of the current log store. */
+  private async pack(allocate: Allocate): Promise<void> {
+    const store = this.current.store;
+    if (store.count >= this.current.journal.perBlock * (this.current.desc.blocks - 1)) {
+      await this.rotate(allocate); // nearly full anyway: freeze instead
+      return;
+    }
+    // The old journal is abandoned whole: the new one, under later sequence numbers, holds every live slot.
+    const desc = this.resetDescriptor(this.current.desc);
+    const journal = new Journal(this.file, desc, this.geometry.journalBlockSize);
+    for (let s = 0; s < store.slots; s++) {
+      if (store.states[s] === SLOT_EMPTY) continue;
+      journal.append({ hash: Buffer.from(store.hashAt(s)), hostOffset: store.hostOffsets[s], firstGuestOffset: store.guestOffsets[s], deleted: store.states[s] === SLOT_TOMBSTONE });
+    }
+    this.current = { store, journal, desc };
+    this.packs++;
+  }
+
+  private async incarnateFrozen(allocate: Allocate): Promise<void> {
+    const frozen = this.frozen!;
+    await this.hashStore.freeze(frozen.store, frozen.store.count, nextGeneration(this.config()), allocate);
+    this.other = this.resetDescriptor(frozen.desc);
+    this.frozen = null;
+  }
+
+  /**
+   * Writes what is pending: the frozen log store as an incarnation, the journal blocks.
+   * The caller syncs (I2: deletions are durable once that sync returns).
+   */
+  async flush(allocate: Allocate): Promise<void> {
+    if (this.frozen) await this.incarnateFrozen(allocate);
+    await this.current.journal.flush();
+  }
+
+  /** What the configuration area records now. */
+  config(): DedupConfig {
+    const journals = [this.current.desc, this.other] as JournalDescriptor[];
+    if (this.currentIndex === 1) journals.reverse();
+    return {
+      currentJournal: this.currentIndex,
+      journals: journals as [JournalDescriptor, JournalDescriptor],
+      incarnations: this.hashStore.incarnations.map((i) => i.record),
+      limbo: this.hashStore.limbo,
+    };
+  }
+
+  /** Figures for dedup-stats. */
+  stats() {
+    const logEntries = this.current.store.count + (this.frozen?.store.count ?? 0);
+    return {
+      indexEntries: logEntries + this.hashStore.entries,
+      logStore: { entries: this.current.store.count, capacity: this.current.store.slots },
+      frozenEntries: this.frozen?.store.count ?? 0,
+      incarnations: { count: this.hashStore.incarnations.length, max: this.geometry.maxIncarnations },
+      limbo: this.hashStore.limbo.length,
+      journal: { blocksUsed: this.current.journal.blocksUsed, blocksTotal: this.current.desc.blocks },
+      ramBytes: this.current.store.ramBytes + (this.frozen?.store.ramBytes ?? 0) + this.hashStore.ramBytes,
+      filterRamBytes: this.hashStore.ramBytes,
+      incarnationLookups: this.hashStore.lookups,
+      incarnationReads: this.hashStore.diskReads,
+      incarnationHits: this.hashStore.hits,
+      freezes: this.freezes,
+      packs: this.packs,
+    };
+  }
+}
