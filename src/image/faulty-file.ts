@@ -99,6 +99,11 @@ export class FaultyFile implements BlockFile {
 
   async close(): Promise<void> {}
 
+  /** The bytes the file holds now, as a process reopening it would see them (no power loss). */
+  liveBytes(): Buffer {
+    return this.live.bytes();
+  }
+
   /**
    * The bytes a disk would hold after power loss now: the durable state plus the unsynced
    * writes `mode` keeps. `seed` makes random choices reproducible.
