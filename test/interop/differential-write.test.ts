@@ -298,6 +298,26 @@ async function differentialOnExisting(label: string, img: string, before: Buffer
 
 // ------------------------------------------------------------------ the tests
 
+/**
+ * Runs one random sequence in a fresh folder: `body` creates img.qcow2 and applies the
+ * operations to it and to the shadow; then the image must equal the shadow and check
+ * clean. Failures carry the seed, configuration and operations.
+ */
+async function sequence(label: string, seed: number, cfg: Config, ops: Op[], body: (img: string, shadow: Shadow, dir: string) => Promise<void>): Promise<void> {
+  const dir = scratch();
+  const img = join(dir, 'img.qcow2');
+  const shadow = new Shadow(join(dir, 'shadow.raw'), cfg.size);
+  try {
+    await body(img, shadow, dir);
+  } catch (err) {
+    (err as Error).message += `\n${context(label, seed, cfg, ops)}`;
+    throw err;
+  } finally {
+    shadow.close();
+  }
+  await verify(img, shadow.path, context(label, seed, cfg, ops));
+}
+
 // All groups run side by side (each two cases at a time): the work is mostly waiting for
 // fsync and for child processes, so overlapping them keeps the file's wall time down.
 describe('differential writes', { skip: NO_QEMU, concurrency: true }, () => {
@@ -309,19 +329,10 @@ describe('differential writes', { skip: NO_QEMU, concurrency: true }, () => {
       const cfg = configFor(i, rng);
       const ops = genOps(rng, cfg, rng.int(3, 10));
       it(`#${label} ${describeConfig(cfg)}, ${ops.length} ops (seed 0x${seed.toString(16)})`, { skip: !only(label) }, async () => {
-        const dir = scratch();
-        const img = join(dir, 'img.qcow2');
-        const shadow = new Shadow(join(dir, 'shadow.raw'), cfg.size);
-        try {
+        await sequence(label, seed, cfg, ops, async (img, shadow) => {
           await createImage(img, createOptions(cfg));
           await engineSequence(img, ops, rng, shadow);
-        } catch (err) {
-          (err as Error).message += `\n${context(label, seed, cfg, ops)}`;
-          throw err;
-        } finally {
-          shadow.close();
-        }
-        await verify(img, shadow.path, context(label, seed, cfg, ops));
+        });
       });
     }
   });
@@ -336,24 +347,15 @@ describe('differential writes', { skip: NO_QEMU, concurrency: true }, () => {
       const ops = genOps(rng, cfg, rng.int(2, 3), { cli: true });
       const creator = rng.chance(0.5) ? 'qemu-img' : 'qdedup';
       it(`#${label} ${describeConfig(cfg)} created by ${creator}, ${ops.length} ops (seed 0x${seed.toString(16)})`, { skip: !only(label) }, async () => {
-        const dir = scratch();
-        const img = join(dir, 'img.qcow2');
-        const shadow = new Shadow(join(dir, 'shadow.raw'), cfg.size);
         const o = `cluster_size=${2 ** cfg.clusterBits},compat=${cfg.version === 3 ? '1.1' : '0.10'},refcount_bits=${cfg.refcountBits}`;
-        try {
+        await sequence(label, seed, cfg, ops, async (img, shadow, dir) => {
           if (creator === 'qemu-img') await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', o, img, String(cfg.size)]);
           else await qdedupOk(['create', '-q', img, String(cfg.size), '-o', o]);
           for (const op of ops) {
             await cliApply(dir, img, op, rng);
             shadowApply(shadow, op);
           }
-        } catch (err) {
-          (err as Error).message += `\n${context(label, seed, cfg, ops)}`;
-          throw err;
-        } finally {
-          shadow.close();
-        }
-        await verify(img, shadow.path, context(label, seed, cfg, ops));
+        });
       });
     }
   });
