@@ -1,0 +1,211 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
+import { sha256 as nobleSha256 } from '@noble/hashes/sha2.js';
+import { sha3_256 as nobleSha3 } from '@noble/hashes/sha3.js';
+import { blake3 as nobleBlake3 } from '@noble/hashes/blake3.js';
+import { HASH_ALGORITHMS, HASH_BYTES, SUPPORTED_HASH_ALGORITHMS, createHasher, hashAlgorithmId, hashAlgorithmName, parseHashAlgorithm } from '../../src/dedup/hasher.ts';
+import { ParallelHasher } from '../../src/dedup/parallel-hasher.ts';
+import { InternalError, UnsupportedError, UsageError } from '../../src/errors.ts';
+
+const hex = (b: Uint8Array) => Buffer.from(b).toString('hex');
+const ascii = (s: string) => Buffer.from(s, 'latin1');
+
+/** A copy of `data` whose byteOffset is odd (exercises the unaligned paths). */
+function unaligned(data: Uint8Array): Buffer {
+  const b = Buffer.alloc(data.length + 1);
+  b.set(data, 1);
+  return b.subarray(1);
+}
+
+// FIPS 180-2 / FIPS 202 examples (NIST CSRC "Examples with intermediate values").
+const SHA256_KAT: [string, string][] = [
+  ['', 'e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855'],
+  ['abc', 'ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad'],
+  ['abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq', '248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1'],
+];
+const SHA3_KAT: [string, string][] = [
+  ['', 'a7ffc6f8bf1ed76651c14756a061d662f580ff4de43b49fa82d80a4b80f8434a'],
+  ['abc', '3a985da74fe225b2045c172d6bd390bd855f086e3e9d525b46bfe24511431532'],
+];
+// BLAKE3 official test vectors (BLAKE3-team/BLAKE3 test_vectors/test_vectors.json, "hash"
+// mode, first 32 bytes): input of input_len bytes 0, 1, …, 250, 0, 1, … (i % 251).
+const BLAKE3_KAT: [number, string][] = [
+  [0, 'af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262'],
+  [1, '2d3adedff11b61f14c886e35afa036736dcd87a74d27b5c1510225d0f592e213'],
+  [1023, '10108970eeda3eb932baac1428c7a2163b0e924c9a9e25b35bba72b28f70bd11'],
+  [1024, '42214739f095a406f3fc83deb889744ac00df831c10daa55189b5d121c855af7'],
+  [1025, 'd00278ae47eb27b34faecf67b4fe263f82d5412916c1ffd97c8cb7fb814b8444'],
+  [2048, 'e776b6028c7cd22a4d0ba182a8bf62205d2ef576467e838ed6f2529b85fba24a'],
+  [2049, '5f4d72f40d7a5f82b15ca2b2e44b1de3c2ef86c426c95c1af0b6879522563030'],
+  [3072, 'b98cb0ff3623be03326b373de6b9095218513e64f1ee2edd2525c7ad1e5cffd2'],
+  [3073, '7124b49501012f81cc7f11ca069ec9226cecb8a2c850cfe644e327d22d3e1cd3'],
+  [4096, '015094013f57a5277b59d8475c0501042c0b642e531b0a1c8f58d2163229e969'],
+  [4097, '9b4052b38f1c5fc8b1f9ff7ac7b27cd242487b3d890d15c96a1c25b8aa0fb995'],
+  [5120, '9cadc15fed8b5d854562b26a9536d9707cadeda9b143978f319ab34230535833'],
+  [5121, '628bd2cb2004694adaab7bbd778a25df25c47b9d4155a55f8fbd79f2fe154cff'],
+  [6144, '3e2e5b74e048f3add6d21faab3f83aa44d3b2278afb83b80b3c35164ebeca205'],
+  [6145, 'f1323a8631446cc50536a9f705ee5cb619424d46887f3c376c695b70e0f0507f'],
+  [7168, '61da957ec2499a95d6b8023e2b0e604ec7f6b50e80a9678b89d2628e99ada77a'],
+  [7169, 'a003fc7a51754a9b3c7fae0367ab3d782dccf28855a03d435f8cfe74605e7817'],
+  [8192, 'aae792484c8efe4f19e2ca7d371d8c467ffb10748d8a5a1ae579948f718a2a63'],
+  [8193, 'bab6c09cb8ce8cf459261398d2e7aef35700bf488116ceb94a36d0f5f1b7bc3b'],
+  [16384, 'f875d6646de28985646f34ee13be9a576fd515f76b5b0a26bb324735041ddde4'],
+  [31744, '62b6960e1a44bcc1eb1a611a8d6235b6b4b78f32e7abc4fb4c6cdcce94895c47'],
+  [102400, 'bc3e3d41a1146b069abffad3c0d44860cf664390afce4d9661f7902e7943e085'],
+];
+const blake3Input = (len: number) => Uint8Array.from({ length: len }, (_, i) => i % 251);
+
+test('algorithm table: on-disk numbers and names round-trip', () => {
+  assert.deepEqual(HASH_ALGORITHMS, { sha256: 0, 'sha3-256': 1, skein: 2, blake3: 3 });
+  for (const [name, id] of Object.entries(HASH_ALGORITHMS)) {
+    assert.equal(hashAlgorithmName(id), name);
+    assert.equal(hashAlgorithmId(name as keyof typeof HASH_ALGORITHMS), id);
+  }
+  assert.deepEqual(SUPPORTED_HASH_ALGORITHMS, ['sha256', 'sha3-256', 'blake3']);
+  for (const id of [4, 255, -1, 1.5]) assert.throws(() => hashAlgorithmName(id), UnsupportedError);
+  for (const alg of SUPPORTED_HASH_ALGORITHMS) {
+    assert.equal(createHasher(alg).id, HASH_ALGORITHMS[alg]);
+    assert.equal(createHasher(HASH_ALGORITHMS[alg]).algorithm, alg);
+  }
+});
+
+test('parseHashAlgorithm accepts the three names, any case', () => {
+  assert.equal(parseHashAlgorithm('sha256'), 'sha256');
+  assert.equal(parseHashAlgorithm('SHA3-256'), 'sha3-256');
+  assert.equal(parseHashAlgorithm('Blake3'), 'blake3');
+});
+
+test('skein keeps number 2 but is refused with a clear UnsupportedError', () => {
+  const isSkeinRefusal = (e: unknown) =>
+    e instanceof UnsupportedError && /skein \(2\) is not supported; use sha256, sha3-256 or blake3/.test(e.message) && e.exitCode === 1;
+  assert.throws(() => parseHashAlgorithm('skein'), isSkeinRefusal);
+  assert.throws(() => createHasher('skein'), isSkeinRefusal);
+  assert.throws(() => createHasher(2), isSkeinRefusal);
+  assert.throws(() => new ParallelHasher(2), isSkeinRefusal);
+});
+
+test('unknown names are usage errors that list the choices', () => {
+  for (const name of ['md5', 'sha1', 'sha-256', 'sha3', 'off', '', 'blake2b']) {
+    assert.throws(
+      () => parseHashAlgorithm(name),
+      (e: unknown) => e instanceof UsageError && e.message.includes(`'${name}'`) && e.message.includes('sha256, sha3-256 or blake3'),
+      name,
+    );
+  }
+});
+
+test('sha256 known answers (FIPS 180-2)', () => {
+  const h = createHasher('sha256');
+  for (const [msg, want] of SHA256_KAT) {
+    assert.equal(hex(h.hash(ascii(msg))), want, msg);
+    assert.equal(hex(h.hash(unaligned(ascii(msg)))), want, msg);
+  }
+});
+
+test('sha3-256 known answers (FIPS 202)', () => {
+  const h = createHasher('sha3-256');
+  for (const [msg, want] of SHA3_KAT) assert.equal(hex(h.hash(ascii(msg))), want, msg);
+});
+
+test('blake3 official test vectors, aligned and unaligned input', () => {
+  const h = createHasher('blake3');
+  assert.equal(hex(h.hash(ascii('abc'))), '6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85');
+  for (const [len, want] of BLAKE3_KAT) {
+    const input = blake3Input(len);
+    assert.equal(hex(h.hash(input)), want, `length ${len}`);
+    assert.equal(hex(h.hash(unaligned(input))), want, `length ${len}, unaligned`);
+    assert.equal(hex(nobleBlake3(input)), want, `noble, length ${len}`);
+  }
+});
+
+test('blake3 agrees with @noble/hashes on every length to 2100 and on random sizes', () => {
+  const h = createHasher('blake3');
+  const data = crypto.randomBytes(2100);
+  for (let len = 0; len <= 2100; len++) {
+    const input = data.subarray(0, len);
+    assert.equal(hex(h.hash(input)), hex(nobleBlake3(input)), `length ${len}`);
+  }
+  for (const len of [4095, 4096, 4097, 65536, 65536 + 1024, 131072 - 1, 2 * 1024 * 1024, crypto.randomInt(1, 300_000)]) {
+    const input = crypto.randomBytes(len);
+    assert.equal(hex(h.hash(input)), hex(nobleBlake3(input)), `length ${len}`);
+  }
+});
+
+test('node:crypto sha256 and sha3-256 agree with @noble/hashes on random 4 KiB clusters', () => {
+  const sha = createHasher('sha256');
+  const sha3 = createHasher('sha3-256');
+  const data = crypto.randomBytes(64 * 4096);
+  const a = sha.hashClusters(data, 4096);
+  const b = sha3.hashClusters(data, 4096);
+  for (let i = 0; i < 64; i++) {
+    const cluster = data.subarray(i * 4096, (i + 1) * 4096);
+    assert.equal(hex(a.subarray(i * 32, i * 32 + 32)), hex(nobleSha256(cluster)), `sha256 cluster ${i}`);
+    assert.equal(hex(b.subarray(i * 32, i * 32 + 32)), hex(nobleSha3(cluster)), `sha3-256 cluster ${i}`);
+  }
+});
+
+test('hashClusters is hash() of each cluster, for every algorithm and cluster size', () => {
+  for (const alg of SUPPORTED_HASH_ALGORITHMS) {
+    const h = createHasher(alg);
+    for (const clusterSize of [512, 4096, 65536]) {
+      const n = clusterSize === 65536 ? 6 : 17;
+      // Repeat cluster 0 at 5: equal clusters, equal hashes.
+      const data = crypto.randomBytes(n * clusterSize);
+      data.copy(data, 5 * clusterSize, 0, clusterSize);
+      for (const input of [data, unaligned(data)]) {
+        const all = h.hashClusters(input, clusterSize);
+        assert.equal(all.length, n * HASH_BYTES);
+        for (let i = 0; i < n; i++) {
+          assert.deepEqual(all.subarray(i * 32, i * 32 + 32), h.hash(input.subarray(i * clusterSize, (i + 1) * clusterSize)), `${alg} ${clusterSize} cluster ${i}`);
+        }
+        assert.deepEqual(all.subarray(0, 32), all.subarray(5 * 32, 6 * 32));
+        assert.notDeepEqual(all.subarray(0, 32), all.subarray(32, 64));
+      }
+      assert.equal(h.hash(data.subarray(0, clusterSize)).length, HASH_BYTES);
+    }
+    assert.equal(h.hashClusters(Buffer.alloc(0), 4096).length, 0);
+    assert.throws(() => h.hashClusters(Buffer.alloc(4097), 4096), InternalError);
+    assert.throws(() => h.hashClusters(Buffer.alloc(4096), 0), InternalError);
+  }
+});
+
+test('ParallelHasher gives the same digests as the main thread, and the caller may reuse its buffer at once', async () => {
+  const data = crypto.randomBytes(2 * 1024 * 1024 + 3 * 4096);
+  for (const alg of SUPPORTED_HASH_ALGORITHMS) {
+    const want = createHasher(alg).hashClusters(data, 4096);
+    for (const options of [{}, { workers: 2, mainThread: false }, { workers: 2 }]) {
+      const p = new ParallelHasher(alg, options);
+      try {
+        assert.ok(p.workerCount >= 1, 'no worker started');
+        for (let round = 0; round < 3; round++) {
+          const copy = Buffer.from(data);
+          const pending = p.hashClusters(copy, 4096);
+          copy.fill(0xee); // already read: must not change the result
+          assert.deepEqual(await pending, want, `${alg} ${JSON.stringify(options)} round ${round}`);
+        }
+        assert.deepEqual(await p.hashClusters(unaligned(data), 4096), want);
+        // Small batches and a second concurrent batch take the main-thread path.
+        const small = data.subarray(0, 8 * 4096);
+        assert.deepEqual(await p.hashClusters(small, 4096), want.subarray(0, 8 * 32));
+        const [x, y] = await Promise.all([p.hashClusters(data, 4096), p.hashClusters(data, 4096)]);
+        assert.deepEqual(x, want);
+        assert.deepEqual(y, want);
+        assert.deepEqual(p.hash(small.subarray(0, 4096)), want.subarray(0, 32));
+      } finally {
+        await p.close();
+      }
+    }
+  }
+});
+
+test('ParallelHasher survives losing its workers mid-batch and after close', async () => {
+  const data = crypto.randomBytes(4 * 1024 * 1024);
+  const want = createHasher('sha256').hashClusters(data, 4096);
+  const p = new ParallelHasher('sha256', { workers: 2, mainThread: false });
+  const pending = p.hashClusters(data, 4096);
+  await p.close();
+  assert.deepEqual(await pending, want);
+  assert.equal(p.workerCount, 0);
+  assert.deepEqual(await p.hashClusters(data, 4096), want);
+});
