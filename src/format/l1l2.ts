@@ -19,7 +19,8 @@ export const L1E_RESERVED_LO = 0x1ff;
 /** L2E_STD_RESERVED_MASK = 0x3f000000000001fe. */
 export const L2E_STD_RESERVED_HI = 0x3f00_0000;
 export const L2E_STD_RESERVED_LO = 0x1fe;
-/** Refcount table entry reserved bits: REFT_RESERVED_MASK = 0x1ff. */
+/** Refcount table entries: REFT_OFFSET_MASK = 0xfffffffffffffe00 (low half), REFT_RESERVED_MASK = 0x1ff. */
+export const REFT_OFFSET_MASK_LO = 0xffff_fe00;
 export const REFT_RESERVED_LO = 0x1ff;
 
 export interface L1Entry {

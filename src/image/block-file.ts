@@ -24,21 +24,29 @@ export interface BlockFile {
   close(): Promise<void>;
 }
 
+/** The C library's words for the errors a disk image meets (strerror), by errno code. */
+const ERRNO_TEXT: Record<string, string> = {
+  ENOENT: 'No such file or directory',
+  EACCES: 'Permission denied',
+  EPERM: 'Operation not permitted',
+  ENOSPC: 'No space left on device',
+  EIO: 'Input/output error',
+  EISDIR: 'Is a directory',
+  EROFS: 'Read-only file system',
+  EDQUOT: 'Disk quota exceeded',
+  EFBIG: 'File too large',
+};
+
+/** strerror-like text for a Node.js file system error, or undefined for an unknown code. */
+export function errnoText(err: unknown): string | undefined {
+  const code = (err as NodeJS.ErrnoException)?.code;
+  return code ? ERRNO_TEXT[code] : undefined;
+}
+
 /** Maps a Node.js file system error to an IoError that names the file and the operation. */
 export function ioError(err: unknown, path: string, what: string): IoError {
   const e = err as NodeJS.ErrnoException;
-  const reason: Record<string, string> = {
-    ENOENT: 'No such file or directory',
-    EACCES: 'Permission denied',
-    EPERM: 'Operation not permitted',
-    ENOSPC: 'No space left on device',
-    EIO: 'Input/output error',
-    EISDIR: 'Is a directory',
-    EROFS: 'Read-only file system',
-    EDQUOT: 'Disk quota exceeded',
-    EFBIG: 'File too large',
-  };
-  const text = (e && e.code && reason[e.code]) || (e && e.message) || String(err);
+  const text = errnoText(err) ?? ((e && e.message) || String(err));
   return new IoError(`${what}: ${text}`, { path }, e && e.code ? e.code : 'EIO');
 }
 

@@ -31,10 +31,14 @@ import {
   AUTOCLEAR_BITMAPS, EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_L1_BYTES, MAX_REFTABLE_BYTES, clusterSizeOf,
   l2EntriesOf, type Header,
 } from '../format/header.ts';
+import {
+  L1E_RESERVED_HI, L1E_RESERVED_LO, L2E_STD_RESERVED_HI, L2E_STD_RESERVED_LO, OFFSET_MASK_HI, OFFSET_MASK_LO,
+  QCOW_OFLAG_COMPRESSED_HI, QCOW_OFLAG_COPIED_HI, QCOW_OFLAG_ZERO as QCOW_OFLAG_ZERO_LO, REFT_OFFSET_MASK_LO, REFT_RESERVED_LO,
+} from '../format/l1l2.ts';
 import { getRefcount, maxRefcount, refblockEntries, setRefcount } from '../format/refcount.ts';
 import { decodeSnapshotEntry } from '../format/snapshot.ts';
 import { TWO_32, writeU64 } from '../format/bytes.ts';
-import { NodeFile, type BlockFile } from './block-file.ts';
+import { NodeFile, errnoText, type BlockFile } from './block-file.ts';
 import { Image } from './image.ts';
 
 // ---------------------------------------------------------------- constants (QEMU's names)
@@ -43,21 +47,6 @@ import { Image } from './image.ts';
 const FIX_LEAKS = 1;
 const FIX_ERRORS = 2;
 
-/** L1E_OFFSET_MASK / L2E_OFFSET_MASK = 0x00fffffffffffe00, as hi and lo halves. */
-const OFFSET_MASK_HI = 0x00ff_ffff;
-const OFFSET_MASK_LO = 0xffff_fe00;
-/** L1E_RESERVED_MASK = 0x7f000000000001ff. */
-const L1E_RESERVED_HI = 0x7f00_0000;
-const L1E_RESERVED_LO = 0x1ff;
-/** L2E_STD_RESERVED_MASK = 0x3f000000000001fe. */
-const L2E_STD_RESERVED_HI = 0x3f00_0000;
-const L2E_STD_RESERVED_LO = 0x1fe;
-/** REFT_OFFSET_MASK = 0xfffffffffffffe00, REFT_RESERVED_MASK = 0x1ff. */
-const REFT_OFFSET_MASK_LO = 0xffff_fe00;
-const REFT_RESERVED_LO = 0x1ff;
-const QCOW_OFLAG_COPIED_HI = 0x8000_0000;
-const QCOW_OFLAG_COMPRESSED_HI = 0x4000_0000;
-const QCOW_OFLAG_ZERO_LO = 0x1;
 
 /** Bitmaps extension limits (QEMU's qcow2-bitmap.c): entries, sizes, flags and table entry masks. */
 const QCOW2_MAX_BITMAPS = 65535;
@@ -165,13 +154,6 @@ function join64(hi: number, lo: number): number {
   return (hi >>> 0) * TWO_32 + (lo >>> 0);
 }
 
-function errnoText(err: unknown): string {
-  const code = (err as NodeJS.ErrnoException)?.code;
-  const text: Record<string, string> = {
-    ENOSPC: 'No space left on device', EFBIG: 'File too large', EACCES: 'Permission denied', EROFS: 'Read-only file system',
-  };
-  return (code && text[code]) || 'Input/output error';
-}
 
 /**
  * The in-memory refcount table (QEMU's IMRT): one counter per host cluster, of the image's
@@ -786,7 +768,7 @@ class CheckRun {
       await this.write(entryOffset, entry);
       await this.sync();
     } catch (err) {
-      this.emit(`ERROR: Failed to overwrite L2 table entry: ${errnoText(err)}`);
+      this.emit(`ERROR: Failed to overwrite L2 table entry: ${errnoText(err) ?? 'Input/output error'}`);
       this.res.checkErrors++;
       return false;
     }
@@ -943,7 +925,7 @@ class CheckRun {
       await this.target.file.truncate(blockOffset + this.clusterSize);
     } catch (err) {
       this.rebuild = true;
-      this.emit(`ERROR could not resize image: ${errnoText(err)}`);
+      this.emit(`ERROR could not resize image: ${errnoText(err) ?? 'Input/output error'}`);
       return;
     }
     this.fileSize = await this.target.file.size();
@@ -1057,9 +1039,9 @@ class CheckRun {
         try {
           await this.write(l2Offset, table);
         } catch (err) {
-          this.emit(`ERROR: Could not write L2 table: ${errnoText(err)}`);
+          this.emit(`ERROR: Could not write L2 table: ${errnoText(err) ?? 'Input/output error'}`);
           res.checkErrors++;
-          throw new CheckAborted(errnoText(err));
+          throw new CheckAborted(errnoText(err) ?? 'Input/output error');
         }
         res.corruptions -= dirty;
         res.corruptionsFixed += dirty;
@@ -1081,7 +1063,7 @@ class CheckRun {
       await this.write(entryOffset, entry);
     } catch (err) {
       this.res.checkErrors++;
-      throw new CheckAborted(errnoText(err));
+      throw new CheckAborted(errnoText(err) ?? 'Input/output error');
     }
     entry.copy(this.target.l1, l1Index * 8);
   }
@@ -1200,9 +1182,9 @@ class CheckRun {
     try {
       await this.write(hostOffset, data);
     } catch (err) {
-      this.emit(`qdedup: ${what}: ${errnoText(err)}`);
+      this.emit(`qdedup: ${what}: ${errnoText(err) ?? 'Input/output error'}`);
       this.res.checkErrors++;
-      throw new CheckAborted(errnoText(err));
+      throw new CheckAborted(errnoText(err) ?? 'Input/output error');
     }
   }
 
