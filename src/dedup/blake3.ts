@@ -1,7 +1,7 @@
 // BLAKE3 (https://github.com/BLAKE3-team/BLAKE3-specs), default hash mode, 32-byte output,
 // for the dedup hasher (src/dedup/hasher.ts has the measurements that chose it). Pure.
 // Written as one self-contained factory so that its source text can also run in the hash
-// worker (see WORKER_SOURCE): it must not refer to anything outside its own body.
+// worker (WORKER_SOURCE in parallel-hasher.ts): it must not refer to anything outside its own body.
 
 export type Blake3Into = (data: Uint8Array, byteOff: number, len: number, out: Uint8Array, outOff: number) => void;
 

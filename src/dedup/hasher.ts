@@ -9,7 +9,7 @@
 //             (createHash 856, @noble/hashes sha256 104)
 //   sha3-256  node:crypto crypto.hash('sha3-256', b, 'buffer')   331 MB/s
 //             (createHash 328, @noble/hashes sha3_256 23)
-//   blake3    our own scalar BLAKE3 below (makeBlake3)             368 MB/s
+//   blake3    our own scalar BLAKE3 (src/dedup/blake3.ts)           368 MB/s
 //             (@noble/hashes blake3 32: it allocates an object per compression and walks a
 //             generic schedule table. Node's crypto has no BLAKE3 and no other package of
 //             the design card has one.) Checked against the official BLAKE3 test vectors
@@ -17,7 +17,7 @@
 //             test reference and as the implementation on big-endian hosts.
 //   skein     number 2 is reserved (the seed named it) and refused with UnsupportedError.
 //
-// Worker threads (ParallelHasher) pay, when the second core is free. 8 MiB batches of 4 KiB
+// Worker threads (ParallelHasher, src/dedup/parallel-hasher.ts) pay, when the second core is free. 8 MiB batches of 4 KiB
 // clusters in an ordinary Buffer; the main thread hashes its share while a worker hashes
 // the rest, copied into a SharedArrayBuffer (copy, messages and digest copy-back included):
 //

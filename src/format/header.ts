@@ -1,5 +1,5 @@
 // QCOW2 header (cluster 0): fixed fields, header extensions and the backing file name.
-// Pure: decodeHeader(buf, …) ⇄ encodeHeader(h, …). Spec: QEMU docs/interop/qcow2.rst,
+// Pure: decodeHeader(buf) ⇄ encodeHeader(h). Spec: QEMU docs/interop/qcow2.rst,
 // "Header" and "Header extensions"; what qdedup adds or constrains: docs/FORMAT.md.
 //
 // Decoding validates every field before anything is sized from it (BRIEF I4): magic,
@@ -118,11 +118,11 @@ export function featureNames(h: Header): Map<string, string> {
 
 /**
  * Decodes and validates the header in `buf` (at least the first cluster of the file, or
- * the whole file if shorter). `fileSize` is the image file's length.
+ * the whole file if shorter).
  * Throws NotQcow2Error (bad magic), CorruptImageError (malformed) or UnsupportedError
  * (a valid feature qdedup does not implement). Returns the decoded header.
  */
-export function decodeHeader(buf: Buffer, fileSize: number): Header {
+export function decodeHeader(buf: Buffer): Header {
   const where = (offset: number) => ({ offset, structure: 'header' });
   if (buf.length < V2_HEADER_LENGTH || buf.readUInt32BE(0) !== QCOW_MAGIC) {
     if (buf.length >= 4 && buf.readUInt32BE(0) === QCOW_MAGIC) throw new CorruptImageError('header truncated: file shorter than 72 bytes', where(0));
@@ -220,7 +220,6 @@ export function decodeHeader(buf: Buffer, fileSize: number): Header {
     }
     h.backingFile = buf.subarray(h.backingFileOffset, end).toString('utf8');
   }
-  void fileSize;
   return h;
 }
 

@@ -11,7 +11,7 @@ import { dirname, isAbsolute, resolve } from 'node:path';
 import { realpath } from 'node:fs/promises';
 import { CorruptImageError, IoError, QdedupError, UnsupportedError, hex } from '../errors.ts';
 import {
-  AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_HOST_OFFSET, backingFormatOf, clusterSizeOf,
+  INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_HOST_OFFSET, backingFormatOf, clusterSizeOf,
   decodeHeader, encodeHeader, l2EntriesOf, type Header,
 } from '../format/header.ts';
 import {
@@ -83,6 +83,8 @@ export class Image implements GuestReader {
   private writeback: Promise<void> | null = null;
   private writebackError: unknown = null;
   private closed = false;
+  /** The snapshot table, loaded by read-write opens (their tables join the overlap guard). */
+  snapshots: SnapshotEntry[] = [];
 
   private constructor(path: string, file: BlockFile, header: Header, l1: Buffer, writable: boolean) {
     this.path = path;
@@ -129,7 +131,7 @@ export class Image implements GuestReader {
       if (bits >= 9 && bits <= 21) clusterBytes = 2 ** bits;
     }
     const headBuf = (await file.read(0, clusterBytes)).subarray(0, Math.max(Math.min(fileSize, clusterBytes), 0));
-    const header = decodeHeader(headBuf, fileSize);
+    const header = decodeHeader(headBuf);
     const l1 = header.l1Size ? await file.read(header.l1TableOffset, header.l1Size * 8) : Buffer.alloc(0);
     return new Image(path, file, header, l1, writable);
   }
@@ -174,17 +176,13 @@ export class Image implements GuestReader {
     }, (c) => this.metadata.get(c));
     for (const offset of this.refcounts.blockOffsets()) this.markMetadata(offset, this.clusterSize, 'refcount block');
     // Every autoclear bit qdedup does not maintain must be cleared before the first write
-    // (the spec's rule); bitmaps (bit 0) are not maintained by qdedup either.
-    const keepAutoclear = 0n;
-    if (h.autoclearFeatures & ~keepAutoclear) {
-      h.autoclearFeatures &= keepAutoclear;
+    // (the spec's rule); qdedup maintains none, not even bitmaps (bit 0).
+    if (h.autoclearFeatures !== 0n) {
+      h.autoclearFeatures = 0n;
       await this.writeHeader();
       await this.file.sync(); // the cleared bits reach disk before any data write
     }
-    void AUTOCLEAR_BITMAPS;
   }
-
-  snapshots: SnapshotEntry[] = [];
 
   /** Reads the snapshot table (bounded by nb_snapshots and QEMU's per-entry limits). */
   async loadSnapshots(): Promise<SnapshotEntry[]> {
