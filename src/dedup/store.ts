@@ -190,6 +190,12 @@ export class DedupStore {
     };
   }
 
+  /** Every area the store owns on disk: both journals, the incarnations and limbo. */
+  areas(): { offset: number; bytes: number }[] {
+    const journals = [this.current.desc, this.other].map((d) => ({ offset: d.offset, bytes: d.blocks * this.geometry.journalBlockSize }));
+    return [...journals, ...this.hashStore.areas().map((a) => ({ offset: a.offset, bytes: a.clusters * this.geometry.clusterSize }))];
+  }
+
   /** Figures for dedup-stats. */
   stats() {
     const logEntries = this.current.store.count + (this.frozen?.store.count ?? 0);

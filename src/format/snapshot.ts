@@ -1,8 +1,9 @@
 // Internal snapshot table entries. Pure. Spec: docs/interop/qcow2.rst "Snapshots".
-// qdedup reads snapshots (for check and refcount rebuild) but never creates them.
+// qdedup reads snapshots (for check and refcount rebuild) and creates one: the dedup
+// holder (src/dedup/holder.ts).
 
 import { CorruptImageError, hex } from '../errors.ts';
-import { readU64 } from './bytes.ts';
+import { readU64, writeU64 } from './bytes.ts';
 
 /** QEMU's QCOW_MAX_SNAPSHOT_EXTRA_DATA. */
 export const MAX_SNAPSHOT_EXTRA = 1024;
@@ -18,8 +19,10 @@ export interface SnapshotEntry {
   dateNsec: number;
   vmClockNsec: bigint;
   vmStateSize: number;
-  /** Offset of this entry in the snapshot table. */
+  /** Offset of this entry in the file (inside the snapshot table). */
   tableOffset: number;
+  /** Bytes the entry takes in the table, padding included. */
+  byteLength: number;
 }
 
 /**
@@ -48,7 +51,41 @@ export function decodeSnapshotEntry(buf: Buffer, pos: number, tableOffset: numbe
       id: buf.subarray(idStart, idStart + idLen).toString('utf8'),
       name: buf.subarray(idStart + idLen, idStart + idLen + nameLen).toString('utf8'),
       tableOffset: tableOffset + pos,
+      byteLength: length,
     },
     length,
   };
+}
+
+export interface NewSnapshot {
+  l1TableOffset: number;
+  l1Size: number;
+  id: string;
+  name: string;
+  dateSec: number;
+  dateNsec: number;
+  /** Virtual disk size the snapshot describes (v3 extra data, bytes 8–15). */
+  diskSize: number;
+}
+
+/**
+ * Encodes one snapshot table entry with the 16 bytes of extra data version 3 requires
+ * (u64 VM state size = 0, u64 disk size), padded to a multiple of 8.
+ */
+export function encodeSnapshotEntry(s: NewSnapshot): Buffer {
+  const id = Buffer.from(s.id, 'utf8');
+  const name = Buffer.from(s.name, 'utf8');
+  const extra = 16;
+  const buf = Buffer.alloc(Math.ceil((SNAPSHOT_FIXED_BYTES + extra + id.length + name.length) / 8) * 8);
+  writeU64(buf, 0, s.l1TableOffset);
+  buf.writeUInt32BE(s.l1Size, 8);
+  buf.writeUInt16BE(id.length, 12);
+  buf.writeUInt16BE(name.length, 14);
+  buf.writeUInt32BE(s.dateSec, 16);
+  buf.writeUInt32BE(s.dateNsec, 20);
+  buf.writeUInt32BE(extra, 36);
+  writeU64(buf, SNAPSHOT_FIXED_BYTES + 8, s.diskSize);
+  id.copy(buf, SNAPSHOT_FIXED_BYTES + extra);
+  name.copy(buf, SNAPSHOT_FIXED_BYTES + extra + id.length);
+  return buf;
 }

@@ -1,6 +1,7 @@
 // Creates a new, empty QCOW2 image: header, refcount table, refcount blocks and an empty
 // L1 table, laid out from cluster 0 as qemu-img does (64 KiB: header, reftable at 0x10000,
-// refblock at 0x20000, L1 at 0x30000). Spec: docs/interop/qcow2.rst.
+// refblock at 0x20000, L1 at 0x30000); a dedup image then gets its dedup structures
+// through the engine (src/dedup/dedup.ts). Spec: docs/interop/qcow2.rst.
 
 import { UsageError } from '../errors.ts';
 import {
@@ -10,6 +11,8 @@ import {
 import { refblockEntries, setRefcount } from '../format/refcount.ts';
 import { writeU64 } from '../format/bytes.ts';
 import { NodeFile } from './block-file.ts';
+import { Image } from './image.ts';
+import { Dedup, type DedupSettings } from '../dedup/dedup.ts';
 
 export interface CreateOptions {
   /** Virtual size in bytes, rounded up to a multiple of 512 as qemu-img does. */
@@ -22,6 +25,8 @@ export interface CreateOptions {
   backingFormat?: string;
   /** Replace an existing file. */
   force: boolean;
+  /** Inline deduplication settings (a v3 image), or undefined for a plain image. */
+  dedup?: DedupSettings;
 }
 
 /** Computes the new image's header and layout. Pure; throws UsageError on impossible sizes. */
@@ -96,6 +101,19 @@ export async function createImage(path: string, o: CreateOptions): Promise<Heade
     await file.sync();
   } finally {
     await file.close();
+  }
+  if (o.dedup) {
+    // The dedup structures (extension, store, holder snapshot) go in through the engine,
+    // with the same crash-safe ordering as any later change.
+    const image = await Image.open(path, { writable: true, backing: false });
+    try {
+      image.dedup = await Dedup.initialize(image, o.dedup);
+      await image.close();
+    } catch (err) {
+      await image.abandon();
+      throw err;
+    }
+    return image.header;
   }
   return plan.header;
 }

@@ -20,6 +20,8 @@ import {
 import { decodeSnapshotEntry, type SnapshotEntry } from '../format/snapshot.ts';
 import { NodeFile, type BlockFile } from './block-file.ts';
 import { Refcounts } from './refcounts.ts';
+import { AUTOCLEAR_DEDUP, EXT_DEDUP } from '../format/dedup-ext.ts';
+import { Dedup } from '../dedup/dedup.ts';
 
 /** Deepest backing chain followed (QEMU has no fixed limit; this bounds hostile chains). */
 export const MAX_BACKING_DEPTH = 32;
@@ -85,6 +87,8 @@ export class Image implements GuestReader {
   private closed = false;
   /** The snapshot table, loaded by read-write opens (their tables join the overlap guard). */
   snapshots: SnapshotEntry[] = [];
+  /** Inline deduplication, on read-write opens of dedup images (src/dedup/dedup.ts). */
+  dedup: Dedup | null = null;
 
   private constructor(path: string, file: BlockFile, header: Header, l1: Buffer, writable: boolean) {
     this.path = path;
@@ -110,7 +114,10 @@ export class Image implements GuestReader {
     try {
       image = await Image.load(path, file, writable);
       if (options.backing !== false) await image.openBacking(options.chain ?? []);
-      if (writable) await image.prepareForWrites();
+      if (writable) {
+        await image.prepareForWrites();
+        image.dedup = await Dedup.attach(image);
+      }
       return image;
     } catch (err) {
       await file.close().catch(() => {});
@@ -173,12 +180,13 @@ export class Image implements GuestReader {
     this.refcounts = await Refcounts.load(this.file, {
       clusterBits: this.clusterBits, refcountOrder: h.refcountOrder,
       tableOffset: h.refcountTableOffset, tableClusters: h.refcountTableClusters,
-    }, (c) => this.metadata.get(c));
+    }, (c) => this.metadata.get(c), (c) => this.metadata.delete(c));
     for (const offset of this.refcounts.blockOffsets()) this.markMetadata(offset, this.clusterSize, 'refcount block');
     // Every autoclear bit qdedup does not maintain must be cleared before the first write
-    // (the spec's rule); qdedup maintains none, not even bitmaps (bit 0).
-    if (h.autoclearFeatures !== 0n) {
-      h.autoclearFeatures = 0n;
+    // (the spec's rule); qdedup maintains only its own dedup bit (60), on dedup images.
+    const keep = h.extensions.some((e) => e.type === EXT_DEDUP) ? AUTOCLEAR_DEDUP : 0n;
+    if (h.autoclearFeatures & ~keep) {
+      h.autoclearFeatures &= keep;
       await this.writeHeader();
       await this.file.sync(); // the cleared bits reach disk before any data write
     }
@@ -210,7 +218,8 @@ export class Image implements GuestReader {
     return out;
   }
 
-  private markMetadata(offset: number, byteLength: number, what: string): void {
+  /** Adds [offset, +byteLength) to the overlap guard as `what` (also used by the dedup layer). */
+  markMetadata(offset: number, byteLength: number, what: string): void {
     const first = Math.floor(offset / this.clusterSize);
     const last = Math.floor((offset + Math.max(byteLength, 1) - 1) / this.clusterSize);
     for (let c = first; c <= last; c++) if (!this.metadata.has(c)) this.metadata.set(c, what);
@@ -395,7 +404,7 @@ export class Image implements GuestReader {
     for (const { guestCluster, inCluster, n, done } of this.pieces(guestOffset, data.length)) {
       const part = data.subarray(done, done + n);
       const old = await this.entry(guestCluster);
-      if (old.kind === 'normal' && old.copied) {
+      if (old.kind === 'normal' && old.copied && !this.dedup) {
         this.guardDataWrite(old.hostOffset + inCluster, n);
         // I4: COPIED is trusted only for a cluster the refcounts count. A hostile entry
         // (say at 1 TiB, past every refcount block) had us grow the file to 1 TiB.
@@ -405,20 +414,28 @@ export class Image implements GuestReader {
         await this.file.write(old.hostOffset + inCluster, part);
         this.startWriteback(n);
       } else {
+        // A new host cluster: always with dedup (allocate on rewrite), else when not ours alone.
         let full = part;
         if (n < this.clusterSize) {
           full = await this.readCluster(guestCluster, old);
           part.copy(full, inCluster);
+        } else if (this.dedup) {
+          full = Buffer.from(part); // the batch outlives the caller's buffer
         }
         batch.push({ guestCluster, data: full, old });
         if (batch.length * this.clusterSize >= MAX_BATCH_BYTES) {
-          await this.writeNewClusters(batch);
+          await this.writeBatch(batch);
           batch = [];
         }
       }
     }
-    if (batch.length) await this.writeNewClusters(batch);
+    if (batch.length) await this.writeBatch(batch);
     await this.commitIfLarge();
+  }
+
+  private async writeBatch(batch: PendingCluster[]): Promise<void> {
+    if (this.dedup) await this.dedup.writeClusters(batch);
+    else await this.writeNewClusters(batch);
   }
 
   /** The whole current content of a guest cluster (a fresh buffer). */
@@ -434,25 +451,36 @@ export class Image implements GuestReader {
 
   /** Allocates one contiguous run for the batch, writes it with one call, then maps it. */
   private async writeNewClusters(batch: PendingCluster[]): Promise<void> {
-    const refcounts = this.assertWritable();
-    // L2 tables first, once per table: allocating them may take clusters, and the data
-    // run must stay contiguous.
-    const tables = new Map<number, Buffer>();
-    for (const p of batch) {
-      const l1Index = Math.floor(p.guestCluster / this.l2Entries);
-      if (!tables.has(l1Index)) tables.set(l1Index, await this.l2TableForWrite(l1Index));
-    }
-    const start = await refcounts.allocate(batch.length);
-    this.guardDataWrite(start, batch.length * this.clusterSize);
-    await this.file.writev(start, batch.map((p) => p.data));
-    this.startWriteback(batch.length * this.clusterSize);
+    await this.prepareTables(batch.map((p) => p.guestCluster));
+    const start = await this.writeRun(batch.map((p) => p.data));
     for (let i = 0; i < batch.length; i++) {
-      const p = batch[i];
-      const l1Index = Math.floor(p.guestCluster / this.l2Entries);
-      encodeL2Entry(tables.get(l1Index)!, p.guestCluster % this.l2Entries, start + i * this.clusterSize, true, false);
-      this.l2Dirty.add(l1Index);
-      this.releaseHostClusters(p.old);
+      await this.mapCluster(batch[i].guestCluster, start + i * this.clusterSize, true);
+      await this.dropReference(batch[i].old);
     }
+  }
+
+  /**
+   * Makes the L2 tables of these guest clusters writable, once per table. Done before a
+   * data run is allocated: allocating a table takes a cluster, and the run must stay contiguous.
+   */
+  async prepareTables(guestClusters: number[]): Promise<void> {
+    const seen = new Set<number>();
+    for (const c of guestClusters) {
+      const l1Index = Math.floor(c / this.l2Entries);
+      if (!seen.has(l1Index)) {
+        seen.add(l1Index);
+        await this.l2TableForWrite(l1Index);
+      }
+    }
+  }
+
+  /** Allocates one contiguous run of new clusters and writes `clusters` there with one call. Returns its host offset. */
+  async writeRun(clusters: Buffer[]): Promise<number> {
+    const start = await this.assertWritable().allocate(clusters.length);
+    this.guardDataWrite(start, clusters.length * this.clusterSize);
+    await this.file.writev(start, clusters);
+    this.startWriteback(clusters.length * this.clusterSize);
+    return start;
   }
 
   /**
@@ -474,24 +502,26 @@ export class Image implements GuestReader {
     await this.commitIfLarge();
   }
 
-  private async zeroCluster(guestCluster: number): Promise<void> {
+  /** Makes one whole guest cluster read as zeros (also used by the dedup layer). */
+  async zeroCluster(guestCluster: number): Promise<void> {
     const old = await this.entry(guestCluster);
     const v3 = this.header.version === 3;
     if (old.kind === 'zero' && old.hostOffset === 0) return;
     if (old.kind === 'unallocated' && !this.backing) return;
     await this.l2TableForWrite(Math.floor(guestCluster / this.l2Entries));
     await this.setEntry(guestCluster, 0, false, v3);
-    this.releaseHostClusters(old);
+    await this.dropReference(old);
   }
 
-  /** Queues the references an old L2 entry held for release at commit. */
-  private releaseHostClusters(old: L2Entry): void {
+  /** Queues the references an old L2 entry held for release at commit (through the dedup layer when on). */
+  async dropReference(old: L2Entry): Promise<void> {
     const refcounts = this.assertWritable();
     if (old.kind === 'compressed') {
       const [first, last] = compressedClusterSpan(old, this.clusterBits);
       for (let c = first; c <= last; c++) refcounts.deferFree(c);
     } else if (old.hostOffset !== 0) {
-      refcounts.deferFree(old.hostOffset / this.clusterSize);
+      if (this.dedup) await this.dedup.release(old.hostOffset / this.clusterSize);
+      else refcounts.deferFree(old.hostOffset / this.clusterSize);
     }
   }
 
@@ -527,6 +557,11 @@ export class Image implements GuestReader {
     this.l2Cache.set(l1Index, table);
     this.l2Dirty.add(l1Index);
     return table;
+  }
+
+  /** Points guest cluster `guestCluster` at `hostOffset` (also used by the dedup layer). */
+  async mapCluster(guestCluster: number, hostOffset: number, copied: boolean): Promise<void> {
+    await this.setEntry(guestCluster, hostOffset, copied, false);
   }
 
   private async setEntry(guestCluster: number, hostOffset: number, copied: boolean, zero: boolean): Promise<void> {
@@ -573,6 +608,7 @@ export class Image implements GuestReader {
     const refcounts = this.assertWritable();
     if (this.writeback) await this.writeback;
     if (this.writebackError) throw this.writebackError;
+    await this.dedup?.beforeCommit(); // I2: hash deletions are durable with the refcount increments, before any free
     await refcounts.prepareTable();
     if (refcounts.hasDirty()) await refcounts.writeDirty();
     await this.file.sync(); // I3: data and refcount increments durable before anything points at them
@@ -584,7 +620,8 @@ export class Image implements GuestReader {
       await this.file.sync(); // I3: the new refcount table is in use before L2 entries rely on it
       refcounts.tableMoved = false;
     }
-    if (this.l2Dirty.size) {
+    const holderTables = (await this.dedup?.holder.writeTables()) ?? false;
+    if (this.l2Dirty.size || holderTables) {
       const order = [...this.l2Dirty].sort((a, b) => decodeL1Entry(this.l1, a).l2Offset - decodeL1Entry(this.l1, b).l2Offset);
       for (const l1Index of order) await this.file.write(decodeL1Entry(this.l1, l1Index).l2Offset, this.l2Cache.get(l1Index)!);
       this.l2Dirty.clear();
@@ -592,7 +629,8 @@ export class Image implements GuestReader {
       // when the L1 does not change (a crash test found that case unsynced).
       await this.file.sync();
     }
-    if (this.l1Dirty.size) {
+    const holderL1 = (await this.dedup?.holder.writeL1()) ?? false;
+    if (this.l1Dirty.size || holderL1) {
       for (const i of [...this.l1Dirty].sort((a, b) => a - b)) {
         const from = i * this.clusterSize;
         const to = Math.min(this.l1.length, from + this.clusterSize);
@@ -607,6 +645,7 @@ export class Image implements GuestReader {
       await refcounts.writeDirty();
       await this.file.sync();
     }
+    this.dedup?.afterCommit();
   }
 
   /** Rewrites the header cluster's bytes from `this.header`. */
@@ -624,7 +663,10 @@ export class Image implements GuestReader {
   async close(): Promise<void> {
     if (this.closed) return;
     try {
-      if (this.writable) await this.flush();
+      if (this.writable) {
+        await this.flush();
+        await this.dedup?.markClean(); // I3: dirty cleared only once everything else is durable
+      }
     } finally {
       this.closed = true;
       await this.file.close().catch(() => {});

@@ -50,7 +50,10 @@ export class Refcounts {
   /** Returns the name of the metadata structure occupying a cluster, if any (overlap guard). */
   private readonly metadataAt: (clusterIndex: number) => string | undefined;
 
-  private constructor(private readonly file: BlockFile, layout: RefcountLayout, table: number[], metadataAt: (c: number) => string | undefined) {
+  /** Called when a cluster's refcount falls to 0 (the image drops it from its overlap guard). */
+  private readonly onFreed: (clusterIndex: number) => void;
+
+  private constructor(private readonly file: BlockFile, layout: RefcountLayout, table: number[], metadataAt: (c: number) => string | undefined, onFreed: (c: number) => void) {
     this.clusterBits = layout.clusterBits;
     this.clusterSize = 2 ** layout.clusterBits;
     this.refcountOrder = layout.refcountOrder;
@@ -60,10 +63,11 @@ export class Refcounts {
     this.tableClusters = layout.tableClusters;
     this.table = table;
     this.metadataAt = metadataAt;
+    this.onFreed = onFreed;
   }
 
   /** Reads and validates the refcount table. Throws CorruptImageError naming the bad entry. */
-  static async load(file: BlockFile, layout: RefcountLayout, metadataAt: (c: number) => string | undefined): Promise<Refcounts> {
+  static async load(file: BlockFile, layout: RefcountLayout, metadataAt: (c: number) => string | undefined, onFreed: (c: number) => void = () => {}): Promise<Refcounts> {
     const clusterSize = 2 ** layout.clusterBits;
     const raw = await file.read(layout.tableOffset, layout.tableClusters * clusterSize);
     const table: number[] = [];
@@ -77,7 +81,7 @@ export class Refcounts {
       table.push(offset);
     }
     while (table.length > 0 && table[table.length - 1] === 0) table.pop();
-    return new Refcounts(file, layout, table, metadataAt);
+    return new Refcounts(file, layout, table, metadataAt, onFreed);
   }
 
   /** Host offsets of every refcount block in use. */
@@ -140,7 +144,10 @@ export class Refcounts {
       const value = await this.get(c);
       if (value === 0) throw new CorruptImageError(`refcount of cluster ${c} would drop below 0`, { offset: c * this.clusterSize, structure: 'refcount block' });
       await this.set(c, value - 1);
-      if (value === 1 && c < this.freeHint) this.freeHint = c;
+      if (value === 1) {
+        this.onFreed(c);
+        if (c < this.freeHint) this.freeHint = c;
+      }
     }
   }
 

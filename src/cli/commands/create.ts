@@ -8,6 +8,9 @@ import { checkFormat, withFormatOption, withQuietOption } from '../common.ts';
 import { parseBool, parseOptionList, parseSize } from '../parse.ts';
 import type { Output } from '../output.ts';
 import { isAbsolute, resolve, dirname } from 'node:path';
+import { defaultStoreOrder, type DedupSettings } from '../../dedup/dedup.ts';
+import { DEFAULT_HASH_ALGORITHM, parseHashAlgorithm } from '../../dedup/hasher.ts';
+import { MAX_STORE_ORDER } from '../../format/dedup-ext.ts';
 
 /** The `-o` keys `create` accepts, with their help text (printed by `-o help`). */
 export const CREATE_OPTIONS: [string, string, string][] = [
@@ -15,6 +18,11 @@ export const CREATE_OPTIONS: [string, string, string][] = [
   ['backing_fmt', 'str', 'Image format of the base image (qcow2 or raw)'],
   ['cluster_size', 'size', 'qcow2 cluster size, a power of two from 512 to 2M (default 65536)'],
   ['compat', 'str', 'Compatibility level (v2 [0.10] or v3 [1.1], default 1.1)'],
+  ['dedup', 'str', 'Inline deduplication hash: sha256 (default), sha3-256, blake3 or off'],
+  ['dedup_journal_block', 'size', 'Dedup journal block size, a power of two from 512 to 64k (default 4096)'],
+  ['dedup_max_incarnations', 'num', 'Frozen log stores kept before the oldest is forgotten (0 = unlimited, default)'],
+  ['dedup_order', 'num', 'Log store size: 2^N buckets of 4 hashes, 0 to 24 (default: about 1/128 of the disk)'],
+  ['dedup_verify', 'bool (on/off)', 'Compare bytes before linking a duplicate (default off)'],
   ['lazy_refcounts', 'bool (on/off)', 'Postpone refcount updates (compatible feature bit; v3 only)'],
   ['refcount_bits', 'num', 'Width of a reference count entry in bits: 1, 2, 4, 8, 16, 32 or 64 (default 16)'],
   ['size', 'size', 'Virtual disk size'],
@@ -48,7 +56,9 @@ export async function runCreate(a: CreateArgs, io: Output): Promise<number> {
   else if (compat === '1.1' || compat === 'v3') version = 3;
   else throw new UsageError(`Invalid compatibility level: '${compat}' (0.10 or 1.1)`);
 
-  const clusterSize = opts.has('cluster_size') ? parseSize(opts.get('cluster_size')!, 'cluster size') : 65536;
+  // Dedup is on unless turned off, and then clusters default to 4 KiB (more duplicates).
+  const dedupOn = opts.get('dedup') !== 'off' && (opts.has('dedup') || (version === 3 && (!opts.has('refcount_bits') || Number(opts.get('refcount_bits')) >= 4)));
+  const clusterSize = opts.has('cluster_size') ? parseSize(opts.get('cluster_size')!, 'cluster size') : dedupOn ? 4096 : 65536;
   const clusterBits = Math.log2(clusterSize);
   if (!Number.isInteger(clusterBits) || clusterBits < 9 || clusterBits > 21) throw new UsageError('Cluster size must be a power of two between 512 and 2048k');
 
@@ -86,13 +96,48 @@ export async function runCreate(a: CreateArgs, io: Output): Promise<number> {
   }
   if (size === undefined) throw new UsageError('Image creation needs a size parameter');
 
-  const o: CreateOptions = { size, clusterBits, version, refcountOrder, lazyRefcounts, backingFile, backingFormat, force: a.force };
+  const dedup = dedupSettings(opts, version, refcountBits, size, 2 ** clusterBits);
+  const o: CreateOptions = { size, clusterBits, version, refcountOrder, lazyRefcounts, backingFile, backingFormat, force: a.force, dedup };
   const header = await createImage(a.file, o);
   if (!a.quiet) {
     const backing = backingFile !== undefined ? ` backing_file=${backingFile} backing_fmt=${backingFormat}` : '';
-    await io.out(`Formatting '${a.file}', fmt=qcow2 cluster_size=${clusterSize} compat=${version === 3 ? '1.1' : '0.10'}${backing} size=${header.size} lazy_refcounts=${lazyRefcounts ? 'on' : 'off'} refcount_bits=${refcountBits}\n`);
+    const dd = dedup ? ` dedup=${dedup.algorithm} dedup_verify=${dedup.verify ? 'on' : 'off'}` : ' dedup=off';
+    await io.out(`Formatting '${a.file}', fmt=qcow2 cluster_size=${clusterSize} compat=${version === 3 ? '1.1' : '0.10'}${backing} size=${header.size} lazy_refcounts=${lazyRefcounts ? 'on' : 'off'} refcount_bits=${refcountBits}${dd}\n`);
   }
   return 0;
+}
+
+/**
+ * The dedup settings from the -o list, or undefined for a plain image. Dedup defaults to
+ * sha256 on v3 images with refcounts of 4 bits or more (it needs an autoclear bit and room
+ * to count shared clusters); asking for it explicitly where it cannot be is an error.
+ */
+function dedupSettings(opts: Map<string, string>, version: 2 | 3, refcountBits: number, size: number, clusterSize: number): DedupSettings | undefined {
+  const name = opts.get('dedup');
+  const dedupKeys = [...opts.keys()].filter((k) => k.startsWith('dedup_'));
+  if (name === 'off') {
+    if (dedupKeys.length) throw new UsageError(`'${dedupKeys[0]}' needs dedup on (dedup=off was given)`);
+    return undefined;
+  }
+  if (name === undefined && (version === 2 || refcountBits < 4)) {
+    if (dedupKeys.length) throw new UsageError(`'${dedupKeys[0]}' needs dedup, which needs compat=1.1 and refcount_bits of 4 or more`);
+    return undefined;
+  }
+  if (version === 2) throw new UsageError('dedup needs compatibility level 1.1 (use compat=1.1 or dedup=off)');
+  if (refcountBits < 4) throw new UsageError('dedup needs refcount_bits of 4 or more (or dedup=off)');
+  const algorithm = parseHashAlgorithm(name ?? DEFAULT_HASH_ALGORITHM);
+  const verify = opts.has('dedup_verify') ? parseBool(opts.get('dedup_verify')!, 'dedup_verify') : false;
+  const maxIncarnations = opts.has('dedup_max_incarnations') ? parseCount(opts.get('dedup_max_incarnations')!, 'dedup_max_incarnations', 0, 0xffffffff) : 0;
+  const order = opts.has('dedup_order') ? parseCount(opts.get('dedup_order')!, 'dedup_order', 0, MAX_STORE_ORDER) : defaultStoreOrder(size, clusterSize);
+  const journalBlockSize = opts.has('dedup_journal_block') ? parseSize(opts.get('dedup_journal_block')!, 'dedup journal block size') : 4096;
+  if (journalBlockSize < 512 || journalBlockSize > 65536 || (journalBlockSize & (journalBlockSize - 1)) !== 0) throw new UsageError('dedup_journal_block must be a power of two from 512 to 64k');
+  return { algorithm, verify, maxIncarnations, order, journalBlockSize };
+}
+
+function parseCount(text: string, what: string, min: number, max: number): number {
+  const n = Number(text);
+  if (!/^\d+$/.test(text) || n < min || n > max) throw new UsageError(`${what} must be a whole number from ${min} to ${max}, not '${text}'`);
+  return n;
 }
 
 export const command = 'create [file] [size]';
@@ -106,7 +151,8 @@ export function builder(y: Argv) {
     .option('b', { type: 'string', describe: 'backing file', requiresArg: true })
     .option('F', { type: 'string', describe: 'backing file format (qcow2 or raw)', requiresArg: true })
     .option('force', { type: 'boolean', describe: 'replace an existing file', default: false })
-    .example('$0 create disk.qcow2 10G', 'a 10 GiB image with 64 KiB clusters')
+    .example('$0 create disk.qcow2 10G', 'a 10 GiB dedup image (sha256, 4 KiB clusters)')
+    .example('$0 create -o dedup=off disk.qcow2 10G', 'a plain image with 64 KiB clusters')
     .example('$0 create -o cluster_size=4k,compat=0.10 old.qcow2 1G', 'a v2 image with 4 KiB clusters')
     .example('$0 create -b base.qcow2 -F qcow2 overlay.qcow2', 'an overlay on a backing image')
     .example('$0 create -o help x 0', 'list the -o options');

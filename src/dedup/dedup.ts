@@ -1,0 +1,395 @@
+// Inline deduplication of an image open for writing: the trust protocol (dirty flag and
+// autoclear bit 60), the per-cluster write path (hash, look up, link or write), the
+// release of clusters whose last guest reference goes (hash deleted before the free, I2)
+// and the clean close. Design: docs/DESIGN.md "Deduplication"; layouts: docs/FORMAT.md §5–10.
+//
+// Trust (BRIEF I3): the store is used only if the autoclear bit is set, the dirty flag is
+// clear and its configuration and journals read back intact. Otherwise a fresh store is
+// built in new clusters and the old one is never written to nor freed. The dirty flag
+// reaches disk before the first write and is cleared only after everything else is durable.
+
+import { CorruptImageError, hex } from '../errors.ts';
+import {
+  AUTOCLEAR_DEDUP, DEDUP_EXT_VERSION, EXT_DEDUP, configBytesFor, decodeDedupConfig, decodeDedupExtension,
+  encodeDedupConfig, encodeDedupExtension, type DedupExtension,
+} from '../format/dedup-ext.ts';
+import type { L2Entry } from '../format/l1l2.ts';
+import { encodeSnapshotEntry } from '../format/snapshot.ts';
+import type { Image } from '../image/image.ts';
+import { createHasher, hashAlgorithmId, type Hasher, type SupportedHashAlgorithm } from './hasher.ts';
+import { HOLDER_NAME, Holder, holderL1Size, type HolderHost } from './holder.ts';
+import { DedupStore, type StoreGeometry } from './store.ts';
+
+export interface DedupSettings {
+  algorithm: SupportedHashAlgorithm;
+  verify: boolean;
+  /** 0 = unlimited. */
+  maxIncarnations: number;
+  order: number;
+  journalBlockSize: number;
+}
+
+/** Smallest and largest store order the default rule picks (the option may go from 0 to 24). */
+const MIN_DEFAULT_ORDER = 4;
+const MAX_DEFAULT_ORDER = 20;
+
+/**
+ * The seed's rule: a log store holds about 1/128 of the disk's clusters, so about 128
+ * incarnations cover the whole disk. Returns the order (log2 of buckets of 4 slots).
+ */
+export function defaultStoreOrder(virtualSize: number, clusterSize: number): number {
+  const slots = virtualSize / clusterSize / 128;
+  const order = Math.ceil(Math.log2(Math.max(1, slots / 4)));
+  return Math.min(MAX_DEFAULT_ORDER, Math.max(MIN_DEFAULT_ORDER, order));
+}
+
+/** One guest cluster of a write, whole, waiting to be linked or written. */
+export interface ClusterWrite {
+  guestCluster: number;
+  data: Buffer;
+  old: L2Entry;
+}
+
+/** Counters of the current session (for tests and benchmarks). */
+export interface WriteCounters {
+  hits: number;
+  misses: number;
+  zeroClusters: number;
+  verifyMismatches: number;
+  released: number;
+}
+
+export class Dedup {
+  readonly hasher: Hasher;
+  /** Why the old index was dropped at open, or null when it was trusted. */
+  notice: string | null = null;
+  readonly counters: WriteCounters = { hits: 0, misses: 0, zeroClusters: 0, verifyMismatches: 0, released: 0 };
+  /** Decrements queued this commit, per cluster (refcounts apply them only after the commit). */
+  private readonly pending = new Map<number, number>();
+  private readonly cap: number;
+
+  private constructor(
+    private readonly image: Image,
+    readonly ext: DedupExtension,
+    readonly store: DedupStore,
+    readonly holder: Holder,
+  ) {
+    this.hasher = createHasher(ext.hashAlgorithm);
+    // Refcount cap: past half the maximum the hash is no longer linked to (BRIEF §2).
+    this.cap = Math.floor(image.refcountState!.max / 2);
+  }
+
+  static geometry(image: Image, ext: DedupExtension): StoreGeometry {
+    return { order: ext.order, clusterSize: image.clusterSize, journalBlockSize: ext.journalBlockSize, maxIncarnations: ext.maxIncarnations };
+  }
+
+  /** The dedup extension of an image, decoded, or null for a plain image. */
+  static extensionOf(image: Image): DedupExtension | null {
+    const e = image.header.extensions.find((x) => x.type === EXT_DEDUP);
+    if (!e) return null;
+    try {
+      return decodeDedupExtension(e.data, image.clusterSize);
+    } catch (err) {
+      if (err instanceof CorruptImageError) err.details.offset = undefined;
+      throw err;
+    }
+  }
+
+  /** True when the image's dedup metadata may be trusted as it stands on disk. */
+  static trustedOnDisk(image: Image, ext: DedupExtension): boolean {
+    return (image.header.autoclearFeatures & AUTOCLEAR_DEDUP) !== 0n && !ext.dirty;
+  }
+
+  /**
+   * Read-write open of a dedup image: sets the dirty flag (synced), then opens the store
+   * or, if it is not to be trusted, starts a fresh one. Returns null for a plain image.
+   */
+  static async attach(image: Image): Promise<Dedup | null> {
+    const ext = Dedup.extensionOf(image);
+    if (!ext) return null;
+    createHasher(ext.hashAlgorithm); // refuses skein and unknown numbers before any write
+    let reason: string | null = null;
+    if (!(image.header.autoclearFeatures & AUTOCLEAR_DEDUP)) reason = 'another program opened the image for writing (dedup autoclear bit 60 is clear)';
+    else if (ext.dirty) reason = 'the image was not closed cleanly (dedup dirty flag set)';
+    let config = null;
+    if (!reason) {
+      try {
+        config = decodeDedupConfig(await image.file.read(ext.configOffset, ext.configBytes), ext.configOffset, image.clusterSize);
+      } catch (err) {
+        if (!(err instanceof CorruptImageError)) throw err;
+        reason = err.message;
+      }
+    }
+    await Dedup.writeExtension(image, { ...ext, dirty: true }); // I3: dirty durable before any other write
+    const host = hostOf(image);
+    const geometry = Dedup.geometry(image, ext);
+    let store: DedupStore | null = null;
+    if (config) {
+      store = await DedupStore.open(image.file, geometry, config);
+      const damage = store.replays.find((r) => r && (r.stop.verdict === 'bad-checksum' || r.stop.verdict === 'bad-entry'));
+      if (damage) {
+        reason = `a journal block is damaged (block ${damage.stop.block}: ${damage.stop.reason})`;
+        store = null;
+      } else {
+        for (const a of store.areas()) host.markMetadata(a.offset, a.bytes, 'dedup metadata');
+        host.markMetadata(ext.configOffset, ext.configBytes, 'dedup configuration area');
+      }
+    }
+    let extNow = { ...ext, dirty: true };
+    if (!store) {
+      // Never write to nor free the old store's clusters: another tool may own them now.
+      store = await DedupStore.create(image.file, geometry, host.allocate);
+      const configOffset = await host.allocate(1);
+      extNow = { ...extNow, configOffset, configBytes: image.clusterSize };
+    }
+    let holder = await Dedup.findHolder(image, host);
+    if (!holder) holder = await Dedup.addHolder(image, host);
+    else if (reason) await Dedup.releaseOrphans(image, holder);
+    const d = new Dedup(image, extNow, store, holder);
+    if (reason) d.notice = `dedup index not trusted: ${reason}; starting a fresh index (data is safe; earlier copies are no longer found)`;
+    return d;
+  }
+
+  /** Turns a freshly created plain v3 image into a dedup image (qdedup create -o dedup=…). */
+  static async initialize(image: Image, s: DedupSettings): Promise<Dedup> {
+    const host = hostOf(image);
+    const configOffset = await host.allocate(1);
+    const ext: DedupExtension = {
+      version: DEDUP_EXT_VERSION, hashAlgorithm: hashAlgorithmId(s.algorithm), dirty: true, verify: s.verify,
+      order: s.order, journalBlockSize: s.journalBlockSize, maxIncarnations: s.maxIncarnations,
+      configOffset, configBytes: image.clusterSize,
+    };
+    image.header.extensions.push({ type: EXT_DEDUP, data: encodeDedupExtension(ext) });
+    await Dedup.writeExtension(image, ext);
+    const store = await DedupStore.create(image.file, Dedup.geometry(image, ext), host.allocate);
+    const holder = await Dedup.addHolder(image, host);
+    return new Dedup(image, ext, store, holder);
+  }
+
+  /** Rewrites the header with `ext` and autoclear bit 60 set, then syncs. */
+  private static async writeExtension(image: Image, ext: DedupExtension): Promise<void> {
+    const e = image.header.extensions.find((x) => x.type === EXT_DEDUP)!;
+    e.data = encodeDedupExtension(ext);
+    image.header.autoclearFeatures |= AUTOCLEAR_DEDUP;
+    await image.writeHeader();
+    await image.file.sync();
+  }
+
+  private static async findHolder(image: Image, host: HolderHost): Promise<Holder | null> {
+    const s = image.snapshots.find((x) => x.name === HOLDER_NAME);
+    return s ? Holder.load(host, s.l1TableOffset, s.l1Size) : null;
+  }
+
+  /**
+   * Adds the holder snapshot: a zeroed L1 table and a new snapshot table (the old entries
+   * and the holder's), made durable before the header points at it; the old table is freed
+   * at the next commit.
+   */
+  private static async addHolder(image: Image, host: HolderHost): Promise<Holder> {
+    const holder = await Holder.create(host, holderL1Size(image.size, image.clusterBits));
+    const h = image.header;
+    const last = image.snapshots[image.snapshots.length - 1];
+    const oldBytes = last ? last.tableOffset + last.byteLength - h.snapshotsOffset : 0;
+    const oldTable = oldBytes ? await image.file.read(h.snapshotsOffset, oldBytes) : Buffer.alloc(0);
+    const ids = image.snapshots.map((s) => Number(s.id)).filter(Number.isSafeInteger);
+    const now = Date.now();
+    const entry = encodeSnapshotEntry({
+      l1TableOffset: holder.l1Offset, l1Size: holder.l1Size, id: String(Math.max(0, ...ids) + 1), name: HOLDER_NAME,
+      dateSec: Math.floor(now / 1000), dateNsec: (now % 1000) * 1e6, diskSize: holder.coverage * image.clusterSize,
+    });
+    const table = Buffer.concat([oldTable, entry]);
+    const clusters = Math.ceil(table.length / image.clusterSize);
+    const offset = await host.allocate(clusters);
+    await image.file.write(offset, table);
+    host.markMetadata(offset, table.length, 'snapshot table');
+    await image.flush(); // refcounts of the holder and the table durable before the header names them
+    const oldOffset = h.snapshotsOffset;
+    h.snapshotsOffset = offset;
+    h.nbSnapshots += 1;
+    await image.writeHeader();
+    await image.file.sync();
+    const refcounts = image.refcountState!;
+    if (oldBytes) for (let c = 0; c < Math.ceil(oldBytes / image.clusterSize); c++) refcounts.deferFree(oldOffset / image.clusterSize + c);
+    await image.loadSnapshots();
+    return holder;
+  }
+
+  /**
+   * After a foreign writer: clusters only the holder still references (refcount 1) are
+   * released; the holder's own tables must be its alone (not applied to the active disk).
+   */
+  private static async releaseOrphans(image: Image, holder: Holder): Promise<void> {
+    const refcounts = image.refcountState!;
+    for (const t of holder.tableOffsets()) {
+      const r = await refcounts.get(t / image.clusterSize);
+      if (r !== 1) throw new CorruptImageError(`dedup holder L2 table at ${hex(t)} has refcount ${r}, not 1; delete the snapshot with 'qemu-img snapshot -d ${HOLDER_NAME}'`, { offset: t, structure: 'dedup holder' });
+    }
+    for await (const c of holder.held()) {
+      if ((await refcounts.get(c)) === 1) {
+        await holder.release(c);
+        refcounts.deferFree(c);
+      }
+    }
+  }
+
+  // -------------------------------------------------------------------- write path
+
+  /**
+   * Writes whole guest clusters: zero clusters become zero entries; a cluster whose hash is
+   * indexed (and held, and equal when verifying) is linked; the others are written in one
+   * contiguous run and indexed. Every old reference is dropped after its replacement.
+   */
+  async writeClusters(batch: ClusterWrite[]): Promise<void> {
+    const image = this.image;
+    const refcounts = image.refcountState!;
+    const cs = image.clusterSize;
+    const misses: { w: ClusterWrite; hash: Buffer; dups: ClusterWrite[] }[] = [];
+    const missByHash = new Map<string, (typeof misses)[number]>();
+    for (const w of batch) {
+      if (isZero(w.data)) {
+        this.counters.zeroClusters++;
+        await image.zeroCluster(w.guestCluster);
+        continue;
+      }
+      const hash = this.hasher.hash(w.data);
+      const key = hash.toString('latin1');
+      const pendingMiss = missByHash.get(key);
+      if (pendingMiss) {
+        pendingMiss.dups.push(w);
+        continue;
+      }
+      const target = await this.match(hash, w.data);
+      if (target !== null) {
+        this.counters.hits++;
+        if (w.old.kind === 'normal' && w.old.hostOffset === target) continue; // same content, same cluster
+        await refcounts.increment(target / cs);
+        await image.mapCluster(w.guestCluster, target, false);
+        await image.dropReference(w.old);
+        continue;
+      }
+      const m = { w, hash, dups: [] as ClusterWrite[] };
+      misses.push(m);
+      missByHash.set(key, m);
+    }
+    if (!misses.length) return;
+    this.counters.misses += misses.length;
+    await image.prepareTables(misses.flatMap((m) => [m.w, ...m.dups]).map((w) => w.guestCluster));
+    const start = await image.writeRun(misses.map((m) => m.w.data));
+    for (let i = 0; i < misses.length; i++) {
+      const { w, hash, dups } = misses[i];
+      const offset = start + i * cs;
+      const cluster = offset / cs;
+      const indexed = this.holder.covers(cluster);
+      if (indexed) {
+        await refcounts.increment(cluster); // refcount 2: the guest and the holder
+        await this.holder.hold(cluster);
+        await this.store.insert(hash, offset, w.guestCluster * cs, hostOf(image).allocate);
+      }
+      await image.mapCluster(w.guestCluster, offset, !indexed);
+      await image.dropReference(w.old);
+      for (const d of dups) {
+        this.counters.hits++;
+        if (indexed) {
+          await refcounts.increment(cluster);
+          await image.mapCluster(d.guestCluster, offset, false);
+        } else {
+          // Not held: sharing it could not keep COPIED truthful. Give the copy its own cluster.
+          const own = await image.writeRun([d.data]);
+          await image.mapCluster(d.guestCluster, own, true);
+        }
+        await image.dropReference(d.old);
+      }
+    }
+  }
+
+  /** The host offset of an indexed cluster with this content, or null. */
+  private async match(hash: Buffer, data: Buffer): Promise<number | null> {
+    const e = await this.store.lookup(hash);
+    if (!e) return null;
+    const cluster = e.hostOffset / this.image.clusterSize;
+    // An index entry is only good for a cluster the holder still holds (belt and braces for I1).
+    if (!Number.isSafeInteger(cluster) || !(await this.holder.holds(cluster))) return null;
+    if ((await this.image.refcountState!.get(cluster)) >= this.cap) return null;
+    if (this.ext.verify && !(await this.image.file.read(e.hostOffset, data.length)).equals(data)) {
+      this.counters.verifyMismatches++;
+      return null;
+    }
+    return e.hostOffset;
+  }
+
+  /**
+   * A guest reference to host cluster `cluster` goes away. When only the holder would be
+   * left, the hash is deleted (I2: the journal is durable before the commit frees) and the
+   * holder lets go too, so the cluster becomes free at this commit.
+   */
+  async release(cluster: number): Promise<void> {
+    const refcounts = this.image.refcountState!;
+    let drops = 1;
+    if (await this.holder.holds(cluster)) {
+      const left = (await refcounts.get(cluster)) - (this.pending.get(cluster) ?? 0);
+      if (left <= 2) {
+        const offset = cluster * this.image.clusterSize;
+        const hash = this.hasher.hash(await this.image.file.read(offset, this.image.clusterSize));
+        const e = await this.store.lookup(hash);
+        if (e && e.hostOffset === offset) await this.store.remove(hash, hostOf(this.image).allocate);
+        await this.holder.release(cluster);
+        this.counters.released++;
+        drops = 2;
+      }
+    }
+    for (let i = 0; i < drops; i++) refcounts.deferFree(cluster);
+    this.pending.set(cluster, (this.pending.get(cluster) ?? 0) + drops);
+  }
+
+  // -------------------------------------------------------------------- commit hooks
+
+  /** Commit, before the refcounts are written: the store's journal and incarnations, the configuration area. */
+  async beforeCommit(): Promise<void> {
+    const host = hostOf(this.image);
+    await this.store.flush(host.allocate);
+    const config = this.store.config();
+    const need = configBytesFor(config);
+    if (need > this.ext.configBytes) {
+      const clusters = Math.ceil((need * 2) / this.image.clusterSize);
+      const old = this.ext.configOffset / this.image.clusterSize;
+      for (let c = 0; c < this.ext.configBytes / this.image.clusterSize; c++) this.image.refcountState!.deferFree(old + c);
+      this.ext.configOffset = await host.allocate(clusters);
+      this.ext.configBytes = clusters * this.image.clusterSize;
+    }
+    host.markMetadata(this.ext.configOffset, this.ext.configBytes, 'dedup configuration area');
+    await this.image.file.write(this.ext.configOffset, encodeDedupConfig(config, this.ext.configBytes));
+  }
+
+  /** Commit, after the frees: the queued decrements are applied. */
+  afterCommit(): void {
+    this.pending.clear();
+  }
+
+  /** Clean close, after the last commit: clears the dirty flag, then syncs (I3). */
+  async markClean(): Promise<void> {
+    this.ext.dirty = false;
+    await Dedup.writeExtension(this.image, this.ext);
+  }
+}
+
+/** The allocation and overlap-guard functions the store and the holder use. */
+function hostOf(image: Image): HolderHost {
+  return {
+    file: image.file,
+    clusterBits: image.clusterBits,
+    allocate: async (n) => {
+      const offset = await image.refcountState!.allocate(n);
+      image.markMetadata(offset, n * image.clusterSize, 'dedup metadata');
+      return offset;
+    },
+    markMetadata: (offset, bytes, what) => image.markMetadata(offset, bytes, what),
+  };
+}
+
+let zeros = Buffer.alloc(0);
+
+/** True when every byte is zero (memcmp against a shared zero buffer). */
+function isZero(b: Buffer): boolean {
+  if (zeros.length < b.length) zeros = Buffer.alloc(b.length);
+  return zeros.subarray(0, b.length).equals(b);
+}
