@@ -11,6 +11,8 @@ import * as info from './commands/info.ts';
 import * as write from './commands/write.ts';
 import * as read from './commands/read.ts';
 import * as check from './commands/check.ts';
+import * as dedupStats from './commands/dedup-stats.ts';
+import * as journalDump from './commands/journal-dump.ts';
 
 interface CommandModule {
   command: string;
@@ -20,7 +22,7 @@ interface CommandModule {
   run: (args: any, io: Output) => Promise<number>;
 }
 
-const COMMANDS: CommandModule[] = [create, info, write, read, check];
+const COMMANDS: CommandModule[] = [create, info, write, read, check, dedupStats, journalDump];
 
 /**
  * qdedup's version from package.json. yargs' own lookup fails once the CLI is bundled into

@@ -126,9 +126,9 @@ export class Dedup {
     let store: DedupStore | null = null;
     if (config) {
       store = await DedupStore.open(image.file, geometry, config);
-      const damage = store.replays.find((r) => r && (r.stop.verdict === 'bad-checksum' || r.stop.verdict === 'bad-entry'));
+      const damage = store.replayDamage();
       if (damage) {
-        reason = `a journal block is damaged (block ${damage.stop.block}: ${damage.stop.reason})`;
+        reason = damage;
         store = null;
       } else {
         for (const a of store.areas()) host.markMetadata(a.offset, a.bytes, 'dedup metadata');

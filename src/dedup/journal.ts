@@ -63,6 +63,11 @@ export class Journal {
     return this.nextBlock + this.ready.length + (this.pending.length ? 1 : 0);
   }
 
+  /** Blocks written to disk so far (replay of a clean journal stops exactly here). */
+  get blocksWritten(): number {
+    return this.nextBlock;
+  }
+
   /** True when `count` more entries would not fit in the journal's blocks. */
   wouldOverflow(count: number): boolean {
     const entries = this.ready.length * this.perBlock + this.pending.length + count;

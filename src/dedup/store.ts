@@ -11,7 +11,7 @@ import { nextGeneration, type DedupConfig, type JournalDescriptor } from '../for
 import type { HashEntry } from '../format/hash-entry.ts';
 import type { BlockFile } from '../image/block-file.ts';
 import { HashStore } from './hash-store.ts';
-import { Journal, replayJournal, type ReplayResult } from './journal.ts';
+import { Journal, replayJournal, type ReplayResult, type ReplayStop } from './journal.ts';
 import { LogStore } from './log-store.ts';
 
 export interface StoreGeometry {
@@ -27,6 +27,23 @@ export type Allocate = (clusters: number) => Promise<number>;
 /** Journal blocks per log store: room for every slot twice (the seed's journal ratio) plus partial blocks. */
 export function journalBlocksFor(g: StoreGeometry): number {
   return Math.ceil((2 ** g.order * 4 * 2) / entriesPerBlock(g.journalBlockSize)) + 16;
+}
+
+/**
+ * Why the replay of a trusted store's journals cannot be trusted, or null: a block with a
+ * bad checksum or entry, or replay stopping anywhere but at the blocks the configuration
+ * says were written (a zeroed or stale block there would look like a clean end and hide
+ * later entries, deletions included: I1, I2). Shared by the open, check and journal-dump.
+ */
+export function replayDamage(stops: (ReplayStop | null)[], journals: JournalDescriptor[]): string | null {
+  for (const [i, stop] of stops.entries()) {
+    if (!stop) continue;
+    const written = journals[i].written;
+    if (stop.verdict === 'bad-checksum' || stop.verdict === 'bad-entry' || stop.block !== written) {
+      return `journal ${i} block ${stop.block} is damaged (${stop.reason}${stop.block !== written ? `; ${written} blocks were written` : ''})`;
+    }
+  }
+  return null;
 }
 
 interface Side {
@@ -48,6 +65,8 @@ export class DedupStore {
   readonly replays: [ReplayResult | null, ReplayResult | null] = [null, null];
   freezes = 0;
   packs = 0;
+  /** The journal descriptors the configuration held at open (replay is judged against them). */
+  private openedJournals: JournalDescriptor[];
 
   private constructor(private readonly file: BlockFile, geometry: StoreGeometry, config: DedupConfig) {
     this.geometry = geometry;
@@ -56,6 +75,12 @@ export class DedupStore {
     const desc = config.journals[config.currentJournal];
     this.current = { store: new LogStore(geometry.order), journal: new Journal(file, desc, geometry.journalBlockSize), desc };
     this.other = config.journals[1 - config.currentJournal];
+    this.openedJournals = config.journals;
+  }
+
+  /** Why replay at open cannot be trusted, or null (see replayDamage). */
+  replayDamage(): string | null {
+    return replayDamage(this.replays.map((r) => r?.stop ?? null), this.openedJournals);
   }
 
   /** Allocates two empty journals: a new store with nothing indexed. */
@@ -63,8 +88,8 @@ export class DedupStore {
     const blocks = journalBlocksFor(g);
     const clusters = Math.ceil((blocks * g.journalBlockSize) / g.clusterSize);
     const journals: [JournalDescriptor, JournalDescriptor] = [
-      { offset: await allocate(clusters), blocks, startSequence: 0 },
-      { offset: await allocate(clusters), blocks, startSequence: 0 },
+      { offset: await allocate(clusters), blocks, startSequence: 0, written: 0 },
+      { offset: await allocate(clusters), blocks, startSequence: 0, written: 0 },
     ];
     // Fresh clusters may hold old bytes: zero block 0 so replay ends there.
     for (const j of journals) await file.write(j.offset, Buffer.alloc(g.journalBlockSize));
@@ -141,7 +166,7 @@ export class DedupStore {
 
   /** A journal is reused from block 0 under sequence numbers past any it carried before. */
   private resetDescriptor(d: JournalDescriptor): JournalDescriptor {
-    return { offset: d.offset, blocks: d.blocks, startSequence: d.startSequence + d.blocks + 1 };
+    return { offset: d.offset, blocks: d.blocks, startSequence: d.startSequence + d.blocks + 1, written: 0 };
   }
 
   /** Rewrites the current journal with only the live slots of the current log store. */
@@ -180,7 +205,10 @@ export class DedupStore {
 
   /** What the configuration area records now. */
   config(): DedupConfig {
-    const journals = [this.current.desc, this.other] as JournalDescriptor[];
+    const journals = [
+      { ...this.current.desc, written: this.current.journal.blocksWritten },
+      this.frozen ? { ...this.frozen.desc, written: this.frozen.journal.blocksWritten } : this.other,
+    ];
     if (this.currentIndex === 1) journals.reverse();
     return {
       currentJournal: this.currentIndex,
@@ -190,10 +218,40 @@ export class DedupStore {
     };
   }
 
+  /**
+   * Every live entry, as a lookup would find it: youngest source first, each hash once,
+   * deleted hashes left out. For check and tests (reads every incarnation table).
+   */
+  async *liveEntries(): AsyncGenerator<HashEntry> {
+    const seen = new Set<string>();
+    for (const side of this.frozen ? [this.current, this.frozen] : [this.current]) {
+      const st = side.store;
+      for (let s = 0; s < st.slots; s++) {
+        if (st.states[s] === SLOT_EMPTY) continue;
+        const hash = Buffer.from(st.hashAt(s));
+        const key = hash.toString('latin1');
+        if (seen.has(key)) continue;
+        seen.add(key);
+        if (st.states[s] === SLOT_USED) yield { hash, hostOffset: st.hostOffsets[s], firstGuestOffset: st.guestOffsets[s] };
+      }
+    }
+    for (const e of await this.hashStore.allSlots()) {
+      const key = e.hash.toString('latin1');
+      if (seen.has(key)) continue;
+      seen.add(key);
+      if (!e.tombstone) yield e;
+    }
+  }
+
   /** Every area the store owns on disk: both journals, the incarnations and limbo. */
   areas(): { offset: number; bytes: number }[] {
     const journals = [this.current.desc, this.other].map((d) => ({ offset: d.offset, bytes: d.blocks * this.geometry.journalBlockSize }));
     return [...journals, ...this.hashStore.areas().map((a) => ({ offset: a.offset, bytes: a.clusters * this.geometry.clusterSize }))];
+  }
+
+  /** The log stores in lookup order: the current one, then the frozen one if any (read-only use: check, src/dedup/inspect.ts). */
+  logStores(): readonly LogStore[] {
+    return this.frozen ? [this.current.store, this.frozen.store] : [this.current.store];
   }
 
   /** Figures for dedup-stats. */

@@ -17,7 +17,8 @@ export const DEDUP_EXT_VERSION = 1;
 export const DEDUP_EXT_BYTES = 48;
 export const DEDUP_FLAG_DIRTY = 0x01;
 export const DEDUP_FLAG_VERIFY = 0x02;
-export const MAX_STORE_ORDER = 24;
+/** Largest log store: 2^20 buckets × 4 slots × 49 bytes ≈ 200 MiB of RAM per log store (I4, I5). */
+export const MAX_STORE_ORDER = 20;
 
 export const CONFIG_MAGIC = 0x51444443; // "QDDC"
 export const CONFIG_HEADER_BYTES = 72;
@@ -86,6 +87,12 @@ export interface JournalDescriptor {
   blocks: number;
   /** Sequence number replay expects in block 0. */
   startSequence: number;
+  /**
+   * Blocks written when the configuration was recorded: replay of a trusted store must
+   * stop exactly there (a zeroed or stale block before it would look like a clean end and
+   * hide later entries, deletions included).
+   */
+  written: number;
 }
 
 export interface IncarnationRecord {
@@ -124,7 +131,7 @@ export function configBytesFor(config: DedupConfig): number {
 /**
  *   0–3 magic "QDDC"     4–7 crc32 of bytes 8 … size-1
  *   8–11 incarnations    12–15 limbo records   16 current journal   17–23 reserved
- *  24–47 journal 0: u64 offset, u32 blocks, u32 reserved, u64 start sequence
+ *  24–47 journal 0: u64 offset, u32 blocks, u32 blocks written, u64 start sequence
  *  48–71 journal 1: the same
  *  72…   incarnation records (u64 offset, u32 entries, u32 reserved, u64 generation, u64 reserved)
  *        then limbo records (u64 offset, u32 clusters, u32 reserved)
@@ -142,6 +149,7 @@ export function encodeDedupConfig(config: DedupConfig, size: number): Buffer {
     const at = 24 + i * 24;
     writeU64(buf, at, j.offset);
     buf.writeUInt32BE(j.blocks, at + 8);
+    buf.writeUInt32BE(j.written, at + 12);
     writeU64(buf, at + 16, j.startSequence);
   });
   let pos = CONFIG_HEADER_BYTES;
@@ -176,11 +184,14 @@ export function decodeDedupConfig(buf: Buffer, areaOffset: number, clusterSize: 
   };
   const journals = [0, 1].map((i) => {
     const at = 24 + i * 24;
-    return {
+    const d = {
       offset: aligned(readU64(buf, at, 'journal offset'), at, `journal ${i}`),
       blocks: buf.readUInt32BE(at + 8),
+      written: buf.readUInt32BE(at + 12),
       startSequence: readU64(buf, at + 16, 'journal start sequence'),
     };
+    if (d.written > d.blocks) throw bad(`journal ${i}: ${d.written} blocks written of ${d.blocks}`, at + 12);
+    return d;
   }) as [JournalDescriptor, JournalDescriptor];
   const incarnations: IncarnationRecord[] = [];
   let pos = CONFIG_HEADER_BYTES;

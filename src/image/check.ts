@@ -15,6 +15,10 @@
 // refcount structure is written to clusters nobody references, synced, and only then does
 // the header point at it; the dirty and corrupt bits are cleared last.
 //
+// Structures a layer above the engine keeps in the image (the dedup store) join the check
+// through a CheckExtension: their areas count as referenced while an autoclear bit vouches
+// for them, their problems are corruptions, and `-r all` repairs those by clearing the bit.
+//
 // Memory is bounded by the file size (the IMRT has one entry per host cluster of the file),
 // never by a field read from disk; an L2 table that several L1 entries share is read once
 // and counted with its multiplicity, so a hostile L1 cannot multiply the work.
@@ -101,6 +105,44 @@ export interface CheckOptions {
   repair?: RepairMode;
   /** Receives each problem line as it is found (qemu-img prints them on stderr). */
   onMessage?: (line: string) => void;
+  /**
+   * Structures a layer above the engine keeps in the image (the dedup store:
+   * src/dedup/inspect.ts dedupCheckExtension), made from the opened image; null when none.
+   */
+  extension?: (image: Image) => Promise<CheckExtension | null> | CheckExtension | null;
+}
+
+/**
+ * A layer above the QCOW2 engine that keeps structures of its own in the image, vouched for
+ * by an autoclear bit (the dedup store and bit 60). The engine does not know their layout:
+ * the extension names their areas and its problems, the check counts the areas as
+ * referenced while they are trusted (so they are not leaks), and `-r all` repairs the
+ * problems by clearing the autoclear bit (the structures are then dropped, and their areas
+ * become leaks that the same repair frees). `-r leaks` never drops them, and a repair keeps
+ * the bit of structures that are trusted and sound.
+ */
+export interface CheckExtension {
+  /** Key of the summary in the JSON document ("dedup"). */
+  readonly key: string;
+  /** The autoclear bits that vouch for the structures. */
+  readonly autoclear: bigint;
+  /** Inspects the structures as the header now says (called at the start of every pass); null when the image has none. Never writes. */
+  inspect(): Promise<ExtensionReport | null>;
+}
+
+export interface ExtensionReport {
+  /** True when the structures are in force: their areas then count as referenced. */
+  trusted: boolean;
+  /** Host ranges the structures own (counted once each while trusted). */
+  areas: { offset: number; bytes: number; what: string }[];
+  /** Problem lines that dropping the structures repairs (at most a bounded number kept). */
+  problems: string[];
+  /** The number of such problems (each a corruption), which may exceed problems.length. */
+  problemCount: number;
+  /** Problem lines no repair of the check can fix (each a corruption). */
+  unfixable: string[];
+  /** What the JSON document shows under `key`. */
+  summary: Record<string, unknown>;
 }
 
 /** What `qemu-img check` reports: the final counts, and the repair summary when a repair fixed something. */
@@ -113,6 +155,8 @@ export interface ImageCheck extends CheckCounts {
   failure?: string;
   /** The problem lines, in the order found (at most MAX_STORED_MESSAGES). */
   messages: string[];
+  /** The extension's summary from the last pass, and whether a repair dropped its structures. */
+  extension?: { key: string; summary: Record<string, unknown>; dropped: boolean };
 }
 
 function zeroCounts(): CheckCounts {
@@ -326,8 +370,18 @@ class CheckRun {
   highestCluster = 0;
   /** Clusters of the refcount structure in use on disk: a rebuild must not write there before the switch. */
   private oldStructure = new Set<number>();
+  /** The extension's report for this pass, and its problems found while counting (overlaps). */
+  extReport: ExtensionReport | null = null;
+  private extOverlaps = 0;
+  private extCounted = false;
+  /** Bitmap of the clusters the extension's areas own, counted as referenced. */
+  private extOwned: Uint8Array | null = null;
+  /** Set once a repair has dropped the extension's structures (kept across passes). */
+  extDropped = false;
+  /** Autoclear bits a repair keeps besides the bitmaps bit (those of trusted, sound structures). */
+  private keepAutoclear = 0n;
 
-  constructor(readonly target: CheckTarget, private readonly onMessage?: (line: string) => void) {
+  constructor(readonly target: CheckTarget, private readonly onMessage?: (line: string) => void, readonly extension: CheckExtension | null = null) {
     this.clusterSize = clusterSizeOf(target.header);
     this.clusterBits = target.header.clusterBits;
     this.l2Entries = l2EntriesOf(target.header);
@@ -398,12 +452,31 @@ class CheckRun {
     if (this.autoclearDone) return;
     this.autoclearDone = true;
     const h = this.header;
-    if (h.version !== 3 || (h.autoclearFeatures & ~AUTOCLEAR_BITMAPS) === 0n) return;
-    h.autoclearFeatures &= AUTOCLEAR_BITMAPS;
+    const keep = AUTOCLEAR_BITMAPS | this.keepAutoclear;
+    if (h.version !== 3 || (h.autoclearFeatures & ~keep) === 0n) return;
+    h.autoclearFeatures &= keep;
     const field = Buffer.alloc(8);
     field.writeBigUInt64BE(h.autoclearFeatures);
     await this.target.file.write(88, field);
     await this.target.file.sync(); // autoclear bits cleared on disk before anything they vouch for changes
+  }
+
+  /**
+   * `-r all` on structures with problems: clears their autoclear bits, durably, before
+   * anything else is written or freed (I3: once the bit is clear nobody trusts them, so
+   * their areas may then be freed as the leaks they have become).
+   */
+  private async dropExtension(bits: bigint): Promise<void> {
+    if (!this.fix || !this.target.writable) throw new QdedupError('internal: check tried to write without a repair mode', 'EINTERNAL');
+    const h = this.header;
+    this.keepAutoclear &= ~bits;
+    this.extDropped = true;
+    if (!(h.autoclearFeatures & bits)) return;
+    h.autoclearFeatures &= ~bits;
+    const field = Buffer.alloc(8);
+    field.writeBigUInt64BE(h.autoclearFeatures);
+    await this.target.file.write(88, field);
+    await this.target.file.sync();
   }
 
   private async writeIncompatibleFeatures(): Promise<void> {
@@ -425,6 +498,7 @@ class CheckRun {
     const snapshotRes = zeroCounts();
     try {
       this.fileSize = await this.target.file.size();
+      await this.inspectExtension(fix);
       await this.readSnapshotTable(snapshotRes);
       await this.checkRefcounts(fix);
       addCounts(this.res, snapshotRes);
@@ -441,6 +515,84 @@ class CheckRun {
       throw err;
     } finally {
       this.fix = 0;
+    }
+  }
+
+  /** Asks the extension for its report on the image as it is now and decides which autoclear bits a repair keeps. */
+  private async inspectExtension(fix: number): Promise<void> {
+    this.extReport = null;
+    this.extOverlaps = 0;
+    this.extCounted = false;
+    this.extOwned = null;
+    this.keepAutoclear = 0n;
+    if (!this.extension) return;
+    this.extReport = await this.extension.inspect();
+    const r = this.extReport;
+    // Trusted structures keep their bit through a repair, unless -r all is about to drop them.
+    if (r && r.trusted && !(r.problemCount && fix & FIX_ERRORS)) this.keepAutoclear = this.extension.autoclear;
+  }
+
+  /**
+   * At the end of calculate_refcounts: reports the extension's problems (and areas that
+   * overlap other structures or each other), drops the structures under `-r all` when there
+   * are any, else counts their areas as referenced. A second call in the same pass (after a
+   * refcount rebuild) counts again without reporting again.
+   */
+  private async countExtension(fix: number): Promise<void> {
+    const r = this.extReport;
+    if (!r || !this.extension) return;
+    const cs = this.clusterSize;
+    if (!this.extCounted) {
+      this.extCounted = true;
+      for (const line of r.unfixable) this.emit(line);
+      this.res.corruptions += r.unfixable.length;
+      for (const line of r.problems) this.emit(line);
+      this.res.corruptions += r.problemCount;
+      if (r.trusted && !this.extDropped) {
+        // One bit per cluster the areas own; an area stops at its first cluster that another
+        // structure (or an earlier area) already uses, so the work is bounded by the file.
+        const limit = this.imrt.size + MAX_REPAIR_GROWTH_CLUSTERS;
+        const owned = new Uint8Array(Math.ceil(limit / 8));
+        const has = (c: number) => (owned[c >>> 3] & (1 << (c & 7))) !== 0;
+        for (const a of r.areas) {
+          const first = Math.floor(a.offset / cs);
+          const last = Math.floor((a.offset + Math.max(a.bytes, 1) - 1) / cs);
+          for (let c = first; c <= last; c++) {
+            const why = c >= limit ? 'extends too far past the end of the file'
+              : has(c) || this.imrt.get(c) > 0 ? `shares cluster 0x${(c * cs).toString(16)} with another structure` : null;
+            if (why) {
+              this.emit(`ERROR ${a.what} at 0x${a.offset.toString(16)}: ${why}`);
+              this.extOverlaps++;
+              break;
+            }
+            owned[c >>> 3] |= 1 << (c & 7);
+          }
+        }
+        this.extOwned = owned;
+        this.res.corruptions += this.extOverlaps;
+        const fixable = r.problemCount + this.extOverlaps;
+        if (fixable && fix & FIX_ERRORS) {
+          await this.dropExtension(this.extension.autoclear);
+          this.emit(`Repairing ${this.extension.key}: structures dropped (autoclear bits 0x${this.extension.autoclear.toString(16)} cleared); their clusters are now leaks`);
+          this.res.corruptions -= fixable;
+          this.res.corruptionsFixed += fixable;
+        }
+      }
+    } else {
+      // Counted again after a rebuild: the same problems, not reported twice.
+      this.res.corruptions += r.unfixable.length + (this.extDropped ? 0 : r.problemCount + this.extOverlaps);
+    }
+    if (!r.trusted || this.extDropped || !this.extOwned) return;
+    // Not inc(): an area may end past the end of the file (allocated, not yet written).
+    const owned = this.extOwned;
+    for (let byte = 0; byte < owned.length; byte++) {
+      if (!owned[byte]) continue;
+      for (let bit = 0; bit < 8; bit++) {
+        if (!(owned[byte] & (1 << bit))) continue;
+        const c = byte * 8 + bit;
+        if (c >= this.imrt.size) this.imrt.grow(c + 1);
+        this.imrt.set(c, this.imrt.get(c) + 1);
+      }
     }
   }
 
@@ -637,6 +789,7 @@ class CheckRun {
     this.inc(h.refcountTableOffset, this.stored.entries * 8);
     await this.checkBitmaps();
     await this.checkRefblocks(fix);
+    await this.countExtension(fix);
   }
 
   /** The L1 table of a group as a buffer (the active one from memory; others read, clipped to the file). */
@@ -1248,10 +1401,10 @@ function addCounts(into: CheckCounts, from: CheckCounts): void {
  * counts of the first. Never writes without `repair`. Throws only on internal errors;
  * a check that cannot complete is reported in `failure`.
  */
-export async function checkOpenImage(target: CheckTarget, options: CheckOptions = {}): Promise<ImageCheck> {
+export async function checkOpenImage(target: CheckTarget, options: CheckOptions = {}, extension: CheckExtension | null = null): Promise<ImageCheck> {
   const fix = options.repair === 'all' ? FIX_LEAKS | FIX_ERRORS : options.repair === 'leaks' ? FIX_LEAKS : 0;
   if (fix && !target.writable) throw new QdedupError('internal: a repair needs the image file open for writing', 'EINTERNAL');
-  const run = new CheckRun(target, options.onMessage);
+  const run = new CheckRun(target, options.onMessage, extension);
   const first = await run.pass(fix);
   let final = first;
   let repaired: ImageCheck['repaired'];
@@ -1261,7 +1414,9 @@ export async function checkOpenImage(target: CheckTarget, options: CheckOptions 
     final.res.leaksFixed = repaired.leaksFixed;
     final.res.corruptionsFixed = repaired.corruptionsFixed;
   }
-  return { ...final.res, filename: target.path, format: 'qcow2', repaired, failure: final.failure, messages: run.messages };
+  const result: ImageCheck = { ...final.res, filename: target.path, format: 'qcow2', repaired, failure: final.failure, messages: run.messages };
+  if (extension && run.extReport) result.extension = { key: extension.key, summary: run.extReport.summary, dropped: run.extDropped };
+  return result;
 }
 
 /**
@@ -1274,7 +1429,8 @@ export async function checkImage(path: string, options: CheckOptions = {}): Prom
   const file = writable ? await NodeFile.open(path, true) : undefined;
   const image = await Image.open(path, { file });
   try {
-    return await checkOpenImage({ path, file: image.file, header: image.header, l1: image.l1, writable }, options);
+    const extension = options.extension ? await options.extension(image) : null;
+    return await checkOpenImage({ path, file: image.file, header: image.header, l1: image.l1, writable }, options, extension);
   } finally {
     await image.close();
   }

@@ -50,6 +50,8 @@ export interface OpenOptions {
   file?: BlockFile;
   /** false: do not open the backing chain (`info`, like qemu-img info; guest reads then see no backing data). */
   backing?: boolean;
+  /** false: a read-write open that leaves the dedup store alone (check's repairs); writes then are not deduplicated. */
+  dedup?: boolean;
 }
 
 /** One guest cluster waiting for a new host cluster in the current write batch. */
@@ -116,7 +118,7 @@ export class Image implements GuestReader {
       if (options.backing !== false) await image.openBacking(options.chain ?? []);
       if (writable) {
         await image.prepareForWrites();
-        image.dedup = await Dedup.attach(image);
+        if (options.dedup !== false) image.dedup = await Dedup.attach(image);
       }
       return image;
     } catch (err) {

@@ -199,7 +199,7 @@ describe('qdedup command line', { concurrency: 4 }, () => {
     assert.equal(readFileSync(other, 'utf8'), 'precious');
     const r = await q('create', '--force', file, '2M');
     assert.equal(r.status, 0, r.stderr);
-    assert.equal(r.stdout, `Formatting '${file}', fmt=qcow2 cluster_size=65536 compat=1.1 size=2097152 lazy_refcounts=off refcount_bits=16\n`);
+    assert.equal(r.stdout, `Formatting '${file}', fmt=qcow2 cluster_size=4096 compat=1.1 size=2097152 lazy_refcounts=off refcount_bits=16 dedup=sha256 dedup_verify=off\n`);
     const info = JSON.parse((await q('info', '--output', 'json', file)).stdout);
     assert.equal(info['virtual-size'], 2 * 1024 * 1024);
   });
@@ -329,12 +329,12 @@ describe('qdedup command line', { concurrency: 4 }, () => {
   it('info --output json has qemu-img info --output=json\'s keys and values', { skip: NO_QEMU }, async () => {
     const cwd = tempDir('qdedup-cli-info-');
     const made: [string, string[]][] = [
-      ['v3.qcow2', ['create', '-q', 'v3.qcow2', '1G']],
+      ['v3.qcow2', ['create', '-q', '-o', 'dedup=off', 'v3.qcow2', '1G']],
       ['v2.qcow2', ['create', '-q', '-o', 'compat=0.10', 'v2.qcow2', '100000']],
-      ['lazy-4k.qcow2', ['create', '-q', '-o', 'lazy_refcounts=on,cluster_size=4k,refcount_bits=8', 'lazy-4k.qcow2', '64M']],
-      ['overlay.qcow2', ['create', '-q', '-b', 'v3.qcow2', '-F', 'qcow2', 'overlay.qcow2']],
-      ['overlay-raw.qcow2', ['create', '-q', '-b', 'base.raw', '-F', 'raw', 'overlay-raw.qcow2']],
-      ['written.qcow2', ['create', '-q', 'written.qcow2', '8M']],
+      ['lazy-4k.qcow2', ['create', '-q', '-o', 'lazy_refcounts=on,cluster_size=4k,refcount_bits=8,dedup=off', 'lazy-4k.qcow2', '64M']],
+      ['overlay.qcow2', ['create', '-q', '-o', 'dedup=off', '-b', 'v3.qcow2', '-F', 'qcow2', 'overlay.qcow2']],
+      ['overlay-raw.qcow2', ['create', '-q', '-o', 'dedup=off', '-b', 'base.raw', '-F', 'raw', 'overlay-raw.qcow2']],
+      ['written.qcow2', ['create', '-q', '-o', 'dedup=off', 'written.qcow2', '8M']],
     ];
     writeFileSync(join(cwd, 'base.raw'), Buffer.alloc(1 << 20));
     for (const [, args] of made) {

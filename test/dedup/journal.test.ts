@@ -6,7 +6,7 @@ import type { JournalEntry } from '../../src/format/journal-block.ts';
 
 const entry = (i: number, deleted = false): JournalEntry => ({ hash: Buffer.alloc(32, i), hostOffset: 4096 * (i + 1), firstGuestOffset: 512 * i, deleted });
 const strip = (es: JournalEntry[]) => es.map(({ offsetInBlock, ...e }) => e);
-const desc = { offset: 8192, blocks: 8, startSequence: 100 };
+const desc = { offset: 8192, blocks: 8, startSequence: 100, written: 0 };
 
 test('appended entries replay in order, across full and partly filled blocks', async () => {
   const file = new MemFile();
@@ -52,10 +52,10 @@ test('blocks from an earlier use of the area are stale: the sequence number stop
 });
 
 test('the journal refuses to overflow its blocks', async () => {
-  const j = new Journal(new MemFile(), { offset: 0, blocks: 2, startSequence: 0 }, 512);
+  const j = new Journal(new MemFile(), { offset: 0, blocks: 2, startSequence: 0, written: 0 }, 512);
   for (let i = 0; i < 18; i++) j.append(entry(i));
   assert.ok(j.wouldOverflow(1));
   assert.throws(() => j.append(entry(18)), RangeError);
-  const r = await replayJournal(new MemFile(), { offset: 0, blocks: 2, startSequence: 0 }, 512);
+  const r = await replayJournal(new MemFile(), { offset: 0, blocks: 2, startSequence: 0, written: 0 }, 512);
   assert.deepEqual([r.entries.length, r.stop.verdict], [0, 'empty']);
 });

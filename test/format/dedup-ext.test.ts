@@ -31,7 +31,7 @@ test('extension refusals name the field', () => {
 
 const config: DedupConfig = {
   currentJournal: 1,
-  journals: [{ offset: 0x10000, blocks: 16, startSequence: 0 }, { offset: 0x20000, blocks: 16, startSequence: 33 }],
+  journals: [{ offset: 0x10000, blocks: 16, startSequence: 0, written: 5 }, { offset: 0x20000, blocks: 16, startSequence: 33, written: 0 }],
   incarnations: [{ offset: 0x40000, entries: 1900, generation: 5 }, { offset: 0x30000, entries: 1890, generation: 4 }],
   limbo: [{ offset: 0x50000, clusters: 26 }],
 };

@@ -87,12 +87,14 @@ const CONFIGS = [
   { clusterSize: 65536, size: 8 * 1024 * 1024, steps: 8, seed: 37 },
 ];
 const MODES: LossMode[] = ['drop-unsynced', 'keep-unsynced', 'random-subset', 'torn'];
+/** QDEDUP_SOAK_SCALE=N (npm run soak): N workloads per configuration (round 0 is the CI one; round r uses seed + 1000·r). */
+const ROUNDS = Math.max(1, Math.round(Number(process.env.QDEDUP_SOAK_SCALE ?? 1)));
 
 test('crash at every write and sync: acknowledged data survives, no corruption', async () => {
   const dir = tempDir('qdedup-crash-');
   let states = 0;
   let qemuChecked = 0;
-  for (const c of CONFIGS) {
+  for (const c of CONFIGS.flatMap((c) => Array.from({ length: ROUNDS }, (_, r) => ({ ...c, seed: c.seed + 1000 * r })))) {
     const path = join(dir, `base-${c.clusterSize}.qcow2`);
     await createImage(path, { size: c.size, clusterBits: Math.log2(c.clusterSize), version: 3, refcountOrder: 4, lazyRefcounts: false, force: true });
     const base = readFileSync(path);
@@ -112,7 +114,7 @@ test('crash at every write and sync: acknowledged data survives, no corruption',
         const file = new FaultyFile(path, base, { crashAt: k });
         const acked = await run(path, file, steps);
         const bytes = await file.afterPowerLoss(mode, k * 7 + 1);
-        const label = `cluster ${c.clusterSize}, crash at op ${k}/${totalOps}, ${mode}`;
+        const label = `cluster ${c.clusterSize}, seed ${c.seed}, crash at op ${k}/${totalOps}, ${mode}`;
         await verifyState(path, bytes, shadows[acked], shadows[Math.min(acked + 1, steps.length)], label);
         states++;
         if (HAVE_QEMU && (k % 9 === 0) && mode !== 'keep-unsynced') {

@@ -152,7 +152,8 @@ export class OpGenerator {
     else if (p < 0.5 && this.recent.length) { const r = rng.pick(this.recent); offset = r.offset + rng.int(-cs, r.length); }
     else {
       // Anywhere (a wide disk: mostly within 64 clusters of a hot point, to stay sparse).
-      const window = this.cfg.wide && !rng.chance(0.05) ? [rng.pick(this.hot) - 64 * cs, rng.pick(this.hot) + 64 * cs] : [0, V - 1];
+      const centre = rng.pick(this.hot);
+      const window = this.cfg.wide && !rng.chance(0.05) ? [centre - 64 * cs, centre + 64 * cs] : [0, V - 1];
       offset = rng.int(Math.max(0, window[0]), Math.min(V - 1, window[1]));
       if (p < 0.7) offset -= offset % cs;
     }
@@ -307,9 +308,9 @@ export async function compareTwins(qdedupImage: string, qemuImage: string, shado
   return problems;
 }
 
-/** The guest offset in a "Content mismatch at offset N!" message, if any. */
+/** The guest offset a problem names (qemu-img compare's or a read's first difference), if any. */
 export function mismatchOffset(problem: string): number | null {
-  const m = /Content mismatch at offset (\d+)/.exec(problem);
+  const m = /(?:Content mismatch at offset|first difference at guest offset) (\d+)/.exec(problem);
   return m ? Number(m[1]) : null;
 }
 
@@ -373,7 +374,7 @@ export async function runLongSequence(o: SequenceOptions): Promise<SequenceResul
       const qemuCommands: string[] = [];
       let dataFiles = 0;
       const dataFile = () => join(bdir, `d${dataFiles++}.bin`);
-      const t0 = Date.now();
+      const t0 = Date.now(); // phase times: QDEDUP_LONG_TIMING=1
       // 1. The engine, in-process: every operation generated now, against the shadow as it is.
       let image = await Image.open(D, { writable: true });
       try {
@@ -387,8 +388,8 @@ export async function runLongSequence(o: SequenceOptions): Promise<SequenceResul
           log.push({ batch, op, via: 'engine' });
           res.ops++;
           const r = rng.float();
-          if (r < 0.015) { await image.close(); image = await Image.open(D, { writable: true }); }
-          else if (r < 0.03) await image.flush();
+          if (r < 0.006) { await image.close(); image = await Image.open(D, { writable: true }); }
+          else if (r < 0.012) await image.flush();
         }
         await image.close();
       } catch (err) {

@@ -8,7 +8,9 @@
 //
 //   npm test -- differential-long                         ≥ 20,000 operations (6 geometries)
 //   QDEDUP_SOAK_SCALE=10 npm test -- differential-long    10× as many (npm run soak -- 10)
-//   QDEDUP_SEED=<base seed> QDEDUP_ONLY=<label> …         rerun one failing sequence
+//   QDEDUP_SEED=<base seed> QDEDUP_ONLY=<label>[,…] …      rerun one failing sequence
+//   QDEDUP_LONG_BATCH=<n>, QDEDUP_LONG_TIMING=1            batch size; print each batch's phase times
+//   QDEDUP_LONG_DIR=<folder>                               scratch folder (default /dev/shm)
 //
 // A failure prints the sequence's seed, the failing batch, the last operations that touched
 // the first differing byte, and the command that reruns it.
@@ -16,12 +18,16 @@
 import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { NO_QEMU } from '../helpers.ts';
-import { testFolders } from './differential-lib.ts';
+import { existsSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { deriveSeed } from './differential-lib.ts';
 import { configText, runLongSequence, type LongConfig } from './differential-long-lib.ts';
 
 const BASE_SEED = process.env.QDEDUP_SEED ? Number(process.env.QDEDUP_SEED) >>> 0 : 0x10c6_d1ff;
 const SCALE = Math.max(0, Number(process.env.QDEDUP_SOAK_SCALE ?? 1));
-const ONLY = process.env.QDEDUP_ONLY;
+/** Comma-separated labels of the sequences to run (default: all). */
+const ONLY = process.env.QDEDUP_ONLY?.split(',');
 /** Operations of the fast tier, over all geometries. */
 const FAST_TIER_OPS = 20_480;
 /** Operations per batch (qemu-io process, bin/qdedup write + read, qemu-img compare). */
@@ -42,7 +48,15 @@ const CONFIGS: LongConfig[] = [
 ];
 
 const perConfig = Math.ceil((FAST_TIER_OPS * SCALE) / CONFIGS.length);
-const { scratch, seedOf } = testFolders('qdedup-difflong-', BASE_SEED);
+const seedOf = (label: string) => deriveSeed(BASE_SEED, label);
+/**
+ * Scratch folders in memory (/dev/shm) when there is one: the test is about contents, and
+ * fsync on a busy disk would dominate its time. QDEDUP_LONG_DIR overrides. A failing run
+ * keeps its folder (the report names it); a passing one removes it.
+ */
+const ROOT_DIR = mkdtempSync(join(process.env.QDEDUP_LONG_DIR ?? (existsSync('/dev/shm') ? '/dev/shm' : tmpdir()), 'qdedup-difflong-'));
+let keep = false;
+process.on('exit', () => { if (!keep) rmSync(ROOT_DIR, { recursive: true, force: true }); });
 const totals = { ops: 0, cliOps: 0, batches: 0, mismatches: 0, sequences: 0 };
 const started = Date.now();
 
@@ -55,9 +69,11 @@ describe('long differential sequences: qdedup vs qemu-io vs raw shadow', { skip:
 
   for (const cfg of CONFIGS) {
     const seed = seedOf(cfg.label);
-    it(`${cfg.label}: ${configText(cfg)}, ${perConfig} operations (seed 0x${seed.toString(16)})`, { skip: ONLY !== undefined && ONLY !== cfg.label }, async () => {
+    it(`${cfg.label}: ${configText(cfg)}, ${perConfig} operations (seed 0x${seed.toString(16)})`, { skip: ONLY !== undefined && !ONLY.includes(cfg.label) }, async () => {
+      const dir = join(ROOT_DIR, cfg.label);
+      mkdirSync(dir);
       const res = await runLongSequence({
-        cfg, seed, ops: perConfig, batchSize: BATCH, dir: scratch(),
+        cfg, seed, ops: perConfig, batchSize: BATCH, dir,
         reproduce: `QDEDUP_SEED=0x${BASE_SEED.toString(16)} QDEDUP_ONLY=${cfg.label} QDEDUP_SOAK_SCALE=${SCALE} node --import tsx --test test/interop/differential-long.test.ts`,
       });
       totals.ops += res.ops;
@@ -65,6 +81,8 @@ describe('long differential sequences: qdedup vs qemu-io vs raw shadow', { skip:
       totals.batches += res.batches;
       totals.mismatches += res.mismatches;
       totals.sequences++;
+      if (res.failure) keep = true;
+      else rmSync(dir, { recursive: true, force: true });
       assert.equal(res.failure, undefined, res.failure);
       assert.ok(res.ops >= perConfig, `${res.ops} operations`);
     });

@@ -350,7 +350,7 @@ describe('differential writes', { skip: NO_QEMU, concurrency: true }, () => {
         const o = `cluster_size=${2 ** cfg.clusterBits},compat=${cfg.version === 3 ? '1.1' : '0.10'},refcount_bits=${cfg.refcountBits}`;
         await sequence(label, seed, cfg, ops, async (img, shadow, dir) => {
           if (creator === 'qemu-img') await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', o, img, String(cfg.size)]);
-          else await qdedupOk(['create', '-q', img, String(cfg.size), '-o', o]);
+          else await qdedupOk(['create', '-q', img, String(cfg.size), '-o', `${o},dedup=off`]);
           for (const op of ops) {
             await cliApply(dir, img, op, rng);
             shadowApply(shadow, op);
@@ -365,7 +365,7 @@ describe('differential writes', { skip: NO_QEMU, concurrency: true }, () => {
       const dir = scratch();
       const img = join(dir, 'grow.qcow2');
       const size = 24 << 20;
-      await qdedupOk(['create', '-q', '-o', 'cluster_size=512', img, '24M']);
+      await qdedupOk(['create', '-q', '-o', 'cluster_size=512,dedup=off', img, '24M']);
       const before = peekHeader(img);
       assert.equal(before.refcountTableClusters, 1);
       const rng = new Rng(seedOf('grow-cli'));
@@ -501,7 +501,7 @@ describe('differential writes', { skip: NO_QEMU, concurrency: true }, () => {
         const img = join(dir, 'overlay.qcow2');
         const o = `cluster_size=${c.overlayCs},compat=${c.version === 3 ? '1.1' : '0.10'}`;
         if (c.creator === 'qemu-img') await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', o, '-b', backingName, '-F', backingFormat, img, String(c.size)]);
-        else await qdedupOk(['create', '-q', '-o', o, '-b', backingName, '-F', backingFormat, img, String(c.size)]);
+        else await qdedupOk(['create', '-q', '-o', `${o},dedup=off`, '-b', backingName, '-F', backingFormat, img, String(c.size)]);
         const before = await guestBytes(img);
         assert.equal(before.length, c.size);
         await differentialOnExisting(c.label, img, before, c.size, Math.log2(c.overlayCs), c.version, c.via, c.via === 'cli' ? 3 : 10, { zeroWeight: 0.3, focus: [0, c.baseSize] });

@@ -478,7 +478,7 @@ before(() => {
   const empty = join(dir, 'base-empty.qcow2');
   const data = join(dir, 'base-data.qcow2');
   const big = join(dir, 'base-big.qcow2');
-  for (const [args, file] of [[['create', '-q', empty, '1M'], empty], [['create', '-q', '-o', 'cluster_size=2M', big, '4M'], big]] as const) {
+  for (const [args, file] of [[['create', '-q', '-o', 'dedup=off', empty, '1M'], empty], [['create', '-q', '-o', 'cluster_size=2M,dedup=off', big, '4M'], big]] as const) {
     const r = qdedup([...args]);
     assert.equal(r.status, 0, `${args.join(' ')}: ${r.stderr}`);
     assert.ok(existsSync(file));

@@ -3,6 +3,11 @@
 // as it is found. Exit codes: 0 clean, 1 check not completed, 2 corruptions, 3 leaks only,
 // 63 not a QCOW2 image; after -r they describe the repaired image.
 //
+// On a dedup image the check also covers the dedup store (src/dedup/inspect.ts): a trusted
+// store's clusters count as used, every index entry must name a cluster the holder holds
+// (with --deep, one whose bytes hash to it), and `-r all` drops a bad index by clearing
+// autoclear bit 60. JSON gains a "dedup" object, human output a "Dedup index:" line.
+//
 // Like qemu-img, a check that cannot open the image prints no JSON document (only the
 // error on stderr), unlike the other commands' {"error": …}; scripts can rely on stdout
 // holding either a complete check result or nothing.
@@ -10,6 +15,7 @@
 import type { Argv } from 'yargs';
 import { InternalError, NotQcow2Error, QdedupError, UsageError } from '../../errors.ts';
 import { checkExitCode, checkImage, type ImageCheck, type RepairMode } from '../../image/check.ts';
+import { dedupCheckExtension, type DedupCheckSummary } from '../../dedup/inspect.ts';
 import { checkFormat, outputFormat, withFormatOption, withOutputOption, withQuietOption, type OutputFormat } from '../common.ts';
 import type { Output } from '../output.ts';
 
@@ -21,6 +27,32 @@ export interface CheckArgs {
   output: OutputFormat;
   quiet: boolean;
   repair?: RepairMode;
+  /** Also hash every indexed cluster and compare with its index entry. */
+  deep: boolean;
+}
+
+/** The `dedup` object of the JSON document, or undefined for a plain image. */
+export function dedupJson(r: ImageCheck): DedupCheckSummary | undefined {
+  if (!r.extension || r.extension.key !== 'dedup') return undefined;
+  const d = r.extension.summary as unknown as DedupCheckSummary;
+  return {
+    trusted: d.trusted,
+    ...(d.reason !== undefined ? { reason: d.reason } : {}),
+    deep: d.deep,
+    'entries-checked': d['entries-checked'],
+    'bad-entries': d['bad-entries'],
+    ...(r.extension.dropped ? { 'index-dropped': true } : {}),
+  };
+}
+
+/** The human line about the dedup index, or '' for a plain image. */
+export function dedupHuman(r: ImageCheck): string {
+  const d = dedupJson(r);
+  if (!d) return '';
+  if (d['index-dropped']) return 'Dedup index: dropped by the repair (autoclear bit 60 cleared); the next write starts a fresh index.\n';
+  if (!d.trusted) return `Dedup index: not trusted (${d.reason}); its clusters count as leaked.\n`;
+  const what = `${d['entries-checked']} entries checked${d.deep ? ', content hashes verified' : ''}`;
+  return `Dedup index: ${what}, ${d['bad-entries'] ? `${d['bad-entries']} bad` : 'no errors'}.\n`;
 }
 
 /**
@@ -47,6 +79,28 @@ export function checkJson(r: ImageCheck): Record<string, string | number> {
   return out;
 }
 
+/** checkJson plus, on a dedup image, the "dedup" object (last, after qemu-img's keys). */
+function checkDocument(r: ImageCheck): Record<string, unknown> {
+  const out: Record<string, unknown> = checkJson(r);
+  const d = dedupJson(r);
+  if (d) out.dedup = d;
+  return out;
+}
+
+/**
+ * C's printf("%.2f", v) for v ≥ 0. toFixed rounds an exact tie (a double ending in .xx5,
+ * which only multiples of 1/8 can be: 3.125) away from zero; glibc rounds it to even, so
+ * qemu-img prints 1/32 as 3.12 where toFixed gave 3.13.
+ */
+export function printf2(v: number): string {
+  const thousandths = v * 1000;
+  if (Number.isInteger(v * 8) && Number.isInteger(thousandths) && thousandths % 10 === 5) {
+    const below = (thousandths - 5) / 10; // in hundredths
+    return ((below % 2 === 0 ? below : below + 1) / 100).toFixed(2);
+  }
+  return v.toFixed(2);
+}
+
 /** qemu-img's dump_human_image_check. */
 export function checkHuman(r: ImageCheck): string {
   let text = '';
@@ -58,7 +112,7 @@ export function checkHuman(r: ImageCheck): string {
     if (r.checkErrors) text += `\n${r.checkErrors} internal errors have occurred during the check.\n`;
   }
   if (r.totalClusters !== 0 && r.allocatedClusters !== 0) {
-    const pct = (n: number, d: number) => ((n * 100) / d).toFixed(2);
+    const pct = (n: number, d: number) => printf2((n * 100) / d);
     text += `${r.allocatedClusters}/${r.totalClusters} = ${pct(r.allocatedClusters, r.totalClusters)}% allocated, `
       + `${pct(r.fragmentedClusters, r.allocatedClusters)}% fragmented, ${pct(r.compressedClusters, r.allocatedClusters)}% compressed clusters\n`;
   }
@@ -77,7 +131,7 @@ export function repairSummary(repaired: { leaksFixed: number; corruptionsFixed: 
 export async function runCheck(a: CheckArgs, io: Output): Promise<number> {
   let result: ImageCheck;
   try {
-    result = await checkImage(a.file, { repair: a.repair, onMessage: (line) => io.err(line) });
+    result = await checkImage(a.file, { repair: a.repair, onMessage: (line) => io.err(line), extension: (image) => dedupCheckExtension(image, a.deep) });
   } catch (err) {
     // Cannot open or read the image: a one-line error, no result document (as qemu-img).
     if (!(err instanceof QdedupError) || err instanceof InternalError) throw err;
@@ -87,7 +141,7 @@ export async function runCheck(a: CheckArgs, io: Output): Promise<number> {
   }
   if (result.repaired && a.output === 'human' && !a.quiet) await io.out(repairSummary(result.repaired));
   if (result.failure === undefined && !a.quiet) {
-    await io.out(a.output === 'json' ? JSON.stringify(checkJson(result), null, 4) + '\n' : checkHuman(result));
+    await io.out(a.output === 'json' ? JSON.stringify(checkDocument(result), null, 4) + '\n' : checkHuman(result) + dedupHuman(result));
   }
   if (result.failure !== undefined) io.err(`qdedup: Check failed: ${result.failure}`);
   else if (result.checkErrors) io.err('qdedup: Check failed');
@@ -104,11 +158,13 @@ export function builder(y: Argv) {
       alias: 'repair',
       type: 'string',
       requiresArg: true,
-      describe: "repair: 'leaks' (leaked clusters only) or 'all' (also corruptions, rebuilding refcounts if needed)",
+      describe: "repair: 'leaks' (leaked clusters only) or 'all' (also corruptions, rebuilding refcounts if needed; drops a bad dedup index)",
     })
+    .option('deep', { type: 'boolean', default: false, describe: 'dedup images: also read every indexed cluster and check that it hashes to its index entry' })
     .example('$0 check disk.qcow2', 'report problems; exit 0 clean, 2 corruptions, 3 leaks only')
     .example('$0 check -r leaks disk.qcow2', 'give leaked clusters back')
     .example('$0 check --output json disk.qcow2', "qemu-img check's JSON document")
+    .example('$0 check --deep disk.qcow2', 'also verify every dedup index entry against the cluster it names')
     .epilogue('Exit codes: 0 consistent, 1 check not completed, 2 corruptions found, 3 only leaks found, 63 not a qcow2 image. After -r they describe the repaired image.');
 }
 
@@ -118,7 +174,7 @@ export function toArgs(argv: Record<string, unknown>): CheckArgs {
   if (r !== undefined && r !== 'leaks' && r !== 'all') {
     throw new UsageError(`Unknown option for -r (expecting 'leaks' or 'all'): ${String(r)}`);
   }
-  return { file: String(argv.file), output: outputFormat(argv.output), quiet: Boolean(argv.quiet), repair: r as RepairMode | undefined };
+  return { file: String(argv.file), output: outputFormat(argv.output), quiet: Boolean(argv.quiet), repair: r as RepairMode | undefined, deep: Boolean(argv.deep) };
 }
 
 export const run = runCheck;

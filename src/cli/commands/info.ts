@@ -1,9 +1,12 @@
-// `qdedup info`: what the image is, with qemu-img info's keys and meanings.
+// `qdedup info`: what the image is, with qemu-img info's keys and meanings. A dedup image
+// adds a `dedup` object to the qcow2 format-specific data (as qemu-img nests `bitmaps` or
+// `encrypt` there): its settings and whether the store is trusted (src/dedup/inspect.ts).
 
 import type { Argv } from 'yargs';
 import { isAbsolute } from 'node:path';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, backingFormatOf } from '../../format/header.ts';
 import { Image } from '../../image/image.ts';
+import { inspectDedup } from '../../dedup/inspect.ts';
 import { checkFormat, outputFormat, withFormatOption, withOutputOption, type OutputFormat } from '../common.ts';
 import { humanSize } from '../parse.ts';
 import { toJson, type Output } from '../output.ts';
@@ -27,6 +30,37 @@ export interface ImageInfo {
   'dirty-flag': boolean;
 }
 
+/** `format-specific.data.dedup` of a dedup image. */
+export interface DedupInfo {
+  /** sha256, sha3-256, blake3 or skein; "unknown" when the extension does not decode. */
+  algorithm: string;
+  verify?: boolean;
+  trusted: boolean;
+  /** Why the store is not trusted (only then). */
+  reason?: string;
+  dirty?: boolean;
+  order?: number;
+  'journal-block-size'?: number;
+  'max-incarnations'?: number;
+}
+
+async function dedupInfo(image: Image): Promise<DedupInfo | undefined> {
+  const insp = await inspectDedup(image, { store: false, tolerant: true });
+  if (insp.extError) return { algorithm: insp.algorithm, trusted: false, reason: insp.reason ?? insp.extError.message };
+  const e = insp.ext;
+  if (!e) return undefined;
+  return {
+    algorithm: insp.algorithm,
+    verify: e.verify,
+    trusted: insp.trusted,
+    ...(insp.trusted ? {} : { reason: insp.reason ?? 'not trusted' }),
+    dirty: e.dirty,
+    order: e.order,
+    'journal-block-size': e.journalBlockSize,
+    'max-incarnations': e.maxIncarnations,
+  };
+}
+
 export async function imageInfo(path: string): Promise<ImageInfo> {
   // Like qemu-img info, the backing chain is not opened: info must describe an image whose
   // backing file is missing or loops (it names the backing file instead of failing).
@@ -43,6 +77,8 @@ export async function imageInfo(path: string): Promise<ImageInfo> {
           'extended-l2': false,
         }
       : { compat: '0.10', 'compression-type': 'zlib', 'refcount-bits': 16 };
+    const dedup = await dedupInfo(image);
+    if (dedup) data.dedup = dedup;
     const info: ImageInfo = {
       'virtual-size': h.size,
       filename: path,
@@ -92,6 +128,18 @@ export async function runInfo(a: InfoArgs, io: Output): Promise<number> {
   lines.push(`    refcount bits: ${d['refcount-bits']}`);
   if ('corrupt' in d) lines.push(`    corrupt: ${d.corrupt}`);
   if ('extended-l2' in d) lines.push(`    extended l2: ${d['extended-l2']}`);
+  const dd = d.dedup as DedupInfo | undefined;
+  if (dd) {
+    lines.push('    dedup:');
+    lines.push(`        algorithm: ${dd.algorithm}`);
+    if (dd.verify !== undefined) lines.push(`        verify: ${dd.verify}`);
+    lines.push(`        trusted: ${dd.trusted}`);
+    if (dd.reason !== undefined) lines.push(`        reason: ${dd.reason}`);
+    if (dd.dirty !== undefined) lines.push(`        dirty: ${dd.dirty}`);
+    if (dd.order !== undefined) lines.push(`        order: ${dd.order}`);
+    if (dd['journal-block-size'] !== undefined) lines.push(`        journal block size: ${dd['journal-block-size']}`);
+    if (dd['max-incarnations'] !== undefined) lines.push(`        max incarnations: ${dd['max-incarnations']}`);
+  }
   await io.out(lines.join('\n') + '\n');
   return 0;
 }

@@ -59,6 +59,7 @@ export async function runWrite(a: WriteArgs, io: Output): Promise<number> {
   await probe.close();
   if (a.offset + total > virtualSize) throw pastTheEnd(a.file, a.offset, total, virtualSize);
   const image = await Image.open(a.file, { writable: true });
+  if (image.dedup?.notice) io.err(`qdedup: ${a.file}: ${image.dedup.notice}`);
   try {
     if (a.zero) {
       await image.writeZeroes(a.offset, total);
