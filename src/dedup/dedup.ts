@@ -304,7 +304,7 @@ export class Dedup {
 
   /** The host offset of an indexed cluster with this content, or null. */
   private async match(hash: Buffer, data: Buffer): Promise<number | null> {
-    const e = await this.store.lookup(hash);
+    const e = this.store.lookup(hash);
     if (!e) return null;
     const cluster = e.hostOffset / this.image.clusterSize;
     // An index entry is only good for a cluster the holder still holds (belt and braces for I1).
@@ -330,7 +330,7 @@ export class Dedup {
       if (left <= 2) {
         const offset = cluster * this.image.clusterSize;
         const hash = this.hasher.hash(await this.image.file.read(offset, this.image.clusterSize));
-        const e = await this.store.lookup(hash);
+        const e = this.store.lookup(hash);
         if (e && e.hostOffset === offset) await this.store.remove(hash, hostOf(this.image).allocate);
         await this.holder.release(cluster);
         this.counters.released++;

@@ -23,7 +23,7 @@ import { Refcounts } from '../image/refcounts.ts';
 import { createHasher, hashAlgorithmName, type Hasher } from './hasher.ts';
 import { HOLDER_NAME, Holder, type HolderHost } from './holder.ts';
 import { replayJournal } from './journal.ts';
-import { DedupStore, type StoreGeometry } from './store.ts';
+import { DedupStore, replayDamage, type StoreGeometry } from './store.ts';
 
 /** One area of the file the dedup store owns. */
 export interface StoreArea {
@@ -133,15 +133,14 @@ export async function inspectDedup(image: Image, options: InspectOptions = {}): 
     return out;
   }
   const geometry: StoreGeometry = { order: ext.order, clusterSize: image.clusterSize, journalBlockSize: ext.journalBlockSize, maxIncarnations: ext.maxIncarnations };
-  let damage: string | null = null;
+  // The write path's verdict on the replay (src/dedup/store.ts replayDamage): a damaged block,
+  // or replay stopping short of the blocks the configuration says were written.
+  let damage: string | null;
   if (options.store === false) {
     // Replays the journals without building log stores (info needs the verdict, not the entries).
-    for (const desc of config.journals) {
-      const r = await replayJournal(image.file, desc, ext.journalBlockSize);
-      if (r.stop.verdict === 'bad-checksum' || r.stop.verdict === 'bad-entry') {
-        damage ??= `a journal block is damaged (block ${r.stop.block}: ${r.stop.reason})`;
-      }
-    }
+    const stops = [];
+    for (const desc of config.journals) stops.push((await replayJournal(image.file, desc, ext.journalBlockSize)).stop);
+    damage = replayDamage(stops, config.journals);
   } else {
     let store: DedupStore;
     try {
@@ -151,9 +150,8 @@ export async function inspectDedup(image: Image, options: InspectOptions = {}): 
       out.reason = err.message;
       return out;
     }
-    const bad = store.replays.find((r) => r && (r.stop.verdict === 'bad-checksum' || r.stop.verdict === 'bad-entry'));
-    if (bad) damage = `a journal block is damaged (block ${bad.stop.block}: ${bad.stop.reason})`;
-    else out.store = store;
+    damage = store.replayDamage();
+    if (!damage) out.store = store;
   }
   if (damage) {
     out.reason = damage;

@@ -120,27 +120,27 @@ export class DedupStore {
     store.put(e.hash, e.deleted ? 0 : e.hostOffset, e.firstGuestOffset, e.deleted ? SLOT_TOMBSTONE : SLOT_USED);
   }
 
-  /** The entry for `hash`, or null (never indexed, deleted, or forgotten). */
-  async lookup(hash: Uint8Array): Promise<HashEntry | null> {
+  /** The entry for `hash`, or null (never indexed, deleted, or forgotten). Synchronous: see HashStore.lookup. */
+  lookup(hash: Buffer): HashEntry | null {
     for (const side of this.frozen ? [this.current, this.frozen] : [this.current]) {
       const slot = side.store.find(hash);
       if (slot >= 0) {
         if (side.store.states[slot] === SLOT_TOMBSTONE) return null;
-        return { hash: Buffer.from(hash), hostOffset: side.store.hostOffsets[slot], firstGuestOffset: side.store.guestOffsets[slot] };
+        return { hash, hostOffset: side.store.hostOffsets[slot], firstGuestOffset: side.store.guestOffsets[slot] };
       }
     }
-    const found = await this.hashStore.lookup(hash);
+    const found = this.hashStore.lookup(hash);
     return found && !found.tombstone ? found.entry : null;
   }
 
   /** Records that `hash` is the content of the cluster at `hostOffset` (first written at guestOffset). */
-  async insert(hash: Uint8Array, hostOffset: number, guestOffset: number, allocate: Allocate): Promise<void> {
-    await this.record({ hash: Buffer.from(hash), hostOffset, firstGuestOffset: guestOffset, deleted: false }, allocate);
+  async insert(hash: Buffer, hostOffset: number, guestOffset: number, allocate: Allocate): Promise<void> {
+    await this.record({ hash, hostOffset, firstGuestOffset: guestOffset, deleted: false }, allocate);
   }
 
   /** Deletes `hash` (I2: the caller flushes before the cluster can be reused). */
-  async remove(hash: Uint8Array, allocate: Allocate): Promise<void> {
-    await this.record({ hash: Buffer.from(hash), hostOffset: 0, firstGuestOffset: 0, deleted: true }, allocate);
+  async remove(hash: Buffer, allocate: Allocate): Promise<void> {
+    await this.record({ hash, hostOffset: 0, firstGuestOffset: 0, deleted: true }, allocate);
   }
 
   private async record(e: JournalEntry, allocate: Allocate): Promise<void> {

@@ -66,6 +66,11 @@ export class FaultyFile implements BlockFile {
     return this.live.read(pos, length);
   }
 
+  readSync(pos: number, length: number): Buffer {
+    if (this.crashed) throw new CrashError(this.ops);
+    return this.live.readSync(pos, length);
+  }
+
   async write(pos: number, data: Buffer): Promise<void> {
     this.nextOp('write');
     const copy = Buffer.from(data);

@@ -417,12 +417,11 @@ export class Image implements GuestReader {
         this.startWriteback(n);
       } else {
         // A new host cluster: always with dedup (allocate on rewrite), else when not ours alone.
+        // Whole clusters stay views of the caller's buffer: the batch is written before write() returns.
         let full = part;
         if (n < this.clusterSize) {
           full = await this.readCluster(guestCluster, old);
           part.copy(full, inCluster);
-        } else if (this.dedup) {
-          full = Buffer.from(part); // the batch outlives the caller's buffer
         }
         batch.push({ guestCluster, data: full, old });
         if (batch.length * this.clusterSize >= MAX_BATCH_BYTES) {

@@ -27,6 +27,10 @@ export class MemFile implements BlockFile {
   }
 
   async read(pos: number, length: number): Promise<Buffer> {
+    return this.readSync(pos, length);
+  }
+
+  readSync(pos: number, length: number): Buffer {
     this.reads++;
     const out = Buffer.alloc(length);
     if (pos < this.length) this.data.copy(out, 0, pos, Math.min(this.length, pos + length));

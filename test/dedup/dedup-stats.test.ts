@@ -12,7 +12,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { decodeHeader } from '../../src/format/header.ts';
-import { AUTOCLEAR_DEDUP, EXT_DEDUP } from '../../src/format/dedup-ext.ts';
+import { AUTOCLEAR_DEDUP, EXT_DEDUP, decodeDedupConfig, decodeDedupExtension } from '../../src/format/dedup-ext.ts';
 import { NO_QEMU, qdedup, qemuCheck, run, tempDir } from '../helpers.ts';
 
 const dir = tempDir('qdedup-stats-');
@@ -212,6 +212,25 @@ test('untrusted stores: store figures 0 and the reason; a dirty flag is reported
   const human = qdedup(['dedup-stats', dirty]);
   assert.equal(human.status, 0);
   assert.match(human.stdout, /^trusted: +false \(the image was not closed cleanly/m);
+
+  // A torn journal block (checksum mismatch): untrusted for dedup-stats, info and the next write alike.
+  const torn = join(dir, `torn-${++serial}.qcow2`);
+  const tb = readFileSync(img);
+  tb[currentJournalOffset(tb) + 100] ^= 0x40;
+  writeFileSync(torn, tb);
+  const t = stats(torn);
+  assert.equal(t.trusted, false);
+  assert.match(t.reason, /^journal [01] block 0 is damaged \(checksum mismatch/);
+  assert.equal(t['metadata-clusters'], 0);
+  const ti = JSON.parse(qdedup(['info', '--output', 'json', torn]).stdout)['format-specific'].data.dedup;
+  assert.equal(ti.trusted, false);
+  assert.equal(ti.reason, t.reason);
+  const c = qdedup(['check', '--output', 'json', torn]);
+  assert.equal(c.status, 3, 'its clusters are leaks');
+  assert.equal(JSON.parse(c.stdout).leaks, before['metadata-clusters']);
+  const tw = qdedup(['write', '-q', '-P', '7', torn, '12M', '4k']);
+  assert.equal(tw.status, 0, tw.stderr);
+  assert.ok(tw.stderr.includes(`dedup index not trusted: ${t.reason}`), `the write path gives the same reason: ${tw.stderr}`);
 });
 
 test('a tiny store through freezes, FIFO and limbo: figures agree with the workload and with qemu-img', () => {
@@ -362,6 +381,14 @@ function extensionPayloadOffset(bytes: Buffer): number {
     if (type === 0) throw new Error('no dedup extension');
     pos += 8 + Math.ceil(len / 8) * 8;
   }
+}
+
+/** Offset in the file of the current journal's block 0. */
+function currentJournalOffset(bytes: Buffer): number {
+  const h = decodeHeader(bytes.subarray(0, 4096));
+  const ext = decodeDedupExtension(h.extensions.find((e) => e.type === EXT_DEDUP)!.data, 4096);
+  const config = decodeDedupConfig(bytes.subarray(ext.configOffset, ext.configOffset + ext.configBytes), ext.configOffset, 4096);
+  return config.journals[config.currentJournal].offset;
 }
 
 /** Offset of the holder snapshot's first L2 table (the last snapshot qdedup added). */

@@ -442,6 +442,16 @@ export class GuardFile implements BlockFile {
     }
     return this.mem.read(pos, length);
   }
+  readSync(pos: number, length: number): Buffer {
+    // Only small lookup reads come here; the deadline is checked, the memory bound on async reads.
+    this.ops++;
+    if (Date.now() > this.deadline) throw new FuzzDeadline(`${this.label}: deadline passed`);
+    if (length > MAX_READ) {
+      this.note(`readSync of ${length} bytes (unbounded)`);
+      throw new FuzzDeadline(`${this.label}: read of ${length} bytes`);
+    }
+    return this.mem.readSync(pos, length);
+  }
   async write(pos: number, data: Buffer): Promise<void> {
     await this.tick();
     if (!(pos >= 0) || (pos < 2 ** 53 && !Number.isInteger(pos))) this.note(`write at ${pos}: bad offset`);
