@@ -83,11 +83,14 @@ writeFileSync(join(CACHE, 'register.mjs'), "import { register } from 'node:modul
 
 // 3. The tests, with raw V8 coverage from every process.
 const raw = mkdtempSync(join(tmpdir(), 'qdedup-v8-'));
-process.on('exit', () => rmSync(raw, { recursive: true, force: true }));
+process.on('exit', () => {
+  rmSync(raw, { recursive: true, force: true });
+  rmSync(CACHE, { recursive: true, force: true });
+});
 const run = spawnSync(process.execPath, ['--import', 'tsx', '--import', pathToFileURL(join(CACHE, 'register.mjs')).href, '--test', '--test-concurrency=2', ...tests], {
   cwd: root, stdio: 'inherit', env: { ...process.env, NODE_V8_COVERAGE: raw, QDEDUP_COVERAGE: '1' },
 });
-const testSeconds = (Date.now() - started) / 1000;
+const testsDone = Date.now();
 
 // 4. Only the compiled src/ scripts are kept (the rest is node_modules, tests and tsx), then
 // c8 maps them to src/ and writes coverage/.
@@ -129,6 +132,8 @@ const t = summary.total;
 console.log(`${'total'.padEnd(width)}  ${cell(t.lines)}  ${cell(t.branches)}  ${cell(t.functions)}`);
 const unloaded = sources.filter((f) => !files.includes(f)).map((f) => relative(root, f));
 if (unloaded.length) console.log(`not loaded by any test (not counted): ${unloaded.join(', ')}`);
-console.log(`branch coverage of src/: ${cell(t.branches).trim()} branches; tests took ${testSeconds.toFixed(0)} s; report in coverage/index.html`);
+const seconds = (from: number, to: number) => `${((to - from) / 1000).toFixed(0)} s`;
+console.log(`branch coverage of src/: ${cell(t.branches).trim()} branches`);
+console.log(`(tests ${seconds(started, testsDone)}, report ${seconds(testsDone, Date.now())}; uncovered lines and branches: coverage/index.html)`);
 if (run.status !== 0) console.error(`coverage: the tests failed (exit ${run.status ?? run.signal})`);
 process.exit(run.status ?? 1);

@@ -10,7 +10,7 @@
 
 import { CorruptImageError, hex } from '../errors.ts';
 import {
-  AUTOCLEAR_DEDUP, DEDUP_EXT_VERSION, EXT_DEDUP, configBytesFor, decodeDedupConfig, decodeDedupExtension,
+  AUTOCLEAR_DEDUP, DEDUP_EXT_VERSION, EXT_DEDUP, configBytesFor, decodeDedupExtension,
   encodeDedupConfig, encodeDedupExtension, type DedupExtension,
 } from '../format/dedup-ext.ts';
 import type { L2Entry } from '../format/l1l2.ts';
@@ -19,6 +19,7 @@ import type { Image } from '../image/image.ts';
 import { createHasher, hashAlgorithmId, type Hasher, type SupportedHashAlgorithm } from './hasher.ts';
 import { HOLDER_NAME, Holder, holderL1Size, type HolderHost } from './holder.ts';
 import { DedupStore, type StoreGeometry } from './store.ts';
+import { heldClusters, inspectDedup } from './inspect.ts';
 
 export interface DedupSettings {
   algorithm: SupportedHashAlgorithm;
@@ -108,45 +109,24 @@ export class Dedup {
     const ext = Dedup.extensionOf(image);
     if (!ext) return null;
     createHasher(ext.hashAlgorithm); // refuses skein and unknown numbers before any write
-    let reason: string | null = null;
-    if (!(image.header.autoclearFeatures & AUTOCLEAR_DEDUP)) reason = 'another program opened the image for writing (dedup autoclear bit 60 is clear)';
-    else if (ext.dirty) reason = 'the image was not closed cleanly (dedup dirty flag set)';
-    let config = null;
-    if (!reason) {
-      try {
-        config = decodeDedupConfig(await image.file.read(ext.configOffset, ext.configBytes), ext.configOffset, image.clusterSize);
-      } catch (err) {
-        if (!(err instanceof CorruptImageError)) throw err;
-        reason = err.message;
-      }
-    }
+    const seen = await inspectDedup(image); // the trust verdict (reads only), and the store when trusted
     await Dedup.writeExtension(image, { ...ext, dirty: true }); // I3: dirty durable before any other write
     const host = hostOf(image);
-    const geometry = Dedup.geometry(image, ext);
-    let store: DedupStore | null = null;
-    if (config) {
-      store = await DedupStore.open(image.file, geometry, config);
-      const damage = store.replayDamage();
-      if (damage) {
-        reason = damage;
-        store = null;
-      } else {
-        for (const a of store.areas()) host.markMetadata(a.offset, a.bytes, 'dedup metadata');
-        host.markMetadata(ext.configOffset, ext.configBytes, 'dedup configuration area');
-      }
-    }
+    let store = seen.store;
     let extNow = { ...ext, dirty: true };
-    if (!store) {
+    if (store) {
+      for (const a of seen.areas) host.markMetadata(a.offset, a.bytes, 'dedup metadata');
+    } else {
       // Never write to nor free the old store's clusters: another tool may own them now.
-      store = await DedupStore.create(image.file, geometry, host.allocate);
+      store = await DedupStore.create(image.file, Dedup.geometry(image, ext), host.allocate);
       const configOffset = await host.allocate(1);
       extNow = { ...extNow, configOffset, configBytes: image.clusterSize };
     }
     let holder = await Dedup.findHolder(image, host);
     if (!holder) holder = await Dedup.addHolder(image, host);
-    else if (reason) await Dedup.releaseOrphans(image, holder);
+    else if (!seen.trusted) await Dedup.releaseOrphans(image, holder);
     const d = new Dedup(image, extNow, store, holder);
-    if (reason) d.notice = `dedup index not trusted: ${reason}; starting a fresh index (data is safe; earlier copies are no longer found)`;
+    if (!seen.trusted) d.notice = `dedup index not trusted: ${seen.reason}; starting a fresh index (data is safe; earlier copies are no longer found)`;
     return d;
   }
 
@@ -224,7 +204,10 @@ export class Dedup {
       const r = await refcounts.get(t / image.clusterSize);
       if (r !== 1) throw new CorruptImageError(`dedup holder L2 table at ${hex(t)} has refcount ${r}, not 1; delete the snapshot with 'qemu-img snapshot -d ${HOLDER_NAME}'`, { offset: t, structure: 'dedup holder' });
     }
-    for await (const c of holder.held()) {
+    const held = await heldClusters(image, holder, (message, offset) => {
+      throw new CorruptImageError(message, { offset, structure: 'dedup holder' });
+    });
+    for (const c of held) {
       if ((await refcounts.get(c)) === 1) {
         await holder.release(c);
         refcounts.deferFree(c);

@@ -104,19 +104,6 @@ export class HashStore {
     }
   }
 
-  /** Every used slot of every incarnation, youngest incarnation first (one read per incarnation). */
-  async allSlots(): Promise<(HashEntry & { tombstone: boolean })[]> {
-    const out: (HashEntry & { tombstone: boolean })[] = [];
-    for (const inc of this.incarnations) {
-      const table = await this.file.read(inc.record.offset + this.layout.tableOffset, this.layout.slots * HASH_ENTRY_BYTES);
-      for (let s = 0; s < this.layout.slots; s++) {
-        if (inc.tags[s] === 0) continue; // tag 0: empty slot
-        out.push(decodeIncarnationSlot(table, s * HASH_ENTRY_BYTES));
-      }
-    }
-    return out;
-  }
-
   /** Every area the store owns (incarnations and limbo), for check and dedup-stats. */
   areas(): { offset: number; clusters: number }[] {
     return [

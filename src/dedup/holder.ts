@@ -143,17 +143,6 @@ export class Holder {
     this.l2Dirty.add(l1Index);
   }
 
-  /** Every held cluster, in order. */
-  async *held(): AsyncGenerator<number> {
-    for (let i = 0; i < this.l1Size; i++) {
-      if (!decodeL1Entry(this.l1, i).l2Offset) continue;
-      for (let j = 0; j < this.l2Entries; j++) {
-        const c = i * this.l2Entries + j;
-        if (await this.holds(c)) yield c;
-      }
-    }
-  }
-
   /** Writes dirty L2 tables (commit step 3; the caller syncs). */
   async writeTables(): Promise<boolean> {
     if (!this.l2Dirty.size) return false;

@@ -17,6 +17,7 @@ import { Image } from '../../src/image/image.ts';
 import { createImage } from '../../src/image/create.ts';
 import { checkOpenImage } from '../../src/image/check.ts';
 import { Dedup } from '../../src/dedup/dedup.ts';
+import { liveEntries } from '../../src/dedup/inspect.ts';
 import { CrashError, FaultyFile, type LossMode } from '../../src/image/faulty-file.ts';
 import { MemFile } from '../../src/image/mem-file.ts';
 import type { DedupSettings } from '../../src/dedup/dedup.ts';
@@ -107,7 +108,7 @@ async function run(path: string, file: FaultyFile, steps: Op[][]): Promise<numbe
 async function assertIndexTrue(image: Image, label: string): Promise<number> {
   const d = image.dedup!;
   let n = 0;
-  for await (const e of d.store.liveEntries()) {
+  for await (const e of liveEntries(image, d.store)) {
     const data = await image.file.read(e.hostOffset, image.clusterSize);
     assert.ok(d.hasher.hash(data).equals(e.hash), `${label}: index entry for cluster ${e.hostOffset} does not hash to its content`);
     assert.ok(await d.holder.holds(e.hostOffset / image.clusterSize), `${label}: indexed cluster ${e.hostOffset} is not held`);

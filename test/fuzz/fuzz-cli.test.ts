@@ -31,6 +31,7 @@ import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFile
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { BIN, HAVE_QEMU } from '../helpers.ts';
+import { pool } from '../interop/differential-lib.ts';
 import { type Base, FIXTURES, loadBases, makeMutant, mapImage } from './fuzz-lib.ts';
 
 const SCALE = Math.max(0, Number(process.env.QDEDUP_SOAK_SCALE ?? 1));
@@ -81,7 +82,7 @@ function runBounded(cmd: string, args: string[], timeoutMs: number): Promise<Run
   });
 }
 
-const qdedup = (args: string[]) => runBounded(process.execPath, [BIN, ...args], RUN_TIMEOUT_MS);
+const qdedup = async (args: string[]): Promise<Run> => ({ ...(await runBounded(process.execPath, [BIN, ...args], RUN_TIMEOUT_MS)), args });
 
 function sha256(path: string): string {
   return createHash('sha256').update(readFileSync(path)).digest('hex');
@@ -134,6 +135,8 @@ interface ImageOutcome {
   failures: string[];
   commands: string[];
   checkStatus: number | null;
+  /** The slowest run (ms and command line). */
+  slowest: { ms: number; what: string };
 }
 
 /**
@@ -145,7 +148,9 @@ async function fuzzImage(dir: string, name: string, bytes: Buffer, pick: number,
   writeFileSync(file, bytes);
   const failures: string[] = [];
   const commands: string[] = [];
+  const slowest = { ms: 0, what: '' };
   const note = (r: Run) => {
+    if (r.ms > slowest.ms) Object.assign(slowest, { ms: r.ms, what: r.args.map((x) => (x.includes('/') ? basename(x) : x)).join(' ') });
     const line = `qdedup ${r.args.join(' ')} -> ${r.timedOut ? 'timeout' : r.status} (${r.ms} ms)${r.stderr.trim() ? ': ' + r.stderr.trim().split('\n').slice(-1)[0].slice(0, 200) : ''}`;
     commands.push(line);
     if (verbose) console.log(`  ${line}`);
@@ -205,7 +210,7 @@ async function fuzzImage(dir: string, name: string, bytes: Buffer, pick: number,
   }
   rmSync(copy, { force: true });
   rmSync(file, { force: true });
-  return { failures, commands, checkStatus };
+  return { failures, commands, checkStatus, slowest };
 }
 
 /** A folder holding copies of the fixtures (backing files resolve by relative name). */
@@ -219,19 +224,6 @@ function workDir(): string {
   return dir;
 }
 
-/** Runs `tasks` with at most `limit` in flight. */
-async function pool<T>(limit: number, tasks: (() => Promise<T>)[]): Promise<T[]> {
-  const results: T[] = new Array(tasks.length);
-  let next = 0;
-  await Promise.all(Array.from({ length: Math.min(limit, tasks.length) }, async () => {
-    while (next < tasks.length) {
-      const i = next++;
-      results[i] = await tasks[i]();
-    }
-  }));
-  return results;
-}
-
 /**
  * Dedup images made through bin/qdedup (fuzz-lib's bases are plain QCOW2): duplicate
  * clusters, an overwrite (journal deletions) and zeroes, so that dedup-stats and
@@ -242,26 +234,28 @@ async function dedupBases(): Promise<Base[]> {
   if (!/^\s*dedup=/m.test(spawnSync(process.execPath, [BIN, 'create', '-o', 'help'], { encoding: 'utf8' }).stdout ?? '')) return [];
   const dir = mkdtempSync(join(tmpdir(), 'qdedup-fuzzcli-base-'));
   try {
-    const out: Base[] = [];
-    for (const [name, o] of [['cli-dedup-sha256-4k', 'cluster_size=4k,dedup=sha256,dedup_journal_block=512'], ['cli-dedup-blake3-4k', 'cluster_size=4k,dedup=blake3']]) {
+    const data = join(dir, 'data.bin');
+    writeFileSync(data, Buffer.from(Array.from({ length: 24576 }, (_, i) => (i * 131 + (i >> 12) * 7) & 0xff)));
+    const make = async (name: string, o: string): Promise<Base> => {
       const p = join(dir, `${name}.qcow2`);
-      const data = join(dir, 'data.bin');
-      writeFileSync(data, Buffer.from(Array.from({ length: 24576 }, (_, i) => (i * 131 + (i >> 12) * 7) & 0xff)));
-      const steps = [
+      for (const args of [
         ['create', '-q', '-o', o, p, '1M'],
         ['write', '-q', '-P', '0x11', p, '0', '64k'],
         ['write', '-q', '-i', data, p, '128k'],
         ['write', '-q', '-i', data, p, '300k'],
         ['write', '-q', '-P', '0x22', p, '4k', '8k'],
         ['write', '-q', '-z', p, '512k', '16k'],
-      ];
-      for (const args of steps) {
-        const r = await qdedup(args);
+      ]) {
+        const r = await runBounded(process.execPath, [BIN, ...args], 120_000);
         if (r.status !== 0) throw new Error(`qdedup ${args.join(' ')}: ${r.status} ${r.stderr}`);
       }
-      out.push({ name, bytes: readFileSync(p), path: p });
-    }
-    return out;
+      return { name, bytes: readFileSync(p), path: p };
+    };
+    // The two side by side (one process each at a time: the 2 cores).
+    return await Promise.all([
+      make('cli-dedup-sha256-4k', 'cluster_size=4k,dedup=sha256,dedup_journal_block=512'),
+      make('cli-dedup-blake3-4k', 'cluster_size=4k,dedup=blake3'),
+    ]);
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
@@ -303,12 +297,14 @@ describe('malformed images through bin/qdedup', () => {
     const started = Date.now();
     const statuses = new Map<number, number>();
     let runs = 0;
+    let slowest = { ms: 0, what: '' };
     const failed: string[] = [];
     await pool(CONCURRENCY, seeds.map((seed) => async () => {
       const m = makeMutant(seed, bases, layouts);
       if (ONE !== undefined) console.log([`seed ${seed} (base ${m.base.name})`, ...m.steps.map((s) => `  mutation: ${s}`)].join('\n'));
       const out = await fuzzImage(dir, `mutant-${seed}`, m.bytes, seed, readOnly, ONE !== undefined);
       runs += out.commands.length;
+      if (out.slowest.ms > slowest.ms) slowest = { ms: out.slowest.ms, what: `seed ${seed}: ${out.slowest.what}` };
       if (out.checkStatus !== null) statuses.set(out.checkStatus, (statuses.get(out.checkStatus) ?? 0) + 1);
       if (out.failures.length === 0) return;
       const text = [
@@ -325,7 +321,7 @@ describe('malformed images through bin/qdedup', () => {
     }));
     const secs = ((Date.now() - started) / 1000).toFixed(1);
     const verdicts = [...statuses].sort((a, b) => a[0] - b[0]).map(([k, v]) => `exit ${k}: ${v}`).join(', ');
-    console.log(`fuzzed images through the CLI: ${seeds.length} mutants, ${runs} runs of ${[...readOnly, 'write', 'check -r all'].join('/')}, ${failed.length} failing, ${secs} s (qdedup check ${verdicts})`);
+    console.log(`fuzzed images through the CLI: ${seeds.length} mutants, ${runs} runs of ${[...readOnly, 'write', 'check -r all'].join('/')}, ${failed.length} failing, ${secs} s (${verdicts ? `qdedup check ${verdicts}; ` : ''}slowest run ${slowest.ms} ms, ${slowest.what})`);
     assert.equal(failed.length, 0, `${failed.length} failing mutants (saved under fixtures/fuzz-regressions/):\n${failed.join('\n')}`);
   });
 });

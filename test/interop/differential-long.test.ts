@@ -17,10 +17,10 @@
 
 import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { NO_QEMU } from '../helpers.ts';
 import { existsSync, mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { NO_QEMU } from '../helpers.ts';
 import { deriveSeed } from './differential-lib.ts';
 import { configText, runLongSequence, type LongConfig } from './differential-long-lib.ts';
 
