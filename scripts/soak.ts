@@ -134,7 +134,7 @@ function runFile(f: SoakFile, round: number): Promise<FileResult> {
         }
       }
       const count = (k: string) => new RegExp(`^# ${k} (\\d+)$`, 'm').exec(text)?.[1] ?? '?';
-      const failures = text.split('\n').filter((l) => /^\s*not ok |FAIL |reproduce/.test(l)).slice(0, 40);
+      const failures = text.split('\n').filter((l) => /^\s*not ok |FAIL |reproduce|QDEDUP_[A-Z_]*SEED=/.test(l)).slice(0, 40);
       resolve({ ok: code === 0, secs: (Date.now() - started) / 1000, figures, tests: `${count('pass')} passed, ${count('fail')} failed`, failures: code === 0 ? [] : failures });
     });
   });

@@ -360,8 +360,9 @@ export async function runLongSequence(o: SequenceOptions): Promise<SequenceResul
       ...problems.map((p) => `  ${p}`),
     ];
     const at = problems.map(mismatchOffset).find((x) => x !== null);
-    const touching = log.filter((l) => at === undefined || at === null || (l.op.offset <= at && at < l.op.offset + l.op.length));
-    lines.push(at !== undefined && at !== null ? `  last operations touching guest offset ${at}:` : '  last operations:');
+    // qemu-img compare names the first differing sector: list what touched that sector.
+    const touching = log.filter((l) => at === undefined || at === null || (l.op.offset < at + 512 && at < l.op.offset + l.op.length));
+    lines.push(at !== undefined && at !== null ? `  last operations touching guest bytes ${at}…${at + 511}:` : '  last operations:');
     for (const l of touching.slice(-12)) lines.push(`    batch ${l.batch} ${l.via}: ${opText(l.op)}`);
     lines.push(`  images kept in ${dir}`, `  reproduce: ${o.reproduce}`);
     return lines.join('\n');
