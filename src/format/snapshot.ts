@@ -57,16 +57,8 @@ export function decodeSnapshotEntry(buf: Buffer, pos: number, tableOffset: numbe
   };
 }
 
-export interface NewSnapshot {
-  l1TableOffset: number;
-  l1Size: number;
-  id: string;
-  name: string;
-  dateSec: number;
-  dateNsec: number;
-  /** Virtual disk size the snapshot describes (v3 extra data, bytes 8–15). */
-  diskSize: number;
-}
+/** What a new entry needs: the identifying fields, and the virtual disk size it describes (v3 extra data, bytes 8–15). */
+export type NewSnapshot = Pick<SnapshotEntry, 'l1TableOffset' | 'l1Size' | 'id' | 'name' | 'dateSec' | 'dateNsec'> & { diskSize: number };
 
 /**
  * Encodes one snapshot table entry with the 16 bytes of extra data version 3 requires

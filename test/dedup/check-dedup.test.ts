@@ -17,27 +17,13 @@ import { decodeHeader } from '../../src/format/header.ts';
 import { AUTOCLEAR_DEDUP, EXT_DEDUP, decodeDedupConfig, decodeDedupExtension } from '../../src/format/dedup-ext.ts';
 import { JOURNAL_HEADER_BYTES, JOURNAL_HASH_ENTRY_BYTES, decodeJournalBlock } from '../../src/format/journal-block.ts';
 import { incarnationLayout } from '../../src/format/incarnation.ts';
-import { NO_QEMU, qdedup, qemuCheck, run, tempDir } from '../helpers.ts';
+import { NO_QEMU, qdedup, qemuCheck, run } from '../helpers.ts';
+import { sha256File, workFolder } from './cli-lib.ts';
 
-const dir = tempDir('qdedup-check-dedup-');
+const { dir, create, randomFile } = workFolder('qdedup-check-dedup-');
 const MiB = 1024 * 1024;
+const sha256 = sha256File;
 let serial = 0;
-
-const sha256 = (path: string) => createHash('sha256').update(readFileSync(path)).digest('hex');
-
-function create(size: string, opts?: string): string {
-  const file = join(dir, `img-${++serial}.qcow2`);
-  const r = qdedup(['create', '-q', ...(opts ? ['-o', opts] : []), file, size]);
-  assert.equal(r.status, 0, r.stderr);
-  return file;
-}
-
-function randomFile(bytes: number): { path: string; data: Buffer } {
-  const data = randomBytes(bytes);
-  const path = join(dir, `input-${++serial}.raw`);
-  writeFileSync(path, data);
-  return { path, data };
-}
 
 function q(...args: string[]) {
   return qdedup(args);

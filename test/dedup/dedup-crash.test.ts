@@ -18,12 +18,12 @@ import { createImage } from '../../src/image/create.ts';
 import { checkOpenImage } from '../../src/image/check.ts';
 import { Dedup } from '../../src/dedup/dedup.ts';
 import { liveEntries } from '../../src/dedup/inspect.ts';
-import { CrashError, FaultyFile, type LossMode } from '../../src/image/faulty-file.ts';
+import { FaultyFile, type LossMode } from '../../src/image/faulty-file.ts';
 import { MemFile } from '../../src/image/mem-file.ts';
 import type { DedupSettings } from '../../src/dedup/dedup.ts';
 import { HAVE_QEMU, qemuCheck, tempDir } from '../helpers.ts';
+import { runSteps, shadowsOf, type Op } from '../image/crash-lib.ts';
 
-type Op = { kind: 'write'; offset: number; data: Buffer } | { kind: 'zero'; offset: number; length: number };
 
 interface Workload {
   name: string;
@@ -81,28 +81,6 @@ function workloads(seed: number): Workload[] {
   return out;
 }
 
-function apply(shadow: Buffer, op: Op): void {
-  if (op.kind === 'write') op.data.copy(shadow, op.offset);
-  else shadow.fill(0, op.offset, op.offset + op.length);
-}
-
-async function run(path: string, file: FaultyFile, steps: Op[][]): Promise<number> {
-  let done = 0;
-  try {
-    for (const step of steps) {
-      const image = await Image.open(path, { writable: true, file });
-      for (const op of step) {
-        if (op.kind === 'write') await image.write(op.offset, op.data);
-        else await image.writeZeroes(op.offset, op.length);
-      }
-      await image.close();
-      done++;
-    }
-  } catch (err) {
-    if (!(err instanceof CrashError)) throw err;
-  }
-  return done;
-}
 
 /** Every live index entry's cluster hashes to it (the image open read-write, after a clean close it is the same). */
 async function assertIndexTrue(image: Image, label: string): Promise<number> {
@@ -156,21 +134,16 @@ test('dedup: crash at every write and sync: acknowledged data survives, no corru
       const path = join(dir, `${w.name}.qcow2`);
       await createImage(path, { size: w.size, clusterBits: w.clusterBits, version: 3, refcountOrder: 4, lazyRefcounts: false, force: true, dedup: w.settings });
       const base = readFileSync(path);
-      const shadows = [Buffer.alloc(w.size)];
-      for (const step of w.steps) {
-        const next = Buffer.from(shadows[shadows.length - 1]);
-        for (const op of step) apply(next, op);
-        shadows.push(next);
-      }
+      const shadows = shadowsOf(w.size, w.steps);
       const probe = new FaultyFile(path, base);
-      assert.equal(await run(path, probe, w.steps), w.steps.length);
+      assert.equal(await runSteps(path, probe, w.steps), w.steps.length);
       const totalOps = probe.ops;
       // Every operation index; the fast tier takes every mode at every second index and one mode elsewhere.
       for (let k = 0; k <= totalOps; k++) {
         const modes = SCALE > 1 || k % 2 === 0 ? MODES : [MODES[k % 4]];
         for (const mode of modes) {
           const file = new FaultyFile(path, base, { crashAt: k });
-          const acked = await run(path, file, w.steps);
+          const acked = await runSteps(path, file, w.steps);
           const bytes = await file.afterPowerLoss(mode, k * 7 + 1);
           const label = `${w.name} round ${round}, crash at op ${k}/${totalOps}, ${mode}`;
           await verifyState(path, bytes, shadows[acked], shadows[Math.min(acked + 1, w.steps.length)], label);

@@ -13,29 +13,13 @@ import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { decodeHeader } from '../../src/format/header.ts';
 import { AUTOCLEAR_DEDUP, EXT_DEDUP, decodeDedupConfig, decodeDedupExtension } from '../../src/format/dedup-ext.ts';
-import { NO_QEMU, qdedup, qemuCheck, run, tempDir } from '../helpers.ts';
+import { NO_QEMU, qdedup, qemuCheck, run } from '../helpers.ts';
+import { sha256File, workFolder } from './cli-lib.ts';
 
-const dir = tempDir('qdedup-stats-');
+const { dir, create, randomFile } = workFolder('qdedup-stats-');
 const MiB = 1024 * 1024;
+const sha256 = sha256File;
 let serial = 0;
-
-const sha256 = (path: string) => createHash('sha256').update(readFileSync(path)).digest('hex');
-
-/** A new image: `qdedup create -q [-o OPTS] FILE SIZE`. */
-function create(size: string, opts?: string): string {
-  const file = join(dir, `img-${++serial}.qcow2`);
-  const r = qdedup(['create', '-q', ...(opts ? ['-o', opts] : []), file, size]);
-  assert.equal(r.status, 0, r.stderr);
-  return file;
-}
-
-/** A file of `bytes` random bytes. */
-function randomFile(bytes: number): { path: string; data: Buffer } {
-  const data = randomBytes(bytes);
-  const path = join(dir, `input-${++serial}.raw`);
-  writeFileSync(path, data);
-  return { path, data };
-}
 
 function write(file: string, input: string, offset: number): void {
   const r = qdedup(['write', '-q', '-i', input, file, String(offset)]);

@@ -19,6 +19,7 @@ import { scanJournal } from '../../src/dedup/journal-scan.ts';
 import { JOURNAL_HEADER_BYTES, decodeJournalBlock, encodeJournalBlock, type JournalEntry } from '../../src/format/journal-block.ts';
 import { MemFile } from '../../src/image/mem-file.ts';
 import { NO_QEMU, qdedup, qemuCheck, qemuCompareRaw, run, tempDir } from '../helpers.ts';
+import { clusterOf, qdedupOk } from './cli-lib.ts';
 
 const CS = 4096;
 const dir = tempDir('qdedup-jdamage-');
@@ -144,16 +145,8 @@ test('every kind of damage at 3 positions stops replayJournal() and the scan at 
 // ------------------------------------------------------------------ through the real CLI
 
 /** A 4 KiB cluster of content unique to `tag`. */
-function cluster(tag: string): Buffer {
-  const h = createHash('sha256').update(tag).digest();
-  return Buffer.concat(Array.from({ length: CS / h.length }, () => h));
-}
-
-function ok(args: string[]): string {
-  const r = qdedup(args);
-  assert.equal(r.status, 0, `qdedup ${args.join(' ')} failed: ${r.stderr}`);
-  return r.stdout;
-}
+const cluster = (tag: string) => clusterOf(tag, CS);
+const ok = (args: string[]) => qdedupOk(args).stdout;
 
 type DumpJournal = {
   index: number; role: string; offset: number; 'start-sequence': number; 'blocks-total': number;

@@ -13,6 +13,7 @@ import { replayJournal } from '../../src/dedup/journal.ts';
 import { readJournals } from '../../src/dedup/journal-scan.ts';
 import { Image } from '../../src/image/image.ts';
 import { HAVE_QEMU, qdedup, qemuCheck, tempDir } from '../helpers.ts';
+import { clusterOf, qdedupOk } from './cli-lib.ts';
 
 const CS = 4096;
 const dir = tempDir('qdedup-jdump-');
@@ -20,16 +21,8 @@ const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
 const fileSha = (p: string) => sha(readFileSync(p));
 
 /** A 4 KiB cluster of content unique to `tag`. */
-function cluster(tag: string): Buffer {
-  const h = createHash('sha256').update(tag).digest();
-  return Buffer.concat(Array.from({ length: CS / h.length }, () => h));
-}
-
-function ok(args: string[]): string {
-  const r = qdedup(args);
-  assert.equal(r.status, 0, `qdedup ${args.join(' ')} failed: ${r.stderr}`);
-  return r.stdout;
-}
+const cluster = (tag: string) => clusterOf(tag, CS);
+const ok = (args: string[]) => qdedupOk(args).stdout;
 
 // Parsed `journal-dump --output json`.
 type Dump = {

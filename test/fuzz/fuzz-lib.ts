@@ -24,8 +24,16 @@ import { IoError, QdedupError } from '../../src/errors.ts';
 import type { BlockFile } from '../../src/image/block-file.ts';
 import { MemFile } from '../../src/image/mem-file.ts';
 import { Image } from '../../src/image/image.ts';
-import { checkOpenImage, type ImageCheck } from '../../src/image/check.ts';
+import { checkOpenImage, type CheckExtension, type ImageCheck } from '../../src/image/check.ts';
 import { createImage, type CreateOptions } from '../../src/image/create.ts';
+import { crc32 } from 'node:zlib';
+import { createHasher, type SupportedHashAlgorithm } from '../../src/dedup/hasher.ts';
+import type { DedupSettings } from '../../src/dedup/dedup.ts';
+import { dedupCheckExtension, guestUsage, heldClusters, inspectDedup, storedRefcounts } from '../../src/dedup/inspect.ts';
+import { readJournals } from '../../src/dedup/journal-scan.ts';
+import { AUTOCLEAR_DEDUP, EXT_DEDUP, decodeDedupConfig, decodeDedupExtension } from '../../src/format/dedup-ext.ts';
+import { incarnationLayout } from '../../src/format/incarnation.ts';
+import { HOLDER_NAME } from '../../src/dedup/holder.ts';
 
 export const ROOT = new URL('../..', import.meta.url).pathname;
 export const FIXTURES = join(ROOT, 'fixtures');
@@ -691,4 +699,932 @@ export async function runMutant(m: Mutant): Promise<Outcome> {
 
 export function describe(m: Mutant, o: Outcome): string {
   return [`seed ${m.seed} (base ${m.base.name}; QDEDUP_FUZZ_SEED=${m.seed} npm test -- fuzz):`, ...m.steps.map((s) => `  mutation: ${s}`), ...o.failures.map((f) => `  FAIL ${f}`)].join('\n');
+}
+
+// ================================================================ dedup images
+//
+// Issue 4 item 5 for our own structures: the dedup header extension (every field of its
+// 48-byte payload), the configuration area (header, journal descriptors with "blocks
+// written", incarnation and limbo records), journal blocks (magic, checksum, sequence,
+// entry count and bytes, each entry's type, flags, length, hash and offsets), incarnations
+// (filter tags and table slots) and the holder snapshot (its table entry, L1 and L2).
+// The bases are dedup images made by createImage(…, dedup) and written through Image in
+// several sessions (tiny log stores freeze into incarnations, a FIFO of incarnations sends
+// the oldest to limbo, rewrites delete hashes), so every structure has live entries.
+//
+// Checksummed structures (configuration area, journal blocks) get their CRC-32 recomputed
+// after most mutations, so that the mutation reaches the code that interprets the field
+// instead of stopping at "checksum mismatch".
+//
+// A dedup mutant goes through the plain steps (runMutant's) and then runDedupSteps:
+//   1. read-only, file unchanged: inspectDedup (plain, tolerant, store: false), readJournals,
+//      dedup-stats' heldClusters / guestUsage / storedRefcounts, check with the dedup hook
+//      (deep and not), and a read of every guest cluster (what was readable before);
+//   2. a writable copy: Image.open writable (Dedup.attach), copies of indexed contents
+//      (the hashes of mutated entries first), a unique cluster, a rewrite, a partial write,
+//      a zeroed cluster; close; then a read-back: I1 — the data written reads back exactly
+//      and every other guest cluster that was readable before is unchanged. The open's
+//      "not trusted" notice must agree with inspectDedup's verdict. When the deep check
+//      found the image free of corruption before, it must still be after;
+//   3. a repair copy: check -r all with the dedup hook; when it ends clean, a new check
+//      agrees (no corruption, no leak), guest data that was readable is unchanged, and a
+//      write of indexed contents reads back exactly.
+
+export interface DedupBase extends Base {
+  clusterSize: number;
+  algorithm: SupportedHashAlgorithm;
+  /** Every whole cluster written while the base was made, by hash (hex, the base's algorithm). */
+  contents: Map<string, Buffer>;
+  /** First guest byte of a range the base never wrote (the write step puts copies there). */
+  scratch: number;
+  /** State of the store as made: 'trusted', 'dirty' (abandoned session) or 'foreign' (bit 60 cleared). */
+  state: string;
+}
+
+/** Deterministic cluster content number `i` (never all zero). */
+export function uniqueCluster(i: number, cs: number): Buffer {
+  const b = Buffer.alloc(cs);
+  const k = Math.imul(i + 1, 2654435761) >>> 0;
+  for (let p = 0; p < cs; p += 4) b.writeUInt32LE((k ^ Math.imul(p + 1, 40503)) >>> 0, p);
+  return b;
+}
+
+interface DedupWriter {
+  /** Writes `contents` (cluster content numbers) at guest cluster `first` in one write, recording them. */
+  put(first: number, contents: number[]): Promise<void>;
+  zero(first: number, clusters: number): Promise<void>;
+}
+
+interface Session {
+  run: (w: DedupWriter) => Promise<void>;
+  /** 'abandon': flush, then abandon (the dirty flag stays set). */
+  end?: 'close' | 'abandon';
+  /** false: a read-write open that leaves the store alone (writes not deduplicated). */
+  dedup?: boolean;
+}
+
+async function madeDedup(
+  name: string, o: Omit<CreateOptions, 'force' | 'dedup'>, dedup: DedupSettings, scratch: number, sessions: Session[], state: string, finish?: (b: Buffer) => void,
+): Promise<DedupBase> {
+  const dir = mkdtempSync(join(tmpdir(), 'qdedup-fuzz-'));
+  try {
+    const p = join(dir, 'base.qcow2');
+    await createImage(p, { ...o, dedup, force: true });
+    const mem = new MemFile(p, readFileSync(p));
+    const cs = 2 ** o.clusterBits;
+    const hasher = createHasher(dedup.algorithm);
+    const contents = new Map<string, Buffer>();
+    for (const s of sessions) {
+      const img = await Image.open(p, { file: mem, writable: true, dedup: s.dedup });
+      await s.run({
+        put: async (first, ids) => {
+          const data = Buffer.concat(ids.map((i) => uniqueCluster(i, cs)));
+          await img.write(first * cs, data);
+          for (let k = 0; k < ids.length; k++) {
+            const c = data.subarray(k * cs, (k + 1) * cs);
+            contents.set(hasher.hash(c).toString('hex'), Buffer.from(c));
+          }
+        },
+        zero: (first, clusters) => img.writeZeroes(first * cs, clusters * cs),
+      });
+      if (s.end === 'abandon') {
+        await img.flush();
+        await img.abandon();
+      } else {
+        await img.close();
+      }
+    }
+    const bytes = mem.bytes();
+    finish?.(bytes);
+    return { name, bytes, path: `${NOWHERE}/${name}.qcow2`, clusterSize: cs, algorithm: dedup.algorithm, contents, scratch, state };
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+const range = (from: number, n: number, f: (i: number) => number = (i) => i): number[] => Array.from({ length: n }, (_, k) => f(from + k));
+
+/** The sessions of the 4 KiB-cluster bases: 14 contents over 24 clusters, freezes of 8-slot stores, rewrites, zeroes. */
+function sessions4k(): Session[] {
+  return [
+    { run: (w) => w.put(0, range(0, 24, (c) => (c < 14 ? c : (c * 5) % 14))) },
+    {
+      run: async (w) => {
+        await w.put(40, range(100, 10));
+        await w.put(0, range(200, 5));
+        await w.zero(6, 2);
+      },
+    },
+    {
+      run: async (w) => {
+        await w.put(100, [(20 * 5) % 14]);
+        await w.put(101, range(300, 3));
+      },
+    },
+  ];
+}
+
+/** The valid dedup images dedup mutants start from (deterministic). */
+export async function loadDedupBases(): Promise<DedupBase[]> {
+  const v3 = { version: 3 as const, lazyRefcounts: false };
+  const out: DedupBase[] = [];
+  out.push(await madeDedup('dedup-sha256-4k-o1-max2-j512', { size: 1 << 20, clusterBits: 12, refcountOrder: 4, ...v3 },
+    { algorithm: 'sha256', verify: false, maxIncarnations: 2, order: 1, journalBlockSize: 512 }, 768 << 10, sessions4k(), 'trusted'));
+  out.push(await madeDedup('dedup-blake3-4k-o3-verify-rc4', { size: 1 << 20, clusterBits: 12, refcountOrder: 2, ...v3 },
+    { algorithm: 'blake3', verify: true, maxIncarnations: 0, order: 3, journalBlockSize: 4096 }, 768 << 10, [
+      // One content 10 times: past the 4-bit refcount cap (7), later copies get clusters of their own.
+      { run: (w) => w.put(0, range(0, 40, (c) => (c % 4 === 0 ? 500 : 500 + c))) },
+      {
+        run: async (w) => {
+          await w.put(1, range(600, 8));
+          await w.put(60, [509, 509, 509]);
+          await w.zero(12, 1);
+        },
+      },
+    ], 'trusted'));
+  out.push(await madeDedup('dedup-sha3-512-o2-max3-j512', { size: 256 << 10, clusterBits: 9, refcountOrder: 4, ...v3 },
+    { algorithm: 'sha3-256', verify: false, maxIncarnations: 3, order: 2, journalBlockSize: 512 }, 192 << 10, [
+      { run: (w) => w.put(0, range(0, 60, (c) => 700 + (c % 25))) },
+      {
+        run: async (w) => {
+          await w.put(0, range(800, 10));
+          await w.zero(20, 4);
+        },
+      },
+      { run: (w) => w.put(200, range(850, 20)) },
+    ], 'trusted'));
+  out.push(await madeDedup('dedup-sha256-64k-o1', { size: 2 << 20, clusterBits: 16, refcountOrder: 4, ...v3 },
+    { algorithm: 'sha256', verify: false, maxIncarnations: 0, order: 1, journalBlockSize: 4096 }, 1536 << 10, [
+      { run: (w) => w.put(0, range(0, 10, (c) => 900 + (c % 6))) },
+      { run: (w) => w.put(0, range(950, 2)) },
+    ], 'trusted'));
+  // A session that set the dirty flag and never closed: the next writer must start afresh.
+  out.push(await madeDedup('dedup-sha256-4k-dirty', { size: 1 << 20, clusterBits: 12, refcountOrder: 4, ...v3 },
+    { algorithm: 'sha256', verify: false, maxIncarnations: 2, order: 1, journalBlockSize: 512 }, 768 << 10,
+    [...sessions4k(), { run: (w) => w.put(120, range(400, 5)), end: 'abandon' }], 'dirty'));
+  // A writer that does not deduplicate rewrote held clusters (they keep only the holder's
+  // reference), then cleared bit 60, as qemu-io does: the next writer releases the orphans.
+  out.push(await madeDedup('dedup-sha256-4k-foreign', { size: 1 << 20, clusterBits: 12, refcountOrder: 4, ...v3 },
+    { algorithm: 'sha256', verify: false, maxIncarnations: 2, order: 1, journalBlockSize: 512 }, 768 << 10,
+    [...sessions4k(), { run: (w) => w.put(8, range(450, 5)), dedup: false }], 'foreign', (b) => {
+      b.writeBigUInt64BE(b.readBigUInt64BE(88) & ~AUTOCLEAR_DEDUP, 88);
+    }));
+  return out;
+}
+
+// ---------------------------------------------------------------- dedup structure map
+
+type DedupKind = 'dedup-ext' | 'dedup-config' | 'journal' | 'incarnation' | 'holder';
+export const DEDUP_KINDS: readonly DedupKind[] = ['dedup-ext', 'dedup-config', 'journal', 'incarnation', 'holder'];
+
+/** How a field's new values are drawn. */
+type Role = 'plain' | 'offset' | 'host' | 'holder-entry' | 'count' | 'seq' | 'flags' | 'crc';
+
+/** A checksum over [from, to) stored as a u32 at `at`. */
+interface Crc {
+  from: number;
+  to: number;
+  at: number;
+}
+
+interface DedupField {
+  kind: DedupKind;
+  off: number;
+  width: 1 | 2 | 4 | 8;
+  what: string;
+  role: Role;
+  crc?: Crc;
+}
+
+/** A 48-byte hash entry (journal entry payload or incarnation slot). */
+interface EntryAt {
+  off: number;
+  where: string;
+  crc?: Crc;
+  journal: boolean;
+}
+
+export interface DedupLayout {
+  clusterSize: number;
+  fields: DedupField[];
+  byKind: Map<DedupKind, DedupField[]>;
+  /** Structure offsets and data clusters: plausible but wrong values for offset fields. */
+  offsets: number[];
+  /** Host offsets of the active data clusters. */
+  dataClusters: number[];
+  /** Journal blocks that carry the journal magic. */
+  blocks: { off: number; size: number; crc: Crc; journal: number; index: number; written: boolean }[];
+  entries: EntryAt[];
+  incarnations: { off: number; slots: number; tableOffset: number; bytes: number }[];
+  config: { off: number; size: number; crc: Crc; incarnations: number; limbo: number };
+  extOff: number;
+  holder: { l1Off: number; l1Size: number; tables: { l1Index: number; off: number }[] } | null;
+  /** Host offsets of the active L2 tables. */
+  l2Tables: number[];
+}
+
+const OFFSET_MASK_N = 0x00ff_ffff_ffff_fe00n;
+
+/** Walks a valid dedup base and lists every field of its dedup structures. */
+export function mapDedup(b: Buffer): DedupLayout {
+  const cs = 2 ** u32(b, 20);
+  const fields: DedupField[] = [];
+  const add = (kind: DedupKind, off: number, width: DedupField['width'], what: string, role: Role = 'plain', crc?: Crc) => {
+    if (off >= 0 && off + width <= b.length) fields.push({ kind, off, width, what, role, crc });
+  };
+  // The extension.
+  let extOff = -1;
+  for (let pos = u32(b, 100), n = 0; pos + 8 <= cs && n < 64; n++) {
+    const type = u32(b, pos);
+    if (type === 0) break;
+    if (type === EXT_DEDUP) {
+      extOff = pos + 8;
+      break;
+    }
+    pos += 8 + Math.ceil(u32(b, pos + 4) / 8) * 8;
+  }
+  if (extOff < 0) throw new Error('mapDedup: no dedup extension');
+  const ext = decodeDedupExtension(b.subarray(extOff, extOff + 48), cs);
+  for (const [o, w, what, role] of [
+    [0, 1, 'version'], [1, 1, 'hash algorithm'], [2, 1, 'flags', 'flags'], [3, 1, 'store order'], [4, 4, 'journal block size'],
+    [8, 4, 'maximum incarnations', 'count'], [12, 4, 'configuration area size', 'count'], [16, 8, 'configuration area offset', 'offset'],
+    [24, 8, 'reserved+24'], [32, 8, 'reserved+32'], [40, 8, 'reserved+40'],
+  ] as [number, DedupField['width'], string, Role?][]) add('dedup-ext', extOff + o, w, `dedup extension ${what}`, role ?? 'plain');
+
+  // The configuration area.
+  const cfgOff = ext.configOffset;
+  const cfgCrc: Crc = { from: cfgOff + 8, to: cfgOff + ext.configBytes, at: cfgOff + 4 };
+  const config = decodeDedupConfig(b.subarray(cfgOff, cfgOff + ext.configBytes), cfgOff, cs);
+  const cfg = (o: number, w: DedupField['width'], what: string, role: Role = 'plain') => add('dedup-config', cfgOff + o, w, `config ${what}`, role, role === 'crc' ? undefined : cfgCrc);
+  cfg(0, 4, 'magic');
+  cfg(4, 4, 'crc32', 'crc');
+  cfg(8, 4, 'incarnation count', 'count');
+  cfg(12, 4, 'limbo count', 'count');
+  cfg(16, 1, 'current journal');
+  cfg(17, 1, 'reserved+17');
+  cfg(20, 4, 'reserved+20');
+  for (const j of [0, 1]) {
+    const at = 24 + j * 24;
+    cfg(at, 8, `journal ${j} offset`, 'offset');
+    cfg(at + 8, 4, `journal ${j} blocks`, 'count');
+    cfg(at + 12, 4, `journal ${j} blocks written`, 'count');
+    cfg(at + 16, 8, `journal ${j} start sequence`, 'seq');
+  }
+  let pos = 72;
+  config.incarnations.forEach((_, k) => {
+    cfg(pos, 8, `incarnation ${k} offset`, 'offset');
+    cfg(pos + 8, 4, `incarnation ${k} used slots`, 'count');
+    cfg(pos + 12, 4, `incarnation ${k} reserved+12`);
+    cfg(pos + 16, 8, `incarnation ${k} generation`, 'seq');
+    cfg(pos + 24, 8, `incarnation ${k} reserved+24`);
+    pos += 32;
+  });
+  config.limbo.forEach((_, k) => {
+    cfg(pos, 8, `limbo ${k} offset`, 'offset');
+    cfg(pos + 8, 4, `limbo ${k} clusters`, 'count');
+    cfg(pos + 12, 4, `limbo ${k} reserved`);
+    pos += 16;
+  });
+  if (pos + 8 <= ext.configBytes) cfg(pos, 8, 'first byte past the records');
+
+  // Journal blocks: every block with the magic (written, or stale past "blocks written"), and the first without.
+  const jbs = ext.journalBlockSize;
+  const blocks: DedupLayout['blocks'] = [];
+  const entries: EntryAt[] = [];
+  config.journals.forEach((d, j) => {
+    for (let i = 0; i < d.blocks; i++) {
+      const off = d.offset + i * jbs;
+      if (off + jbs > b.length) break;
+      const crc: Crc = { from: off + 8, to: off + jbs, at: off + 4 };
+      const label = `journal ${j} block ${i}`;
+      if (u32(b, off) !== 0x51444a42) {
+        add('journal', off, 4, `${label} (never written) magic`, 'plain', crc);
+        add('journal', off + 8, 8, `${label} (never written) sequence`, 'seq', crc);
+        break;
+      }
+      blocks.push({ off, size: jbs, crc, journal: j, index: i, written: i < d.written });
+      add('journal', off, 4, `${label} magic`, 'plain', crc);
+      add('journal', off + 4, 4, `${label} crc32`, 'crc');
+      add('journal', off + 8, 8, `${label} sequence`, 'seq', crc);
+      add('journal', off + 16, 2, `${label} entry count`, 'count', crc);
+      add('journal', off + 18, 2, `${label} entry bytes`, 'count', crc);
+      add('journal', off + 20, 4, `${label} reserved`, 'plain', crc);
+      const count = b.readUInt16BE(off + 16);
+      for (let e = 0, p = off + 24; e < count && p + 52 <= off + jbs; e++, p += 52) {
+        const el = `${label} entry ${e}`;
+        add('journal', p, 1, `${el} type`, 'plain', crc);
+        add('journal', p + 1, 1, `${el} flags`, 'flags', crc);
+        add('journal', p + 2, 2, `${el} payload length`, 'count', crc);
+        add('journal', p + 4, 8, `${el} hash[0..7]`, 'plain', crc);
+        add('journal', p + 12, 8, `${el} hash[8..15]`, 'plain', crc);
+        add('journal', p + 28, 8, `${el} hash[24..31]`, 'plain', crc);
+        add('journal', p + 36, 8, `${el} host offset`, 'host', crc);
+        add('journal', p + 44, 8, `${el} guest offset`, 'plain', crc);
+        entries.push({ off: p + 4, where: el, crc, journal: true });
+      }
+    }
+  });
+
+  // Incarnations: used filter tags and their table slots (plus the first empty slot of each).
+  const layout = incarnationLayout(ext.order, cs);
+  const incarnations: DedupLayout['incarnations'] = [];
+  config.incarnations.forEach((r, k) => {
+    incarnations.push({ off: r.offset, slots: layout.slots, tableOffset: layout.tableOffset, bytes: layout.clusters * cs });
+    let empty = false;
+    for (let s = 0; s < layout.slots; s++) {
+      const tagAt = r.offset + s * 2;
+      if (tagAt + 2 > b.length) break;
+      const tag = b.readUInt16BE(tagAt);
+      if (tag === 0 && empty) continue;
+      const label = `incarnation ${k} slot ${s}`;
+      add('incarnation', tagAt, 2, `${label} filter tag${tag === 0 ? ' (empty)' : ''}`);
+      if (tag === 0) {
+        empty = true;
+        continue;
+      }
+      const slot = r.offset + layout.tableOffset + s * 48;
+      add('incarnation', slot, 8, `${label} hash[0..7]`);
+      add('incarnation', slot + 8, 8, `${label} hash[8..15]`);
+      add('incarnation', slot + 24, 8, `${label} hash[24..31]`);
+      add('incarnation', slot + 32, 8, `${label} host offset`, 'host');
+      add('incarnation', slot + 40, 8, `${label} guest offset`);
+      entries.push({ off: slot, where: label, journal: false });
+    }
+  });
+
+  // The holder snapshot: its table entry, L1 and L2 tables.
+  let holder: DedupLayout['holder'] = null;
+  const offsets: number[] = [cfgOff, ...config.journals.map((j) => j.offset), ...config.incarnations.map((r) => r.offset), ...config.limbo.map((l) => l.offset)];
+  let sp = Number(u64(b, 64));
+  for (let s = 0; s < u32(b, 60) && sp + 40 <= b.length; s++) {
+    const idLen = b.readUInt16BE(sp + 12);
+    const nameLen = b.readUInt16BE(sp + 14);
+    const extra = u32(b, sp + 36);
+    const name = b.subarray(sp + 40 + extra + idLen, sp + 40 + extra + idLen + nameLen).toString('latin1');
+    if (name === HOLDER_NAME) {
+      const snap = (o: number, w: DedupField['width'], what: string, role: Role = 'plain') => add('holder', sp + o, w, `holder snapshot ${what}`, role);
+      snap(0, 8, 'L1 table offset', 'offset');
+      snap(8, 4, 'L1 entries', 'count');
+      snap(12, 2, 'ID length', 'count');
+      snap(14, 2, 'name length', 'count');
+      snap(32, 4, 'VM state size');
+      snap(36, 4, 'extra data size', 'count');
+      for (let i = 0; i + 8 <= extra && i < 16; i += 8) snap(40 + i, 8, `extra+${i}`);
+      snap(40 + extra, 1, 'ID byte 0');
+      snap(40 + extra + idLen, 1, 'name byte 0');
+      snap(40 + extra + idLen + nameLen - 1, 1, 'name last byte');
+      const l1Off = Number(u64(b, sp));
+      const l1Size = u32(b, sp + 8);
+      const tables: { l1Index: number; off: number }[] = [];
+      offsets.push(l1Off);
+      for (let i = 0; i < l1Size && l1Off + i * 8 + 8 <= b.length; i++) {
+        const e = u64(b, l1Off + i * 8);
+        if (!e && i > 1) continue;
+        add('holder', l1Off + i * 8, 8, `holder L1[${i}]`, 'offset');
+        const l2 = Number(e & OFFSET_MASK_N);
+        if (!l2) continue;
+        tables.push({ l1Index: i, off: l2 });
+        offsets.push(l2);
+        for (let j = 0; j < cs / 8 && l2 + j * 8 + 8 <= b.length; j++) {
+          const e2 = u64(b, l2 + j * 8);
+          if (!e2 && j > 1) continue;
+          add('holder', l2 + j * 8, 8, `holder L2@${l2}[${j}] (host cluster ${i * (cs / 8) + j})`, 'holder-entry');
+        }
+      }
+      holder = { l1Off, l1Size, tables };
+    }
+    sp += Math.ceil((40 + extra + idLen + nameLen) / 8) * 8;
+  }
+
+  // The active data clusters and L2 tables.
+  const dataClusters = new Set<number>();
+  const l2Tables: number[] = [];
+  const l1Off = Number(u64(b, 40));
+  for (let i = 0; i < u32(b, 36); i++) {
+    const l2 = Number(u64(b, l1Off + i * 8) & OFFSET_MASK_N);
+    if (!l2) continue;
+    l2Tables.push(l2);
+    for (let j = 0; j < cs / 8; j++) {
+      const d = Number(u64(b, l2 + j * 8) & OFFSET_MASK_N);
+      if (d) dataClusters.add(d);
+    }
+  }
+  offsets.push(...l2Tables, ...dataClusters, l1Off, Number(u64(b, 48)), Number(u64(b, 64)), b.length);
+  const byKind = new Map<DedupKind, DedupField[]>();
+  for (const f of fields) byKind.set(f.kind, [...(byKind.get(f.kind) ?? []), f]);
+  return {
+    clusterSize: cs, fields, byKind, offsets: offsets.filter((o) => o > 0), dataClusters: [...dataClusters], blocks, entries, incarnations,
+    config: { off: cfgOff, size: ext.configBytes, crc: cfgCrc, incarnations: config.incarnations.length, limbo: config.limbo.length },
+    extOff, holder, l2Tables,
+  };
+}
+
+// ---------------------------------------------------------------- dedup mutation
+
+function dedupValue(rng: Rng, f: DedupField, old: bigint, d: DedupLayout, fileLen: number): bigint {
+  const cs = BigInt(d.clusterSize);
+  const generic = () => newValue(rng, { kind: 'ext', off: f.off, width: f.width, what: f.what }, old, { clusterSize: d.clusterSize, fields: [], offsets: d.offsets, compressed: [] }, fileLen);
+  const r = rng.int(10);
+  switch (f.role) {
+    case 'host':
+      // Another data cluster (held or not): the mutation that could link wrong data.
+      if (r < 5 && d.dataClusters.length) return BigInt(rng.pick(d.dataClusters));
+      if (r < 6) return old + cs * BigInt(rng.pick([-1, 1]));
+      if (r < 7) return BigInt(rng.pick(d.offsets));
+      if (r < 8) return 0n;
+      return generic();
+    case 'holder-entry':
+      // Not the identity (another cluster), flag bits (COPIED, zero, compressed), unaligned, cleared.
+      switch (r) {
+        case 0: case 1: return d.dataClusters.length ? BigInt(rng.pick(d.dataClusters)) : 0n;
+        case 2: return old | (1n << 63n);
+        case 3: return old | 1n;
+        case 4: return old | (1n << 62n);
+        case 5: return old ? old + 512n : 0n;
+        case 6: return 0n;
+        default: return generic();
+      }
+    case 'offset':
+      if (r < 3) return BigInt(rng.pick(d.offsets));
+      if (r < 5) return old + cs * BigInt(rng.pick([-1, 1, 2]));
+      if (r < 6) return old + 512n;
+      if (r < 7) return BigInt(Math.ceil(fileLen / d.clusterSize) * d.clusterSize);
+      return generic();
+    case 'count':
+      if (r < 4) return old + BigInt(rng.pick([-1, 1, -2, 2]));
+      if (r < 5) return 0n;
+      if (r < 6) return old * 2n;
+      return generic();
+    case 'seq':
+      if (r < 4) return old + BigInt(rng.pick([-1, 1, 2, -2, 1000]));
+      return generic();
+    case 'flags':
+      if (r < 6) return old ^ BigInt(1 << rng.int(8));
+      return generic();
+    default:
+      return generic();
+  }
+}
+
+export interface DedupMutant extends Mutant {
+  base: DedupBase;
+  /** Hashes (hex) of entries a mutation touched: the write step writes their contents. */
+  targets: string[];
+}
+
+/** Builds dedup mutant `seed` (deterministic; its own seed space: the same number as a plain mutant is another mutant). */
+export function makeDedupMutant(seed: number, bases: DedupBase[], layouts: Map<Base, DedupLayout>): DedupMutant {
+  const rng = new Rng(seed ^ 0x0ded_0b5e);
+  const base = rng.pick(bases);
+  const d = layouts.get(base) ?? mapDedup(base.bytes);
+  layouts.set(base, d);
+  let bytes = Buffer.from(base.bytes);
+  const steps: string[] = [];
+  const targets = new Set<string>();
+  const fixes = new Map<number, Crc>();
+  const cs = d.clusterSize;
+  const fix = (crc: Crc | undefined, p = 0.75) => {
+    if (crc && rng.chance(p)) fixes.set(crc.at, crc);
+  };
+  const hashAt = (off: number) => bytes.subarray(off, off + 32).toString('hex');
+  const n = rng.chance(0.6) ? 1 : 2 + rng.int(2);
+  for (let k = 0; k < n; k++) {
+    if (rng.chance(0.68)) {
+      const kinds = DEDUP_KINDS.filter((x) => d.byKind.get(x)?.length);
+      const f = rng.pick(d.byKind.get(rng.pick(kinds))!);
+      if (f.off + f.width > bytes.length) continue;
+      const old = readField(bytes, f as unknown as Field);
+      writeField(bytes, f as unknown as Field, dedupValue(rng, f, old, d, bytes.length));
+      fix(f.crc);
+      const entry = d.entries.find((e) => f.off >= e.off - 4 && f.off < e.off + 48);
+      if (entry) targets.add(Buffer.from(base.bytes.subarray(entry.off, entry.off + 32)).toString('hex'));
+      steps.push(`${f.kind} ${f.what} @${f.off}: 0x${old.toString(16)} -> 0x${readField(bytes, f as unknown as Field).toString(16)}${f.crc && fixes.has(f.crc.at) ? ' (crc fixed)' : ''}`);
+      continue;
+    }
+    const op = rng.int(16);
+    const jEntries = d.entries.filter((e) => e.journal);
+    if (op === 0 && d.blocks.length) {
+      const blk = rng.pick(d.blocks);
+      bytes.fill(0, blk.off, blk.off + blk.size);
+      steps.push(`zero journal ${blk.journal} block ${blk.index}${blk.written ? '' : ' (past blocks written)'}`);
+    } else if (op === 1 && d.blocks.length > 1) {
+      const a = rng.pick(d.blocks);
+      const c = rng.pick(d.blocks);
+      bytes.copy(bytes, c.off, a.off, a.off + a.size);
+      steps.push(`copy journal ${a.journal} block ${a.index} over journal ${c.journal} block ${c.index}`);
+    } else if ((op === 2 || op === 3) && d.entries.length > 1) {
+      // Swap two whole entries (journal: with their 4-byte headers): reorders inserts and deletions.
+      const a = rng.pick(d.entries);
+      const c = rng.pick(d.entries.filter((e) => e.journal === a.journal));
+      const w = a.journal ? 52 : 48;
+      const at = (e: EntryAt) => (e.journal ? e.off - 4 : e.off);
+      const tmp = Buffer.from(bytes.subarray(at(a), at(a) + w));
+      bytes.copy(bytes, at(a), at(c), at(c) + w);
+      tmp.copy(bytes, at(c));
+      fix(a.crc);
+      fix(c.crc);
+      targets.add(hashAt(a.off));
+      targets.add(hashAt(c.off));
+      steps.push(`swap ${a.where} and ${c.where}`);
+    } else if (op === 4 && d.entries.length > 1) {
+      const a = rng.pick(d.entries);
+      const c = rng.pick(d.entries);
+      bytes.copy(bytes, c.off, a.off, a.off + 32);
+      fix(c.crc);
+      targets.add(hashAt(c.off));
+      steps.push(`hash of ${a.where} copied into ${c.where}`);
+    } else if ((op === 5 || op === 6) && d.entries.length) {
+      // The entry names another cluster: with verify off, only the holder and the refcount stand in the way.
+      const c = rng.pick(d.entries);
+      const other = rng.chance(0.5) && d.entries.length > 1 ? bytes.readBigUInt64BE(rng.pick(d.entries).off + 32) : BigInt(rng.pick(d.dataClusters.length ? d.dataClusters : d.offsets));
+      bytes.writeBigUInt64BE(other, c.off + 32);
+      fix(c.crc, 0.9);
+      targets.add(hashAt(c.off));
+      steps.push(`host offset of ${c.where} = 0x${other.toString(16)}${c.crc && fixes.has(c.crc.at) ? ' (crc fixed)' : ''}`);
+    } else if (op === 7 && jEntries.length) {
+      const c = rng.pick(jEntries);
+      bytes[c.off - 3] ^= 1;
+      fix(c.crc, 0.9);
+      targets.add(hashAt(c.off));
+      steps.push(`flip the deleted flag of ${c.where}`);
+    } else if (op === 8 && d.incarnations.length) {
+      const inc = rng.pick(d.incarnations);
+      const whole = rng.chance(0.3);
+      bytes.fill(0, inc.off, Math.min(bytes.length, inc.off + (whole ? inc.bytes : inc.slots * 2)));
+      steps.push(`zero incarnation at ${inc.off}${whole ? ' (whole area)' : ' (filter)'}`);
+    } else if (op === 9 && d.config.incarnations > 1) {
+      const a = d.config.off + 72;
+      const c = a + 32 * (1 + rng.int(d.config.incarnations - 1));
+      const tmp = Buffer.from(bytes.subarray(a, a + 32));
+      bytes.copy(bytes, a, c, c + 32);
+      tmp.copy(bytes, c);
+      fix(d.config.crc, 0.9);
+      steps.push('swap incarnation records 0 and ' + (c - a) / 32);
+    } else if (op === 10) {
+      const v = bytes.readBigUInt64BE(88) ^ AUTOCLEAR_DEDUP;
+      bytes.writeBigUInt64BE(v, 88);
+      steps.push(`toggle autoclear bit 60 (now ${v & AUTOCLEAR_DEDUP ? 'set' : 'clear'})`);
+    } else if (op === 11) {
+      const bit = rng.pick([1, 2]);
+      bytes[d.extOff + 2] ^= bit;
+      steps.push(`toggle the dedup ${bit === 1 ? 'dirty' : 'verify'} flag`);
+    } else if (op === 12 && d.holder?.tables.length) {
+      // A bogus hold: the holder claims a cluster (data it does not hold, or metadata) with the identity entry.
+      const t = rng.pick(d.holder.tables);
+      const per = cs / 8;
+      const candidates = [...d.dataClusters, ...d.offsets.filter((o) => o % cs === 0 && o < bytes.length)].map((o) => o / cs).filter((c) => Math.floor(c / per) === t.l1Index);
+      if (!candidates.length) continue;
+      const c = rng.pick(candidates);
+      const was = bytes.readBigUInt64BE(t.off + (c % per) * 8);
+      bytes.writeBigUInt64BE(BigInt(c * cs), t.off + (c % per) * 8);
+      steps.push(`holder holds host cluster ${c} (entry was 0x${was.toString(16)})`);
+    } else if (op === 13 && d.holder?.tables.length) {
+      // The holder's L1 entry points at another structure: an active L2 table, a journal, a data cluster, its own L1.
+      const t = rng.pick(d.holder.tables);
+      const to = rng.pick([...d.l2Tables, ...d.offsets]);
+      bytes.writeBigUInt64BE(BigInt(to), d.holder.l1Off + t.l1Index * 8);
+      steps.push(`holder L1[${t.l1Index}] = 0x${to.toString(16)} (was 0x${t.off.toString(16)})`);
+    } else if (op === 14 && d.config.crc) {
+      // Swap the two journal descriptors (the frozen journal becomes the current one).
+      const a = d.config.off + 24;
+      const tmp = Buffer.from(bytes.subarray(a, a + 24));
+      bytes.copy(bytes, a, a + 24, a + 48);
+      tmp.copy(bytes, a + 24);
+      fix(d.config.crc, 0.9);
+      steps.push('swap the journal descriptors');
+    } else if (op === 15) {
+      const areas = [d.config.off, ...d.blocks.map((x) => x.off), ...d.incarnations.map((x) => x.off)];
+      const cut = Math.min(bytes.length, rng.pick(areas) + rng.int(cs));
+      bytes = Buffer.from(bytes.subarray(0, cut));
+      steps.push(`truncate to ${cut} (inside the dedup store)`);
+    }
+  }
+  for (const crc of fixes.values()) {
+    if (crc.to <= bytes.length) bytes.writeUInt32BE(crc32(bytes.subarray(crc.from, crc.to)), crc.at);
+  }
+  if (!steps.length) steps.push('(no mutation applied)');
+  return { seed, base, bytes, steps, writeAt: rng.int(1 << 20), zeroAt: rng.int(1 << 20), targets: [...targets] };
+}
+
+// ---------------------------------------------------------------- running a dedup mutant
+
+export interface DedupOutcome extends Outcome {
+  /** inspectDedup's verdict on the mutant: 'trusted', 'untrusted', 'ext-refused', 'plain' or 'refused' (no open). */
+  trust: string;
+  /** The write step's session: 'wrote', or where it stopped. */
+  write: string;
+  /** Index hits of the write step (links to existing clusters). */
+  hits: number;
+  /**
+   * I1 violations: after a successful write, written data that does not read back or other
+   * guest data that changed. Each with the context that classifies it.
+   */
+  wrongData: { what: string; verify: boolean; deepCheckBefore: string; trust: string }[];
+}
+
+/** A CheckTarget over an open image. */
+function target(img: Image, writable: boolean) {
+  return { path: img.path, file: img.file, header: img.header, l1: img.l1, writable };
+}
+
+/** A check verdict in one word: 'clean', 'leaks', 'corrupt', 'failed', or 'threw'. */
+function verdictOf(c: ImageCheck | null): string {
+  if (!c) return 'threw';
+  return c.failure !== undefined || c.checkErrors ? 'failed' : c.corruptions ? 'corrupt' : c.leaks ? 'leaks' : 'clean';
+}
+
+/** Every guest cluster, read one by one: null where the read fails. */
+async function readClusters(img: Image): Promise<(Buffer | null)[]> {
+  const cs = img.clusterSize;
+  const out: (Buffer | null)[] = [];
+  for (let c = 0; c * cs < img.size && c < 4096; c++) {
+    try {
+      out.push(await img.read(c * cs, Math.min(cs, img.size - c * cs)));
+    } catch (err) {
+      if (!(err instanceof QdedupError)) throw err;
+      out.push(null);
+    }
+  }
+  return out;
+}
+
+/** Which known content `buf` is (for reports). */
+function nameContent(base: DedupBase, buf: Buffer | null): string {
+  if (!buf) return 'unreadable';
+  if (buf.every((x) => x === 0)) return 'zeros';
+  const h = createHasher(base.algorithm).hash(buf).toString('hex');
+  return base.contents.has(h) ? `content ${h.slice(0, 12)}…` : `unknown bytes ${buf.subarray(0, 8).toString('hex')}…`;
+}
+
+interface WritePlan {
+  /** Whole-cluster or partial writes, and zeroed clusters, in order. */
+  ops: ({ at: number; data: Buffer } | { zero: number })[];
+}
+
+/** The write step's operations: copies of indexed contents (mutated entries' first), a unique cluster, a rewrite, a partial write, a zeroed cluster. */
+function planWrites(m: DedupMutant, before: (Buffer | null)[], rng: Rng, clusters: number): WritePlan {
+  const base = m.base;
+  const cs = base.clusterSize;
+  const known = [...base.contents.entries()];
+  const picks: Buffer[] = [];
+  for (const t of m.targets.slice(0, 4)) {
+    const c = base.contents.get(t);
+    if (c) picks.push(c);
+  }
+  for (let i = 0; i < 3; i++) picks.push(rng.pick(known)[1]);
+  const ops: WritePlan['ops'] = [];
+  let s = Math.floor(base.scratch / cs);
+  const lastScratch = clusters - 1;
+  // Copies in one write (a batch: a repeated content inside it takes the pending-miss path).
+  if (rng.chance(0.3)) picks.push(picks[0]);
+  const n = Math.min(picks.length, lastScratch - s - 2);
+  ops.push({ at: s * cs, data: Buffer.concat(picks.slice(0, n)) });
+  s += n;
+  ops.push({ at: s * cs, data: uniqueCluster(0x7000 + (m.seed & 0xfff), cs) });
+  s++;
+  const readable = before.map((b, c) => (b && c * cs < base.scratch && !b.every((x) => x === 0) ? c : -1)).filter((c) => c >= 0);
+  if (readable.length) {
+    // A rewrite of a data cluster with another indexed content (drops a reference: release path).
+    ops.push({ at: rng.pick(readable) * cs, data: rng.pick(known)[1] });
+    const c = rng.pick(readable);
+    const off = rng.int(cs / 512) * 512;
+    ops.push({ at: c * cs + off, data: pattern(512, m.seed & 0xff) });
+    ops.push({ zero: rng.pick(readable) });
+  }
+  return { ops };
+}
+
+/** The dedup hook of `check`, as the CLI builds it. */
+function hook(img: Image, deep: boolean): CheckExtension {
+  return dedupCheckExtension(img, deep);
+}
+
+async function dedupSteps(m: DedupMutant, failures: string[], out: DedupOutcome, deadline: number): Promise<void> {
+  const base = m.base;
+  const rng = new Rng(m.seed ^ 0x1e55_a9e5);
+
+  // 1. Read-only: every dedup entry point a read-only subcommand uses; the file must not change.
+  const ro = new GuardFile(m.base.path, m.bytes, deadline, 'dedup read-only');
+  let img: Image | null = null;
+  let before: (Buffer | null)[] | null = null;
+  let pre: ImageCheck | null = null;
+  let preDeep: ImageCheck | null = null;
+  try {
+    img = await Image.open(m.base.path, { file: ro, backing: false });
+    try {
+      const insp = await inspectDedup(img, { tolerant: true });
+      out.trust = insp.extError ? 'ext-refused' : !insp.ext ? 'plain' : insp.trusted ? 'trusted' : 'untrusted';
+      if (insp.reason && (/internal|undefined|NaN/i.test(insp.reason) || insp.reason.includes('\n'))) failures.push(`inspectDedup reason: ${JSON.stringify(insp.reason)}`);
+      if (insp.holder) await heldClusters(img, insp.holder, () => {});
+      await guestUsage(img);
+      await storedRefcounts(img);
+    } catch (err) {
+      out.trust = 'threw';
+      failures.push(...badError(err, 'inspectDedup (tolerant) / dedup-stats'));
+    }
+    for (const o of [{}, { store: false, tolerant: true }]) {
+      try {
+        await inspectDedup(img, o);
+      } catch (err) {
+        failures.push(...badError(err, `inspectDedup ${JSON.stringify(o)}`));
+      }
+    }
+    try {
+      const j = await readJournals(img);
+      if (/internal|undefined|NaN/i.test(j.indexReason)) failures.push(`readJournals reason: ${j.indexReason}`);
+    } catch (err) {
+      failures.push(...badError(err, 'readJournals'));
+    }
+    for (const deep of [false, true]) {
+      try {
+        const c = await checkOpenImage(target(img, false), {}, hook(img, deep));
+        failures.push(...checkMessages(c, `check${deep ? ' --deep' : ''}`));
+        if (deep) preDeep = c;
+        else pre = c;
+      } catch (err) {
+        failures.push(...badError(err, `check${deep ? ' --deep' : ''}`));
+      }
+    }
+    try {
+      before = await readClusters(img);
+    } catch (err) {
+      failures.push(...badError(err, 'read'));
+    }
+  } catch (err) {
+    failures.push(...badError(err, 'dedup open read-only'));
+  } finally {
+    await img?.close().catch((err) => failures.push(...badError(err, 'dedup close read-only')));
+  }
+  failures.push(...ro.problems.map((p) => `dedup read-only: ${p}`));
+  if (!ro.bytes().equals(m.bytes)) failures.push('dedup read-only steps changed the file');
+
+  // 2. Read-write: attach, write copies of indexed contents and more, close; then I1.
+  const rw = new GuardFile(m.base.path, m.bytes, deadline, 'dedup write');
+  let wimg: Image | null = null;
+  let verify = false;
+  const cs = base.clusterSize;
+  const want = before ? before.map((b) => (b ? Buffer.from(b) : null)) : null;
+  const written = new Set<number>();
+  out.write = 'refused at open';
+  try {
+    wimg = await quiet(() => Image.open(m.base.path, { file: rw, writable: true, backing: false }));
+    if (wimg.dedup) {
+      verify = wimg.dedup.ext.verify;
+      const said = wimg.dedup.notice !== null;
+      if (out.trust === 'trusted' && said) failures.push(`inspectDedup trusts the store but the writable open says: ${wimg.dedup.notice}`);
+      if (out.trust === 'untrusted' && !said) failures.push('inspectDedup does not trust the store but the writable open gave no notice');
+      if (said && !/^dedup index not trusted: .+; starting a fresh index/.test(wimg.dedup.notice!)) failures.push(`notice: ${wimg.dedup.notice}`);
+    }
+    out.write = 'failed';
+    if (want && wimg.size >= 16 * cs) {
+      const plan = planWrites(m, before!, rng, want.length);
+      for (const op of plan.ops) {
+        if ('zero' in op) {
+          await wimg.writeZeroes(op.zero * cs, cs);
+          want[op.zero] = Buffer.alloc(cs);
+          written.add(op.zero);
+          continue;
+        }
+        await wimg.write(op.at, op.data);
+        for (let p = 0; p < op.data.length;) {
+          const c = Math.floor((op.at + p) / cs);
+          const inC = (op.at + p) % cs;
+          const len = Math.min(cs - inC, op.data.length - p);
+          if (want[c]) op.data.copy(want[c]!, inC, p, p + len);
+          else if (len === cs) want[c] = Buffer.from(op.data.subarray(p, p + len));
+          written.add(c);
+          p += len;
+        }
+      }
+    }
+    out.hits = wimg.dedup?.counters.hits ?? 0;
+    await wimg.close();
+    wimg = null;
+    out.write = 'wrote';
+  } catch (err) {
+    failures.push(...badError(err, 'dedup write'));
+  } finally {
+    await wimg?.abandon().catch(() => {});
+  }
+  failures.push(...rw.problems.map((p) => `dedup write: ${p}`));
+  if (out.write === 'wrote' && want) {
+    const after = new GuardFile(m.base.path, rw.bytes(), deadline, 'dedup write-verify');
+    let v: Image | null = null;
+    try {
+      v = await Image.open(m.base.path, { file: after, backing: false });
+      const got = await readClusters(v);
+      const bad: string[] = [];
+      for (let c = 0; c < want.length; c++) {
+        if (!want[c]) continue;
+        if (got[c] && got[c]!.equals(want[c]!)) continue;
+        bad.push(`guest cluster ${c} (${written.has(c) ? 'written' : 'not written'}): reads ${nameContent(base, got[c])}, expected ${nameContent(base, want[c])}`);
+      }
+      if (bad.length) {
+        out.wrongData.push({ what: `${bad.length} clusters wrong after the write: ${bad.slice(0, 3).join('; ')}`, verify, deepCheckBefore: verdictOf(preDeep), trust: out.trust });
+      }
+      // A store the deep check found sound must stay sound through a write.
+      if (verdictOf(preDeep) === 'clean' || verdictOf(preDeep) === 'leaks') {
+        const c = await checkOpenImage(target(v, false), {}, hook(v, true));
+        if (c.corruptions || c.failure !== undefined) failures.push(`the deep check found no corruption before the write, and after it: ${c.failure ?? c.messages.filter((x) => /ERROR/.test(x)).slice(0, 2).join(' / ')}`);
+      }
+    } catch (err) {
+      failures.push(`dedup write-verify: ${(err as Error).message}`);
+    } finally {
+      await v?.close().catch(() => {});
+    }
+  }
+
+  // 3. Repair with the dedup hook (the CLI's check -r all).
+  const rp = new GuardFile(m.base.path, m.bytes, deadline, 'dedup repair');
+  let rimg: Image | null = null;
+  let repaired: ImageCheck | null = null;
+  try {
+    rimg = await Image.open(m.base.path, { file: rp, backing: false });
+    repaired = await quiet(() => checkOpenImage(target(rimg!, true), { repair: 'all' }, hook(rimg!, false)));
+    failures.push(...checkMessages(repaired, 'dedup repair'));
+  } catch (err) {
+    failures.push(...badError(err, 'dedup repair'));
+  } finally {
+    await rimg?.close().catch((err) => failures.push(...badError(err, 'dedup close repair')));
+  }
+  failures.push(...rp.problems.map((p) => `dedup repair: ${p}`));
+  if (repaired && isClean(repaired)) {
+    const again = new GuardFile(m.base.path, rp.bytes(), deadline, 'dedup repair-verify');
+    let v: Image | null = null;
+    try {
+      v = await Image.open(m.base.path, { file: again, backing: false });
+      const c = await checkOpenImage(target(v, false), {}, hook(v, true));
+      if (!isClean(c) || c.leaks) failures.push(`dedup repair reported a clean image but a new deep check finds: ${c.failure ?? c.messages.slice(0, 2).join(' / ')}`);
+      if (before) {
+        const now = await readClusters(v);
+        const changed = before.findIndex((b, i) => b !== null && !(now[i] && now[i]!.equals(b)));
+        if (changed >= 0) failures.push(`dedup repair changed guest cluster ${changed}: ${nameContent(base, before[changed])} -> ${nameContent(base, now[changed])}`);
+      }
+    } catch (err) {
+      failures.push(`dedup repair-verify: ${(err as Error).message}`);
+    } finally {
+      await v?.close().catch(() => {});
+    }
+    // A repaired image is consistent: a write of indexed contents must read back exactly.
+    const w = new GuardFile(m.base.path, again.bytes(), deadline, 'dedup repair-write');
+    let wi: Image | null = null;
+    try {
+      wi = await quiet(() => Image.open(m.base.path, { file: w, writable: true, backing: false }));
+      const at = base.scratch;
+      const data = Buffer.concat([...base.contents.values()].slice(0, 4));
+      if (at + data.length <= wi.size) {
+        await wi.write(at, data);
+        await wi.close();
+        wi = null;
+        const r = await Image.open(m.base.path, { file: new GuardFile(m.base.path, w.bytes(), deadline, 'dedup repair-write-verify'), backing: false });
+        try {
+          if (!(await r.read(at, data.length)).equals(data)) out.wrongData.push({ what: 'a write after a clean repair did not read back', verify, deepCheckBefore: 'repaired', trust: out.trust });
+        } finally {
+          await r.close();
+        }
+      }
+    } catch (err) {
+      failures.push(`dedup repair-write: ${(err as Error).message}`);
+    } finally {
+      await wi?.abandon().catch(() => {});
+    }
+  }
+  out.verdict = `${out.trust}/${verdictOf(pre)}`;
+}
+
+/** Runs the plain steps and the dedup steps on dedup mutant `m` within MUTANT_BOUND_MS; never throws. */
+export async function runDedupMutant(m: DedupMutant): Promise<DedupOutcome> {
+  const failures: string[] = [];
+  const out: DedupOutcome = { seed: m.seed, failures, verdict: 'refused', trust: 'refused', write: 'not run', hits: 0, wrongData: [] };
+  const deadline = Date.now() + MUTANT_BOUND_MS;
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<string>((resolve) => {
+    timer = setTimeout(() => resolve('timeout'), MUTANT_BOUND_MS + 500);
+  });
+  let r: string | void;
+  try {
+    r = await Promise.race([(async () => {
+      await steps(m, failures, deadline);
+      await dedupSteps(m, failures, out, deadline);
+    })(), timeout]);
+  } catch (err) {
+    failures.push(`harness: ${(err as Error)?.stack ?? err}`);
+  } finally {
+    clearTimeout(timer);
+  }
+  if (r === 'timeout') failures.push(`no end within ${MUTANT_BOUND_MS} ms (Promise.race timeout)`);
+  const rss = process.memoryUsage().rss;
+  if (rss > RSS_BOUND) failures.push(`rss ${rss} above ${RSS_BOUND}`);
+  out.failures = [...new Set(failures)];
+  return out;
+}
+
+export function describeDedup(m: DedupMutant, o: DedupOutcome): string {
+  return [
+    `dedup seed ${m.seed} (base ${m.base.name}, ${m.base.state}; QDEDUP_FUZZ_SEED=${m.seed} npm test -- fuzz-images):`,
+    ...m.steps.map((s) => `  mutation: ${s}`),
+    `  trust ${o.trust}, verdict ${o.verdict}, write ${o.write}, ${o.hits} index hits`,
+    ...o.failures.map((f) => `  FAIL ${f}`),
+    ...o.wrongData.map((w) => `  WRONG DATA (verify ${w.verify ? 'on' : 'off'}, deep check before: ${w.deepCheckBefore}, store ${w.trust}): ${w.what}`),
+  ].join('\n');
 }

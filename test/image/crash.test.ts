@@ -11,11 +11,11 @@ import { join } from 'node:path';
 import { Image } from '../../src/image/image.ts';
 import { createImage } from '../../src/image/create.ts';
 import { checkOpenImage } from '../../src/image/check.ts';
-import { CrashError, FaultyFile, type LossMode } from '../../src/image/faulty-file.ts';
+import { FaultyFile, type LossMode } from '../../src/image/faulty-file.ts';
 import { MemFile } from '../../src/image/mem-file.ts';
 import { HAVE_QEMU, qemuCheck, tempDir } from '../helpers.ts';
+import { runSteps, shadowsOf, type Op } from './crash-lib.ts';
 
-type Op = { kind: 'write'; offset: number; data: Buffer } | { kind: 'zero'; offset: number; length: number };
 
 /** A seeded workload: steps of 1–3 non-overlapping operations, each step one open/close. */
 function workload(seed: number, size: number, clusterSize: number, steps: number): Op[][] {
@@ -39,29 +39,6 @@ function workload(seed: number, size: number, clusterSize: number, steps: number
   return out;
 }
 
-function apply(shadow: Buffer, op: Op): void {
-  if (op.kind === 'write') op.data.copy(shadow, op.offset);
-  else shadow.fill(0, op.offset, op.offset + op.length);
-}
-
-/** Runs the workload on `file` until it finishes or crashes; returns the steps acknowledged. */
-async function run(path: string, file: FaultyFile, steps: Op[][]): Promise<number> {
-  let done = 0;
-  try {
-    for (const step of steps) {
-      const image = await Image.open(path, { writable: true, file });
-      for (const op of step) {
-        if (op.kind === 'write') await image.write(op.offset, op.data);
-        else await image.writeZeroes(op.offset, op.length);
-      }
-      await image.close(); // flush + sync: the step is acknowledged when this returns
-      done++;
-    }
-  } catch (err) {
-    if (!(err instanceof CrashError)) throw err;
-  }
-  return done;
-}
 
 async function verifyState(path: string, bytes: Buffer, before: Buffer, after: Buffer, label: string): Promise<void> {
   const image = await Image.open(path, { file: new MemFile(path, bytes) });
@@ -100,19 +77,14 @@ test('crash at every write and sync: acknowledged data survives, no corruption',
     const base = readFileSync(path);
     const steps = workload(c.seed, c.size, c.clusterSize, c.steps);
     // Shadows after each acknowledged step.
-    const shadows = [Buffer.alloc(c.size)];
-    for (const step of steps) {
-      const next = Buffer.from(shadows[shadows.length - 1]);
-      for (const op of step) apply(next, op);
-      shadows.push(next);
-    }
+    const shadows = shadowsOf(c.size, steps);
     const probe = new FaultyFile(path, base);
-    assert.equal(await run(path, probe, steps), steps.length);
+    assert.equal(await runSteps(path, probe, steps), steps.length);
     const totalOps = probe.ops;
     for (let k = 0; k <= totalOps; k++) {
       for (const mode of MODES) {
         const file = new FaultyFile(path, base, { crashAt: k });
-        const acked = await run(path, file, steps);
+        const acked = await runSteps(path, file, steps);
         const bytes = await file.afterPowerLoss(mode, k * 7 + 1);
         const label = `cluster ${c.clusterSize}, seed ${c.seed}, crash at op ${k}/${totalOps}, ${mode}`;
         await verifyState(path, bytes, shadows[acked], shadows[Math.min(acked + 1, steps.length)], label);

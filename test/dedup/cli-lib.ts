@@ -1,0 +1,43 @@
+// Helpers shared by the dedup tests that drive bin/qdedup: a folder of numbered images and
+// inputs, a command that must succeed, and cluster contents made from a tag.
+
+import assert from 'node:assert/strict';
+import { createHash, randomBytes } from 'node:crypto';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { qdedup, tempDir, type RunResult } from '../helpers.ts';
+
+/** Runs bin/qdedup and asserts exit 0. */
+export function qdedupOk(args: string[]): RunResult {
+  const r = qdedup(args);
+  assert.equal(r.status, 0, `qdedup ${args.join(' ')} failed: ${r.stderr}`);
+  return r;
+}
+
+/** One cluster (`size` bytes) of content derived from `tag`: equal tags, equal clusters. */
+export function clusterOf(tag: string, size = 4096): Buffer {
+  const h = createHash('sha256').update(tag).digest();
+  return Buffer.concat(Array.from({ length: size / h.length }, () => h));
+}
+
+export const sha256File = (path: string) => createHash('sha256').update(readFileSync(path)).digest('hex');
+
+/** A temporary folder of numbered images (`qdedup create -q [-o OPTS] FILE SIZE`) and random input files. */
+export function workFolder(prefix: string) {
+  const dir = tempDir(prefix);
+  let serial = 0;
+  return {
+    dir,
+    create(size: string, opts?: string): string {
+      const file = join(dir, `img-${++serial}.qcow2`);
+      qdedupOk(['create', '-q', ...(opts ? ['-o', opts] : []), file, size]);
+      return file;
+    },
+    randomFile(bytes: number): { path: string; data: Buffer } {
+      const data = randomBytes(bytes);
+      const path = join(dir, `input-${++serial}.raw`);
+      writeFileSync(path, data);
+      return { path, data };
+    },
+  };
+}

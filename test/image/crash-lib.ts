@@ -1,0 +1,43 @@
+// Shared by the crash-point enumerations (plain and dedup): a workload is a list of steps,
+// each one open / operations / close; a step is acknowledged when its close returns.
+
+import { Image } from '../../src/image/image.ts';
+import { CrashError, type FaultyFile } from '../../src/image/faulty-file.ts';
+
+export type Op = { kind: 'write'; offset: number; data: Buffer } | { kind: 'zero'; offset: number; length: number };
+
+/** Applies an operation to a raw shadow of the guest disk. */
+export function applyOp(shadow: Buffer, op: Op): void {
+  if (op.kind === 'write') op.data.copy(shadow, op.offset);
+  else shadow.fill(0, op.offset, op.offset + op.length);
+}
+
+/** The shadow after each acknowledged step: index k is the disk once k steps are acknowledged. */
+export function shadowsOf(size: number, steps: Op[][]): Buffer[] {
+  const shadows = [Buffer.alloc(size)];
+  for (const step of steps) {
+    const next = Buffer.from(shadows[shadows.length - 1]);
+    for (const op of step) applyOp(next, op);
+    shadows.push(next);
+  }
+  return shadows;
+}
+
+/** Runs the workload on `file` until it finishes or crashes; returns the steps acknowledged. */
+export async function runSteps(path: string, file: FaultyFile, steps: Op[][]): Promise<number> {
+  let done = 0;
+  try {
+    for (const step of steps) {
+      const image = await Image.open(path, { writable: true, file });
+      for (const op of step) {
+        if (op.kind === 'write') await image.write(op.offset, op.data);
+        else await image.writeZeroes(op.offset, op.length);
+      }
+      await image.close(); // flush + sync: the step is acknowledged when this returns
+      done++;
+    }
+  } catch (err) {
+    if (!(err instanceof CrashError)) throw err;
+  }
+  return done;
+}
