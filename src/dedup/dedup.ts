@@ -13,6 +13,7 @@ import {
   AUTOCLEAR_DEDUP, DEDUP_EXT_VERSION, EXT_DEDUP, configBytesFor, decodeDedupExtension,
   encodeDedupConfig, encodeDedupExtension, type DedupExtension,
 } from '../format/dedup-ext.ts';
+import type { HashEntry } from '../format/hash-entry.ts';
 import type { L2Entry } from '../format/l1l2.ts';
 import { encodeSnapshotEntry } from '../format/snapshot.ts';
 import type { Image } from '../image/image.ts';
@@ -68,6 +69,8 @@ export class Dedup {
   /** Decrements queued this commit, per cluster (refcounts apply them only after the commit). */
   private readonly pending = new Map<number, number>();
   private readonly cap: number;
+  /** Allocation and overlap guard for the store and the holder (made once: the write path passes it per cluster). */
+  private readonly host: HolderHost;
 
   private constructor(
     private readonly image: Image,
@@ -78,6 +81,7 @@ export class Dedup {
     this.hasher = createHasher(ext.hashAlgorithm);
     // Refcount cap: past half the maximum the hash is no longer linked to (BRIEF §2).
     this.cap = Math.floor(image.refcountState!.max / 2);
+    this.host = hostOf(image);
   }
 
   static geometry(image: Image, ext: DedupExtension): StoreGeometry {
@@ -221,6 +225,12 @@ export class Dedup {
    * Writes whole guest clusters: zero clusters become zero entries; a cluster whose hash is
    * indexed (and held, and equal when verifying) is linked; the others are written in one
    * contiguous run and indexed. Every old reference is dropped after its replacement.
+   *
+   * Speed: each step first tries its synchronous variant (tryMapCluster, incrementCached,
+   * holdCached, tryRelease, …), which does the same thing when the table or block it needs
+   * is in memory and otherwise does nothing; only then is the async variant awaited. A
+   * batch thus costs no promise per step in the common case, and the decisions and their
+   * order are those of the async path.
    */
   async writeClusters(batch: ClusterWrite[]): Promise<void> {
     const image = this.image;
@@ -241,13 +251,13 @@ export class Dedup {
         pendingMiss.dups.push(w);
         continue;
       }
-      const target = await this.match(hash, w.data);
+      const e = this.store.lookup(hash);
+      let target = e ? this.linkableCached(e) : null;
+      if (target === undefined) target = await this.linkable(e!, w.data);
       if (target !== null) {
         this.counters.hits++;
         if (w.old.kind === 'normal' && w.old.hostOffset === target) continue; // same content, same cluster
-        await refcounts.increment(target / cs);
-        await image.mapCluster(w.guestCluster, target, false);
-        await image.dropReference(w.old);
+        await this.link(w, target);
         continue;
       }
       const m = { w, hash, dups: [] as ClusterWrite[] };
@@ -264,31 +274,40 @@ export class Dedup {
       const cluster = offset / cs;
       const indexed = this.holder.covers(cluster);
       if (indexed) {
-        await refcounts.increment(cluster); // refcount 2: the guest and the holder
-        await this.holder.hold(cluster);
-        await this.store.insert(hash, offset, w.guestCluster * cs, hostOf(image).allocate);
+        // refcount 2: the guest and the holder
+        if (refcounts.incrementCached(cluster) === undefined) await refcounts.increment(cluster);
+        if (!this.holder.holdCached(cluster)) await this.holder.hold(cluster);
+        const inserting = this.store.insert(hash, offset, w.guestCluster * cs, this.host.allocate);
+        if (inserting) await inserting;
       }
-      await image.mapCluster(w.guestCluster, offset, !indexed);
-      await image.dropReference(w.old);
+      if (!image.tryMapCluster(w.guestCluster, offset, !indexed)) await image.mapCluster(w.guestCluster, offset, !indexed);
+      if (!image.tryDropReference(w.old)) await image.dropReference(w.old);
       for (const d of dups) {
         this.counters.hits++;
         if (indexed) {
-          await refcounts.increment(cluster);
-          await image.mapCluster(d.guestCluster, offset, false);
+          await this.link(d, offset);
         } else {
           // Not held: sharing it could not keep COPIED truthful. Give the copy its own cluster.
           const own = await image.writeRun([d.data]);
           await image.mapCluster(d.guestCluster, own, true);
+          await image.dropReference(d.old);
         }
-        await image.dropReference(d.old);
       }
     }
   }
 
-  /** The host offset of an indexed cluster with this content, or null. */
-  private async match(hash: Buffer, data: Buffer): Promise<number | null> {
-    const e = this.store.lookup(hash);
-    if (!e) return null;
+  /** Points guest cluster `w` at the indexed cluster at `target`: refcount + 1, the L2 entry, then the old reference dropped. */
+  private async link(w: ClusterWrite, target: number): Promise<void> {
+    const image = this.image;
+    const refcounts = image.refcountState!;
+    const cluster = target / image.clusterSize;
+    if (refcounts.incrementCached(cluster) === undefined) await refcounts.increment(cluster);
+    if (!image.tryMapCluster(w.guestCluster, target, false)) await image.mapCluster(w.guestCluster, target, false);
+    if (!image.tryDropReference(w.old)) await image.dropReference(w.old);
+  }
+
+  /** The host offset of the indexed cluster of entry `e` when it may be linked to (held, under the cap, equal when verifying), or null. */
+  private async linkable(e: HashEntry, data: Buffer): Promise<number | null> {
     const cluster = e.hostOffset / this.image.clusterSize;
     // An index entry is only good for a cluster the holder still holds (belt and braces for I1).
     if (!Number.isSafeInteger(cluster) || !(await this.holder.holds(cluster))) return null;
@@ -297,6 +316,23 @@ export class Dedup {
       this.counters.verifyMismatches++;
       return null;
     }
+    return e.hostOffset;
+  }
+
+  /**
+   * linkable() without I/O: its answer when the holder table and refcount block involved
+   * are in memory and no verify read is needed; undefined otherwise (call linkable()).
+   */
+  private linkableCached(e: HashEntry): number | null | undefined {
+    const cluster = e.hostOffset / this.image.clusterSize;
+    if (!Number.isSafeInteger(cluster)) return null;
+    const held = this.holder.holdsCached(cluster);
+    if (held === undefined) return undefined;
+    if (!held) return null;
+    const refcount = this.image.refcountState!.getCached(cluster);
+    if (refcount === undefined) return undefined;
+    if (refcount >= this.cap) return null;
+    if (this.ext.verify) return undefined;
     return e.hostOffset;
   }
 
@@ -314,12 +350,33 @@ export class Dedup {
         const offset = cluster * this.image.clusterSize;
         const hash = this.hasher.hash(await this.image.file.read(offset, this.image.clusterSize));
         const e = this.store.lookup(hash);
-        if (e && e.hostOffset === offset) await this.store.remove(hash, hostOf(this.image).allocate);
+        if (e && e.hostOffset === offset) await this.store.remove(hash, this.host.allocate);
         await this.holder.release(cluster);
         this.counters.released++;
         drops = 2;
       }
     }
+    this.queueDrops(cluster, drops);
+  }
+
+  /**
+   * release() without I/O, for the common case: the cluster is not held, or other guest
+   * references remain, and the tables needed to tell are in memory. Returns false, having
+   * done nothing, otherwise (call release()).
+   */
+  tryRelease(cluster: number): boolean {
+    const held = this.holder.holdsCached(cluster);
+    if (held === undefined) return false;
+    if (held) {
+      const refcount = this.image.refcountState!.getCached(cluster);
+      if (refcount === undefined || refcount - (this.pending.get(cluster) ?? 0) <= 2) return false;
+    }
+    this.queueDrops(cluster, 1);
+    return true;
+  }
+
+  private queueDrops(cluster: number, drops: number): void {
+    const refcounts = this.image.refcountState!;
     for (let i = 0; i < drops; i++) refcounts.deferFree(cluster);
     this.pending.set(cluster, (this.pending.get(cluster) ?? 0) + drops);
   }
@@ -328,7 +385,7 @@ export class Dedup {
 
   /** Commit, before the refcounts are written: the store's journal and incarnations, the configuration area. */
   async beforeCommit(): Promise<void> {
-    const host = hostOf(this.image);
+    const host = this.host;
     await this.store.flush(host.allocate);
     const config = this.store.config();
     const need = configBytesFor(config);

@@ -9,7 +9,7 @@ import {
   BUCKET_SLOTS, candidateBuckets, decodeFilter, decodeIncarnationSlot, encodeIncarnation, incarnationLayout, tagOf,
   type IncarnationLayout, type SlotArrays,
 } from '../format/incarnation.ts';
-import { HASH_ENTRY_BYTES, type HashEntry } from '../format/hash-entry.ts';
+import { HASH_BYTES, HASH_ENTRY_BYTES, type HashEntry } from '../format/hash-entry.ts';
 import type { IncarnationRecord, LimboRecord } from '../format/dedup-ext.ts';
 import type { BlockFile } from '../image/block-file.ts';
 
@@ -73,13 +73,18 @@ export class HashStore {
     const two = b1 !== b2;
     for (const inc of this.incarnations) {
       const tags = inc.tags;
+      // Most incarnations match none of the 8 tags: one unrolled test rejects them (a miss
+      // scans every incarnation, so this loop is the cost of a miss).
+      if (tags[s1] !== tag && tags[s1 + 1] !== tag && tags[s1 + 2] !== tag && tags[s1 + 3] !== tag &&
+          (!two || (tags[s2] !== tag && tags[s2 + 1] !== tag && tags[s2 + 2] !== tag && tags[s2 + 3] !== tag))) continue;
       for (let i = 0; i < 2 * BUCKET_SLOTS; i++) {
         if (i === BUCKET_SLOTS && !two) break;
         const s = i < BUCKET_SLOTS ? s1 + i : s2 + i - BUCKET_SLOTS;
         if (tags[s] !== tag) continue;
         this.diskReads++;
-        const slot = decodeIncarnationSlot(this.file.readSync(inc.record.offset + this.layout.tableOffset + s * HASH_ENTRY_BYTES, HASH_ENTRY_BYTES));
-        if (!slot.hash.equals(hash)) continue;
+        const raw = this.file.readSync(inc.record.offset + this.layout.tableOffset + s * HASH_ENTRY_BYTES, HASH_ENTRY_BYTES);
+        if (!sameHash(raw, hash)) continue; // a tag collision: decode only the slot that matches
+        const slot = decodeIncarnationSlot(raw);
         if (!slot.tombstone) this.hits++;
         return { entry: slot, tombstone: slot.tombstone };
       }
@@ -111,4 +116,9 @@ export class HashStore {
       ...this.limbo.map((l) => ({ offset: l.offset, clusters: l.clusters })),
     ];
   }
+}
+
+/** True when the first 32 bytes of `raw` (a table slot) are `hash`. */
+function sameHash(raw: Buffer, hash: Uint8Array): boolean {
+  return raw.compare(hash, 0, HASH_BYTES, 0, HASH_BYTES) === 0;
 }

@@ -109,7 +109,22 @@ export class Holder {
     if (!this.covers(cluster)) return false;
     const l1Index = Math.floor(cluster / this.l2Entries);
     const t = await this.table(l1Index);
-    if (!t) return false;
+    return t ? this.heldIn(t, l1Index, cluster) : false;
+  }
+
+  /**
+   * holds() without I/O: the answer when the cluster's holder L2 table is in memory (or
+   * absent), undefined when it must be read first (call holds()).
+   */
+  holdsCached(cluster: number): boolean | undefined {
+    if (!this.covers(cluster)) return false;
+    const l1Index = Math.floor(cluster / this.l2Entries);
+    const t = this.l2Cache.get(l1Index);
+    if (t) return this.heldIn(t, l1Index, cluster);
+    return decodeL1Entry(this.l1, l1Index).l2Offset === 0 ? false : undefined;
+  }
+
+  private heldIn(t: Buffer, l1Index: number, cluster: number): boolean {
     const e = decodeL2Entry(t, cluster % this.l2Entries, this.host.clusterBits);
     if (e.kind === 'unallocated') return false;
     if (e.kind !== 'normal' || e.hostOffset !== cluster * this.clusterSize) {
@@ -132,6 +147,19 @@ export class Holder {
     }
     encodeL2Entry(t, cluster % this.l2Entries, cluster * this.clusterSize, false);
     this.l2Dirty.add(l1Index);
+  }
+
+  /**
+   * hold() without I/O: when the cluster's holder L2 table is in memory, holds it and returns
+   * true; otherwise changes nothing and returns false (call hold()).
+   */
+  holdCached(cluster: number): boolean {
+    const l1Index = Math.floor(cluster / this.l2Entries);
+    const t = this.l2Cache.get(l1Index);
+    if (!t) return false;
+    encodeL2Entry(t, cluster % this.l2Entries, cluster * this.clusterSize, false);
+    this.l2Dirty.add(l1Index);
+    return true;
   }
 
   /** Drops the hold on `cluster` (the caller queues the refcount decrement for after the commit). */

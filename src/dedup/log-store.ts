@@ -50,10 +50,13 @@ export class LogStore implements SlotArrays {
   /** Slot holding `hash` (used or tombstone), or -1. */
   find(hash: Uint8Array): number {
     const [b1, b2] = candidateBuckets(hash, this.order);
-    for (const b of b1 === b2 ? [b1] : [b1, b2]) {
-      for (let s = b * BUCKET_SLOTS; s < (b + 1) * BUCKET_SLOTS; s++) {
-        if (this.states[s] !== SLOT_EMPTY && this.matches(s, hash)) return s;
-      }
+    const s = this.findInBucket(b1, hash);
+    return s >= 0 || b1 === b2 ? s : this.findInBucket(b2, hash);
+  }
+
+  private findInBucket(b: number, hash: Uint8Array): number {
+    for (let s = b * BUCKET_SLOTS; s < (b + 1) * BUCKET_SLOTS; s++) {
+      if (this.states[s] !== SLOT_EMPTY && this.matches(s, hash)) return s;
     }
     return -1;
   }
@@ -142,7 +145,7 @@ export class LogStore implements SlotArrays {
   }
 
   private setSlot(slot: number, hash: Uint8Array, host: number, guest: number, state: number): void {
-    this.hashes.set(hash.subarray(0, 32), slot * 32);
+    this.hashes.set(hash.length === 32 ? hash : hash.subarray(0, 32), slot * 32); // hashes are 32 bytes: no view to make
     this.hostOffsets[slot] = host;
     this.guestOffsets[slot] = guest;
     this.states[slot] = state;

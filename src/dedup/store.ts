@@ -46,6 +46,12 @@ export function replayDamage(stops: (ReplayStop | null)[], journals: JournalDesc
   return null;
 }
 
+/** The entry in slot `slot` of a log store, or null for a tombstone (a deleted hash). */
+function entryAt(store: LogStore, slot: number, hash: Buffer): HashEntry | null {
+  if (store.states[slot] === SLOT_TOMBSTONE) return null;
+  return { hash, hostOffset: store.hostOffsets[slot], firstGuestOffset: store.guestOffsets[slot] };
+}
+
 interface Side {
   store: LogStore;
   journal: Journal;
@@ -127,20 +133,22 @@ export class DedupStore {
 
   /** The entry for `hash`, or null (never indexed, deleted, or forgotten). Synchronous: see HashStore.lookup. */
   lookup(hash: Buffer): HashEntry | null {
-    for (const side of this.frozen ? [this.current, this.frozen] : [this.current]) {
-      const slot = side.store.find(hash);
-      if (slot >= 0) {
-        if (side.store.states[slot] === SLOT_TOMBSTONE) return null;
-        return { hash, hostOffset: side.store.hostOffsets[slot], firstGuestOffset: side.store.guestOffsets[slot] };
-      }
-    }
+    const inCurrent = this.current.store.find(hash);
+    if (inCurrent >= 0) return entryAt(this.current.store, inCurrent, hash);
+    const inFrozen = this.frozen ? this.frozen.store.find(hash) : -1;
+    if (inFrozen >= 0) return entryAt(this.frozen!.store, inFrozen, hash);
     const found = this.hashStore.lookup(hash);
     return found && !found.tombstone ? found.entry : null;
   }
 
-  /** Records that `hash` is the content of the cluster at `hostOffset` (first written at guestOffset). */
-  async insert(hash: Buffer, hostOffset: number, guestOffset: number, allocate: Allocate): Promise<void> {
-    await this.record({ hash, hostOffset, firstGuestOffset: guestOffset, deleted: false }, allocate);
+  /**
+   * Records that `hash` is the content of the cluster at `hostOffset` (first written at
+   * guestOffset). Returns a promise only when the log store must be frozen or the journal
+   * packed (I/O); the common case completes synchronously and returns undefined, so the
+   * write path awaits only when there is something to wait for.
+   */
+  insert(hash: Buffer, hostOffset: number, guestOffset: number, allocate: Allocate): Promise<void> | undefined {
+    return this.record({ hash, hostOffset, firstGuestOffset: guestOffset, deleted: false }, allocate);
   }
 
   /** Deletes `hash` (I2: the caller flushes before the cluster can be reused). */
@@ -148,13 +156,25 @@ export class DedupStore {
     await this.record({ hash, hostOffset: 0, firstGuestOffset: 0, deleted: true }, allocate);
   }
 
-  private async record(e: JournalEntry, allocate: Allocate): Promise<void> {
+  /** Puts the entry in the current log store and appends it to the journal; a promise only when it must rotate or pack. */
+  private record(e: JournalEntry, allocate: Allocate): Promise<void> | undefined {
     const state = e.deleted ? SLOT_TOMBSTONE : SLOT_USED;
-    if (!this.current.store.put(e.hash, e.hostOffset, e.firstGuestOffset, state)) {
-      await this.rotate(allocate);
-      if (!this.current.store.put(e.hash, e.hostOffset, e.firstGuestOffset, state)) throw new Error('internal: an empty log store refused an entry');
-    }
+    // One put() only: a refused put advances the log store's kick walk, so it must not be retried before rotating.
+    if (!this.current.store.put(e.hash, e.hostOffset, e.firstGuestOffset, state)) return this.rotateAndRecord(e, state, allocate);
+    if (this.current.journal.wouldOverflow(1)) return this.packAndAppend(e, allocate);
+    this.current.journal.append(e);
+    return undefined;
+  }
+
+  private async rotateAndRecord(e: JournalEntry, state: number, allocate: Allocate): Promise<void> {
+    await this.rotate(allocate);
+    if (!this.current.store.put(e.hash, e.hostOffset, e.firstGuestOffset, state)) throw new Error('internal: an empty log store refused an entry');
     if (this.current.journal.wouldOverflow(1)) await this.pack(allocate);
+    this.current.journal.append(e);
+  }
+
+  private async packAndAppend(e: JournalEntry, allocate: Allocate): Promise<void> {
+    await this.pack(allocate);
     this.current.journal.append(e);
   }
 

@@ -87,5 +87,5 @@ export function decodeFilter(area: Buffer, slots: number): Uint16Array {
 /** Decodes one 48-byte table slot; `tombstone` when its host offset is 0. */
 export function decodeIncarnationSlot(buf: Buffer, pos = 0): HashEntry & { tombstone: boolean } {
   const e = decodeHashEntry(buf, pos);
-  return { ...e, tombstone: e.hostOffset === 0 };
+  return { hash: e.hash, hostOffset: e.hostOffset, firstGuestOffset: e.firstGuestOffset, tombstone: e.hostOffset === 0 };
 }

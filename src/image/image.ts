@@ -272,10 +272,32 @@ export class Image implements GuestReader {
     return table;
   }
 
+  /**
+   * l2Table() without I/O: the table when it is cached, null when the L1 entry has none,
+   * undefined when it must be read (call l2Table(), which also validates the L1 entry).
+   */
+  private l2TableCached(l1Index: number): Buffer | null | undefined {
+    const cached = this.l2Cache.get(l1Index);
+    if (cached) return cached;
+    if (l1Index >= this.header.l1Size || decodeL1Entry(this.l1, l1Index).l2Offset === 0) return null;
+    return undefined;
+  }
+
   /** The L2 entry of guest cluster `guestCluster`, validated. */
   async entry(guestCluster: number): Promise<L2Entry> {
     const l1Index = Math.floor(guestCluster / this.l2Entries);
     const table = await this.l2Table(l1Index);
+    return this.entryIn(table, l1Index, guestCluster);
+  }
+
+  /** entry() without I/O: undefined when the L2 table must be read first (call entry()). */
+  entryCached(guestCluster: number): L2Entry | undefined {
+    const l1Index = Math.floor(guestCluster / this.l2Entries);
+    const table = this.l2TableCached(l1Index);
+    return table === undefined ? undefined : this.entryIn(table, l1Index, guestCluster);
+  }
+
+  private entryIn(table: Buffer | null, l1Index: number, guestCluster: number): L2Entry {
     if (!table) return UNALLOCATED;
     const l2Index = guestCluster % this.l2Entries;
     const e = decodeL2Entry(table, l2Index, this.clusterBits);
@@ -405,7 +427,7 @@ export class Image implements GuestReader {
     let batch: PendingCluster[] = [];
     for (const { guestCluster, inCluster, n, done } of this.pieces(guestOffset, data.length)) {
       const part = data.subarray(done, done + n);
-      const old = await this.entry(guestCluster);
+      const old = this.entryCached(guestCluster) ?? (await this.entry(guestCluster));
       if (old.kind === 'normal' && old.copied && !this.dedup) {
         this.guardDataWrite(old.hostOffset + inCluster, n);
         // I4: COPIED is trusted only for a cluster the refcounts count. A hostile entry
@@ -514,6 +536,19 @@ export class Image implements GuestReader {
     await this.dropReference(old);
   }
 
+  /**
+   * dropReference() without I/O: returns true when done, false (having done nothing) when
+   * the caller must await dropReference() (the dedup layer needs a table or a read).
+   */
+  tryDropReference(old: L2Entry): boolean {
+    const refcounts = this.assertWritable();
+    if (old.kind === 'compressed') return false;
+    if (old.hostOffset === 0) return true;
+    if (this.dedup) return this.dedup.tryRelease(old.hostOffset / this.clusterSize);
+    refcounts.deferFree(old.hostOffset / this.clusterSize);
+    return true;
+  }
+
   /** Queues the references an old L2 entry held for release at commit (through the dedup layer when on). */
   async dropReference(old: L2Entry): Promise<void> {
     const refcounts = this.assertWritable();
@@ -563,6 +598,20 @@ export class Image implements GuestReader {
   /** Points guest cluster `guestCluster` at `hostOffset` (also used by the dedup layer). */
   async mapCluster(guestCluster: number, hostOffset: number, copied: boolean): Promise<void> {
     await this.setEntry(guestCluster, hostOffset, copied, false);
+  }
+
+  /**
+   * mapCluster() without I/O nor allocation: done (true) when the guest cluster's L2 table
+   * is already dirty, i.e. made writable by l2TableForWrite() since the last commit (it is
+   * then cached, COPIED in the L1 and never dropped from the cache). Otherwise changes
+   * nothing and returns false (call mapCluster()).
+   */
+  tryMapCluster(guestCluster: number, hostOffset: number, copied: boolean): boolean {
+    const l1Index = Math.floor(guestCluster / this.l2Entries);
+    if (!this.l2Dirty.has(l1Index)) return false;
+    this.assertWritable();
+    encodeL2Entry(this.l2Cache.get(l1Index)!, guestCluster % this.l2Entries, hostOffset, copied, false);
+    return true;
   }
 
   private async setEntry(guestCluster: number, hostOffset: number, copied: boolean, zero: boolean): Promise<void> {

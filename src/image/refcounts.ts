@@ -110,6 +110,18 @@ export class Refcounts {
     return block ? getRefcount(block, clusterIndex % this.blockEntries, this.refcountOrder) : 0;
   }
 
+  /**
+   * get() without I/O: the refcount when the cluster's block is in memory (0 when no block
+   * covers it), undefined when the block must be read first (call get()). The write path's
+   * fast path: most clusters of a batch fall in blocks already loaded.
+   */
+  getCached(clusterIndex: number): number | undefined {
+    const t = Math.floor(clusterIndex / this.blockEntries);
+    const block = this.blocks.get(t);
+    if (block) return getRefcount(block, clusterIndex % this.blockEntries, this.refcountOrder);
+    return this.table[t] ? undefined : 0;
+  }
+
   private async set(clusterIndex: number, value: number): Promise<void> {
     const t = Math.floor(clusterIndex / this.blockEntries);
     const block = await this.block(t);
@@ -124,6 +136,22 @@ export class Refcounts {
     const value = (await this.get(clusterIndex)) + 1;
     if (value > this.max) throw new CorruptImageError(`refcount of cluster ${clusterIndex} would exceed ${this.max}`, { offset: clusterIndex * this.clusterSize, structure: 'refcount block' });
     await this.set(clusterIndex, value);
+    return value;
+  }
+
+  /**
+   * increment() without I/O: when the cluster's block is in memory, adds the reference and
+   * returns the new value; otherwise changes nothing and returns undefined (call increment()).
+   */
+  incrementCached(clusterIndex: number): number | undefined {
+    const t = Math.floor(clusterIndex / this.blockEntries);
+    const block = this.blocks.get(t);
+    if (!block) return undefined;
+    const index = clusterIndex % this.blockEntries;
+    const value = getRefcount(block, index, this.refcountOrder) + 1;
+    if (value > this.max) throw new CorruptImageError(`refcount of cluster ${clusterIndex} would exceed ${this.max}`, { offset: clusterIndex * this.clusterSize, structure: 'refcount block' });
+    setRefcount(block, index, this.refcountOrder, value);
+    this.dirtyBlocks.add(t);
     return value;
   }
 
