@@ -26,9 +26,9 @@ import {
 const BASE_SEED = process.env.QDEDUP_SEED ? Number(process.env.QDEDUP_SEED) >>> 0 : 0x2d5e_ed02;
 const ONLY = process.env.QDEDUP_ONLY;
 /** In-process random sequences (each: create, 3–10 operations with reopenings, verify). QDEDUP_SEQUENCES=N soaks. */
-const IN_PROCESS_SEQUENCES = Number(process.env.QDEDUP_SEQUENCES ?? 200);
+const IN_PROCESS_SEQUENCES = Number(process.env.QDEDUP_SEQUENCES ?? 100);
 /** Random sequences run entirely through bin/qdedup (create/write as separate processes). */
-const CLI_SEQUENCES = Number(process.env.QDEDUP_CLI_SEQUENCES ?? 30);
+const CLI_SEQUENCES = Number(process.env.QDEDUP_CLI_SEQUENCES ?? 20);
 /** Whole-disk writes happen only on disks this small (in bytes and in clusters). */
 const WHOLE_DISK_MAX = 24 << 20;
 const WHOLE_DISK_MAX_CLUSTERS = 8192;
