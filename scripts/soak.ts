@@ -82,6 +82,10 @@ const ALL_FILES: SoakFile[] = [
     path: 'test/interop/differential-long.test.ts',
     env: (r) => ({ QDEDUP_SEED: String((seed + r - 1) >>> 0), QDEDUP_SOAK_SCALE: String(scale) }),
   },
+  {
+    path: 'test/interop/mixed-turns.test.ts',
+    env: (r) => ({ QDEDUP_SEED: String((seed + r - 1) >>> 0), QDEDUP_SOAK_SCALE: String(scale) }),
+  },
 ];
 const FILES = ALL_FILES.filter((f) => only === undefined || f.path.includes(only));
 if (FILES.length === 0) usage(`no soak file matches '${only}'`);
@@ -91,6 +95,8 @@ const FIGURES: { name: string; re: RegExp }[] = [
   { name: 'differential operations', re: /differential: (\d+) operations, (\d+) mismatches.*/ },
   { name: 'mutants through the CLI', re: /fuzzed images through the CLI: (\d+) mutants.*/ },
   { name: 'mutants in process', re: /fuzzed images: (\d+) in .*/ },
+  { name: 'dedup mutants in process', re: /fuzzed dedup images: (\d+) in .*/ },
+  { name: 'mixed-turn sequences', re: /mixed turns: (\d+) sequences.*/ },
   { name: 'crash states', re: /crash states verified: (\d+).*/ },
   { name: 'I/O error cases', re: /I\/O error cases verified: (\d+).*/ },
 ];

@@ -205,6 +205,7 @@ export class Dedup {
   private static async releaseOrphans(image: Image, holder: Holder): Promise<void> {
     const refcounts = image.refcountState!;
     for (const t of holder.tableOffsets()) {
+      if (t % image.clusterSize) throw new CorruptImageError(`dedup holder L2 table offset ${hex(t)} is not cluster aligned; delete the snapshot with 'qemu-img snapshot -d ${HOLDER_NAME}'`, { offset: holder.l1Offset, structure: 'dedup holder' });
       const r = await refcounts.get(t / image.clusterSize);
       if (r !== 1) throw new CorruptImageError(`dedup holder L2 table at ${hex(t)} has refcount ${r}, not 1; delete the snapshot with 'qemu-img snapshot -d ${HOLDER_NAME}'`, { offset: t, structure: 'dedup holder' });
     }

@@ -50,7 +50,7 @@ export class Holder {
   static async load(host: HolderHost, l1Offset: number, l1Size: number): Promise<Holder> {
     const l1 = await host.file.read(l1Offset, l1Size * 8);
     const h = new Holder(host, l1Offset, l1);
-    host.markMetadata(l1Offset, l1Size * 8, 'dedup holder L1 table');
+    if (l1Size) host.markMetadata(l1Offset, l1Size * 8, 'dedup holder L1 table'); // an empty holder has no table
     for (const off of h.tableOffsets()) host.markMetadata(off, h.clusterSize, 'dedup holder L2 table');
     return h;
   }

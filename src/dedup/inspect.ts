@@ -157,9 +157,16 @@ export async function inspectDedup(image: Image, options: InspectOptions = {}): 
     out.reason = damage;
     return out;
   }
+  const areas = storeAreas(ext, config, geometry);
+  const misplaced = await misplacedArea(image, areas, out.holder);
+  if (misplaced) {
+    out.store = null;
+    out.reason = misplaced;
+    return out;
+  }
   out.trusted = true;
   out.config = config;
-  out.areas = storeAreas(ext, config, geometry);
+  out.areas = areas;
   const clusters = new Set<number>();
   for (const a of out.areas) {
     const first = Math.floor(a.offset / image.clusterSize);
@@ -168,6 +175,48 @@ export async function inspectDedup(image: Image, options: InspectOptions = {}): 
   }
   out.metadataClusters = clusters.size;
   return out;
+}
+
+/**
+ * Why the store's areas cannot be the store's own clusters, or null. Each must lie inside
+ * the file, on clusters of refcount 1 that no other area, no table of the image and no
+ * held (guest) cluster uses: a configuration that says otherwise would have the store's
+ * writes land on someone else's bytes (found by the fuzzer: a journal over the L1 table).
+ * Cost: one refcount lookup per store cluster.
+ */
+async function misplacedArea(image: Image, areas: StoreArea[], holder: Holder | null): Promise<string | null> {
+  const cs = image.clusterSize;
+  const fileClusters = Math.ceil((await image.file.size()) / cs);
+  const tables = new Map<number, string>();
+  const mark = (offset: number, bytes: number, what: string) => {
+    for (let c = Math.floor(offset / cs); c <= Math.floor((offset + Math.max(bytes, 1) - 1) / cs); c++) tables.set(c, what);
+  };
+  const h = image.header;
+  mark(0, cs, 'header');
+  mark(h.refcountTableOffset, h.refcountTableClusters * cs, 'refcount table');
+  if (h.l1Size) mark(h.l1TableOffset, h.l1Size * 8, 'active L1 table');
+  for (let i = 0; i < h.l1Size; i++) {
+    const l2 = decodeL1Entry(image.l1, i).l2Offset;
+    if (l2) mark(l2, cs, 'an L2 table');
+  }
+  if (h.nbSnapshots) mark(h.snapshotsOffset, 1, 'snapshot table');
+  for (const s of image.snapshots) if (s.l1Size) mark(s.l1TableOffset, s.l1Size * 8, 'a snapshot L1 table');
+  const refcounts = await storedRefcounts(image);
+  for (const b of refcounts.blockOffsets()) mark(b, cs, 'a refcount block');
+  if (holder) for (const t of holder.tableOffsets()) mark(t, cs, 'a dedup holder L2 table');
+  for (const a of areas) {
+    const first = a.offset / cs;
+    const last = Math.floor((a.offset + Math.max(a.bytes, 1) - 1) / cs);
+    if (last >= fileClusters) return `${a.what} at ${hex(a.offset)} runs past the end of the file`;
+    for (let c = first; c <= last; c++) {
+      const other = tables.get(c);
+      if (other) return `${a.what} at ${hex(a.offset)} overlaps ${other} (cluster ${hex(c * cs)})`;
+      tables.set(c, a.what);
+      if ((await refcounts.get(c)) !== 1) return `${a.what} at ${hex(a.offset)}: cluster ${hex(c * cs)} has refcount ${await refcounts.get(c)}, not 1`;
+      if (holder && (await holder.holds(c).catch(() => false))) return `${a.what} at ${hex(a.offset)} overlaps guest data (cluster ${hex(c * cs)})`;
+    }
+  }
+  return null;
 }
 
 /** The areas a configuration names (the same set as DedupStore.areas() plus the configuration area). */

@@ -150,15 +150,16 @@ export class Image implements GuestReader {
     if (name === undefined) return;
     const where = { path: this.path, structure: 'backing file name', offset: this.header.backingFileOffset };
     if (name.includes('\0')) throw new CorruptImageError('backing file name contains a NUL byte', where);
-    if (/^[a-z][a-z0-9+.-]*:/i.test(name) && !isAbsolute(name)) throw new UnsupportedError(`backing file '${name}': protocols are not supported`, where);
+    const shown = printable(name);
+    if (/^[a-z][a-z0-9+.-]*:/i.test(name) && !isAbsolute(name)) throw new UnsupportedError(`backing file '${shown}': protocols are not supported`, where);
     const backingPath = isAbsolute(name) ? name : resolve(dirname(this.path), name);
     const self = await realpath(this.path).catch(() => resolve(this.path));
     const visited = [...chain, self];
     if (visited.length > MAX_BACKING_DEPTH) throw new CorruptImageError(`backing chain deeper than ${MAX_BACKING_DEPTH} images`, where);
     const target = await realpath(backingPath).catch(() => {
-      throw new IoError(`cannot open backing file '${name}': No such file or directory`, { path: backingPath }, 'ENOENT');
+      throw new IoError(`cannot open backing file '${shown}': No such file or directory`, { path: printable(backingPath) }, 'ENOENT');
     });
-    if (visited.includes(target)) throw new CorruptImageError(`backing chain loops back to '${name}'`, where);
+    if (visited.includes(target)) throw new CorruptImageError(`backing chain loops back to '${shown}'`, where);
     const format = backingFormatOf(this.header) ?? (await probeFormat(target));
     if (format === 'qcow2') this.backing = await Image.open(target, { chain: visited });
     else if (format === 'raw') this.backing = await RawImage.open(target);
@@ -736,6 +737,11 @@ export class Image implements GuestReader {
   get refcountState(): Refcounts | null {
     return this.refcounts;
   }
+}
+
+/** A name from the image, safe in a one-line message: control characters as \xNN. */
+function printable(name: string): string {
+  return name.replace(/[\x00-\x1f\x7f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
 }
 
 const UNALLOCATED: L2Entry = Object.freeze({ kind: 'unallocated', hostOffset: 0, copied: false, reservedBits: false, compressedOffset: 0, compressedLength: 0 });
