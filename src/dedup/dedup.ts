@@ -19,7 +19,7 @@ import { encodeSnapshotEntry } from '../format/snapshot.ts';
 import type { Image } from '../image/image.ts';
 import { createHasher, hashAlgorithmId, type Hasher, type SupportedHashAlgorithm } from './hasher.ts';
 import { HOLDER_NAME, Holder, holderL1Size, type HolderHost } from './holder.ts';
-import { DedupStore, type StoreGeometry } from './store.ts';
+import { DedupStore, geometryOf } from './store.ts';
 import { heldClusters, inspectDedup } from './inspect.ts';
 
 export interface DedupSettings {
@@ -69,7 +69,7 @@ export class Dedup {
   /** Decrements queued this commit, per cluster (refcounts apply them only after the commit). */
   private readonly pending = new Map<number, number>();
   private readonly cap: number;
-  /** Allocation and overlap guard for the store and the holder (made once: the write path passes it per cluster). */
+  /** Allocation and overlap guard for the store and the holder (made once at open: the write path passes it per cluster). */
   private readonly host: HolderHost;
 
   private constructor(
@@ -77,15 +77,12 @@ export class Dedup {
     readonly ext: DedupExtension,
     readonly store: DedupStore,
     readonly holder: Holder,
+    host: HolderHost,
   ) {
     this.hasher = createHasher(ext.hashAlgorithm);
     // Refcount cap: past half the maximum the hash is no longer linked to (BRIEF §2).
     this.cap = Math.floor(image.refcountState!.max / 2);
-    this.host = hostOf(image);
-  }
-
-  static geometry(image: Image, ext: DedupExtension): StoreGeometry {
-    return { order: ext.order, clusterSize: image.clusterSize, journalBlockSize: ext.journalBlockSize, maxIncarnations: ext.maxIncarnations };
+    this.host = host;
   }
 
   /** The dedup extension of an image, decoded, or null for a plain image. */
@@ -122,14 +119,14 @@ export class Dedup {
       for (const a of seen.areas) host.markMetadata(a.offset, a.bytes, 'dedup metadata');
     } else {
       // Never write to nor free the old store's clusters: another tool may own them now.
-      store = await DedupStore.create(image.file, Dedup.geometry(image, ext), host.allocate);
+      store = await DedupStore.create(image.file, geometryOf(ext, image.clusterSize), host.allocate);
       const configOffset = await host.allocate(1);
       extNow = { ...extNow, configOffset, configBytes: image.clusterSize };
     }
     let holder = await Dedup.findHolder(image, host);
     if (!holder) holder = await Dedup.addHolder(image, host);
     else if (!seen.trusted) await Dedup.releaseOrphans(image, holder);
-    const d = new Dedup(image, extNow, store, holder);
+    const d = new Dedup(image, extNow, store, holder, host);
     if (!seen.trusted) d.notice = `dedup index not trusted: ${seen.reason}; starting a fresh index (data is safe; earlier copies are no longer found)`;
     return d;
   }
@@ -145,9 +142,9 @@ export class Dedup {
     };
     image.header.extensions.push({ type: EXT_DEDUP, data: encodeDedupExtension(ext) });
     await Dedup.writeExtension(image, ext);
-    const store = await DedupStore.create(image.file, Dedup.geometry(image, ext), host.allocate);
+    const store = await DedupStore.create(image.file, geometryOf(ext, image.clusterSize), host.allocate);
     const holder = await Dedup.addHolder(image, host);
-    return new Dedup(image, ext, store, holder);
+    return new Dedup(image, ext, store, holder, host);
   }
 
   /** Rewrites the header with `ext` and autoclear bit 60 set, then syncs. */

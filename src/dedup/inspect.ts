@@ -23,7 +23,7 @@ import { Refcounts } from '../image/refcounts.ts';
 import { createHasher, hashAlgorithmName, type Hasher } from './hasher.ts';
 import { HOLDER_NAME, Holder, type HolderHost } from './holder.ts';
 import { replayJournal } from './journal.ts';
-import { DedupStore, replayDamage, type StoreGeometry } from './store.ts';
+import { DedupStore, geometryOf, replayDamage, type StoreGeometry } from './store.ts';
 
 /** One area of the file the dedup store owns. */
 export interface StoreArea {
@@ -132,7 +132,7 @@ export async function inspectDedup(image: Image, options: InspectOptions = {}): 
     out.reason = err.message;
     return out;
   }
-  const geometry: StoreGeometry = { order: ext.order, clusterSize: image.clusterSize, journalBlockSize: ext.journalBlockSize, maxIncarnations: ext.maxIncarnations };
+  const geometry = geometryOf(ext, image.clusterSize);
   // The write path's verdict on the replay (src/dedup/store.ts replayDamage): a damaged block,
   // or replay stopping short of the blocks the configuration says were written.
   let damage: string | null;

@@ -7,7 +7,7 @@
 
 import { SLOT_EMPTY, SLOT_TOMBSTONE, SLOT_USED } from '../format/incarnation.ts';
 import { entriesPerBlock, type JournalEntry } from '../format/journal-block.ts';
-import { nextGeneration, type DedupConfig, type JournalDescriptor } from '../format/dedup-ext.ts';
+import { nextGeneration, type DedupConfig, type DedupExtension, type JournalDescriptor } from '../format/dedup-ext.ts';
 import type { HashEntry } from '../format/hash-entry.ts';
 import type { BlockFile } from '../image/block-file.ts';
 import { HashStore } from './hash-store.ts';
@@ -19,6 +19,11 @@ export interface StoreGeometry {
   clusterSize: number;
   journalBlockSize: number;
   maxIncarnations: number;
+}
+
+/** The store's geometry as a dedup extension and the image's cluster size give it. */
+export function geometryOf(ext: DedupExtension, clusterSize: number): StoreGeometry {
+  return { order: ext.order, clusterSize, journalBlockSize: ext.journalBlockSize, maxIncarnations: ext.maxIncarnations };
 }
 
 /** Allocates `clusters` contiguous clusters for store metadata and returns the host offset. */
