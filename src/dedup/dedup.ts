@@ -13,7 +13,7 @@ import {
   AUTOCLEAR_DEDUP, DEDUP_EXT_VERSION, EXT_DEDUP, configBytesFor, decodeDedupExtension,
   encodeDedupConfig, encodeDedupExtension, type DedupExtension,
 } from '../format/dedup-ext.ts';
-import type { HashEntry } from '../format/hash-entry.ts';
+import type { IndexEntry } from './slot-bits.ts';
 import type { L2Entry } from '../format/l1l2.ts';
 import { encodeSnapshotEntry } from '../format/snapshot.ts';
 import type { Image } from '../image/image.ts';
@@ -57,7 +57,10 @@ export interface WriteCounters {
   hits: number;
   misses: number;
   zeroClusters: number;
-  verifyMismatches: number;
+  /** Hits whose cluster was compared byte for byte (verify mode, or an entry from disk not yet confirmed this session). */
+  compared: number;
+  /** Of those, clusters whose bytes differed: not linked. */
+  mismatches: number;
   released: number;
 }
 
@@ -65,7 +68,7 @@ export class Dedup {
   readonly hasher: Hasher;
   /** Why the old index was dropped at open, or null when it was trusted. */
   notice: string | null = null;
-  readonly counters: WriteCounters = { hits: 0, misses: 0, zeroClusters: 0, verifyMismatches: 0, released: 0 };
+  readonly counters: WriteCounters = { hits: 0, misses: 0, zeroClusters: 0, compared: 0, mismatches: 0, released: 0 };
   /** Decrements queued this commit, per cluster (refcounts apply them only after the commit). */
   private readonly pending = new Map<number, number>();
   private readonly cap: number;
@@ -197,13 +200,22 @@ export class Dedup {
 
   /**
    * After a foreign writer: clusters only the holder still references (refcount 1) are
-   * released; the holder's own tables must be its alone (not applied to the active disk).
+   * released; the holder's own tables must be its alone (not applied to the active disk),
+   * and a hold on one of them is dropped.
    */
   private static async releaseOrphans(image: Image, holder: Holder): Promise<void> {
     const refcounts = image.refcountState!;
     for (const t of holder.tableOffsets()) {
       if (t % image.clusterSize) throw new CorruptImageError(`dedup holder L2 table offset ${hex(t)} is not cluster aligned; delete the snapshot with 'qemu-img snapshot -d ${HOLDER_NAME}'`, { offset: holder.l1Offset, structure: 'dedup holder' });
-      const r = await refcounts.get(t / image.clusterSize);
+      const c = t / image.clusterSize;
+      let r = await refcounts.get(c);
+      if (await holder.holds(c)) {
+        // An identity entry for the holder's own table (never made by qdedup): one reference
+        // too many, and no index may name a table. Let go of it.
+        await holder.release(c);
+        refcounts.deferFree(c);
+        r--;
+      }
       if (r !== 1) throw new CorruptImageError(`dedup holder L2 table at ${hex(t)} has refcount ${r}, not 1; delete the snapshot with 'qemu-img snapshot -d ${HOLDER_NAME}'`, { offset: t, structure: 'dedup holder' });
     }
     const held = await heldClusters(image, holder, (message, offset) => {
@@ -221,7 +233,7 @@ export class Dedup {
 
   /**
    * Writes whole guest clusters: zero clusters become zero entries; a cluster whose hash is
-   * indexed (and held, and equal when verifying) is linked; the others are written in one
+   * indexed (and held, and equal when verifying or first met this session) is linked; the others are written in one
    * contiguous run and indexed. Every old reference is dropped after its replacement.
    *
    * Speed: each step first tries its synchronous variant (tryMapCluster, incrementCached,
@@ -304,24 +316,35 @@ export class Dedup {
     if (!image.tryDropReference(w.old)) await image.dropReference(w.old);
   }
 
-  /** The host offset of the indexed cluster of entry `e` when it may be linked to (held, under the cap, equal when verifying), or null. */
-  private async linkable(e: HashEntry, data: Buffer): Promise<number | null> {
+  /**
+   * The host offset of the indexed cluster of entry `e` when it may be linked to (held,
+   * under the cap, and equal to `data` when verifying or when the entry is not confirmed
+   * this session), or null.
+   */
+  private async linkable(e: IndexEntry, data: Buffer): Promise<number | null> {
     const cluster = e.hostOffset / this.image.clusterSize;
     // An index entry is only good for a cluster the holder still holds (belt and braces for I1).
     if (!Number.isSafeInteger(cluster) || !(await this.holder.holds(cluster))) return null;
     if ((await this.image.refcountState!.get(cluster)) >= this.cap) return null;
-    if (this.ext.verify && !(await this.image.file.read(e.hostOffset, data.length)).equals(data)) {
-      this.counters.verifyMismatches++;
-      return null;
+    if (this.ext.verify || !e.confirmed) {
+      // An entry from disk may lie (damage, a crafted image, a stale entry): its first hit
+      // compares bytes (src/dedup/slot-bits.ts). Equal bytes confirm it for the session:
+      // a held cluster is never rewritten in place (I2).
+      this.counters.compared++;
+      if (!(await this.image.file.read(e.hostOffset, data.length)).equals(data)) {
+        this.counters.mismatches++;
+        return null;
+      }
+      this.store.confirm(e);
     }
     return e.hostOffset;
   }
 
   /**
    * linkable() without I/O: its answer when the holder table and refcount block involved
-   * are in memory and no verify read is needed; undefined otherwise (call linkable()).
+   * are in memory and no compare read is needed; undefined otherwise (call linkable()).
    */
-  private linkableCached(e: HashEntry): number | null | undefined {
+  private linkableCached(e: IndexEntry): number | null | undefined {
     const cluster = e.hostOffset / this.image.clusterSize;
     if (!Number.isSafeInteger(cluster)) return null;
     const held = this.holder.holdsCached(cluster);
@@ -330,7 +353,7 @@ export class Dedup {
     const refcount = this.image.refcountState!.getCached(cluster);
     if (refcount === undefined) return undefined;
     if (refcount >= this.cap) return null;
-    if (this.ext.verify) return undefined;
+    if (this.ext.verify || !e.confirmed) return undefined;
     return e.hostOffset;
   }
 

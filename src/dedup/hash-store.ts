@@ -12,14 +12,16 @@ import {
 import { HASH_BYTES, HASH_ENTRY_BYTES, type HashEntry } from '../format/hash-entry.ts';
 import type { IncarnationRecord, LimboRecord } from '../format/dedup-ext.ts';
 import type { BlockFile } from '../image/block-file.ts';
+import { SlotBits, type IndexEntry } from './slot-bits.ts';
 
 export interface Incarnation {
   record: IncarnationRecord;
   tags: Uint16Array;
+  confirmed: SlotBits;
 }
 
 /** What a lookup found: an entry, or a tombstone saying the hash was deleted. */
-export type Found = { entry: HashEntry; tombstone: boolean };
+export type Found = { entry: IndexEntry; tombstone: boolean };
 
 export class HashStore {
   readonly layout: IncarnationLayout;
@@ -45,14 +47,14 @@ export class HashStore {
     this.incarnations = [];
     for (const record of records) {
       const filter = await this.file.read(record.offset, this.layout.slots * 2);
-      this.incarnations.push({ record, tags: decodeFilter(filter, this.layout.slots) });
+      this.incarnations.push({ record, tags: decodeFilter(filter, this.layout.slots), confirmed: new SlotBits(this.layout.slots) });
     }
     this.limbo = [...limbo];
   }
 
-  /** RAM held by the filters. */
+  /** RAM held by the filters and their confirmed bits. */
   get ramBytes(): number {
-    return this.incarnations.length * this.layout.slots * 2;
+    return this.incarnations.length * (this.layout.slots * 2 + Math.ceil(this.layout.slots / 8));
   }
 
   get entries(): number {
@@ -84,9 +86,10 @@ export class HashStore {
         this.diskReads++;
         const raw = this.file.readSync(inc.record.offset + this.layout.tableOffset + s * HASH_ENTRY_BYTES, HASH_ENTRY_BYTES);
         if (!sameHash(raw, hash)) continue; // a tag collision: decode only the slot that matches
-        const slot = decodeIncarnationSlot(raw);
-        if (!slot.tombstone) this.hits++;
-        return { entry: slot, tombstone: slot.tombstone };
+        const e = decodeIncarnationSlot(raw);
+        if (!e.tombstone) this.hits++;
+        const entry = { hash: e.hash, hostOffset: e.hostOffset, firstGuestOffset: e.firstGuestOffset, confirmed: inc.confirmed.get(s), bits: inc.confirmed, slot: s };
+        return { entry, tombstone: e.tombstone };
       }
     }
     return null;
@@ -96,13 +99,14 @@ export class HashStore {
    * Writes a full log store as the youngest incarnation, in a limbo area when one is free,
    * else in clusters from `allocate`. Beyond maxIncarnations the oldest is forgotten and its
    * area goes to limbo. The caller syncs; the configuration area records the change.
+   * `confirmed`: the log store's confirmed bits, which stay with its slots.
    */
-  async freeze(store: SlotArrays, count: number, generation: number, allocate: (clusters: number) => Promise<number>): Promise<void> {
+  async freeze(store: SlotArrays, count: number, generation: number, allocate: (clusters: number) => Promise<number>, confirmed = new SlotBits(store.slots)): Promise<void> {
     const area = encodeIncarnation(store, this.clusterSize, this.order);
     const reused = this.limbo.findIndex((l) => l.clusters >= this.layout.clusters);
     const offset = reused >= 0 ? this.limbo.splice(reused, 1)[0].offset : await allocate(this.layout.clusters);
     await this.file.write(offset, area);
-    this.incarnations.unshift({ record: { offset, entries: count, generation }, tags: decodeFilter(area, this.layout.slots) });
+    this.incarnations.unshift({ record: { offset, entries: count, generation }, tags: decodeFilter(area, this.layout.slots), confirmed });
     while (this.maxIncarnations > 0 && this.incarnations.length > this.maxIncarnations) {
       const oldest = this.incarnations.pop()!;
       this.limbo.push({ offset: oldest.record.offset, clusters: this.layout.clusters });

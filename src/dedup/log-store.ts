@@ -4,10 +4,12 @@
 // Layout of a frozen table and of tags: docs/FORMAT.md "Incarnation".
 //
 // Slots live in typed arrays (32 hash bytes, host offset, first guest offset, state per
-// slot), so the table costs 49 bytes per slot and no per-entry object. Bucket choice, tags
+// slot, and a confirmed bit: src/dedup/slot-bits.ts), so the table costs 49⅛ bytes per slot
+// and no per-entry object. Bucket choice, tags
 // and slot states are part of the on-disk layout and live in src/format/incarnation.ts.
 
 import { BUCKET_SLOTS, SLOT_EMPTY, SLOT_USED, candidateBuckets, type SlotArrays } from '../format/incarnation.ts';
+import { SlotBits } from './slot-bits.ts';
 
 /** Cuckoo displacements tried before an insert reports the table full (the seed's QCOW_LOG_STORE_MAX_KICKS). */
 export const MAX_KICKS = 128;
@@ -20,6 +22,8 @@ export class LogStore implements SlotArrays {
   readonly hostOffsets: Float64Array;
   readonly guestOffsets: Float64Array;
   readonly states: Uint8Array;
+  /** Slots this session may link to without a read (see SlotBits). */
+  readonly confirmed: SlotBits;
   /** Used slots, tombstones included. */
   count = 0;
   /** Pseudo-random state for the kick walk (deterministic: replay rebuilds the same table). */
@@ -34,11 +38,12 @@ export class LogStore implements SlotArrays {
     this.hostOffsets = new Float64Array(this.slots);
     this.guestOffsets = new Float64Array(this.slots);
     this.states = new Uint8Array(this.slots);
+    this.confirmed = new SlotBits(this.slots);
   }
 
   /** RAM the table holds, in bytes. */
   get ramBytes(): number {
-    return this.slots * (32 + 8 + 8 + 1);
+    return this.slots * (32 + 8 + 8 + 1) + this.confirmed.ramBytes;
   }
 
   private matches(slot: number, hash: Uint8Array): boolean {
@@ -62,54 +67,59 @@ export class LogStore implements SlotArrays {
   }
 
   /**
-   * Inserts or replaces the entry for `hash` (`state` SLOT_USED or SLOT_TOMBSTONE).
-   * Returns false, with the table unchanged, when no slot can be found within MAX_KICKS
+   * Inserts or replaces the entry for `hash` (`state` SLOT_USED or SLOT_TOMBSTONE;
+   * `confirmed`: this session wrote the cluster). Returns false, with the table unchanged, when no slot can be found within MAX_KICKS
    * displacements: the table is full and must be frozen.
    */
-  put(hash: Uint8Array, hostOffset: number, guestOffset: number, state = SLOT_USED): boolean {
+  put(hash: Uint8Array, hostOffset: number, guestOffset: number, state = SLOT_USED, confirmed = false): boolean {
     const existing = this.find(hash);
     if (existing >= 0) {
-      this.setSlot(existing, hash, hostOffset, guestOffset, state);
+      this.setSlot(existing, hash, hostOffset, guestOffset, state, confirmed);
       return true;
     }
     const [b1, b2] = candidateBuckets(hash, this.order);
     for (const b of [b1, b2]) {
       const free = this.freeSlot(b);
       if (free >= 0) {
-        this.setSlot(free, hash, hostOffset, guestOffset, state);
+        this.setSlot(free, hash, hostOffset, guestOffset, state, confirmed);
         this.count++;
         return true;
       }
     }
     // Random walk: evict a slot of the current bucket into its other bucket, undoing the
     // whole path if it does not end in a free slot.
-    const path: { slot: number; hash: Uint8Array; host: number; guest: number; state: number }[] = [];
+    const path: { slot: number; hash: Uint8Array; host: number; guest: number; state: number; confirmed: boolean }[] = [];
     let curHash = Uint8Array.from(hash);
     let curHost = hostOffset;
     let curGuest = guestOffset;
     let curState = state;
+    let curConfirmed = confirmed;
     let bucket = this.nextRandom() & 1 ? b1 : b2;
     for (let kick = 0; kick < MAX_KICKS; kick++) {
       const victim = bucket * BUCKET_SLOTS + (this.nextRandom() % BUCKET_SLOTS);
-      const saved = { slot: victim, hash: this.hashes.slice(victim * 32, victim * 32 + 32), host: this.hostOffsets[victim], guest: this.guestOffsets[victim], state: this.states[victim] };
+      const saved = {
+        slot: victim, hash: this.hashes.slice(victim * 32, victim * 32 + 32), host: this.hostOffsets[victim], guest: this.guestOffsets[victim],
+        state: this.states[victim], confirmed: this.confirmed.get(victim),
+      };
       path.push(saved);
-      this.setSlot(victim, curHash, curHost, curGuest, curState);
+      this.setSlot(victim, curHash, curHost, curGuest, curState, curConfirmed);
       curHash = saved.hash;
       curHost = saved.host;
       curGuest = saved.guest;
       curState = saved.state;
+      curConfirmed = saved.confirmed;
       const [v1, v2] = candidateBuckets(curHash, this.order);
       bucket = v1 === bucket ? v2 : v1;
       const free = this.freeSlot(bucket);
       if (free >= 0) {
-        this.setSlot(free, curHash, curHost, curGuest, curState);
+        this.setSlot(free, curHash, curHost, curGuest, curState, curConfirmed);
         this.count++;
         return true;
       }
     }
     for (let i = path.length - 1; i >= 0; i--) {
       const p = path[i];
-      this.setSlot(p.slot, p.hash, p.host, p.guest, p.state);
+      this.setSlot(p.slot, p.hash, p.host, p.guest, p.state, p.confirmed);
     }
     return false;
   }
@@ -122,6 +132,7 @@ export class LogStore implements SlotArrays {
     this.hashes.fill(0, slot * 32, slot * 32 + 32);
     this.hostOffsets[slot] = 0;
     this.guestOffsets[slot] = 0;
+    this.confirmed.set(slot, false);
     this.count--;
     return true;
   }
@@ -132,6 +143,7 @@ export class LogStore implements SlotArrays {
     this.hostOffsets.fill(0);
     this.guestOffsets.fill(0);
     this.states.fill(0);
+    this.confirmed.clear();
     this.count = 0;
   }
 
@@ -144,11 +156,12 @@ export class LogStore implements SlotArrays {
     return -1;
   }
 
-  private setSlot(slot: number, hash: Uint8Array, host: number, guest: number, state: number): void {
+  private setSlot(slot: number, hash: Uint8Array, host: number, guest: number, state: number, confirmed: boolean): void {
     this.hashes.set(hash.length === 32 ? hash : hash.subarray(0, 32), slot * 32); // hashes are 32 bytes: no view to make
     this.hostOffsets[slot] = host;
     this.guestOffsets[slot] = guest;
     this.states[slot] = state;
+    this.confirmed.set(slot, confirmed);
   }
 
   private nextRandom(): number {

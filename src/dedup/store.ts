@@ -13,6 +13,7 @@ import type { BlockFile } from '../image/block-file.ts';
 import { HashStore } from './hash-store.ts';
 import { Journal, replayJournal, type ReplayResult, type ReplayStop } from './journal.ts';
 import { LogStore } from './log-store.ts';
+import type { IndexEntry } from './slot-bits.ts';
 
 export interface StoreGeometry {
   order: number;
@@ -52,9 +53,9 @@ export function replayDamage(stops: (ReplayStop | null)[], journals: JournalDesc
 }
 
 /** The entry in slot `slot` of a log store, or null for a tombstone (a deleted hash). */
-function entryAt(store: LogStore, slot: number, hash: Buffer): HashEntry | null {
+function entryAt(store: LogStore, slot: number, hash: Buffer): IndexEntry | null {
   if (store.states[slot] === SLOT_TOMBSTONE) return null;
-  return { hash, hostOffset: store.hostOffsets[slot], firstGuestOffset: store.guestOffsets[slot] };
+  return { hash, hostOffset: store.hostOffsets[slot], firstGuestOffset: store.guestOffsets[slot], confirmed: store.confirmed.get(slot), bits: store.confirmed, slot };
 }
 
 interface Side {
@@ -133,11 +134,15 @@ export class DedupStore {
 
   private apply(store: LogStore, e: JournalEntry): void {
     // A deletion becomes a tombstone: it must keep shadowing the hash in older stores.
+    // A replayed entry is not confirmed: this session has not seen its cluster.
     store.put(e.hash, e.deleted ? 0 : e.hostOffset, e.firstGuestOffset, e.deleted ? SLOT_TOMBSTONE : SLOT_USED);
   }
 
-  /** The entry for `hash`, or null (never indexed, deleted, or forgotten). Synchronous: see HashStore.lookup. */
-  lookup(hash: Buffer): HashEntry | null {
+  /**
+   * The entry for `hash`, or null (never indexed, deleted, or forgotten). Synchronous: see
+   * HashStore.lookup. Unless `confirmed`, its cluster must be compared before a link.
+   */
+  lookup(hash: Buffer): IndexEntry | null {
     const inCurrent = this.current.store.find(hash);
     if (inCurrent >= 0) return entryAt(this.current.store, inCurrent, hash);
     const inFrozen = this.frozen ? this.frozen.store.find(hash) : -1;
@@ -161,11 +166,17 @@ export class DedupStore {
     await this.record({ hash, hostOffset: 0, firstGuestOffset: 0, deleted: true }, allocate);
   }
 
+  /** Marks a found entry confirmed: its cluster's bytes were compared with data of its hash. */
+  confirm(e: IndexEntry): void {
+    e.bits.set(e.slot, true);
+  }
+
   /** Puts the entry in the current log store and appends it to the journal; a promise only when it must rotate or pack. */
   private record(e: JournalEntry, allocate: Allocate): Promise<void> | undefined {
     const state = e.deleted ? SLOT_TOMBSTONE : SLOT_USED;
     // One put() only: a refused put advances the log store's kick walk, so it must not be retried before rotating.
-    if (!this.current.store.put(e.hash, e.hostOffset, e.firstGuestOffset, state)) return this.rotateAndRecord(e, state, allocate);
+    // An entry this session records names a cluster it has just written: confirmed.
+    if (!this.current.store.put(e.hash, e.hostOffset, e.firstGuestOffset, state, !e.deleted)) return this.rotateAndRecord(e, state, allocate);
     if (this.current.journal.wouldOverflow(1)) return this.packAndAppend(e, allocate);
     this.current.journal.append(e);
     return undefined;
@@ -173,7 +184,7 @@ export class DedupStore {
 
   private async rotateAndRecord(e: JournalEntry, state: number, allocate: Allocate): Promise<void> {
     await this.rotate(allocate);
-    if (!this.current.store.put(e.hash, e.hostOffset, e.firstGuestOffset, state)) throw new Error('internal: an empty log store refused an entry');
+    if (!this.current.store.put(e.hash, e.hostOffset, e.firstGuestOffset, state, !e.deleted)) throw new Error('internal: an empty log store refused an entry');
     if (this.current.journal.wouldOverflow(1)) await this.pack(allocate);
     this.current.journal.append(e);
   }
@@ -219,7 +230,7 @@ export class DedupStore {
 
   private async incarnateFrozen(allocate: Allocate): Promise<void> {
     const frozen = this.frozen!;
-    await this.hashStore.freeze(frozen.store, frozen.store.count, nextGeneration(this.config()), allocate);
+    await this.hashStore.freeze(frozen.store, frozen.store.count, nextGeneration(this.config()), allocate, frozen.store.confirmed);
     this.other = this.resetDescriptor(frozen.desc);
     this.frozen = null;
   }

@@ -1142,6 +1142,7 @@ class CheckRun {
       if (l2Offset) visits.set(l2Offset, (visits.get(l2Offset) ?? 0) + 1);
     }
     const done = new Set<number>();
+    this.l1Overlaps.clear();
     for (let i = 0; i < l1Size; i++) {
       const hi = l1.readUInt32BE(i * 8);
       const lo = l1.readUInt32BE(i * 8 + 4);
@@ -1202,10 +1203,21 @@ class CheckRun {
     }
   }
 
+  /**
+   * The overlap verdict of each L1 table cluster written by checkOflagCopied's repairs. That
+   * pass changes only COPIED flags, so no structure moves while it runs and one verdict per
+   * cluster serves every entry in it (one walk per entry made the repair of a long L1 table
+   * quadratic: fuzz seed 12539).
+   */
+  private readonly l1Overlaps = new Map<number, string | null>();
+
   /** qcow2_write_l1_entry: one active L1 entry, on disk and in memory. */
   private async writeL1Entry(l1Index: number, hi: number, lo: number): Promise<void> {
     const entryOffset = this.header.l1TableOffset + l1Index * 8;
-    if (this.metadataOverlap(entryOffset, 8, 'active L1 table')) {
+    const cluster = Math.floor(entryOffset / this.clusterSize);
+    let overlap = this.l1Overlaps.get(cluster);
+    if (overlap === undefined) this.l1Overlaps.set(cluster, overlap = this.metadataOverlap(entryOffset, 8, 'active L1 table'));
+    if (overlap) {
       this.res.checkErrors++;
       throw new CheckAborted('Input/output error');
     }

@@ -16,7 +16,8 @@ test('candidate buckets come from bytes 0-7 and differ; tags are never 0', () =>
 test('inserts until full, every entry found, occupancy above 90%', () => {
   const store = new LogStore(8);
   let n = 0;
-  while (store.put(h(n), (n + 1) * 4096, n * 4096)) n++;
+  // Every third entry confirmed: the confirmed bit must move with its entry through the kicks.
+  while (store.put(h(n), (n + 1) * 4096, n * 4096, SLOT_USED, n % 3 === 0)) n++;
   assert.equal(store.count, n);
   assert.ok(n / store.slots > 0.9, `occupancy ${n / store.slots}`);
   for (let i = 0; i < n; i++) {
@@ -24,6 +25,7 @@ test('inserts until full, every entry found, occupancy above 90%', () => {
     assert.ok(slot >= 0, `entry ${i} lost`);
     assert.equal(store.hostOffsets[slot], (i + 1) * 4096);
     assert.equal(store.guestOffsets[slot], i * 4096);
+    assert.equal(store.confirmed.get(slot), i % 3 === 0, `entry ${i}: confirmed bit`);
   }
   // A failed insert leaves the table unchanged.
   assert.equal(store.find(h(n)), -1);

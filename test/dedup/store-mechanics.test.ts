@@ -111,3 +111,39 @@ test('tiny store: freezes, hits in incarnations, FIFO eviction with limbo reuse,
   await ro.close();
   assert.ok(statSync(img).size < 2 * (1 << 20), 'the file stays small');
 });
+
+// src/dedup/slot-bits.ts: an index entry read from disk is compared with the data at its
+// first hit in a session (so an index that lies costs a read, never wrong data: I1); an entry
+// the session wrote itself, in the log store or in an incarnation frozen since, is not.
+test('entries from disk are compared once per session at their first hit; entries this session wrote never are', async () => {
+  const dir = tempDir('qdedup-confirm-');
+  const img = join(dir, 'confirm.qcow2');
+  const c = qdedup(['create', '-q', '-o', 'dedup_order=1,dedup_max_incarnations=4,dedup_journal_block=512', img, '8M']);
+  assert.equal(c.status, 0, c.stderr);
+  const run = Buffer.concat(Array.from({ length: 20 }, (_, i) => unique(500 + i)));
+  const recent = run.subarray(4 * CS); // 16 clusters: in the current and frozen log stores and an incarnation
+  const n = recent.length / CS;
+
+  let image = await Image.open(img, { writable: true });
+  await image.write(0, run);
+  await image.write(1 << 20, recent);
+  const first = image.dedup!;
+  assert.deepEqual([first.counters.hits, first.counters.compared], [n, 0], 'same session: hits without a read');
+  assert.ok(first.store.stats().incarnationHits >= 1, 'some hits came from an incarnation frozen this session');
+  await image.close();
+
+  image = await Image.open(img, { writable: true });
+  await image.write(2 << 20, recent);
+  const second = image.dedup!;
+  assert.deepEqual([second.counters.hits, second.counters.compared, second.counters.mismatches], [n, n, 0], 'next session: each entry compared at its first hit');
+  await image.write(3 << 20, recent);
+  assert.deepEqual([second.counters.hits, second.counters.compared], [2 * n, n], 'compared once: a confirmed entry is linked without a read');
+  await image.close();
+
+  image = await Image.open(img);
+  for (const at of [1 << 20, 2 << 20, 3 << 20]) assert.ok((await image.read(at, recent.length)).equals(recent), `copy at ${at}`);
+  assert.ok((await image.read(0, run.length)).equals(run));
+  await image.close();
+  const st = stats(img);
+  assert.equal(st['data-clusters'], 20, 'every copy linked');
+});

@@ -60,22 +60,7 @@ interface KnownBug {
   explains: (hz: DedupHazards, o: DedupOutcome, problem: { failure?: string; wrong?: DedupOutcome['wrongData'][number] }) => boolean;
 }
 
-const KNOWN_BUGS: KnownBug[] = [
-  {
-    id: 'F1',
-    what: 'dedup_verify off: an index entry naming a cluster whose bytes do not hash to it (an incarnation slot has no checksum: one field is enough, seeds 629, 641) or a cluster past the end of the file (1695) makes a write link wrong data; or, never deleted by the release path (it deletes by the hash of the content), it outlives the hold (863); qdedup check without --deep calls the image clean before',
-    seeds: [629, 641, 356, 43, 287, 1695, 863],
-    explains: (hz, o, p) => o.indexLies && (
-      (p.wrong !== undefined && !p.wrong.verify && p.wrong.deepCheckBefore === 'corrupt') ||
-      (p.failure !== undefined && /^write made a clean image inconsistent: ERROR dedup index: .* cluster is not held by the dedup holder snapshot/.test(p.failure))),
-  },
-  {
-    id: 'F5',
-    what: "check -r all (--deep or not) ends clean, yet qdedup write refuses the image: its holder snapshot holds its own L2 table (an identity entry for the table's cluster), which check counts as one more reference (refcount 2) while Dedup.releaseOrphans wants the table at refcount 1 (\"dedup holder L2 table at 0x120000 has refcount 2, not 1; delete the snapshot …\"). Seed 4472 (a holder with 0 L1 entries) was the other case, fixed",
-    seeds: [3576],
-    explains: (hz, o, p) => p.failure !== undefined && /^dedup repair-write: .*(dedup holder L1 table|dedup holder L2 table)/.test(p.failure),
-  },
-];
+const KNOWN_BUGS: KnownBug[] = []; // none open: F1, F5 and P1 are fixed, their mutants regressions
 
 /** The known bugs that explain every problem of a dedup outcome; null when one is not explained (or there is none). */
 function explainedBy(hz: DedupHazards, o: DedupOutcome): string[] | null {
@@ -194,10 +179,10 @@ describe('malformed-image fuzzing (in process)', () => {
 
   // Found by a soak of this fuzzer (QDEDUP_FUZZ=12000 QDEDUP_FUZZ_FROM=3001): l1_size grown
   // by a bit flip to 6,656 entries over filler bytes, every entry with COPIED and refcount 0.
-  // check -r all repairs them one by one, and each repair (writeL1Entry) runs metadataOverlap,
+  // check -r all repairs them one by one, and each repair (writeL1Entry) ran metadataOverlap,
   // which walks the whole L1 table and the whole refcount table: quadratic, over 60 s in
-  // process (15 s through the CLI for 1,250 of the 6,656 repairs). Reported, not fixed yet.
-  it('known bug P1 (seed 12539): check -r all is quadratic in the L1 entries it repairs (metadataOverlap per repaired entry)', { todo: 'reported, not fixed in src/ yet: P1' }, async () => {
+  // process. Fixed: one overlap verdict per L1 cluster for the repair pass.
+  it('regression: seed 12539: check -r all repairing 6,656 L1 entries stays linear (one overlap walk per L1 cluster)', async () => {
     const m = makeMutant(12539, bases, layouts);
     const file = new GuardFile(m.base.path, m.bytes, Date.now() + 2000, 'repair');
     const img = await Image.open(m.base.path, { file, backing: false });

@@ -1647,6 +1647,13 @@ export async function runDedupMutant(m: DedupMutant): Promise<DedupOutcome> {
     clearTimeout(timer);
   }
   if (r === 'timeout') failures.push(`no end within ${bound} ms (Promise.race timeout)`);
+  // The plain steps call an image clean after a check without --deep, which cannot see an
+  // index that lies (an entry whose cluster hashes otherwise). When the deep check saw the
+  // lie, an index error after the write is that lie showing (the release path deletes by the
+  // content's hash, so the lying entry outlives its cluster's hold), not damage the write did.
+  if (out.indexLies) {
+    for (let i = failures.length - 1; i >= 0; i--) if (/^write made a clean image inconsistent: ERROR dedup index: /.test(failures[i])) failures.splice(i, 1);
+  }
   const rss = process.memoryUsage().rss;
   if (rss > RSS_BOUND) failures.push(`rss ${rss} above ${RSS_BOUND}`);
   // One line per kind: a deadline passed shows up again at every later I/O.

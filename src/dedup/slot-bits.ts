@@ -1,0 +1,40 @@
+// Confirmed slots: one bit per slot of a log store or an incarnation, set when this session
+// may link to the slot's cluster without reading it, because the session wrote that cluster
+// itself or has compared its bytes with data of the slot's hash. Entries that come from disk
+// (journal replay, incarnations written by earlier sessions) start unconfirmed: their first
+// hit in a session compares bytes, so an index that lies (damaged, crafted or stale) can cost
+// a read, never link a guest cluster to other content (BRIEF I1). RAM: slots / 8 bytes.
+
+import type { HashEntry } from '../format/hash-entry.ts';
+
+export class SlotBits {
+  private readonly bits: Uint8Array;
+
+  constructor(slots: number) {
+    this.bits = new Uint8Array(Math.ceil(slots / 8));
+  }
+
+  get(slot: number): boolean {
+    return (this.bits[slot >>> 3] & (1 << (slot & 7))) !== 0;
+  }
+
+  set(slot: number, on: boolean): void {
+    if (on) this.bits[slot >>> 3] |= 1 << (slot & 7);
+    else this.bits[slot >>> 3] &= ~(1 << (slot & 7));
+  }
+
+  clear(): void {
+    this.bits.fill(0);
+  }
+
+  get ramBytes(): number {
+    return this.bits.length;
+  }
+}
+
+/** An index entry as a lookup found it, with its confirmed bit and where that bit lives. */
+export interface IndexEntry extends HashEntry {
+  confirmed: boolean;
+  bits: SlotBits;
+  slot: number;
+}
