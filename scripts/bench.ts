@@ -145,6 +145,10 @@ for (const cluster of ['64k', '4k']) {
   rmSync(out, { force: true });
   sh(BIN, ['create', '-q', out, String(size)]);
   console.log(`qdedup write -i peak RSS: ${(peakRss(BIN, ['write', '-q', '-i', dup, out, '0']) / 1048576).toFixed(0)} MiB`);
+  // The same data again in a new session: every cluster hits an index entry read from disk,
+  // which is compared byte for byte at its first hit (src/dedup/slot-bits.ts).
+  const again = timed(() => sh(BIN, ['write', '-q', '-i', dup, out, '0']));
+  console.log(`${'qdedup write -i again (new session: hits compared)'.padEnd(44)}${again.toFixed(2).padStart(9)}${mb(again).padStart(9)}${String(statSync(out).size).padStart(13)}`);
 
   // The index's figures, from an in-process import of the same file.
   rmSync(out, { force: true });

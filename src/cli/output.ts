@@ -39,7 +39,37 @@ export function processOutput(colorFlag?: boolean): Output {
   };
 }
 
-/** Serialises a JSON result the way qemu-img does: indented, ending in a newline. */
+/** Marks a bigint during JSON.stringify (a lone surrogate: no decoded text contains one). */
+const BIGINT_MARK = '\udfff\u0000bigint:';
+
+/**
+ * Serialises a JSON result the way qemu-img does (QEMU qobject/json-writer.c): indented by
+ * four spaces, ending in a newline; in strings every character outside printable ASCII is
+ * a \uXXXX escape with upper-case hex (\b \f \n \r \t keep their short forms), so a
+ * non-ASCII file or snapshot name prints as qemu-img prints it. A bigint prints as its exact
+ * digits (u64 fields beyond 2^53).
+ */
 export function toJson(value: unknown): string {
-  return JSON.stringify(value, null, 4) + '\n';
+  const text = JSON.stringify(value, (_key, v: unknown) => (typeof v === 'bigint' ? BIGINT_MARK + v.toString() : v), 4);
+  // Fast path: nothing JSON.stringify writes differently (all printable ASCII, no \u escape).
+  if (!/[^\x20-\x7e\n]|\\u[0-9a-f]{4}/.test(text)) return text + '\n';
+  return text.replace(/"(?:[^"\\]|\\.)*"/g, (literal) => {
+    const s = JSON.parse(literal) as string;
+    return s.startsWith(BIGINT_MARK) ? s.slice(BIGINT_MARK.length) : quoteLikeQemu(s);
+  }) + '\n';
+}
+
+const SHORT_ESCAPES: Record<string, string> = { '"': '\\"', '\\': '\\\\', '\b': '\\b', '\f': '\\f', '\n': '\\n', '\r': '\\r', '\t': '\\t' };
+
+/** A JSON string literal as qemu's json-writer quotes it (UTF-16 code units: astral characters become surrogate pairs, as there). */
+function quoteLikeQemu(s: string): string {
+  let out = '"';
+  for (let i = 0; i < s.length; i++) {
+    const ch = s[i];
+    const code = s.charCodeAt(i);
+    if (SHORT_ESCAPES[ch]) out += SHORT_ESCAPES[ch];
+    else if (code < 0x20 || code >= 0x7f) out += '\\u' + code.toString(16).toUpperCase().padStart(4, '0');
+    else out += ch;
+  }
+  return out + '"';
 }

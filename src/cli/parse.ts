@@ -70,12 +70,45 @@ export function parseBool(text: string, what: string): boolean {
   throw new UsageError(`parameter '${what}' expects 'on' or 'off', not '${text}'`);
 }
 
-/** Formats a byte count like qemu's size_to_str: three significant digits, binary units. */
-export function humanSize(bytes: number): string {
+/**
+ * Formats a byte count exactly as qemu's size_to_str: the unit from frexp(val / (1000 / 1024))
+ * (a larger unit once the value reaches 1000 of the smaller one), then printf's "%0.3g"
+ * of val / unit ("0 B", "0.977 KiB", "1.12 KiB" for 1.125: ties to even, "1e+03 KiB" for
+ * 999.9 KiB, as qemu-img prints them). Takes a bigint for u64 fields (snapshot VM state).
+ */
+export function humanSize(bytes: number | bigint): string {
   const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB'];
-  let i = 0;
-  while (i < units.length - 1 && bytes >= 1000 * 2 ** (10 * i)) i++;
-  // qemu switches to the larger unit once the value reaches 1000 of the smaller one
-  const value = bytes / 2 ** (10 * i);
-  return `${Number(value.toPrecision(3))} ${units[i]}`;
+  const val = Number(bytes); // C's (double) conversion: round to nearest, ties to even
+  const scaled = val / (1000 / 1024);
+  let exp = 0; // frexp's exponent: scaled in [2^(exp-1), 2^exp)
+  while (2 ** exp <= scaled) exp++;
+  const i = Math.min(Math.trunc((exp - 1) / 10), units.length - 1);
+  return `${formatG3(BigInt(val), 10n * BigInt(i))} ${units[i]}`;
+}
+
+/** printf("%.3g") of the exact value num / 2^shift (num ≥ 0): correctly rounded, ties to even. */
+function formatG3(num: bigint, shift: bigint): string {
+  if (num === 0n) return '0';
+  const den = 1n << shift;
+  // Decimal exponent: 10^e ≤ num/den < 10^(e+1).
+  let e = num.toString().length - 1 - Math.floor(Number(shift) * Math.log10(2));
+  const ge = (k: number) => (k >= 0 ? num >= den * 10n ** BigInt(k) : num * 10n ** BigInt(-k) >= den);
+  while (!ge(e)) e--;
+  while (ge(e + 1)) e++;
+  // Three significant digits: q = round(num/den * 10^(2-e)).
+  const p = 2 - e;
+  const n = p >= 0 ? num * 10n ** BigInt(p) : num;
+  const d = p >= 0 ? den : den * 10n ** BigInt(-p);
+  let q = n / d;
+  const r2 = (n % d) * 2n;
+  if (r2 > d || (r2 === d && q % 2n === 1n)) q++;
+  if (q === 1000n) { q = 100n; e++; }
+  const digits = q.toString(); // three digits
+  const strip = (t: string) => (t.includes('.') ? t.replace(/0+$/, '').replace(/\.$/, '') : t);
+  if (e < -4 || e >= 3) {
+    return `${strip(`${digits[0]}.${digits.slice(1)}`)}e${e < 0 ? '-' : '+'}${String(Math.abs(e)).padStart(2, '0')}`;
+  }
+  const point = e + 1; // digits before the decimal point (≤ 0: leading zeros after it)
+  const fixed = point <= 0 ? `0.${'0'.repeat(-point)}${digits}` : point >= 3 ? digits : `${digits.slice(0, point)}.${digits.slice(point)}`;
+  return strip(fixed);
 }

@@ -20,18 +20,6 @@ export function writeU64(buf: Buffer, pos: number, value: number): void {
   buf.writeUInt32BE(value >>> 0, pos + 4);
 }
 
-export function readBigU64(buf: Buffer, pos: number): bigint {
-  return buf.readBigUInt64BE(pos);
-}
-
-export function isPowerOfTwo(n: number): boolean {
-  return n > 0 && Number.isInteger(n) && (n & (n - 1)) === 0 && n <= 0x4000_0000;
-}
-
-export function alignUp(n: number, alignment: number): number {
-  return Math.ceil(n / alignment) * alignment;
-}
-
 export function divCeil(n: number, d: number): number {
   return Math.ceil(n / d);
 }

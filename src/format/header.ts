@@ -103,19 +103,6 @@ export function backingFormatOf(h: Header): string | undefined {
   return ext ? ext.data.toString('latin1') : undefined;
 }
 
-/** Names from the feature name table extension: key "type:bit" (type 0 incompat, 1 compat, 2 autoclear). */
-export function featureNames(h: Header): Map<string, string> {
-  const names = new Map<string, string>();
-  const ext = h.extensions.find((e) => e.type === EXT_FEATURE_TABLE);
-  if (!ext) return names;
-  for (let pos = 0; pos + 48 <= ext.data.length; pos += 48) {
-    const raw = ext.data.subarray(pos + 2, pos + 48);
-    const end = raw.indexOf(0);
-    names.set(`${ext.data[pos]}:${ext.data[pos + 1]}`, raw.subarray(0, end < 0 ? raw.length : end).toString('latin1'));
-  }
-  return names;
-}
-
 /**
  * Decodes and validates the header in `buf` (at least the first cluster of the file, or
  * the whole file if shorter).
@@ -191,23 +178,22 @@ export function decodeHeader(buf: Buffer): Header {
     if (h.cryptMethod > 2) throw new CorruptImageError(`unsupported encryption method ${h.cryptMethod}`, where(32));
     throw new UnsupportedError(`encrypted images are not supported (crypt_method ${h.cryptMethod}: ${h.cryptMethod === 1 ? 'AES' : 'LUKS'})`, where(32));
   }
-  if (h.size >= MAX_HOST_OFFSET) throw new UnsupportedError(`virtual size ${h.size} is too large`, where(24));
 
   // Refcount table.
   if (h.refcountTableClusters === 0) throw new CorruptImageError('image does not contain a reference count table', where(56));
   if (h.refcountTableClusters * clusterSize > MAX_REFTABLE_BYTES) {
     throw new CorruptImageError(`reference count table too large: ${h.refcountTableClusters} clusters (limit ${MAX_REFTABLE_BYTES} bytes)`, where(56));
   }
-  checkTableOffset(h.refcountTableOffset, h.refcountTableClusters * clusterSize, clusterSize, 'refcount table', 48);
+  checkTableOffset(h.refcountTableOffset, clusterSize, 'refcount table', 48);
 
   // L1 table.
   if (h.l1Size * 8 > MAX_L1_BYTES) throw new CorruptImageError(`active L1 table too large: ${h.l1Size} entries (limit ${MAX_L1_BYTES / 8})`, where(36));
   if (h.l1Size < l1SizeFor(h.size, clusterBits)) throw new CorruptImageError(`L1 table is too small: ${h.l1Size} entries for a virtual size of ${h.size}`, where(36));
-  if (h.l1Size > 0) checkTableOffset(h.l1TableOffset, h.l1Size * 8, clusterSize, 'active L1 table', 40);
+  if (h.l1Size > 0) checkTableOffset(h.l1TableOffset, clusterSize, 'active L1 table', 40);
 
   // Snapshot table.
   if (h.nbSnapshots > MAX_SNAPSHOTS) throw new CorruptImageError(`too many snapshots: ${h.nbSnapshots}`, where(60));
-  if (h.nbSnapshots > 0) checkTableOffset(h.snapshotsOffset, 1, clusterSize, 'snapshot table', 64);
+  if (h.nbSnapshots > 0) checkTableOffset(h.snapshotsOffset, clusterSize, 'snapshot table', 64);
 
   // Backing file name: in cluster 0, after the extensions.
   if (h.backingFileOffset !== 0) {
@@ -223,10 +209,9 @@ export function decodeHeader(buf: Buffer): Header {
   return h;
 }
 
-function checkTableOffset(offset: number, byteLength: number, clusterSize: number, what: string, fieldPos: number): void {
+function checkTableOffset(offset: number, clusterSize: number, what: string, fieldPos: number): void {
   if (offset % clusterSize !== 0) throw new CorruptImageError(`${what} offset ${hex(offset)} is not cluster aligned`, { offset: fieldPos, structure: 'header' });
   if (offset === 0) throw new CorruptImageError(`${what} offset is 0 (overlaps the header)`, { offset: fieldPos, structure: 'header' });
-  if (offset + byteLength > MAX_HOST_OFFSET) throw new CorruptImageError(`${what} at ${hex(offset)} lies beyond the largest host offset`, { offset: fieldPos, structure: 'header' });
 }
 
 /**

@@ -1,5 +1,5 @@
 // Internal snapshot table entries. Pure. Spec: docs/interop/qcow2.rst "Snapshots".
-// qdedup reads snapshots (for check and refcount rebuild) and creates one: the dedup
+// qdedup reads snapshots (for check, refcount rebuild and info) and creates one: the dedup
 // holder (src/dedup/holder.ts).
 
 import { CorruptImageError, hex } from '../errors.ts';
@@ -18,7 +18,10 @@ export interface SnapshotEntry {
   dateSec: number;
   dateNsec: number;
   vmClockNsec: bigint;
-  vmStateSize: number;
+  /** Bytes of saved VM state: the u64 in extra data (v3), else the u32 of the fixed part. */
+  vmStateSize: bigint;
+  /** Instruction count (extra data bytes 16–23), when the extra data holds it; 2^64-1 means none. */
+  icount?: bigint;
   /** Offset of this entry in the file (inside the snapshot table). */
   tableOffset: number;
   /** Bytes the entry takes in the table, padding included. */
@@ -39,7 +42,9 @@ export function decodeSnapshotEntry(buf: Buffer, pos: number, tableOffset: numbe
   const length = Math.ceil((SNAPSHOT_FIXED_BYTES + extra + idLen + nameLen) / 8) * 8;
   if (pos + SNAPSHOT_FIXED_BYTES + extra + idLen + nameLen > buf.length) return null;
   const idStart = pos + SNAPSHOT_FIXED_BYTES + extra;
-  const vmStateSize = extra >= 8 ? readU64(buf, pos + 40, 'snapshot VM state size') : buf.readUInt32BE(pos + 32);
+  // As QEMU's qcow2_read_snapshots: the known extra fields are read when the extra data is long enough.
+  const vmStateSize = extra >= 8 ? buf.readBigUInt64BE(pos + 40) : BigInt(buf.readUInt32BE(pos + 32));
+  const icount = extra >= 24 ? buf.readBigUInt64BE(pos + 56) : undefined;
   return {
     entry: {
       l1TableOffset: readU64(buf, pos, 'snapshot L1 table offset'),
@@ -48,6 +53,7 @@ export function decodeSnapshotEntry(buf: Buffer, pos: number, tableOffset: numbe
       dateNsec: buf.readUInt32BE(pos + 20),
       vmClockNsec: buf.readBigUInt64BE(pos + 24),
       vmStateSize,
+      ...(icount === undefined ? {} : { icount }),
       id: buf.subarray(idStart, idStart + idLen).toString('utf8'),
       name: buf.subarray(idStart + idLen, idStart + idLen + nameLen).toString('utf8'),
       tableOffset: tableOffset + pos,

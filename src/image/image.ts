@@ -197,25 +197,10 @@ export class Image implements GuestReader {
 
   /** Reads the snapshot table (bounded by nb_snapshots and QEMU's per-entry limits). */
   async loadSnapshots(): Promise<SnapshotEntry[]> {
-    const h = this.header;
-    const out: SnapshotEntry[] = [];
-    let buf = Buffer.alloc(0);
-    let bufStart = h.snapshotsOffset;
-    let pos = 0;
-    while (out.length < h.nbSnapshots) {
-      const decoded = decodeSnapshotEntry(buf, pos, bufStart);
-      if (!decoded) {
-        const more = await this.file.read(bufStart + buf.length, 64 * 1024);
-        buf = Buffer.concat([buf.subarray(pos), more]);
-        bufStart += pos;
-        pos = 0;
-        continue;
-      }
-      const e = decoded.entry;
-      if (e.l1TableOffset % this.clusterSize !== 0) throw new CorruptImageError(`snapshot ${out.length} L1 table offset ${hex(e.l1TableOffset)} is not cluster aligned`, { path: this.path, offset: e.tableOffset, structure: 'snapshot table' });
-      if (e.l1Size * 8 > 32 * 1024 * 1024) throw new CorruptImageError(`snapshot ${out.length} L1 table too large (${e.l1Size} entries)`, { path: this.path, offset: e.tableOffset + 8, structure: 'snapshot table' });
-      out.push(e);
-      pos += decoded.length;
+    const out = await readSnapshotTable(this.file, this.header.snapshotsOffset, this.header.nbSnapshots);
+    for (const [i, e] of out.entries()) {
+      if (e.l1TableOffset % this.clusterSize !== 0) throw new CorruptImageError(`snapshot ${i} L1 table offset ${hex(e.l1TableOffset)} is not cluster aligned`, { path: this.path, offset: e.tableOffset, structure: 'snapshot table' });
+      if (e.l1Size * 8 > 32 * 1024 * 1024) throw new CorruptImageError(`snapshot ${i} L1 table too large (${e.l1Size} entries)`, { path: this.path, offset: e.tableOffset + 8, structure: 'snapshot table' });
     }
     this.snapshots = out;
     return out;
@@ -777,4 +762,35 @@ export async function probeFormat(path: string): Promise<string> {
   } finally {
     await file.close();
   }
+}
+
+/** QEMU's QCOW_MAX_SNAPSHOTS_SIZE: the snapshot table may not be larger. */
+const MAX_SNAPSHOT_TABLE_BYTES = 64 * 1024 * 1024;
+
+/**
+ * Reads `count` snapshot table entries from `offset` within QEMU's limits (qcow2_read_snapshots:
+ * 1 KiB of extra data an entry, 64 MiB in all); the snapshots' L1 tables are not looked at
+ * (`info` shows a table as qemu-img does, Image.loadSnapshots validates). Throws CorruptImageError.
+ */
+export async function readSnapshotTable(file: BlockFile, offset: number, count: number): Promise<SnapshotEntry[]> {
+  const out: SnapshotEntry[] = [];
+  let buf = Buffer.alloc(0);
+  let bufStart = offset;
+  let pos = 0;
+  while (out.length < count) {
+    const decoded = decodeSnapshotEntry(buf, pos, bufStart);
+    if (!decoded) {
+      const more = await file.read(bufStart + buf.length, 64 * 1024);
+      buf = Buffer.concat([buf.subarray(pos), more]);
+      bufStart += pos;
+      pos = 0;
+      continue;
+    }
+    out.push(decoded.entry);
+    pos += decoded.length;
+    if (bufStart + pos - offset > MAX_SNAPSHOT_TABLE_BYTES) {
+      throw new CorruptImageError(`snapshot table is too big (over ${MAX_SNAPSHOT_TABLE_BYTES} bytes at snapshot ${out.length - 1})`, { offset, structure: 'snapshot table' });
+    }
+  }
+  return out;
 }

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { decodeHeader, encodeHeader, EXT_BACKING_FORMAT, type Header } from '../../src/format/header.ts';
+import { decodeHeader, encodeHeader, EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, type Header } from '../../src/format/header.ts';
 import { CorruptImageError, NotQcow2Error, UnsupportedError } from '../../src/errors.ts';
 
 // The first 112 bytes of `qemu-img create -f qcow2 -o cluster_size=4096 x.qcow2 1G`
@@ -71,4 +71,30 @@ test('named refusals', () => {
   assert.throws(bad((b) => b.writeUInt32BE(0x3001, 44)), /not cluster aligned/);
   assert.throws(bad((b) => b.writeUInt32BE(0, 56)), (e: unknown) => e instanceof CorruptImageError && /reference count table/.test(e.message));
   assert.throws(bad((b) => b.writeUInt32BE(2, 32)), /encrypted/);
+});
+
+test('the remaining refusals: a v3 header cut short, a virtual size past 2^53, a header that outgrows its cluster; a feature name of the full 46 bytes', () => {
+  const b = qemuHeaderBytes();
+  assert.throws(() => decodeHeader(b.subarray(0, 100)), (e: unknown) => e instanceof CorruptImageError && /file ends inside the v3 header/.test(e.message));
+  const huge = qemuHeaderBytes();
+  huge.writeBigUInt64BE(1n << 56n, 24);
+  assert.throws(() => decodeHeader(huge), (e: unknown) => e instanceof UnsupportedError && /virtual size 0x100000000000000 is beyond 2\^53/.test(e.message));
+
+  const h = decodeHeader(qemuHeaderBytes());
+  h.backingFile = 'b'.repeat(4096 - 120 + 1); // header 112 + end marker 8: one byte too many
+  assert.throws(() => encodeHeader(h), (e: unknown) => e instanceof CorruptImageError && /\(4097 bytes\) do not fit in one 4096-byte cluster/.test(e.message));
+  h.backingFile = 'b'.repeat(4096 - 120);
+  assert.equal(encodeHeader(h).length, 4096, 'exactly one cluster fits');
+
+  // An unknown incompatible bit named by a feature-table entry whose name fills all 46 bytes (no NUL).
+  const named = decodeHeader(qemuHeaderBytes());
+  const table = Buffer.alloc(48);
+  table[0] = 0; // incompatible
+  table[1] = 5; // bit 5
+  Buffer.from('n'.repeat(46)).copy(table, 2);
+  named.extensions = [{ type: EXT_FEATURE_TABLE, data: table }];
+  named.incompatibleFeatures = 1n << 5n;
+  const bytes = encodeHeader(named);
+  assert.throws(() => decodeHeader(Buffer.concat([bytes, Buffer.alloc(4096 - bytes.length)])),
+    (e: unknown) => e instanceof UnsupportedError && e.message.includes(`unsupported qcow2 feature(s): ${'n'.repeat(46)}`) && !e.message.includes('Unknown'));
 });

@@ -45,3 +45,7 @@ test('a frozen store: every entry found through its filter tag and one slot read
   const empty = [...tags].indexOf(0);
   assert.ok(area.subarray(layout.tableOffset + empty * 48, layout.tableOffset + empty * 48 + 48).every((b) => b === 0));
 });
+
+test('a store of another order cannot be encoded as this order', () => {
+  assert.throws(() => encodeIncarnation(new LogStore(3), 4096, 4), /store has 32 slots, order 4 gives 64/);
+});

@@ -51,3 +51,25 @@ test('damage of every kind is judged, never thrown', () => {
   assert.equal(decodeJournalBlock(resign((b) => b.writeUInt16BE(3, 16)), 3).verdict, 'bad-entry');
   assert.equal(decodeJournalBlock(resign((b) => b.writeUInt32BE(0xffffffff, 24 + 4 + 32)), 3).verdict, 'bad-entry');
 });
+
+test('the remaining branches: too many entries to encode, a sequence past 2^53, entry bytes longer than the entries', () => {
+  assert.throws(() => encodeJournalBlock(512, 0, Array.from({ length: 10 }, (_, i) => entry(i))), /10 entries do not fit in a 512-byte journal block/);
+  assert.equal(encodeJournalBlock(512, 0, Array.from({ length: 9 }, (_, i) => entry(i))).length, 512);
+
+  // A sequence number of 2^60: valid checksum, but no expected sequence can match it.
+  const far = encodeJournalBlock(512, 0, [entry(1)]);
+  far.writeBigUInt64BE(1n << 60n, 8);
+  far.writeUInt32BE(crc32(far.subarray(8)), 4);
+  const d = decodeJournalBlock(far, 0);
+  assert.deepEqual([d.verdict, d.sequence, d.checksumValid], ['bad-sequence', -1, true]);
+  const torn = Buffer.from(far);
+  torn[100] ^= 1;
+  assert.deepEqual([decodeJournalBlock(torn, 0).verdict, decodeJournalBlock(torn, 0).sequence], ['bad-checksum', -1]);
+
+  // One entry, but 56 entry bytes declared: 4 bytes after the last entry that belong to none.
+  const extra = encodeJournalBlock(512, 3, [entry(1)]);
+  extra.writeUInt16BE(52 + 4, 18);
+  extra.writeUInt32BE(crc32(extra.subarray(8)), 4);
+  const e = decodeJournalBlock(extra, 3);
+  assert.deepEqual([e.verdict, e.reason, e.entries.length], ['bad-entry', 'entry bytes 56 do not match 1 entries', 0]);
+});

@@ -1,32 +1,40 @@
-// `qdedup info`: what the image is, with qemu-img info's keys and meanings. A dedup image
-// adds a `dedup` object to the qcow2 format-specific data (as qemu-img nests `bitmaps` or
+// `qdedup info`: what the image is, with qemu-img info's keys, meanings and layout, the
+// internal snapshot list included (formatted by ../snapshot-list.ts). A dedup image adds a
+// `dedup` object to the qcow2 format-specific data (as qemu-img nests `bitmaps` or
 // `encrypt` there): its settings and whether the store is trusted (src/dedup/inspect.ts).
+// imageInfo() reads the image; infoText() only formats what it returned.
 
 import type { Argv } from 'yargs';
 import { isAbsolute } from 'node:path';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, backingFormatOf } from '../../format/header.ts';
-import { Image } from '../../image/image.ts';
+import { Image, readSnapshotTable } from '../../image/image.ts';
 import { inspectDedup } from '../../dedup/inspect.ts';
 import { checkFormat, outputFormat, withFormatOption, withOutputOption, type OutputFormat } from '../common.ts';
 import { humanSize } from '../parse.ts';
 import { toJson, type Output } from '../output.ts';
+import { snapshotInfo, snapshotListLines, type SnapshotInfo } from '../snapshot-list.ts';
 
 export interface InfoArgs {
   file: string;
   output: OutputFormat;
 }
 
-/** The JSON document of `info --output json` (qemu-img's ImageInfo keys). */
+/**
+ * The JSON document of `info --output json` (qemu-img's ImageInfo keys). imageInfo() builds
+ * it with its keys in the order qemu-img 7.2 prints them (this order).
+ */
 export interface ImageInfo {
+  'backing-filename-format'?: string;
+  /** Internal snapshots, in table order; absent when there are none (as in qemu-img). */
+  snapshots?: SnapshotInfo[];
   'virtual-size': number;
   filename: string;
   'cluster-size': number;
   format: 'qcow2';
   'actual-size': number;
-  'backing-filename'?: string;
-  'full-backing-filename'?: string;
-  'backing-filename-format'?: string;
   'format-specific': { type: 'qcow2'; data: Record<string, unknown> };
+  'full-backing-filename'?: string;
+  'backing-filename'?: string;
   'dirty-flag': boolean;
 }
 
@@ -77,38 +85,41 @@ export async function imageInfo(path: string): Promise<ImageInfo> {
           'extended-l2': false,
         }
       : { compat: '0.10', 'compression-type': 'zlib', 'refcount-bits': 16 };
+    const snapshots = h.nbSnapshots > 0 ? (await readSnapshotTable(image.file, h.snapshotsOffset, h.nbSnapshots)).map(snapshotInfo) : [];
     const dedup = await dedupInfo(image);
     if (dedup) data.dedup = dedup;
-    const info: ImageInfo = {
+    let backing: { name: string; full: string; format?: string } | undefined;
+    if (h.backingFile !== undefined) {
+      // qemu's path_combine(): the image path up to its last '/', then the name; not made
+      // absolute (`info o.qcow2` shows "a.qcow2", as qemu-img info does).
+      const slash = path.lastIndexOf('/');
+      const full = isAbsolute(h.backingFile) || slash < 0 ? h.backingFile : path.slice(0, slash + 1) + h.backingFile;
+      backing = { name: h.backingFile, full, format: backingFormatOf(h) || undefined };
+    }
+    // Keys in qemu-img's order (its QDict's), absent ones left out.
+    return {
+      ...(backing?.format ? { 'backing-filename-format': backing.format } : {}),
+      ...(snapshots.length ? { snapshots } : {}),
       'virtual-size': h.size,
       filename: path,
       'cluster-size': image.clusterSize,
       format: 'qcow2',
       'actual-size': await image.file.allocatedBytes(),
       'format-specific': { type: 'qcow2', data },
+      ...(backing ? { 'full-backing-filename': backing.full, 'backing-filename': backing.name } : {}),
       'dirty-flag': (h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n,
     };
-    if (h.backingFile !== undefined) {
-      info['backing-filename'] = h.backingFile;
-      // qemu's path_combine(): the image path up to its last '/', then the name; not made
-      // absolute (`info o.qcow2` shows "a.qcow2", as qemu-img info does).
-      const slash = path.lastIndexOf('/');
-      info['full-backing-filename'] = isAbsolute(h.backingFile) || slash < 0 ? h.backingFile : path.slice(0, slash + 1) + h.backingFile;
-      const format = backingFormatOf(h);
-      if (format) info['backing-filename-format'] = format;
-    }
-    return info;
   } finally {
     await image.close();
   }
 }
 
-export async function runInfo(a: InfoArgs, io: Output): Promise<number> {
-  const info = await imageInfo(a.file);
-  if (a.output === 'json') {
-    await io.out(toJson(info));
-    return 0;
-  }
+/**
+ * The human output of `info` (QEMU block/qapi.c bdrv_image_info_dump): the summary, the
+ * backing file, the snapshot list, then the format-specific block. `date` formats snapshot
+ * dates (local time by default).
+ */
+export function infoText(info: ImageInfo, date?: (sec: number) => string): string {
   const d = info['format-specific'].data;
   const lines = [
     `image: ${info.filename}`,
@@ -117,10 +128,12 @@ export async function runInfo(a: InfoArgs, io: Output): Promise<number> {
     `disk size: ${humanSize(info['actual-size'])}`,
     `cluster_size: ${info['cluster-size']}`,
   ];
+  if (info['dirty-flag']) lines.push('cleanly shut down: no');
   if (info['backing-filename'] !== undefined) {
     lines.push(`backing file: ${info['backing-filename']}` + (info['full-backing-filename'] !== info['backing-filename'] ? ` (actual path: ${info['full-backing-filename']})` : ''));
     if (info['backing-filename-format']) lines.push(`backing file format: ${info['backing-filename-format']}`);
   }
+  lines.push(...snapshotListLines(info.snapshots ?? [], date));
   lines.push('Format specific information:');
   lines.push(`    compat: ${d.compat}`);
   lines.push(`    compression type: ${d['compression-type']}`);
@@ -140,7 +153,12 @@ export async function runInfo(a: InfoArgs, io: Output): Promise<number> {
     if (dd['journal-block-size'] !== undefined) lines.push(`        journal block size: ${dd['journal-block-size']}`);
     if (dd['max-incarnations'] !== undefined) lines.push(`        max incarnations: ${dd['max-incarnations']}`);
   }
-  await io.out(lines.join('\n') + '\n');
+  return lines.join('\n') + '\n';
+}
+
+export async function runInfo(a: InfoArgs, io: Output): Promise<number> {
+  const info = await imageInfo(a.file);
+  await io.out(a.output === 'json' ? toJson(info) : infoText(info));
   return 0;
 }
 
