@@ -113,6 +113,11 @@ export async function runWrite(a: WriteArgs, io: Output): Promise<number> {
     await image.abandon();
     throw err;
   }
+  const mismatches = image.dedup?.counters.mismatches ?? 0;
+  if (mismatches) {
+    // Compared hits whose cluster held other bytes: written anew, but the index lies (src/dedup/slot-bits.ts).
+    io.err(`qdedup: ${a.file}: warning: ${mismatches} dedup index ${mismatches === 1 ? 'entry names a cluster' : 'entries name clusters'} holding other content; not used (a damaged index: 'qdedup check --deep' lists such entries)`);
+  }
   if (!a.quiet) await io.out(`wrote ${total}/${total} bytes at offset ${a.offset}\n`);
   return 0;
 }
