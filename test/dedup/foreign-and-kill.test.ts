@@ -136,6 +136,20 @@ describe('kill -9 during a long write', { skip: NO_QEMU }, () => {
     writeFileSync(input, halfDuplicate(rng, (48 << 20) / CS));
     let killedMidway = 0;
     let droppedIndex = 0;
+    // How long the long write runs here, from its dirty flag to its exit: kills are timed
+    // within that span (a fixed span made kills miss on a fast machine and pile up on a slow one).
+    const span = await (async () => {
+      const img = join(dir, 'calibrate.qcow2');
+      assert.equal(qdedup(['create', '-q', img, String(size)]).status, 0);
+      const child = spawn(process.execPath, [BIN, 'write', '-q', '-i', input, img, String(8 << 20)], { stdio: 'ignore' });
+      const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+      let running = true;
+      void exited.then(() => { running = false; });
+      while (running && !dirtyOnDisk(img)) await new Promise((r) => setTimeout(r, 5));
+      const started = Date.now();
+      assert.equal(await exited, 0, 'the calibration write');
+      return Date.now() - started;
+    })();
     for (let round = 0; round < 20; round++) {
       const img = join(dir, `k${round}.qcow2`);
       assert.equal(qdedup(['create', '-q', img, String(size)]).status, 0);
@@ -154,7 +168,7 @@ describe('kill -9 during a long write', { skip: NO_QEMU }, () => {
       let running = true;
       void exited.then(() => { running = false; });
       while (running && !dirtyOnDisk(img)) await new Promise((r) => setTimeout(r, 5));
-      const delay = rng.int(0, 700);
+      const delay = rng.int(0, Math.max(20, Math.floor(span * 0.8)));
       const timer = setTimeout(() => child.kill('SIGKILL'), delay);
       const status = await exited;
       clearTimeout(timer);
@@ -180,7 +194,7 @@ describe('kill -9 during a long write', { skip: NO_QEMU }, () => {
       assert.doesNotMatch(io.stdout, /Pattern verification failed/, label);
       assert.equal(qemuCheck(img).json?.corruptions ?? 0, 0, label);
     }
-    console.log(`# kill -9: 20 rounds, ${killedMidway} killed mid-write, ${droppedIndex} dirty indexes dropped`);
+    console.log(`# kill -9: 20 rounds within the write's ${span} ms, ${killedMidway} killed mid-write, ${droppedIndex} dirty indexes dropped`);
     assert.ok(killedMidway >= 15, `only ${killedMidway} kills landed during the write`);
     assert.ok(droppedIndex >= 15, `only ${droppedIndex} kills left the index dirty`);
   });
