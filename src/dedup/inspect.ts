@@ -16,6 +16,7 @@ import {
 } from '../format/dedup-ext.ts';
 import { HASH_ENTRY_BYTES } from '../format/hash-entry.ts';
 import { BUCKET_SLOTS, SLOT_USED, candidateBuckets, decodeIncarnationSlot, incarnationLayout, tagOf } from '../format/incarnation.ts';
+import { MAX_HOST_OFFSET } from '../format/header.ts';
 import { compressedClusterSpan, decodeL1Entry, decodeL2Entry } from '../format/l1l2.ts';
 import type { CheckExtension, ExtensionReport } from '../image/check.ts';
 import type { Image } from '../image/image.ts';
@@ -343,6 +344,8 @@ export async function guestUsage(image: Image): Promise<GuestUsage> {
         guestClusters++;
         data.add(e.hostOffset / cs);
       } else if (e.kind === 'compressed') {
+        // As a guest read: an offset past 2^56 is corrupt (and past 2^53 the cluster loop below would never end).
+        if (e.compressedOffset >= MAX_HOST_OFFSET) throw new CorruptImageError(`compressed cluster offset beyond the largest host offset (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(j)})`, { offset: l2Offset + j * 8, structure: 'L2 table' });
         guestClusters++;
         const [first, last] = compressedClusterSpan(e, image.clusterBits);
         for (let c = first; c <= last; c++) data.add(c);

@@ -184,16 +184,16 @@ export function decodeHeader(buf: Buffer): Header {
   if (h.refcountTableClusters * clusterSize > MAX_REFTABLE_BYTES) {
     throw new CorruptImageError(`reference count table too large: ${h.refcountTableClusters} clusters (limit ${MAX_REFTABLE_BYTES} bytes)`, where(56));
   }
-  checkTableOffset(h.refcountTableOffset, clusterSize, 'refcount table', 48);
+  checkTableOffset(h.refcountTableOffset, 1, clusterSize, 'refcount table', 48);
 
   // L1 table.
   if (h.l1Size * 8 > MAX_L1_BYTES) throw new CorruptImageError(`active L1 table too large: ${h.l1Size} entries (limit ${MAX_L1_BYTES / 8})`, where(36));
   if (h.l1Size < l1SizeFor(h.size, clusterBits)) throw new CorruptImageError(`L1 table is too small: ${h.l1Size} entries for a virtual size of ${h.size}`, where(36));
-  if (h.l1Size > 0) checkTableOffset(h.l1TableOffset, clusterSize, 'active L1 table', 40);
+  checkTableOffset(h.l1TableOffset, h.l1Size, clusterSize, 'active L1 table', 40);
 
   // Snapshot table.
   if (h.nbSnapshots > MAX_SNAPSHOTS) throw new CorruptImageError(`too many snapshots: ${h.nbSnapshots}`, where(60));
-  if (h.nbSnapshots > 0) checkTableOffset(h.snapshotsOffset, clusterSize, 'snapshot table', 64);
+  checkTableOffset(h.snapshotsOffset, h.nbSnapshots, clusterSize, 'snapshot table', 64);
 
   // Backing file name: in cluster 0, after the extensions.
   if (h.backingFileOffset !== 0) {
@@ -209,9 +209,13 @@ export function decodeHeader(buf: Buffer): Header {
   return h;
 }
 
-function checkTableOffset(offset: number, clusterSize: number, what: string, fieldPos: number): void {
+/**
+ * A table's offset must be cluster aligned even when the table is empty (QEMU's
+ * qcow2_validate_table refuses the image otherwise), and may be 0 only when it is.
+ */
+function checkTableOffset(offset: number, entries: number, clusterSize: number, what: string, fieldPos: number): void {
   if (offset % clusterSize !== 0) throw new CorruptImageError(`${what} offset ${hex(offset)} is not cluster aligned`, { offset: fieldPos, structure: 'header' });
-  if (offset === 0) throw new CorruptImageError(`${what} offset is 0 (overlaps the header)`, { offset: fieldPos, structure: 'header' });
+  if (offset === 0 && entries > 0) throw new CorruptImageError(`${what} offset is 0 (overlaps the header)`, { offset: fieldPos, structure: 'header' });
 }
 
 /**

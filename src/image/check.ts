@@ -281,7 +281,7 @@ class StoredRefcounts {
   /** Masked offset of block `tableIndex` (0 when absent), and whether it is usable. */
   blockOffset(tableIndex: number): { offset: number; hi: number; lo: number } {
     const hi = this.table.readUInt32BE(tableIndex * 8);
-    const lo = this.table.readUInt32BE(tableIndex * 8 + 4) & REFT_OFFSET_MASK_LO;
+    const lo = (this.table.readUInt32BE(tableIndex * 8 + 4) & REFT_OFFSET_MASK_LO) >>> 0;
     return { offset: join64(hi, lo), hi, lo };
   }
 

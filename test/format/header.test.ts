@@ -98,3 +98,21 @@ test('the remaining refusals: a v3 header cut short, a virtual size past 2^53, a
   assert.throws(() => decodeHeader(Buffer.concat([bytes, Buffer.alloc(4096 - bytes.length)])),
     (e: unknown) => e instanceof UnsupportedError && e.message.includes(`unsupported qcow2 feature(s): ${'n'.repeat(46)}`) && !e.message.includes('Unknown'));
 });
+
+// Found by the CLI fuzzer's soak (fixtures/fuzz-regressions/seed-519412018): an empty table's
+// offset is still checked by QEMU (qcow2_validate_table), which refuses to open the image.
+test('an empty table must still be cluster aligned (as QEMU requires); offset 0 is fine for an empty one', () => {
+  const noSnapshots = qemuHeaderBytes();
+  noSnapshots.writeBigUInt64BE(0x1ffn, 64); // nb_snapshots stays 0
+  assert.throws(() => decodeHeader(noSnapshots), (e: unknown) => e instanceof CorruptImageError && /snapshot table offset 0x1ff is not cluster aligned/.test(e.message));
+  noSnapshots.writeBigUInt64BE(0x20000n, 64);
+  assert.equal(decodeHeader(noSnapshots).snapshotsOffset, 0x20000);
+
+  const empty = qemuHeaderBytes();
+  empty.writeBigUInt64BE(0n, 24); // virtual size 0: no L1 entry needed
+  empty.writeUInt32BE(0, 36);
+  empty.writeBigUInt64BE(0x3001n, 40);
+  assert.throws(() => decodeHeader(empty), /active L1 table offset 0x3001 is not cluster aligned/);
+  empty.writeBigUInt64BE(0n, 40);
+  assert.equal(decodeHeader(empty).l1Size, 0, 'qemu-img create of a 0-byte image: L1 offset 0, no entries');
+});

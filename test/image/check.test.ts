@@ -375,6 +375,19 @@ test('refcount block not cluster aligned: check errors; qdedup -r all rebuilds',
   assert.ok(r.none.lines.some((line) => line === "Can't get refcount for cluster 0: Input/output error"));
 });
 
+// Found by the CLI fuzzer's soak (fixtures/fuzz-regressions/seed-519412175): the masked low
+// half of the entry went negative and the message read "Refblock offset 0x-200".
+test('refcount table entry of all ones: the unaligned block named by its 64-bit offset, as qemu-img names it', { skip }, async () => {
+  const file = basic();
+  patchU64(file, layout(file).reftableOffset, 0xffffffffffffffffn);
+  const r = await compareWithQemu(file, { betterThanQemu: ['all'], lines: false });
+  assert.equal(r.none.status, 1);
+  const q = qemuCheck(file);
+  assert.match(q.stderr, /Refblock offset 0xfffffffffffffe00 unaligned \(reftable index: 0\)/, 'what qemu-img says');
+  const ours = qdedup(['check', file]);
+  assert.match(ours.stderr + ours.stdout, /Refblock offset 0xfffffffffffffe00 unaligned \(reftable index: 0\)/);
+});
+
 // ---------------------------------------------------------------- snapshots
 
 test('snapshot table: an entry with an unaligned L1 table and one with a huge one', { skip }, async () => {
