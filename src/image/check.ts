@@ -366,6 +366,8 @@ class CheckRun {
   stored!: StoredRefcounts;
   snapshots: CheckSnapshot[] = [];
   snapshotsSize = 0;
+  /** metadataOverlap's index; null when the structures it reflects were loaded or moved since. */
+  private overlapIndex: { l2Tables: Float64Array; refcountBlocks: Float64Array } | null = null;
   rebuild = false;
   highestCluster = 0;
   /** Clusters of the refcount structure in use on disk: a rebuild must not write there before the switch. */
@@ -615,6 +617,7 @@ class CheckRun {
    */
   private async readSnapshotTable(res: CheckCounts): Promise<void> {
     const h = this.header;
+    this.overlapIndex = null;
     this.snapshots = [];
     this.snapshotsSize = 0;
     if (h.nbSnapshots === 0) return;
@@ -653,6 +656,7 @@ class CheckRun {
       if (this.snapshotsSize > MAX_SNAPSHOT_TABLE_BYTES) fail('Snapshot table is too big', 'File too large');
       i++;
     }
+    this.overlapIndex = null;
     // A v3 entry must carry at least the 64-bit VM state size and the disk size (16 bytes).
     for (const i of incomplete) {
       res.corruptions++;
@@ -672,6 +676,7 @@ class CheckRun {
     this.res.totalClusters = Math.ceil((Math.floor(h.size / 512) * 512) / this.clusterSize);
     this.imrt = new RefcountArray(h.refcountOrder, nbClusters);
     this.stored = new StoredRefcounts(this, h.refcountTableOffset, await this.readClipped(h.refcountTableOffset, h.refcountTableClusters * this.clusterSize));
+    this.overlapIndex = null;
 
     await this.calculateRefcounts(fix);
 
@@ -1142,7 +1147,6 @@ class CheckRun {
       if (l2Offset) visits.set(l2Offset, (visits.get(l2Offset) ?? 0) + 1);
     }
     const done = new Set<number>();
-    this.l1Overlaps.clear();
     for (let i = 0; i < l1Size; i++) {
       const hi = l1.readUInt32BE(i * 8);
       const lo = l1.readUInt32BE(i * 8 + 4);
@@ -1203,21 +1207,10 @@ class CheckRun {
     }
   }
 
-  /**
-   * The overlap verdict of each L1 table cluster written by checkOflagCopied's repairs. That
-   * pass changes only COPIED flags, so no structure moves while it runs and one verdict per
-   * cluster serves every entry in it (one walk per entry made the repair of a long L1 table
-   * quadratic: fuzz seed 12539).
-   */
-  private readonly l1Overlaps = new Map<number, string | null>();
-
   /** qcow2_write_l1_entry: one active L1 entry, on disk and in memory. */
   private async writeL1Entry(l1Index: number, hi: number, lo: number): Promise<void> {
     const entryOffset = this.header.l1TableOffset + l1Index * 8;
-    const cluster = Math.floor(entryOffset / this.clusterSize);
-    let overlap = this.l1Overlaps.get(cluster);
-    if (overlap === undefined) this.l1Overlaps.set(cluster, overlap = this.metadataOverlap(entryOffset, 8, 'active L1 table'));
-    if (overlap) {
+    if (this.metadataOverlap(entryOffset, 8, 'active L1 table')) {
       this.res.checkErrors++;
       throw new CheckAborted('Input/output error');
     }
@@ -1236,6 +1229,10 @@ class CheckRun {
   /**
    * qcow2_check_metadata_overlap with QEMU's default ("cached") set of structures: the name of
    * the first structure that [hostOffset, +byteLength) touches, other than `ignore`, or null.
+   * The active L2 tables and the refcount blocks are looked up in sorted arrays of their
+   * offsets (overlapIndex, 8 bytes an entry), built at first use and dropped when the
+   * structures move: a walk of the L1 and refcount tables per call made repairs of many
+   * entries quadratic (fuzz seeds 12539 and 519418143).
    */
   metadataOverlap(hostOffset: number, byteLength: number, ignore?: string): string | null {
     if (byteLength === 0) return null;
@@ -1244,25 +1241,44 @@ class CheckRun {
     const start = Math.floor(hostOffset / cs) * cs;
     const end = Math.ceil((hostOffset + byteLength) / cs) * cs;
     const hits = (offset: number, length: number) => length > 0 && start < offset + length && offset < end;
+    /** Whether a cluster-sized structure at one of the sorted `offsets` hits [start, end). */
+    const hitsAny = (offsets: Float64Array) => {
+      let lo = 0;
+      let hi = offsets.length;
+      while (lo < hi) {
+        const mid = (lo + hi) >>> 1;
+        if (offsets[mid] + cs <= start) lo = mid + 1;
+        else hi = mid;
+      }
+      return lo < offsets.length && offsets[lo] < end;
+    };
     const h = this.header;
+    const index = (this.overlapIndex ??= this.indexMetadata());
     if (ignore !== 'active L1 table' && h.l1Size && hits(h.l1TableOffset, h.l1Size * 8)) return 'active L1 table';
     if (hits(this.stored.tableOffset, this.stored.entries * 8)) return 'refcount table';
     if (this.snapshotsSize && hits(h.snapshotsOffset, this.snapshotsSize)) return 'snapshot table';
     for (const sn of this.snapshots) if (sn.l1Size && hits(sn.l1TableOffset, sn.l1Size * 8)) return 'inactive L1 table';
-    if (ignore !== 'active L2 table') {
-      const l1 = this.target.l1;
-      for (let i = 0; i < h.l1Size; i++) {
-        const l2Offset = join64(l1.readUInt32BE(i * 8) & OFFSET_MASK_HI, l1.readUInt32BE(i * 8 + 4) & OFFSET_MASK_LO);
-        if (l2Offset && hits(l2Offset, cs)) return 'active L2 table';
-      }
-    }
-    for (let i = 0; i < this.stored.entries; i++) {
-      const { offset } = this.stored.blockOffset(i);
-      if (offset && hits(offset, cs)) return 'refcount block';
-    }
+    if (ignore !== 'active L2 table' && hitsAny(index.l2Tables)) return 'active L2 table';
+    if (hitsAny(index.refcountBlocks)) return 'refcount block';
     const ext = h.autoclearFeatures & AUTOCLEAR_BITMAPS ? h.extensions.find((e) => e.type === EXT_BITMAPS) : undefined;
     if (ext && ext.data.length === 24 && hits(Number(ext.data.readBigUInt64BE(16)), Number(ext.data.readBigUInt64BE(8)))) return 'bitmap directory';
     return null;
+  }
+
+  /** The offsets of the active L2 tables and of the refcount blocks, sorted. */
+  private indexMetadata(): { l2Tables: Float64Array; refcountBlocks: Float64Array } {
+    const l1 = this.target.l1;
+    const l2: number[] = [];
+    for (let i = 0; i < this.header.l1Size; i++) {
+      const l2Offset = join64(l1.readUInt32BE(i * 8) & OFFSET_MASK_HI, l1.readUInt32BE(i * 8 + 4) & OFFSET_MASK_LO);
+      if (l2Offset) l2.push(l2Offset);
+    }
+    const blocks: number[] = [];
+    for (let i = 0; i < this.stored.entries; i++) {
+      const { offset } = this.stored.blockOffset(i);
+      if (offset) blocks.push(offset);
+    }
+    return { l2Tables: Float64Array.from(l2).sort(), refcountBlocks: Float64Array.from(blocks).sort() };
   }
 
   // ------------------------------------------------------------ rebuild_refcount_structure
@@ -1392,6 +1408,7 @@ class CheckRun {
     h.refcountTableOffset = reftableOffset;
     h.refcountTableClusters = reftableClusters;
     this.stored = new StoredRefcounts(this, reftableOffset, tableBuf);
+    this.overlapIndex = null;
     this.oldStructure = new Set<number>();
   }
 }

@@ -59,7 +59,6 @@ export async function runWrite(a: WriteArgs, io: Output): Promise<number> {
   await probe.close();
   if (a.offset + total > virtualSize) throw pastTheEnd(a.file, a.offset, total, virtualSize);
   const image = await Image.open(a.file, { writable: true });
-  if (image.dedup?.notice) io.err(`qdedup: ${a.file}: ${image.dedup.notice}`);
   try {
     if (a.zero) {
       await image.writeZeroes(a.offset, total);
@@ -113,6 +112,8 @@ export async function runWrite(a: WriteArgs, io: Output): Promise<number> {
     await image.abandon();
     throw err;
   }
+  // After the write, so that a write that fails says one line, its error.
+  if (image.dedup?.notice) io.err(`qdedup: ${a.file}: ${image.dedup.notice}`);
   const mismatches = image.dedup?.counters.mismatches ?? 0;
   if (mismatches) {
     // Compared hits whose cluster held other bytes: written anew, but the index lies (src/dedup/slot-bits.ts).
