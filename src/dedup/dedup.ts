@@ -262,7 +262,7 @@ export class Dedup {
         continue;
       }
       const e = this.store.lookup(hash);
-      let target = e ? this.linkableCached(e) : null;
+      let target = e ? this.linkableCached(e, w.data) : null;
       if (target === undefined) target = await this.linkable(e!, w.data);
       if (target !== null) {
         this.counters.hits++;
@@ -326,25 +326,32 @@ export class Dedup {
     // An index entry is only good for a cluster the holder still holds (belt and braces for I1).
     if (!Number.isSafeInteger(cluster) || !(await this.holder.holds(cluster))) return null;
     if ((await this.image.refcountState!.get(cluster)) >= this.cap) return null;
-    if (this.ext.verify || !e.confirmed) {
-      // An entry from disk may lie (damage, a crafted image, a stale entry): its first hit
-      // compares bytes (src/dedup/slot-bits.ts). Equal bytes confirm it for the session:
-      // a held cluster is never rewritten in place (I2).
-      this.counters.compared++;
-      if (!(await this.image.file.read(e.hostOffset, data.length)).equals(data)) {
-        this.counters.mismatches++;
-        return null;
-      }
-      this.store.confirm(e);
-    }
+    if ((this.ext.verify || !e.confirmed) && !this.sameBytes(e, data)) return null;
     return e.hostOffset;
   }
 
   /**
-   * linkable() without I/O: its answer when the holder table and refcount block involved
-   * are in memory and no compare read is needed; undefined otherwise (call linkable()).
+   * Compares the indexed cluster of `e` with `data` (verify mode, or an entry from disk that
+   * may lie: damage, a crafted image, a stale entry; src/dedup/slot-bits.ts). Equal bytes
+   * confirm the entry for the session: a held cluster is never rewritten in place (I2). A
+   * synchronous read, as for incarnation slots: the thread pool's round trip cost twice the
+   * import's time when every cluster hit an entry from an earlier session.
    */
-  private linkableCached(e: IndexEntry): number | null | undefined {
+  private sameBytes(e: IndexEntry, data: Buffer): boolean {
+    this.counters.compared++;
+    if (!this.image.file.readSync(e.hostOffset, data.length).equals(data)) {
+      this.counters.mismatches++;
+      return false;
+    }
+    this.store.confirm(e);
+    return true;
+  }
+
+  /**
+   * linkable() without waiting: its answer when the holder table and refcount block involved
+   * are in memory (a compare reads synchronously); undefined otherwise (call linkable()).
+   */
+  private linkableCached(e: IndexEntry, data: Buffer): number | null | undefined {
     const cluster = e.hostOffset / this.image.clusterSize;
     if (!Number.isSafeInteger(cluster)) return null;
     const held = this.holder.holdsCached(cluster);
@@ -353,7 +360,7 @@ export class Dedup {
     const refcount = this.image.refcountState!.getCached(cluster);
     if (refcount === undefined) return undefined;
     if (refcount >= this.cap) return null;
-    if (this.ext.verify || !e.confirmed) return undefined;
+    if ((this.ext.verify || !e.confirmed) && !this.sameBytes(e, data)) return null;
     return e.hostOffset;
   }
 
