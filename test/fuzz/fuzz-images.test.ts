@@ -62,6 +62,21 @@ interface KnownBug {
 
 const KNOWN_BUGS: KnownBug[] = []; // none open: F1, F5 and P1 are fixed, their mutants regressions
 
+/**
+ * check -r all of mutant `m` ends, without a failure, within `ms` (the file layer throws at
+ * the first I/O past the deadline; check reports that as its failure).
+ */
+async function repairsWithin(m: { base: { path: string }; bytes: Buffer }, ms: number): Promise<void> {
+  const file = new GuardFile(m.base.path, m.bytes, Date.now() + ms, 'repair');
+  const img = await Image.open(m.base.path, { file, backing: false });
+  try {
+    const r = await checkOpenImage({ path: m.base.path, file, header: img.header, l1: img.l1, writable: true }, { repair: 'all' });
+    assert.deepEqual([r.failure, file.problems], [undefined, []], `check -r all: ${r.failure}`);
+  } finally {
+    await img.close();
+  }
+}
+
 /** The known bugs that explain every problem of a dedup outcome; null when one is not explained (or there is none). */
 function explainedBy(hz: DedupHazards, o: DedupOutcome): string[] | null {
   const problems = [...o.failures.map((failure) => ({ failure })), ...o.wrongData.map((wrong) => ({ wrong }))];
@@ -182,17 +197,8 @@ describe('malformed-image fuzzing (in process)', () => {
   // check -r all repairs them one by one, and each repair (writeL1Entry) ran metadataOverlap,
   // which walks the whole L1 table and the whole refcount table: quadratic, over 60 s in
   // process. Fixed: one overlap verdict per L1 cluster for the repair pass.
-  it('regression: seed 12539: check -r all repairing 6,656 L1 entries stays linear (one overlap walk per L1 cluster)', async () => {
-    const m = makeMutant(12539, bases, layouts);
-    const file = new GuardFile(m.base.path, m.bytes, Date.now() + 2000, 'repair');
-    const img = await Image.open(m.base.path, { file, backing: false });
-    try {
-      // The file layer throws at the first I/O past the deadline; check reports that as its failure.
-      const r = await checkOpenImage({ path: m.base.path, file, header: img.header, l1: img.l1, writable: true }, { repair: 'all' });
-      assert.deepEqual([r.failure, file.problems], [undefined, []], `check -r all: ${r.failure}`);
-    } finally {
-      await img.close();
-    }
+  it('regression: seed 12539: check -r all repairing 6,656 L1 entries stays linear', async () => {
+    await repairsWithin(makeMutant(12539, bases, layouts), 2000);
   });
 
   for (const r of REGRESSIONS) {
@@ -252,15 +258,7 @@ describe('malformed dedup images (in process): dedup extension, configuration ar
   // metadataOverlap, which walked the L1 and refcount tables: 5.7 s for this one image. Fixed:
   // metadataOverlap answers from an index of the structures' clusters.
   it('regression: dedup seed 519418143: check -r all fixing thousands of entries of one table stays linear', async () => {
-    const m = makeDedupMutant(519418143, dedupBases, dedupLayouts);
-    const file = new GuardFile(m.base.path, m.bytes, Date.now() + 1500, 'repair');
-    const img = await Image.open(m.base.path, { file, backing: false });
-    try {
-      const r = await checkOpenImage({ path: m.base.path, file, header: img.header, l1: img.l1, writable: true }, { repair: 'all' });
-      assert.deepEqual([r.failure, file.problems], [undefined, []], `check -r all: ${r.failure}`);
-    } finally {
-      await img.close();
-    }
+    await repairsWithin(makeDedupMutant(519418143, dedupBases, dedupLayouts), 1500);
   });
 
   for (const bug of KNOWN_BUGS) {
