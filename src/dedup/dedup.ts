@@ -233,7 +233,8 @@ export class Dedup {
 
   /**
    * Writes whole guest clusters: zero clusters become zero entries; a cluster whose hash is
-   * indexed (and held, and equal when verifying or first met this session) is linked; the others are written in one
+   * indexed (and held, and of equal bytes when verifying or when the entry came from disk and
+   * is met for the first time this session) is linked; the others are written in one
    * contiguous run and indexed. Every old reference is dropped after its replacement.
    *
    * Speed: each step first tries its synchronous variant (tryMapCluster, incrementCached,
