@@ -17,7 +17,7 @@ import type { IndexEntry } from './slot-bits.ts';
 import type { L2Entry } from '../format/l1l2.ts';
 import { encodeSnapshotEntry } from '../format/snapshot.ts';
 import type { Image } from '../image/image.ts';
-import { createHasher, hashAlgorithmId, type Hasher, type SupportedHashAlgorithm } from './hasher.ts';
+import { DEFAULT_HASH_ALGORITHM, createHasher, hashAlgorithmId, type Hasher, type SupportedHashAlgorithm } from './hasher.ts';
 import { HOLDER_NAME, Holder, holderL1Size, type HolderHost } from './holder.ts';
 import { DedupStore, geometryOf } from './store.ts';
 import { heldClusters, inspectDedup } from './inspect.ts';
@@ -43,6 +43,11 @@ export function defaultStoreOrder(virtualSize: number, clusterSize: number): num
   const slots = virtualSize / clusterSize / 128;
   const order = Math.ceil(Math.log2(Math.max(1, slots / 4)));
   return Math.min(MAX_DEFAULT_ORDER, Math.max(MIN_DEFAULT_ORDER, order));
+}
+
+/** What `qdedup create` picks when no dedup option is given. */
+export function defaultDedupSettings(virtualSize: number, clusterSize: number): DedupSettings {
+  return { algorithm: DEFAULT_HASH_ALGORITHM, verify: false, maxIncarnations: 0, order: defaultStoreOrder(virtualSize, clusterSize), journalBlockSize: 4096 };
 }
 
 /** One guest cluster of a write, whole, waiting to be linked or written. */
@@ -110,10 +115,26 @@ export class Dedup {
    * or, if it is not to be trusted, starts a fresh one. Returns null for a plain image.
    */
   static async attach(image: Image): Promise<Dedup | null> {
-    const ext = Dedup.extensionOf(image);
+    let ext: DedupExtension | null;
+    let damage: string | null = null;
+    try {
+      ext = Dedup.extensionOf(image);
+    } catch (err) {
+      // The extension itself does not decode: nothing of the old store can be found, let
+      // alone trusted. It is replaced by one with the default settings and a fresh store, as
+      // an untrusted store is (an algorithm or version qdedup does not know is refused instead).
+      if (!(err instanceof CorruptImageError) || image.header.refcountOrder < 2) throw err;
+      damage = err.message;
+      const s = defaultDedupSettings(image.size, image.clusterSize);
+      ext = {
+        version: DEDUP_EXT_VERSION, hashAlgorithm: hashAlgorithmId(s.algorithm), dirty: true, verify: s.verify, order: s.order,
+        journalBlockSize: s.journalBlockSize, maxIncarnations: s.maxIncarnations, configOffset: 0, configBytes: 0,
+      };
+    }
     if (!ext) return null;
     createHasher(ext.hashAlgorithm); // refuses skein and unknown numbers before any write
-    const seen = await inspectDedup(image); // the trust verdict (reads only), and the store when trusted
+    // The trust verdict (reads only), and the store when trusted.
+    const seen = damage === null ? await inspectDedup(image) : { trusted: false, reason: `${damage}; the extension is replaced, with the default settings`, store: null, areas: [] };
     await Dedup.writeExtension(image, { ...ext, dirty: true }); // I3: dirty durable before any other write
     const host = hostOf(image);
     let store = seen.store;

@@ -397,3 +397,41 @@ test('read-only: check (plain, --deep, JSON) never changes a byte, whatever the 
     assert.equal(statSync(file).mtimeMs, mtime);
   }
 });
+
+// A dedup extension that does not decode used to make every later write refuse, with no
+// repair in check: the next write now replaces it (default settings, fresh store) as it
+// replaces an untrusted store, leaving the old one's clusters as leaks.
+test('a malformed dedup extension: check reports it (exit 2); the next write replaces it with a fresh index; data reads back', () => {
+  const file = create('64M');
+  const first = randomFile(1 * MiB);
+  ok('write', '-q', '-i', first.path, file, '0');
+  const bytes = readFileSync(file);
+  const h = decodeHeader(bytes.subarray(0, 4096));
+  let at = h.headerLength;
+  for (const e of h.extensions) {
+    if (e.type === EXT_DEDUP) break;
+    at += 8 + Math.ceil(e.data.length / 8) * 8;
+  }
+  assert.equal(bytes.readUInt32BE(at), EXT_DEDUP);
+  bytes[at + 8 + 3] = 30; // store order 30: above the limit of 20
+  writeFileSync(file, bytes);
+
+  const before = q('check', file);
+  assert.equal(before.status, 2);
+  assert.match(before.stdout + before.stderr, /ERROR dedup header extension: store order 30 above 20/);
+
+  const w = q('write', '-q', '-i', first.path, file, '2M');
+  assert.equal(w.status, 0, w.stderr);
+  assert.match(w.stderr, /^qdedup: .*: dedup index not trusted: dedup header extension: store order 30 above 20; the extension is replaced, with the default settings; starting a fresh index/);
+  const again = q('write', '-q', '-i', first.path, file, '4M');
+  assert.equal(again.status, 0, again.stderr);
+  assert.equal(again.stderr, '', 'the replacement is trusted');
+  const st = stats(file);
+  assert.equal(st.trusted, true);
+  // The copy at 2M could not find the old store's clusters (a fresh index); the one at 4M shares 2M's.
+  assert.deepEqual([st['guest-clusters'], st['data-clusters']], [768, 512]);
+  for (const off of ['0', '2M', '4M']) assert.ok(ok('read', file, off, '1M').stdoutBytes.equals(first.data), `guest ${off}`);
+  if (!NO_QEMU) assert.equal(qemuCheck(file).json?.corruptions ?? 0, 0);
+  const after = checkJson(file);
+  assert.equal(after.json.corruptions, undefined, 'nothing left to report but the old store\'s leaks');
+});

@@ -8,8 +8,8 @@ import { checkFormat, withFormatOption, withQuietOption } from '../common.ts';
 import { parseBool, parseOptionList, parseSize } from '../parse.ts';
 import type { Output } from '../output.ts';
 import { isAbsolute, resolve, dirname } from 'node:path';
-import { defaultStoreOrder, type DedupSettings } from '../../dedup/dedup.ts';
-import { DEFAULT_HASH_ALGORITHM, parseHashAlgorithm } from '../../dedup/hasher.ts';
+import { defaultDedupSettings, type DedupSettings } from '../../dedup/dedup.ts';
+import { parseHashAlgorithm } from '../../dedup/hasher.ts';
 import { MAX_STORE_ORDER } from '../../format/dedup-ext.ts';
 
 /** The `-o` keys `create` accepts, with their help text (printed by `-o help`). */
@@ -125,11 +125,12 @@ function dedupSettings(opts: Map<string, string>, version: 2 | 3, refcountBits: 
   }
   if (version === 2) throw new UsageError('dedup needs compatibility level 1.1 (use compat=1.1 or dedup=off)');
   if (refcountBits < 4) throw new UsageError('dedup needs refcount_bits of 4 or more (or dedup=off)');
-  const algorithm = parseHashAlgorithm(name ?? DEFAULT_HASH_ALGORITHM);
-  const verify = opts.has('dedup_verify') ? parseBool(opts.get('dedup_verify')!, 'dedup_verify') : false;
-  const maxIncarnations = opts.has('dedup_max_incarnations') ? parseCount(opts.get('dedup_max_incarnations')!, 'dedup_max_incarnations', 0, 0xffffffff) : 0;
-  const order = opts.has('dedup_order') ? parseCount(opts.get('dedup_order')!, 'dedup_order', 0, MAX_STORE_ORDER) : defaultStoreOrder(size, clusterSize);
-  const journalBlockSize = opts.has('dedup_journal_block') ? parseSize(opts.get('dedup_journal_block')!, 'dedup journal block size') : 4096;
+  const d = defaultDedupSettings(size, clusterSize);
+  const algorithm = name === undefined ? d.algorithm : parseHashAlgorithm(name);
+  const verify = opts.has('dedup_verify') ? parseBool(opts.get('dedup_verify')!, 'dedup_verify') : d.verify;
+  const maxIncarnations = opts.has('dedup_max_incarnations') ? parseCount(opts.get('dedup_max_incarnations')!, 'dedup_max_incarnations', 0, 0xffffffff) : d.maxIncarnations;
+  const order = opts.has('dedup_order') ? parseCount(opts.get('dedup_order')!, 'dedup_order', 0, MAX_STORE_ORDER) : d.order;
+  const journalBlockSize = opts.has('dedup_journal_block') ? parseSize(opts.get('dedup_journal_block')!, 'dedup journal block size') : d.journalBlockSize;
   if (journalBlockSize < 512 || journalBlockSize > 65536 || (journalBlockSize & (journalBlockSize - 1)) !== 0) throw new UsageError('dedup_journal_block must be a power of two from 512 to 64k');
   return { algorithm, verify, maxIncarnations, order, journalBlockSize };
 }
