@@ -18,7 +18,7 @@ import { AUTOCLEAR_DEDUP, EXT_DEDUP, decodeDedupConfig, decodeDedupExtension } f
 import { JOURNAL_HEADER_BYTES, JOURNAL_HASH_ENTRY_BYTES, decodeJournalBlock } from '../../src/format/journal-block.ts';
 import { incarnationLayout } from '../../src/format/incarnation.ts';
 import { NO_QEMU, qdedup, qemuCheck, run } from '../helpers.ts';
-import { sha256File, workFolder } from './cli-lib.ts';
+import { dedupExtensionPayload, sha256File, workFolder } from './cli-lib.ts';
 
 const { dir, create, randomFile } = workFolder('qdedup-check-dedup-');
 const MiB = 1024 * 1024;
@@ -406,14 +406,7 @@ test('a malformed dedup extension: check reports it (exit 2); the next write rep
   const first = randomFile(1 * MiB);
   ok('write', '-q', '-i', first.path, file, '0');
   const bytes = readFileSync(file);
-  const h = decodeHeader(bytes.subarray(0, 4096));
-  let at = h.headerLength;
-  for (const e of h.extensions) {
-    if (e.type === EXT_DEDUP) break;
-    at += 8 + Math.ceil(e.data.length / 8) * 8;
-  }
-  assert.equal(bytes.readUInt32BE(at), EXT_DEDUP);
-  bytes[at + 8 + 3] = 30; // store order 30: above the limit of 20
+  bytes[dedupExtensionPayload(bytes) + 3] = 30; // store order 30: above the limit of 20
   writeFileSync(file, bytes);
 
   const before = q('check', file);

@@ -1,11 +1,14 @@
 // Helpers shared by the dedup tests that drive bin/qdedup: a folder of numbered images and
-// inputs, a command that must succeed, and cluster contents made from a tag.
+// inputs, a command that must succeed, cluster contents made from a tag, and where an
+// image's dedup extension lies (to damage it).
 
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { qdedup, tempDir, type RunResult } from '../helpers.ts';
+import { EXT_DEDUP } from '../../src/format/dedup-ext.ts';
+import { decodeHeader } from '../../src/format/header.ts';
 
 /** Runs bin/qdedup and asserts exit 0. */
 export function qdedupOk(args: string[]): RunResult {
@@ -40,4 +43,16 @@ export function workFolder(prefix: string) {
       return { path, data };
     },
   };
+}
+
+/** Where the dedup header extension's payload starts in an image's bytes. */
+export function dedupExtensionPayload(bytes: Buffer): number {
+  const h = decodeHeader(bytes.subarray(0, 4096));
+  let at = h.headerLength;
+  for (const e of h.extensions) {
+    if (e.type === EXT_DEDUP) break;
+    at += 8 + Math.ceil(e.data.length / 8) * 8;
+  }
+  assert.equal(bytes.readUInt32BE(at), EXT_DEDUP, 'the image has a dedup extension');
+  return at + 8;
 }

@@ -7,7 +7,8 @@
 // after that open writes and closes cleanly, hold only index entries whose cluster's bytes
 // hash to them. The workloads: heavy repetition; rewrites that free shared clusters; a
 // tiny store that freezes log stores into incarnations and evicts them — each also with
-// dedup_verify=on. QDEDUP_SOAK_SCALE=N runs N seeds per workload.
+// dedup_verify=on; and writes to an image whose dedup extension does not decode (the first
+// write replaces it). QDEDUP_SOAK_SCALE=N runs N seeds per workload.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -17,12 +18,14 @@ import { Image } from '../../src/image/image.ts';
 import { createImage } from '../../src/image/create.ts';
 import { checkOpenImage } from '../../src/image/check.ts';
 import { Dedup } from '../../src/dedup/dedup.ts';
+import { CorruptImageError } from '../../src/errors.ts';
 import { liveEntries } from '../../src/dedup/inspect.ts';
 import { FaultyFile, type LossMode } from '../../src/image/faulty-file.ts';
 import { MemFile } from '../../src/image/mem-file.ts';
 import type { DedupSettings } from '../../src/dedup/dedup.ts';
 import { HAVE_QEMU, qemuCheck, tempDir } from '../helpers.ts';
 import { runSteps, shadowsOf, type Op } from '../image/crash-lib.ts';
+import { dedupExtensionPayload } from './cli-lib.ts';
 
 
 interface Workload {
@@ -31,6 +34,8 @@ interface Workload {
   clusterBits: number;
   settings: DedupSettings;
   steps: Op[][];
+  /** Run and closed before the crash enumeration, after which the dedup extension is made undecodable (the workload's first write replaces it). */
+  damagedAfter?: Op[];
 }
 
 const CS = 4096;
@@ -78,6 +83,8 @@ function workloads(seed: number): Workload[] {
     out.push({ name: `rewrites${verify ? '+verify' : ''}`, size: 1 << 20, clusterBits: 12, settings: { ...base, verify }, steps: rewrites });
     out.push({ name: `tiny-store${verify ? '+verify' : ''}`, size: 1 << 20, clusterBits: 12, settings: { ...base, verify, order: 1, maxIncarnations: 2 }, steps: tiny });
   }
+  // 4. A dedup extension that does not decode: the first write replaces it (a fresh store).
+  out.push({ name: 'malformed-extension', size: 1 << 20, clusterBits: 12, settings: base, damagedAfter: heavy[0], steps: heavy.slice(1, 3) });
   return out;
 }
 
@@ -106,8 +113,12 @@ async function verifyState(path: string, bytes: Buffer, before: Buffer, after: B
   }
   const result = await checkOpenImage({ path, file: ro.file, header: ro.header, l1: ro.l1, writable: false }, { onMessage: () => {} });
   assert.equal(result.corruptions, 0, `${label}: corruptions: ${result.messages.join('; ')}`);
-  const ext = Dedup.extensionOf(ro)!;
-  const wasTrusted = Dedup.trustedOnDisk(ro, ext);
+  let wasTrusted = false;
+  try {
+    wasTrusted = Dedup.trustedOnDisk(ro, Dedup.extensionOf(ro)!);
+  } catch (err) {
+    if (!(err instanceof CorruptImageError)) throw err; // an extension that does not decode: not trusted
+  }
   await ro.close();
 
   // Reopen for writing: a dirty store must be dropped; then write, close, and the index must be true.
@@ -123,6 +134,13 @@ async function verifyState(path: string, bytes: Buffer, before: Buffer, after: B
   await again.abandon();
 }
 
+/** The image with its dedup extension's store order set to 30 (above the limit: the extension no longer decodes). */
+function withUndecodableExtension(bytes: Buffer): Buffer {
+  const out = Buffer.from(bytes);
+  out[dedupExtensionPayload(out) + 3] = 30;
+  return out;
+}
+
 const MODES: LossMode[] = ['drop-unsynced', 'keep-unsynced', 'random-subset', 'torn'];
 
 test('dedup: crash at every write and sync: acknowledged data survives, no corruption, the index is dropped or true', async () => {
@@ -133,8 +151,15 @@ test('dedup: crash at every write and sync: acknowledged data survives, no corru
     for (const w of workloads(0xc0ffee + round * 1000)) {
       const path = join(dir, `${w.name}.qcow2`);
       await createImage(path, { size: w.size, clusterBits: w.clusterBits, version: 3, refcountOrder: 4, lazyRefcounts: false, force: true, dedup: w.settings });
+      let shadows = shadowsOf(w.size, w.steps);
+      if (w.damagedAfter) {
+        const image = await Image.open(path, { writable: true });
+        for (const op of w.damagedAfter) if (op.kind === 'write') await image.write(op.offset, op.data);
+        await image.close();
+        writeFileSync(path, withUndecodableExtension(readFileSync(path)));
+        shadows = shadowsOf(w.size, [w.damagedAfter, ...w.steps]).slice(1);
+      }
       const base = readFileSync(path);
-      const shadows = shadowsOf(w.size, w.steps);
       const probe = new FaultyFile(path, base);
       assert.equal(await runSteps(path, probe, w.steps), w.steps.length);
       const totalOps = probe.ops;
