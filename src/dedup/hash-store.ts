@@ -9,7 +9,7 @@ import {
   BUCKET_SLOTS, candidateBuckets, decodeFilter, decodeIncarnationSlot, encodeIncarnation, incarnationLayout, tagOf,
   type IncarnationLayout, type SlotArrays,
 } from '../format/incarnation.ts';
-import { HASH_BYTES, HASH_ENTRY_BYTES, type HashEntry } from '../format/hash-entry.ts';
+import { HASH_BYTES, HASH_ENTRY_BYTES } from '../format/hash-entry.ts';
 import type { IncarnationRecord, LimboRecord } from '../format/dedup-ext.ts';
 import type { BlockFile } from '../image/block-file.ts';
 import { SlotBits, type IndexEntry } from './slot-bits.ts';

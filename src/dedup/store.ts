@@ -8,7 +8,6 @@
 import { SLOT_EMPTY, SLOT_TOMBSTONE, SLOT_USED } from '../format/incarnation.ts';
 import { entriesPerBlock, type JournalEntry } from '../format/journal-block.ts';
 import { nextGeneration, type DedupConfig, type DedupExtension, type JournalDescriptor } from '../format/dedup-ext.ts';
-import type { HashEntry } from '../format/hash-entry.ts';
 import type { BlockFile } from '../image/block-file.ts';
 import { HashStore } from './hash-store.ts';
 import { Journal, replayJournal, type ReplayResult, type ReplayStop } from './journal.ts';

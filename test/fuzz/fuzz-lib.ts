@@ -35,9 +35,10 @@ import { createHasher, type SupportedHashAlgorithm } from '../../src/dedup/hashe
 import type { DedupSettings } from '../../src/dedup/dedup.ts';
 import { dedupCheckExtension, guestUsage, heldClusters, inspectDedup, storedRefcounts } from '../../src/dedup/inspect.ts';
 import { readJournals } from '../../src/dedup/journal-scan.ts';
-import { AUTOCLEAR_DEDUP, EXT_DEDUP, decodeDedupConfig, decodeDedupExtension } from '../../src/format/dedup-ext.ts';
+import { AUTOCLEAR_DEDUP, decodeDedupConfig, decodeDedupExtension } from '../../src/format/dedup-ext.ts';
 import { incarnationLayout } from '../../src/format/incarnation.ts';
 import { HOLDER_NAME } from '../../src/dedup/holder.ts';
+import { findDedupExtension } from '../dedup/cli-lib.ts';
 
 export const ROOT = new URL('../..', import.meta.url).pathname;
 export const FIXTURES = join(ROOT, 'fixtures');
@@ -948,16 +949,7 @@ export function mapDedup(b: Buffer): DedupLayout {
     if (off >= 0 && off + width <= b.length) fields.push({ kind, off, width, what, role, crc });
   };
   // The extension.
-  let extOff = -1;
-  for (let pos = u32(b, 100), n = 0; pos + 8 <= cs && n < 64; n++) {
-    const type = u32(b, pos);
-    if (type === 0) break;
-    if (type === EXT_DEDUP) {
-      extOff = pos + 8;
-      break;
-    }
-    pos += 8 + Math.ceil(u32(b, pos + 4) / 8) * 8;
-  }
+  const extOff = findDedupExtension(b);
   if (extOff < 0) throw new Error('mapDedup: no dedup extension');
   const ext = decodeDedupExtension(b.subarray(extOff, extOff + 48), cs);
   for (const [o, w, what, role] of [
@@ -1700,16 +1692,7 @@ export function dedupHazards(b: Buffer): DedupHazards {
     if (bits < 9 || bits > 21) return out;
     const cs = 2 ** bits;
     const fileClusters = Math.ceil(b.length / cs);
-    let extOff = -1;
-    for (let pos = u32(b, 100), n = 0; pos + 8 <= Math.min(cs, b.length) && n < 64; n++) {
-      const type = u32(b, pos);
-      if (type === 0) break;
-      if (type === EXT_DEDUP) {
-        extOff = pos + 8;
-        break;
-      }
-      pos += 8 + Math.ceil(u32(b, pos + 4) / 8) * 8;
-    }
+    const extOff = findDedupExtension(b);
     if (extOff < 0 || extOff + 48 > b.length || !(u64(b, 88) & AUTOCLEAR_DEDUP)) return out;
     const ext = decodeDedupExtension(b.subarray(extOff, extOff + 48), cs);
     if (ext.dirty) return out;
