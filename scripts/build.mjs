@@ -14,6 +14,9 @@ await build({
   // Smaller to parse at every start; identifiers stay readable for internal-error traces.
   minifyWhitespace: true,
   minifySyntax: true,
+  // koffi (src/image/ofd-lock.ts: fcntl for QEMU's image locks) loads a native .node file
+  // from its own folder: it stays in node_modules and is required from there at run time.
+  external: ['koffi'],
   // Bundled CommonJS packages (cli-progress) call require() for Node built-ins.
   banner: { js: "import { createRequire as __qdedupRequire } from 'node:module'; const require = __qdedupRequire(import.meta.url);" },
 });

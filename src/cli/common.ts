@@ -2,6 +2,7 @@
 
 import type { Argv } from 'yargs';
 import { QdedupError, UsageError } from '../errors.ts';
+import { forceShare, type LockRequest } from '../image/image-lock.ts';
 
 export type OutputFormat = 'human' | 'json';
 
@@ -38,4 +39,24 @@ export function checkFormat(value: unknown): void {
  */
 export function pastTheEnd(file: string, offset: number, length: number, virtualSize: number): QdedupError {
   return new QdedupError(`offset ${offset} + length ${length} is past the end of the disk (virtual size ${virtualSize})`, 'ERANGE', 1, { path: file });
+}
+
+/** `-U`/`--force-share`, as qemu-img's read-only commands take it. */
+export function withForceShareOption<T>(y: Argv<T>) {
+  return y.option('U', {
+    alias: 'force-share',
+    type: 'boolean',
+    default: false,
+    describe: "open the image even while another process writes it (QEMU's image locks are not checked; what is read may be inconsistent)",
+  });
+}
+
+/** The locks of a read-only command: `profile`, or with -U the same permissions, everything shared. */
+export function readOnlyLock(profile: LockRequest, force: unknown): LockRequest {
+  return force ? forceShare(profile) : profile;
+}
+
+/** qemu-img refuses -U on an open for writing ("force-share=on can only be used with read-only images"). */
+export function refuseForceShare(force: unknown, what: string): void {
+  if (force) throw new UsageError(`-U (force-share) can only be used with read-only images, not ${what}`);
 }

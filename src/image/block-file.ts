@@ -4,8 +4,9 @@
 // are not padded to a cluster boundary and tables may end past EOF.
 
 import { open, type FileHandle } from 'node:fs/promises';
-import { readSync } from 'node:fs';
+import { constants, readSync } from 'node:fs';
 import { IoError } from '../errors.ts';
+import { takeImageLock, type HeldLock, type LockRequest } from './image-lock.ts';
 
 export interface BlockFile {
   readonly path: string;
@@ -71,29 +72,54 @@ function checkWritePosition(pos: number, length: number, path: string): void {
 export class NodeFile implements BlockFile {
   readonly path: string;
   private readonly fh: FileHandle;
+  /** QEMU's image locks held on this file's descriptor (./image-lock.ts), or null. */
+  lock: HeldLock | null = null;
 
   private constructor(path: string, fh: FileHandle) {
     this.path = path;
     this.fh = fh;
   }
 
-  /** Opens an existing file; `writable` opens it read-write. Throws IoError. */
-  static async open(path: string, writable: boolean): Promise<NodeFile> {
+  /**
+   * Opens an existing file; `writable` opens it read-write. With `lock`, QEMU's image locks
+   * are taken on the new descriptor before anything is read or written; another holder
+   * makes this throw ImageLockError (the file untouched). Throws IoError.
+   */
+  static async open(path: string, writable: boolean, lock?: LockRequest): Promise<NodeFile> {
+    let file: NodeFile;
     try {
-      return new NodeFile(path, await open(path, writable ? 'r+' : 'r'));
+      file = new NodeFile(path, await open(path, writable ? 'r+' : 'r'));
     } catch (err) {
       throw ioError(err, path, 'cannot open');
     }
+    if (lock) await file.takeLock(lock);
+    return file;
   }
 
-  /** Creates a file: `exclusive` refuses to replace an existing one. Throws IoError. */
-  static async create(path: string, exclusive: boolean): Promise<NodeFile> {
+  /**
+   * Creates a file: `exclusive` refuses to replace an existing one. The file is opened
+   * without O_TRUNC, so that with `lock` an image another process holds is refused before
+   * a byte of it changes (the caller truncates once it holds the lock). Throws IoError.
+   */
+  static async create(path: string, exclusive: boolean, lock?: LockRequest): Promise<NodeFile> {
+    let file: NodeFile;
     try {
-      return new NodeFile(path, await open(path, exclusive ? 'wx+' : 'w+'));
+      file = new NodeFile(path, await open(path, constants.O_RDWR | constants.O_CREAT | (exclusive ? constants.O_EXCL : 0)));
     } catch (err) {
       const e = err as NodeJS.ErrnoException;
       if (e.code === 'EEXIST') throw new IoError('file exists (use --force to replace it)', { path }, 'EEXIST');
       throw ioError(err, path, 'cannot create');
+    }
+    if (lock) await file.takeLock(lock);
+    return file;
+  }
+
+  private async takeLock(lock: LockRequest): Promise<void> {
+    try {
+      this.lock = takeImageLock(this.fh.fd, this.path, lock);
+    } catch (err) {
+      await this.fh.close().catch(() => {});
+      throw err;
     }
   }
 

@@ -43,6 +43,7 @@ import { getRefcount, maxRefcount, refblockEntries, setRefcount } from '../forma
 import { decodeSnapshotEntry } from '../format/snapshot.ts';
 import { TWO_32, writeU64 } from '../format/bytes.ts';
 import { NodeFile, errnoText, type BlockFile } from './block-file.ts';
+import type { LockRequest } from './image-lock.ts';
 import { Image } from './image.ts';
 
 // ---------------------------------------------------------------- constants (QEMU's names)
@@ -110,6 +111,8 @@ export interface CheckOptions {
    * src/dedup/inspect.ts dedupCheckExtension), made from the opened image; null when none.
    */
   extension?: (image: Image) => Promise<CheckExtension | null> | CheckExtension | null;
+  /** QEMU's image locks to take (./image-lock.ts: LOCK_READ, or LOCK_WRITE to repair); none when absent. */
+  lock?: LockRequest;
 }
 
 /**
@@ -1455,8 +1458,8 @@ export async function checkOpenImage(target: CheckTarget, options: CheckOptions 
  */
 export async function checkImage(path: string, options: CheckOptions = {}): Promise<ImageCheck> {
   const writable = options.repair !== undefined;
-  const file = writable ? await NodeFile.open(path, true) : undefined;
-  const image = await Image.open(path, { file });
+  const file = writable ? await NodeFile.open(path, true, options.lock) : undefined;
+  const image = await Image.open(path, { file, lock: options.lock });
   try {
     const extension = options.extension ? await options.extension(image) : null;
     return await checkOpenImage({ path, file: image.file, header: image.header, l1: image.l1, writable }, options, extension);

@@ -12,6 +12,7 @@ import { refblockEntries, setRefcount } from '../format/refcount.ts';
 import { writeU64 } from '../format/bytes.ts';
 import { NodeFile } from './block-file.ts';
 import { Image } from './image.ts';
+import { LOCK_CREATE, LOCK_WRITE } from './image-lock.ts';
 import { Dedup, type DedupSettings } from '../dedup/dedup.ts';
 
 export interface CreateOptions {
@@ -77,7 +78,11 @@ export function planImage(o: CreateOptions): { header: Header; clusters: number;
   return { header, clusters, fileLength, l1Clusters, reftableClusters, refblocks };
 }
 
-/** Writes a new image to `path` and syncs it. Refuses an existing file unless `force`. */
+/**
+ * Writes a new image to `path` and syncs it. Refuses an existing file unless `force`, and
+ * an existing file another process holds (QEMU's image locks, as `qemu-img create` takes
+ * them) before changing a byte of it.
+ */
 export async function createImage(path: string, o: CreateOptions): Promise<Header> {
   const plan = planImage(o);
   const clusterSize = 2 ** o.clusterBits;
@@ -93,9 +98,9 @@ export async function createImage(path: string, o: CreateOptions): Promise<Heade
   }
   const header = Buffer.alloc(clusterSize);
   headerBytes.copy(header);
-  const file = await NodeFile.create(path, !o.force);
+  const file = await NodeFile.create(path, !o.force, LOCK_CREATE);
   try {
-    await file.truncate(0);
+    await file.truncate(0); // only now: the lock is held (NodeFile.create does not truncate)
     await file.write(0, Buffer.concat([header, reftable, refblocks]));
     await file.truncate(plan.fileLength);
     await file.sync();
@@ -105,7 +110,7 @@ export async function createImage(path: string, o: CreateOptions): Promise<Heade
   if (o.dedup) {
     // The dedup structures (extension, store, holder snapshot) go in through the engine,
     // with the same crash-safe ordering as any later change.
-    const image = await Image.open(path, { writable: true, backing: false });
+    const image = await Image.open(path, { writable: true, backing: false, lock: LOCK_WRITE });
     try {
       image.dedup = await Dedup.initialize(image, o.dedup);
       await image.close();

@@ -19,6 +19,7 @@ import {
 } from '../format/l1l2.ts';
 import { decodeSnapshotEntry, type SnapshotEntry } from '../format/snapshot.ts';
 import { NodeFile, type BlockFile } from './block-file.ts';
+import { BLK_PERM_ALL, LOCK_READ, forceShare, type LockRequest } from './image-lock.ts';
 import { Refcounts } from './refcounts.ts';
 import { AUTOCLEAR_DEDUP, EXT_DEDUP } from '../format/dedup-ext.ts';
 import { Dedup } from '../dedup/dedup.ts';
@@ -52,6 +53,18 @@ export interface OpenOptions {
   backing?: boolean;
   /** false: a read-write open that leaves the dedup store alone (check's repairs); writes then are not deduplicated. */
   dedup?: boolean;
+  /**
+   * QEMU's image locks to take on the file (./image-lock.ts: LOCK_INFO, LOCK_READ,
+   * LOCK_WRITE, or forceShare(…) for -U); none when absent. Backing files then get
+   * LOCK_READ (force-shared when this is), as QEMU opens backing images.
+   */
+  lock?: LockRequest;
+}
+
+/** The locks of a backing file opened under an image locked with `lock` (none without). */
+export function backingLock(lock: LockRequest | undefined): LockRequest | undefined {
+  if (!lock) return undefined;
+  return lock.shared === BLK_PERM_ALL ? forceShare(LOCK_READ) : LOCK_READ;
 }
 
 /** One guest cluster waiting for a new host cluster in the current write batch. */
@@ -111,11 +124,11 @@ export class Image implements GuestReader {
    */
   static async open(path: string, options: OpenOptions = {}): Promise<Image> {
     const writable = options.writable ?? false;
-    const file = options.file ?? (await NodeFile.open(path, writable));
+    const file = options.file ?? (await NodeFile.open(path, writable, options.lock));
     let image: Image | undefined;
     try {
       image = await Image.load(path, file, writable);
-      if (options.backing !== false) await image.openBacking(options.chain ?? []);
+      if (options.backing !== false) await image.openBacking(options.chain ?? [], backingLock(options.lock));
       if (writable) {
         await image.prepareForWrites();
         if (options.dedup !== false) image.dedup = await Dedup.attach(image);
@@ -145,7 +158,7 @@ export class Image implements GuestReader {
     return new Image(path, file, header, l1, writable);
   }
 
-  private async openBacking(chain: string[]): Promise<void> {
+  private async openBacking(chain: string[], lock: LockRequest | undefined): Promise<void> {
     const name = this.header.backingFile;
     if (name === undefined) return;
     const where = { path: this.path, structure: 'backing file name', offset: this.header.backingFileOffset };
@@ -161,8 +174,8 @@ export class Image implements GuestReader {
     });
     if (visited.includes(target)) throw new CorruptImageError(`backing chain loops back to '${shown}'`, where);
     const format = backingFormatOf(this.header) ?? (await probeFormat(target));
-    if (format === 'qcow2') this.backing = await Image.open(target, { chain: visited });
-    else if (format === 'raw') this.backing = await RawImage.open(target);
+    if (format === 'qcow2') this.backing = await Image.open(target, { chain: visited, lock });
+    else if (format === 'raw') this.backing = await RawImage.open(target, lock);
     else throw new UnsupportedError(`backing file format '${format}' is not supported (qcow2 or raw)`, where);
   }
 
@@ -735,8 +748,8 @@ const UNALLOCATED: L2Entry = Object.freeze({ kind: 'unallocated', hostOffset: 0,
 export class RawImage implements GuestReader {
   private constructor(private readonly file: BlockFile, readonly size: number) {}
 
-  static async open(path: string): Promise<RawImage> {
-    const file = await NodeFile.open(path, false);
+  static async open(path: string, lock?: LockRequest): Promise<RawImage> {
+    const file = await NodeFile.open(path, false, lock);
     return new RawImage(file, await file.size());
   }
 

@@ -16,7 +16,8 @@ import type { Argv } from 'yargs';
 import { InternalError, NotQcow2Error, QdedupError, UsageError } from '../../errors.ts';
 import { checkExitCode, checkImage, type ImageCheck, type RepairMode } from '../../image/check.ts';
 import { dedupCheckExtension, type DedupCheckSummary } from '../../dedup/inspect.ts';
-import { checkFormat, outputFormat, withFormatOption, withOutputOption, withQuietOption, type OutputFormat } from '../common.ts';
+import { checkFormat, outputFormat, readOnlyLock, refuseForceShare, withForceShareOption, withFormatOption, withOutputOption, withQuietOption, type OutputFormat } from '../common.ts';
+import { LOCK_READ, LOCK_WRITE } from '../../image/image-lock.ts';
 import type { Output } from '../output.ts';
 
 /** Exit code for "this file cannot be checked" (qemu-img: the format has no checks). */
@@ -29,6 +30,8 @@ export interface CheckArgs {
   repair?: RepairMode;
   /** Also hash every indexed cluster and compare with its index entry. */
   deep: boolean;
+  /** -U: check even while another process writes the image (not with -r). */
+  forceShare?: boolean;
 }
 
 /** The `dedup` object of the JSON document, or undefined for a plain image. */
@@ -131,7 +134,8 @@ export function repairSummary(repaired: { leaksFixed: number; corruptionsFixed: 
 export async function runCheck(a: CheckArgs, io: Output): Promise<number> {
   let result: ImageCheck;
   try {
-    result = await checkImage(a.file, { repair: a.repair, onMessage: (line) => io.err(line), extension: (image) => dedupCheckExtension(image, a.deep) });
+    const lock = a.repair !== undefined ? LOCK_WRITE : readOnlyLock(LOCK_READ, a.forceShare);
+    result = await checkImage(a.file, { lock, repair: a.repair, onMessage: (line) => io.err(line), extension: (image) => dedupCheckExtension(image, a.deep) });
   } catch (err) {
     // Cannot open or read the image: a one-line error, no result document (as qemu-img).
     if (!(err instanceof QdedupError) || err instanceof InternalError) throw err;
@@ -152,7 +156,7 @@ export const command = 'check <file>';
 export const describe = 'check an image for consistency, optionally repairing it (qemu-img check)';
 
 export function builder(y: Argv) {
-  return withQuietOption(withOutputOption(withFormatOption(y)))
+  return withForceShareOption(withQuietOption(withOutputOption(withFormatOption(y))))
     .positional('file', { type: 'string', describe: 'image file' })
     .option('r', {
       alias: 'repair',
@@ -174,7 +178,8 @@ export function toArgs(argv: Record<string, unknown>): CheckArgs {
   if (r !== undefined && r !== 'leaks' && r !== 'all') {
     throw new UsageError(`Unknown option for -r (expecting 'leaks' or 'all'): ${String(r)}`);
   }
-  return { file: String(argv.file), output: outputFormat(argv.output), quiet: Boolean(argv.quiet), repair: r as RepairMode | undefined, deep: Boolean(argv.deep) };
+  if (r !== undefined) refuseForceShare(argv.U, 'with -r');
+  return { file: String(argv.file), output: outputFormat(argv.output), quiet: Boolean(argv.quiet), repair: r as RepairMode | undefined, deep: Boolean(argv.deep), forceShare: Boolean(argv.U) };
 }
 
 export const run = runCheck;

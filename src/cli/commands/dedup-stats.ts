@@ -8,13 +8,16 @@ import { CorruptImageError } from '../../errors.ts';
 import { BUCKET_SLOTS } from '../../format/incarnation.ts';
 import { Image } from '../../image/image.ts';
 import { guestUsage, heldClusters, inspectDedup, storedRefcounts } from '../../dedup/inspect.ts';
-import { checkFormat, outputFormat, withFormatOption, withOutputOption, type OutputFormat } from '../common.ts';
+import { checkFormat, outputFormat, readOnlyLock, withForceShareOption, withFormatOption, withOutputOption, type OutputFormat } from '../common.ts';
+import { LOCK_READ, type LockRequest } from '../../image/image-lock.ts';
 import { humanSize } from '../parse.ts';
 import { toJson, type Output } from '../output.ts';
 
 export interface DedupStatsArgs {
   file: string;
   output: OutputFormat;
+  /** -U: read even while another process writes the image. */
+  forceShare?: boolean;
 }
 
 /** The JSON document of `dedup-stats --output json` (README "dedup-stats"). */
@@ -42,9 +45,12 @@ export interface DedupStats {
   journal: { 'blocks-used': number; 'blocks-total': number };
 }
 
-/** Computes the figures of `path` without writing to it. Throws the open and read errors. */
-export async function dedupStats(path: string): Promise<DedupStats> {
-  const image = await Image.open(path, { backing: false });
+/**
+ * Computes the figures of `path` without writing to it, holding `lock` (QEMU's image locks;
+ * the CLI: LOCK_READ). Throws the open and read errors.
+ */
+export async function dedupStats(path: string, lock?: LockRequest): Promise<DedupStats> {
+  const image = await Image.open(path, { backing: false, lock });
   try {
     const insp = await inspectDedup(image);
     const held = insp.holder
@@ -120,7 +126,7 @@ export function dedupStatsHuman(path: string, s: DedupStats): string {
 }
 
 export async function runDedupStats(a: DedupStatsArgs, io: Output): Promise<number> {
-  const s = await dedupStats(a.file);
+  const s = await dedupStats(a.file, readOnlyLock(LOCK_READ, a.forceShare));
   await io.out(a.output === 'json' ? toJson(s) : dedupStatsHuman(a.file, s));
   return 0;
 }
@@ -129,7 +135,7 @@ export const command = 'dedup-stats <file>';
 export const describe = 'show what deduplication saves and the state of the dedup index (read-only)';
 
 export function builder(y: Argv) {
-  return withOutputOption(withFormatOption(y))
+  return withForceShareOption(withOutputOption(withFormatOption(y)))
     .positional('file', { type: 'string', describe: 'image file' })
     .example('$0 dedup-stats disk.qcow2', 'human-readable figures')
     .example("$0 dedup-stats --output json disk.qcow2 | jq '.\"dedup-ratio\"'", 'one figure for a script');
@@ -137,6 +143,6 @@ export function builder(y: Argv) {
 
 export function toArgs(argv: Record<string, unknown>): DedupStatsArgs {
   checkFormat(argv.f);
-  return { file: String(argv.file), output: outputFormat(argv.output) };
+  return { file: String(argv.file), output: outputFormat(argv.output), forceShare: Boolean(argv.U) };
 }
 export const run = runDedupStats;

@@ -9,7 +9,8 @@ import { isAbsolute } from 'node:path';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, backingFormatOf } from '../../format/header.ts';
 import { Image, readSnapshotTable } from '../../image/image.ts';
 import { inspectDedup } from '../../dedup/inspect.ts';
-import { checkFormat, outputFormat, withFormatOption, withOutputOption, type OutputFormat } from '../common.ts';
+import { checkFormat, outputFormat, readOnlyLock, withForceShareOption, withFormatOption, withOutputOption, type OutputFormat } from '../common.ts';
+import { LOCK_INFO, type LockRequest } from '../../image/image-lock.ts';
 import { humanSize } from '../parse.ts';
 import { toJson, type Output } from '../output.ts';
 import { snapshotInfo, snapshotListLines, type SnapshotInfo } from '../snapshot-list.ts';
@@ -17,6 +18,8 @@ import { snapshotInfo, snapshotListLines, type SnapshotInfo } from '../snapshot-
 export interface InfoArgs {
   file: string;
   output: OutputFormat;
+  /** -U: take no image locks (qemu-img info -U). */
+  forceShare?: boolean;
 }
 
 /**
@@ -69,10 +72,11 @@ async function dedupInfo(image: Image): Promise<DedupInfo | undefined> {
   };
 }
 
-export async function imageInfo(path: string): Promise<ImageInfo> {
+/** `lock`: QEMU's image locks to take while reading (the CLI: qemu-img info's, LOCK_INFO). */
+export async function imageInfo(path: string, lock?: LockRequest): Promise<ImageInfo> {
   // Like qemu-img info, the backing chain is not opened: info must describe an image whose
   // backing file is missing or loops (it names the backing file instead of failing).
-  const image = await Image.open(path, { backing: false });
+  const image = await Image.open(path, { backing: false, lock });
   try {
     const h = image.header;
     const data: Record<string, unknown> = h.version === 3
@@ -157,7 +161,7 @@ export function infoText(info: ImageInfo, date?: (sec: number) => string): strin
 }
 
 export async function runInfo(a: InfoArgs, io: Output): Promise<number> {
-  const info = await imageInfo(a.file);
+  const info = await imageInfo(a.file, readOnlyLock(LOCK_INFO, a.forceShare));
   await io.out(a.output === 'json' ? toJson(info) : infoText(info));
   return 0;
 }
@@ -166,7 +170,7 @@ export const command = 'info <file>';
 export const describe = 'show what an image is (qemu-img info keys)';
 
 export function builder(y: Argv) {
-  return withOutputOption(withFormatOption(y))
+  return withForceShareOption(withOutputOption(withFormatOption(y)))
     .positional('file', { type: 'string', describe: 'image file' })
     .example('$0 info disk.qcow2', 'human-readable summary')
     .example("$0 info --output json disk.qcow2 | jq '.\"virtual-size\"'", 'one field for a script');
@@ -174,6 +178,6 @@ export function builder(y: Argv) {
 
 export function toArgs(argv: Record<string, unknown>): InfoArgs {
   checkFormat(argv.f);
-  return { file: String(argv.file), output: outputFormat(argv.output) };
+  return { file: String(argv.file), output: outputFormat(argv.output), forceShare: Boolean(argv.U) };
 }
 export const run = runInfo;

@@ -8,7 +8,8 @@ import { hashAlgorithmName } from '../../dedup/hasher.ts';
 import { readJournals, type JournalScan, type JournalsReport, type ScannedBlock } from '../../dedup/journal-scan.ts';
 import { entriesPerBlock } from '../../format/journal-block.ts';
 import { Image } from '../../image/image.ts';
-import { checkFormat, outputFormat, withFormatOption, withOutputOption, type OutputFormat } from '../common.ts';
+import { checkFormat, outputFormat, readOnlyLock, withForceShareOption, withFormatOption, withOutputOption, type OutputFormat } from '../common.ts';
+import { LOCK_READ } from '../../image/image-lock.ts';
 import { toJson, type Output } from '../output.ts';
 
 export interface JournalDumpArgs {
@@ -16,6 +17,8 @@ export interface JournalDumpArgs {
   output: OutputFormat;
   /** Most entries printed per journal; undefined = all. */
   limit?: number;
+  /** -U: read even while another process writes the image. */
+  forceShare?: boolean;
 }
 
 function algorithmName(id: number): string {
@@ -129,7 +132,7 @@ export function journalDumpText(file: string, r: JournalsReport, limit?: number)
 }
 
 export async function runJournalDump(a: JournalDumpArgs, io: Output): Promise<number> {
-  const image = await Image.open(a.file, { backing: false });
+  const image = await Image.open(a.file, { backing: false, lock: readOnlyLock(LOCK_READ, a.forceShare) });
   let report: JournalsReport;
   try {
     report = await readJournals(image);
@@ -144,7 +147,7 @@ export const command = 'journal-dump <file>';
 export const describe = "show a dedup image's journals block by block, and where replay stops";
 
 export function builder(y: Argv) {
-  return withOutputOption(withFormatOption(y))
+  return withForceShareOption(withOutputOption(withFormatOption(y)))
     .positional('file', { type: 'string', describe: 'image file' })
     .option('limit', { type: 'string', describe: 'print at most N entries per journal (counts stay complete)', requiresArg: true })
     .example('$0 journal-dump disk.qcow2 | grep "replay stops"', 'where replay stops in each journal')
@@ -159,6 +162,6 @@ export function toArgs(argv: Record<string, unknown>): JournalDumpArgs {
     if (!/^\d+$/.test(s) || !Number.isSafeInteger(Number(s))) throw new UsageError(`--limit must be a whole number of entries, not '${s}'`);
     limit = Number(s);
   }
-  return { file: String(argv.file), output: outputFormat(argv.output), limit };
+  return { file: String(argv.file), output: outputFormat(argv.output), limit, forceShare: Boolean(argv.U) };
 }
 export const run = runJournalDump;

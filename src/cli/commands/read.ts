@@ -4,7 +4,8 @@
 import type { Argv } from 'yargs';
 import { UsageError } from '../../errors.ts';
 import { Image } from '../../image/image.ts';
-import { checkFormat, pastTheEnd, withFormatOption, withQuietOption } from '../common.ts';
+import { checkFormat, pastTheEnd, readOnlyLock, withForceShareOption, withFormatOption, withQuietOption } from '../common.ts';
+import { LOCK_READ } from '../../image/image-lock.ts';
 import { parsePattern, parseSize } from '../parse.ts';
 import type { Output } from '../output.ts';
 
@@ -17,6 +18,8 @@ export interface ReadArgs {
   pattern?: number;
   verbose: boolean;
   quiet: boolean;
+  /** -U: read even while another process writes the image. */
+  forceShare?: boolean;
 }
 
 /** qemu-io's dump_buffer: offset, 16 hex bytes, then the alphanumerics (others as '.'). */
@@ -36,7 +39,7 @@ export function hexdumpLines(data: Buffer, baseOffset: number): string {
 }
 
 export async function runRead(a: ReadArgs, io: Output): Promise<number> {
-  const image = await Image.open(a.file);
+  const image = await Image.open(a.file, { lock: readOnlyLock(LOCK_READ, a.forceShare) });
   try {
     const length = a.length ?? Math.max(0, image.size - a.offset);
     if (a.offset + length > image.size) throw pastTheEnd(a.file, a.offset, length, image.size);
@@ -70,7 +73,7 @@ export const command = 'read <file> [offset] [length]';
 export const describe = 'read guest bytes: raw to stdout, verified (-P) or as a hexdump (-v)';
 
 export function builder(y: Argv) {
-  return withQuietOption(withFormatOption(y))
+  return withForceShareOption(withQuietOption(withFormatOption(y)))
     .positional('file', { type: 'string', describe: 'image file' })
     .positional('offset', { type: 'string', describe: 'guest byte offset (default 0)' })
     .positional('length', { type: 'string', describe: 'bytes to read (default: to the end of the disk)' })
@@ -90,6 +93,7 @@ export function toArgs(argv: Record<string, unknown>): ReadArgs {
     pattern: argv.P === undefined ? undefined : parsePattern(String(argv.P)),
     verbose: Boolean(argv.v),
     quiet: Boolean(argv.quiet),
+    forceShare: Boolean(argv.U),
   };
 }
 export const run = runRead;

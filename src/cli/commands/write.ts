@@ -6,7 +6,8 @@ import { open } from 'node:fs/promises';
 import { UsageError } from '../../errors.ts';
 import { ioError } from '../../image/block-file.ts';
 import { Image } from '../../image/image.ts';
-import { checkFormat, pastTheEnd, withFormatOption, withQuietOption } from '../common.ts';
+import { checkFormat, pastTheEnd, refuseForceShare, withFormatOption, withQuietOption } from '../common.ts';
+import { LOCK_WRITE } from '../../image/image-lock.ts';
 import { parsePattern, parseSize } from '../parse.ts';
 import type { Output } from '../output.ts';
 import { startProgress } from '../progress.ts';
@@ -54,11 +55,13 @@ export async function runWrite(a: WriteArgs, io: Output): Promise<number> {
   // The range is checked on a read-only open first: a read-write open may already rewrite
   // the header (clearing foreign autoclear bits), and a refused write must leave the file
   // unchanged. Like qemu-io ("write failed: Input/output error"), this is not a usage error.
-  const probe = await Image.open(a.file, { backing: false });
+  // Both opens take the writer's locks (QEMU's image locks), so another holder is refused
+  // here, with qemu-io's words, before anything is written (BRIEF I6).
+  const probe = await Image.open(a.file, { backing: false, lock: LOCK_WRITE });
   const virtualSize = probe.size;
   await probe.close();
   if (a.offset + total > virtualSize) throw pastTheEnd(a.file, a.offset, total, virtualSize);
-  const image = await Image.open(a.file, { writable: true });
+  const image = await Image.open(a.file, { writable: true, lock: LOCK_WRITE });
   try {
     if (a.zero) {
       await image.writeZeroes(a.offset, total);
@@ -147,6 +150,7 @@ export function builder(y: Argv) {
     .option('i', { type: 'string', describe: "write the bytes of this file ('-' for standard input)", requiresArg: true })
     .option('z', { type: 'boolean', describe: 'write zeroes (zero clusters where whole clusters)', default: false })
     .option('p', { type: 'boolean', describe: 'show a progress bar on stderr (a terminal only)', default: true })
+    .option('U', { type: 'boolean', hidden: true }) // refused below, with qemu-io's reason
     .example('$0 write -P 0xab disk.qcow2 0 64k', '64 KiB of 0xab at offset 0')
     .example('$0 write -i data.bin disk.qcow2 1M', 'the bytes of data.bin at 1 MiB')
     .example('$0 write -z disk.qcow2 0 1G', 'zero the first GiB');
@@ -154,6 +158,7 @@ export function builder(y: Argv) {
 
 export function toArgs(argv: Record<string, unknown>): WriteArgs {
   checkFormat(argv.f);
+  refuseForceShare(argv.U, 'with write');
   return {
     file: String(argv.file),
     offset: parseSize(String(argv.offset), 'offset'),
