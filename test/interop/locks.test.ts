@@ -13,7 +13,7 @@ import { after, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { closeSync, existsSync, ftruncateSync, openSync, readFileSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, ftruncateSync, openSync, readFileSync, realpathSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { BIN, NO_QEMU, qemuCheck, qemuCompareRaw, run, tempDir } from '../helpers.ts';
 import { LOCK_READ, LOCK_WRITE, lockBytes } from '../../src/image/image-lock.ts';
@@ -305,6 +305,40 @@ describe('QEMU refuses images that qdedup holds', { skip: SKIP }, () => {
     }
     assert.equal((await rd.done).status, 0);
     assertIntact(img, raw);
+  });
+});
+
+describe('backing files', { skip: SKIP }, () => {
+  it('are opened with the read locks QEMU takes on backing images: a writer of the base refuses an overlay write, and the reverse', async () => {
+    const { img: base, raw } = await imageWithShadow(4 << 20, '-o', 'dedup=off');
+    assert.equal((await qdedup('write', '-q', '-P', '0x61', base, '0', '1M')).status, 0);
+    shadowWrite(raw, 0, 1 << 20, 0x61);
+    const overlay = join(dir, `overlay${++serial}.qcow2`);
+    assert.equal((await qdedup('create', '-q', '-o', 'dedup=off', '-b', base, '-F', 'qcow2', overlay)).status, 0);
+    // qemu-io writing the base: the overlay write is refused on the base, nothing written.
+    const holder = await qemuIoHolding(base, false);
+    try {
+      const before = sha256(overlay);
+      const r = await qdedup('write', '-P', '0x62', overlay, '0', '4k');
+      assertRefused(r, refusal(realpathSync(base), true)); // the base is named (by its real path)
+      assert.equal(sha256(overlay), before);
+    } finally {
+      await stop(holder);
+    }
+    // A qdedup read of the overlay holds the base like qemu-io -r does: 100 201 203.
+    const rd = await qdedupHolding(base, lockBytes(LOCK_READ), 'read', '-q', '-P', '0x61', overlay, '0', '1M');
+    try {
+      assert.ok(rd.caught, 'qdedup read of the overlay was caught holding the base');
+      assert.deepEqual(sorted(lockedBytes(base)), [100, 201, 203]);
+      const io = run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 0x99 0 4k', base]);
+      assert.equal(io.status, 1);
+      assert.match(io.stderr, /Failed to get "write" lock/);
+    } finally {
+      rd.child.kill('SIGCONT');
+    }
+    assert.equal((await rd.done).status, 0);
+    assertIntact(base, raw);
+    assert.ok(run('qemu-img', ['compare', '-f', 'qcow2', '-F', 'raw', overlay, raw]).status === 0, 'the overlay reads as its base');
   });
 });
 
