@@ -188,6 +188,9 @@ describe('qdedup refuses images that QEMU holds', { skip: SKIP }, () => {
       assert.equal(check.stderr, refusal(img, true));
       assertRefused(await qdedup('dedup-stats', img), refusal(img, true));
       assertRefused(await qdedup('journal-dump', img), refusal(img, true));
+      const json = await qdedup('info', '--output', 'json', img);
+      assert.equal(json.status, 1);
+      assert.deepEqual(JSON.parse(json.stdout).error, { code: 'ELOCKED', message: `Failed to get shared "write" lock. Is another process using the image [${img}]?`, path: img });
       // … and allowed with -U (force-share), which takes no conflicting lock.
       const info = await qdedup('info', '-U', '--output', 'json', img);
       assert.equal(info.status, 0, info.stderr);
