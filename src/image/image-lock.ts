@@ -115,7 +115,8 @@ export type LockWarning = (message: string) => void;
  * QEMU's raw_handle_perm_lock(RAW_PL_PREPARE) does. Throws ImageLockError (exit 1) when
  * another open file description holds an opposite byte; the bytes taken are dropped first.
  * Returns null, having locked nothing, where OFD locks are unavailable (the platform, or
- * this file's file system refusing them: `warn` is told why, once per file).
+ * this file's file system refusing them: `warn` is told why; the default prints each
+ * warning once per process).
  */
 export function takeImageLock(fd: number, path: string, r: LockRequest, warn: LockWarning = defaultWarn, ofd?: OfdLocks | null): HeldLock | null {
   if (lockBytes(r).length === 0 && conflictBytes(r).length === 0) return null; // `info -U`: nothing to take, koffi not loaded
@@ -154,6 +155,11 @@ export function takeImageLock(fd: number, path: string, r: LockRequest, warn: Lo
   };
 }
 
+/** Warnings already printed: a command that opens a file twice (write's probe) warns once. */
+const warned = new Set<string>();
+
 function defaultWarn(message: string): void {
+  if (warned.has(message)) return;
+  warned.add(message);
   process.stderr.write(`qdedup: ${message}\n`);
 }
