@@ -44,13 +44,17 @@ const promised = <T>(fn: (cb: (err: NodeJS.ErrnoException | null, value: T) => v
  * opens it, as `cat` does. Throws IoError naming the input.
  */
 export async function openInput(path: string): Promise<Input> {
-  const stdin = path === '-';
+  let stdin = path === '-';
   const label = stdin ? 'standard input' : `input '${path}'`;
   let fd: number;
   try {
     fd = stdin ? 0 : await promised<number>((cb) => openFd(path, 'r', cb));
   } catch (err) {
-    throw ioError(err, path, 'cannot read input');
+    // /dev/stdin on a socket (a standard input some process managers and Node's spawn give)
+    // cannot be opened again (ENXIO): read the descriptor itself, as '-' does.
+    if ((err as NodeJS.ErrnoException).code !== 'ENXIO' || (path !== '/dev/stdin' && path !== '/dev/fd/0')) throw ioError(err, path, 'cannot read input');
+    stdin = true;
+    fd = 0;
   }
   let st: Stats;
   try {

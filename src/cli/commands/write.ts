@@ -151,7 +151,7 @@ function tooLong(a: WriteArgs, input: Input, virtualSize: number, written: numbe
 
 /** An input that gave no bytes when no LENGTH was asked for: most likely a producer that failed. */
 function emptyInput(input: Input): IoError {
-  return new IoError(`${input.label} is empty: nothing to write (give LENGTH 0 to write nothing)`, { path: input.path === '-' ? undefined : input.path }, 'EEMPTYINPUT');
+  return new IoError(`${input.label} is empty: nothing to write (give LENGTH 0 to write nothing)`, {}, 'EEMPTYINPUT'); // main.ts names the image
 }
 
 /**
