@@ -145,7 +145,8 @@ export async function runCheck(a: CheckArgs, io: Output): Promise<number> {
   const interrupts = a.repair ? catchInterrupts() : undefined;
   try {
     const onMessage = (line: string) => {
-      if (!a.quiet || quietKeeps(line)) io.err(line);
+      // A line may quote names from the image (snapshot names): escaped, it stays one line.
+      if (!a.quiet || quietKeeps(line)) io.err(printable(line));
     };
     result = await checkImage(a.file, { repair: a.repair, onMessage, extension: (image) => dedupCheckExtension(image, a.deep) });
   } catch (err) {

@@ -1,5 +1,9 @@
-// `qdedup write`: writes a pattern, a file's bytes or zeroes at a guest offset, like
-// qemu-io's `write`, and makes them durable before it exits 0.
+// `qdedup write`: writes a pattern, an input's bytes or zeroes at a guest offset, like
+// qemu-io's `write`, and makes them durable before it exits 0. The input (a file or any
+// stream, ../input.ts) is opened and checked before the image is opened for writing and read
+// in double-buffered chunks. SIGINT/SIGTERM/SIGHUP (../interrupt.ts) end the loop after the
+// chunk in flight; the image is then committed and closed and an InterruptedError reports
+// how much was written. Choices where qemu-io has no equivalent are in README "write".
 
 import type { Argv } from 'yargs';
 import { InterruptedError, IoError, QdedupError, UsageError, printable } from '../../errors.ts';
@@ -192,12 +196,14 @@ export function builder(y: Argv) {
     .positional('offset', { type: 'string', describe: 'guest byte offset (size syntax: 1M, 0x100000, …)' })
     .positional('length', { type: 'string', describe: 'bytes to write (default with -i: the whole input)' })
     .option('P', { type: 'string', describe: 'fill with this byte (decimal or 0x hex)', requiresArg: true })
-    .option('i', { type: 'string', describe: "write the bytes of this file ('-' for standard input)", requiresArg: true })
+    .option('i', { type: 'string', describe: "write the bytes of this file or stream ('-' for standard input; pipes, FIFOs and <(…) are read to their end or LENGTH)", requiresArg: true })
     .option('z', { type: 'boolean', describe: 'write zeroes (zero clusters where whole clusters)', default: false })
     .option('p', { type: 'boolean', describe: 'show a progress bar on stderr (a terminal only)', default: true })
     .example('$0 write -P 0xab disk.qcow2 0 64k', '64 KiB of 0xab at offset 0')
     .example('$0 write -i data.bin disk.qcow2 1M', 'the bytes of data.bin at 1 MiB')
-    .example('$0 write -z disk.qcow2 0 1G', 'zero the first GiB');
+    .example('zcat disk.raw.gz | $0 write -i - disk.qcow2 0', 'a stream, to its end (exit 1 if it is empty or ends before LENGTH)')
+    .example('$0 write -z disk.qcow2 0 1G', 'zero the first GiB')
+    .epilogue('Exit codes: 0 written and synced; 1 failed (an input that ends before LENGTH or is empty, a stream longer than the disk: what was written is committed); 130, 143, 129 interrupted by SIGINT, SIGTERM, SIGHUP after committing what was written.');
 }
 
 export function toArgs(argv: Record<string, unknown>): WriteArgs {
