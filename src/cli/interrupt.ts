@@ -19,14 +19,18 @@ export interface Interrupts {
   dispose(): void;
 }
 
-/** Catches the three signals until dispose() is called (always call it: `finally`). */
-export function catchInterrupts(): Interrupts {
+/**
+ * Catches the three signals until dispose() is called (always call it: `finally`).
+ * `onFirst` runs at the first signal (e.g. to say that a long repair is being finished).
+ */
+export function catchInterrupts(onFirst?: (sig: InterruptSignal) => void): Interrupts {
   const controller = new AbortController();
   let received: InterruptSignal | undefined;
   const onSignal = (sig: NodeJS.Signals) => {
     if (received === undefined) {
       received = sig as InterruptSignal;
       controller.abort(sig);
+      onFirst?.(received);
       return;
     }
     // The second signal: die by it now (default action), as the power-loss case.

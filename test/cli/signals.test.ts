@@ -144,7 +144,9 @@ describe('signals during write', { concurrency: 1 }, () => {
     const key = randomBytes(16);
     const r = await interruptWrite(img, key, 24 * MiB, ['SIGINT', 'SIGTERM'], { silent: false });
     assert.equal(r.status, null, `killed, not exited: ${r.stderr}`);
-    assert.equal(r.signal, 'SIGTERM');
+    // Killed by the second signal handled; the two may be handled in either order (each can
+    // reach a different thread), so either is the one it dies by.
+    assert.ok(r.signal === 'SIGTERM' || r.signal === 'SIGINT', `killed by ${r.signal}`);
     assert.doesNotMatch(r.stderr, /durable/, 'no claim of a clean end');
     if (HAVE_QEMU) {
       const chk = qemuCheck(img);

@@ -142,7 +142,7 @@ export async function runCheck(a: CheckArgs, io: Output): Promise<number> {
   let result: ImageCheck;
   // A repair finishes what it began when interrupted (a signal mid-rewrite of refcount
   // structures would leave more to repair); a plain check just ends (read-only).
-  const interrupts = a.repair ? catchInterrupts() : undefined;
+  const interrupts = a.repair ? catchInterrupts((sig) => io.err(`qdedup: ${printable(a.file)}: ${sig} received: finishing the repair first (a second signal ends qdedup at once)`)) : undefined;
   try {
     const onMessage = (line: string) => {
       // A line may quote names from the image (snapshot names): escaped, it stays one line.
