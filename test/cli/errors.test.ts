@@ -2,13 +2,12 @@
 // one-line I/O error (exit 1), a closed pipe stays a quiet end, -q prints nothing but
 // errors (check's repair and leak lines included), the usage hint comes only with usage
 // errors, file names with a newline or an escape sequence cannot break the one-line error,
-// and create still works after syncing its directory (the sync itself cannot be observed
-// without strace; only that create succeeds and fails cleanly is tested).
+// and create fsyncs the new file's directory (observed through strace, skipped without it).
 
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { closeSync, existsSync, openSync, readFileSync, writeFileSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { BIN, tempDir } from '../helpers.ts';
 import { printable } from '../../src/errors.ts';
@@ -191,6 +190,22 @@ describe('errors', { concurrency: 2 }, () => {
     const e = await q(['write', '-i', oddInput, img, '0', '1k']);
     assert.equal(lines(e).length, 1, e.stderr);
     assert.doesNotMatch(e.stderr, /[\x00-\x09\x0b-\x1f]/, 'no control character but the final newline');
+  });
+
+  const HAVE_STRACE = spawnSync('strace', ['-qq', '-e', 'trace=none', 'true']).status === 0;
+  it('create fsyncs the directory that holds the new file (seen through strace)', { skip: HAVE_STRACE ? false : 'strace missing or not permitted' }, () => {
+    const sub = join(dir, 'sync-dir');
+    mkdirSync(sub);
+    const log = join(dir, 'strace.log');
+    const r = spawnSync('strace', ['-f', '-qq', '-e', 'trace=openat,fsync', '-o', log, process.execPath, BIN, 'create', '-q', join(sub, 'new.qcow2'), '1M']);
+    assert.equal(r.status, 0, r.stderr.toString());
+    const calls = readFileSync(log, 'utf8').split('\n');
+    const created = calls.findIndex((l) => l.includes(`"${join(sub, 'new.qcow2')}"`) && l.includes('O_CREAT'));
+    assert.ok(created >= 0, 'the image was created');
+    const opened = calls.findIndex((l, i) => i > created && new RegExp(`openat\\(AT_FDCWD, "${sub}", O_RDONLY`).test(l));
+    assert.ok(opened > created, 'the directory is opened after the file was created');
+    const fd = /= (\d+)$/.exec(calls[opened])![1];
+    assert.ok(calls.some((l, i) => i > opened && new RegExp(`fsync\\(${fd}\\)\\s+= 0$`).test(l)), `fsync of the directory's fd ${fd}`);
   });
 
   it('create: the image is there after exit 0; a missing directory is a one-line error', async () => {
