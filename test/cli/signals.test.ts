@@ -14,8 +14,9 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, spawnSync } from 'node:child_process';
 import { createCipheriv, randomBytes } from 'node:crypto';
+import { readFileSync, readdirSync, readlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { BIN, HAVE_QEMU, qemuCheck, tempDir } from '../helpers.ts';
+import { BIN, HAVE_QEMU, NO_QEMU, qemuCheck, run, tempDir } from '../helpers.ts';
 
 const MiB = 1 << 20;
 const CHUNK = 8 * MiB; // write.ts CHUNK_BYTES
@@ -137,6 +138,47 @@ describe('signals during write', { concurrency: 1 }, () => {
       assert.ok(after['bytes-saved'] - st['bytes-saved'] >= CHUNK, `${label}: the same 8 MiB again are all hits (bytes saved ${st['bytes-saved']} → ${after['bytes-saved']})`);
     });
   }
+
+  it('check -r interrupted: the repair is finished first, then exit 130 with a note', { skip: NO_QEMU }, async () => {
+    // 131,072 clusters of 512 bytes (made by qemu-img convert, fast): the check takes long
+    // enough to be signalled while it runs. One leaked cluster past the old end of file.
+    const raw = join(dir, 'leak.raw');
+    writeFileSync(raw, Buffer.alloc(64 * MiB, 1));
+    const img = join(dir, 'leak.qcow2');
+    assert.equal(run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=512', raw, img]).status, 0);
+    const buf = readFileSync(img);
+    const leak = Math.ceil(buf.length / 512);
+    const refblock = Number(buf.readBigUInt64BE(Number(buf.readBigUInt64BE(48)) + 8 * Math.floor(leak / 256)));
+    assert.ok(refblock > 0, 'a refcount block covers the cluster past the end');
+    const out = Buffer.alloc((leak + 1) * 512);
+    buf.copy(out);
+    out.writeUInt16BE(1, refblock + 2 * (leak % 256));
+    writeFileSync(img, out);
+    assert.equal(qSync(['check', img]).status, 3, 'one leak before');
+    const child = spawn(process.execPath, [BIN, 'check', '-r', 'leaks', img], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stderr = '';
+    child.stderr!.on('data', (d) => (stderr += d));
+    const exited = new Promise<number | null>((resolve) => child.on('close', (status) => resolve(status)));
+    let alive = true;
+    void exited.then(() => { alive = false; });
+    // Synchronise on the image being open in the child: the handlers are installed by then.
+    const opened = () => {
+      try {
+        return readdirSync(`/proc/${child.pid}/fd`).some((fd) => { try { return readlinkSync(`/proc/${child.pid}/fd/${fd}`) === img; } catch { return false; } });
+      } catch {
+        return false;
+      }
+    };
+    while (alive && !opened()) await new Promise((r) => setTimeout(r, 2));
+    assert.ok(alive, 'the check was still running when signalled');
+    child.kill('SIGINT');
+    const status = await exited;
+    assert.equal(status, 130, stderr);
+    assert.match(stderr, /SIGINT received: finishing the repair first/);
+    assert.match(stderr, /^qdedup: .*leak\.qcow2: interrupted \(SIGINT\) during the repair, which was completed first; run 'qdedup check' again for the result$/m);
+    const after = qSync(['check', img]);
+    assert.equal(after.status, 0, `repaired completely: ${after.stderr}`);
+  });
 
   it('a second signal ends the write at once (killed by it: the power-loss case)', async () => {
     const img = join(dir, `s-${++serial}.qcow2`);
