@@ -63,11 +63,46 @@ export class UnsupportedError extends QdedupError {
   }
 }
 
+/**
+ * Writing results to standard output failed (`> /dev/full`: ENOSPC, EIO). Names no file:
+ * the message says "standard output".
+ */
+export class OutputError extends IoError {
+  constructor(message: string, code = 'EIO') {
+    super(message, {}, code);
+  }
+}
+
+/** Exit codes of a command ended by a signal, as a shell reports a process killed by it (128 + signal number). */
+export const SIGNAL_EXIT_CODES = { SIGHUP: 129, SIGINT: 130, SIGTERM: 143 } as const;
+export type InterruptSignal = keyof typeof SIGNAL_EXIT_CODES;
+
+/**
+ * A command stopped early by SIGINT, SIGTERM or SIGHUP after finishing what it had begun:
+ * the message says what was done (and that it is durable). Exit 130, 143 or 129.
+ */
+export class InterruptedError extends QdedupError {
+  readonly signal: InterruptSignal;
+  constructor(signal: InterruptSignal, message: string, details: ErrorDetails = {}) {
+    super(message, 'EINTR', SIGNAL_EXIT_CODES[signal], details);
+    this.signal = signal;
+  }
+}
+
 /** A bug in qdedup: the CLI prints the stack and asks for a report. */
 export class InternalError extends QdedupError {
   constructor(message: string) {
     super(message, 'EINTERNAL', 1);
   }
+}
+
+/**
+ * Text safe on one line of a terminal: C0 and C1 control characters (newline, carriage
+ * return, ESC of an escape sequence, CSI 0x9b) and DEL become \xNN, a backslash stays
+ * as it is. Used for file names and messages in diagnostics, so an error is one line.
+ */
+export function printable(text: string): string {
+  return text.replace(/[\x00-\x1f\x7f-\x9f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
 }
 
 /** Formats a byte offset the way QEMU's messages do: 0x-prefixed lower-case hex. */

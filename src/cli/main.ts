@@ -4,7 +4,7 @@
 import { readFileSync } from 'node:fs';
 import yargs, { type Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
-import { InternalError, QdedupError, UsageError } from '../errors.ts';
+import { InternalError, OutputError, QdedupError, UsageError, printable } from '../errors.ts';
 import { processOutput, toJson, type Output } from './output.ts';
 import * as create from './commands/create.ts';
 import * as info from './commands/info.ts';
@@ -72,15 +72,18 @@ function optionNames(y: Argv<any>): Set<string> {
 
 /** Prints an error as one line (and JSON under --output json) and returns its exit code. */
 export function report(err: unknown, io: Output, json: boolean): number {
+  // A reader that went away (`| head`): a quiet end, as when the stream reports it.
+  if (err instanceof OutputError && err.code === 'EPIPE') return typeof process.exitCode === 'number' ? process.exitCode : 0;
   if (err instanceof QdedupError && !(err instanceof InternalError)) {
-    const where = err.details.path ? `${err.details.path}: ` : '';
-    io.err(`qdedup: ${where}${err.message}`);
+    // One line whatever the file name holds: control characters and escape sequences escaped.
+    const where = err.details.path ? `${printable(err.details.path)}: ` : '';
+    io.err(`qdedup: ${where}${printable(err.message)}`);
     if (err instanceof UsageError) io.err("Try 'qdedup --help' for more information.");
-    if (json) process.stdout.write(toJson({ error: err.toJSON() }));
+    if (json && !(err instanceof OutputError)) process.stdout.write(toJson({ error: err.toJSON() }), () => {});
     return err.exitCode;
   }
   const e = err as Error;
-  io.err(`qdedup: internal error: ${e && e.message ? e.message : String(err)}`);
+  io.err(`qdedup: internal error: ${printable(e && e.message ? e.message : String(err))}`);
   io.err('This is a bug in qdedup; please report it with the command line and this trace:');
   io.err(String(e && e.stack ? e.stack : err));
   return 1;
@@ -137,7 +140,8 @@ export async function main(argv: string[]): Promise<void> {
         } catch (err) {
           // Errors found after an image was opened (refcount table, allocation) come from
           // code that knows no path: they are in the command's image, so name it.
-          if (err instanceof QdedupError && !(err instanceof UsageError) && !err.details.path && typeof args.file === 'string') err.details.path = args.file;
+          // (Not a failed stdout, which is no fault of the image.)
+          if (err instanceof QdedupError && !(err instanceof UsageError) && !(err instanceof OutputError) && !err.details.path && typeof args.file === 'string') err.details.path = args.file;
           throw err;
         }
       },

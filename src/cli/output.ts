@@ -2,6 +2,8 @@
 // with a trailing newline. Commands take an Output so tests can capture it in memory.
 
 import { Chalk, type ChalkInstance } from 'chalk';
+import { OutputError } from '../errors.ts';
+import { errnoText } from '../image/block-file.ts';
 
 export interface Output {
   /** Writes text (or bytes) to stdout, waiting for the stream to drain. */
@@ -12,6 +14,16 @@ export interface Output {
   color: ChalkInstance;
   stdoutIsTTY: boolean;
   stderrIsTTY: boolean;
+}
+
+/**
+ * A failed write to stdout (`> /dev/full`: ENOSPC) as a one-line I/O error. EPIPE (a
+ * reader that went away, `| head`) gets code EPIPE: main.ts ends quietly on it.
+ */
+export function stdoutError(err: unknown): OutputError {
+  const e = err as NodeJS.ErrnoException;
+  const text = errnoText(err) ?? (e?.code === 'EPIPE' ? 'Broken pipe' : (e && e.message) || String(err));
+  return new OutputError(`write to standard output failed: ${text}`, e?.code ?? 'EIO');
 }
 
 /** Colour level: --color/--no-color win, then FORCE_COLOR, then NO_COLOR, then the TTY. */
@@ -28,7 +40,11 @@ export function processOutput(colorFlag?: boolean): Output {
   return {
     out: (data) =>
       new Promise<void>((resolve, reject) => {
-        process.stdout.write(data, (err) => (err ? reject(err) : resolve()));
+        try {
+          process.stdout.write(data, (err) => (err ? reject(stdoutError(err)) : resolve()));
+        } catch (err) {
+          reject(stdoutError(err));
+        }
       }),
     err: (line) => {
       process.stderr.write(line.endsWith('\n') ? line : line + '\n');

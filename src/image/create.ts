@@ -3,6 +3,8 @@
 // refblock at 0x20000, L1 at 0x30000); a dedup image then gets its dedup structures
 // through the engine (src/dedup/dedup.ts). Spec: docs/interop/qcow2.rst.
 
+import { open } from 'node:fs/promises';
+import { dirname } from 'node:path';
 import { UsageError } from '../errors.ts';
 import {
   COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, MAX_L1_BYTES, MAX_REFTABLE_BYTES, V3_HEADER_LENGTH,
@@ -10,7 +12,7 @@ import {
 } from '../format/header.ts';
 import { refblockEntries, setRefcount } from '../format/refcount.ts';
 import { writeU64 } from '../format/bytes.ts';
-import { NodeFile } from './block-file.ts';
+import { NodeFile, ioError } from './block-file.ts';
 import { Image } from './image.ts';
 import { LOCK_CREATE, LOCK_WRITE } from './image-lock.ts';
 import { Dedup, type DedupSettings } from '../dedup/dedup.ts';
@@ -107,6 +109,7 @@ export async function createImage(path: string, o: CreateOptions): Promise<Heade
   } finally {
     await file.close();
   }
+  await syncDirectory(path); // I3: the new name is durable too, before create exits 0
   if (o.dedup) {
     // The dedup structures (extension, store, holder snapshot) go in through the engine,
     // with the same crash-safe ordering as any later change.
@@ -121,4 +124,23 @@ export async function createImage(path: string, o: CreateOptions): Promise<Heade
     return image.header;
   }
   return plan.header;
+}
+
+/**
+ * fsyncs the directory holding `path`, so that a file just created there survives a crash
+ * under its name (a file's own fsync does not cover its directory entry). A file system
+ * that cannot sync a directory (EINVAL, ENOTSUP) is passed over. Throws IoError.
+ */
+export async function syncDirectory(path: string): Promise<void> {
+  const dir = dirname(path);
+  let fh;
+  try {
+    fh = await open(dir, 'r');
+    await fh.sync();
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code !== 'EINVAL' && code !== 'ENOTSUP' && code !== 'EOPNOTSUPP') throw ioError(err, dir, 'cannot sync the directory');
+  } finally {
+    await fh?.close();
+  }
 }

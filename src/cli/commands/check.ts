@@ -13,7 +13,8 @@
 // holding either a complete check result or nothing.
 
 import type { Argv } from 'yargs';
-import { InternalError, NotQcow2Error, QdedupError, UsageError } from '../../errors.ts';
+import { InternalError, InterruptedError, NotQcow2Error, QdedupError, UsageError, printable } from '../../errors.ts';
+import { catchInterrupts } from '../interrupt.ts';
 import { checkExitCode, checkImage, type ImageCheck, type RepairMode } from '../../image/check.ts';
 import { dedupCheckExtension, type DedupCheckSummary } from '../../dedup/inspect.ts';
 import { checkFormat, outputFormat, readOnlyLock, refuseForceShare, withForceShareOption, withFormatOption, withOutputOption, withQuietOption, type OutputFormat } from '../common.ts';
@@ -131,17 +132,38 @@ export function repairSummary(repaired: { leaksFixed: number; corruptionsFixed: 
     + 'Double checking the fixed image now...\n';
 }
 
+/**
+ * Under -q, the lines that only tell what a repair is doing ("Repairing …", "Rebuilding
+ * refcount structure") and leaks (exit code 3 says it) are left out; "ERROR …" lines stay.
+ * (qemu-img check -q prints them all: its driver writes them to stderr unconditionally.)
+ */
+export function quietKeeps(line: string): boolean {
+  return !/^(Repairing|Rebuilding|Leaked cluster)\b/.test(line);
+}
+
 export async function runCheck(a: CheckArgs, io: Output): Promise<number> {
   let result: ImageCheck;
+  // A repair finishes what it began when interrupted (a signal mid-rewrite of refcount
+  // structures would leave more to repair); a plain check just ends (read-only).
+  const interrupts = a.repair ? catchInterrupts((sig) => io.err(`qdedup: ${printable(a.file)}: ${sig} received: finishing the repair first (a second signal ends qdedup at once)`)) : undefined;
   try {
     const lock = a.repair !== undefined ? LOCK_WRITE : readOnlyLock(LOCK_READ, a.forceShare);
-    result = await checkImage(a.file, { lock, repair: a.repair, onMessage: (line) => io.err(line), extension: (image) => dedupCheckExtension(image, a.deep) });
+    const onMessage = (line: string) => {
+      // A line may quote names from the image (snapshot names): escaped, it stays one line.
+      if (!a.quiet || quietKeeps(line)) io.err(printable(line));
+    };
+    result = await checkImage(a.file, { lock, repair: a.repair, onMessage, extension: (image) => dedupCheckExtension(image, a.deep) });
   } catch (err) {
     // Cannot open or read the image: a one-line error, no result document (as qemu-img).
     if (!(err instanceof QdedupError) || err instanceof InternalError) throw err;
     const where = err.details.path ?? a.file;
-    io.err(`qdedup: ${where}: ${err.message}`);
+    io.err(`qdedup: ${printable(where)}: ${printable(err.message)}`);
     return err instanceof NotQcow2Error ? EXIT_CANNOT_CHECK : err.exitCode;
+  } finally {
+    interrupts?.dispose();
+  }
+  if (interrupts?.received) {
+    throw new InterruptedError(interrupts.received, `interrupted (${interrupts.received}) during the repair, which was completed first; run 'qdedup check' again for the result`, { path: a.file });
   }
   if (result.repaired && a.output === 'human' && !a.quiet) await io.out(repairSummary(result.repaired));
   if (result.failure === undefined && !a.quiet) {

@@ -1,7 +1,8 @@
 // `qdedup create`: a new, empty QCOW2 image. Options follow `qemu-img create -o`.
 
 import type { Argv } from 'yargs';
-import { UsageError } from '../../errors.ts';
+import { InterruptedError, UsageError } from '../../errors.ts';
+import { catchInterrupts } from '../interrupt.ts';
 import { createImage, type CreateOptions } from '../../image/create.ts';
 import { Image, probeFormat } from '../../image/image.ts';
 import { checkFormat, withFormatOption, withQuietOption } from '../common.ts';
@@ -98,7 +99,16 @@ export async function runCreate(a: CreateArgs, io: Output): Promise<number> {
 
   const dedup = dedupSettings(opts, version, refcountBits, size, 2 ** clusterBits);
   const o: CreateOptions = { size, clusterBits, version, refcountOrder, lazyRefcounts, backingFile, backingFormat, force: a.force, dedup };
-  const header = await createImage(a.file, o);
+  // Interrupted, create finishes first (it takes well under a second): a dedup image is
+  // made in two steps, and a signal between them would leave a plain image.
+  const interrupts = catchInterrupts();
+  let header;
+  try {
+    header = await createImage(a.file, o);
+  } finally {
+    interrupts.dispose();
+  }
+  if (interrupts.received) throw new InterruptedError(interrupts.received, `interrupted (${interrupts.received}); the image was created completely first`, { path: a.file });
   if (!a.quiet) {
     const backing = backingFile !== undefined ? ` backing_file=${backingFile} backing_fmt=${backingFormat}` : '';
     const dd = dedup ? ` dedup=${dedup.algorithm} dedup_verify=${dedup.verify ? 'on' : 'off'}` : ' dedup=off';

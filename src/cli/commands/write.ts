@@ -1,16 +1,20 @@
-// `qdedup write`: writes a pattern, a file's bytes or zeroes at a guest offset, like
-// qemu-io's `write`, and makes them durable before it exits 0.
+// `qdedup write`: writes a pattern, an input's bytes or zeroes at a guest offset, like
+// qemu-io's `write`, and makes them durable before it exits 0. The input (a file or any
+// stream, ../input.ts) is opened and checked before the image is opened for writing and read
+// in double-buffered chunks. SIGINT/SIGTERM/SIGHUP (../interrupt.ts) end the loop after the
+// chunk in flight; the image is then committed and closed and an InterruptedError reports
+// how much was written. Choices where qemu-io has no equivalent are in README "write".
 
 import type { Argv } from 'yargs';
-import { open } from 'node:fs/promises';
-import { UsageError } from '../../errors.ts';
-import { ioError } from '../../image/block-file.ts';
+import { InterruptedError, IoError, QdedupError, UsageError, printable } from '../../errors.ts';
 import { Image } from '../../image/image.ts';
 import { checkFormat, pastTheEnd, refuseForceShare, withFormatOption, withQuietOption } from '../common.ts';
 import { LOCK_WRITE } from '../../image/image-lock.ts';
 import { parsePattern, parseSize } from '../parse.ts';
 import type { Output } from '../output.ts';
 import { startProgress } from '../progress.ts';
+import { openInput, type Input } from '../input.ts';
+import { catchInterrupts, whenAborted } from '../interrupt.ts';
 
 /** Bytes of input read and written per step of a long write. */
 const CHUNK_BYTES = 8 * 1024 * 1024;
@@ -31,26 +35,25 @@ export async function runWrite(a: WriteArgs, io: Output): Promise<number> {
   if (sources !== 1) throw new UsageError('give exactly one of -P PATTERN, -i INPUT or -z');
   if (a.input === undefined && a.length === undefined) throw new UsageError('LENGTH is needed with -P and -z');
 
-  // Find the input's length first, so a write past the disk fails before anything is written.
-  let stdinData: Buffer | undefined;
-  let length = a.length;
-  if (a.input === '-') {
-    stdinData = await readStdin(length);
-    if (length === undefined) length = stdinData.length;
-    else if (stdinData.length < length) throw new UsageError(`standard input ended after ${stdinData.length} of ${length} bytes`);
-  } else if (a.input !== undefined) {
-    let inputSize: number;
-    try {
-      const fh = await open(a.input, 'r');
-      inputSize = (await fh.stat()).size;
-      await fh.close();
-    } catch (err) {
-      throw ioError(err, a.input, 'cannot read input');
-    }
-    if (length === undefined) length = inputSize;
-    else if (inputSize < length) throw new UsageError(`input '${a.input}' has only ${inputSize} bytes, fewer than LENGTH ${length}`);
+  // The input is opened and validated before the image is touched (a FIFO waits here for
+  // its writer, with the image not yet open), so a bad input leaves the image as it was.
+  const input = a.input !== undefined ? await openInput(a.input) : undefined;
+  try {
+    return await writeFrom(a, input, io);
+  } finally {
+    await input?.close();
   }
-  const total = length!;
+}
+
+async function writeFrom(a: WriteArgs, input: Input | undefined, io: Output): Promise<number> {
+  // The number of bytes to write, when it is known before reading: LENGTH, or the size of
+  // a regular input file. A stream without LENGTH is written up to its end.
+  let total = a.length;
+  if (input?.size !== undefined) {
+    if (total === undefined) total = input.size;
+    else if (input.size < total) throw new IoError(`cannot read input: it has only ${input.size} bytes, fewer than LENGTH ${total}`, { path: input.path }, 'ESHORTINPUT');
+    if (total === 0 && a.length === undefined) throw emptyInput(input);
+  }
 
   // The range is checked on a read-only open first: a read-write open may already rewrite
   // the header (clearing foreign autoclear bits), and a refused write must leave the file
@@ -60,82 +63,131 @@ export async function runWrite(a: WriteArgs, io: Output): Promise<number> {
   const probe = await Image.open(a.file, { backing: false, lock: LOCK_WRITE });
   const virtualSize = probe.size;
   await probe.close();
-  if (a.offset + total > virtualSize) throw pastTheEnd(a.file, a.offset, total, virtualSize);
-  const image = await Image.open(a.file, { writable: true, lock: LOCK_WRITE });
-  try {
-    if (a.zero) {
-      await image.writeZeroes(a.offset, total);
-    } else if (a.pattern !== undefined) {
-      const chunk = Buffer.alloc(Math.min(total, CHUNK_BYTES), a.pattern);
-      for (let done = 0; done < total; done += chunk.length) {
-        await image.write(a.offset + done, chunk.subarray(0, Math.min(chunk.length, total - done)));
-      }
-    } else if (stdinData) {
-      await image.write(a.offset, stdinData.subarray(0, total));
-    } else {
-      const progress = a.progress && !a.quiet ? startProgress(io, total) : null;
-      let fh;
-      try {
-        fh = await open(a.input!, 'r');
-      } catch (err) {
-        throw ioError(err, a.input!, 'cannot read input');
-      }
-      try {
-        // Two buffers: the next chunk is read from the input while the current one is written.
-        const buffers = [Buffer.alloc(Math.min(total, CHUNK_BYTES)), Buffer.alloc(Math.min(total, CHUNK_BYTES))];
-        const readChunk = async (index: number, pos: number): Promise<Buffer> => {
-          const buf = buffers[index % 2];
-          const want = Math.min(buf.length, total - pos);
-          let got = 0;
-          while (got < want) {
-            const { bytesRead } = await fh!.read(buf, got, want - got, pos + got).catch((err) => { throw ioError(err, a.input!, 'cannot read input'); });
-            if (bytesRead === 0) throw new UsageError(`input '${a.input}' ended early, after ${pos + got} bytes`);
-            got += bytesRead;
-          }
-          return buf.subarray(0, want);
-        };
-        let next = readChunk(0, 0);
-        for (let index = 0, done = 0; done < total; index++) {
-          const chunk = await next;
-          if (done + chunk.length < total) {
-            next = readChunk(index + 1, done + chunk.length);
-            next.catch(() => {}); // a failed read surfaces at the await above, not as an unhandled rejection
-          }
-          await image.write(a.offset + done, chunk);
-          done += chunk.length;
-          progress?.update(done);
-        }
-      } finally {
-        progress?.stop();
-        await fh.close();
-      }
+  if (total !== undefined && a.offset + total > virtualSize) throw pastTheEnd(a.file, a.offset, total, virtualSize);
+  if (a.offset > virtualSize) throw pastTheEnd(a.file, a.offset, 0, virtualSize);
+
+  // A stream's first chunk is read before the image is opened for writing: an empty stream
+  // (a producer that failed) leaves the image untouched.
+  const reader = input ? new ChunkReader(input, a.offset, total, virtualSize) : undefined;
+  let first: Buffer | undefined;
+  if (reader && total !== 0) {
+    first = await reader.next();
+    if (first.length === 0) {
+      if (total === undefined) throw emptyInput(input!);
+      throw new IoError(`${input!.label} ended after 0 of ${total} bytes; nothing was written`, { path: a.file }, 'ESHORTINPUT');
     }
-    await image.close(); // commits metadata and syncs: durable before exit 0 (I3)
-  } catch (err) {
-    await image.abandon();
-    throw err;
+    if (a.offset === virtualSize) throw tooLong(a, input!, virtualSize, 0);
   }
-  // After the write, so that a write that fails says one line, its error.
-  if (image.dedup?.notice) io.err(`qdedup: ${a.file}: ${image.dedup.notice}`);
-  const mismatches = image.dedup?.counters.mismatches ?? 0;
-  if (mismatches) {
-    // Compared hits whose cluster held other bytes: written anew, but the index lies (src/dedup/slot-bits.ts).
-    io.err(`qdedup: ${a.file}: warning: ${mismatches} dedup index ${mismatches === 1 ? 'entry names a cluster' : 'entries name clusters'} holding other content; not used (a damaged index: 'qdedup check --deep' lists such entries)`);
+
+  const interrupts = catchInterrupts();
+  let done = 0;
+  let shortBy: IoError | undefined;
+  let overflow: QdedupError | undefined;
+  try {
+    const image = await Image.open(a.file, { writable: true, lock: LOCK_WRITE });
+    try {
+      if (a.zero) {
+        await image.writeZeroes(a.offset, total!);
+        done = total!;
+      } else if (a.pattern !== undefined) {
+        const chunk = Buffer.alloc(Math.min(total!, CHUNK_BYTES), a.pattern);
+        while (done < total! && !interrupts.signal.aborted) {
+          const n = Math.min(chunk.length, total! - done);
+          await image.write(a.offset + done, chunk.subarray(0, n));
+          done += n;
+        }
+      } else if (reader && first) {
+        const progress = a.progress && !a.quiet && total !== undefined ? startProgress(io, total) : null;
+        try {
+          // Two buffers: the next chunk is read from the input while the current one is written.
+          const aborted = whenAborted(interrupts.signal).then(() => undefined);
+          let chunk: Buffer | undefined = first;
+          while (chunk && chunk.length) {
+            const next = reader.next();
+            next.catch(() => {}); // a failed read surfaces at its await below, not as an unhandled rejection
+            const fits = Math.min(chunk.length, virtualSize - a.offset - done);
+            if (fits > 0) await image.write(a.offset + done, fits < chunk.length ? chunk.subarray(0, fits) : chunk);
+            done += fits;
+            progress?.update(done);
+            if (fits < chunk.length) {
+              // Like dd onto a device: what fits is written (and committed below), the rest refused.
+              overflow = tooLong(a, input!, virtualSize, done);
+              break;
+            }
+            if (interrupts.signal.aborted) break;
+            chunk = await Promise.race([next, aborted]); // a signal does not wait for a silent producer
+          }
+        } finally {
+          progress?.stop();
+        }
+        if (!interrupts.signal.aborted && total !== undefined && done < total) {
+          shortBy = new IoError(`${input!.label} ended after ${done} of ${total} bytes; wrote those ${done} bytes at offset ${a.offset}`, { path: a.file }, 'ESHORTINPUT');
+        }
+      }
+      await image.close(); // commits metadata and syncs: durable before exit 0 (I3)
+    } catch (err) {
+      await image.abandon();
+      throw err;
+    }
+    // After the write, so that a write that fails says one line, its error.
+    if (image.dedup?.notice && !a.quiet) io.err(`qdedup: ${printable(a.file)}: ${image.dedup.notice}`);
+    const mismatches = image.dedup?.counters.mismatches ?? 0;
+    if (mismatches) {
+      // Compared hits whose cluster held other bytes: written anew, but the index lies (src/dedup/slot-bits.ts).
+      io.err(`qdedup: ${printable(a.file)}: warning: ${mismatches} dedup index ${mismatches === 1 ? 'entry names a cluster' : 'entries name clusters'} holding other content; not used (a damaged index: 'qdedup check --deep' lists such entries)`);
+    }
+  } finally {
+    interrupts.dispose();
   }
-  if (!a.quiet) await io.out(`wrote ${total}/${total} bytes at offset ${a.offset}\n`);
+  const sig = interrupts.received;
+  if (sig) {
+    const of = total !== undefined ? `${done} of ${total} bytes` : `${done} bytes (of an input of unknown length)`;
+    throw new InterruptedError(sig, `interrupted (${sig}) after writing ${of} at offset ${a.offset}; the data written is durable`, { path: a.file });
+  }
+  if (overflow) throw overflow;
+  if (!a.quiet) await io.out(`wrote ${done}/${total ?? done} bytes at offset ${a.offset}\n`);
+  if (shortBy) throw shortBy;
   return 0;
 }
 
-/** Reads standard input to its end (or `limit` bytes). */
-async function readStdin(limit?: number): Promise<Buffer> {
-  const chunks: Buffer[] = [];
-  let size = 0;
-  for await (const chunk of process.stdin) {
-    chunks.push(chunk as Buffer);
-    size += (chunk as Buffer).length;
-    if (limit !== undefined && size >= limit) break;
+/** A stream longer than the room left on the disk (found by reading one byte past it). */
+function tooLong(a: WriteArgs, input: Input, virtualSize: number, written: number): QdedupError {
+  const room = virtualSize - a.offset;
+  return new QdedupError(`${input.label} goes past the end of the disk (virtual size ${virtualSize}): ${room} bytes fit from offset ${a.offset}; ${written ? `wrote those ${written} bytes, the rest of the input was not written` : 'nothing was written'}`, 'ERANGE', 1, { path: a.file });
+}
+
+/** An input that gave no bytes when no LENGTH was asked for: most likely a producer that failed. */
+function emptyInput(input: Input): IoError {
+  return new IoError(`${input.label} is empty: nothing to write (give LENGTH 0 to write nothing)`, {}, 'EEMPTYINPUT'); // main.ts names the image
+}
+
+/**
+ * Successive chunks of the input (CHUNK_BYTES, two buffers used in turn: a chunk stays
+ * valid while the next one is read). Reads at most `total` bytes when it is known, else at
+ * most one byte more than the room left on the disk, which is how a stream too long for
+ * the disk is recognised without reading it all.
+ */
+class ChunkReader {
+  private readonly buffers: Buffer[];
+  private index = 0;
+  private pos = 0;
+  private readonly limit: number;
+
+  constructor(private readonly input: Input, guestOffset: number, total: number | undefined, virtualSize: number) {
+    this.limit = total ?? virtualSize - guestOffset + 1;
+    const size = Math.max(1, Math.min(this.limit, CHUNK_BYTES));
+    this.buffers = [Buffer.allocUnsafe(size), Buffer.allocUnsafe(size)];
   }
-  return Buffer.concat(chunks);
+
+  /** The next chunk; empty at the end of the input or of the limit. */
+  async next(): Promise<Buffer> {
+    const buf = this.buffers[this.index++ % 2];
+    const want = Math.min(buf.length, this.limit - this.pos);
+    if (want <= 0) return buf.subarray(0, 0);
+    const got = await this.input.fill(buf, want);
+    this.pos += got;
+    return buf.subarray(0, got);
+  }
 }
 
 export const command = 'write <file> <offset> [length]';
@@ -147,13 +199,15 @@ export function builder(y: Argv) {
     .positional('offset', { type: 'string', describe: 'guest byte offset (size syntax: 1M, 0x100000, …)' })
     .positional('length', { type: 'string', describe: 'bytes to write (default with -i: the whole input)' })
     .option('P', { type: 'string', describe: 'fill with this byte (decimal or 0x hex)', requiresArg: true })
-    .option('i', { type: 'string', describe: "write the bytes of this file ('-' for standard input)", requiresArg: true })
+    .option('i', { type: 'string', describe: "write the bytes of this file or stream ('-' for standard input; pipes, FIFOs and <(…) are read to their end or LENGTH)", requiresArg: true })
     .option('z', { type: 'boolean', describe: 'write zeroes (zero clusters where whole clusters)', default: false })
     .option('p', { type: 'boolean', describe: 'show a progress bar on stderr (a terminal only)', default: true })
     .option('U', { type: 'boolean', hidden: true }) // refused below, with qemu-io's reason
     .example('$0 write -P 0xab disk.qcow2 0 64k', '64 KiB of 0xab at offset 0')
     .example('$0 write -i data.bin disk.qcow2 1M', 'the bytes of data.bin at 1 MiB')
-    .example('$0 write -z disk.qcow2 0 1G', 'zero the first GiB');
+    .example('zcat disk.raw.gz | $0 write -i - disk.qcow2 0', 'a stream, to its end (exit 1 if it is empty or ends before LENGTH)')
+    .example('$0 write -z disk.qcow2 0 1G', 'zero the first GiB')
+    .epilogue('Exit codes: 0 written and synced; 1 failed (an input that ends before LENGTH or is empty, a stream longer than the disk: what was written is committed); 130, 143, 129 interrupted by SIGINT, SIGTERM, SIGHUP after committing what was written.');
 }
 
 export function toArgs(argv: Record<string, unknown>): WriteArgs {
