@@ -76,7 +76,8 @@ export class Dedup {
   readonly counters: WriteCounters = { hits: 0, misses: 0, zeroClusters: 0, compared: 0, mismatches: 0, released: 0 };
   /** Decrements queued this commit, per cluster (refcounts apply them only after the commit). */
   private readonly pending = new Map<number, number>();
-  private readonly cap: number;
+  /** Refcount cap: a cluster at it is never linked again (half the width's maximum; tests lower it to reach it at 32 and 64 bits). */
+  cap: number;
   /** Allocation and overlap guard for the store and the holder (made once at open: the write path passes it per cluster). */
   private readonly host: HolderHost;
 
@@ -304,7 +305,7 @@ export class Dedup {
       const { w, hash, dups } = misses[i];
       const offset = start + i * cs;
       const cluster = offset / cs;
-      const indexed = this.holder.covers(cluster);
+      let indexed = this.holder.covers(cluster);
       if (indexed) {
         // refcount 2: the guest and the holder
         if (refcounts.incrementCached(cluster) === undefined) await refcounts.increment(cluster);
@@ -314,11 +315,24 @@ export class Dedup {
       }
       if (!image.tryMapCluster(w.guestCluster, offset, !indexed)) await image.mapCluster(w.guestCluster, offset, !indexed);
       if (!image.tryDropReference(w.old)) await image.dropReference(w.old);
+      let target = offset; // the indexed copy of this content the duplicates link to
       for (const d of dups) {
-        this.counters.hits++;
         if (indexed) {
-          await this.link(d, offset);
+          // The cap counts every reference this batch already added (increments apply at
+          // once; the holder's is one of them): at the cap the duplicate gets its own copy,
+          // which becomes the indexed one, so later copies link to it (BRIEF §2, refcount cap).
+          const c = target / cs;
+          const refcount = refcounts.getCached(c) ?? (await refcounts.get(c));
+          if (refcount < this.cap) {
+            this.counters.hits++;
+            await this.link(d, target);
+            continue;
+          }
+          this.counters.misses++;
+          target = await this.writeIndexedCopy(d, hash);
+          indexed = this.holder.covers(target / cs);
         } else {
+          this.counters.hits++;
           // Not held: sharing it could not keep COPIED truthful. Give the copy its own cluster.
           const own = await image.writeRun([d.data]);
           await image.mapCluster(d.guestCluster, own, true);
@@ -326,6 +340,30 @@ export class Dedup {
         }
       }
     }
+  }
+
+  /**
+   * Writes `w` to a cluster of its own and, when the holder covers it, holds it and indexes
+   * it under `hash` in place of the previous copy (that one is at the refcount cap). Returns
+   * its host offset (later duplicates link to it only if the holder covers it).
+   */
+  private async writeIndexedCopy(w: ClusterWrite, hash: Buffer): Promise<number> {
+    const image = this.image;
+    const cs = image.clusterSize;
+    const offset = await image.writeRun([w.data]);
+    const cluster = offset / cs;
+    const indexed = this.holder.covers(cluster);
+    if (indexed) {
+      // refcount 2: the guest and the holder; written before the L2 entry points at it (I3)
+      const refcounts = image.refcountState!;
+      if (refcounts.incrementCached(cluster) === undefined) await refcounts.increment(cluster);
+      if (!this.holder.holdCached(cluster)) await this.holder.hold(cluster);
+      const inserting = this.store.insert(hash, offset, w.guestCluster * cs, this.host.allocate);
+      if (inserting) await inserting;
+    }
+    await image.mapCluster(w.guestCluster, offset, !indexed);
+    await image.dropReference(w.old);
+    return offset;
   }
 
   /** Points guest cluster `w` at the indexed cluster at `target`: refcount + 1, the L2 entry, then the old reference dropped. */
