@@ -103,8 +103,9 @@ export class DedupStore {
       { offset: await allocate(clusters), blocks, startSequence: 0, written: 0 },
     ];
     // Fresh clusters may hold old bytes: zero block 0 so replay ends there. The last block
-    // is written too, so the file covers the whole journal (qemu-img check then counts
-    // every journal cluster as leaked, as dedup-stats counts them as the store's).
+    // is written too, so the file covers the whole journal: the holder holds every journal
+    // cluster, and QEMU counts a reference past the end of the file as a corruption. (The
+    // file is sparse there until the journal fills.)
     for (const j of journals) {
       await file.write(j.offset, Buffer.alloc(g.journalBlockSize));
       await file.write(j.offset + (blocks - 1) * g.journalBlockSize, Buffer.alloc(g.journalBlockSize));

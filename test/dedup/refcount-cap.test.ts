@@ -36,14 +36,13 @@ async function maxDataRefcount(img: string): Promise<{ max: number; clusters: nu
 /** The image is sound for qemu-img, takes a snapshot, and reads back as `shadow`. */
 function assertQemuHappy(img: string, shadow: Buffer, dir: string): void {
   const check = qemuCheck(img);
-  assert.ok(check.status === 0 || check.status === 3, `qemu-img check: ${JSON.stringify(check.json)} ${check.stderr}`);
-  assert.equal(check.json?.['corruptions'] ?? 0, 0);
+  assert.equal(check.status, 0, `qemu-img check: ${JSON.stringify(check.json)} ${check.stderr}`);
   const raw = join(dir, 'shadow.raw');
   writeFileSync(raw, shadow);
   assert.ok(qemuCompareRaw(img, raw), 'qemu-img compare against the raw shadow');
   const snap = run('qemu-img', ['snapshot', '-c', 'after-cap', img]);
   assert.equal(snap.status, 0, `qemu-img snapshot -c: ${snap.stderr}`);
-  assert.ok([0, 3].includes(qemuCheck(img).status), 'qemu-img check after the snapshot');
+  assert.equal(qemuCheck(img).status, 0, 'qemu-img check after the snapshot');
 }
 
 for (const { bits, cap, clusterSize } of [
