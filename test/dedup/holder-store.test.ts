@@ -11,7 +11,7 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Image } from '../../src/image/image.ts';
 import { HOLDER_NAME } from '../../src/dedup/holder.ts';
-import { NO_QEMU, qemuCheck, qemuCompareRaw, run } from '../helpers.ts';
+import { NO_QEMU, qdedup, qemuCheck, qemuCompareRaw, run } from '../helpers.ts';
 import { qdedupOk, workFolder } from './cli-lib.ts';
 
 function assertQemuClean(img: string): void {
@@ -62,6 +62,9 @@ test('the holder grows past its first coverage: snapshot entry switched, data pa
   assert.ok(grown.l1Size > first.l1Size, `holder L1 ${first.l1Size} → ${grown.l1Size} entries`);
   assert.notEqual(grown.l1Offset, first.l1Offset, 'a new L1 in new clusters');
   assertQemuClean(img);
+  const ours = qdedup(['check', '--output', 'json', img]);
+  assert.equal(ours.status, 0, ours.stderr);
+  assert.equal(JSON.parse(ours.stdout).dedup.trusted, true, 'the grown holder holds the whole store');
   // Every cluster of the import was indexed, those past the first coverage included: a second
   // copy costs no data cluster.
   const before = JSON.parse(qdedupOk(['dedup-stats', '--output', 'json', img]).stdout);

@@ -21,7 +21,7 @@ export const CREATE_OPTIONS: [string, string, string][] = [
   ['dedup', 'str', 'Inline deduplication hash: sha256 (default), sha3-256, blake3 or off'],
   ['dedup_journal_block', 'size', 'Dedup journal block size, a power of two from 512 to 64k (default 4096)'],
   ['dedup_max_incarnations', 'num', 'Frozen log stores kept before the oldest is forgotten (0 = unlimited, default)'],
-  ['dedup_order', 'num', 'Log store size: 2^N buckets of 4 hashes, 0 to 20 (default: about 1/128 of the disk; RAM ≈ 49 bytes × 2^N × 4 per log store)'],
+  ['dedup_order', 'num', 'Log store size: 2^N buckets of 4 hashes, 0 to 20 and at most log2(disk clusters / 2) (default: about 1/128 of the disk; RAM ≈ 49 bytes × 2^N × 4 per log store)'],
   ['dedup_verify', 'bool (on/off)', 'Compare bytes before linking a duplicate (default off)'],
   ['lazy_refcounts', 'bool (on/off)', 'Postpone refcount updates (compatible feature bit; v3 only)'],
   ['refcount_bits', 'num', 'Width of a reference count entry in bits: 1, 2, 4, 8, 16, 32 or 64 (default 16)'],
