@@ -20,7 +20,7 @@ import { writeU64 } from '../format/bytes.ts';
 import type { Image } from '../image/image.ts';
 import { DEFAULT_HASH_ALGORITHM, createHasher, hashAlgorithmId, type Hasher, type SupportedHashAlgorithm } from './hasher.ts';
 import { HOLDER_NAME, Holder, holderL1Size, type HolderHost } from './holder.ts';
-import { DedupStore, geometryOf, journalBlocksFor, type Allocate } from './store.ts';
+import { DedupStore, geometryOf, initialJournalBlocks, type Allocate } from './store.ts';
 import { heldClusters, inspectDedup } from './inspect.ts';
 
 export interface DedupSettings {
@@ -112,6 +112,15 @@ export class Dedup {
     private readonly allocate: Allocate,
   ) {
     this.hasher = createHasher(ext.hashAlgorithm);
+    // A journal that grows moves: the holder lets go of its old area, freed after the commit
+    // whose configuration names the new one (beforeCommit writes it; the frees are step 6).
+    store.releaseArea = async (offset, clusters) => {
+      const first = offset / image.clusterSize;
+      for (let c = first; c < first + clusters; c++) {
+        await holder.release(c);
+        image.refcountState!.deferFree(c);
+      }
+    };
     // Refcount cap: past half the maximum the hash is no longer linked to (BRIEF §2).
     this.cap = Math.floor(image.refcountState!.max / 2);
     this.host = host;
@@ -226,7 +235,7 @@ export class Dedup {
     // Sized for the file and the store about to be allocated (both journals), so that the
     // L1 does not have to grow (and move past the journals) at once.
     const g = geometryOf(ext, image.clusterSize);
-    const store = 2 * Math.ceil((journalBlocksFor(g) * g.journalBlockSize) / image.clusterSize) + 8;
+    const store = 2 * Math.ceil((initialJournalBlocks(g) * g.journalBlockSize) / image.clusterSize) + 8;
     const holder = await Holder.create(host, holderL1Size(Math.ceil((await image.file.size()) / image.clusterSize) + store, image.clusterBits));
     const h = image.header;
     const last = image.snapshots[image.snapshots.length - 1];

@@ -308,6 +308,11 @@ export class Refcounts {
     for (const t of order) await this.file.write(this.table[t], this.blocks.get(t)!);
     this.dirtyBlocks.clear();
     if (this.tableDirty) {
+      // I3: a new block, and the block that counts it, durable before the table names it. In
+      // one unsynced window a crash could keep the table and lose the blocks: a table naming a
+      // block of stale bytes (the dedup crash enumeration found one placed in a cluster a
+      // moved journal had freed: "refcount=0 reference=1").
+      await this.file.sync();
       const buf = Buffer.alloc(this.tableClusters * this.clusterSize);
       this.table.forEach((o, i) => writeU64(buf, i * 8, o));
       await this.file.write(this.tableOffset, buf);
