@@ -10,16 +10,17 @@
 
 import { CorruptImageError, hex } from '../errors.ts';
 import {
-  AUTOCLEAR_DEDUP, DEDUP_EXT_VERSION, EXT_DEDUP, configBytesFor, decodeDedupExtension,
+  AUTOCLEAR_DEDUP, DEDUP_EXT_VERSION, EXT_DEDUP, MAX_STORE_ORDER, configBytesFor, decodeDedupExtension,
   encodeDedupConfig, encodeDedupExtension, type DedupExtension,
 } from '../format/dedup-ext.ts';
 import type { IndexEntry } from './slot-bits.ts';
 import type { L2Entry } from '../format/l1l2.ts';
-import { encodeSnapshotEntry } from '../format/snapshot.ts';
+import { SNAPSHOT_FIXED_BYTES, encodeSnapshotEntry } from '../format/snapshot.ts';
+import { writeU64 } from '../format/bytes.ts';
 import type { Image } from '../image/image.ts';
 import { DEFAULT_HASH_ALGORITHM, createHasher, hashAlgorithmId, type Hasher, type SupportedHashAlgorithm } from './hasher.ts';
 import { HOLDER_NAME, Holder, holderL1Size, type HolderHost } from './holder.ts';
-import { DedupStore, geometryOf } from './store.ts';
+import { DedupStore, geometryOf, initialJournalBlocks, type Allocate } from './store.ts';
 import { heldClusters, inspectDedup } from './inspect.ts';
 
 export interface DedupSettings {
@@ -30,6 +31,13 @@ export interface DedupSettings {
   order: number;
   journalBlockSize: number;
 }
+
+/**
+ * Smallest refcount of a cluster the write path links to: a guest reference and the holder's.
+ * A held cluster of refcount 1 is the store's own (a journal, an incarnation, …) or an orphan:
+ * an index entry naming it is never followed, whatever its bytes (I1).
+ */
+const MIN_LINK_REFCOUNT = 2;
 
 /** Smallest and largest store order the default rule picks (the option may go from 0 to 24). */
 const MIN_DEFAULT_ORDER = 4;
@@ -42,7 +50,20 @@ const MAX_DEFAULT_ORDER = 20;
 export function defaultStoreOrder(virtualSize: number, clusterSize: number): number {
   const slots = virtualSize / clusterSize / 128;
   const order = Math.ceil(Math.log2(Math.max(1, slots / 4)));
-  return Math.min(MAX_DEFAULT_ORDER, Math.max(MIN_DEFAULT_ORDER, order));
+  return Math.min(MAX_DEFAULT_ORDER, maxStoreOrder(virtualSize, clusterSize), Math.max(MIN_DEFAULT_ORDER, order));
+}
+
+/**
+ * The largest store order worth having for a disk of `virtualSize` bytes: a log store of at
+ * most twice as many slots (4 × 2^order) as the disk has clusters. A larger one never fills
+ * (every guest cluster indexed twice over), so it is never frozen, while its journals and
+ * RAM grow with it: order 20 made a 64 MiB disk an 881 MB file. At least MIN_DEFAULT_ORDER
+ * (64 slots, 3 KiB of RAM), whatever the disk; at most MAX_STORE_ORDER.
+ */
+export function maxStoreOrder(virtualSize: number, clusterSize: number): number {
+  const clusters = Math.ceil(virtualSize / clusterSize);
+  const order = clusters >= 4 ? Math.floor(Math.log2(clusters / 2)) : 0;
+  return Math.min(MAX_STORE_ORDER, Math.max(MIN_DEFAULT_ORDER, order));
 }
 
 /** What `qdedup create` picks when no dedup option is given. */
@@ -76,7 +97,8 @@ export class Dedup {
   readonly counters: WriteCounters = { hits: 0, misses: 0, zeroClusters: 0, compared: 0, mismatches: 0, released: 0 };
   /** Decrements queued this commit, per cluster (refcounts apply them only after the commit). */
   private readonly pending = new Map<number, number>();
-  private readonly cap: number;
+  /** Refcount cap: a cluster at it is never linked again (half the width's maximum; tests lower it to reach it at 32 and 64 bits). */
+  cap: number;
   /** Allocation and overlap guard for the store and the holder (made once at open: the write path passes it per cluster). */
   private readonly host: HolderHost;
 
@@ -86,8 +108,19 @@ export class Dedup {
     readonly store: DedupStore,
     readonly holder: Holder,
     host: HolderHost,
+    /** Allocates clusters for the store, held by the holder (src/dedup/holder.ts). */
+    private readonly allocate: Allocate,
   ) {
     this.hasher = createHasher(ext.hashAlgorithm);
+    // A journal that grows moves: the holder lets go of its old area, freed after the commit
+    // whose configuration names the new one (beforeCommit writes it; the frees are step 6).
+    store.releaseArea = async (offset, clusters) => {
+      const first = offset / image.clusterSize;
+      for (let c = first; c < first + clusters; c++) {
+        await holder.release(c);
+        image.refcountState!.deferFree(c);
+      }
+    };
     // Refcount cap: past half the maximum the hash is no longer linked to (BRIEF §2).
     this.cap = Math.floor(image.refcountState!.max / 2);
     this.host = host;
@@ -105,7 +138,7 @@ export class Dedup {
     }
   }
 
-  /** True when the image's dedup metadata may be trusted as it stands on disk. */
+  /** True when autoclear bit 60 and the dirty flag allow trust (the first checks of inspectDedup; tests). */
   static trustedOnDisk(image: Image, ext: DedupExtension): boolean {
     return (image.header.autoclearFeatures & AUTOCLEAR_DEDUP) !== 0n && !ext.dirty;
   }
@@ -137,20 +170,26 @@ export class Dedup {
     const seen = damage === null ? await inspectDedup(image) : { trusted: false, reason: `${damage}; the extension is replaced, with the default settings`, store: null, areas: [] };
     await Dedup.writeExtension(image, { ...ext, dirty: true }); // I3: dirty durable before any other write
     const host = hostOf(image);
+    let holder = await Dedup.findHolder(image, host);
+    // Untrusted: clusters only the holder references (the old store's, data a foreign writer
+    // left) are let go through the holder's references, never on the old store's word (I3).
+    // Before the new store is allocated (its clusters are held with refcount 1 too); the
+    // holder's cleared entries and the frees reach disk only at the commit that first makes
+    // the new store durable, after it (commit steps 3 and 5 follow beforeCommit's writes).
+    if (holder && !seen.trusted) await Dedup.releaseOrphans(image, holder);
+    if (!holder) holder = await Dedup.addHolder(image, host, ext);
+    const allocate = storeAllocator(holder, host);
     let store = seen.store;
     let extNow = { ...ext, dirty: true };
     if (store) {
       for (const a of seen.areas) host.markMetadata(a.offset, a.bytes, 'dedup metadata');
     } else {
       // Never write to nor free the old store's clusters: another tool may own them now.
-      store = await DedupStore.create(image.file, geometryOf(ext, image.clusterSize), host.allocate);
-      const configOffset = await host.allocate(1);
+      store = await DedupStore.create(image.file, geometryOf(ext, image.clusterSize), allocate);
+      const configOffset = await allocate(1);
       extNow = { ...extNow, configOffset, configBytes: image.clusterSize };
     }
-    let holder = await Dedup.findHolder(image, host);
-    if (!holder) holder = await Dedup.addHolder(image, host);
-    else if (!seen.trusted) await Dedup.releaseOrphans(image, holder);
-    const d = new Dedup(image, extNow, store, holder, host);
+    const d = new Dedup(image, extNow, store, holder, host, allocate);
     if (!seen.trusted) d.notice = `dedup index not trusted: ${seen.reason}; starting a fresh index (data is safe; earlier copies are no longer found)`;
     return d;
   }
@@ -166,9 +205,11 @@ export class Dedup {
     };
     image.header.extensions.push({ type: EXT_DEDUP, data: encodeDedupExtension(ext) });
     await Dedup.writeExtension(image, ext);
-    const store = await DedupStore.create(image.file, geometryOf(ext, image.clusterSize), host.allocate);
-    const holder = await Dedup.addHolder(image, host);
-    return new Dedup(image, ext, store, holder, host);
+    const holder = await Dedup.addHolder(image, host, ext);
+    await holder.hold(configOffset / image.clusterSize); // allocated before the holder existed
+    const allocate = storeAllocator(holder, host);
+    const store = await DedupStore.create(image.file, geometryOf(ext, image.clusterSize), allocate);
+    return new Dedup(image, ext, store, holder, host, allocate);
   }
 
   /** Rewrites the header with `ext` and autoclear bit 60 set, then syncs. */
@@ -190,8 +231,12 @@ export class Dedup {
    * and the holder's), made durable before the header points at it; the old table is freed
    * at the next commit.
    */
-  private static async addHolder(image: Image, host: HolderHost): Promise<Holder> {
-    const holder = await Holder.create(host, holderL1Size(image.size, image.clusterBits));
+  private static async addHolder(image: Image, host: HolderHost, ext: DedupExtension): Promise<Holder> {
+    // Sized for the file and the store about to be allocated (both journals), so that the
+    // L1 does not have to grow (and move past the journals) at once.
+    const g = geometryOf(ext, image.clusterSize);
+    const store = 2 * Math.ceil((initialJournalBlocks(g) * g.journalBlockSize) / image.clusterSize) + 8;
+    const holder = await Holder.create(host, holderL1Size(Math.ceil((await image.file.size()) / image.clusterSize) + store, image.clusterBits));
     const h = image.header;
     const last = image.snapshots[image.snapshots.length - 1];
     const oldBytes = last ? last.tableOffset + last.byteLength - h.snapshotsOffset : 0;
@@ -304,21 +349,34 @@ export class Dedup {
       const { w, hash, dups } = misses[i];
       const offset = start + i * cs;
       const cluster = offset / cs;
-      const indexed = this.holder.covers(cluster);
+      let indexed = this.holder.canHold(cluster);
       if (indexed) {
         // refcount 2: the guest and the holder
         if (refcounts.incrementCached(cluster) === undefined) await refcounts.increment(cluster);
         if (!this.holder.holdCached(cluster)) await this.holder.hold(cluster);
-        const inserting = this.store.insert(hash, offset, w.guestCluster * cs, this.host.allocate);
+        const inserting = this.store.insert(hash, offset, w.guestCluster * cs, this.allocate);
         if (inserting) await inserting;
       }
       if (!image.tryMapCluster(w.guestCluster, offset, !indexed)) await image.mapCluster(w.guestCluster, offset, !indexed);
       if (!image.tryDropReference(w.old)) await image.dropReference(w.old);
+      let target = offset; // the indexed copy of this content the duplicates link to
       for (const d of dups) {
-        this.counters.hits++;
         if (indexed) {
-          await this.link(d, offset);
+          // The cap counts every reference this batch already added (increments apply at
+          // once; the holder's is one of them): at the cap the duplicate gets its own copy,
+          // which becomes the indexed one, so later copies link to it (BRIEF §2, refcount cap).
+          const c = target / cs;
+          const refcount = refcounts.getCached(c) ?? (await refcounts.get(c));
+          if (refcount < this.cap) {
+            this.counters.hits++;
+            await this.link(d, target);
+            continue;
+          }
+          this.counters.misses++;
+          target = await this.writeIndexedCopy(d, hash);
+          indexed = this.holder.canHold(target / cs);
         } else {
+          this.counters.hits++;
           // Not held: sharing it could not keep COPIED truthful. Give the copy its own cluster.
           const own = await image.writeRun([d.data]);
           await image.mapCluster(d.guestCluster, own, true);
@@ -326,6 +384,30 @@ export class Dedup {
         }
       }
     }
+  }
+
+  /**
+   * Writes `w` to a cluster of its own and, when the holder can cover it, holds it and indexes
+   * it under `hash` in place of the previous copy (that one is at the refcount cap). Returns
+   * its host offset (later duplicates link to it only if the holder can hold it).
+   */
+  private async writeIndexedCopy(w: ClusterWrite, hash: Buffer): Promise<number> {
+    const image = this.image;
+    const cs = image.clusterSize;
+    const offset = await image.writeRun([w.data]);
+    const cluster = offset / cs;
+    const indexed = this.holder.canHold(cluster);
+    if (indexed) {
+      // refcount 2: the guest and the holder; written before the L2 entry points at it (I3)
+      const refcounts = image.refcountState!;
+      if (refcounts.incrementCached(cluster) === undefined) await refcounts.increment(cluster);
+      if (!this.holder.holdCached(cluster)) await this.holder.hold(cluster);
+      const inserting = this.store.insert(hash, offset, w.guestCluster * cs, this.allocate);
+      if (inserting) await inserting;
+    }
+    await image.mapCluster(w.guestCluster, offset, !indexed);
+    await image.dropReference(w.old);
+    return offset;
   }
 
   /** Points guest cluster `w` at the indexed cluster at `target`: refcount + 1, the L2 entry, then the old reference dropped. */
@@ -347,7 +429,8 @@ export class Dedup {
     const cluster = e.hostOffset / this.image.clusterSize;
     // An index entry is only good for a cluster the holder still holds (belt and braces for I1).
     if (!Number.isSafeInteger(cluster) || !(await this.holder.holds(cluster))) return null;
-    if ((await this.image.refcountState!.get(cluster)) >= this.cap) return null;
+    const refcount = await this.image.refcountState!.get(cluster);
+    if (refcount < MIN_LINK_REFCOUNT || refcount >= this.cap) return null;
     if ((this.ext.verify || !e.confirmed) && !this.sameBytes(e, data)) return null;
     return e.hostOffset;
   }
@@ -381,7 +464,7 @@ export class Dedup {
     if (!held) return null;
     const refcount = this.image.refcountState!.getCached(cluster);
     if (refcount === undefined) return undefined;
-    if (refcount >= this.cap) return null;
+    if (refcount < MIN_LINK_REFCOUNT || refcount >= this.cap) return null;
     if ((this.ext.verify || !e.confirmed) && !this.sameBytes(e, data)) return null;
     return e.hostOffset;
   }
@@ -400,7 +483,7 @@ export class Dedup {
         const offset = cluster * this.image.clusterSize;
         const hash = this.hasher.hash(await this.image.file.read(offset, this.image.clusterSize));
         const e = this.store.lookup(hash);
-        if (e && e.hostOffset === offset) await this.store.remove(hash, this.host.allocate);
+        if (e && e.hostOffset === offset) await this.store.remove(hash, this.allocate);
         await this.holder.release(cluster);
         this.counters.released++;
         drops = 2;
@@ -436,14 +519,18 @@ export class Dedup {
   /** Commit, before the refcounts are written: the store's journal and incarnations, the configuration area. */
   async beforeCommit(): Promise<void> {
     const host = this.host;
-    await this.store.flush(host.allocate);
+    await this.store.flush(this.allocate);
     const config = this.store.config();
     const need = configBytesFor(config);
     if (need > this.ext.configBytes) {
       const clusters = Math.ceil((need * 2) / this.image.clusterSize);
       const old = this.ext.configOffset / this.image.clusterSize;
-      for (let c = 0; c < this.ext.configBytes / this.image.clusterSize; c++) this.image.refcountState!.deferFree(old + c);
-      this.ext.configOffset = await host.allocate(clusters);
+      // The old area is let go by the holder and freed after this commit's tables are durable.
+      for (let c = 0; c < this.ext.configBytes / this.image.clusterSize; c++) {
+        await this.holder.release(old + c);
+        this.image.refcountState!.deferFree(old + c);
+      }
+      this.ext.configOffset = await this.allocate(clusters);
       this.ext.configBytes = clusters * this.image.clusterSize;
     }
     host.markMetadata(this.ext.configOffset, this.ext.configBytes, 'dedup configuration area');
@@ -462,17 +549,74 @@ export class Dedup {
   }
 }
 
-/** The allocation and overlap-guard functions the store and the holder use. */
+/**
+ * The allocation, overlap-guard and table-move functions the store and the holder use. The
+ * holder's L1 move (it grew) switches the snapshot table entry to the new L1 the way
+ * addHolder adds the entry: a new table in clusters reserved before the commit (so their
+ * refcounts are durable with its increments), synced before the header names it.
+ */
 function hostOf(image: Image): HolderHost {
-  return {
+  let reserved: { offset: number; bytes: number } | null = null;
+  const cs = image.clusterSize;
+  const tableBytes = () => {
+    const last = image.snapshots[image.snapshots.length - 1];
+    return last ? last.tableOffset + last.byteLength - image.header.snapshotsOffset : 0;
+  };
+  const host: HolderHost = {
     file: image.file,
     clusterBits: image.clusterBits,
     allocate: async (n) => {
       const offset = await image.refcountState!.allocate(n);
-      image.markMetadata(offset, n * image.clusterSize, 'dedup metadata');
+      image.markMetadata(offset, n * cs, 'dedup metadata');
       return offset;
     },
     markMetadata: (offset, bytes, what) => image.markMetadata(offset, bytes, what),
+    freeUnreferenced: (cluster) => image.refcountState!.deferFree(cluster),
+    reserveL1Move: async () => {
+      const bytes = tableBytes();
+      reserved = { offset: await host.allocate(Math.ceil(bytes / cs)), bytes };
+    },
+    moveL1: async (l1Offset, l1Size, oldL1Offset, oldL1Bytes) => {
+      const h = image.header;
+      const at = reserved!;
+      reserved = null;
+      const entry = image.snapshots.find((x) => x.name === HOLDER_NAME)!;
+      const table = await image.file.read(h.snapshotsOffset, at.bytes);
+      const pos = entry.tableOffset - h.snapshotsOffset;
+      writeU64(table, pos, l1Offset);
+      table.writeUInt32BE(l1Size, pos + 8);
+      // v3 extra data bytes 8–15: the virtual disk size the snapshot describes (its coverage).
+      if (table.readUInt32BE(pos + 36) >= 16) writeU64(table, pos + SNAPSHOT_FIXED_BYTES + 8, l1Size * (cs / 8) * cs);
+      await image.file.write(at.offset, table);
+      host.markMetadata(at.offset, at.bytes, 'snapshot table');
+      await image.file.sync(); // I3: the new table durable before the header names it
+      const oldTable = h.snapshotsOffset;
+      h.snapshotsOffset = at.offset;
+      await image.writeHeader();
+      await image.file.sync();
+      const refcounts = image.refcountState!;
+      for (let c = 0; c < Math.ceil(at.bytes / cs); c++) refcounts.deferFree(oldTable / cs + c);
+      for (let c = 0; c < oldL1Bytes / cs; c++) refcounts.deferFree(oldL1Offset / cs + c);
+      await image.loadSnapshots();
+    },
+  };
+  return host;
+}
+
+/**
+ * Allocation for the store's own clusters: each is held by the holder (its one reference), so
+ * `qemu-img check` counts it as referenced. A cluster past what the holder can ever cover
+ * (beyond QEMU's largest L1) is left unheld: a leak, never a wrong reference.
+ */
+function storeAllocator(holder: Holder, host: HolderHost): Allocate {
+  const cs = 2 ** host.clusterBits;
+  return async (n) => {
+    const offset = await host.allocate(n);
+    const first = offset / cs;
+    let held = n;
+    while (held > 0 && !holder.canHold(first + held - 1)) held--;
+    await holder.holdRun(first, held);
+    return offset;
   };
 }
 

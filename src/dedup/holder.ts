@@ -6,9 +6,18 @@
 // active entry pointing at it, stock QEMU never writes into it in place, and every step of
 // linking, unlinking and freeing is at worst a leak for `qemu-img check`.
 //
+// It also holds every cluster of the dedup store itself (configuration area, journals,
+// incarnations, limbo), each with refcount 1, so `qemu-img check` finds every cluster of a
+// dedup image referenced ("No errors were found"). A held cluster of refcount 1 is thus the
+// store's (or an orphan a foreign writer left), never guest data: the write path links only
+// to held clusters of refcount ≥ 2.
+//
 // Tables are cached here and written by the image's commit: L2 tables with the active L2
-// tables (before their sync), the L1 with the active L1. The L1 has a fixed size chosen at
-// creation; clusters past what it covers are simply never indexed.
+// tables (before their sync), the L1 with the active L1. The L1 starts just large enough for
+// the file as it is (plus a margin) and grows when a cluster past its coverage is to be held:
+// the larger copy goes to new clusters and the snapshot table entry is switched to it at the
+// commit, crash-safely (HolderHost.moveL1). It never exceeds QEMU's largest L1 table; a
+// cluster past that is never held (a data cluster is then not indexed, a store cluster leaks).
 
 import { CorruptImageError, hex } from '../errors.ts';
 import { decodeL1Entry, decodeL2Entry, encodeL1Entry, encodeL2Entry } from '../format/l1l2.ts';
@@ -24,13 +33,35 @@ export interface HolderHost {
   allocate(n: number): Promise<number>;
   /** Adds a range to the overlap guard. */
   markMetadata(offset: number, bytes: number, what: string): void;
+  /** Frees a cluster `allocate` gave that nothing references (at the next commit). */
+  freeUnreferenced(cluster: number): void;
+  /**
+   * The L1 grew: reserves what switching the snapshot table entry to the new L1 needs (the
+   * new table's clusters), so that its refcounts are written with the commit's increments.
+   */
+  reserveL1Move(): Promise<void>;
+  /**
+   * Commit, once the new L1 (`l1Offset`, `l1Size` entries) is durable: points the snapshot
+   * table entry at it (new table, synced, then the header) and queues the frees of the old
+   * L1 (`oldL1Offset`, `oldL1Bytes`) and the old snapshot table.
+   */
+  moveL1(l1Offset: number, l1Size: number, oldL1Offset: number, oldL1Bytes: number): Promise<void>;
 }
 
-/** Holder L1 entries for an image of `virtualSize` bytes: room for twice its data plus 256 MiB. */
-export function holderL1Size(virtualSize: number, clusterBits: number): number {
-  const perL1 = 2 ** (clusterBits + clusterBits - 3);
-  const wanted = Math.ceil((2 * virtualSize + 256 * 1024 * 1024) / perL1);
-  return Math.min(wanted, (32 * 1024 * 1024) / 8); // QEMU's largest L1 table
+/** QEMU's largest L1 table (QCOW_MAX_L1_SIZE): the holder never grows past it. */
+export const MAX_HOLDER_L1_ENTRIES = (32 * 1024 * 1024) / 8;
+/** Room a new or grown holder L1 leaves past the clusters it must cover: 64 MiB of file. */
+const HOLDER_MARGIN_BYTES = 64 * 1024 * 1024;
+
+/**
+ * Holder L1 entries to cover host clusters 0 … `clusters` - 1 plus a margin, rounded up to
+ * whole L1 clusters (the clusters are written anyway), capped at MAX_HOLDER_L1_ENTRIES.
+ */
+export function holderL1Size(clusters: number, clusterBits: number): number {
+  const perL1Entry = 2 ** (clusterBits - 3); // clusters one L2 table covers
+  const perL1Cluster = 2 ** (clusterBits - 3); // L1 entries in one cluster
+  const entries = Math.ceil((clusters + HOLDER_MARGIN_BYTES / 2 ** clusterBits) / perL1Entry);
+  return Math.min(MAX_HOLDER_L1_ENTRIES, Math.ceil(entries / perL1Cluster) * perL1Cluster);
 }
 
 export class Holder {
@@ -40,8 +71,10 @@ export class Holder {
   private readonly l2Dirty = new Set<number>();
   /** L1 clusters (indices within the L1) to rewrite. */
   private readonly l1Dirty = new Set<number>();
+  /** The L1 at load (or creation) when it has grown since: freed once the snapshot entry names the new one. */
+  private moved: { offset: number; bytes: number } | null = null;
 
-  private constructor(private readonly host: HolderHost, readonly l1Offset: number, readonly l1: Buffer) {
+  private constructor(private readonly host: HolderHost, private l1OffsetNow: number, private l1Now: Buffer) {
     this.clusterSize = 2 ** host.clusterBits;
     this.l2Entries = this.clusterSize / 8;
   }
@@ -65,8 +98,47 @@ export class Holder {
     return new Holder(host, offset, Buffer.alloc(l1Size * 8));
   }
 
+  /** Host offset of the L1 table (a grown table's new place, before the commit switches to it). */
+  get l1Offset(): number {
+    return this.l1OffsetNow;
+  }
+
+  get l1(): Buffer {
+    return this.l1Now;
+  }
+
   get l1Size(): number {
     return this.l1.length / 8;
+  }
+
+  /** True when the holder could hold `cluster` (growing its L1 if need be). */
+  canHold(cluster: number): boolean {
+    return cluster < MAX_HOLDER_L1_ENTRIES * this.l2Entries;
+  }
+
+  /**
+   * Grows the L1 so that it covers `cluster`: a copy at least twice as large in new clusters
+   * (written at the commit, then the snapshot table switched to it: HolderHost.moveL1).
+   */
+  private async grow(cluster: number): Promise<void> {
+    const needed = Math.max(cluster + 1, 2 * this.coverage);
+    const size = holderL1Size(needed, this.host.clusterBits);
+    const bytes = Math.ceil((size * 8) / this.clusterSize) * this.clusterSize;
+    const offset = await this.host.allocate(bytes / this.clusterSize);
+    this.host.markMetadata(offset, bytes, 'dedup holder L1 table');
+    const l1 = Buffer.alloc(size * 8);
+    this.l1.copy(l1);
+    if (this.moved) {
+      // Grown twice before a commit: the intermediate copy was never named by anything.
+      const c = this.l1Offset / this.clusterSize;
+      for (let i = 0; i < Math.ceil(this.l1.length / this.clusterSize); i++) this.host.freeUnreferenced(c + i);
+    } else {
+      this.moved = { offset: this.l1Offset, bytes: Math.ceil(this.l1.length / this.clusterSize) * this.clusterSize };
+      await this.host.reserveL1Move();
+    }
+    this.l1OffsetNow = offset;
+    this.l1Now = l1;
+    for (let i = 0; i < bytes / this.clusterSize; i++) this.l1Dirty.add(i);
   }
 
   /** Host clusters the holder can cover. */
@@ -135,6 +207,10 @@ export class Holder {
 
   /** Holds host cluster `cluster` (the caller has added its reference to the refcount). */
   async hold(cluster: number): Promise<void> {
+    if (!this.covers(cluster)) {
+      if (!this.canHold(cluster)) throw new RangeError(`internal: dedup holder cannot hold cluster ${cluster}`);
+      await this.grow(cluster);
+    }
     const l1Index = Math.floor(cluster / this.l2Entries);
     let t = await this.table(l1Index);
     if (!t) {
@@ -150,10 +226,30 @@ export class Holder {
   }
 
   /**
+   * Holds clusters `first` … `first + n - 1` (freshly allocated: the caller's allocation is
+   * their reference): one table lookup per L2 table rather than per cluster, so a journal of
+   * hundreds of thousands of clusters is held in milliseconds.
+   */
+  async holdRun(first: number, n: number): Promise<void> {
+    if (n <= 0) return;
+    let c = first;
+    const end = first + n;
+    while (c < end) {
+      await this.hold(c); // creates the table (and grows the L1) when needed
+      const l1Index = Math.floor(c / this.l2Entries);
+      const t = this.l2Cache.get(l1Index)!;
+      const stop = Math.min(end, (l1Index + 1) * this.l2Entries);
+      for (let x = c + 1; x < stop; x++) encodeL2Entry(t, x % this.l2Entries, x * this.clusterSize, false);
+      c = stop;
+    }
+  }
+
+  /**
    * hold() without I/O: when the cluster's holder L2 table is in memory, holds it and returns
    * true; otherwise changes nothing and returns false (call hold()).
    */
   holdCached(cluster: number): boolean {
+    if (!this.covers(cluster)) return false;
     const l1Index = Math.floor(cluster / this.l2Entries);
     const t = this.l2Cache.get(l1Index);
     if (!t) return false;
@@ -164,6 +260,7 @@ export class Holder {
 
   /** Drops the hold on `cluster` (the caller queues the refcount decrement for after the commit). */
   async release(cluster: number): Promise<void> {
+    if (!this.covers(cluster)) return;
     const l1Index = Math.floor(cluster / this.l2Entries);
     const t = await this.table(l1Index);
     if (!t) return;
@@ -174,13 +271,26 @@ export class Holder {
   /** Writes dirty L2 tables (commit step 3; the caller syncs). */
   async writeTables(): Promise<boolean> {
     if (!this.l2Dirty.size) return false;
-    for (const i of [...this.l2Dirty].sort((a, b) => a - b)) await this.host.file.write(decodeL1Entry(this.l1, i).l2Offset, this.l2Cache.get(i)!);
+    // In host order, tables that lie back to back in one writev (a store allocated at once
+    // has thousands of consecutive tables at small cluster sizes).
+    const dirty = [...this.l2Dirty].map((i) => ({ at: decodeL1Entry(this.l1, i).l2Offset, t: this.l2Cache.get(i)! })).sort((a, b) => a.at - b.at);
+    for (let k = 0; k < dirty.length;) {
+      let end = k + 1;
+      while (end < dirty.length && end - k < 1024 && dirty[end].at === dirty[end - 1].at + this.clusterSize) end++;
+      await this.host.file.writev(dirty[k].at, dirty.slice(k, end).map((d) => d.t));
+      k = end;
+    }
     this.l2Dirty.clear();
     if (this.l2Cache.size * this.clusterSize > 16 * 1024 * 1024) this.l2Cache.clear();
     return true;
   }
 
-  /** Writes the dirty parts of the L1 (commit step 4; the caller syncs). */
+  /**
+   * Writes the dirty parts of the L1 (commit step 4; the caller syncs). A grown L1 is written
+   * whole to its new place and synced before the snapshot table is switched to it (I3: the
+   * header never names a table whose L1 is not durable; until the switch the old L1 is in
+   * force and what only the new one names is at worst a leak).
+   */
   async writeL1(): Promise<boolean> {
     if (!this.l1Dirty.size) return false;
     for (const i of [...this.l1Dirty].sort((a, b) => a - b)) {
@@ -188,6 +298,11 @@ export class Holder {
       await this.host.file.write(this.l1Offset + from, this.l1.subarray(from, Math.min(this.l1.length, from + this.clusterSize)));
     }
     this.l1Dirty.clear();
+    if (this.moved) {
+      await this.host.file.sync();
+      await this.host.moveL1(this.l1Offset, this.l1Size, this.moved.offset, this.moved.bytes);
+      this.moved = null;
+    }
     return true;
   }
 

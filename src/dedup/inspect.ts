@@ -16,7 +16,7 @@ import {
 } from '../format/dedup-ext.ts';
 import { HASH_ENTRY_BYTES } from '../format/hash-entry.ts';
 import { BUCKET_SLOTS, SLOT_USED, candidateBuckets, decodeIncarnationSlot, incarnationLayout, tagOf } from '../format/incarnation.ts';
-import { MAX_HOST_OFFSET } from '../format/header.ts';
+import { INCOMPAT_DIRTY, MAX_HOST_OFFSET } from '../format/header.ts';
 import { compressedClusterSpan, decodeL1Entry, decodeL2Entry } from '../format/l1l2.ts';
 import type { CheckExtension, ExtensionReport } from '../image/check.ts';
 import type { Image } from '../image/image.ts';
@@ -66,6 +66,8 @@ export interface InspectOptions {
 /** The reason the write path gives when autoclear bit 60 is clear. */
 const REASON_AUTOCLEAR = 'dedup autoclear bit 60 is clear (another program opened the image for writing, or check -r all dropped the index)';
 const REASON_DIRTY = 'the image was not closed cleanly (dedup dirty flag set)';
+/** A read-write open rebuilds the refcounts first (src/image/image.ts) and that drops the index. */
+const REASON_QCOW2_DIRTY = 'the QCOW2 dirty bit is set (lazy refcounts not written back): the next read-write open rebuilds the refcounts, which drops the dedup index';
 
 /** A HolderHost for reading: any allocation is a bug (inspection never writes). */
 function readOnlyHost(image: Image): HolderHost {
@@ -76,6 +78,15 @@ function readOnlyHost(image: Image): HolderHost {
       throw new QdedupError('internal: dedup inspection tried to allocate a cluster', 'EINTERNAL');
     },
     markMetadata: () => {},
+    freeUnreferenced: () => {
+      throw new QdedupError('internal: dedup inspection tried to free a cluster', 'EINTERNAL');
+    },
+    reserveL1Move: async () => {
+      throw new QdedupError('internal: dedup inspection tried to move the holder', 'EINTERNAL');
+    },
+    moveL1: async () => {
+      throw new QdedupError('internal: dedup inspection tried to move the holder', 'EINTERNAL');
+    },
   };
 }
 
@@ -122,7 +133,10 @@ export async function inspectDedup(image: Image, options: InspectOptions = {}): 
     out.reason = err.message;
     return out;
   }
-  if (!(image.header.autoclearFeatures & AUTOCLEAR_DEDUP)) out.reason = REASON_AUTOCLEAR;
+  // The order of Dedup.attach's open: a QCOW2 dirty bit is acted on (refcounts rebuilt, bit
+  // 60 cleared) before the store is looked at, so `info` gives the verdict the next write reaches.
+  if ((image.header.incompatibleFeatures & INCOMPAT_DIRTY) || image.refcountsRebuilt) out.reason = REASON_QCOW2_DIRTY;
+  else if (!(image.header.autoclearFeatures & AUTOCLEAR_DEDUP)) out.reason = REASON_AUTOCLEAR;
   else if (ext.dirty) out.reason = REASON_DIRTY;
   if (out.reason) return out;
   let config: DedupConfig;
@@ -180,9 +194,10 @@ export async function inspectDedup(image: Image, options: InspectOptions = {}): 
 
 /**
  * Why the store's areas cannot be the store's own clusters, or null. Each must lie inside
- * the file, on clusters of refcount 1 that no other area, no table of the image and no
- * held (guest) cluster uses: a configuration that says otherwise would have the store's
- * writes land on someone else's bytes (found by the fuzzer: a journal over the L1 table).
+ * the file, on clusters of refcount 1 that the holder holds (that reference is the only one)
+ * and that no other area and no table of the image uses: a configuration that says
+ * otherwise would have the store's writes land on someone else's bytes (found by the
+ * fuzzer: a journal over the L1 table). Guest data is never held with refcount 1.
  * Cost: one refcount lookup per store cluster.
  */
 async function misplacedArea(image: Image, areas: StoreArea[], holder: Holder | null): Promise<string | null> {
@@ -214,7 +229,10 @@ async function misplacedArea(image: Image, areas: StoreArea[], holder: Holder | 
       if (other) return `${a.what} at ${hex(a.offset)} overlaps ${other} (cluster ${hex(c * cs)})`;
       tables.set(c, a.what);
       if ((await refcounts.get(c)) !== 1) return `${a.what} at ${hex(a.offset)}: cluster ${hex(c * cs)} has refcount ${await refcounts.get(c)}, not 1`;
-      if (holder && (await holder.holds(c).catch(() => false))) return `${a.what} at ${hex(a.offset)} overlaps guest data (cluster ${hex(c * cs)})`;
+      // The holder holds every store cluster (its one reference): one it does not hold is not
+      // the store's (or the image predates that rule: the index is rebuilt once, and those
+      // clusters stay leaks for `check -r leaks`).
+      if (!holder || !(await holder.holds(c).catch(() => false))) return `${a.what} at ${hex(a.offset)}: cluster ${hex(c * cs)} is not held by the dedup holder snapshot`;
     }
   }
   return null;
@@ -443,13 +461,24 @@ export interface IndexVerification {
  * the holder holds the cluster, its stored refcount is at least 1; with `deep`, the
  * cluster's bytes hash to the entry's hash. Reads only.
  */
-export async function verifyIndex(image: Image, store: DedupStore, held: ClusterSet, refcounts: Refcounts, hasher: Hasher, deep: boolean): Promise<IndexVerification> {
+export async function verifyIndex(image: Image, store: DedupStore, held: ClusterSet, refcounts: Refcounts, hasher: Hasher, deep: boolean, areas: StoreArea[] = []): Promise<IndexVerification> {
   const cs = image.clusterSize;
   const fileSize = await image.file.size();
   const out: IndexVerification = { checked: 0, bad: 0, lines: [] };
+  // The store's own clusters are held too: an entry naming one must never be linked (I1).
+  const storeClusters = await clusterSetFor(image);
+  const areaOf = new Map<number, string>();
+  for (const a of areas) {
+    for (let c = Math.floor(a.offset / cs); c <= Math.floor((a.offset + Math.max(a.bytes, 1) - 1) / cs); c++) {
+      if (storeClusters.add(c) && areaOf.size < MAX_PROBLEM_LINES) areaOf.set(c, a.what);
+    }
+  }
   for await (const e of liveEntries(image, store)) {
     out.checked++;
-    const problem = await entryProblem(image, e, cs, fileSize, held, refcounts, hasher, deep);
+    const c = e.hostOffset / cs;
+    const problem = Number.isSafeInteger(c) && storeClusters.has(c)
+      ? `cluster belongs to the dedup store (${areaOf.get(c) ?? 'store area'}), not to guest data`
+      : await entryProblem(image, e, cs, fileSize, held, refcounts, hasher, deep);
     if (problem === null) continue;
     out.bad++;
     if (out.lines.length < MAX_PROBLEM_LINES) out.lines.push(`ERROR dedup index: hash ${e.hash.toString('hex')} (${e.where}) -> ${hex(e.hostOffset)}: ${problem}`);
@@ -521,10 +550,12 @@ export function dedupCheckExtension(image: Image, deep: boolean): CheckExtension
       }
       report.trusted = true;
       summary.trusted = true;
-      report.areas = insp.areas;
+      // No areas to count: the holder snapshot references every store cluster, and check
+      // counts it as it counts any snapshot (inspectDedup refuses to trust an unheld area).
+      report.areas = [];
       try {
         const refcounts = await storedRefcounts(image);
-        const v = await verifyIndex(image, insp.store, held ?? new ClusterSet(0), refcounts, createHasher(insp.ext!.hashAlgorithm), deep);
+        const v = await verifyIndex(image, insp.store, held ?? new ClusterSet(0), refcounts, createHasher(insp.ext!.hashAlgorithm), deep, insp.areas);
         summary['entries-checked'] = v.checked;
         summary['bad-entries'] = v.bad;
         report.problems = v.lines;

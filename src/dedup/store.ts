@@ -35,6 +35,22 @@ export function journalBlocksFor(g: StoreGeometry): number {
 }
 
 /**
+ * Blocks a new journal starts with (at most journalBlocksFor): 128 blocks hold every slot of
+ * a log store up to order 10 at 4 KiB blocks. A larger journal is allocated as it fills: when
+ * it is full and the log store is not, its live entries move to an area twice as large
+ * (DedupStore.pack), so an empty order-20 store takes 1 MiB of journals, not 800 MiB.
+ */
+export const INITIAL_JOURNAL_BLOCKS = 128;
+
+/** Blocks of a new journal for geometry `g`. */
+export function initialJournalBlocks(g: StoreGeometry): number {
+  return Math.min(journalBlocksFor(g), INITIAL_JOURNAL_BLOCKS);
+}
+
+/** Gives back an area the store no longer uses (a journal that moved): freed after the commit that records the move. */
+export type Release = (offset: number, clusters: number) => Promise<void>;
+
+/**
  * Why the replay of a trusted store's journals cannot be trusted, or null: a block with a
  * bad checksum or entry, or replay stopping anywhere but at the blocks the configuration
  * says were written (a zeroed or stale block there would look like a clean end and hide
@@ -96,21 +112,29 @@ export class DedupStore {
 
   /** Allocates two empty journals: a new store with nothing indexed. */
   static async create(file: BlockFile, g: StoreGeometry, allocate: Allocate): Promise<DedupStore> {
-    const blocks = journalBlocksFor(g);
-    const clusters = Math.ceil((blocks * g.journalBlockSize) / g.clusterSize);
+    const blocks = initialJournalBlocks(g);
     const journals: [JournalDescriptor, JournalDescriptor] = [
-      { offset: await allocate(clusters), blocks, startSequence: 0, written: 0 },
-      { offset: await allocate(clusters), blocks, startSequence: 0, written: 0 },
+      { offset: await DedupStore.newJournalArea(file, g, blocks, allocate), blocks, startSequence: 0, written: 0 },
+      { offset: await DedupStore.newJournalArea(file, g, blocks, allocate), blocks, startSequence: 0, written: 0 },
     ];
-    // Fresh clusters may hold old bytes: zero block 0 so replay ends there. The last block
-    // is written too, so the file covers the whole journal (qemu-img check then counts
-    // every journal cluster as leaked, as dedup-stats counts them as the store's).
-    for (const j of journals) {
-      await file.write(j.offset, Buffer.alloc(g.journalBlockSize));
-      await file.write(j.offset + (blocks - 1) * g.journalBlockSize, Buffer.alloc(g.journalBlockSize));
-    }
     return new DedupStore(file, g, { currentJournal: 0, journals, incarnations: [], limbo: [] });
   }
+
+  /**
+   * Allocates a journal area of `blocks` blocks. Reused clusters may hold old bytes: block 0
+   * is zeroed so replay ends there. The last block is written too, so the file covers the
+   * whole area: the holder holds every journal cluster, and QEMU counts a reference past the
+   * end of the file as a corruption (the file is sparse there until the journal fills).
+   */
+  private static async newJournalArea(file: BlockFile, g: StoreGeometry, blocks: number, allocate: Allocate): Promise<number> {
+    const offset = await allocate(Math.ceil((blocks * g.journalBlockSize) / g.clusterSize));
+    await file.write(offset, Buffer.alloc(g.journalBlockSize));
+    await file.write(offset + (blocks - 1) * g.journalBlockSize, Buffer.alloc(g.journalBlockSize));
+    return offset;
+  }
+
+  /** Where moved journals' areas go (Dedup sets it: the holder lets go, the frees follow the commit). */
+  releaseArea: Release | null = null;
 
   /** Opens a trusted store: replays both journals and loads the incarnations' filters. */
   static async open(file: BlockFile, g: StoreGeometry, config: DedupConfig): Promise<DedupStore> {
@@ -209,15 +233,38 @@ export class DedupStore {
     return { offset: d.offset, blocks: d.blocks, startSequence: d.startSequence + d.blocks + 1, written: 0 };
   }
 
-  /** Rewrites the current journal with only the live slots of the current log store. */
+  /**
+   * Rewrites the current journal with only the live slots of the current log store: in a
+   * journal twice as large when this one is smaller than a full journal and the live slots
+   * fill more than half of it (a journal allocated as it fills), else in place.
+   */
   private async pack(allocate: Allocate): Promise<void> {
     const store = this.current.store;
-    if (store.count >= this.current.journal.perBlock * (this.current.desc.blocks - 1)) {
+    const old = this.current.desc;
+    const perBlock = this.current.journal.perBlock;
+    const full = journalBlocksFor(this.geometry);
+    if (old.blocks < full && this.releaseArea && 2 * (Math.ceil(store.count / perBlock) + 2) > old.blocks) {
+      // Grow: the live slots go to a new area under later sequence numbers; the old area is
+      // given back (the holder lets go now, the refcounts drop after the commit that records
+      // the new area in the configuration, I3; its bytes are never read again).
+      const blocks = Math.min(full, Math.max(2 * old.blocks, 2 * (Math.ceil(store.count / perBlock) + 2)));
+      const offset = await DedupStore.newJournalArea(this.file, this.geometry, blocks, allocate);
+      const desc = { offset, blocks, startSequence: old.startSequence + old.blocks + 1, written: 0 };
+      await this.releaseArea(old.offset, Math.ceil((old.blocks * this.geometry.journalBlockSize) / this.geometry.clusterSize));
+      this.rewriteLive(desc);
+      return;
+    }
+    if (store.count >= perBlock * (old.blocks - 1)) {
       await this.rotate(allocate); // nearly full anyway: freeze instead
       return;
     }
     // The old journal is abandoned whole: the new one, under later sequence numbers, holds every live slot.
-    const desc = this.resetDescriptor(this.current.desc);
+    this.rewriteLive(this.resetDescriptor(old));
+  }
+
+  /** Makes `desc` the current journal, holding every live slot of the current log store. */
+  private rewriteLive(desc: JournalDescriptor): void {
+    const store = this.current.store;
     const journal = new Journal(this.file, desc, this.geometry.journalBlockSize);
     for (let s = 0; s < store.slots; s++) {
       if (store.states[s] === SLOT_EMPTY) continue;

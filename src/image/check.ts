@@ -578,7 +578,7 @@ class CheckRun {
         const fixable = r.problemCount + this.extOverlaps;
         if (fixable && fix & FIX_ERRORS) {
           await this.dropExtension(this.extension.autoclear);
-          this.emit(`Repairing ${this.extension.key}: structures dropped (autoclear bits 0x${this.extension.autoclear.toString(16)} cleared); their clusters are now leaks`);
+          this.emit(`Repairing ${this.extension.key}: structures dropped (autoclear bits 0x${this.extension.autoclear.toString(16)} cleared)${r.areas.length ? '; their clusters are now leaks' : ''}`);
           this.res.corruptions -= fixable;
           this.res.corruptionsFixed += fixable;
         }

@@ -102,6 +102,8 @@ export class Image implements GuestReader {
   private closed = false;
   /** The snapshot table, loaded by read-write opens (their tables join the overlap guard). */
   snapshots: SnapshotEntry[] = [];
+  /** True when this read-write open rebuilt the refcounts (QCOW2 dirty bit): structures the rebuild does not know, such as the dedup store, were dropped. */
+  refcountsRebuilt = false;
   /** Inline deduplication, on read-write opens of dedup images (src/dedup/dedup.ts). */
   dedup: Dedup | null = null;
 
@@ -190,6 +192,7 @@ export class Image implements GuestReader {
       // before any write; the rebuild clears foreign autoclear bits before its own first write.
       const { rebuildRefcounts } = await import('./check.ts');
       await rebuildRefcounts(this);
+      this.refcountsRebuilt = true;
     }
     if (h.nbSnapshots > 0) await this.loadSnapshots(); // their tables join the overlap guard
     this.indexMetadata();

@@ -83,7 +83,20 @@ function workloads(seed: number): Workload[] {
     out.push({ name: `rewrites${verify ? '+verify' : ''}`, size: 1 << 20, clusterBits: 12, settings: { ...base, verify }, steps: rewrites });
     out.push({ name: `tiny-store${verify ? '+verify' : ''}`, size: 1 << 20, clusterBits: 12, settings: { ...base, verify, order: 1, maxIncarnations: 2 }, steps: tiny });
   }
-  // 4. A dedup extension that does not decode: the first write replaces it (a fresh store).
+  // 4. A journal that grows (allocated as it fills): 512-byte clusters and journal blocks, a
+  // log store of 2048 slots whose 128-block journal fills with the first 1,152 entries; the
+  // live entries move to a journal twice as large and the old area is given back.
+  const uniq = (first: number, n: number) => {
+    const b = Buffer.alloc(n * 512);
+    for (let i = 0; i < n * 128; i++) b.writeUInt32LE((first * 128 + i) * 2654435761 >>> 0, i * 4);
+    return b;
+  };
+  const grows: Op[][] = [
+    [{ kind: 'write', offset: 0, data: uniq(0, 1300) }],
+    [{ kind: 'write', offset: 1400 * 512, data: Buffer.concat([uniq(0, 100), uniq(5000, 200)]) }],
+  ];
+  out.push({ name: 'journal-grows', size: 2 << 20, clusterBits: 9, settings: { ...base, order: 9 }, steps: grows });
+  // 5. A dedup extension that does not decode: the first write replaces it (a fresh store).
   out.push({ name: 'malformed-extension', size: 1 << 20, clusterBits: 12, settings: base, damagedAfter: heavy[0], steps: heavy.slice(1, 3) });
   return out;
 }

@@ -1,9 +1,8 @@
 // Random dedup workloads checked against the real QEMU (issue 3, test 2): heavy repetition,
 // unaligned writes, rewrites, zero writes, over several open/close sessions, with small
 // stores that freeze and evict. After each workload: `qemu-img compare` against a raw
-// shadow says identical, `qemu-io read -P` spot checks pass, `qemu-img check` finds no
-// corruption and exactly the dedup store's clusters leaked (what `dedup-stats` reports as
-// metadata-clusters).
+// shadow says identical, `qemu-io read -P` spot checks pass, `qemu-img check` exits 0 with
+// "No errors were found" (the holder snapshot holds the dedup store's clusters too).
 // QDEDUP_SOAK_SCALE=N runs N times as many workloads.
 
 import { describe, it } from 'node:test';
@@ -113,12 +112,13 @@ describe('dedup workloads against qemu-img', { skip: NO_QEMU, concurrency: 2 }, 
       }
       const chk = await checkImage(img);
       assert.equal(chk.json?.corruptions ?? 0, 0, `${context}: ${chk.stderr}`);
-      // dedup-stats' metadata-clusters, computed in-process (the CLI's own test covers the command).
       const ro = await Image.open(img);
       const seen = await inspectDedup(ro, { store: false });
       await ro.close();
       assert.equal(seen.trusted, true, `${context}: ${seen.reason}`);
-      assert.equal(chk.json?.leaks ?? 0, seen.metadataClusters, `${context}: qemu-img check leaks = the store's clusters\n${chk.stderr}`);
+      assert.ok(seen.metadataClusters > 0, context);
+      assert.equal(chk.json?.leaks ?? 0, 0, `${context}: no leak, the store's clusters are held\n${chk.stderr}`);
+      assert.equal(chk.status, 0, `${context}: qemu-img check exit ${chk.status}\n${chk.stderr}`);
     });
   }
 });

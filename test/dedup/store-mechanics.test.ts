@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import { statSync } from 'node:fs';
 import { join } from 'node:path';
 import { Image } from '../../src/image/image.ts';
-import { qdedup, tempDir } from '../helpers.ts';
+import { NO_QEMU, qdedup, qemuCheck, tempDir } from '../helpers.ts';
 
 const CS = 4096;
 
@@ -110,6 +110,12 @@ test('tiny store: freezes, hits in incarnations, FIFO eviction with limbo reuse,
   assert.ok((await ro.read(0, size)).equals(shadow));
   await ro.close();
   assert.ok(statSync(img).size < 2 * (1 << 20), 'the file stays small');
+  // Freezes, FIFO eviction, limbo reuse and packing: every store cluster is held, none leaks.
+  if (!NO_QEMU) {
+    const chk = qemuCheck(img);
+    assert.equal(chk.status, 0, `qemu-img check: ${JSON.stringify(chk.json)} ${chk.stderr}`);
+    assert.equal(chk.json?.leaks ?? 0, 0);
+  }
 });
 
 // src/dedup/slot-bits.ts: an index entry read from disk is compared with the data at its

@@ -1723,13 +1723,13 @@ export function dedupHazards(b: Buffer): DedupHazards {
       const rb = Number(u64(b, reft * cs + i * 8) & mask);
       if (rb) mark(rb / cs, 1, 'refcount block');
     }
-    const walk = (l1Off: number, l1Size: number, label: string) => {
+    const walk = (l1Off: number, l1Size: number, label: string, data = true) => {
       mark(Math.floor(l1Off / cs), Math.ceil((Math.min(l1Size, 1 << 20) * 8) / cs), `${label} L1 table`);
       for (let i = 0; i < l1Size && l1Off + i * 8 + 8 <= b.length; i++) {
         const l2 = Number(u64(b, l1Off + i * 8) & mask);
         if (!l2 || l2 % cs || l2 >= b.length) continue;
         mark(l2 / cs, 1, `${label} L2 table`);
-        for (let j = 0; j < cs / 8 && l2 + j * 8 + 8 <= b.length; j++) {
+        for (let j = 0; data && j < cs / 8 && l2 + j * 8 + 8 <= b.length; j++) {
           const e = u64(b, l2 + j * 8);
           if (e & (1n << 62n)) continue;
           const d = Number(e & mask);
@@ -1742,7 +1742,10 @@ export function dedupHazards(b: Buffer): DedupHazards {
     for (let s = 0; s < u32(b, 60) && s < 64 && sp + 40 <= b.length; s++) {
       const len = Math.ceil((40 + u32(b, sp + 36) + b.readUInt16BE(sp + 12) + b.readUInt16BE(sp + 14)) / 8) * 8;
       mark(Math.floor(sp / cs), Math.floor((sp + len - 1) / cs) - Math.floor(sp / cs) + 1, 'snapshot table');
-      walk(Number(u64(b, sp)), u32(b, sp + 8), `snapshot ${s}`);
+      // The holder's "data" is the clusters it holds, the store's among them: only its tables count.
+      const nameAt = sp + 40 + u32(b, sp + 36) + b.readUInt16BE(sp + 12);
+      const isHolder = nameAt + b.readUInt16BE(sp + 14) <= b.length && b.subarray(nameAt, nameAt + b.readUInt16BE(sp + 14)).toString('latin1') === HOLDER_NAME;
+      walk(Number(u64(b, sp)), u32(b, sp + 8), isHolder ? 'holder snapshot' : `snapshot ${s}`, !isHolder);
       sp += len;
     }
     const owner = new Map<number, string>();

@@ -54,7 +54,7 @@ export function dedupHuman(r: ImageCheck): string {
   const d = dedupJson(r);
   if (!d) return '';
   if (d['index-dropped']) return 'Dedup index: dropped by the repair (autoclear bit 60 cleared); the next write starts a fresh index.\n';
-  if (!d.trusted) return `Dedup index: not trusted (${d.reason}); its clusters count as leaked.\n`;
+  if (!d.trusted) return `Dedup index: not trusted (${d.reason}); the holder snapshot keeps its clusters until the next write releases them.\n`;
   const what = `${d['entries-checked']} entries checked${d.deep ? ', content hashes verified' : ''}`;
   return `Dedup index: ${what}, ${d['bad-entries'] ? `${d['bad-entries']} bad` : 'no errors'}.\n`;
 }

@@ -9,7 +9,7 @@ import { checkFormat, withFormatOption, withQuietOption } from '../common.ts';
 import { parseBool, parseOptionList, parseSize } from '../parse.ts';
 import type { Output } from '../output.ts';
 import { isAbsolute, resolve, dirname } from 'node:path';
-import { defaultDedupSettings, type DedupSettings } from '../../dedup/dedup.ts';
+import { defaultDedupSettings, maxStoreOrder, type DedupSettings } from '../../dedup/dedup.ts';
 import { parseHashAlgorithm } from '../../dedup/hasher.ts';
 import { MAX_STORE_ORDER } from '../../format/dedup-ext.ts';
 
@@ -22,7 +22,7 @@ export const CREATE_OPTIONS: [string, string, string][] = [
   ['dedup', 'str', 'Inline deduplication hash: sha256 (default), sha3-256, blake3 or off'],
   ['dedup_journal_block', 'size', 'Dedup journal block size, a power of two from 512 to 64k (default 4096)'],
   ['dedup_max_incarnations', 'num', 'Frozen log stores kept before the oldest is forgotten (0 = unlimited, default)'],
-  ['dedup_order', 'num', 'Log store size: 2^N buckets of 4 hashes, 0 to 20 (default: about 1/128 of the disk; RAM ≈ 49 bytes × 2^N × 4 per log store)'],
+  ['dedup_order', 'num', 'Log store size: 2^N buckets of 4 hashes, 0 to 20 and at most log2(disk clusters / 2) (default: about 1/128 of the disk; RAM ≈ 49 bytes × 2^N × 4 per log store)'],
   ['dedup_verify', 'bool (on/off)', 'Compare bytes before linking a duplicate (default off)'],
   ['lazy_refcounts', 'bool (on/off)', 'Postpone refcount updates (compatible feature bit; v3 only)'],
   ['refcount_bits', 'num', 'Width of a reference count entry in bits: 1, 2, 4, 8, 16, 32 or 64 (default 16)'],
@@ -140,6 +140,12 @@ function dedupSettings(opts: Map<string, string>, version: 2 | 3, refcountBits: 
   const verify = opts.has('dedup_verify') ? parseBool(opts.get('dedup_verify')!, 'dedup_verify') : d.verify;
   const maxIncarnations = opts.has('dedup_max_incarnations') ? parseCount(opts.get('dedup_max_incarnations')!, 'dedup_max_incarnations', 0, 0xffffffff) : d.maxIncarnations;
   const order = opts.has('dedup_order') ? parseCount(opts.get('dedup_order')!, 'dedup_order', 0, MAX_STORE_ORDER) : d.order;
+  const maxOrder = maxStoreOrder(size, clusterSize);
+  if (order > maxOrder) {
+    // A log store larger than the disk can fill is never frozen: it only costs RAM and file space.
+    const clusters = Math.ceil(size / clusterSize);
+    throw new UsageError(`dedup_order ${order} is too large for this disk (${clusters} clusters of ${clusterSize} bytes): the largest is ${maxOrder} (a log store of 2^${maxOrder} × 4 slots, at most twice the disk's clusters)`);
+  }
   const journalBlockSize = opts.has('dedup_journal_block') ? parseSize(opts.get('dedup_journal_block')!, 'dedup journal block size') : d.journalBlockSize;
   if (journalBlockSize < 512 || journalBlockSize > 65536 || (journalBlockSize & (journalBlockSize - 1)) !== 0) throw new UsageError('dedup_journal_block must be a power of two from 512 to 64k');
   return { algorithm, verify, maxIncarnations, order, journalBlockSize };
