@@ -514,8 +514,9 @@ export interface DedupCheckSummary {
 
 /**
  * The dedup store's part of `check` (src/image/check.ts calls it at the start of every pass):
- * a trusted store's areas count as referenced and its index is verified; an untrusted store
- * owns nothing (its clusters are leaks, as qemu-img says). Bad entries are corruptions that
+ * a trusted store's index is verified (its areas are referenced by the holder snapshot, which
+ * check counts like any snapshot); an untrusted store owns nothing (the holder keeps its
+ * clusters until the next write releases them). Bad entries are corruptions that
  * `-r all` repairs by dropping the index (autoclear bit 60 cleared); a broken holder snapshot
  * or dedup extension is a corruption it cannot repair.
  */
