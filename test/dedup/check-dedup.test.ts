@@ -385,7 +385,7 @@ test('untrusted stores: held by the holder (no leak, qemu-img agrees) until the 
   assert.doesNotMatch(r.stdout, /leaked clusters/, 'nothing to free');
   // The next write starts a fresh store and only then lets the old one go: every old store
   // cluster is free afterwards, or reused by the new store or by data.
-  const w = q('write', '-q', '-i', input.path, foreign, String(2 * MiB));
+  const w = q('write', '-i', input.path, foreign, String(2 * MiB)); // not -q: -q silences the notice
   assert.equal(w.status, 0, w.stderr);
   assert.match(w.stderr, /dedup index not trusted/);
   // (Freed at that write's commit, after the new store was allocated: nothing reused them.)
@@ -463,7 +463,7 @@ test('a malformed dedup extension: check reports it (exit 2); the next write rep
   assert.equal(before.status, 2);
   assert.match(before.stdout + before.stderr, /ERROR dedup header extension: store order 30 above 20/);
 
-  const w = q('write', '-q', '-i', first.path, file, '2M');
+  const w = q('write', '-i', first.path, file, '2M'); // not -q: -q silences the notice
   assert.equal(w.status, 0, w.stderr);
   assert.match(w.stderr, /^qdedup: .*: dedup index not trusted: dedup header extension: store order 30 above 20; the extension is replaced, with the default settings; starting a fresh index/);
   const again = q('write', '-q', '-i', first.path, file, '4M');

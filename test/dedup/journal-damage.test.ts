@@ -232,7 +232,7 @@ test('through the CLI: damage stops replay in journal-dump; the next write drops
       assert.equal(d['index-kept'], !EXPECT[kind].drops, `${what}: ${d['index-reason']}`);
 
       // The next write: every content ever written, again, at fresh guest offsets.
-      const w = qdedup(['write', '-q', '-i', allInput, img, String(FOLLOW * CS)]);
+      const w = qdedup(['write', '-i', allInput, img, String(FOLLOW * CS)]); // not -q: -q silences the notice
       assert.equal(w.status, 0, `${what}: ${w.stderr}`);
       all.copy(shadowOf(base.shadow, img), FOLLOW * CS);
       const after = dump(img);
