@@ -1,12 +1,31 @@
-// Builds dist/qdedup.mjs: the whole CLI bundled into one ES module with esbuild, so that
-// bin/qdedup starts without resolving and compiling ~60 separate modules (see README,
-// "Start-up time"). Run by `npm ci`/`npm install` (prepare) and `npm run build`.
+// Builds dist/: the CLI bundled with esbuild into ES modules — dist/qdedup.mjs (the
+// dispatcher: yargs, errors, output) and one chunk per subcommand, plus chunks they share
+// (dist/chunks/), loaded by `await import()` only when that subcommand runs. So bin/qdedup
+// neither resolves and compiles ~60 separate modules nor parses the code of commands it
+// does not run (see README, "Start-up time"). Run by `npm ci`/`npm install` (prepare) and
+// `npm run build`.
 import { build } from 'esbuild';
+import { rmSync } from 'node:fs';
+
+/** `string-width` (yargs' help layout) replaced by ./build-shims/string-width.mjs: see there. */
+const lightStringWidth = {
+  name: 'light-string-width',
+  setup(b) {
+    const shim = new URL('./build-shims/string-width.mjs', import.meta.url).pathname;
+    b.onResolve({ filter: /^string-width$/ }, (args) => (args.importer === shim ? undefined : { path: shim }));
+  },
+};
+
+const dist = new URL('../dist/', import.meta.url).pathname;
+rmSync(dist, { recursive: true, force: true }); // no stale chunks from an earlier build
 
 await build({
-  entryPoints: [new URL('../src/cli/main.ts', import.meta.url).pathname],
-  outfile: new URL('../dist/qdedup.mjs', import.meta.url).pathname,
+  entryPoints: { qdedup: new URL('../src/cli/main.ts', import.meta.url).pathname },
+  outdir: dist,
+  outExtension: { '.js': '.mjs' },
+  chunkNames: 'chunks/[name]-[hash]',
   bundle: true,
+  splitting: true,
   platform: 'node',
   format: 'esm',
   target: 'node20',
@@ -17,6 +36,7 @@ await build({
   // koffi (src/image/ofd-lock.ts: fcntl for QEMU's image locks) loads a native .node file
   // from its own folder: it stays in node_modules and is required from there at run time.
   external: ['koffi'],
+  plugins: [lightStringWidth],
   // Bundled CommonJS packages (cli-progress) call require() for Node built-ins.
   banner: { js: "import { createRequire as __qdedupRequire } from 'node:module'; const require = __qdedupRequire(import.meta.url);" },
 });

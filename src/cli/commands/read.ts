@@ -103,8 +103,6 @@ export async function runRead(a: ReadArgs, io: Output): Promise<number> {
   }
 }
 
-export const command = 'read <file> [offset] [length]';
-export const describe = 'read guest bytes: raw to stdout, verified (-P) or as a hexdump (-v)';
 
 export function builder(y: Argv) {
   return withForceShareOption(withQuietOption(withFormatOption(y)))
