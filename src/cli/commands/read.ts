@@ -12,7 +12,8 @@ import type { Output } from '../output.ts';
 import { rawSink } from '../raw-output.ts';
 
 /** Guest bytes read per step; two such buffers are held (bounded memory whatever the length). */
-const CHUNK_BYTES = 8 * 1024 * 1024;
+const RAW_CHUNK_BYTES = 8 * 1024 * 1024;
+const HEXDUMP_CHUNK_BYTES = 1024 * 1024;
 
 export interface ReadArgs {
   file: string;
@@ -61,26 +62,28 @@ export async function runRead(a: ReadArgs, io: Output): Promise<number> {
     const sink = raw ? rawSink(io) : null;
     const expected = a.pattern === undefined ? null : Buffer.alloc(64 * 1024, a.pattern);
     let mismatch = -1;
-    // Two buffers: the next chunk is read while this one is written (or checked).
-    const chunkBytes = Math.min(CHUNK_BYTES, length);
+    // Two buffers: the next chunk is read while this one is written (or checked). A hexdump
+    // takes ~4.3 characters a byte: smaller steps keep its strings small.
+    const chunkStep = a.verbose ? HEXDUMP_CHUNK_BYTES : RAW_CHUNK_BYTES;
+    const chunkBytes = Math.min(chunkStep, length);
     const buffers = [Buffer.allocUnsafe(chunkBytes), Buffer.allocUnsafe(chunkBytes)];
     const zeroLists: number[][] = [[], []];
     const readChunk = (k: number): Promise<void> => {
-      const done = k * CHUNK_BYTES;
-      const n = Math.min(CHUNK_BYTES, length - done);
+      const done = k * chunkStep;
+      const n = Math.min(chunkStep, length - done);
       const zeros = sink?.sparse ? zeroLists[k % 2] : undefined;
       if (zeros) zeros.length = 0;
       return image.readRange(buffers[k % 2], 0, a.offset + done, n, zeros);
     };
-    const chunks = Math.ceil(length / CHUNK_BYTES);
+    const chunks = Math.ceil(length / chunkStep);
     let pending = chunks > 0 ? readChunk(0) : null;
     for (let k = 0; k < chunks; k++) {
       await pending;
       // Started before this chunk is written; a failure is seen at the next await.
       pending = k + 1 < chunks ? readChunk(k + 1) : null;
       pending?.catch(() => {});
-      const done = k * CHUNK_BYTES;
-      const data = buffers[k % 2].subarray(0, Math.min(CHUNK_BYTES, length - done));
+      const done = k * chunkStep;
+      const data = buffers[k % 2].subarray(0, Math.min(chunkStep, length - done));
       if (sink) await sink.write(done, data, sink.sparse ? zeroLists[k % 2] : undefined);
       if (a.verbose && !a.quiet) await io.out(hexdumpLines(data, a.offset + done));
       if (expected && mismatch < 0) {
