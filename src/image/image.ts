@@ -401,6 +401,7 @@ export class Image implements GuestReader {
     let sorted = true;
     const tasks: (() => Promise<void>)[] = [];
     const ownZeros: number[] = [];
+    const backingZeros: number[][] = [];
     let backingDst = -1; // a pending run of guest bytes that come from the backing file
     let backingGuest = 0;
     let backingLen = 0;
@@ -408,7 +409,10 @@ export class Image implements GuestReader {
       if (backingLen === 0) return;
       const [at, pos, n] = [backingDst, backingGuest, backingLen];
       const backing = this.backing!;
-      if (backing.readGuestInto) tasks.push(() => backing.readGuestInto!(dst, at, pos, n, zeros ? ownZeros : undefined));
+      // Each backing read lists its zeros apart: they finish in any order (merged below).
+      const listed = zeros ? [] as number[] : undefined;
+      if (listed) backingZeros.push(listed);
+      if (backing.readGuestInto) tasks.push(() => backing.readGuestInto!(dst, at, pos, n, listed));
       else tasks.push(async () => { (await backing.readGuest(pos, n)).copy(dst, at); });
       backingLen = 0;
     };
@@ -481,7 +485,7 @@ export class Image implements GuestReader {
       await pending; // (its error, if both failed)
     }
     for (const [p, from] of copies) dst.copy(dst, p.dstOffset, from.dstOffset, from.dstOffset + from.byteLength);
-    if (zeros) appendMerged(zeros, ownZeros);
+    if (zeros) appendMerged(zeros, ownZeros.concat(...backingZeros));
   }
 
   /** Inflates a compressed cluster (raw deflate) to exactly one cluster of bytes. */
@@ -853,7 +857,10 @@ function zeroRange(dst: Buffer, start: number, end: number, zeros: number[] | un
   else zeros.push(start, end);
 }
 
-/** Appends the [start, end) pairs of `ranges` to `into`, sorted and merged (backing reads finish in any order). */
+/**
+ * Appends the [start, end) pairs of `ranges` (in any order, not overlapping) to `into`,
+ * sorted and merged. The pairs already in `into` must lie before all of them.
+ */
 function appendMerged(into: number[], ranges: number[]): void {
   const order: number[] = [];
   for (let i = 0; i < ranges.length; i += 2) order.push(i);
