@@ -7,12 +7,25 @@
 import { build } from 'esbuild';
 import { rmSync } from 'node:fs';
 
-/** `string-width` (yargs' help layout) replaced by ./build-shims/string-width.mjs: see there. */
-const lightStringWidth = {
-  name: 'light-string-width',
+/**
+ * Packages replaced in the bundle by lighter stand-ins (./build-shims/: each says why):
+ * what they cost at load is paid at every start of every command.
+ */
+const SHIMS = [
+  // yargs, cliui and wrap-ansi: help layout only.
+  { filter: /^string-width$/, importer: /./, shim: 'string-width.mjs' },
+  // yargs' platform shim: two assertion functions.
+  { filter: /^assert$/, importer: /[\\/]yargs[\\/]/, shim: 'assert.mjs' },
+  // chalk's terminal probe: qdedup sets the colour level itself.
+  { filter: /^#supports-color$/, importer: /[\\/]chalk[\\/]/, shim: 'supports-color.mjs' },
+];
+const lightShims = {
+  name: 'light-shims',
   setup(b) {
-    const shim = new URL('./build-shims/string-width.mjs', import.meta.url).pathname;
-    b.onResolve({ filter: /^string-width$/ }, (args) => (args.importer === shim ? undefined : { path: shim }));
+    for (const { filter, importer, shim } of SHIMS) {
+      const path = new URL(`./build-shims/${shim}`, import.meta.url).pathname;
+      b.onResolve({ filter }, (args) => (args.importer === path || !importer.test(args.importer) ? undefined : { path }));
+    }
   },
 };
 
@@ -36,7 +49,7 @@ await build({
   // koffi (src/image/ofd-lock.ts: fcntl for QEMU's image locks) loads a native .node file
   // from its own folder: it stays in node_modules and is required from there at run time.
   external: ['koffi'],
-  plugins: [lightStringWidth],
+  plugins: [lightShims],
   // Bundled CommonJS packages (cli-progress) call require() for Node built-ins.
   banner: { js: "import { createRequire as __qdedupRequire } from 'node:module'; const require = __qdedupRequire(import.meta.url);" },
 });

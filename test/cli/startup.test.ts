@@ -1,8 +1,9 @@
 // Start-up stays small (issue 10 part 5), checked on the built dist/ rather than timed: what
 // bin/qdedup loads before it knows the command (dist/qdedup.mjs and the chunks it imports
-// statically) holds no subcommand, no QCOW2 engine, no progress bar and not the real
-// string-width (whose Unicode regular expressions cost 25–50 ms at load); each subcommand's
-// chunk is reached only through a dynamic import().
+// statically) holds no subcommand, no QCOW2 engine, no progress bar, and none of the
+// packages scripts/build-shims/ replaces (the real string-width's Unicode regular
+// expressions cost 25–50 ms at load); each subcommand's chunk is reached only through a
+// dynamic import().
 
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
@@ -31,7 +32,7 @@ function staticClosure(): Map<string, string> {
 }
 
 describe('start-up: what loads before the command is known', () => {
-  it('dist/qdedup.mjs and its static imports hold no command, engine, progress bar or string-width regexes', () => {
+  it('dist/qdedup.mjs and its static imports hold no command, engine, progress bar, node:assert, node:tty or string-width regexes', () => {
     const closure = staticClosure();
     const all = [...closure.values()].join('\n');
     for (const [what, marker] of [
@@ -41,6 +42,9 @@ describe('start-up: what loads before the command is known', () => {
       ['cli-progress', 'SingleBar'],
       ['string-width (real)', 'RGI_Emoji'],
       ['string-width (real)', 'Intl.Segmenter'],
+      ["chalk's supports-color (real)", 'TERM_PROGRAM'],
+      ['node:assert', 'from"assert"'],
+      ['node:tty', 'from"node:tty"'],
     ]) {
       assert.ok(!all.includes(marker), `${what} is loaded at start-up (found '${marker}' in ${[...closure.keys()].filter((k) => closure.get(k)!.includes(marker)).join(', ')})`);
     }
