@@ -1,5 +1,9 @@
-// Write-throughput benchmark: qdedup against qemu-img and qemu-io on the same data, in
-// the same run. Usage: npm run bench [-- --size 1G --runs 3 --dir /tmp]
+// Benchmark: qdedup against qemu-img and qemu-io on the same data, in the same run, each
+// row beside its qemu counterpart with the ratio. Usage:
+//   npm run bench [-- --size 1G --runs 3 --dir /tmp --only NAME[,NAME…]]
+// Rows (names for --only): plain-import, dedup-import, read-back, info, check.
+// Runs alternate (ours, theirs, ours, …) and each figure is the median: the machine may be
+// shared and noisy. Ratios are qemu's time / ours: above 1.0 qdedup is faster.
 //
 // For each cluster size (64 KiB, 4 KiB) it times, on a page-cached random input file:
 //   qdedup create + qdedup write -i INPUT      (qdedup syncs before it exits)
@@ -13,6 +17,11 @@
 // clusters), beside `qemu-img convert -o cluster_size=4096` + sync of the same file: MB/s
 // of both and their ratio, both file sizes, peak RSS, index RAM per indexed cluster, and
 // disk reads per lookup that hits an incarnation (from one more, in-process, import).
+//
+// read-back: a dedup image of that file (made once) read to a regular file with
+// `qdedup read IMG > OUT` beside `qemu-img convert -O raw IMG OUT`. info: start-up, `qdedup
+// info` beside `qemu-img info` on a small image (and `node -e 0`). check: `qdedup check` of
+// the same dedup image beside `qemu-img check` (which counts the dedup metadata as leaks).
 
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, openSync, writeSync, closeSync, rmSync, readFileSync } from 'node:fs';
@@ -33,6 +42,10 @@ function option(name: string, fallback: string): string {
   return i >= 0 && args[i + 1] ? args[i + 1] : fallback;
 }
 const size = parseSize(option('size', '1G'));
+const ROWS = ['plain-import', 'dedup-import', 'read-back', 'info', 'check'];
+const only = option('only', '') ? option('only', '').split(',') : ROWS;
+for (const name of only) if (!ROWS.includes(name)) throw new Error(`--only: unknown row '${name}' (rows: ${ROWS.join(', ')})`);
+const want = (row: string) => only.includes(row);
 const runs = Number(option('runs', '3'));
 const dir = mkdtempSync(join(option('dir', tmpdir()), 'qdedup-bench-'));
 const BIN = new URL('../bin/qdedup', import.meta.url).pathname;
@@ -40,6 +53,12 @@ const BIN = new URL('../bin/qdedup', import.meta.url).pathname;
 function sh(cmd: string, argv: string[]): void {
   const r = spawnSync(cmd, argv, { stdio: ['ignore', 'ignore', 'pipe'] });
   if (r.status !== 0) throw new Error(`${cmd} ${argv.join(' ')} failed (${r.status}): ${r.stderr}`);
+}
+
+/** Runs `cmd`; exit codes in `ok` count as success (qemu-img check: 3 = leaks only). */
+function shAllow(cmd: string, argv: string[], ok: number[], stdout: 'ignore' | number = 'ignore'): void {
+  const r = spawnSync(cmd, argv, { stdio: ['ignore', stdout, 'pipe'] });
+  if (!ok.includes(r.status ?? -1)) throw new Error(`${cmd} ${argv.join(' ')} failed (${r.status}): ${r.stderr}`);
 }
 
 function timed(fn: () => void): number {
@@ -62,7 +81,7 @@ function peakRss(cmd: string, argv: string[]): number {
 
 // Input: random bytes (no zero runs, so qemu-img convert allocates every cluster).
 const input = join(dir, 'input.raw');
-{
+if (want('plain-import')) {
   const fd = openSync(input, 'w');
   const chunk = Buffer.alloc(16 * 1024 * 1024);
   for (let done = 0; done < size; done += chunk.length) {
@@ -75,11 +94,13 @@ const input = join(dir, 'input.raw');
 const haveQemu = spawnSync('qemu-img', ['--version']).status === 0;
 const mb = (s: number) => (size / s / 1e6).toFixed(0);
 
-console.log(`qdedup write benchmark: ${size} bytes of random data, ${runs} runs each, median wall time`);
+console.log(`qdedup benchmark: ${size} bytes, ${runs} runs each, median wall time (rows: ${only.join(', ')})`);
 console.log(`node ${process.version}; ${haveQemu ? spawnSync('qemu-img', ['--version']).stdout.toString().split('\n')[0] : 'qemu-img not installed'}`);
-console.log('');
-console.log('cluster   tool                              seconds     MB/s');
-for (const cluster of ['64k', '4k']) {
+if (want('plain-import')) {
+  console.log('');
+  console.log('cluster   tool                              seconds     MB/s');
+}
+for (const cluster of want('plain-import') ? ['64k', '4k'] : []) {
   const out = join(dir, 'out.qcow2');
   const rows: [string, number[]][] = [['qdedup write -i', []], ['qemu-img convert + sync', []], ['qemu-io write -s', []]];
   for (let r = 0; r < runs; r++) {
@@ -110,10 +131,19 @@ for (const cluster of ['64k', '4k']) {
   }
 }
 // ------------------------------------------------------------------ dedup import
-{
-  const dup = join(dir, 'half.raw');
-  const { blocks, unique } = writeDuplicateFile(dup, size, 0.5);
-  readFileSync(dup); // into the page cache
+/** The file of 50 % duplicate blocks (made once). */
+let dupInput: { path: string; blocks: number; unique: number } | null = null;
+function duplicateInput(): { path: string; blocks: number; unique: number } {
+  if (!dupInput) {
+    const path = join(dir, 'half.raw');
+    const { blocks, unique } = writeDuplicateFile(path, size, 0.5);
+    readFileSync(path); // into the page cache
+    dupInput = { path, blocks, unique };
+  }
+  return dupInput;
+}
+if (want('dedup-import')) {
+  const { path: dup, blocks, unique } = duplicateInput();
   const out = join(dir, 'dedup.qcow2');
   const ours: number[] = [];
   const theirs: number[] = [];
@@ -168,11 +198,67 @@ for (const cluster of ['64k', '4k']) {
   console.log(`incarnation lookups: ${st.incarnationLookups}, hits ${st.incarnationHits}, disk reads ${st.incarnationReads}: ${(st.incarnationReads / Math.max(1, st.incarnationHits)).toFixed(3)} reads per hit`);
 }
 
-const image = join(dir, 'out.qcow2');
-const infoTimes: number[] = [];
-for (let r = 0; r < 5; r++) infoTimes.push(timed(() => sh(BIN, ['info', image])));
-const nodeTimes: number[] = [];
-for (let r = 0; r < 5; r++) nodeTimes.push(timed(() => sh(process.execPath, ['-e', '0'])));
-console.log('');
-console.log(`start-up: qdedup info ${median(infoTimes).toFixed(3)} s (node -e 0: ${median(nodeTimes).toFixed(3)} s)`);
+// ------------------------------------------------------------------ read-back, info, check
+/** A dedup image (4 KiB clusters, sha256) of the duplicate file, made once. */
+let dedupImagePath: string | null = null;
+function dedupImage(): string {
+  if (!dedupImagePath) {
+    dedupImagePath = join(dir, 'readback.qcow2');
+    sh(BIN, ['create', '-q', dedupImagePath, String(size)]);
+    sh(BIN, ['write', '-q', '-i', duplicateInput().path, dedupImagePath, '0']);
+    readFileSync(dedupImagePath); // into the page cache, as the input of the import rows
+  }
+  return dedupImagePath;
+}
+
+/** Alternating runs of ours and theirs; prints both medians and qemu's time / ours. */
+function pairRow(label: string, oursName: string, theirsName: string, ours: () => void, theirs: () => void, count = runs): void {
+  const a: number[] = [];
+  const b: number[] = [];
+  for (let r = 0; r < count; r++) {
+    a.push(timed(ours));
+    if (haveQemu) b.push(timed(theirs));
+  }
+  console.log('');
+  console.log(label);
+  const digits = median(a) < 1 ? 3 : 2;
+  console.log(`  ${oursName.padEnd(46)}${median(a).toFixed(digits).padStart(8)} s`);
+  if (!b.length) return;
+  console.log(`  ${theirsName.padEnd(46)}${median(b).toFixed(digits).padStart(8)} s`);
+  console.log(`  ratio qemu-img / qdedup: ${(median(b) / median(a)).toFixed(2)} (above 1: qdedup faster; ${count} alternating runs each)`);
+}
+
+if (want('read-back')) {
+  const img = dedupImage();
+  const out = join(dir, 'readback.raw');
+  pairRow(`read-back: ${size} bytes of a dedup image (4 KiB clusters, 50 % shared) to a file`, 'qdedup read IMG > OUT', 'qemu-img convert -O raw IMG OUT', () => {
+    rmSync(out, { force: true });
+    const fd = openSync(out, 'w');
+    try {
+      shAllow(BIN, ['read', img], [0], fd);
+    } finally {
+      closeSync(fd);
+    }
+  }, () => {
+    rmSync(out, { force: true });
+    sh('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', img, out]);
+  });
+  rmSync(out, { force: true });
+}
+
+if (want('info')) {
+  const small = join(dir, 'small.qcow2');
+  rmSync(small, { force: true });
+  sh(BIN, ['create', '-q', small, '64M']);
+  const n = Math.max(runs, 11);
+  pairRow('start-up: info on a small (64 MiB, empty) dedup image', 'qdedup info', 'qemu-img info', () => sh(BIN, ['info', small]), () => sh('qemu-img', ['info', small]), n);
+  const nodeTimes: number[] = [];
+  for (let r = 0; r < n; r++) nodeTimes.push(timed(() => sh(process.execPath, ['-e', '0'])));
+  console.log(`  ${'node -e 0 (the floor)'.padEnd(46)}${median(nodeTimes).toFixed(3).padStart(8)} s`);
+}
+
+if (want('check')) {
+  const img = dedupImage();
+  pairRow(`check: ${size} bytes dedup image`, 'qdedup check', 'qemu-img check (dedup metadata: leaks)', () => shAllow(BIN, ['check', img], [0, 3]), () => shAllow('qemu-img', ['check', img], [0, 3]));
+}
 rmSync(dir, { recursive: true, force: true });

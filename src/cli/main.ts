@@ -6,23 +6,7 @@ import yargs, { type Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { InternalError, OutputError, QdedupError, UsageError, printable } from '../errors.ts';
 import { processOutput, toJson, type Output } from './output.ts';
-import * as create from './commands/create.ts';
-import * as info from './commands/info.ts';
-import * as write from './commands/write.ts';
-import * as read from './commands/read.ts';
-import * as check from './commands/check.ts';
-import * as dedupStats from './commands/dedup-stats.ts';
-import * as journalDump from './commands/journal-dump.ts';
-
-interface CommandModule {
-  command: string;
-  describe: string;
-  builder: (y: Argv) => Argv<any>;
-  toArgs: (argv: Record<string, unknown>) => any;
-  run: (args: any, io: Output) => Promise<number>;
-}
-
-const COMMANDS: CommandModule[] = [create, info, write, read, check, dedupStats, journalDump];
+import { COMMANDS, commandName, selectedCommand } from './command-list.ts';
 
 /**
  * qdedup's version from package.json. yargs' own lookup fails once the CLI is bundled into
@@ -68,6 +52,18 @@ function optionNames(y: Argv<any>): Set<string> {
     for (const a of aliases) names.add(a);
   }
   return names;
+}
+
+/**
+ * yargs renders the whole help text whenever a command is parsed (usage.cacheHelpMessage,
+ * so that help asked for later shows the command's usage): ~20 ms of every start for a
+ * text nobody reads. qdedup never shows help after a command ran (showHelpOnFail(false)),
+ * so the cache is not filled; help itself renders as before. Internal API: if it is
+ * gone, nothing changes.
+ */
+function skipHelpCache(y: Argv<any>): void {
+  const usage = (y as unknown as { getInternalMethods?(): { getUsageInstance?(): { cacheHelpMessage?: () => void } } }).getInternalMethods?.().getUsageInstance?.();
+  if (usage && typeof usage.cacheHelpMessage === 'function') usage.cacheHelpMessage = () => {};
 }
 
 /** Prints an error as one line (and JSON under --output json) and returns its exit code. */
@@ -124,31 +120,32 @@ export async function main(argv: string[]): Promise<void> {
     });
   /** Options of the subcommand being parsed (set by its builder). */
   let commandOptions: Set<string> | undefined;
-  for (const mod of COMMANDS) {
-    parser = parser.command({
-      command: mod.command,
-      describe: mod.describe,
-      builder: (y: Argv) => {
+  // Only the module of the command that runs is loaded; the others are listed for --help.
+  const selected = selectedCommand(argv);
+  try {
+    const mod = selected ? await selected.load() : undefined;
+    for (const entry of COMMANDS) {
+      // No handler: the command runs once parsing is over (below).
+      parser = parser.command(entry.command, entry.describe, (y: Argv) => {
+        if (entry !== selected || !mod) return y; // yargs builds only the command it matched
         const built = mod.builder(y);
         commandOptions = optionNames(built);
         return built;
-      },
-      handler: async (args: Record<string, unknown>) => {
-        io = processOutput(args.color as boolean | undefined);
-        try {
-          process.exitCode = await mod.run(mod.toArgs(args), io);
-        } catch (err) {
-          // Errors found after an image was opened (refcount table, allocation) come from
-          // code that knows no path: they are in the command's image, so name it.
-          // (Not a failed stdout, which is no fault of the image.)
-          if (err instanceof QdedupError && !(err instanceof UsageError) && !(err instanceof OutputError) && !err.details.path && typeof args.file === 'string') err.details.path = args.file;
-          throw err;
-        }
-      },
-    });
-  }
-  try {
-    await parser.parseAsync();
+      });
+    }
+    skipHelpCache(parser);
+    const args = (await parser.parseAsync()) as Record<string, unknown> & { _: unknown[] };
+    if (!mod || args._[0] !== commandName(selected!) || args.help || args.version) return;
+    io = processOutput(args.color as boolean | undefined);
+    try {
+      process.exitCode = await mod.run(mod.toArgs(args), io);
+    } catch (err) {
+      // Errors found after an image was opened (refcount table, allocation) come from
+      // code that knows no path: they are in the command's image, so name it.
+      // (Not a failed stdout, which is no fault of the image.)
+      if (err instanceof QdedupError && !(err instanceof UsageError) && !(err instanceof OutputError) && !err.details.path && typeof args.file === 'string') err.details.path = args.file;
+      throw err;
+    }
   } catch (err) {
     const json = argv.some((a, i) => a === '--output=json' || (a === '--output' && argv[i + 1] === 'json'));
     process.exitCode = report(err, io, json);

@@ -14,6 +14,8 @@ export interface Output {
   color: ChalkInstance;
   stdoutIsTTY: boolean;
   stderrIsTTY: boolean;
+  /** stdout's file descriptor, for a command that writes it positionally (read's sparse output); absent in tests that capture output. */
+  stdoutFd?: number;
 }
 
 /**
@@ -52,6 +54,7 @@ export function processOutput(colorFlag?: boolean): Output {
     color: new Chalk({ level: colorLevel(colorFlag, Boolean(process.stderr.isTTY)) }),
     stdoutIsTTY: Boolean(process.stdout.isTTY),
     stderrIsTTY: Boolean(process.stderr.isTTY),
+    stdoutFd: 1,
   };
 }
 

@@ -4,7 +4,7 @@
 // are not padded to a cluster boundary and tables may end past EOF.
 
 import { open, type FileHandle } from 'node:fs/promises';
-import { constants, readSync } from 'node:fs';
+import { constants, readSync, readvSync } from 'node:fs';
 import { IoError } from '../errors.ts';
 import { takeImageLock, type HeldLock, type LockRequest } from './image-lock.ts';
 
@@ -17,6 +17,17 @@ export interface BlockFile {
    * incarnation slot), where the thread-pool round trip of `read` costs ten times the read.
    */
   readSync(pos: number, length: number): Buffer;
+  /**
+   * Fills `buffers` back to back from `pos` (one preadv where the system allows); bytes
+   * past EOF are zeroed. Optional: readvFrom() falls back to read() and copies.
+   */
+  readv?(pos: number, buffers: Buffer[]): Promise<void>;
+  /**
+   * readv() synchronously: for small scattered reads (the shared clusters of a dedup
+   * image), where a page-cached 4 KiB preadv costs ~3 µs on the calling thread and ~20 µs
+   * through the thread pool even with four in flight. Optional, like readv.
+   */
+  readvSync?(pos: number, buffers: Buffer[]): void;
   /** Writes all of `data` at `pos`, extending the file if needed. */
   write(pos: number, data: Buffer): Promise<void>;
   /** Writes the buffers back to back from `pos` (one call where the system allows). */
@@ -29,6 +40,18 @@ export interface BlockFile {
   allocatedBytes(): Promise<number>;
   truncate(length: number): Promise<void>;
   close(): Promise<void>;
+}
+
+/** Linux IOV_MAX: buffers one preadv takes. */
+const MAX_IOVECS = 1024;
+
+/** file.readv() where the file has it, else one read() copied out to the buffers. */
+export async function readvFrom(file: BlockFile, pos: number, buffers: Buffer[]): Promise<void> {
+  if (file.readv) return file.readv(pos, buffers);
+  const total = buffers.reduce((n, b) => n + b.length, 0);
+  const data = await file.read(pos, total);
+  let at = 0;
+  for (const b of buffers) at += data.copy(b, 0, at, at + b.length);
 }
 
 /** The C library's words for the errors a disk image meets (strerror), by errno code. */
@@ -66,6 +89,59 @@ export function ioError(err: unknown, path: string, what: string): IoError {
 function checkWritePosition(pos: number, length: number, path: string): void {
   if (!Number.isSafeInteger(pos) || pos < 0 || !Number.isSafeInteger(pos + length)) {
     throw new IoError(`write of ${length} bytes at ${pos} failed: File too large`, { path }, 'EFBIG');
+  }
+}
+
+/**
+ * Progress of a preadv into `buffers` from `pos` that the system may cut short (IOV_MAX
+ * buffers a call, short reads): which buffers are still to fill, and from where.
+ */
+class ReadvState {
+  readonly total: number;
+  private first = 0; // buffers[first] is the first not yet filled; `skip` bytes of it are
+  private skip = 0;
+  private done = 0;
+  private eof = false;
+
+  constructor(private readonly pos: number, private readonly buffers: Buffer[]) {
+    this.total = buffers.reduce((n, b) => n + b.length, 0);
+    // See NodeFile.read(): such a range lies past EOF.
+    if (!Number.isSafeInteger(pos + this.total)) this.eof = true;
+  }
+
+  more(): boolean {
+    return !this.eof && this.first < this.buffers.length;
+  }
+
+  iovecs(): Buffer[] {
+    const iov = this.buffers.slice(this.first, this.first + MAX_IOVECS);
+    if (this.skip) iov[0] = iov[0].subarray(this.skip);
+    return iov;
+  }
+
+  position(): number {
+    return this.pos + this.done;
+  }
+
+  advance(bytesRead: number): void {
+    if (bytesRead === 0) {
+      this.eof = true; // the rest reads as zeros
+      return;
+    }
+    this.done += bytesRead;
+    while (this.first < this.buffers.length && bytesRead >= this.buffers[this.first].length - this.skip) {
+      bytesRead -= this.buffers[this.first].length - this.skip;
+      this.first++;
+      this.skip = 0;
+    }
+    this.skip += bytesRead;
+  }
+
+  /** Zeroes what EOF left unread. */
+  zeroRest(): void {
+    if (this.first >= this.buffers.length) return;
+    this.buffers[this.first].fill(0, this.skip);
+    for (let i = this.first + 1; i < this.buffers.length; i++) this.buffers[i].fill(0);
   }
 }
 
@@ -141,6 +217,26 @@ export class NodeFile implements BlockFile {
       throw ioError(err, this.path, `read of ${length} bytes at ${pos} failed`);
     }
     return buf;
+  }
+
+  async readv(pos: number, buffers: Buffer[]): Promise<void> {
+    const state = new ReadvState(pos, buffers);
+    try {
+      while (state.more()) state.advance((await this.fh.readv(state.iovecs(), state.position())).bytesRead);
+    } catch (err) {
+      throw ioError(err, this.path, `read of ${state.total} bytes at ${pos} failed`);
+    }
+    state.zeroRest();
+  }
+
+  readvSync(pos: number, buffers: Buffer[]): void {
+    const state = new ReadvState(pos, buffers);
+    try {
+      while (state.more()) state.advance(readvSync(this.fh.fd, state.iovecs(), state.position()));
+    } catch (err) {
+      throw ioError(err, this.path, `read of ${state.total} bytes at ${pos} failed`);
+    }
+    state.zeroRest();
   }
 
   readSync(pos: number, length: number): Buffer {

@@ -18,7 +18,7 @@ import {
   compressedClusterSpan, decodeL1Entry, decodeL2Entry, encodeL1Entry, encodeL2Entry, type L2Entry,
 } from '../format/l1l2.ts';
 import { decodeSnapshotEntry, type SnapshotEntry } from '../format/snapshot.ts';
-import { NodeFile, type BlockFile } from './block-file.ts';
+import { NodeFile, readvFrom, type BlockFile } from './block-file.ts';
 import { BLK_PERM_ALL, LOCK_READ, forceShare, type LockRequest } from './image-lock.ts';
 import { Refcounts } from './refcounts.ts';
 import { AUTOCLEAR_DEDUP, EXT_DEDUP } from '../format/dedup-ext.ts';
@@ -32,6 +32,15 @@ const MAX_DIRTY_METADATA_BYTES = 64 * 1024 * 1024;
 const MAX_CACHED_L2_BYTES = 64 * 1024 * 1024;
 /** New clusters gathered into one allocation and one write. */
 const MAX_BATCH_BYTES = 8 * 1024 * 1024;
+/** Largest host run read with one preadv (neighbouring clusters coalesced). */
+const MAX_READ_RUN_BYTES = 4 * 1024 * 1024;
+/**
+ * Host runs up to this size are read synchronously (BlockFile.readvSync): a cached 4 KiB
+ * read costs ~3 µs so, ~20 µs through the thread pool. Larger runs go to the pool.
+ */
+const SYNC_READ_BYTES = 128 * 1024;
+/** Reads of one readRange() in flight at once: libuv's thread pool has 4 threads. */
+const READS_IN_FLIGHT = 4;
 /** Data written past which a sync starts in the background, so the disk writes back while we go on. */
 const WRITEBACK_BYTES = 64 * 1024 * 1024;
 
@@ -40,6 +49,11 @@ export interface GuestReader {
   readonly size: number;
   /** Reads guest bytes; ranges past `size` read as zeros. */
   readGuest(guestOffset: number, length: number): Promise<Buffer>;
+  /**
+   * readGuest() into dst[dstStart…], whatever it held; with `zeros`, ranges known to be
+   * zero without I/O are left as they are and listed there (see Image.readRange).
+   */
+  readGuestInto?(dst: Buffer, dstStart: number, guestOffset: number, length: number, zeros?: number[]): Promise<void>;
   close(): Promise<void>;
 }
 
@@ -65,6 +79,13 @@ export interface OpenOptions {
 export function backingLock(lock: LockRequest | undefined): LockRequest | undefined {
   if (!lock) return undefined;
   return lock.shared === BLK_PERM_ALL ? forceShare(LOCK_READ) : LOCK_READ;
+}
+
+/** Guest bytes stored at a host offset, going to dst[dstOffset…] in a read. */
+interface DataPiece {
+  hostOffset: number;
+  dstOffset: number;
+  byteLength: number;
 }
 
 /** One guest cluster waiting for a new host cluster in the current write batch. */
@@ -323,16 +344,21 @@ export class Image implements GuestReader {
   /** Reads `length` guest bytes at `guestOffset`; the range must lie inside the disk. */
   async read(guestOffset: number, length: number): Promise<Buffer> {
     this.checkRange(guestOffset, length);
-    const dst = Buffer.alloc(length);
-    await this.readInto(dst, 0, guestOffset, length);
+    const dst = Buffer.allocUnsafe(length);
+    await this.readRange(dst, 0, guestOffset, length);
     return dst;
   }
 
   async readGuest(guestOffset: number, length: number): Promise<Buffer> {
-    const dst = Buffer.alloc(length);
-    const inside = Math.max(0, Math.min(length, this.size - guestOffset));
-    if (inside > 0) await this.readInto(dst, 0, guestOffset, inside);
+    const dst = Buffer.allocUnsafe(length);
+    await this.readGuestInto(dst, 0, guestOffset, length);
     return dst;
+  }
+
+  async readGuestInto(dst: Buffer, dstStart: number, guestOffset: number, length: number, zeros?: number[]): Promise<void> {
+    const inside = Math.max(0, Math.min(length, this.size - guestOffset));
+    if (inside > 0) await this.readRange(dst, dstStart, guestOffset, inside, zeros);
+    if (inside < length) zeroRange(dst, dstStart + inside, dstStart + length, zeros);
   }
 
   /**
@@ -350,41 +376,119 @@ export class Image implements GuestReader {
     }
   }
 
-  /** Reads guest bytes into `dst` (which must be zero-filled), merging contiguous host runs. */
-  private async readInto(dst: Buffer, dstStart: number, guestOffset: number, length: number): Promise<void> {
-    let runHost = -1;
-    let runDst = 0;
-    let runLen = 0;
-    const flush = async () => {
-      if (runLen === 0) return;
-      const data = await this.file.read(runHost, runLen);
-      data.copy(dst, runDst);
-      runLen = 0;
+  /**
+   * Reads guest bytes [guestOffset, +length) (inside the disk) into dst[dstStart…], whatever
+   * dst held before. Ranges that read as zeros without I/O (zero clusters, unallocated
+   * clusters without backing data) are zero-filled; when `zeros` is given they are left as
+   * they are instead and appended to it as [dstStart, dstEnd) pairs, in order and merged,
+   * so a caller can skip them (read's sparse output).
+   *
+   * Cost: one await per L2 table, then one synchronous pass over the entries; the data
+   * pieces are sorted by host offset and read with one preadv per contiguous host run
+   * (which gathers the scattered clusters of a dedup image written in one go): large runs
+   * through the thread pool, up to READS_IN_FLIGHT at once, small ones synchronously
+   * meanwhile (SYNC_READ_BYTES); a host range read twice in a call is read once and copied.
+   */
+  async readRange(dst: Buffer, dstStart: number, guestOffset: number, length: number, zeros?: number[]): Promise<void> {
+    this.checkRange(guestOffset, length);
+    if (length === 0) return;
+    const cs = this.clusterSize;
+    const firstCluster = Math.floor(guestOffset / cs);
+    const lastCluster = Math.floor((guestOffset + length - 1) / cs);
+    const firstTable = Math.floor(firstCluster / this.l2Entries);
+    const tables: (Buffer | null)[] = [];
+    for (let t = firstTable; t <= Math.floor(lastCluster / this.l2Entries); t++) tables.push(await this.l2Table(t));
+
+    // The plan, in one synchronous pass: data pieces, and tasks for the rest.
+    const pieces: DataPiece[] = [];
+    let sorted = true;
+    const tasks: (() => Promise<void>)[] = [];
+    const ownZeros: number[] = [];
+    const backingZeros: number[][] = [];
+    let backingDst = -1; // a pending run of guest bytes that come from the backing file
+    let backingGuest = 0;
+    let backingLen = 0;
+    const flushBacking = () => {
+      if (backingLen === 0) return;
+      const [at, pos, n] = [backingDst, backingGuest, backingLen];
+      const backing = this.backing!;
+      // Each backing read lists its zeros apart: they finish in any order (merged below).
+      const listed = zeros ? [] as number[] : undefined;
+      if (listed) backingZeros.push(listed);
+      if (backing.readGuestInto) tasks.push(() => backing.readGuestInto!(dst, at, pos, n, listed));
+      else tasks.push(async () => { (await backing.readGuest(pos, n)).copy(dst, at); });
+      backingLen = 0;
     };
-    for (const { guestCluster, inCluster, n, pos, done } of this.pieces(guestOffset, length)) {
-      const at = dstStart + done;
-      const e = await this.entry(guestCluster);
-      if (e.kind === 'normal') {
-        const host = e.hostOffset + inCluster;
-        if (runLen > 0 && runHost + runLen === host && runLen < MAX_BATCH_BYTES) {
-          runLen += n;
-        } else {
-          await flush();
-          runHost = host;
-          runDst = at;
-          runLen = n;
+    for (let pos = guestOffset, end = guestOffset + length; pos < end;) {
+      const guestCluster = Math.floor(pos / cs);
+      const inCluster = pos - guestCluster * cs;
+      const n = Math.min(cs - inCluster, end - pos);
+      const at = dstStart + (pos - guestOffset);
+      const l1Index = Math.floor(guestCluster / this.l2Entries);
+      const e = this.entryIn(tables[l1Index - firstTable], l1Index, guestCluster);
+      if (e.kind === 'unallocated' && this.backing) {
+        if (backingLen > 0 && backingGuest + backingLen === pos) backingLen += n;
+        else {
+          flushBacking();
+          [backingDst, backingGuest, backingLen] = [at, pos, n];
         }
       } else {
-        await flush();
-        if (e.kind === 'compressed') {
-          (await this.decompress(e)).copy(dst, at, inCluster, inCluster + n);
-        } else if (e.kind === 'unallocated' && this.backing) {
-          (await this.backing.readGuest(pos, n)).copy(dst, at);
+        flushBacking();
+        if (e.kind === 'normal') {
+          const hostOffset = e.hostOffset + inCluster;
+          const last = pieces[pieces.length - 1];
+          if (last && last.hostOffset + last.byteLength === hostOffset && last.dstOffset + last.byteLength === at) last.byteLength += n;
+          else {
+            if (last && hostOffset < last.hostOffset) sorted = false;
+            pieces.push({ hostOffset, dstOffset: at, byteLength: n });
+          }
+        } else if (e.kind === 'compressed') {
+          tasks.push(async () => { (await this.decompress(e)).copy(dst, at, inCluster, inCluster + n); });
+        } else {
+          zeroRange(dst, at, at + n, zeros ? ownZeros : undefined); // zero, or unallocated without backing
         }
-        // zero clusters and unallocated clusters without backing stay zero
       }
+      pos += n;
     }
-    await flush();
+    flushBacking();
+    if (!sorted) pieces.sort((a, b) => a.hostOffset - b.hostOffset || a.byteLength - b.byteLength);
+
+    // Host-contiguous pieces become one preadv; a piece that repeats the one before it
+    // (a cluster shared by dedup, read twice in this range) is copied once that is read.
+    const copies: [DataPiece, DataPiece][] = [];
+    const syncReads: [number, Buffer[]][] = [];
+    for (let i = 0; i < pieces.length;) {
+      const group = [pieces[i]];
+      let hostEnd = pieces[i].hostOffset + pieces[i].byteLength;
+      let bytes = pieces[i].byteLength;
+      let j = i + 1;
+      for (; j < pieces.length; j++) {
+        const p = pieces[j];
+        const prev = pieces[j - 1];
+        if (p.hostOffset === prev.hostOffset && p.byteLength === prev.byteLength) {
+          copies.push([p, copies.length && copies[copies.length - 1][0] === prev ? copies[copies.length - 1][1] : prev]);
+          continue;
+        }
+        if (p.hostOffset !== hostEnd || bytes + p.byteLength > MAX_READ_RUN_BYTES) break;
+        group.push(p);
+        hostEnd += p.byteLength;
+        bytes += p.byteLength;
+      }
+      const hostOffset = group[0].hostOffset;
+      const views = group.map((p) => dst.subarray(p.dstOffset, p.dstOffset + p.byteLength));
+      if (bytes <= SYNC_READ_BYTES && this.file.readvSync) syncReads.push([hostOffset, views]);
+      else tasks.push(() => readvFrom(this.file, hostOffset, views));
+      i = j;
+    }
+    // The large reads go to the thread pool first; the small ones run here meanwhile.
+    const pending = inParallel(tasks, READS_IN_FLIGHT);
+    try {
+      for (const [hostOffset, views] of syncReads) this.file.readvSync!(hostOffset, views);
+    } finally {
+      await pending; // (its error, if both failed)
+    }
+    for (const [p, from] of copies) dst.copy(dst, p.dstOffset, from.dstOffset, from.dstOffset + from.byteLength);
+    if (zeros) appendMerged(zeros, ownZeros.concat(...backingZeros));
   }
 
   /** Inflates a compressed cluster (raw deflate) to exactly one cluster of bytes. */
@@ -745,6 +849,50 @@ function printable(name: string): string {
   return name.replace(/[\x00-\x1f\x7f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
 }
 
+/** Zero-fills dst[start, end), or (with `zeros`) lists the range there instead, merged with its predecessor. */
+function zeroRange(dst: Buffer, start: number, end: number, zeros: number[] | undefined): void {
+  if (start >= end) return;
+  if (!zeros) {
+    dst.fill(0, start, end);
+    return;
+  }
+  if (zeros.length && zeros[zeros.length - 1] === start) zeros[zeros.length - 1] = end;
+  else zeros.push(start, end);
+}
+
+/**
+ * Appends the [start, end) pairs of `ranges` (in any order, not overlapping) to `into`,
+ * sorted and merged. The pairs already in `into` must lie before all of them.
+ */
+function appendMerged(into: number[], ranges: number[]): void {
+  const order: number[] = [];
+  for (let i = 0; i < ranges.length; i += 2) order.push(i);
+  order.sort((a, b) => ranges[a] - ranges[b]);
+  for (const i of order) {
+    const [start, end] = [ranges[i], ranges[i + 1]];
+    if (into.length && into[into.length - 1] >= start) into[into.length - 1] = Math.max(into[into.length - 1], end);
+    else into.push(start, end);
+  }
+}
+
+/** Runs the tasks with at most `limit` in flight; waits for all that started, then throws the first error. */
+async function inParallel(tasks: (() => Promise<void>)[], limit: number): Promise<void> {
+  let next = 0;
+  let failure: { err: unknown } | null = null;
+  const worker = async () => {
+    while (next < tasks.length && !failure) {
+      const task = tasks[next++];
+      try {
+        await task();
+      } catch (err) {
+        failure ??= { err };
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, tasks.length) }, worker));
+  if (failure) throw (failure as { err: unknown }).err;
+}
+
 const UNALLOCATED: L2Entry = Object.freeze({ kind: 'unallocated', hostOffset: 0, copied: false, reservedBits: false, compressedOffset: 0, compressedLength: 0 });
 
 /** A raw file used as a backing image: guest offset = file offset. */
@@ -762,6 +910,12 @@ export class RawImage implements GuestReader {
     const out = Buffer.alloc(length);
     if (inside > 0) (await this.file.read(guestOffset, inside)).copy(out);
     return out;
+  }
+
+  async readGuestInto(dst: Buffer, dstStart: number, guestOffset: number, length: number, zeros?: number[]): Promise<void> {
+    const inside = Math.max(0, Math.min(length, this.size - guestOffset));
+    if (inside > 0) await readvFrom(this.file, guestOffset, [dst.subarray(dstStart, dstStart + inside)]);
+    zeroRange(dst, dstStart + inside, dstStart + length, zeros);
   }
 
   async close(): Promise<void> {

@@ -174,8 +174,6 @@ export async function runCheck(a: CheckArgs, io: Output): Promise<number> {
   return checkExitCode(result);
 }
 
-export const command = 'check <file>';
-export const describe = 'check an image for consistency, optionally repairing it (qemu-img check)';
 
 export function builder(y: Argv) {
   return withForceShareOption(withQuietOption(withOutputOption(withFormatOption(y))))

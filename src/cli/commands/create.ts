@@ -157,8 +157,6 @@ function parseCount(text: string, what: string, min: number, max: number): numbe
   return n;
 }
 
-export const command = 'create [file] [size]';
-export const describe = 'create a new QCOW2 image';
 
 export function builder(y: Argv) {
   return withQuietOption(withFormatOption(y))

@@ -131,8 +131,6 @@ export async function runDedupStats(a: DedupStatsArgs, io: Output): Promise<numb
   return 0;
 }
 
-export const command = 'dedup-stats <file>';
-export const describe = 'show what deduplication saves and the state of the dedup index (read-only)';
 
 export function builder(y: Argv) {
   return withForceShareOption(withOutputOption(withFormatOption(y)))

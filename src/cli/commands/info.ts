@@ -166,8 +166,6 @@ export async function runInfo(a: InfoArgs, io: Output): Promise<number> {
   return 0;
 }
 
-export const command = 'info <file>';
-export const describe = 'show what an image is (qemu-img info keys)';
 
 export function builder(y: Argv) {
   return withForceShareOption(withOutputOption(withFormatOption(y)))

@@ -143,8 +143,6 @@ export async function runJournalDump(a: JournalDumpArgs, io: Output): Promise<nu
   return 0;
 }
 
-export const command = 'journal-dump <file>';
-export const describe = "show a dedup image's journals block by block, and where replay stops";
 
 export function builder(y: Argv) {
   return withForceShareOption(withOutputOption(withFormatOption(y)))

@@ -1,5 +1,6 @@
 // `qdedup read`: guest bytes to stdout, or verified against a pattern, or as a hexdump,
-// like qemu-io's `read`.
+// like qemu-io's `read`. Streams: chunk k+1 is read while chunk k is written, with two
+// buffers reused throughout; raw output into a regular file is sparse (../raw-output.ts).
 
 import type { Argv } from 'yargs';
 import { UsageError } from '../../errors.ts';
@@ -8,8 +9,11 @@ import { checkFormat, pastTheEnd, readOnlyLock, withForceShareOption, withFormat
 import { LOCK_READ } from '../../image/image-lock.ts';
 import { parsePattern, parseSize } from '../parse.ts';
 import type { Output } from '../output.ts';
+import { rawSink } from '../raw-output.ts';
 
-const CHUNK_BYTES = 4 * 1024 * 1024;
+/** Guest bytes read per step; two such buffers are held (bounded memory whatever the length). */
+const RAW_CHUNK_BYTES = 8 * 1024 * 1024;
+const HEXDUMP_CHUNK_BYTES = 1024 * 1024;
 
 export interface ReadArgs {
   file: string;
@@ -38,6 +42,16 @@ export function hexdumpLines(data: Buffer, baseOffset: number): string {
   return out;
 }
 
+/** Index of the first byte of `data` that is not `pattern`, or -1 (compared a block at a time). */
+function firstMismatch(data: Buffer, pattern: number, expected: Buffer): number {
+  for (let at = 0; at < data.length; at += expected.length) {
+    const n = Math.min(expected.length, data.length - at);
+    if (data.compare(expected, 0, n, at, at + n) === 0) continue;
+    for (let i = at; i < at + n; i++) if (data[i] !== pattern) return i;
+  }
+  return -1;
+}
+
 export async function runRead(a: ReadArgs, io: Output): Promise<number> {
   const image = await Image.open(a.file, { lock: readOnlyLock(LOCK_READ, a.forceShare) });
   try {
@@ -45,19 +59,42 @@ export async function runRead(a: ReadArgs, io: Output): Promise<number> {
     if (a.offset + length > image.size) throw pastTheEnd(a.file, a.offset, length, image.size);
     const raw = a.pattern === undefined && !a.verbose;
     if (raw && io.stdoutIsTTY) throw new UsageError('refusing to write raw disk bytes to a terminal: redirect stdout, or use -v (hexdump) or -P (verify)');
+    const sink = raw ? rawSink(io) : null;
+    const expected = a.pattern === undefined ? null : Buffer.alloc(64 * 1024, a.pattern);
     let mismatch = -1;
-    for (let done = 0; done < length; done += CHUNK_BYTES) {
-      const n = Math.min(CHUNK_BYTES, length - done);
-      const data = await image.read(a.offset + done, n);
-      if (raw) await io.out(data);
+    // Two buffers: the next chunk is read while this one is written (or checked). A hexdump
+    // takes ~4.3 characters a byte: smaller steps keep its strings small.
+    const chunkStep = a.verbose ? HEXDUMP_CHUNK_BYTES : RAW_CHUNK_BYTES;
+    const chunkBytes = Math.min(chunkStep, length);
+    const buffers = [Buffer.allocUnsafe(chunkBytes), Buffer.allocUnsafe(chunkBytes)];
+    const zeroLists: number[][] = [[], []];
+    const readChunk = (k: number): Promise<void> => {
+      const done = k * chunkStep;
+      const n = Math.min(chunkStep, length - done);
+      const zeros = sink?.sparse ? zeroLists[k % 2] : undefined;
+      if (zeros) zeros.length = 0;
+      return image.readRange(buffers[k % 2], 0, a.offset + done, n, zeros);
+    };
+    const chunks = Math.ceil(length / chunkStep);
+    let pending = chunks > 0 ? readChunk(0) : null;
+    for (let k = 0; k < chunks; k++) {
+      await pending;
+      // Started before this chunk is written; a failure is seen at the next await.
+      pending = k + 1 < chunks ? readChunk(k + 1) : null;
+      pending?.catch(() => {});
+      const done = k * chunkStep;
+      const data = buffers[k % 2].subarray(0, Math.min(chunkStep, length - done));
+      if (sink) await sink.write(done, data, sink.sparse ? zeroLists[k % 2] : undefined);
       if (a.verbose && !a.quiet) await io.out(hexdumpLines(data, a.offset + done));
-      if (a.pattern !== undefined && mismatch < 0) {
-        for (let i = 0; i < data.length; i++) {
-          if (data[i] !== a.pattern) { mismatch = a.offset + done + i; break; }
-        }
+      if (expected && mismatch < 0) {
+        const at = firstMismatch(data, a.pattern!, expected);
+        if (at >= 0) mismatch = a.offset + done + at;
       }
     }
-    if (raw) return 0;
+    if (sink) {
+      await sink.finish(length);
+      return 0;
+    }
     if (mismatch >= 0) {
       await io.out(`Pattern verification failed at offset ${a.offset}, ${length} bytes\n`);
       io.err(`qdedup: first byte that differs from 0x${a.pattern!.toString(16)} is at offset ${mismatch}`);
@@ -69,8 +106,6 @@ export async function runRead(a: ReadArgs, io: Output): Promise<number> {
   }
 }
 
-export const command = 'read <file> [offset] [length]';
-export const describe = 'read guest bytes: raw to stdout, verified (-P) or as a hexdump (-v)';
 
 export function builder(y: Argv) {
   return withForceShareOption(withQuietOption(withFormatOption(y)))

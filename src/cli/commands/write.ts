@@ -190,8 +190,6 @@ class ChunkReader {
   }
 }
 
-export const command = 'write <file> <offset> [length]';
-export const describe = 'write a pattern, a file or zeroes into an image (like qemu-io write)';
 
 export function builder(y: Argv) {
   return withQuietOption(withFormatOption(y))
