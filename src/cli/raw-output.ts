@@ -7,11 +7,11 @@
 // (`{ echo head; qdedup read …; } > f` works), and the offset is left just past the bytes
 // written, as a sequential writer leaves it. Only the part of the output that lies past
 // the file's end at start is left as holes: bytes already there are overwritten with zeros.
-// Node has no lseek, so this calls libc's through koffi (loaded by the image locks anyway);
-// where koffi cannot be loaded, the output is written in order.
+// Node has no lseek: it comes from src/image/libc.ts (koffi, loaded by the image locks
+// anyway); where libc cannot be loaded, the output is written in order.
 
 import { fstatSync, ftruncateSync, readFileSync, write } from 'node:fs';
-import { createRequire } from 'node:module';
+import { libc } from '../image/libc.ts';
 import { stdoutError, type Output } from './output.ts';
 
 const SEEK_SET = 0;
@@ -41,24 +41,6 @@ function streamSink(io: Output): RawSink {
   };
 }
 
-type Lseek = (fd: number, offset: number, whence: number) => number;
-let lseekFn: Lseek | null | undefined;
-
-/** libc's lseek through koffi, or null where it cannot be loaded. */
-function lseek(): Lseek | null {
-  if (lseekFn !== undefined) return lseekFn;
-  lseekFn = null;
-  if (process.platform !== 'linux') return null;
-  try {
-    const koffi = createRequire(import.meta.url)('koffi') as { load(name: string): { func(proto: string): (...args: unknown[]) => number | bigint } };
-    const call = koffi.load('libc.so.6').func('int64_t lseek(int fd, int64_t offset, int whence)');
-    lseekFn = (fd, offset, whence) => Number(call(fd, offset, whence));
-  } catch {
-    return null;
-  }
-  return lseekFn;
-}
-
 /** The open flags of descriptor `fd` from /proc/self/fdinfo, or undefined where that cannot be read. */
 function openFlags(fd: number): number | undefined {
   try {
@@ -83,9 +65,9 @@ export function rawSink(io: Output): RawSink {
   }
   const flags = openFlags(fd);
   if (flags === undefined || flags & O_APPEND) return streamSink(io);
-  const seek = lseek();
-  const start = seek ? seek(fd, 0, SEEK_CUR) : -1;
-  if (!seek || !Number.isSafeInteger(start) || start < 0) return streamSink(io);
+  const c = libc();
+  const start = c ? c.lseek(fd, 0, SEEK_CUR) : -1;
+  if (!c || !Number.isSafeInteger(start) || start < 0) return streamSink(io);
 
   /**
    * pwrite of data[from, to) at output offset `at`, in the thread pool: the next chunk's
@@ -125,7 +107,7 @@ export function rawSink(io: Output): RawSink {
       } catch (err) {
         throw stdoutError(err);
       }
-      seek(fd, end, SEEK_SET);
+      c.lseek(fd, end, SEEK_SET);
     },
   };
 }

@@ -1,18 +1,17 @@
 // Linux open-file-description (OFD) byte-range locks through libc's fcntl: F_OFD_SETLK to
 // take or drop a shared read lock on one byte, F_OFD_GETLK to ask whether a write lock on
 // one byte would conflict with a lock held by another open file description (in this
-// process or any other). Node has no fcntl, so this calls libc through the koffi FFI,
-// which ships prebuilt binaries (no compiler at `npm ci`). Only the system calls live here;
-// which bytes mean what is ./image-lock.ts.
+// process or any other). Node has no fcntl: it comes from ./libc.ts (koffi). Only the
+// system calls live here; which bytes mean what is ./image-lock.ts.
 //
-// koffi is loaded on first use and only once: commands that take no lock (`info -U`) and
-// the test doubles (MemFile, FaultyFile) never load it. Where it cannot work — not Linux,
+// libc is loaded on first use: commands that take no lock (`info -U`) and the test doubles
+// (MemFile, FaultyFile) never load it. Where it cannot work — not Linux,
 // an architecture whose struct flock we have not laid out, koffi missing, or a kernel
 // without OFD locks (probed on /dev/null as QEMU's qemu_has_ofd_lock does) — ofdLocks()
 // returns null and the caller goes on without locks, as QEMU's locking=auto does.
 
 import { closeSync, openSync } from 'node:fs';
-import { createRequire } from 'node:module';
+import { libc } from './libc.ts';
 
 /** fcntl commands (asm-generic/fcntl.h; the same on every Linux architecture). */
 const F_OFD_GETLK = 36;
@@ -60,25 +59,17 @@ export function ofdLocks(): OfdLocks | null {
   if (loaded !== undefined) return loaded;
   loaded = null;
   if (process.platform !== 'linux' || !SUPPORTED_ARCHS.has(process.arch)) return null;
-  let koffi: { load(name: string): { func(proto: string): (...args: unknown[]) => number }; errno(): number };
-  let fcntl: (...args: unknown[]) => number;
-  try {
-    // createRequire: koffi is a native CommonJS package, kept out of the esbuild bundle
-    // (scripts/build.mjs marks it external) and resolved from node_modules at run time.
-    koffi = createRequire(import.meta.url)('koffi');
-    fcntl = koffi.load('libc.so.6').func('int fcntl(int fd, int cmd, ...)');
-  } catch {
-    return null;
-  }
+  const c = libc();
+  if (!c) return null;
   const flock = Buffer.alloc(FLOCK_BYTES);
   const calls: OfdLocks = {
     setReadLock(fd, byteOffset, lock) {
       encodeFlock(flock, lock ? F_RDLCK : F_UNLCK, byteOffset);
-      return fcntl(fd, F_OFD_SETLK, 'void *', flock) < 0 ? koffi.errno() : 0;
+      return c.fcntl(fd, F_OFD_SETLK, flock) < 0 ? c.errno() : 0;
     },
     testWriteLock(fd, byteOffset) {
       encodeFlock(flock, F_WRLCK, byteOffset);
-      if (fcntl(fd, F_OFD_GETLK, 'void *', flock) < 0) return koffi.errno();
+      if (c.fcntl(fd, F_OFD_GETLK, flock) < 0) return c.errno();
       return flock.readInt16LE(0) === F_UNLCK ? 'free' : 'conflict';
     },
   };
