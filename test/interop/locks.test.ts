@@ -36,7 +36,7 @@ interface Ran {
 }
 
 /** Starts a process; `done` resolves with its exit status and output. */
-function start(cmd: string, args: string[]): { child: ChildProcess; done: Promise<Ran> } {
+function start(cmd: string, args: string[]): { child: ChildProcess; done: Promise<Ran>; stdout: () => string } {
   const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, NO_COLOR: '1' } });
   children.add(child);
   let stdout = '';
@@ -50,7 +50,7 @@ function start(cmd: string, args: string[]): { child: ChildProcess; done: Promis
       resolve({ status, stdout, stderr });
     });
   });
-  return { child, done };
+  return { child, done, stdout: () => stdout };
 }
 
 const qdedup = (...args: string[]) => start(process.execPath, [BIN, ...args]).done;
@@ -114,9 +114,18 @@ async function qdedupHolding(path: string, bytes: number[], ...args: string[]): 
 
 /** qemu-io holding `path` (read-write unless readOnly) after running `commands`, until killed. */
 async function qemuIoHolding(path: string, readOnly: boolean, ...commands: string[]) {
-  const args = [...(readOnly ? ['-r'] : []), '-f', 'qcow2', ...commands.flatMap((c) => ['-c', c]), '-c', 'sleep 600000', path];
-  const p = start('qemu-io', args);
+  // The one-byte read after `commands` marks that they are done (qemu-io runs its -c commands
+  // in order): the locks appear at open, before a write or flush has changed the file.
+  const args = [...(readOnly ? ['-r'] : []), '-f', 'qcow2', ...[...commands, 'read 0 1'].flatMap((c) => ['-c', c]), '-c', 'sleep 600000', path];
+  // stdbuf: qemu-io's stdout is a pipe here, block-buffered unless told otherwise.
+  const p = start('stdbuf', ['-oL', 'qemu-io', ...args]);
   await waitForLocks(path, lockBytes(readOnly ? LOCK_READ : LOCK_WRITE), p);
+  let exited: Ran | undefined;
+  void p.done.then((r) => (exited = r));
+  while (!/^read 1\/1 bytes at offset 0$/m.test(p.stdout())) {
+    if (exited) assert.fail(`qemu-io exited (${exited.status}) before its commands were done: ${exited.stderr}`);
+    await sleep(2);
+  }
   return p;
 }
 
