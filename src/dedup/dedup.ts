@@ -116,8 +116,10 @@ export class Dedup implements WritePolicy {
     // whose configuration names the new one (beforeRefcounts writes it; the frees are step 6).
     store.releaseArea = async (offset, clusters) => {
       const first = offset / image.clusterSize;
-      for (let c = first; c < first + clusters; c++) {
-        await holder.release(c);
+      const area = Array.from({ length: clusters }, (_, i) => first + i);
+      await holder.fetch(area);
+      for (const c of area) {
+        holder.release(c);
         writer.deferFree(c);
       }
     };
@@ -205,7 +207,7 @@ export class Dedup implements WritePolicy {
     };
     await Dedup.writeExtension(writer, ext);
     const holder = await Dedup.addHolder(image, writer, host, ext);
-    await holder.hold(configOffset / image.clusterSize); // allocated before the holder existed
+    await holder.holdRun(configOffset / image.clusterSize, 1); // allocated before the holder existed
     const allocate = storeAllocator(holder, host);
     const store = await DedupStore.create(image.file, geometryOf(ext, image.clusterSize), allocate);
     return new Dedup(image, writer, ext, store, holder, host, allocate);
@@ -263,11 +265,12 @@ export class Dedup implements WritePolicy {
     for (const t of holder.tableOffsets()) {
       if (t % image.clusterSize) throw new CorruptImageError(`dedup holder L2 table offset ${hex(t)} is not cluster aligned; delete the snapshot with 'qemu-img snapshot -d ${HOLDER_NAME}'`, { offset: holder.l1Offset, structure: 'dedup holder' });
       const c = t / image.clusterSize;
-      let r = await writer.refcount(c);
-      if (await holder.holds(c)) {
+      await writer.fetchRefcounts([c]);
+      let r = writer.refcount(c);
+      if (await holder.isHeld(c)) {
         // An identity entry for the holder's own table (never made by qdedup): one reference
         // too many, and no index may name a table. Let go of it.
-        await holder.release(c);
+        holder.release(c);
         writer.deferFree(c);
         r--;
       }
@@ -276,9 +279,11 @@ export class Dedup implements WritePolicy {
     const held = await heldClusters(image, holder, (message, offset) => {
       throw new CorruptImageError(message, { offset, structure: 'dedup holder' });
     });
+    await holder.fetch(held);
     for (const c of held) {
-      if ((await writer.refcount(c)) === 1) {
-        await holder.release(c);
+      await writer.fetchRefcounts([c]); // one block at a time: bounded memory (I5)
+      if (writer.refcount(c) === 1) {
+        holder.release(c);
         writer.deferFree(c);
       }
     }
@@ -292,37 +297,60 @@ export class Dedup implements WritePolicy {
    * is met for the first time this session) is linked; the others are written in one
    * contiguous run and indexed. Every old reference is dropped after its replacement.
    *
-   * Speed: each step first tries its synchronous variant (tryMapCluster, incrementCached,
-   * holdCached, tryRelease, …), which does the same thing when the table or block it needs
-   * is in memory and otherwise does nothing; only then is the async variant awaited. A
-   * batch thus costs no promise per step in the common case, and the decisions and their
-   * order are those of the async path.
+   * Two phases, so that each decision exists once and costs no promise: first everything the
+   * batch needs is fetched (the guest clusters' L2 tables made writable, the refcount blocks
+   * and holder tables of the old host clusters and of the index hits); then every cluster is
+   * decided in order by synchronous code. Only the store's rotation (a full log store) and
+   * the rare extra copy (refcount cap, a cluster the holder cannot cover) are awaited, in
+   * place, before the next decision; nothing fetched leaves memory before the next fetch.
    */
   async writeClusters(batch: ClusterWrite[]): Promise<void> {
     const writer = this.writer;
     const cs = writer.clusterSize;
-    const misses: { w: ClusterWrite; hash: Buffer; dups: ClusterWrite[] }[] = [];
-    const missByHash = new Map<string, (typeof misses)[number]>();
-    for (const w of batch) {
-      if (isZero(w.data)) {
-        this.counters.zeroClusters++;
-        await writer.zeroCluster(w.guestCluster);
-        continue;
-      }
+    // Each content is looked up once here, at its first occurrence (its later ones are
+    // either repeats of a miss, never looked up, or looked up again below when decided).
+    const looked = new Set<string>();
+    const items = batch.map((w) => {
+      if (isZero(w.data)) return { w, hash: null, key: '', entry: null };
       const hash = this.hasher.hash(w.data);
       const key = hash.toString('latin1');
+      const first = !looked.has(key);
+      looked.add(key);
+      return { w, hash, key, entry: first ? this.store.lookup(hash) : undefined };
+    });
+    // Fetch. Tables of clusters that will not change are not made writable (zeroing what
+    // already reads as zeros allocates nothing).
+    await writer.prepareTables(items.filter((it) => it.hash || !writer.readsAsZeros(it.w.old)).map((it) => it.w.guestCluster));
+    const hosts: number[] = [];
+    for (const { w, entry } of items) {
+      if (entry && Number.isSafeInteger(entry.hostOffset / cs)) hosts.push(entry.hostOffset / cs);
+      const released = writer.releasedBy(w.old);
+      if (released !== null) hosts.push(released);
+    }
+    await this.prepareRelease(hosts);
+
+    // Decide, in order: zero, link, or a miss (written below, with the repeats of its content).
+    const misses: { w: ClusterWrite; hash: Buffer; dups: ClusterWrite[] }[] = [];
+    const missByHash = new Map<string, (typeof misses)[number]>();
+    for (const { w, hash, key, entry: found } of items) {
+      if (!hash) {
+        this.counters.zeroClusters++;
+        const releasing = writer.zeroCluster(w.guestCluster, w.old);
+        if (releasing) await releasing;
+        continue;
+      }
       const pendingMiss = missByHash.get(key);
       if (pendingMiss) {
         pendingMiss.dups.push(w);
         continue;
       }
-      const e = this.store.lookup(hash);
-      let target = e ? this.linkableCached(e, w.data) : null;
-      if (target === undefined) target = await this.linkable(e!, w.data);
+      const entry = found === undefined ? this.store.lookup(hash) : found; // its cluster fetched with the first occurrence's
+      const target = entry ? this.linkable(entry, w.data) : null;
       if (target !== null) {
         this.counters.hits++;
         if (w.old.kind === 'normal' && w.old.hostOffset === target) continue; // same content, same cluster
-        await this.link(w, target);
+        const releasing = this.link(w, target);
+        if (releasing) await releasing;
         continue;
       }
       const m = { w, hash, dups: [] as ClusterWrite[] };
@@ -330,92 +358,93 @@ export class Dedup implements WritePolicy {
       missByHash.set(key, m);
     }
     if (!misses.length) return;
+
+    // The misses: one run, then each indexed (refcount 2: the guest and the holder) and mapped.
     this.counters.misses += misses.length;
-    await writer.prepareTables(misses.flatMap((m) => [m.w, ...m.dups]).map((w) => w.guestCluster));
     const start = await writer.writeRun(misses.map((m) => m.w.data));
     for (let i = 0; i < misses.length; i++) {
       const { w, hash, dups } = misses[i];
       const offset = start + i * cs;
-      const cluster = offset / cs;
-      let indexed = this.holder.canHold(cluster);
-      if (indexed) {
-        // refcount 2: the guest and the holder
-        if (writer.incrementCached(cluster) === undefined) await writer.increment(cluster);
-        if (!this.holder.holdCached(cluster)) await this.holder.hold(cluster);
-        const inserting = this.store.insert(hash, offset, w.guestCluster * cs, this.allocate);
-        if (inserting) await inserting;
-      }
-      if (!writer.tryMapCluster(w.guestCluster, offset, !indexed)) await writer.mapCluster(w.guestCluster, offset, !indexed);
-      if (!writer.tryDropReference(w.old)) await writer.dropReference(w.old);
+      // A holder table to read or create (rare: once per table) is allocated here, in this
+      // order, so that the file's layout is the same as when each hold read its own table.
+      if (this.holder.canHold(offset / cs) && !this.holder.ready(offset / cs)) await this.holder.prepareHold([offset / cs]);
+      let indexed = this.index(w, hash, offset);
+      if (indexed) await indexed;
+      const releasing = writer.dropReference(w.old);
+      if (releasing) await releasing;
       let target = offset; // the indexed copy of this content the duplicates link to
+      let held = this.holder.canHold(offset / cs);
       for (const d of dups) {
-        if (indexed) {
-          // The cap counts every reference this batch already added (increments apply at
-          // once; the holder's is one of them): at the cap the duplicate gets its own copy,
-          // which becomes the indexed one, so later copies link to it (BRIEF §2, refcount cap).
-          const c = target / cs;
-          const refcount = writer.refcountCached(c) ?? (await writer.refcount(c));
-          if (refcount < this.cap) {
-            this.counters.hits++;
-            await this.link(d, target);
-            continue;
-          }
-          this.counters.misses++;
-          target = await this.writeIndexedCopy(d, hash);
-          indexed = this.holder.canHold(target / cs);
-        } else {
+        if (!held) {
           this.counters.hits++;
           // Not held: sharing it could not keep COPIED truthful. Give the copy its own cluster.
           const own = await writer.writeRun([d.data]);
-          await writer.mapCluster(d.guestCluster, own, true);
-          await writer.dropReference(d.old);
+          writer.mapCluster(d.guestCluster, own, true);
+          const dropping = writer.dropReference(d.old);
+          if (dropping) await dropping;
+          continue;
         }
+        // The cap counts every reference this batch already added (increments apply at
+        // once; the holder's is one of them): at the cap the duplicate gets its own copy,
+        // which becomes the indexed one, so later copies link to it (BRIEF §2, refcount cap).
+        if (writer.refcount(target / cs) < this.cap) {
+          this.counters.hits++;
+          const dropping = this.link(d, target);
+          if (dropping) await dropping;
+          continue;
+        }
+        this.counters.misses++;
+        target = await writer.writeRun([d.data]);
+        held = this.holder.canHold(target / cs);
+        if (held && !this.holder.ready(target / cs)) await this.holder.prepareHold([target / cs]);
+        indexed = this.index(d, hash, target);
+        if (indexed) await indexed;
+        const dropping = writer.dropReference(d.old);
+        if (dropping) await dropping;
       }
     }
   }
 
   /**
-   * Writes `w` to a cluster of its own and, when the holder can cover it, holds it and indexes
-   * it under `hash` in place of the previous copy (that one is at the refcount cap). Returns
-   * its host offset (later duplicates link to it only if the holder can hold it).
+   * Maps guest cluster `w` to the cluster just written at `offset` and, when the holder can
+   * cover it (prepareHold done), holds it and indexes it under `hash`: its refcount becomes 2
+   * before the L2 entry names it (I3), COPIED clear. Not held: mapped alone, COPIED set.
+   * A promise only when the store must rotate.
    */
-  private async writeIndexedCopy(w: ClusterWrite, hash: Buffer): Promise<number> {
-    const writer = this.writer;
-    const cs = writer.clusterSize;
-    const offset = await writer.writeRun([w.data]);
-    const cluster = offset / cs;
-    const indexed = this.holder.canHold(cluster);
-    if (indexed) {
-      // refcount 2: the guest and the holder; written before the L2 entry points at it (I3)
-            if (writer.incrementCached(cluster) === undefined) await writer.increment(cluster);
-      if (!this.holder.holdCached(cluster)) await this.holder.hold(cluster);
-      const inserting = this.store.insert(hash, offset, w.guestCluster * cs, this.allocate);
-      if (inserting) await inserting;
+  private index(w: ClusterWrite, hash: Buffer, offset: number): Promise<void> | undefined {
+    const cluster = offset / this.writer.clusterSize;
+    const held = this.holder.canHold(cluster);
+    let inserting: Promise<void> | undefined;
+    if (held) {
+      this.writer.increment(cluster);
+      this.holder.hold(cluster);
+      inserting = this.store.insert(hash, offset, w.guestCluster * this.writer.clusterSize, this.allocate);
     }
-    await writer.mapCluster(w.guestCluster, offset, !indexed);
-    await writer.dropReference(w.old);
-    return offset;
+    this.writer.mapCluster(w.guestCluster, offset, !held);
+    return inserting;
   }
 
-  /** Points guest cluster `w` at the indexed cluster at `target`: refcount + 1, the L2 entry, then the old reference dropped. */
-  private async link(w: ClusterWrite, target: number): Promise<void> {
-    const writer = this.writer;
-    const cluster = target / writer.clusterSize;
-    if (writer.incrementCached(cluster) === undefined) await writer.increment(cluster);
-    if (!writer.tryMapCluster(w.guestCluster, target, false)) await writer.mapCluster(w.guestCluster, target, false);
-    if (!writer.tryDropReference(w.old)) await writer.dropReference(w.old);
+  /**
+   * Points guest cluster `w` at the indexed cluster at `target`: refcount + 1, the L2 entry,
+   * then the old reference dropped. A promise only when the release returned one.
+   */
+  private link(w: ClusterWrite, target: number): Promise<void> | undefined {
+    this.writer.increment(target / this.writer.clusterSize);
+    this.writer.mapCluster(w.guestCluster, target, false);
+    return this.writer.dropReference(w.old);
   }
 
   /**
    * The host offset of the indexed cluster of entry `e` when it may be linked to (held,
    * under the cap, and equal to `data` when verifying or when the entry is not confirmed
-   * this session), or null.
+   * this session), or null. Without I/O but a compare: the holder table and refcount block
+   * of its cluster fetched.
    */
-  private async linkable(e: IndexEntry, data: Buffer): Promise<number | null> {
+  private linkable(e: IndexEntry, data: Buffer): number | null {
     const cluster = e.hostOffset / this.writer.clusterSize;
     // An index entry is only good for a cluster the holder still holds (belt and braces for I1).
-    if (!Number.isSafeInteger(cluster) || !(await this.holder.holds(cluster))) return null;
-    const refcount = await this.writer.refcount(cluster);
+    if (!Number.isSafeInteger(cluster) || !this.holder.holds(cluster)) return null;
+    const refcount = this.writer.refcount(cluster);
     if (refcount < MIN_LINK_REFCOUNT || refcount >= this.cap) return null;
     if ((this.ext.verify || !e.confirmed) && !this.sameBytes(e, data)) return null;
     return e.hostOffset;
@@ -438,66 +467,37 @@ export class Dedup implements WritePolicy {
     return true;
   }
 
-  /**
-   * linkable() without waiting: its answer when the holder table and refcount block involved
-   * are in memory (a compare reads synchronously); undefined otherwise (call linkable()).
-   */
-  private linkableCached(e: IndexEntry, data: Buffer): number | null | undefined {
-    const cluster = e.hostOffset / this.writer.clusterSize;
-    if (!Number.isSafeInteger(cluster)) return null;
-    const held = this.holder.holdsCached(cluster);
-    if (held === undefined) return undefined;
-    if (!held) return null;
-    const refcount = this.writer.refcountCached(cluster);
-    if (refcount === undefined) return undefined;
-    if (refcount < MIN_LINK_REFCOUNT || refcount >= this.cap) return null;
-    if ((this.ext.verify || !e.confirmed) && !this.sameBytes(e, data)) return null;
-    return e.hostOffset;
+  /** Reads the holder tables and refcount blocks release() and linkable() of these clusters need. */
+  async prepareRelease(clusters: number[]): Promise<void> {
+    await this.holder.fetch(clusters);
+    await this.writer.fetchRefcounts(clusters);
   }
 
   /**
    * A guest reference to host cluster `cluster` goes away. When only the holder would be
    * left, the hash is deleted (I2: the journal is durable before the commit frees) and the
-   * holder lets go too, so the cluster becomes free at this commit.
+   * holder lets go too, so the cluster becomes free at this commit. Without I/O but a read
+   * of the cluster (prepareRelease first); a promise only when the deletion rotates the store.
    */
-  async release(cluster: number): Promise<void> {
-    const writer = this.writer;
+  release(cluster: number): Promise<void> | undefined {
     let drops = 1;
-    if (await this.holder.holds(cluster)) {
-      const left = (await writer.refcount(cluster)) - (this.pending.get(cluster) ?? 0);
+    let removing: Promise<void> | undefined;
+    if (this.holder.holds(cluster)) {
+      const left = this.writer.refcount(cluster) - (this.pending.get(cluster) ?? 0);
       if (left <= 2) {
-        const offset = cluster * this.writer.clusterSize;
-        const hash = this.hasher.hash(await this.writer.file.read(offset, this.writer.clusterSize));
+        const cs = this.writer.clusterSize;
+        const offset = cluster * cs;
+        const hash = this.hasher.hash(this.writer.file.readSync(offset, cs));
         const e = this.store.lookup(hash);
-        if (e && e.hostOffset === offset) await this.store.remove(hash, this.allocate);
-        await this.holder.release(cluster);
+        if (e && e.hostOffset === offset) removing = this.store.remove(hash, this.allocate);
+        this.holder.release(cluster);
         this.counters.released++;
         drops = 2;
       }
     }
-    this.queueDrops(cluster, drops);
-  }
-
-  /**
-   * release() without I/O, for the common case: the cluster is not held, or other guest
-   * references remain, and the tables needed to tell are in memory. Returns false, having
-   * done nothing, otherwise (call release()).
-   */
-  tryRelease(cluster: number): boolean {
-    const held = this.holder.holdsCached(cluster);
-    if (held === undefined) return false;
-    if (held) {
-      const refcount = this.writer.refcountCached(cluster);
-      if (refcount === undefined || refcount - (this.pending.get(cluster) ?? 0) <= 2) return false;
-    }
-    this.queueDrops(cluster, 1);
-    return true;
-  }
-
-  private queueDrops(cluster: number, drops: number): void {
-    const writer = this.writer;
-    for (let i = 0; i < drops; i++) writer.deferFree(cluster);
+    for (let i = 0; i < drops; i++) this.writer.deferFree(cluster);
     this.pending.set(cluster, (this.pending.get(cluster) ?? 0) + drops);
+    return removing;
   }
 
   // -------------------------------------------------------------------- commit hooks
@@ -512,9 +512,11 @@ export class Dedup implements WritePolicy {
       const clusters = Math.ceil((need * 2) / this.writer.clusterSize);
       const old = this.ext.configOffset / this.writer.clusterSize;
       // The old area is let go by the holder and freed after this commit's tables are durable.
-      for (let c = 0; c < this.ext.configBytes / this.writer.clusterSize; c++) {
-        await this.holder.release(old + c);
-        this.writer.deferFree(old + c);
+      const area = Array.from({ length: this.ext.configBytes / this.writer.clusterSize }, (_, c) => old + c);
+      await this.holder.fetch(area);
+      for (const c of area) {
+        this.holder.release(c);
+        this.writer.deferFree(c);
       }
       this.ext.configOffset = await this.allocate(clusters);
       this.ext.configBytes = clusters * this.writer.clusterSize;

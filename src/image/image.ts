@@ -9,7 +9,7 @@
 import { inflateRawSync } from 'node:zlib';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { realpath } from 'node:fs/promises';
-import { CorruptImageError, IoError, QdedupError, UnsupportedError, hex } from '../errors.ts';
+import { CorruptImageError, InternalError, IoError, QdedupError, UnsupportedError, hex } from '../errors.ts';
 import {
   INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_HOST_OFFSET, backingFormatOf, clusterSizeOf,
   decodeHeader, encodeHeader, l2EntriesOf, type Header,
@@ -98,13 +98,15 @@ export interface WritePolicy {
    * replacement is mapped.
    */
   writeClusters(batch: ClusterWrite[]): Promise<void>;
+  /** Reads what release() of these host clusters needs into memory (the engine calls it before a release of its own). */
+  prepareRelease(clusters: number[]): Promise<void>;
   /**
    * A guest reference to uncompressed host cluster `cluster` goes: the policy queues the
    * decrement(s) with ImageWriter.deferFree (I2: after whatever must be durable first).
+   * Decides without I/O (prepareRelease() first); returns a promise only when it started
+   * I/O that must end before the next decision.
    */
-  release(cluster: number): Promise<void>;
-  /** release() without I/O: true when done, false (having done nothing) when release() must be awaited. */
-  tryRelease(cluster: number): boolean;
+  release(cluster: number): Promise<void> | undefined;
   /** Commit step 2, before the refcount increments are written and synced (I2: hash deletions durable before any free). */
   beforeRefcounts(): Promise<void>;
   /** Commit step 4: writes the policy's own tables with the L2 tables (the engine syncs). True when it wrote any. */
@@ -135,26 +137,31 @@ export interface ImageWriter {
   allocate(n: number): Promise<number>;
   /** Allocates one contiguous run and writes `clusters` there with one call. Returns its host offset. */
   writeRun(clusters: Buffer[]): Promise<number>;
-  /** Makes the L2 tables of these guest clusters writable (before a run is allocated: the run stays contiguous). */
+  /**
+   * Makes the L2 tables of these guest clusters writable (allocation; before a run is
+   * allocated, so that the run stays contiguous). They stay writable until the next commit.
+   */
   prepareTables(guestClusters: number[]): Promise<void>;
-  /** Points guest cluster `guestCluster` at `hostOffset`. */
-  mapCluster(guestCluster: number, hostOffset: number, copied: boolean): Promise<void>;
-  /** mapCluster() without I/O: false, having done nothing, when the L2 table is not writable yet. */
-  tryMapCluster(guestCluster: number, hostOffset: number, copied: boolean): boolean;
-  /** Makes one whole guest cluster read as zeros (its old reference dropped). */
-  zeroCluster(guestCluster: number): Promise<void>;
-  /** Drops the references an old L2 entry held (through the policy's release for a normal cluster). */
-  dropReference(old: L2Entry): Promise<void>;
-  /** dropReference() without I/O: false, having done nothing, when it must be awaited. */
-  tryDropReference(old: L2Entry): boolean;
-  /** Refcount of host cluster `cluster`. */
-  refcount(cluster: number): Promise<number>;
-  /** refcount() without I/O: undefined when its block must be read first. */
-  refcountCached(cluster: number): number | undefined;
-  /** Adds one reference to `cluster` (written with the commit's increments). Throws past the maximum. */
-  increment(cluster: number): Promise<number>;
-  /** increment() without I/O: undefined, having done nothing, when its block must be read first. */
-  incrementCached(cluster: number): number | undefined;
+  /** Points guest cluster `guestCluster` at `hostOffset`, without I/O: its table prepared. */
+  mapCluster(guestCluster: number, hostOffset: number, copied: boolean): void;
+  /** True when entry `old` already reads as zeros and holds no cluster: zeroCluster() changes nothing and needs no table. */
+  readsAsZeros(old: L2Entry): boolean;
+  /**
+   * Makes whole guest cluster `guestCluster`, whose entry was `old`, read as zeros and drops
+   * `old`'s reference, without I/O: its table prepared, the policy's release prepared. A
+   * promise only when the release returned one.
+   */
+  zeroCluster(guestCluster: number, old: L2Entry): Promise<void> | undefined;
+  /** Drops the references an old L2 entry held (the policy's release for releasedBy(old)), without I/O; a promise as zeroCluster. */
+  dropReference(old: L2Entry): Promise<void> | undefined;
+  /** The host cluster dropReference(`old`) hands to the policy's release, or null (prepare its release first). */
+  releasedBy(old: L2Entry): number | null;
+  /** Reads the refcount blocks of these host clusters into memory (until the next fetch). */
+  fetchRefcounts(clusters: Iterable<number>): Promise<void>;
+  /** Refcount of host cluster `cluster`, without I/O: its block fetched (or allocated) since the last fetch. */
+  refcount(cluster: number): number;
+  /** Adds one reference to `cluster`, without I/O (its block fetched or allocated); written with the commit's increments. Throws past the maximum. */
+  increment(cluster: number): number;
   /** Queues one reference of `cluster` to be dropped at the commit, after the tables are durable (step 6). */
   deferFree(cluster: number): void;
   /** Adds a host range to the overlap guard as `what`. */
@@ -366,29 +373,11 @@ export class Image implements GuestReader {
     return table;
   }
 
-  /**
-   * l2Table() without I/O: the table when it is cached, null when the L1 entry has none,
-   * undefined when it must be read (call l2Table(), which also validates the L1 entry).
-   */
-  private l2TableCached(l1Index: number): Buffer | null | undefined {
-    const cached = this.l2Cache.get(l1Index);
-    if (cached) return cached;
-    if (l1Index >= this.header.l1Size || decodeL1Entry(this.l1, l1Index).l2Offset === 0) return null;
-    return undefined;
-  }
-
   /** The L2 entry of guest cluster `guestCluster`, validated. */
   async entry(guestCluster: number): Promise<L2Entry> {
     const l1Index = Math.floor(guestCluster / this.l2Entries);
     const table = await this.l2Table(l1Index);
     return this.entryIn(table, l1Index, guestCluster);
-  }
-
-  /** entry() without I/O: undefined when the L2 table must be read first (call entry()). */
-  entryCached(guestCluster: number): L2Entry | undefined {
-    const l1Index = Math.floor(guestCluster / this.l2Entries);
-    const table = this.l2TableCached(l1Index);
-    return table === undefined ? undefined : this.entryIn(table, l1Index, guestCluster);
   }
 
   private entryIn(table: Buffer | null, l1Index: number, guestCluster: number): L2Entry {
@@ -519,9 +508,16 @@ export class Image implements GuestReader {
     this.checkRange(guestOffset, data.length);
     this.assertWritable();
     let batch: ClusterWrite[] = [];
+    let table: Buffer | null = null;
+    let tableIndex = -1; // the L1 index `table` belongs to (-1: read it again)
     for (const { guestCluster, inCluster, n, done } of this.pieces(guestOffset, data.length)) {
       const part = data.subarray(done, done + n);
-      const old = this.entryCached(guestCluster) ?? (await this.entry(guestCluster));
+      const l1Index = Math.floor(guestCluster / this.l2Entries);
+      if (l1Index !== tableIndex) {
+        table = await this.l2Table(l1Index); // once per table, not per cluster
+        tableIndex = l1Index;
+      }
+      const old = this.entryIn(table, l1Index, guestCluster);
       if (old.kind === 'normal' && old.copied && !this.policy) {
         this.guardDataWrite(old.hostOffset + inCluster, n);
         // I4: COPIED is trusted only for a cluster the refcounts count. A hostile entry
@@ -543,6 +539,7 @@ export class Image implements GuestReader {
         if (batch.length * this.clusterSize >= MAX_BATCH_BYTES) {
           await this.writeBatch(batch);
           batch = [];
+          tableIndex = -1; // the batch may have replaced the table (copy on write)
         }
       }
     }
@@ -571,8 +568,8 @@ export class Image implements GuestReader {
     await this.prepareTables(batch.map((p) => p.guestCluster));
     const start = await this.writeRun(batch.map((p) => p.data));
     for (let i = 0; i < batch.length; i++) {
-      await this.mapCluster(batch[i].guestCluster, start + i * this.clusterSize, true);
-      await this.dropReference(batch[i].old);
+      this.mapCluster(batch[i].guestCluster, start + i * this.clusterSize, true);
+      this.dropReference(batch[i].old); // no policy here: never a promise
     }
   }
 
@@ -619,40 +616,57 @@ export class Image implements GuestReader {
     await this.commitIfLarge();
   }
 
-  /** Makes one whole guest cluster read as zeros (also used by the dedup layer). */
+  /** Makes one whole guest cluster read as zeros (its old reference dropped). */
   async zeroCluster(guestCluster: number): Promise<void> {
     const old = await this.entry(guestCluster);
-    const v3 = this.header.version === 3;
-    if (old.kind === 'zero' && old.hostOffset === 0) return;
-    if (old.kind === 'unallocated' && !this.backing) return;
+    if (this.readsAsZeros(old)) return; // no table to allocate, nothing to drop
     await this.l2TableForWrite(Math.floor(guestCluster / this.l2Entries));
-    await this.setEntry(guestCluster, 0, false, v3);
-    await this.dropReference(old);
+    const released = this.releasedBy(old);
+    if (this.policy && released !== null) await this.policy.prepareRelease([released]);
+    await this.zeroMapped(guestCluster, old);
   }
 
   /**
-   * dropReference() without I/O: returns true when done, false (having done nothing) when
-   * the caller must await dropReference() (the dedup layer needs a table or a read).
+   * zeroCluster() once the table is writable and the release prepared: the decision, without
+   * I/O. A promise only when the policy's release returned one.
    */
-  tryDropReference(old: L2Entry): boolean {
-    const refcounts = this.assertWritable();
-    if (old.kind === 'compressed') return false;
-    if (old.hostOffset === 0) return true;
-    if (this.policy) return this.policy.tryRelease(old.hostOffset / this.clusterSize);
-    refcounts.deferFree(old.hostOffset / this.clusterSize);
-    return true;
+  private zeroMapped(guestCluster: number, old: L2Entry): Promise<void> | undefined {
+    if (this.readsAsZeros(old)) return undefined;
+    this.setEntry(guestCluster, 0, false, this.header.version === 3);
+    return this.dropReference(old);
   }
 
-  /** Queues the references an old L2 entry held for release at commit (through the write policy's release when there is one). */
-  async dropReference(old: L2Entry): Promise<void> {
+  /** True when an entry already reads as zeros and holds no cluster: zeroing it changes nothing. */
+  readsAsZeros(old: L2Entry): boolean {
+    return (old.kind === 'zero' && old.hostOffset === 0) || (old.kind === 'unallocated' && !this.backing);
+  }
+
+  /**
+   * Queues the references an old L2 entry held for release at commit, without I/O (through
+   * the write policy's release, prepared beforehand, when there is one). A promise only when
+   * the policy's release returned one.
+   */
+  dropReference(old: L2Entry): Promise<void> | undefined {
     const refcounts = this.assertWritable();
     if (old.kind === 'compressed') {
       const [first, last] = compressedClusterSpan(old, this.clusterBits);
       for (let c = first; c <= last; c++) refcounts.deferFree(c);
-    } else if (old.hostOffset !== 0) {
-      if (this.policy) await this.policy.release(old.hostOffset / this.clusterSize);
-      else refcounts.deferFree(old.hostOffset / this.clusterSize);
+      return undefined;
     }
+    const released = this.releasedBy(old);
+    if (released === null) return undefined;
+    if (this.policy) return this.policy.release(released);
+    refcounts.deferFree(released);
+    return undefined;
+  }
+
+  /**
+   * The host cluster whose reference dropReference(`old`) drops one by one (through the
+   * policy's release when there is one): a normal cluster, or the one a zero cluster keeps
+   * allocated (QEMU's zero with allocation). Null for none, and for compressed entries.
+   */
+  releasedBy(old: L2Entry): number | null {
+    return old.kind !== 'compressed' && old.hostOffset !== 0 ? old.hostOffset / this.clusterSize : null;
   }
 
   /**
@@ -668,8 +682,9 @@ export class Image implements GuestReader {
       if (!this.l2Dirty.has(l1Index) && (await refcounts.get(l1e.l2Offset / this.clusterSize)) === 0) {
         throw new CorruptImageError(`L2 table at ${hex(l1e.l2Offset)} has the COPIED flag but refcount 0 (L1 index: ${hex(l1Index)})`, { path: this.path, offset: this.header.l1TableOffset + l1Index * 8, structure: 'L1 table' });
       }
-      const table = await this.l2Table(l1Index);
-      return table!;
+      const table = (await this.l2Table(l1Index))!;
+      this.l2Dirty.add(l1Index); // writable until the commit: kept in the cache, mapCluster() needs no I/O
+      return table;
     }
     let table: Buffer;
     if (l1e.l2Offset === 0) {
@@ -689,30 +704,20 @@ export class Image implements GuestReader {
     return table;
   }
 
-  /** Points guest cluster `guestCluster` at `hostOffset` (also used by the dedup layer). */
-  async mapCluster(guestCluster: number, hostOffset: number, copied: boolean): Promise<void> {
-    await this.setEntry(guestCluster, hostOffset, copied, false);
+  /** Points guest cluster `guestCluster` at `hostOffset`, without I/O: its L2 table made writable (prepareTables) since the last commit. */
+  mapCluster(guestCluster: number, hostOffset: number, copied: boolean): void {
+    this.setEntry(guestCluster, hostOffset, copied, false);
   }
 
   /**
-   * mapCluster() without I/O nor allocation: done (true) when the guest cluster's L2 table
-   * is already dirty, i.e. made writable by l2TableForWrite() since the last commit (it is
-   * then cached, COPIED in the L1 and never dropped from the cache). Otherwise changes
-   * nothing and returns false (call mapCluster()).
+   * Sets one L2 entry in a table made writable by l2TableForWrite() since the last commit (it
+   * is then cached, COPIED in the L1, and never dropped from the cache). Throws InternalError otherwise.
    */
-  tryMapCluster(guestCluster: number, hostOffset: number, copied: boolean): boolean {
-    const l1Index = Math.floor(guestCluster / this.l2Entries);
-    if (!this.l2Dirty.has(l1Index)) return false;
+  private setEntry(guestCluster: number, hostOffset: number, copied: boolean, zero: boolean): void {
     this.assertWritable();
-    encodeL2Entry(this.l2Cache.get(l1Index)!, guestCluster % this.l2Entries, hostOffset, copied, false);
-    return true;
-  }
-
-  private async setEntry(guestCluster: number, hostOffset: number, copied: boolean, zero: boolean): Promise<void> {
     const l1Index = Math.floor(guestCluster / this.l2Entries);
-    const table = await this.l2TableForWrite(l1Index);
-    encodeL2Entry(table, guestCluster % this.l2Entries, hostOffset, copied, zero);
-    this.l2Dirty.add(l1Index);
+    if (!this.l2Dirty.has(l1Index)) throw new InternalError(`L2 table of guest cluster ${guestCluster} not prepared for writing`);
+    encodeL2Entry(this.l2Cache.get(l1Index)!, guestCluster % this.l2Entries, hostOffset, copied, zero);
   }
 
   /**
@@ -838,14 +843,13 @@ export class Image implements GuestReader {
       writeRun: (clusters) => this.writeRun(clusters),
       prepareTables: (guestClusters) => this.prepareTables(guestClusters),
       mapCluster: (g, h, copied) => this.mapCluster(g, h, copied),
-      tryMapCluster: (g, h, copied) => this.tryMapCluster(g, h, copied),
-      zeroCluster: (g) => this.zeroCluster(g),
+      readsAsZeros: (old) => this.readsAsZeros(old),
+      zeroCluster: (g, old) => this.zeroMapped(g, old),
       dropReference: (old) => this.dropReference(old),
-      tryDropReference: (old) => this.tryDropReference(old),
-      refcount: (c) => refcounts.get(c),
-      refcountCached: (c) => refcounts.getCached(c),
+      releasedBy: (old) => this.releasedBy(old),
+      fetchRefcounts: (clusters) => refcounts.fetch(clusters),
+      refcount: (c) => refcounts.count(c),
       increment: (c) => refcounts.increment(c),
-      incrementCached: (c) => refcounts.incrementCached(c),
       deferFree: (c) => refcounts.deferFree(c),
       markMetadata: (offset, bytes, what) => this.markMetadata(offset, bytes, what),
       writeExtension: async (type, data, autoclear) => {

@@ -110,7 +110,7 @@ async function assertIndexTrue(image: Image, label: string): Promise<number> {
   for await (const e of liveEntries(image, d.store)) {
     const data = await image.file.read(e.hostOffset, image.clusterSize);
     assert.ok(d.hasher.hash(data).equals(e.hash), `${label}: index entry for cluster ${e.hostOffset} does not hash to its content`);
-    assert.ok(await d.holder.holds(e.hostOffset / image.clusterSize), `${label}: indexed cluster ${e.hostOffset} is not held`);
+    assert.ok(await d.holder.isHeld(e.hostOffset / image.clusterSize), `${label}: indexed cluster ${e.hostOffset} is not held`);
     n++;
   }
   return n;

@@ -30,7 +30,7 @@ test('an index entry naming a journal cluster (held, refcount 1) is never linked
   const d = dedupOf(image)!;
   const journal = d.store.areas()[0].offset; // the current journal's first cluster
   const cluster = journal / image.clusterSize;
-  assert.equal(await d.holder.holds(cluster), true, 'the store cluster is held');
+  assert.equal(await d.holder.isHeld(cluster), true, 'the store cluster is held');
   assert.equal(await image.refcountState!.get(cluster), 1, 'by the holder alone');
   const bytes = await image.file.read(journal, image.clusterSize);
   const hash = d.hasher.hash(bytes);
