@@ -31,10 +31,11 @@ import { tmpdir } from 'node:os';
 import { parseSize } from '../src/cli/parse.ts';
 import { writeDuplicateFile } from './dup-data.ts';
 import { Image } from '../src/image/image.ts';
-import { createImage } from '../src/image/create.ts';
+import { createImage } from '../src/dedup/open.ts';
 import { defaultStoreOrder } from '../src/dedup/dedup.ts';
 import { statSync } from 'node:fs';
 import { open } from 'node:fs/promises';
+import { openForWrite, dedupOf } from '../src/dedup/open.ts';
 
 const args = process.argv.slice(2);
 function option(name: string, fallback: string): string {
@@ -183,7 +184,7 @@ if (want('dedup-import')) {
   // The index's figures, from an in-process import of the same file.
   rmSync(out, { force: true });
   await createImage(out, { size, clusterBits: 12, version: 3, refcountOrder: 4, lazyRefcounts: false, force: true, dedup: { algorithm: 'sha256', verify: false, maxIncarnations: 0, order: defaultStoreOrder(size, 4096), journalBlockSize: 4096 } });
-  const image = await Image.open(out, { writable: true });
+  const image = await openForWrite(out);
   const fh = await open(dup);
   const buf = Buffer.alloc(8 << 20);
   for (let off = 0; off < size; off += buf.length) {
@@ -191,7 +192,7 @@ if (want('dedup-import')) {
     await image.write(off, buf.subarray(0, bytesRead));
   }
   await fh.close();
-  const st = image.dedup!.store.stats();
+  const st = dedupOf(image)!.store.stats();
   await image.close();
   const inIncarnations = st.indexEntries - st.logStore.entries - st.frozenEntries;
   console.log(`index: ${st.indexEntries} entries, ${st.incarnations.count} incarnations; filter RAM ${(st.filterRamBytes / Math.max(1, inIncarnations)).toFixed(2)} bytes per indexed cluster outside the log stores; all index RAM ${(st.ramBytes / st.indexEntries).toFixed(2)} bytes per indexed cluster`);

@@ -3,6 +3,9 @@
 // release of clusters whose last guest reference goes (hash deleted before the free, I2)
 // and the clean close. Design: docs/DESIGN.md "Deduplication"; layouts: docs/FORMAT.md §5–10.
 //
+// It is the engine's write policy (src/image/image.ts WritePolicy), attached by ./open.ts, and
+// changes the image only through the ImageWriter it is given.
+//
 // Trust (BRIEF I3): the store is used only if the autoclear bit is set, the dirty flag is
 // clear and its configuration and journals read back intact. Otherwise a fresh store is
 // built in new clusters and the old one is never written to nor freed. The dirty flag
@@ -14,10 +17,9 @@ import {
   encodeDedupConfig, encodeDedupExtension, type DedupExtension,
 } from '../format/dedup-ext.ts';
 import type { IndexEntry } from './slot-bits.ts';
-import type { L2Entry } from '../format/l1l2.ts';
 import { SNAPSHOT_FIXED_BYTES, encodeSnapshotEntry } from '../format/snapshot.ts';
 import { writeU64 } from '../format/bytes.ts';
-import type { Image } from '../image/image.ts';
+import type { ClusterWrite, Image, ImageWriter, WritePolicy } from '../image/image.ts';
 import { DEFAULT_HASH_ALGORITHM, createHasher, hashAlgorithmId, type Hasher, type SupportedHashAlgorithm } from './hasher.ts';
 import { HOLDER_NAME, Holder, holderL1Size, type HolderHost } from './holder.ts';
 import { DedupStore, geometryOf, initialJournalBlocks, type Allocate } from './store.ts';
@@ -71,12 +73,7 @@ export function defaultDedupSettings(virtualSize: number, clusterSize: number): 
   return { algorithm: DEFAULT_HASH_ALGORITHM, verify: false, maxIncarnations: 0, order: defaultStoreOrder(virtualSize, clusterSize), journalBlockSize: 4096 };
 }
 
-/** One guest cluster of a write, whole, waiting to be linked or written. */
-export interface ClusterWrite {
-  guestCluster: number;
-  data: Buffer;
-  old: L2Entry;
-}
+export type { ClusterWrite };
 
 /** Counters of the current session (for tests and benchmarks). */
 export interface WriteCounters {
@@ -90,7 +87,8 @@ export interface WriteCounters {
   released: number;
 }
 
-export class Dedup {
+/** Inline deduplication: the write policy (src/image/image.ts WritePolicy) of a dedup image open for writing. */
+export class Dedup implements WritePolicy {
   readonly hasher: Hasher;
   /** Why the old index was dropped at open, or null when it was trusted. */
   notice: string | null = null;
@@ -103,7 +101,9 @@ export class Dedup {
   private readonly host: HolderHost;
 
   private constructor(
+    /** The image, read only: every change goes through `writer`. */
     private readonly image: Image,
+    private readonly writer: ImageWriter,
     readonly ext: DedupExtension,
     readonly store: DedupStore,
     readonly holder: Holder,
@@ -113,16 +113,18 @@ export class Dedup {
   ) {
     this.hasher = createHasher(ext.hashAlgorithm);
     // A journal that grows moves: the holder lets go of its old area, freed after the commit
-    // whose configuration names the new one (beforeCommit writes it; the frees are step 6).
+    // whose configuration names the new one (beforeRefcounts writes it; the frees are step 6).
     store.releaseArea = async (offset, clusters) => {
       const first = offset / image.clusterSize;
-      for (let c = first; c < first + clusters; c++) {
-        await holder.release(c);
-        image.refcountState!.deferFree(c);
+      const area = Array.from({ length: clusters }, (_, i) => first + i);
+      await holder.fetch(area);
+      for (const c of area) {
+        holder.release(c);
+        writer.deferFree(c);
       }
     };
     // Refcount cap: past half the maximum the hash is no longer linked to (BRIEF §2).
-    this.cap = Math.floor(image.refcountState!.max / 2);
+    this.cap = Math.floor(writer.refcountMax / 2);
     this.host = host;
   }
 
@@ -147,7 +149,7 @@ export class Dedup {
    * Read-write open of a dedup image: sets the dirty flag (synced), then opens the store
    * or, if it is not to be trusted, starts a fresh one. Returns null for a plain image.
    */
-  static async attach(image: Image): Promise<Dedup | null> {
+  static async attach(image: Image, writer: ImageWriter): Promise<Dedup | null> {
     let ext: DedupExtension | null;
     let damage: string | null = null;
     try {
@@ -168,16 +170,16 @@ export class Dedup {
     createHasher(ext.hashAlgorithm); // refuses skein and unknown numbers before any write
     // The trust verdict (reads only), and the store when trusted.
     const seen = damage === null ? await inspectDedup(image) : { trusted: false, reason: `${damage}; the extension is replaced, with the default settings`, store: null, areas: [] };
-    await Dedup.writeExtension(image, { ...ext, dirty: true }); // I3: dirty durable before any other write
-    const host = hostOf(image);
+    await Dedup.writeExtension(writer, { ...ext, dirty: true }); // I3: dirty durable before any other write
+    const host = hostOf(image, writer);
     let holder = await Dedup.findHolder(image, host);
     // Untrusted: clusters only the holder references (the old store's, data a foreign writer
     // left) are let go through the holder's references, never on the old store's word (I3).
     // Before the new store is allocated (its clusters are held with refcount 1 too); the
     // holder's cleared entries and the frees reach disk only at the commit that first makes
-    // the new store durable, after it (commit steps 3 and 5 follow beforeCommit's writes).
-    if (holder && !seen.trusted) await Dedup.releaseOrphans(image, holder);
-    if (!holder) holder = await Dedup.addHolder(image, host, ext);
+    // the new store durable, after it (commit steps 3 and 5 follow beforeRefcounts's writes).
+    if (holder && !seen.trusted) await Dedup.releaseOrphans(image, writer, holder);
+    if (!holder) holder = await Dedup.addHolder(image, writer, host, ext);
     const allocate = storeAllocator(holder, host);
     let store = seen.store;
     let extNow = { ...ext, dirty: true };
@@ -189,36 +191,31 @@ export class Dedup {
       const configOffset = await allocate(1);
       extNow = { ...extNow, configOffset, configBytes: image.clusterSize };
     }
-    const d = new Dedup(image, extNow, store, holder, host, allocate);
+    const d = new Dedup(image, writer, extNow, store, holder, host, allocate);
     if (!seen.trusted) d.notice = `dedup index not trusted: ${seen.reason}; starting a fresh index (data is safe; earlier copies are no longer found)`;
     return d;
   }
 
   /** Turns a freshly created plain v3 image into a dedup image (qdedup create -o dedup=…). */
-  static async initialize(image: Image, s: DedupSettings): Promise<Dedup> {
-    const host = hostOf(image);
+  static async initialize(image: Image, writer: ImageWriter, s: DedupSettings): Promise<Dedup> {
+    const host = hostOf(image, writer);
     const configOffset = await host.allocate(1);
     const ext: DedupExtension = {
       version: DEDUP_EXT_VERSION, hashAlgorithm: hashAlgorithmId(s.algorithm), dirty: true, verify: s.verify,
       order: s.order, journalBlockSize: s.journalBlockSize, maxIncarnations: s.maxIncarnations,
       configOffset, configBytes: image.clusterSize,
     };
-    image.header.extensions.push({ type: EXT_DEDUP, data: encodeDedupExtension(ext) });
-    await Dedup.writeExtension(image, ext);
-    const holder = await Dedup.addHolder(image, host, ext);
-    await holder.hold(configOffset / image.clusterSize); // allocated before the holder existed
+    await Dedup.writeExtension(writer, ext);
+    const holder = await Dedup.addHolder(image, writer, host, ext);
+    await holder.holdRun(configOffset / image.clusterSize, 1); // allocated before the holder existed
     const allocate = storeAllocator(holder, host);
     const store = await DedupStore.create(image.file, geometryOf(ext, image.clusterSize), allocate);
-    return new Dedup(image, ext, store, holder, host, allocate);
+    return new Dedup(image, writer, ext, store, holder, host, allocate);
   }
 
   /** Rewrites the header with `ext` and autoclear bit 60 set, then syncs. */
-  private static async writeExtension(image: Image, ext: DedupExtension): Promise<void> {
-    const e = image.header.extensions.find((x) => x.type === EXT_DEDUP)!;
-    e.data = encodeDedupExtension(ext);
-    image.header.autoclearFeatures |= AUTOCLEAR_DEDUP;
-    await image.writeHeader();
-    await image.file.sync();
+  private static async writeExtension(writer: ImageWriter, ext: DedupExtension): Promise<void> {
+    await writer.writeExtension(EXT_DEDUP, encodeDedupExtension(ext), AUTOCLEAR_DEDUP);
   }
 
   private static async findHolder(image: Image, host: HolderHost): Promise<Holder | null> {
@@ -231,7 +228,7 @@ export class Dedup {
    * and the holder's), made durable before the header points at it; the old table is freed
    * at the next commit.
    */
-  private static async addHolder(image: Image, host: HolderHost, ext: DedupExtension): Promise<Holder> {
+  private static async addHolder(image: Image, writer: ImageWriter, host: HolderHost, ext: DedupExtension): Promise<Holder> {
     // Sized for the file and the store about to be allocated (both journals), so that the
     // L1 does not have to grow (and move past the journals) at once.
     const g = geometryOf(ext, image.clusterSize);
@@ -250,17 +247,12 @@ export class Dedup {
     const table = Buffer.concat([oldTable, entry]);
     const clusters = Math.ceil(table.length / image.clusterSize);
     const offset = await host.allocate(clusters);
-    await image.file.write(offset, table);
+    await writer.file.write(offset, table);
     host.markMetadata(offset, table.length, 'snapshot table');
-    await image.flush(); // refcounts of the holder and the table durable before the header names them
+    await writer.commit(); // refcounts of the holder and the table durable before the header names them
     const oldOffset = h.snapshotsOffset;
-    h.snapshotsOffset = offset;
-    h.nbSnapshots += 1;
-    await image.writeHeader();
-    await image.file.sync();
-    const refcounts = image.refcountState!;
-    if (oldBytes) for (let c = 0; c < Math.ceil(oldBytes / image.clusterSize); c++) refcounts.deferFree(oldOffset / image.clusterSize + c);
-    await image.loadSnapshots();
+    await writer.setSnapshotTable(offset, h.nbSnapshots + 1);
+    if (oldBytes) for (let c = 0; c < Math.ceil(oldBytes / image.clusterSize); c++) writer.deferFree(oldOffset / image.clusterSize + c);
     return holder;
   }
 
@@ -269,17 +261,17 @@ export class Dedup {
    * released; the holder's own tables must be its alone (not applied to the active disk),
    * and a hold on one of them is dropped.
    */
-  private static async releaseOrphans(image: Image, holder: Holder): Promise<void> {
-    const refcounts = image.refcountState!;
+  private static async releaseOrphans(image: Image, writer: ImageWriter, holder: Holder): Promise<void> {
     for (const t of holder.tableOffsets()) {
       if (t % image.clusterSize) throw new CorruptImageError(`dedup holder L2 table offset ${hex(t)} is not cluster aligned; delete the snapshot with 'qemu-img snapshot -d ${HOLDER_NAME}'`, { offset: holder.l1Offset, structure: 'dedup holder' });
       const c = t / image.clusterSize;
-      let r = await refcounts.get(c);
-      if (await holder.holds(c)) {
+      await writer.fetchRefcounts([c]);
+      let r = writer.refcount(c);
+      if (await holder.isHeld(c)) {
         // An identity entry for the holder's own table (never made by qdedup): one reference
         // too many, and no index may name a table. Let go of it.
-        await holder.release(c);
-        refcounts.deferFree(c);
+        holder.release(c);
+        writer.deferFree(c);
         r--;
       }
       if (r !== 1) throw new CorruptImageError(`dedup holder L2 table at ${hex(t)} has refcount ${r}, not 1; delete the snapshot with 'qemu-img snapshot -d ${HOLDER_NAME}'`, { offset: t, structure: 'dedup holder' });
@@ -287,10 +279,12 @@ export class Dedup {
     const held = await heldClusters(image, holder, (message, offset) => {
       throw new CorruptImageError(message, { offset, structure: 'dedup holder' });
     });
+    await holder.fetch(held);
     for (const c of held) {
-      if ((await refcounts.get(c)) === 1) {
-        await holder.release(c);
-        refcounts.deferFree(c);
+      await writer.fetchRefcounts([c]); // one block at a time: bounded memory (I5)
+      if (writer.refcount(c) === 1) {
+        holder.release(c);
+        writer.deferFree(c);
       }
     }
   }
@@ -303,38 +297,60 @@ export class Dedup {
    * is met for the first time this session) is linked; the others are written in one
    * contiguous run and indexed. Every old reference is dropped after its replacement.
    *
-   * Speed: each step first tries its synchronous variant (tryMapCluster, incrementCached,
-   * holdCached, tryRelease, …), which does the same thing when the table or block it needs
-   * is in memory and otherwise does nothing; only then is the async variant awaited. A
-   * batch thus costs no promise per step in the common case, and the decisions and their
-   * order are those of the async path.
+   * Two phases, so that each decision exists once and costs no promise: first everything the
+   * batch needs is fetched (the guest clusters' L2 tables made writable, the refcount blocks
+   * and holder tables of the old host clusters and of the index hits); then every cluster is
+   * decided in order by synchronous code. Only the store's rotation (a full log store) and
+   * the rare extra copy (refcount cap, a cluster the holder cannot cover) are awaited, in
+   * place, before the next decision; nothing fetched leaves memory before the next fetch.
    */
   async writeClusters(batch: ClusterWrite[]): Promise<void> {
-    const image = this.image;
-    const refcounts = image.refcountState!;
-    const cs = image.clusterSize;
-    const misses: { w: ClusterWrite; hash: Buffer; dups: ClusterWrite[] }[] = [];
-    const missByHash = new Map<string, (typeof misses)[number]>();
-    for (const w of batch) {
-      if (isZero(w.data)) {
-        this.counters.zeroClusters++;
-        await image.zeroCluster(w.guestCluster);
-        continue;
-      }
+    const writer = this.writer;
+    const cs = writer.clusterSize;
+    // Each content is looked up once here, at its first occurrence (its later ones are
+    // either repeats of a miss, never looked up, or looked up again below when decided).
+    const looked = new Set<string>();
+    const items = batch.map((w) => {
+      if (isZero(w.data)) return { w, hash: null, key: '', entry: null };
       const hash = this.hasher.hash(w.data);
       const key = hash.toString('latin1');
+      const first = !looked.has(key);
+      looked.add(key);
+      return { w, hash, key, entry: first ? this.store.lookup(hash) : undefined };
+    });
+    // Fetch. Tables of clusters that will not change are not made writable (zeroing what
+    // already reads as zeros allocates nothing).
+    await writer.prepareTables(items.filter((it) => it.hash || !writer.readsAsZeros(it.w.old)).map((it) => it.w.guestCluster));
+    const hosts: number[] = [];
+    for (const { w, entry } of items) {
+      if (entry && Number.isSafeInteger(entry.hostOffset / cs)) hosts.push(entry.hostOffset / cs);
+      const released = writer.releasedBy(w.old);
+      if (released !== null) hosts.push(released);
+    }
+    await this.prepareRelease(hosts);
+
+    // Decide, in order: zero, link, or a miss (written below, with the repeats of its content).
+    const misses: { w: ClusterWrite; hash: Buffer; dups: ClusterWrite[] }[] = [];
+    const missByHash = new Map<string, (typeof misses)[number]>();
+    for (const { w, hash, key, entry: found } of items) {
+      if (!hash) {
+        this.counters.zeroClusters++;
+        const releasing = writer.zeroCluster(w.guestCluster, w.old);
+        if (releasing) await releasing;
+        continue;
+      }
       const pendingMiss = missByHash.get(key);
       if (pendingMiss) {
         pendingMiss.dups.push(w);
         continue;
       }
-      const e = this.store.lookup(hash);
-      let target = e ? this.linkableCached(e, w.data) : null;
-      if (target === undefined) target = await this.linkable(e!, w.data);
+      const entry = found === undefined ? this.store.lookup(hash) : found; // its cluster fetched with the first occurrence's
+      const target = entry ? this.linkable(entry, w.data) : null;
       if (target !== null) {
         this.counters.hits++;
         if (w.old.kind === 'normal' && w.old.hostOffset === target) continue; // same content, same cluster
-        await this.link(w, target);
+        const releasing = this.link(w, target);
+        if (releasing) await releasing;
         continue;
       }
       const m = { w, hash, dups: [] as ClusterWrite[] };
@@ -342,94 +358,93 @@ export class Dedup {
       missByHash.set(key, m);
     }
     if (!misses.length) return;
+
+    // The misses: one run, then each indexed (refcount 2: the guest and the holder) and mapped.
     this.counters.misses += misses.length;
-    await image.prepareTables(misses.flatMap((m) => [m.w, ...m.dups]).map((w) => w.guestCluster));
-    const start = await image.writeRun(misses.map((m) => m.w.data));
+    const start = await writer.writeRun(misses.map((m) => m.w.data));
     for (let i = 0; i < misses.length; i++) {
       const { w, hash, dups } = misses[i];
       const offset = start + i * cs;
-      const cluster = offset / cs;
-      let indexed = this.holder.canHold(cluster);
-      if (indexed) {
-        // refcount 2: the guest and the holder
-        if (refcounts.incrementCached(cluster) === undefined) await refcounts.increment(cluster);
-        if (!this.holder.holdCached(cluster)) await this.holder.hold(cluster);
-        const inserting = this.store.insert(hash, offset, w.guestCluster * cs, this.allocate);
-        if (inserting) await inserting;
-      }
-      if (!image.tryMapCluster(w.guestCluster, offset, !indexed)) await image.mapCluster(w.guestCluster, offset, !indexed);
-      if (!image.tryDropReference(w.old)) await image.dropReference(w.old);
+      // A holder table to read or create (rare: once per table) is allocated here, in this
+      // order, so that the file's layout is the same as when each hold read its own table.
+      if (this.holder.canHold(offset / cs) && !this.holder.ready(offset / cs)) await this.holder.prepareHold([offset / cs]);
+      let indexed = this.index(w, hash, offset);
+      if (indexed) await indexed;
+      const releasing = writer.dropReference(w.old);
+      if (releasing) await releasing;
       let target = offset; // the indexed copy of this content the duplicates link to
+      let held = this.holder.canHold(offset / cs);
       for (const d of dups) {
-        if (indexed) {
-          // The cap counts every reference this batch already added (increments apply at
-          // once; the holder's is one of them): at the cap the duplicate gets its own copy,
-          // which becomes the indexed one, so later copies link to it (BRIEF §2, refcount cap).
-          const c = target / cs;
-          const refcount = refcounts.getCached(c) ?? (await refcounts.get(c));
-          if (refcount < this.cap) {
-            this.counters.hits++;
-            await this.link(d, target);
-            continue;
-          }
-          this.counters.misses++;
-          target = await this.writeIndexedCopy(d, hash);
-          indexed = this.holder.canHold(target / cs);
-        } else {
+        if (!held) {
           this.counters.hits++;
           // Not held: sharing it could not keep COPIED truthful. Give the copy its own cluster.
-          const own = await image.writeRun([d.data]);
-          await image.mapCluster(d.guestCluster, own, true);
-          await image.dropReference(d.old);
+          const own = await writer.writeRun([d.data]);
+          writer.mapCluster(d.guestCluster, own, true);
+          const dropping = writer.dropReference(d.old);
+          if (dropping) await dropping;
+          continue;
         }
+        // The cap counts every reference this batch already added (increments apply at
+        // once; the holder's is one of them): at the cap the duplicate gets its own copy,
+        // which becomes the indexed one, so later copies link to it (BRIEF §2, refcount cap).
+        if (writer.refcount(target / cs) < this.cap) {
+          this.counters.hits++;
+          const dropping = this.link(d, target);
+          if (dropping) await dropping;
+          continue;
+        }
+        this.counters.misses++;
+        target = await writer.writeRun([d.data]);
+        held = this.holder.canHold(target / cs);
+        if (held && !this.holder.ready(target / cs)) await this.holder.prepareHold([target / cs]);
+        indexed = this.index(d, hash, target);
+        if (indexed) await indexed;
+        const dropping = writer.dropReference(d.old);
+        if (dropping) await dropping;
       }
     }
   }
 
   /**
-   * Writes `w` to a cluster of its own and, when the holder can cover it, holds it and indexes
-   * it under `hash` in place of the previous copy (that one is at the refcount cap). Returns
-   * its host offset (later duplicates link to it only if the holder can hold it).
+   * Maps guest cluster `w` to the cluster just written at `offset` and, when the holder can
+   * cover it (prepareHold done), holds it and indexes it under `hash`: its refcount becomes 2
+   * before the L2 entry names it (I3), COPIED clear. Not held: mapped alone, COPIED set.
+   * A promise only when the store must rotate.
    */
-  private async writeIndexedCopy(w: ClusterWrite, hash: Buffer): Promise<number> {
-    const image = this.image;
-    const cs = image.clusterSize;
-    const offset = await image.writeRun([w.data]);
-    const cluster = offset / cs;
-    const indexed = this.holder.canHold(cluster);
-    if (indexed) {
-      // refcount 2: the guest and the holder; written before the L2 entry points at it (I3)
-      const refcounts = image.refcountState!;
-      if (refcounts.incrementCached(cluster) === undefined) await refcounts.increment(cluster);
-      if (!this.holder.holdCached(cluster)) await this.holder.hold(cluster);
-      const inserting = this.store.insert(hash, offset, w.guestCluster * cs, this.allocate);
-      if (inserting) await inserting;
+  private index(w: ClusterWrite, hash: Buffer, offset: number): Promise<void> | undefined {
+    const cluster = offset / this.writer.clusterSize;
+    const held = this.holder.canHold(cluster);
+    let inserting: Promise<void> | undefined;
+    if (held) {
+      this.writer.increment(cluster);
+      this.holder.hold(cluster);
+      inserting = this.store.insert(hash, offset, w.guestCluster * this.writer.clusterSize, this.allocate);
     }
-    await image.mapCluster(w.guestCluster, offset, !indexed);
-    await image.dropReference(w.old);
-    return offset;
+    this.writer.mapCluster(w.guestCluster, offset, !held);
+    return inserting;
   }
 
-  /** Points guest cluster `w` at the indexed cluster at `target`: refcount + 1, the L2 entry, then the old reference dropped. */
-  private async link(w: ClusterWrite, target: number): Promise<void> {
-    const image = this.image;
-    const refcounts = image.refcountState!;
-    const cluster = target / image.clusterSize;
-    if (refcounts.incrementCached(cluster) === undefined) await refcounts.increment(cluster);
-    if (!image.tryMapCluster(w.guestCluster, target, false)) await image.mapCluster(w.guestCluster, target, false);
-    if (!image.tryDropReference(w.old)) await image.dropReference(w.old);
+  /**
+   * Points guest cluster `w` at the indexed cluster at `target`: refcount + 1, the L2 entry,
+   * then the old reference dropped. A promise only when the release returned one.
+   */
+  private link(w: ClusterWrite, target: number): Promise<void> | undefined {
+    this.writer.increment(target / this.writer.clusterSize);
+    this.writer.mapCluster(w.guestCluster, target, false);
+    return this.writer.dropReference(w.old);
   }
 
   /**
    * The host offset of the indexed cluster of entry `e` when it may be linked to (held,
    * under the cap, and equal to `data` when verifying or when the entry is not confirmed
-   * this session), or null.
+   * this session), or null. Without I/O but a compare: the holder table and refcount block
+   * of its cluster fetched.
    */
-  private async linkable(e: IndexEntry, data: Buffer): Promise<number | null> {
-    const cluster = e.hostOffset / this.image.clusterSize;
+  private linkable(e: IndexEntry, data: Buffer): number | null {
+    const cluster = e.hostOffset / this.writer.clusterSize;
     // An index entry is only good for a cluster the holder still holds (belt and braces for I1).
-    if (!Number.isSafeInteger(cluster) || !(await this.holder.holds(cluster))) return null;
-    const refcount = await this.image.refcountState!.get(cluster);
+    if (!Number.isSafeInteger(cluster) || !this.holder.holds(cluster)) return null;
+    const refcount = this.writer.refcount(cluster);
     if (refcount < MIN_LINK_REFCOUNT || refcount >= this.cap) return null;
     if ((this.ext.verify || !e.confirmed) && !this.sameBytes(e, data)) return null;
     return e.hostOffset;
@@ -444,7 +459,7 @@ export class Dedup {
    */
   private sameBytes(e: IndexEntry, data: Buffer): boolean {
     this.counters.compared++;
-    if (!this.image.file.readSync(e.hostOffset, data.length).equals(data)) {
+    if (!this.writer.file.readSync(e.hostOffset, data.length).equals(data)) {
       this.counters.mismatches++;
       return false;
     }
@@ -452,100 +467,83 @@ export class Dedup {
     return true;
   }
 
-  /**
-   * linkable() without waiting: its answer when the holder table and refcount block involved
-   * are in memory (a compare reads synchronously); undefined otherwise (call linkable()).
-   */
-  private linkableCached(e: IndexEntry, data: Buffer): number | null | undefined {
-    const cluster = e.hostOffset / this.image.clusterSize;
-    if (!Number.isSafeInteger(cluster)) return null;
-    const held = this.holder.holdsCached(cluster);
-    if (held === undefined) return undefined;
-    if (!held) return null;
-    const refcount = this.image.refcountState!.getCached(cluster);
-    if (refcount === undefined) return undefined;
-    if (refcount < MIN_LINK_REFCOUNT || refcount >= this.cap) return null;
-    if ((this.ext.verify || !e.confirmed) && !this.sameBytes(e, data)) return null;
-    return e.hostOffset;
+  /** Reads the holder tables and refcount blocks release() and linkable() of these clusters need. */
+  async prepareRelease(clusters: number[]): Promise<void> {
+    await this.holder.fetch(clusters);
+    await this.writer.fetchRefcounts(clusters);
   }
 
   /**
    * A guest reference to host cluster `cluster` goes away. When only the holder would be
    * left, the hash is deleted (I2: the journal is durable before the commit frees) and the
-   * holder lets go too, so the cluster becomes free at this commit.
+   * holder lets go too, so the cluster becomes free at this commit. Without I/O but a read
+   * of the cluster (prepareRelease first); a promise only when the deletion rotates the store.
    */
-  async release(cluster: number): Promise<void> {
-    const refcounts = this.image.refcountState!;
+  release(cluster: number): Promise<void> | undefined {
     let drops = 1;
-    if (await this.holder.holds(cluster)) {
-      const left = (await refcounts.get(cluster)) - (this.pending.get(cluster) ?? 0);
+    let removing: Promise<void> | undefined;
+    if (this.holder.holds(cluster)) {
+      const left = this.writer.refcount(cluster) - (this.pending.get(cluster) ?? 0);
       if (left <= 2) {
-        const offset = cluster * this.image.clusterSize;
-        const hash = this.hasher.hash(await this.image.file.read(offset, this.image.clusterSize));
+        const cs = this.writer.clusterSize;
+        const offset = cluster * cs;
+        const hash = this.hasher.hash(this.writer.file.readSync(offset, cs));
         const e = this.store.lookup(hash);
-        if (e && e.hostOffset === offset) await this.store.remove(hash, this.allocate);
-        await this.holder.release(cluster);
+        if (e && e.hostOffset === offset) removing = this.store.remove(hash, this.allocate);
+        this.holder.release(cluster);
         this.counters.released++;
         drops = 2;
       }
     }
-    this.queueDrops(cluster, drops);
-  }
-
-  /**
-   * release() without I/O, for the common case: the cluster is not held, or other guest
-   * references remain, and the tables needed to tell are in memory. Returns false, having
-   * done nothing, otherwise (call release()).
-   */
-  tryRelease(cluster: number): boolean {
-    const held = this.holder.holdsCached(cluster);
-    if (held === undefined) return false;
-    if (held) {
-      const refcount = this.image.refcountState!.getCached(cluster);
-      if (refcount === undefined || refcount - (this.pending.get(cluster) ?? 0) <= 2) return false;
-    }
-    this.queueDrops(cluster, 1);
-    return true;
-  }
-
-  private queueDrops(cluster: number, drops: number): void {
-    const refcounts = this.image.refcountState!;
-    for (let i = 0; i < drops; i++) refcounts.deferFree(cluster);
+    for (let i = 0; i < drops; i++) this.writer.deferFree(cluster);
     this.pending.set(cluster, (this.pending.get(cluster) ?? 0) + drops);
+    return removing;
   }
 
   // -------------------------------------------------------------------- commit hooks
 
-  /** Commit, before the refcounts are written: the store's journal and incarnations, the configuration area. */
-  async beforeCommit(): Promise<void> {
+  /** Commit step 2, before the refcount increments are written: the store's journal and incarnations, the configuration area. */
+  async beforeRefcounts(): Promise<void> {
     const host = this.host;
     await this.store.flush(this.allocate);
     const config = this.store.config();
     const need = configBytesFor(config);
     if (need > this.ext.configBytes) {
-      const clusters = Math.ceil((need * 2) / this.image.clusterSize);
-      const old = this.ext.configOffset / this.image.clusterSize;
+      const clusters = Math.ceil((need * 2) / this.writer.clusterSize);
+      const old = this.ext.configOffset / this.writer.clusterSize;
       // The old area is let go by the holder and freed after this commit's tables are durable.
-      for (let c = 0; c < this.ext.configBytes / this.image.clusterSize; c++) {
-        await this.holder.release(old + c);
-        this.image.refcountState!.deferFree(old + c);
+      const area = Array.from({ length: this.ext.configBytes / this.writer.clusterSize }, (_, c) => old + c);
+      await this.holder.fetch(area);
+      for (const c of area) {
+        this.holder.release(c);
+        this.writer.deferFree(c);
       }
       this.ext.configOffset = await this.allocate(clusters);
-      this.ext.configBytes = clusters * this.image.clusterSize;
+      this.ext.configBytes = clusters * this.writer.clusterSize;
     }
     host.markMetadata(this.ext.configOffset, this.ext.configBytes, 'dedup configuration area');
-    await this.image.file.write(this.ext.configOffset, encodeDedupConfig(config, this.ext.configBytes));
+    await this.writer.file.write(this.ext.configOffset, encodeDedupConfig(config, this.ext.configBytes));
   }
 
-  /** Commit, after the frees: the queued decrements are applied. */
-  afterCommit(): void {
+  /** Commit step 4: the holder's L2 tables, with the active L2 tables (the engine syncs). */
+  writeL2Tables(): Promise<boolean> {
+    return this.holder.writeTables();
+  }
+
+  /** Commit step 5: the holder's L1 (and, when it grew, the snapshot table naming it), with the active L1. */
+  writeL1(): Promise<boolean> {
+    return this.holder.writeL1();
+  }
+
+  /** Commit step 6 done: the queued decrements are applied. */
+  afterFrees(): void {
     this.pending.clear();
   }
 
   /** Clean close, after the last commit: clears the dirty flag, then syncs (I3). */
-  async markClean(): Promise<void> {
+  async close(): Promise<void> {
     this.ext.dirty = false;
-    await Dedup.writeExtension(this.image, this.ext);
+    await Dedup.writeExtension(this.writer, this.ext);
   }
 }
 
@@ -555,7 +553,7 @@ export class Dedup {
  * addHolder adds the entry: a new table in clusters reserved before the commit (so their
  * refcounts are durable with its increments), synced before the header names it.
  */
-function hostOf(image: Image): HolderHost {
+function hostOf(image: Image, writer: ImageWriter): HolderHost {
   let reserved: { offset: number; bytes: number } | null = null;
   const cs = image.clusterSize;
   const tableBytes = () => {
@@ -563,15 +561,15 @@ function hostOf(image: Image): HolderHost {
     return last ? last.tableOffset + last.byteLength - image.header.snapshotsOffset : 0;
   };
   const host: HolderHost = {
-    file: image.file,
-    clusterBits: image.clusterBits,
+    file: writer.file,
+    clusterBits: writer.clusterBits,
     allocate: async (n) => {
-      const offset = await image.refcountState!.allocate(n);
-      image.markMetadata(offset, n * cs, 'dedup metadata');
+      const offset = await writer.allocate(n);
+      writer.markMetadata(offset, n * cs, 'dedup metadata');
       return offset;
     },
-    markMetadata: (offset, bytes, what) => image.markMetadata(offset, bytes, what),
-    freeUnreferenced: (cluster) => image.refcountState!.deferFree(cluster),
+    markMetadata: (offset, bytes, what) => writer.markMetadata(offset, bytes, what),
+    freeUnreferenced: (cluster) => writer.deferFree(cluster),
     reserveL1Move: async () => {
       const bytes = tableBytes();
       reserved = { offset: await host.allocate(Math.ceil(bytes / cs)), bytes };
@@ -581,23 +579,19 @@ function hostOf(image: Image): HolderHost {
       const at = reserved!;
       reserved = null;
       const entry = image.snapshots.find((x) => x.name === HOLDER_NAME)!;
-      const table = await image.file.read(h.snapshotsOffset, at.bytes);
+      const table = await writer.file.read(h.snapshotsOffset, at.bytes);
       const pos = entry.tableOffset - h.snapshotsOffset;
       writeU64(table, pos, l1Offset);
       table.writeUInt32BE(l1Size, pos + 8);
       // v3 extra data bytes 8–15: the virtual disk size the snapshot describes (its coverage).
       if (table.readUInt32BE(pos + 36) >= 16) writeU64(table, pos + SNAPSHOT_FIXED_BYTES + 8, l1Size * (cs / 8) * cs);
-      await image.file.write(at.offset, table);
+      await writer.file.write(at.offset, table);
       host.markMetadata(at.offset, at.bytes, 'snapshot table');
-      await image.file.sync(); // I3: the new table durable before the header names it
+      await writer.file.sync(); // I3: the new table durable before the header names it
       const oldTable = h.snapshotsOffset;
-      h.snapshotsOffset = at.offset;
-      await image.writeHeader();
-      await image.file.sync();
-      const refcounts = image.refcountState!;
-      for (let c = 0; c < Math.ceil(at.bytes / cs); c++) refcounts.deferFree(oldTable / cs + c);
-      for (let c = 0; c < oldL1Bytes / cs; c++) refcounts.deferFree(oldL1Offset / cs + c);
-      await image.loadSnapshots();
+      await writer.setSnapshotTable(at.offset, h.nbSnapshots);
+      for (let c = 0; c < Math.ceil(at.bytes / cs); c++) writer.deferFree(oldTable / cs + c);
+      for (let c = 0; c < oldL1Bytes / cs; c++) writer.deferFree(oldL1Offset / cs + c);
     },
   };
   return host;

@@ -19,7 +19,7 @@
 // commit, crash-safely (HolderHost.moveL1). It never exceeds QEMU's largest L1 table; a
 // cluster past that is never held (a data cluster is then not indexed, a store cluster leaks).
 
-import { CorruptImageError, hex } from '../errors.ts';
+import { CorruptImageError, InternalError, hex } from '../errors.ts';
 import { decodeL1Entry, decodeL2Entry, encodeL1Entry, encodeL2Entry } from '../format/l1l2.ts';
 import type { BlockFile } from '../image/block-file.ts';
 
@@ -176,24 +176,69 @@ export class Holder {
     return t;
   }
 
-  /** True when host cluster `cluster` is held. Throws if the entry is not the identity (not our holder). */
-  async holds(cluster: number): Promise<boolean> {
-    if (!this.covers(cluster)) return false;
-    const l1Index = Math.floor(cluster / this.l2Entries);
-    const t = await this.table(l1Index);
-    return t ? this.heldIn(t, l1Index, cluster) : false;
+  /**
+   * Reads the holder tables of these clusters into memory, so that holds() and release() of
+   * them need no I/O (tables stay in memory until a commit writes them).
+   */
+  async fetch(clusters: Iterable<number>): Promise<void> {
+    let last = -1;
+    for (const c of clusters) {
+      if (!this.covers(c)) continue;
+      const l1Index = Math.floor(c / this.l2Entries);
+      if (l1Index !== last && !this.l2Cache.has(l1Index)) await this.table(l1Index);
+      last = l1Index;
+    }
   }
 
   /**
-   * holds() without I/O: the answer when the cluster's holder L2 table is in memory (or
-   * absent), undefined when it must be read first (call holds()).
+   * Makes these clusters holdable without I/O: grows the L1 to cover them and reads or
+   * creates their tables (allocation). Clusters past canHold() are skipped.
    */
-  holdsCached(cluster: number): boolean | undefined {
-    if (!this.covers(cluster)) return false;
+  async prepareHold(clusters: Iterable<number>): Promise<void> {
+    let last = -1;
+    for (const c of clusters) {
+      if (!this.canHold(c)) continue;
+      if (!this.covers(c)) await this.grow(c);
+      const l1Index = Math.floor(c / this.l2Entries);
+      if (l1Index === last) continue;
+      last = l1Index;
+      if (await this.table(l1Index)) continue;
+      const offset = await this.host.allocate(1);
+      this.host.markMetadata(offset, this.clusterSize, 'dedup holder L2 table');
+      this.l2Cache.set(l1Index, Buffer.alloc(this.clusterSize));
+      encodeL1Entry(this.l1, l1Index, offset, false);
+      this.l1Dirty.add(Math.floor((l1Index * 8) / this.clusterSize));
+    }
+  }
+
+  /** True when hold(`cluster`) needs no I/O (prepareHold() done for its table). */
+  ready(cluster: number): boolean {
+    return this.covers(cluster) && this.l2Cache.has(Math.floor(cluster / this.l2Entries));
+  }
+
+  /** The table of `cluster` when it is in memory, null when the L1 names none; throws InternalError when it was not fetched. */
+  private fetched(cluster: number): Buffer | null {
     const l1Index = Math.floor(cluster / this.l2Entries);
     const t = this.l2Cache.get(l1Index);
-    if (t) return this.heldIn(t, l1Index, cluster);
-    return decodeL1Entry(this.l1, l1Index).l2Offset === 0 ? false : undefined;
+    if (t) return t;
+    if (decodeL1Entry(this.l1, l1Index).l2Offset === 0) return null;
+    throw new InternalError(`dedup holder table of cluster ${cluster} not fetched`);
+  }
+
+  /**
+   * True when host cluster `cluster` is held, without I/O (its table fetched). Throws
+   * CorruptImageError if the entry is not the identity (not our holder).
+   */
+  holds(cluster: number): boolean {
+    if (!this.covers(cluster)) return false;
+    const t = this.fetched(cluster);
+    return t ? this.heldIn(t, Math.floor(cluster / this.l2Entries), cluster) : false;
+  }
+
+  /** holds() with its table read first if need be. */
+  async isHeld(cluster: number): Promise<boolean> {
+    await this.fetch([cluster]);
+    return this.holds(cluster);
   }
 
   private heldIn(t: Buffer, l1Index: number, cluster: number): boolean {
@@ -205,22 +250,14 @@ export class Holder {
     return true;
   }
 
-  /** Holds host cluster `cluster` (the caller has added its reference to the refcount). */
-  async hold(cluster: number): Promise<void> {
-    if (!this.covers(cluster)) {
-      if (!this.canHold(cluster)) throw new RangeError(`internal: dedup holder cannot hold cluster ${cluster}`);
-      await this.grow(cluster);
-    }
+  /**
+   * Holds host cluster `cluster` (the caller has added its reference to the refcount), without
+   * I/O: prepareHold() must have covered it. Throws InternalError otherwise.
+   */
+  hold(cluster: number): void {
     const l1Index = Math.floor(cluster / this.l2Entries);
-    let t = await this.table(l1Index);
-    if (!t) {
-      const offset = await this.host.allocate(1);
-      this.host.markMetadata(offset, this.clusterSize, 'dedup holder L2 table');
-      t = Buffer.alloc(this.clusterSize);
-      this.l2Cache.set(l1Index, t);
-      encodeL1Entry(this.l1, l1Index, offset, false);
-      this.l1Dirty.add(Math.floor((l1Index * 8) / this.clusterSize));
-    }
+    const t = this.covers(cluster) ? this.l2Cache.get(l1Index) : undefined;
+    if (!t) throw new InternalError(`dedup holder table of cluster ${cluster} not prepared`);
     encodeL2Entry(t, cluster % this.l2Entries, cluster * this.clusterSize, false);
     this.l2Dirty.add(l1Index);
   }
@@ -231,39 +268,22 @@ export class Holder {
    * hundreds of thousands of clusters is held in milliseconds.
    */
   async holdRun(first: number, n: number): Promise<void> {
-    if (n <= 0) return;
     let c = first;
     const end = first + n;
     while (c < end) {
-      await this.hold(c); // creates the table (and grows the L1) when needed
-      const l1Index = Math.floor(c / this.l2Entries);
-      const t = this.l2Cache.get(l1Index)!;
-      const stop = Math.min(end, (l1Index + 1) * this.l2Entries);
-      for (let x = c + 1; x < stop; x++) encodeL2Entry(t, x % this.l2Entries, x * this.clusterSize, false);
+      await this.prepareHold([c]); // creates the table (and grows the L1) when needed
+      const stop = Math.min(end, (Math.floor(c / this.l2Entries) + 1) * this.l2Entries);
+      for (let x = c; x < stop; x++) this.hold(x);
       c = stop;
     }
   }
 
-  /**
-   * hold() without I/O: when the cluster's holder L2 table is in memory, holds it and returns
-   * true; otherwise changes nothing and returns false (call hold()).
-   */
-  holdCached(cluster: number): boolean {
-    if (!this.covers(cluster)) return false;
-    const l1Index = Math.floor(cluster / this.l2Entries);
-    const t = this.l2Cache.get(l1Index);
-    if (!t) return false;
-    encodeL2Entry(t, cluster % this.l2Entries, cluster * this.clusterSize, false);
-    this.l2Dirty.add(l1Index);
-    return true;
-  }
-
-  /** Drops the hold on `cluster` (the caller queues the refcount decrement for after the commit). */
-  async release(cluster: number): Promise<void> {
+  /** Drops the hold on `cluster` without I/O, its table fetched (the caller queues the refcount decrement for after the commit). */
+  release(cluster: number): void {
     if (!this.covers(cluster)) return;
-    const l1Index = Math.floor(cluster / this.l2Entries);
-    const t = await this.table(l1Index);
+    const t = this.fetched(cluster);
     if (!t) return;
+    const l1Index = Math.floor(cluster / this.l2Entries);
     encodeL2Entry(t, cluster % this.l2Entries, 0, false);
     this.l2Dirty.add(l1Index);
   }

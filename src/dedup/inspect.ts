@@ -232,7 +232,7 @@ async function misplacedArea(image: Image, areas: StoreArea[], holder: Holder | 
       // The holder holds every store cluster (its one reference): one it does not hold is not
       // the store's (or the image predates that rule: the index is rebuilt once, and those
       // clusters stay leaks for `check -r leaks`).
-      if (!holder || !(await holder.holds(c).catch(() => false))) return `${a.what} at ${hex(a.offset)}: cluster ${hex(c * cs)} is not held by the dedup holder snapshot`;
+      if (!holder || !(await holder.isHeld(c).catch(() => false))) return `${a.what} at ${hex(a.offset)}: cluster ${hex(c * cs)} is not held by the dedup holder snapshot`;
     }
   }
   return null;

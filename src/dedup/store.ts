@@ -184,9 +184,12 @@ export class DedupStore {
     return this.record({ hash, hostOffset, firstGuestOffset: guestOffset, deleted: false }, allocate);
   }
 
-  /** Deletes `hash` (I2: the caller flushes before the cluster can be reused). */
-  async remove(hash: Buffer, allocate: Allocate): Promise<void> {
-    await this.record({ hash, hostOffset: 0, firstGuestOffset: 0, deleted: true }, allocate);
+  /**
+   * Deletes `hash` (I2: the caller flushes before the cluster can be reused). As insert():
+   * a promise only when the log store must be frozen or the journal packed.
+   */
+  remove(hash: Buffer, allocate: Allocate): Promise<void> | undefined {
+    return this.record({ hash, hostOffset: 0, firstGuestOffset: 0, deleted: true }, allocate);
   }
 
   /** Marks a found entry confirmed: its cluster's bytes were compared with data of its hash. */

@@ -44,7 +44,6 @@ import { decodeSnapshotEntry } from '../format/snapshot.ts';
 import { TWO_32, writeU64 } from '../format/bytes.ts';
 import { NodeFile, errnoText, type BlockFile } from './block-file.ts';
 import type { LockRequest } from './image-lock.ts';
-import { Image } from './image.ts';
 
 // ---------------------------------------------------------------- constants (QEMU's names)
 
@@ -106,11 +105,6 @@ export interface CheckOptions {
   repair?: RepairMode;
   /** Receives each problem line as it is found (qemu-img prints them on stderr). */
   onMessage?: (line: string) => void;
-  /**
-   * Structures a layer above the engine keeps in the image (the dedup store:
-   * src/dedup/inspect.ts dedupCheckExtension), made from the opened image; null when none.
-   */
-  extension?: (image: Image) => Promise<CheckExtension | null> | CheckExtension | null;
   /** QEMU's image locks to take (./image-lock.ts: LOCK_READ, or LOCK_WRITE to repair); none when absent. */
   lock?: LockRequest;
 }
@@ -1452,23 +1446,6 @@ export async function checkOpenImage(target: CheckTarget, options: CheckOptions 
 }
 
 /**
- * Opens `path` and checks it (see checkOpenImage). The image is opened read-only, or on a
- * writable file handle when repairing (corrupt images included: repairing them is the point).
- * Throws the open errors: NotQcow2Error, CorruptImageError, UnsupportedError, IoError.
- */
-export async function checkImage(path: string, options: CheckOptions = {}): Promise<ImageCheck> {
-  const writable = options.repair !== undefined;
-  const file = writable ? await NodeFile.open(path, true, options.lock) : undefined;
-  const image = await Image.open(path, { file, lock: options.lock });
-  try {
-    const extension = options.extension ? await options.extension(image) : null;
-    return await checkOpenImage({ path, file: image.file, header: image.header, l1: image.l1, writable }, options, extension);
-  } finally {
-    await image.close();
-  }
-}
-
-/**
  * Repairs a dirty image (incompatible bit 0) before its first write, as QEMU does on a
  * read-write open: a full check with `-r all` (rebuilding the refcount structure when
  * refcounts are missing), after which the dirty bit is cleared. The image's header and L1
@@ -1476,7 +1453,7 @@ export async function checkImage(path: string, options: CheckOptions = {}): Prom
  * Throws CorruptImageError when the image cannot be repaired (it stays dirty and unwritten
  * apart from the repairs).
  */
-export async function rebuildRefcounts(image: Image, onMessage: (line: string) => void = (line) => process.stderr.write(line + '\n')): Promise<void> {
+export async function rebuildRefcounts(image: Omit<CheckTarget, 'writable'>, onMessage: (line: string) => void = (line) => process.stderr.write(line + '\n')): Promise<void> {
   const result = await checkOpenImage({ path: image.path, file: image.file, header: image.header, l1: image.l1, writable: true }, { repair: 'all', onMessage });
   const where = { path: image.path, structure: 'refcount table', offset: image.header.refcountTableOffset };
   if (result.failure !== undefined || result.checkErrors) {

@@ -1,7 +1,7 @@
 // Creates a new, empty QCOW2 image: header, refcount table, refcount blocks and an empty
 // L1 table, laid out from cluster 0 as qemu-img does (64 KiB: header, reftable at 0x10000,
-// refblock at 0x20000, L1 at 0x30000); a dedup image then gets its dedup structures
-// through the engine (src/dedup/dedup.ts). Spec: docs/interop/qcow2.rst.
+// refblock at 0x20000, L1 at 0x30000). A dedup image is this plus its dedup structures,
+// added by the layer above (src/dedup/open.ts createImage). Spec: docs/interop/qcow2.rst.
 
 import { open } from 'node:fs/promises';
 import { dirname } from 'node:path';
@@ -13,9 +13,7 @@ import {
 import { refblockEntries, setRefcount } from '../format/refcount.ts';
 import { writeU64 } from '../format/bytes.ts';
 import { NodeFile, ioError } from './block-file.ts';
-import { Image } from './image.ts';
-import { LOCK_CREATE, LOCK_WRITE } from './image-lock.ts';
-import { Dedup, type DedupSettings } from '../dedup/dedup.ts';
+import { LOCK_CREATE } from './image-lock.ts';
 
 export interface CreateOptions {
   /** Virtual size in bytes, rounded up to a multiple of 512 as qemu-img does. */
@@ -28,8 +26,6 @@ export interface CreateOptions {
   backingFormat?: string;
   /** Replace an existing file. */
   force: boolean;
-  /** Inline deduplication settings (a v3 image), or undefined for a plain image. */
-  dedup?: DedupSettings;
 }
 
 /** Computes the new image's header and layout. Pure; throws UsageError on impossible sizes. */
@@ -110,19 +106,6 @@ export async function createImage(path: string, o: CreateOptions): Promise<Heade
     await file.close();
   }
   await syncDirectory(path); // I3: the new name is durable too, before create exits 0
-  if (o.dedup) {
-    // The dedup structures (extension, store, holder snapshot) go in through the engine,
-    // with the same crash-safe ordering as any later change.
-    const image = await Image.open(path, { writable: true, backing: false, lock: LOCK_WRITE });
-    try {
-      image.dedup = await Dedup.initialize(image, o.dedup);
-      await image.close();
-    } catch (err) {
-      await image.abandon();
-      throw err;
-    }
-    return image.header;
-  }
   return plan.header;
 }
 

@@ -9,7 +9,7 @@
 import { inflateRawSync } from 'node:zlib';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { realpath } from 'node:fs/promises';
-import { CorruptImageError, IoError, QdedupError, UnsupportedError, hex } from '../errors.ts';
+import { CorruptImageError, InternalError, IoError, QdedupError, UnsupportedError, hex } from '../errors.ts';
 import {
   INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_HOST_OFFSET, backingFormatOf, clusterSizeOf,
   decodeHeader, encodeHeader, l2EntriesOf, type Header,
@@ -21,8 +21,6 @@ import { decodeSnapshotEntry, type SnapshotEntry } from '../format/snapshot.ts';
 import { NodeFile, readvFrom, type BlockFile } from './block-file.ts';
 import { BLK_PERM_ALL, LOCK_READ, forceShare, type LockRequest } from './image-lock.ts';
 import { Refcounts } from './refcounts.ts';
-import { AUTOCLEAR_DEDUP, EXT_DEDUP } from '../format/dedup-ext.ts';
-import { Dedup } from '../dedup/dedup.ts';
 
 /** Deepest backing chain followed (QEMU has no fixed limit; this bounds hostile chains). */
 export const MAX_BACKING_DEPTH = 32;
@@ -65,8 +63,19 @@ export interface OpenOptions {
   file?: BlockFile;
   /** false: do not open the backing chain (`info`, like qemu-img info; guest reads then see no backing data). */
   backing?: boolean;
-  /** false: a read-write open that leaves the dedup store alone (check's repairs); writes then are not deduplicated. */
-  dedup?: boolean;
+  /**
+   * Read-write opens: attaches the write policy of a layer above the engine (inline dedup:
+   * src/dedup/open.ts openForWrite passes it). Called once the image is ready for writes;
+   * null when the policy has nothing to do for this image. Without one, writes are plain
+   * QCOW2 writes and the structures of such a layer are left alone.
+   */
+  policy?: AttachPolicy;
+  /**
+   * Read-write opens: the autoclear bits to keep, given the header (the spec clears every bit
+   * the writer does not maintain before its first write). Given by the layer that maintains
+   * them; without it every autoclear bit is cleared.
+   */
+  keepAutoclear?: (header: Header) => bigint;
   /**
    * QEMU's image locks to take on the file (./image-lock.ts: LOCK_INFO, LOCK_READ,
    * LOCK_WRITE, or forceShare(…) for -U); none when absent. Backing files then get
@@ -88,11 +97,102 @@ interface DataPiece {
   byteLength: number;
 }
 
-/** One guest cluster waiting for a new host cluster in the current write batch. */
-interface PendingCluster {
+/** One whole guest cluster of a write, waiting for a new host cluster (or a policy's decision). */
+export interface ClusterWrite {
   guestCluster: number;
+  /** Its new bytes (a view of the caller's buffer, valid until the batch is written). */
   data: Buffer;
+  /** The L2 entry it replaces (its reference is dropped after the replacement is mapped). */
   old: L2Entry;
+}
+
+/**
+ * What a layer above the engine (inline deduplication) does at the engine's write and commit
+ * points. The engine calls these hooks and never knows what is behind them; the layer acts
+ * on the image only through the ImageWriter it was given. Each commit hook names the step
+ * of the commit order (Image.flush, docs/DESIGN.md) it belongs to.
+ */
+export interface WritePolicy {
+  /**
+   * Writes a batch of whole guest clusters (in guest order) in place of the engine's one
+   * new run. Every old reference must be dropped (ImageWriter.dropReference) after its
+   * replacement is mapped.
+   */
+  writeClusters(batch: ClusterWrite[]): Promise<void>;
+  /** Reads what release() of these host clusters needs into memory (the engine calls it before a release of its own). */
+  prepareRelease(clusters: number[]): Promise<void>;
+  /**
+   * A guest reference to uncompressed host cluster `cluster` goes: the policy queues the
+   * decrement(s) with ImageWriter.deferFree (I2: after whatever must be durable first).
+   * Decides without I/O (prepareRelease() first); returns a promise only when it started
+   * I/O that must end before the next decision.
+   */
+  release(cluster: number): Promise<void> | undefined;
+  /** Commit step 2, before the refcount increments are written and synced (I2: hash deletions durable before any free). */
+  beforeRefcounts(): Promise<void>;
+  /** Commit step 4: writes the policy's own tables with the L2 tables (the engine syncs). True when it wrote any. */
+  writeL2Tables(): Promise<boolean>;
+  /** Commit step 5: writes the policy's own L1 with the L1 (the engine syncs). True when it wrote any. */
+  writeL1(): Promise<boolean>;
+  /** Commit step 6 done: the queued decrements are applied. */
+  afterFrees(): void;
+  /** Clean close, after the last commit (I3: e.g. a dirty flag cleared only now). */
+  close(): Promise<void>;
+}
+
+/** Makes the write policy of a read-write open, given the image (to read) and its writer (to change it); null for none. */
+export type AttachPolicy = (image: Image, writer: ImageWriter) => Promise<WritePolicy | null>;
+
+/**
+ * The narrow interface through which a write policy changes an image open for writing: the
+ * engine's allocation, data runs, mapping, references and refcounts, the header's extension
+ * and snapshot table fields, and the overlap guard. Nothing else of Image's internals.
+ */
+export interface ImageWriter {
+  readonly file: BlockFile;
+  readonly clusterSize: number;
+  readonly clusterBits: number;
+  /** Largest refcount the image's refcount width holds. */
+  readonly refcountMax: number;
+  /** Allocates `n` contiguous clusters (refcount 1) and returns the host offset of the first. */
+  allocate(n: number): Promise<number>;
+  /** Allocates one contiguous run and writes `clusters` there with one call. Returns its host offset. */
+  writeRun(clusters: Buffer[]): Promise<number>;
+  /**
+   * Makes the L2 tables of these guest clusters writable (allocation; before a run is
+   * allocated, so that the run stays contiguous). They stay writable until the next commit.
+   */
+  prepareTables(guestClusters: number[]): Promise<void>;
+  /** Points guest cluster `guestCluster` at `hostOffset`, without I/O: its table prepared. */
+  mapCluster(guestCluster: number, hostOffset: number, copied: boolean): void;
+  /** True when entry `old` already reads as zeros and holds no cluster: zeroCluster() changes nothing and needs no table. */
+  readsAsZeros(old: L2Entry): boolean;
+  /**
+   * Makes whole guest cluster `guestCluster`, whose entry was `old`, read as zeros and drops
+   * `old`'s reference, without I/O: its table prepared, the policy's release prepared. A
+   * promise only when the release returned one.
+   */
+  zeroCluster(guestCluster: number, old: L2Entry): Promise<void> | undefined;
+  /** Drops the references an old L2 entry held (the policy's release for releasedBy(old)), without I/O; a promise as zeroCluster. */
+  dropReference(old: L2Entry): Promise<void> | undefined;
+  /** The host cluster dropReference(`old`) hands to the policy's release, or null (prepare its release first). */
+  releasedBy(old: L2Entry): number | null;
+  /** Reads the refcount blocks of these host clusters into memory (until the next fetch). */
+  fetchRefcounts(clusters: Iterable<number>): Promise<void>;
+  /** Refcount of host cluster `cluster`, without I/O: its block fetched (or allocated) since the last fetch. */
+  refcount(cluster: number): number;
+  /** Adds one reference to `cluster`, without I/O (its block fetched or allocated); written with the commit's increments. Throws past the maximum. */
+  increment(cluster: number): number;
+  /** Queues one reference of `cluster` to be dropped at the commit, after the tables are durable (step 6). */
+  deferFree(cluster: number): void;
+  /** Adds a host range to the overlap guard as `what`. */
+  markMetadata(offset: number, byteLength: number, what: string): void;
+  /** Sets header extension `type` to `data` (added when absent) and sets `autoclear` bits; writes the header, then syncs. */
+  writeExtension(type: number, data: Buffer, autoclear: bigint): Promise<void>;
+  /** Points the header at a snapshot table (durable already) of `count` entries; writes the header, syncs, reloads the snapshots. */
+  setSnapshotTable(offset: number, count: number): Promise<void>;
+  /** Commits every cached change (Image.flush). */
+  commit(): Promise<void>;
 }
 
 export class Image implements GuestReader {
@@ -125,8 +225,8 @@ export class Image implements GuestReader {
   snapshots: SnapshotEntry[] = [];
   /** True when this read-write open rebuilt the refcounts (QCOW2 dirty bit): structures the rebuild does not know, such as the dedup store, were dropped. */
   refcountsRebuilt = false;
-  /** Inline deduplication, on read-write opens of dedup images (src/dedup/dedup.ts). */
-  dedup: Dedup | null = null;
+  /** The write policy attached at a read-write open (OpenOptions.policy), or null. */
+  policy: WritePolicy | null = null;
 
   private constructor(path: string, file: BlockFile, header: Header, l1: Buffer, writable: boolean) {
     this.path = path;
@@ -153,8 +253,8 @@ export class Image implements GuestReader {
       image = await Image.load(path, file, writable);
       if (options.backing !== false) await image.openBacking(options.chain ?? [], backingLock(options.lock));
       if (writable) {
-        await image.prepareForWrites();
-        if (options.dedup !== false) image.dedup = await Dedup.attach(image);
+        await image.prepareForWrites(options.keepAutoclear?.(image.header) ?? 0n);
+        if (options.policy) image.policy = await options.policy(image, image.writer());
       }
       return image;
     } catch (err) {
@@ -203,7 +303,7 @@ export class Image implements GuestReader {
   }
 
   /** Read-write open: refuse corrupt images, clear foreign autoclear bits, load refcounts. */
-  private async prepareForWrites(): Promise<void> {
+  private async prepareForWrites(keepAutoclear: bigint): Promise<void> {
     const h = this.header;
     if (h.incompatibleFeatures & INCOMPAT_CORRUPT) {
       throw new CorruptImageError("image is marked corrupt (incompatible bit 1); it can only be opened read-only or repaired with 'qdedup check -r all'", { path: this.path, structure: 'header', offset: 72 });
@@ -223,10 +323,9 @@ export class Image implements GuestReader {
     }, (c) => this.metadata.get(c), (c) => this.metadata.delete(c));
     for (const offset of this.refcounts.blockOffsets()) this.markMetadata(offset, this.clusterSize, 'refcount block');
     // Every autoclear bit qdedup does not maintain must be cleared before the first write
-    // (the spec's rule); qdedup maintains only its own dedup bit (60), on dedup images.
-    const keep = h.extensions.some((e) => e.type === EXT_DEDUP) ? AUTOCLEAR_DEDUP : 0n;
-    if (h.autoclearFeatures & ~keep) {
-      h.autoclearFeatures &= keep;
+    // (the spec's rule); the layer above names the bits it maintains (dedup: bit 60, on dedup images).
+    if (h.autoclearFeatures & ~keepAutoclear) {
+      h.autoclearFeatures &= keepAutoclear;
       await this.writeHeader();
       await this.file.sync(); // the cleared bits reach disk before any data write
     }
@@ -295,29 +394,11 @@ export class Image implements GuestReader {
     return table;
   }
 
-  /**
-   * l2Table() without I/O: the table when it is cached, null when the L1 entry has none,
-   * undefined when it must be read (call l2Table(), which also validates the L1 entry).
-   */
-  private l2TableCached(l1Index: number): Buffer | null | undefined {
-    const cached = this.l2Cache.get(l1Index);
-    if (cached) return cached;
-    if (l1Index >= this.header.l1Size || decodeL1Entry(this.l1, l1Index).l2Offset === 0) return null;
-    return undefined;
-  }
-
   /** The L2 entry of guest cluster `guestCluster`, validated. */
   async entry(guestCluster: number): Promise<L2Entry> {
     const l1Index = Math.floor(guestCluster / this.l2Entries);
     const table = await this.l2Table(l1Index);
     return this.entryIn(table, l1Index, guestCluster);
-  }
-
-  /** entry() without I/O: undefined when the L2 table must be read first (call entry()). */
-  entryCached(guestCluster: number): L2Entry | undefined {
-    const l1Index = Math.floor(guestCluster / this.l2Entries);
-    const table = this.l2TableCached(l1Index);
-    return table === undefined ? undefined : this.entryIn(table, l1Index, guestCluster);
   }
 
   private entryIn(table: Buffer | null, l1Index: number, guestCluster: number): L2Entry {
@@ -530,11 +611,18 @@ export class Image implements GuestReader {
   async write(guestOffset: number, data: Buffer): Promise<void> {
     this.checkRange(guestOffset, data.length);
     this.assertWritable();
-    let batch: PendingCluster[] = [];
+    let batch: ClusterWrite[] = [];
+    let table: Buffer | null = null;
+    let tableIndex = -1; // the L1 index `table` belongs to (-1: read it again)
     for (const { guestCluster, inCluster, n, done } of this.pieces(guestOffset, data.length)) {
       const part = data.subarray(done, done + n);
-      const old = this.entryCached(guestCluster) ?? (await this.entry(guestCluster));
-      if (old.kind === 'normal' && old.copied && !this.dedup) {
+      const l1Index = Math.floor(guestCluster / this.l2Entries);
+      if (l1Index !== tableIndex) {
+        table = await this.l2Table(l1Index); // once per table, not per cluster
+        tableIndex = l1Index;
+      }
+      const old = this.entryIn(table, l1Index, guestCluster);
+      if (old.kind === 'normal' && old.copied && !this.policy) {
         this.guardDataWrite(old.hostOffset + inCluster, n);
         // I4: COPIED is trusted only for a cluster the refcounts count. A hostile entry
         // (say at 1 TiB, past every refcount block) had us grow the file to 1 TiB.
@@ -555,6 +643,7 @@ export class Image implements GuestReader {
         if (batch.length * this.clusterSize >= MAX_BATCH_BYTES) {
           await this.writeBatch(batch);
           batch = [];
+          tableIndex = -1; // the batch may have replaced the table (copy on write)
         }
       }
     }
@@ -562,8 +651,8 @@ export class Image implements GuestReader {
     await this.commitIfLarge();
   }
 
-  private async writeBatch(batch: PendingCluster[]): Promise<void> {
-    if (this.dedup) await this.dedup.writeClusters(batch);
+  private async writeBatch(batch: ClusterWrite[]): Promise<void> {
+    if (this.policy) await this.policy.writeClusters(batch);
     else await this.writeNewClusters(batch);
   }
 
@@ -579,12 +668,12 @@ export class Image implements GuestReader {
   }
 
   /** Allocates one contiguous run for the batch, writes it with one call, then maps it. */
-  private async writeNewClusters(batch: PendingCluster[]): Promise<void> {
+  private async writeNewClusters(batch: ClusterWrite[]): Promise<void> {
     await this.prepareTables(batch.map((p) => p.guestCluster));
     const start = await this.writeRun(batch.map((p) => p.data));
     for (let i = 0; i < batch.length; i++) {
-      await this.mapCluster(batch[i].guestCluster, start + i * this.clusterSize, true);
-      await this.dropReference(batch[i].old);
+      this.mapCluster(batch[i].guestCluster, start + i * this.clusterSize, true);
+      this.dropReference(batch[i].old); // no policy here: never a promise
     }
   }
 
@@ -631,40 +720,57 @@ export class Image implements GuestReader {
     await this.commitIfLarge();
   }
 
-  /** Makes one whole guest cluster read as zeros (also used by the dedup layer). */
+  /** Makes one whole guest cluster read as zeros (its old reference dropped). */
   async zeroCluster(guestCluster: number): Promise<void> {
     const old = await this.entry(guestCluster);
-    const v3 = this.header.version === 3;
-    if (old.kind === 'zero' && old.hostOffset === 0) return;
-    if (old.kind === 'unallocated' && !this.backing) return;
+    if (this.readsAsZeros(old)) return; // no table to allocate, nothing to drop
     await this.l2TableForWrite(Math.floor(guestCluster / this.l2Entries));
-    await this.setEntry(guestCluster, 0, false, v3);
-    await this.dropReference(old);
+    const released = this.releasedBy(old);
+    if (this.policy && released !== null) await this.policy.prepareRelease([released]);
+    await this.zeroMapped(guestCluster, old);
   }
 
   /**
-   * dropReference() without I/O: returns true when done, false (having done nothing) when
-   * the caller must await dropReference() (the dedup layer needs a table or a read).
+   * zeroCluster() once the table is writable and the release prepared: the decision, without
+   * I/O. A promise only when the policy's release returned one.
    */
-  tryDropReference(old: L2Entry): boolean {
-    const refcounts = this.assertWritable();
-    if (old.kind === 'compressed') return false;
-    if (old.hostOffset === 0) return true;
-    if (this.dedup) return this.dedup.tryRelease(old.hostOffset / this.clusterSize);
-    refcounts.deferFree(old.hostOffset / this.clusterSize);
-    return true;
+  private zeroMapped(guestCluster: number, old: L2Entry): Promise<void> | undefined {
+    if (this.readsAsZeros(old)) return undefined;
+    this.setEntry(guestCluster, 0, false, this.header.version === 3);
+    return this.dropReference(old);
   }
 
-  /** Queues the references an old L2 entry held for release at commit (through the dedup layer when on). */
-  async dropReference(old: L2Entry): Promise<void> {
+  /** True when an entry already reads as zeros and holds no cluster: zeroing it changes nothing. */
+  readsAsZeros(old: L2Entry): boolean {
+    return (old.kind === 'zero' && old.hostOffset === 0) || (old.kind === 'unallocated' && !this.backing);
+  }
+
+  /**
+   * Queues the references an old L2 entry held for release at commit, without I/O (through
+   * the write policy's release, prepared beforehand, when there is one). A promise only when
+   * the policy's release returned one.
+   */
+  dropReference(old: L2Entry): Promise<void> | undefined {
     const refcounts = this.assertWritable();
     if (old.kind === 'compressed') {
       const [first, last] = compressedClusterSpan(old, this.clusterBits);
       for (let c = first; c <= last; c++) refcounts.deferFree(c);
-    } else if (old.hostOffset !== 0) {
-      if (this.dedup) await this.dedup.release(old.hostOffset / this.clusterSize);
-      else refcounts.deferFree(old.hostOffset / this.clusterSize);
+      return undefined;
     }
+    const released = this.releasedBy(old);
+    if (released === null) return undefined;
+    if (this.policy) return this.policy.release(released);
+    refcounts.deferFree(released);
+    return undefined;
+  }
+
+  /**
+   * The host cluster whose reference dropReference(`old`) drops one by one (through the
+   * policy's release when there is one): a normal cluster, or the one a zero cluster keeps
+   * allocated (QEMU's zero with allocation). Null for none, and for compressed entries.
+   */
+  releasedBy(old: L2Entry): number | null {
+    return old.kind !== 'compressed' && old.hostOffset !== 0 ? old.hostOffset / this.clusterSize : null;
   }
 
   /**
@@ -680,8 +786,9 @@ export class Image implements GuestReader {
       if (!this.l2Dirty.has(l1Index) && (await refcounts.get(l1e.l2Offset / this.clusterSize)) === 0) {
         throw new CorruptImageError(`L2 table at ${hex(l1e.l2Offset)} has the COPIED flag but refcount 0 (L1 index: ${hex(l1Index)})`, { path: this.path, offset: this.header.l1TableOffset + l1Index * 8, structure: 'L1 table' });
       }
-      const table = await this.l2Table(l1Index);
-      return table!;
+      const table = (await this.l2Table(l1Index))!;
+      this.l2Dirty.add(l1Index); // writable until the commit: kept in the cache, mapCluster() needs no I/O
+      return table;
     }
     let table: Buffer;
     if (l1e.l2Offset === 0) {
@@ -701,30 +808,20 @@ export class Image implements GuestReader {
     return table;
   }
 
-  /** Points guest cluster `guestCluster` at `hostOffset` (also used by the dedup layer). */
-  async mapCluster(guestCluster: number, hostOffset: number, copied: boolean): Promise<void> {
-    await this.setEntry(guestCluster, hostOffset, copied, false);
+  /** Points guest cluster `guestCluster` at `hostOffset`, without I/O: its L2 table made writable (prepareTables) since the last commit. */
+  mapCluster(guestCluster: number, hostOffset: number, copied: boolean): void {
+    this.setEntry(guestCluster, hostOffset, copied, false);
   }
 
   /**
-   * mapCluster() without I/O nor allocation: done (true) when the guest cluster's L2 table
-   * is already dirty, i.e. made writable by l2TableForWrite() since the last commit (it is
-   * then cached, COPIED in the L1 and never dropped from the cache). Otherwise changes
-   * nothing and returns false (call mapCluster()).
+   * Sets one L2 entry in a table made writable by l2TableForWrite() since the last commit (it
+   * is then cached, COPIED in the L1, and never dropped from the cache). Throws InternalError otherwise.
    */
-  tryMapCluster(guestCluster: number, hostOffset: number, copied: boolean): boolean {
-    const l1Index = Math.floor(guestCluster / this.l2Entries);
-    if (!this.l2Dirty.has(l1Index)) return false;
+  private setEntry(guestCluster: number, hostOffset: number, copied: boolean, zero: boolean): void {
     this.assertWritable();
-    encodeL2Entry(this.l2Cache.get(l1Index)!, guestCluster % this.l2Entries, hostOffset, copied, false);
-    return true;
-  }
-
-  private async setEntry(guestCluster: number, hostOffset: number, copied: boolean, zero: boolean): Promise<void> {
     const l1Index = Math.floor(guestCluster / this.l2Entries);
-    const table = await this.l2TableForWrite(l1Index);
-    encodeL2Entry(table, guestCluster % this.l2Entries, hostOffset, copied, zero);
-    this.l2Dirty.add(l1Index);
+    if (!this.l2Dirty.has(l1Index)) throw new InternalError(`L2 table of guest cluster ${guestCluster} not prepared for writing`);
+    encodeL2Entry(this.l2Cache.get(l1Index)!, guestCluster % this.l2Entries, hostOffset, copied, zero);
   }
 
   /**
@@ -764,7 +861,7 @@ export class Image implements GuestReader {
     const refcounts = this.assertWritable();
     if (this.writeback) await this.writeback;
     if (this.writebackError) throw this.writebackError;
-    await this.dedup?.beforeCommit(); // I2: hash deletions are durable with the refcount increments, before any free
+    await this.policy?.beforeRefcounts(); // I2: hash deletions are durable with the refcount increments, before any free
     await refcounts.prepareTable();
     if (refcounts.hasDirty()) await refcounts.writeDirty();
     await this.file.sync(); // I3: data and refcount increments durable before anything points at them
@@ -776,7 +873,7 @@ export class Image implements GuestReader {
       await this.file.sync(); // I3: the new refcount table is in use before L2 entries rely on it
       refcounts.tableMoved = false;
     }
-    const holderTables = (await this.dedup?.holder.writeTables()) ?? false;
+    const holderTables = (await this.policy?.writeL2Tables()) ?? false;
     if (this.l2Dirty.size || holderTables) {
       const order = [...this.l2Dirty].sort((a, b) => decodeL1Entry(this.l1, a).l2Offset - decodeL1Entry(this.l1, b).l2Offset);
       for (const l1Index of order) await this.file.write(decodeL1Entry(this.l1, l1Index).l2Offset, this.l2Cache.get(l1Index)!);
@@ -785,7 +882,7 @@ export class Image implements GuestReader {
       // when the L1 does not change (a crash test found that case unsynced).
       await this.file.sync();
     }
-    const holderL1 = (await this.dedup?.holder.writeL1()) ?? false;
+    const holderL1 = (await this.policy?.writeL1()) ?? false;
     if (this.l1Dirty.size || holderL1) {
       for (const i of [...this.l1Dirty].sort((a, b) => a - b)) {
         const from = i * this.clusterSize;
@@ -801,7 +898,7 @@ export class Image implements GuestReader {
       await refcounts.writeDirty();
       await this.file.sync();
     }
-    this.dedup?.afterCommit();
+    this.policy?.afterFrees();
   }
 
   /** Rewrites the header cluster's bytes from `this.header`. */
@@ -821,7 +918,7 @@ export class Image implements GuestReader {
     try {
       if (this.writable) {
         await this.flush();
-        await this.dedup?.markClean(); // I3: dirty cleared only once everything else is durable
+        await this.policy?.close(); // I3: e.g. the dedup dirty flag cleared only once everything else is durable
       }
     } finally {
       this.closed = true;
@@ -836,6 +933,46 @@ export class Image implements GuestReader {
     this.closed = true;
     await this.file.close().catch(() => {});
     if (this.backing) await this.backing.close().catch(() => {});
+  }
+
+  /** The narrow interface a write policy changes this image through (read-write opens). */
+  private writer(): ImageWriter {
+    const refcounts = this.assertWritable();
+    return {
+      file: this.file,
+      clusterSize: this.clusterSize,
+      clusterBits: this.clusterBits,
+      refcountMax: refcounts.max,
+      allocate: (n) => refcounts.allocate(n),
+      writeRun: (clusters) => this.writeRun(clusters),
+      prepareTables: (guestClusters) => this.prepareTables(guestClusters),
+      mapCluster: (g, h, copied) => this.mapCluster(g, h, copied),
+      readsAsZeros: (old) => this.readsAsZeros(old),
+      zeroCluster: (g, old) => this.zeroMapped(g, old),
+      dropReference: (old) => this.dropReference(old),
+      releasedBy: (old) => this.releasedBy(old),
+      fetchRefcounts: (clusters) => refcounts.fetch(clusters),
+      refcount: (c) => refcounts.count(c),
+      increment: (c) => refcounts.increment(c),
+      deferFree: (c) => refcounts.deferFree(c),
+      markMetadata: (offset, bytes, what) => this.markMetadata(offset, bytes, what),
+      writeExtension: async (type, data, autoclear) => {
+        const e = this.header.extensions.find((x) => x.type === type);
+        if (e) e.data = data;
+        else this.header.extensions.push({ type, data });
+        this.header.autoclearFeatures |= autoclear;
+        await this.writeHeader();
+        await this.file.sync();
+      },
+      setSnapshotTable: async (offset, count) => {
+        this.header.snapshotsOffset = offset;
+        this.header.nbSnapshots = count;
+        await this.writeHeader();
+        await this.file.sync(); // I3: the header names the table only once the table is durable (the caller synced it)
+        await this.loadSnapshots();
+      },
+      commit: () => this.flush(),
+    };
   }
 
   /** Internal access for check and rebuild. */

@@ -10,7 +10,7 @@
 // the cluster; decrements are queued (deferFree) and applied only after the L2 tables
 // that dropped the reference are durable, so a freed cluster is never reused early.
 
-import { CorruptImageError, QdedupError, hex } from '../errors.ts';
+import { CorruptImageError, InternalError, QdedupError, hex } from '../errors.ts';
 import { MAX_HOST_OFFSET, MAX_REFTABLE_BYTES } from '../format/header.ts';
 import { REFT_RESERVED_LO } from '../format/l1l2.ts';
 import { getRefcount, maxRefcount, refblockEntries, setRefcount } from '../format/refcount.ts';
@@ -89,37 +89,56 @@ export class Refcounts {
     return this.table.filter((o) => o !== 0);
   }
 
+  /**
+   * The block of table entry `tableIndex`, read when not in memory. Never drops a block from
+   * memory: only fetch() does, before it reads, so what a fetch loaded stays until the next.
+   */
   private async block(tableIndex: number): Promise<Buffer | undefined> {
     const cached = this.blocks.get(tableIndex);
     if (cached) return cached;
     const offset = this.table[tableIndex];
     if (!offset) return undefined;
-    if (this.blocks.size >= MAX_CACHED_BLOCKS) this.dropCleanBlocks();
     const buf = await this.file.read(offset, this.clusterSize);
     this.blocks.set(tableIndex, buf);
     return buf;
+  }
+
+  /**
+   * Reads the refcount blocks of these clusters into memory, so that count() and increment()
+   * of them need no I/O until the next fetch (clean blocks beyond MAX_CACHED_BLOCKS are
+   * dropped first, never after: I5).
+   */
+  async fetch(clusterIndexes: Iterable<number>): Promise<void> {
+    const missing = new Set<number>();
+    for (const c of clusterIndexes) {
+      const t = Math.floor(c / this.blockEntries);
+      if (this.table[t] && !this.blocks.has(t)) missing.add(t);
+    }
+    if (!missing.size) return;
+    if (this.blocks.size + missing.size > MAX_CACHED_BLOCKS) this.dropCleanBlocks();
+    for (const t of missing) await this.block(t);
   }
 
   private dropCleanBlocks(): void {
     for (const t of this.blocks.keys()) if (!this.dirtyBlocks.has(t)) this.blocks.delete(t);
   }
 
-  /** Refcount of host cluster `clusterIndex` (0 where no block covers it). */
+  /** Refcount of host cluster `clusterIndex` (0 where no block covers it), its block read first if need be. */
   async get(clusterIndex: number): Promise<number> {
-    const block = await this.block(Math.floor(clusterIndex / this.blockEntries));
-    return block ? getRefcount(block, clusterIndex % this.blockEntries, this.refcountOrder) : 0;
+    await this.fetch([clusterIndex]);
+    return this.count(clusterIndex);
   }
 
   /**
-   * get() without I/O: the refcount when the cluster's block is in memory (0 when no block
-   * covers it), undefined when the block must be read first (call get()). The write path's
-   * fast path: most clusters of a batch fall in blocks already loaded.
+   * Refcount of host cluster `clusterIndex` (0 where no block covers it), without I/O: its
+   * block must have been fetched (or allocated) since the last fetch. Throws InternalError otherwise.
    */
-  getCached(clusterIndex: number): number | undefined {
+  count(clusterIndex: number): number {
     const t = Math.floor(clusterIndex / this.blockEntries);
     const block = this.blocks.get(t);
     if (block) return getRefcount(block, clusterIndex % this.blockEntries, this.refcountOrder);
-    return this.table[t] ? undefined : 0;
+    if (!this.table[t]) return 0;
+    throw new InternalError(`refcount block of cluster ${clusterIndex} not fetched`);
   }
 
   private async set(clusterIndex: number, value: number): Promise<void> {
@@ -130,23 +149,15 @@ export class Refcounts {
     this.dirtyBlocks.add(t);
   }
 
-  /** Adds one reference to an allocated cluster. Throws when the refcount would overflow. */
-  async increment(clusterIndex: number): Promise<number> {
-    await this.ensureBlock(Math.floor(clusterIndex / this.blockEntries));
-    const value = (await this.get(clusterIndex)) + 1;
-    if (value > this.max) throw new CorruptImageError(`refcount of cluster ${clusterIndex} would exceed ${this.max}`, { offset: clusterIndex * this.clusterSize, structure: 'refcount block' });
-    await this.set(clusterIndex, value);
-    return value;
-  }
-
   /**
-   * increment() without I/O: when the cluster's block is in memory, adds the reference and
-   * returns the new value; otherwise changes nothing and returns undefined (call increment()).
+   * Adds one reference to an allocated cluster, without I/O: its block must be in memory
+   * (fetched, or dirty since an allocation). Returns the new value. Throws CorruptImageError
+   * when the refcount would overflow, InternalError when the block was not fetched.
    */
-  incrementCached(clusterIndex: number): number | undefined {
+  increment(clusterIndex: number): number {
     const t = Math.floor(clusterIndex / this.blockEntries);
     const block = this.blocks.get(t);
-    if (!block) return undefined;
+    if (!block) throw new InternalError(`refcount block of cluster ${clusterIndex} not fetched`);
     const index = clusterIndex % this.blockEntries;
     const value = getRefcount(block, index, this.refcountOrder) + 1;
     if (value > this.max) throw new CorruptImageError(`refcount of cluster ${clusterIndex} would exceed ${this.max}`, { offset: clusterIndex * this.clusterSize, structure: 'refcount block' });
@@ -236,10 +247,6 @@ export class Refcounts {
       if (runStart > c) c = runStart;
     }
     return runStart;
-  }
-
-  private async ensureBlock(tableIndex: number): Promise<void> {
-    if (!this.table[tableIndex]) await this.createBlock(tableIndex);
   }
 
   /** Creates an empty refcount block for table entry `tableIndex`, placed in the lowest free cluster. */

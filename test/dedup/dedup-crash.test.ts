@@ -15,7 +15,7 @@ import assert from 'node:assert/strict';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Image } from '../../src/image/image.ts';
-import { createImage } from '../../src/image/create.ts';
+import { createImage } from '../../src/dedup/open.ts';
 import { checkOpenImage } from '../../src/image/check.ts';
 import { Dedup } from '../../src/dedup/dedup.ts';
 import { CorruptImageError } from '../../src/errors.ts';
@@ -26,6 +26,7 @@ import type { DedupSettings } from '../../src/dedup/dedup.ts';
 import { HAVE_QEMU, qemuCheck, tempDir } from '../helpers.ts';
 import { runSteps, shadowsOf, type Op } from '../image/crash-lib.ts';
 import { dedupExtensionPayload } from './cli-lib.ts';
+import { openForWrite, dedupOf } from '../../src/dedup/open.ts';
 
 
 interface Workload {
@@ -104,12 +105,12 @@ function workloads(seed: number): Workload[] {
 
 /** Every live index entry's cluster hashes to it (the image open read-write, after a clean close it is the same). */
 async function assertIndexTrue(image: Image, label: string): Promise<number> {
-  const d = image.dedup!;
+  const d = dedupOf(image)!;
   let n = 0;
   for await (const e of liveEntries(image, d.store)) {
     const data = await image.file.read(e.hostOffset, image.clusterSize);
     assert.ok(d.hasher.hash(data).equals(e.hash), `${label}: index entry for cluster ${e.hostOffset} does not hash to its content`);
-    assert.ok(await d.holder.holds(e.hostOffset / image.clusterSize), `${label}: indexed cluster ${e.hostOffset} is not held`);
+    assert.ok(await d.holder.isHeld(e.hostOffset / image.clusterSize), `${label}: indexed cluster ${e.hostOffset} is not held`);
     n++;
   }
   return n;
@@ -136,12 +137,12 @@ async function verifyState(path: string, bytes: Buffer, before: Buffer, after: B
 
   // Reopen for writing: a dirty store must be dropped; then write, close, and the index must be true.
   const mem = new MemFile(path, Buffer.from(bytes));
-  const rw = await Image.open(path, { writable: true, file: mem });
-  if (!wasTrusted) assert.ok(rw.dedup!.notice, `${label}: the dirty index was trusted`);
+  const rw = await openForWrite(path, { file: mem });
+  if (!wasTrusted) assert.ok(dedupOf(rw)!.notice, `${label}: the dirty index was trusted`);
   await rw.write(0, Buffer.alloc(2 * CS, 0x42));
   await rw.close();
-  const again = await Image.open(path, { writable: true, file: mem });
-  assert.equal(again.dedup!.notice, null, `${label}: a clean close left the store untrusted`);
+  const again = await openForWrite(path, { file: mem });
+  assert.equal(dedupOf(again)!.notice, null, `${label}: a clean close left the store untrusted`);
   await assertIndexTrue(again, label);
   assert.ok((await again.read(0, 2 * CS)).equals(Buffer.alloc(2 * CS, 0x42)), `${label}: write after recovery`);
   await again.abandon();
@@ -166,7 +167,7 @@ test('dedup: crash at every write and sync: acknowledged data survives, no corru
       await createImage(path, { size: w.size, clusterBits: w.clusterBits, version: 3, refcountOrder: 4, lazyRefcounts: false, force: true, dedup: w.settings });
       let shadows = shadowsOf(w.size, w.steps);
       if (w.damagedAfter) {
-        const image = await Image.open(path, { writable: true });
+        const image = await openForWrite(path);
         for (const op of w.damagedAfter) if (op.kind === 'write') await image.write(op.offset, op.data);
         await image.close();
         writeFileSync(path, withUndecodableExtension(readFileSync(path)));

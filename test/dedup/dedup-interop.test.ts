@@ -9,11 +9,12 @@ import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { Image } from '../../src/image/image.ts';
-import { createImage } from '../../src/image/create.ts';
+import { createImage } from '../../src/dedup/open.ts';
 import type { SupportedHashAlgorithm } from '../../src/dedup/hasher.ts';
 import { NO_QEMU } from '../helpers.ts';
 import { Rng, Shadow, checkImage, compareRaw, runAsync, testFolders } from '../interop/differential-lib.ts';
 import { inspectDedup } from '../../src/dedup/inspect.ts';
+import { openForWrite, dedupOf } from '../../src/dedup/open.ts';
 
 const SCALE = Number(process.env.QDEDUP_SOAK_SCALE ?? 1);
 const WORKLOADS = 100 * SCALE;
@@ -73,8 +74,8 @@ describe('dedup workloads against qemu-img', { skip: NO_QEMU, concurrency: 2 }, 
       const palette = Array.from({ length: rng.int(2, 8) }, () => rng.bytes(cs));
       const context = `seed 0x${seed.toString(16)} ${JSON.stringify(w)}`;
       for (let s = 0; s < w.sessions; s++) {
-        const image = await Image.open(img, { writable: true });
-        assert.equal(image.dedup?.notice, null, `${context}: a cleanly closed store is trusted`);
+        const image = await openForWrite(img);
+        assert.equal(dedupOf(image)?.notice, null, `${context}: a cleanly closed store is trusted`);
         for (let k = 0; k < w.opsPerSession; k++) {
           const aligned = rng.chance(0.5);
           const len = aligned ? rng.int(1, 64) * cs : rng.int(1, 48 * cs);

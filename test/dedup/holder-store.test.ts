@@ -13,6 +13,7 @@ import { Image } from '../../src/image/image.ts';
 import { HOLDER_NAME } from '../../src/dedup/holder.ts';
 import { NO_QEMU, qdedup, qemuCheck, qemuCompareRaw, run } from '../helpers.ts';
 import { qdedupOk, workFolder } from './cli-lib.ts';
+import { openForWrite, dedupOf } from '../../src/dedup/open.ts';
 
 function assertQemuClean(img: string): void {
   if (NO_QEMU) return;
@@ -25,11 +26,11 @@ test('an index entry naming a journal cluster (held, refcount 1) is never linked
   const w = workFolder('qdedup-holder-store-');
   const img = w.create('16M');
   qdedupOk(['write', '-q', '-P', '0x21', img, '0', '64k']); // a journal block on disk
-  let image = await Image.open(img, { writable: true });
-  const d = image.dedup!;
+  let image = await openForWrite(img);
+  const d = dedupOf(image)!;
   const journal = d.store.areas()[0].offset; // the current journal's first cluster
   const cluster = journal / image.clusterSize;
-  assert.equal(await d.holder.holds(cluster), true, 'the store cluster is held');
+  assert.equal(await d.holder.isHeld(cluster), true, 'the store cluster is held');
   assert.equal(await image.refcountState!.get(cluster), 1, 'by the holder alone');
   const bytes = await image.file.read(journal, image.clusterSize);
   const hash = d.hasher.hash(bytes);

@@ -14,6 +14,7 @@ import { Image } from '../../src/image/image.ts';
 import { guestUsage, storedRefcounts } from '../../src/dedup/inspect.ts';
 import { NO_QEMU, qemuCheck, qemuCompareRaw, run } from '../helpers.ts';
 import { qdedupOk, workFolder } from './cli-lib.ts';
+import { openForWrite, dedupOf } from '../../src/dedup/open.ts';
 
 function stats(img: string): Record<string, any> {
   return JSON.parse(qdedupOk(['dedup-stats', '--output', 'json', img]).stdout);
@@ -102,9 +103,9 @@ for (const bits of [32, 64]) {
   test(`refcount_bits=${bits}: the same decisions with the cap lowered to 7`, { skip: NO_QEMU }, async () => {
     const w = workFolder(`qdedup-cap-${bits}-`);
     const img = w.create('16M', `refcount_bits=${bits}`);
-    const image = await Image.open(img, { writable: true });
-    assert.equal(image.dedup!.cap, Math.floor(image.refcountState!.max / 2), 'half the width\'s maximum');
-    image.dedup!.cap = 7;
+    const image = await openForWrite(img);
+    assert.equal(dedupOf(image)!.cap, Math.floor(image.refcountState!.max / 2), 'half the width\'s maximum');
+    dedupOf(image)!.cap = 7;
     const data = Buffer.alloc(40 * 4096, 0x5a);
     await image.write(0, data); // one batch
     await image.write(4 << 20, data.subarray(0, 8 * 4096)); // hits, then a new copy

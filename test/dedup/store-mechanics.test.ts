@@ -11,6 +11,7 @@ import { statSync } from 'node:fs';
 import { join } from 'node:path';
 import { Image } from '../../src/image/image.ts';
 import { NO_QEMU, qdedup, qemuCheck, tempDir } from '../helpers.ts';
+import { openForWrite, dedupOf } from '../../src/dedup/open.ts';
 
 const CS = 4096;
 
@@ -38,11 +39,11 @@ test('tiny store: freezes, hits in incarnations, FIFO eviction with limbo reuse,
   assert.deepEqual([first['log-store'].capacity, first.incarnations.max, first.journal['blocks-total']], [8, 2, 18]);
 
   // 1. 60 unique clusters in one session: 8-slot log stores freeze again and again.
-  let image = await Image.open(img, { writable: true });
+  let image = await openForWrite(img);
   const run1 = Buffer.concat(Array.from({ length: 60 }, (_, i) => unique(i)));
   await image.write(0, run1);
   run1.copy(shadow, 0);
-  const s1 = image.dedup!.store.stats();
+  const s1 = dedupOf(image)!.store.stats();
   assert.ok(s1.freezes >= 5, `${s1.freezes} freezes`);
   await image.close();
   let st = stats(img);
@@ -55,30 +56,30 @@ test('tiny store: freezes, hits in incarnations, FIFO eviction with limbo reuse,
 
   // 2. A copy of the most recent clusters hits (log store or incarnations); a copy of the
   //    first ones, whose incarnations were forgotten, is written anew: only the ratio drops.
-  image = await Image.open(img, { writable: true });
+  image = await openForWrite(img);
   const recent = run1.subarray(50 * CS, 60 * CS);
   await image.write(1 << 20, recent);
   recent.copy(shadow, 1 << 20);
-  const hitsRecent = image.dedup!.counters.hits;
-  const reads = image.dedup!.store.stats();
+  const hitsRecent = dedupOf(image)!.counters.hits;
+  const reads = dedupOf(image)!.store.stats();
   assert.equal(hitsRecent, 10, 'every recent cluster is found');
   assert.ok(reads.incarnationHits >= 1, 'some hits come from an incarnation');
   assert.ok(reads.incarnationReads <= reads.incarnationHits * 1.02 + 1, `${reads.incarnationReads} disk reads for ${reads.incarnationHits} incarnation hits`);
   const old = run1.subarray(0, 4 * CS);
   await image.write(2 << 20, old);
   old.copy(shadow, 2 << 20);
-  assert.equal(image.dedup!.counters.misses, 4, 'forgotten hashes are misses');
+  assert.equal(dedupOf(image)!.counters.misses, 4, 'forgotten hashes are misses');
   await image.close();
   st = stats(img);
   assert.equal(st['data-clusters'], 64);
   assert.equal(st['guest-clusters'], 74);
 
   // 3. Many more unique clusters: freezes keep reusing limbo, so the store's clusters do not grow.
-  image = await Image.open(img, { writable: true });
+  image = await openForWrite(img);
   const run2 = Buffer.concat(Array.from({ length: 64 }, (_, i) => unique(1000 + i)));
   await image.write(3 << 20, run2);
   run2.copy(shadow, 3 << 20);
-  assert.ok(image.dedup!.store.stats().freezes >= 8);
+  assert.ok(dedupOf(image)!.store.stats().freezes >= 8);
   await image.close();
   st = stats(img);
   assert.equal(st.incarnations.count, 2);
@@ -88,11 +89,11 @@ test('tiny store: freezes, hits in incarnations, FIFO eviction with limbo reuse,
   //    and takes at least one journal block; the 18-block journal is packed, not overflowed.
   let packs = 0;
   for (let s = 0; s < 30; s++) {
-    image = await Image.open(img, { writable: true });
+    image = await openForWrite(img);
     const data = Buffer.alloc(CS, s % 2 ? 0x71 : 0x72);
     await image.write(5 << 20, data);
     data.copy(shadow, 5 << 20);
-    packs += image.dedup!.store.packs;
+    packs += dedupOf(image)!.store.packs;
     await image.close();
   }
   assert.ok(packs >= 1, "the journal was packed when full (each session takes a block: 30 sessions, 18 blocks)");
@@ -130,17 +131,17 @@ test('entries from disk are compared once per session at their first hit; entrie
   const recent = run.subarray(4 * CS); // 16 clusters: in the current and frozen log stores and an incarnation
   const n = recent.length / CS;
 
-  let image = await Image.open(img, { writable: true });
+  let image = await openForWrite(img);
   await image.write(0, run);
   await image.write(1 << 20, recent);
-  const first = image.dedup!;
+  const first = dedupOf(image)!;
   assert.deepEqual([first.counters.hits, first.counters.compared], [n, 0], 'same session: hits without a read');
   assert.ok(first.store.stats().incarnationHits >= 1, 'some hits came from an incarnation frozen this session');
   await image.close();
 
-  image = await Image.open(img, { writable: true });
+  image = await openForWrite(img);
   await image.write(2 << 20, recent);
-  const second = image.dedup!;
+  const second = dedupOf(image)!;
   assert.deepEqual([second.counters.hits, second.counters.compared, second.counters.mismatches], [n, n, 0], 'next session: each entry compared at its first hit');
   await image.write(3 << 20, recent);
   assert.deepEqual([second.counters.hits, second.counters.compared], [2 * n, n], 'compared once: a confirmed entry is linked without a read');

@@ -29,6 +29,7 @@ import {
   GuardFile, describe as describeMutant, describeDedup, loadBases, loadDedupBases, makeDedupMutant, makeMutant, mapImage, runDedupMutant, runMutant,
 } from './fuzz-lib.ts';
 import { checkOpenImage } from '../../src/image/check.ts';
+import { openForWrite } from '../../src/dedup/open.ts';
 
 const COUNT = Number(process.env.QDEDUP_FUZZ ?? 2000);
 const FROM = Number(process.env.QDEDUP_FUZZ_FROM ?? 1);
@@ -162,7 +163,7 @@ describe('malformed-image fuzzing (in process)', () => {
     try {
       const p = join(dir, 'a.qcow2');
       await createImage(p, { size: 1 << 20, clusterBits: 16, version: 3, refcountOrder: 4, lazyRefcounts: false, force: true });
-      const img = await Image.open(p, { writable: true });
+      const img = await openForWrite(p);
       await img.write(0, Buffer.alloc(65536, 0xab));
       await img.close();
       const valid = readFileSync(p);
@@ -177,7 +178,7 @@ describe('malformed-image fuzzing (in process)', () => {
         await ro.close();
         if (what.startsWith('L2')) assert.ok(got.equals(Buffer.alloc(65536)), `${what}: past EOF reads as zeros, not the header`);
         try {
-          const rw = await Image.open(p, { writable: true });
+          const rw = await openForWrite(p);
           await rw.write(65536, Buffer.alloc(65536, 0xcd)).then(() => rw.close(), async (err) => {
             await rw.abandon();
             throw err;

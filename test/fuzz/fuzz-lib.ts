@@ -30,7 +30,7 @@ import type { BlockFile } from '../../src/image/block-file.ts';
 import { MemFile } from '../../src/image/mem-file.ts';
 import { Image } from '../../src/image/image.ts';
 import { checkOpenImage, type CheckExtension, type ImageCheck } from '../../src/image/check.ts';
-import { createImage, type CreateOptions } from '../../src/image/create.ts';
+import { createImage, type CreateOptions } from '../../src/dedup/open.ts';
 import { createHasher, type SupportedHashAlgorithm } from '../../src/dedup/hasher.ts';
 import type { DedupSettings } from '../../src/dedup/dedup.ts';
 import { dedupCheckExtension, guestUsage, heldClusters, inspectDedup, storedRefcounts } from '../../src/dedup/inspect.ts';
@@ -39,6 +39,7 @@ import { AUTOCLEAR_DEDUP, decodeDedupConfig, decodeDedupExtension } from '../../
 import { incarnationLayout } from '../../src/format/incarnation.ts';
 import { HOLDER_NAME } from '../../src/dedup/holder.ts';
 import { findDedupExtension } from '../dedup/cli-lib.ts';
+import { openForWrite, dedupOf } from '../../src/dedup/open.ts';
 
 export const ROOT = new URL('../..', import.meta.url).pathname;
 export const FIXTURES = join(ROOT, 'fixtures');
@@ -100,7 +101,7 @@ async function made(name: string, o: Omit<CreateOptions, 'force'>, fill: (img: I
     const p = join(dir, 'base.qcow2');
     await createImage(p, { ...o, force: true });
     const mem = new MemFile(p, readFileSync(p));
-    const img = await Image.open(p, { file: mem, writable: true });
+    const img = await openForWrite(p, { file: mem });
     await fill(img);
     await img.close();
     return { name, bytes: mem.bytes(), path: `${NOWHERE}/${name}.qcow2` };
@@ -605,7 +606,7 @@ async function steps(m: Mutant, failures: string[], deadline: number, ext: (img:
   let at = 0;
   const data = pattern(4096, m.seed & 0xff);
   try {
-    wimg = await quiet(() => Image.open(m.base.path, { file: rw, writable: true, backing: false }));
+    wimg = await quiet(() => openForWrite(m.base.path, { file: rw, backing: false }));
     const size = wimg.size;
     if (size >= 4096) {
       at = (m.writeAt % (size - 4096 + 1)) & ~511;
@@ -791,7 +792,7 @@ async function madeDedup(
     const hasher = createHasher(dedup.algorithm);
     const contents = new Map<string, Buffer>();
     for (const s of sessions) {
-      const img = await Image.open(p, { file: mem, writable: true, dedup: s.dedup });
+      const img = await openForWrite(p, { file: mem, dedup: s.dedup });
       await s.run({
         put: async (first, ids) => {
           const data = Buffer.concat(ids.map((i) => uniqueCluster(i, cs)));
@@ -1486,13 +1487,13 @@ async function dedupSteps(m: DedupMutant, failures: string[], out: DedupOutcome,
   const written = new Set<number>();
   out.write = 'refused at open';
   try {
-    wimg = await quiet(() => Image.open(m.base.path, { file: rw, writable: true, backing: false }));
-    if (wimg.dedup) {
-      verify = wimg.dedup.ext.verify;
-      const said = wimg.dedup.notice !== null;
-      if (out.trust === 'trusted' && said) failures.push(`inspectDedup trusts the store but the writable open says: ${wimg.dedup.notice}`);
+    wimg = await quiet(() => openForWrite(m.base.path, { file: rw, backing: false }));
+    if (dedupOf(wimg)) {
+      verify = dedupOf(wimg)!.ext.verify;
+      const said = dedupOf(wimg)!.notice !== null;
+      if (out.trust === 'trusted' && said) failures.push(`inspectDedup trusts the store but the writable open says: ${dedupOf(wimg)!.notice}`);
       if (out.trust === 'untrusted' && !said) failures.push('inspectDedup does not trust the store but the writable open gave no notice');
-      if (said && !/^dedup index not trusted: .+; starting a fresh index/.test(wimg.dedup.notice!)) failures.push(`notice: ${wimg.dedup.notice}`);
+      if (said && !/^dedup index not trusted: .+; starting a fresh index/.test(dedupOf(wimg)!.notice!)) failures.push(`notice: ${dedupOf(wimg)!.notice}`);
     }
     out.write = 'failed';
     if (want && wimg.size >= 16 * cs) {
@@ -1516,7 +1517,7 @@ async function dedupSteps(m: DedupMutant, failures: string[], out: DedupOutcome,
         }
       }
     }
-    out.hits = wimg.dedup?.counters.hits ?? 0;
+    out.hits = dedupOf(wimg)?.counters.hits ?? 0;
     await wimg.close();
     wimg = null;
     out.write = 'wrote';
@@ -1590,7 +1591,7 @@ async function dedupSteps(m: DedupMutant, failures: string[], out: DedupOutcome,
     const w = new GuardFile(m.base.path, again.bytes(), deadline, 'dedup repair-write');
     let wi: Image | null = null;
     try {
-      wi = await quiet(() => Image.open(m.base.path, { file: w, writable: true, backing: false }));
+      wi = await quiet(() => openForWrite(m.base.path, { file: w, backing: false }));
       const at = base.scratch;
       const data = Buffer.concat([...base.contents.values()].slice(0, 4));
       if (at + data.length <= wi.size) {

@@ -3,6 +3,7 @@
 
 import { Image } from '../../src/image/image.ts';
 import { CrashError, type FaultyFile } from '../../src/image/faulty-file.ts';
+import { openForWrite } from '../../src/dedup/open.ts';
 
 export type Op = { kind: 'write'; offset: number; data: Buffer } | { kind: 'zero'; offset: number; length: number };
 
@@ -28,7 +29,7 @@ export async function runSteps(path: string, file: FaultyFile, steps: Op[][]): P
   let done = 0;
   try {
     for (const step of steps) {
-      const image = await Image.open(path, { writable: true, file });
+      const image = await openForWrite(path, { file });
       for (const op of step) {
         if (op.kind === 'write') await image.write(op.offset, op.data);
         else await image.writeZeroes(op.offset, op.length);

@@ -15,6 +15,7 @@ import { FaultyFile, type LossMode } from '../../src/image/faulty-file.ts';
 import { MemFile } from '../../src/image/mem-file.ts';
 import { HAVE_QEMU, qemuCheck, tempDir } from '../helpers.ts';
 import { runSteps, shadowsOf, type Op } from './crash-lib.ts';
+import { openForWrite } from '../../src/dedup/open.ts';
 
 
 /** A seeded workload: steps of 1–3 non-overlapping operations, each step one open/close. */
@@ -99,7 +100,7 @@ test('crash at every write and sync: acknowledged data survives, no corruption',
         // The crashed image takes a further write and stays consistent.
         if (k % 5 === 0 && mode === 'torn') {
           const again = new FaultyFile(path, bytes);
-          const image = await Image.open(path, { writable: true, file: again });
+          const image = await openForWrite(path, { file: again });
           await image.write(0, Buffer.alloc(1000, 0x77));
           await image.close();
           // the in-flight step may or may not have landed: only the new write is asserted

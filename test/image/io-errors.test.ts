@@ -14,6 +14,7 @@ import { FaultyFile } from '../../src/image/faulty-file.ts';
 import { MemFile } from '../../src/image/mem-file.ts';
 import { IoError } from '../../src/errors.ts';
 import { tempDir } from '../helpers.ts';
+import { openForWrite } from '../../src/dedup/open.ts';
 
 const SIZE = 1024 * 1024;
 /** QDEDUP_SOAK_SCALE=N (npm run soak): N workloads; round r > 0 shifts every offset by 1237·r bytes and cycles the cluster size (4k, 512, 64k). */
@@ -32,7 +33,7 @@ async function runSteps(path: string, file: FaultyFile, STEPS: [number, number, 
   for (const step of STEPS) {
     let image: Image | undefined;
     try {
-      image = await Image.open(path, { writable: true, file });
+      image = await openForWrite(path, { file });
       for (const [offset, length, byte] of step) await image.write(offset, Buffer.alloc(length, byte));
       await image.close();
       acked++;

@@ -11,6 +11,7 @@ import { join } from 'node:path';
 import { Image } from '../../src/image/image.ts';
 import { BIN } from '../helpers.ts';
 import { Rng, qdedupAsync, runAsync, sizeName } from './differential-lib.ts';
+import { openForWrite } from '../../src/dedup/open.ts';
 
 // ------------------------------------------------------------------ image creation
 
@@ -377,7 +378,7 @@ export async function runLongSequence(o: SequenceOptions): Promise<SequenceResul
       const dataFile = () => join(bdir, `d${dataFiles++}.bin`);
       const t0 = Date.now(); // phase times: QDEDUP_LONG_TIMING=1
       // 1. The engine, in-process: every operation generated now, against the shadow as it is.
-      let image = await Image.open(D, { writable: true });
+      let image = await openForWrite(D);
       try {
         for (let i = 0; i < o.batchSize - 2; i++) {
           const op = rng.chance(0.22) ? gen.read() : gen.write();
@@ -389,7 +390,7 @@ export async function runLongSequence(o: SequenceOptions): Promise<SequenceResul
           log.push({ batch, op, via: 'engine' });
           res.ops++;
           const r = rng.float();
-          if (r < 0.006) { await image.close(); image = await Image.open(D, { writable: true }); }
+          if (r < 0.006) { await image.close(); image = await openForWrite(D); }
           else if (r < 0.012) await image.flush();
         }
         await image.close();

@@ -22,6 +22,7 @@ import { NO_QEMU } from '../helpers.ts';
 import {
   Rng, Shadow, testFolders, checkImage, compareAndCheck, compareRaw, peekHeader, qdedupOk, runAsync, runOk, sizeName, toRaw,
 } from './differential-lib.ts';
+import { openForWrite } from '../../src/dedup/open.ts';
 
 const BASE_SEED = process.env.QDEDUP_SEED ? Number(process.env.QDEDUP_SEED) >>> 0 : 0x2d5e_ed02;
 const ONLY = process.env.QDEDUP_ONLY;
@@ -212,13 +213,13 @@ function context(label: string, seed: number, cfg: Config | string, ops: Op[]): 
 
 /** Applies `ops` through the engine, reopening and flushing at random points. */
 async function engineSequence(path: string, ops: Op[], rng: Rng, shadow: Shadow): Promise<void> {
-  let image = await Image.open(path, { writable: true });
+  let image = await openForWrite(path);
   try {
     for (const op of ops) {
       await engineApply(image, op);
       shadowApply(shadow, op);
       const r = rng.float();
-      if (r < 0.25) { await image.close(); image = await Image.open(path, { writable: true }); }
+      if (r < 0.25) { await image.close(); image = await openForWrite(path); }
       else if (r < 0.35) await image.flush();
     }
     await image.close();
@@ -406,7 +407,7 @@ describe('differential writes', { skip: NO_QEMU, concurrency: true }, () => {
         const tables = new Set([first.refcountTableOffset]);
         try {
           for (let step = 0; step < 6; step++) {
-            const image = await Image.open(img, { writable: true });
+            const image = await openForWrite(img);
             const op: Op = { kind: 'data', offset: rng.int(0, 15 << 20), length: rng.int(1 << 20, 2 << 20), seed: rng.u32() };
             op.length = Math.min(op.length, cfg.size - op.offset);
             await engineApply(image, op);

@@ -22,13 +22,14 @@ import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Image } from '../../src/image/image.ts';
-import { checkImage } from '../../src/image/check.ts';
-import { createImage } from '../../src/image/create.ts';
+import { checkImage } from '../../src/image/check-image.ts';
+import { createImage } from '../../src/dedup/open.ts';
 import { dedupCheckExtension, storedRefcounts } from '../../src/dedup/inspect.ts';
 import type { SupportedHashAlgorithm } from '../../src/dedup/hasher.ts';
 import { NO_QEMU } from '../helpers.ts';
 import { Rng, compareAndCheck, deriveSeed, qdedupAsync } from './differential-lib.ts';
 import { RawShadow, firstDiff, qemuIoBatch } from './differential-long-lib.ts';
+import { openForWrite, dedupOf } from '../../src/dedup/open.ts';
 
 const BASE_SEED = process.env.QDEDUP_SEED ? Number(process.env.QDEDUP_SEED) >>> 0 : 0x3d1c_7a11;
 const SCALE = Math.max(0, Number(process.env.QDEDUP_SOAK_SCALE ?? 1));
@@ -279,9 +280,9 @@ async function runSequence(index: number, seed: number, dir: string): Promise<Re
           } else if (/not trusted/.test(r.stderr)) problems.push(`bin/qdedup write dropped a trusted index: ${r.stderr.trim()}`);
         };
         if (cliFirst) await cliTurn(afterQemu);
-        let image = await Image.open(img, { writable: true });
+        let image = await openForWrite(img);
         try {
-          const notice = image.dedup?.notice ?? null;
+          const notice = dedupOf(image)?.notice ?? null;
           if (!cliFirst && afterQemu) {
             if (notice === null || !NOTICE.test(notice)) problems.push(`the first qdedup open after qemu-io (in-process) did not announce a fresh index: ${notice}`);
             else res.notices++;
@@ -302,13 +303,13 @@ async function runSequence(index: number, seed: number, dir: string): Promise<Re
             else await image.write(op.offset, op.data);
             const r = rng.float();
             if (r < 0.05) {
-              res.hits += image.dedup?.counters.hits ?? 0;
+              res.hits += dedupOf(image)?.counters.hits ?? 0;
               await image.close();
-              image = await Image.open(img, { writable: true });
-              if (image.dedup?.notice) problems.push(`a reopen in the same turn dropped the index: ${image.dedup.notice}`);
+              image = await openForWrite(img);
+              if (dedupOf(image)?.notice) problems.push(`a reopen in the same turn dropped the index: ${dedupOf(image)!.notice}`);
             } else if (r < 0.1) await image.flush();
           }
-          res.hits += image.dedup?.counters.hits ?? 0;
+          res.hits += dedupOf(image)?.counters.hits ?? 0;
           await image.close();
         } catch (err) {
           await image.abandon();

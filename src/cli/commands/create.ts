@@ -3,7 +3,7 @@
 import type { Argv } from 'yargs';
 import { InterruptedError, UsageError } from '../../errors.ts';
 import { catchInterrupts } from '../interrupt.ts';
-import { createImage, type CreateOptions } from '../../image/create.ts';
+import { createImage, type CreateOptions } from '../../dedup/open.ts';
 import { Image, probeFormat } from '../../image/image.ts';
 import { checkFormat, withFormatOption, withQuietOption } from '../common.ts';
 import { parseBool, parseOptionList, parseSize } from '../parse.ts';

@@ -15,6 +15,7 @@ import type { Output } from '../output.ts';
 import { startProgress } from '../progress.ts';
 import { openInput, type Input } from '../input.ts';
 import { catchInterrupts, whenAborted } from '../interrupt.ts';
+import { openForWrite, dedupOf } from '../../dedup/open.ts';
 
 /** Bytes of input read and written per step of a long write. */
 const CHUNK_BYTES = 8 * 1024 * 1024;
@@ -84,7 +85,7 @@ async function writeFrom(a: WriteArgs, input: Input | undefined, io: Output): Pr
   let shortBy: IoError | undefined;
   let overflow: QdedupError | undefined;
   try {
-    const image = await Image.open(a.file, { writable: true, lock: LOCK_WRITE });
+    const image = await openForWrite(a.file, { lock: LOCK_WRITE });
     try {
       if (a.zero) {
         await image.writeZeroes(a.offset, total!);
@@ -130,8 +131,8 @@ async function writeFrom(a: WriteArgs, input: Input | undefined, io: Output): Pr
       throw err;
     }
     // After the write, so that a write that fails says one line, its error.
-    if (image.dedup?.notice && !a.quiet) io.err(`qdedup: ${printable(a.file)}: ${image.dedup.notice}`);
-    const mismatches = image.dedup?.counters.mismatches ?? 0;
+    if (dedupOf(image)?.notice && !a.quiet) io.err(`qdedup: ${printable(a.file)}: ${dedupOf(image)!.notice}`);
+    const mismatches = dedupOf(image)?.counters.mismatches ?? 0;
     if (mismatches) {
       // Compared hits whose cluster held other bytes: written anew, but the index lies (src/dedup/slot-bits.ts).
       io.err(`qdedup: ${printable(a.file)}: warning: ${mismatches} dedup index ${mismatches === 1 ? 'entry names a cluster' : 'entries name clusters'} holding other content; not used (a damaged index: 'qdedup check --deep' lists such entries)`);

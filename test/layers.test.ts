@@ -1,0 +1,118 @@
+// The layering of src/ (docs/DESIGN.md "Layers"): imports flow cli → dedup → image → format,
+// format/ imports nothing outside itself, errors.ts is shared by all; and no import cycle
+// among src/ files. Reads every import of every file (static, re-exports, dynamic import()).
+
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync, readdirSync, statSync } from 'node:fs';
+import { dirname, join, relative, resolve } from 'node:path';
+
+const root = resolve(new URL('..', import.meta.url).pathname);
+const src = join(root, 'src');
+
+/** Rank of each layer: a file may import only its own layer or a lower one. */
+const RANK: Record<string, number> = { format: 0, image: 1, dedup: 2, cli: 3 };
+/** Files every layer may import (errors.ts: the shared error hierarchy). */
+const SHARED = new Set(['errors.ts']);
+
+interface Import { from: string; to: string; typeOnly: boolean; spec: string }
+
+function listFiles(dir: string): string[] {
+  const out: string[] = [];
+  for (const name of readdirSync(dir).sort()) {
+    const path = join(dir, name);
+    if (statSync(path).isDirectory()) out.push(...listFiles(path));
+    else if (name.endsWith('.ts')) out.push(path);
+  }
+  return out;
+}
+
+/** Every relative import of `file` that lands in src/, resolved to a path relative to src/. */
+function importsOf(file: string): Import[] {
+  const text = readFileSync(file, 'utf8');
+  const out: Import[] = [];
+  const add = (spec: string, typeOnly: boolean) => {
+    if (!spec.startsWith('.')) return; // packages and node: builtins
+    const target = resolve(dirname(file), spec);
+    out.push({ from: relative(src, file), to: relative(src, target), typeOnly, spec });
+  };
+  // import … from '…' / export … from '…' (possibly across lines), import '…'
+  for (const m of text.matchAll(/^\s*(import|export)\s+(type\s+)?([^'";]*?)\s*from\s*['"]([^'"]+)['"]/gms)) add(m[4], Boolean(m[2]));
+  for (const m of text.matchAll(/^\s*import\s+['"]([^'"]+)['"]/gm)) add(m[1], false);
+  for (const m of text.matchAll(/\bimport\(\s*['"]([^'"]+)['"]\s*\)/g)) add(m[1], false);
+  return out;
+}
+
+function layerOf(path: string): string {
+  if (SHARED.has(path)) return 'shared';
+  const top = path.split('/')[0];
+  return top in RANK ? top : `unknown (${path})`;
+}
+
+const files = listFiles(src);
+const imports = files.flatMap(importsOf);
+
+test('layers: every src/ file is in a known layer', () => {
+  const unknown = files.map((f) => relative(src, f)).filter((f) => layerOf(f).startsWith('unknown'));
+  assert.deepEqual(unknown, [], 'files outside cli/, dedup/, image/, format/ and the shared errors.ts');
+});
+
+test('layers: imports only go down (cli → dedup → image → format), type imports included', () => {
+  const wrong: string[] = [];
+  for (const i of imports) {
+    const from = layerOf(i.from);
+    const to = layerOf(i.to);
+    if (to === 'shared') continue;
+    if (to.startsWith('unknown')) {
+      wrong.push(`${i.from} imports '${i.spec}', outside src/`);
+      continue;
+    }
+    if (from === 'shared') wrong.push(`${i.from} (shared) imports ${i.to}`);
+    else if (RANK[to] > RANK[from]) wrong.push(`${i.from} imports ${i.to}: ${from} → ${to} goes up`);
+  }
+  assert.deepEqual(wrong, []);
+});
+
+test('layers: format/ imports nothing outside itself (but errors.ts)', () => {
+  const wrong = imports.filter((i) => layerOf(i.from) === 'format' && layerOf(i.to) !== 'format' && !SHARED.has(i.to));
+  assert.deepEqual(wrong.map((i) => `${i.from} imports ${i.to}`), []);
+});
+
+test('layers: no import cycle among src/ files (imports that exist at run time)', () => {
+  // Tarjan's strongly connected components over value imports (type-only imports are erased).
+  const edges = new Map<string, string[]>();
+  for (const i of imports) if (!i.typeOnly) edges.set(i.from, [...(edges.get(i.from) ?? []), i.to]);
+  const index = new Map<string, number>();
+  const low = new Map<string, number>();
+  const onStack = new Set<string>();
+  const stack: string[] = [];
+  const cycles: string[][] = [];
+  let next = 0;
+  const visit = (v: string) => {
+    index.set(v, next);
+    low.set(v, next);
+    next++;
+    stack.push(v);
+    onStack.add(v);
+    for (const w of edges.get(v) ?? []) {
+      if (!index.has(w)) {
+        visit(w);
+        low.set(v, Math.min(low.get(v)!, low.get(w)!));
+      } else if (onStack.has(w)) {
+        low.set(v, Math.min(low.get(v)!, index.get(w)!));
+      }
+    }
+    if (low.get(v) === index.get(v)) {
+      const scc: string[] = [];
+      let w: string;
+      do {
+        w = stack.pop()!;
+        onStack.delete(w);
+        scc.push(w);
+      } while (w !== v);
+      if (scc.length > 1 || (edges.get(v) ?? []).includes(v)) cycles.push(scc.sort());
+    }
+  };
+  for (const f of files.map((x) => relative(src, x))) if (!index.has(f)) visit(f);
+  assert.deepEqual(cycles, [], `import cycles: ${cycles.map((c) => c.join(' ↔ ')).join('; ')}`);
+});
