@@ -4,7 +4,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync, readdirSync, statSync } from 'node:fs';
+import { readFileSync, readdirSync } from 'node:fs';
 import { dirname, join, relative, resolve } from 'node:path';
 
 const root = resolve(new URL('..', import.meta.url).pathname);
@@ -17,14 +17,9 @@ const SHARED = new Set(['errors.ts']);
 
 interface Import { from: string; to: string; typeOnly: boolean; spec: string }
 
+/** Every .ts file under `dir`, sorted. */
 function listFiles(dir: string): string[] {
-  const out: string[] = [];
-  for (const name of readdirSync(dir).sort()) {
-    const path = join(dir, name);
-    if (statSync(path).isDirectory()) out.push(...listFiles(path));
-    else if (name.endsWith('.ts')) out.push(path);
-  }
-  return out;
+  return (readdirSync(dir, { recursive: true }) as string[]).filter((n) => n.endsWith('.ts')).sort().map((n) => join(dir, n));
 }
 
 /** Every relative import of `file` that lands in src/, resolved to a path relative to src/. */

@@ -9,7 +9,7 @@
 import { inflateRawSync } from 'node:zlib';
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { realpath } from 'node:fs/promises';
-import { CorruptImageError, InternalError, IoError, QdedupError, UnsupportedError, hex } from '../errors.ts';
+import { CorruptImageError, InternalError, IoError, QdedupError, UnsupportedError, hex, printable } from '../errors.ts';
 import {
   INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_HOST_OFFSET, backingFormatOf, clusterSizeOf,
   decodeHeader, encodeHeader, l2EntriesOf, type Header,
@@ -979,11 +979,6 @@ export class Image implements GuestReader {
   get refcountState(): Refcounts | null {
     return this.refcounts;
   }
-}
-
-/** A name from the image, safe in a one-line message: control characters as \xNN. */
-function printable(name: string): string {
-  return name.replace(/[\x00-\x1f\x7f]/g, (c) => `\\x${c.charCodeAt(0).toString(16).padStart(2, '0')}`);
 }
 
 /** Zero-fills dst[start, end), or (with `zeros`) lists the range there instead, merged with its predecessor. */
