@@ -235,8 +235,7 @@ export class Dedup implements WritePolicy {
     const store = 2 * Math.ceil((initialJournalBlocks(g) * g.journalBlockSize) / image.clusterSize) + 8;
     const holder = await Holder.create(host, holderL1Size(Math.ceil((await image.file.size()) / image.clusterSize) + store, image.clusterBits));
     const h = image.header;
-    const last = image.snapshots[image.snapshots.length - 1];
-    const oldBytes = last ? last.tableOffset + last.byteLength - h.snapshotsOffset : 0;
+    const oldBytes = snapshotTableBytes(image);
     const oldTable = oldBytes ? await image.file.read(h.snapshotsOffset, oldBytes) : Buffer.alloc(0);
     const ids = image.snapshots.map((s) => Number(s.id)).filter(Number.isSafeInteger);
     const now = Date.now();
@@ -547,6 +546,12 @@ export class Dedup implements WritePolicy {
   }
 }
 
+/** Bytes of the image's snapshot table: from its start to the end of its last entry (0 when empty). */
+function snapshotTableBytes(image: Image): number {
+  const last = image.snapshots[image.snapshots.length - 1];
+  return last ? last.tableOffset + last.byteLength - image.header.snapshotsOffset : 0;
+}
+
 /**
  * The allocation, overlap-guard and table-move functions the store and the holder use. The
  * holder's L1 move (it grew) switches the snapshot table entry to the new L1 the way
@@ -556,10 +561,6 @@ export class Dedup implements WritePolicy {
 function hostOf(image: Image, writer: ImageWriter): HolderHost {
   let reserved: { offset: number; bytes: number } | null = null;
   const cs = image.clusterSize;
-  const tableBytes = () => {
-    const last = image.snapshots[image.snapshots.length - 1];
-    return last ? last.tableOffset + last.byteLength - image.header.snapshotsOffset : 0;
-  };
   const host: HolderHost = {
     file: writer.file,
     clusterBits: writer.clusterBits,
@@ -571,7 +572,7 @@ function hostOf(image: Image, writer: ImageWriter): HolderHost {
     markMetadata: (offset, bytes, what) => writer.markMetadata(offset, bytes, what),
     freeUnreferenced: (cluster) => writer.deferFree(cluster),
     reserveL1Move: async () => {
-      const bytes = tableBytes();
+      const bytes = snapshotTableBytes(image);
       reserved = { offset: await host.allocate(Math.ceil(bytes / cs)), bytes };
     },
     moveL1: async (l1Offset, l1Size, oldL1Offset, oldL1Bytes) => {
