@@ -9,9 +9,9 @@
 //   --only S       run only the rows whose label contains S
 //
 // "per cluster" rows make one call per 4 KiB cluster. "batch" rows hash M MiB batches held
-// in ordinary (non-shared) Buffers through src/dedup/hasher.ts, the way the write path
-// does; the worker rows include copying the workers' share to shared memory, the messages
-// and the copy of the digests back.
+// through src/dedup/hasher.ts on the main thread, or through the write pipeline's chunk
+// hasher (src/dedup/chunk-hasher.ts): a worker hashing batches in shared memory in place,
+// one message per batch (zero-cluster test included).
 
 import crypto from 'node:crypto';
 import { readFileSync } from 'node:fs';
@@ -21,7 +21,7 @@ import { sha256 as nobleSha256 } from '@noble/hashes/sha2.js';
 import { sha3_256 as nobleSha3 } from '@noble/hashes/sha3.js';
 import { blake3 as nobleBlake3 } from '@noble/hashes/blake3.js';
 import { createHasher, type SupportedHashAlgorithm } from '../src/dedup/hasher.ts';
-import { ParallelHasher } from '../src/dedup/parallel-hasher.ts';
+import { ChunkHasher } from '../src/dedup/chunk-hasher.ts';
 
 const { values } = parseArgs({
   options: {
@@ -43,6 +43,8 @@ interface Row {
   label: string;
   /** Hashes data[0, TOTAL) once. */
   run: (data: Buffer) => void | Promise<void>;
+  /** Given the data in shared memory (as the write pipeline's chunks are). */
+  shared?: boolean;
 }
 
 function perCluster(label: string, f: (cluster: Buffer) => unknown): Row {
@@ -68,11 +70,12 @@ const sync = {
   'sha3-256': createHasher('sha3-256'),
   blake3: createHasher('blake3'),
 };
-const parallel: ParallelHasher[] = [];
-function par(alg: SupportedHashAlgorithm, workers: number, mainThread: boolean): ParallelHasher {
-  const p = new ParallelHasher(alg, { workers, mainThread });
-  parallel.push(p);
-  return p;
+const workers: ChunkHasher[] = [];
+/** A chunk hasher whose worker hashes batches in place: the data is copied into shared memory once, before timing. */
+function worker(alg: SupportedHashAlgorithm): ChunkHasher {
+  const h = new ChunkHasher(alg, CLUSTER);
+  workers.push(h);
+  return h;
 }
 
 const batchLabel = `${values['batch-mib']} MiB batches`;
@@ -89,10 +92,8 @@ const rows: Row[] = [
 for (const alg of ['sha256', 'sha3-256', 'blake3'] as const) {
   const name = alg.padEnd(9);
   rows.push(batches(`${name} hashClusters, main thread, ${batchLabel}`, (b) => sync[alg].hashClusters(b, CLUSTER)));
-  const one = par(alg, 1, true);
-  rows.push(batches(`${name} ParallelHasher main + 1 worker, ${batchLabel}`, (b) => one.hashClusters(b, CLUSTER)));
-  const two = par(alg, 2, false);
-  rows.push(batches(`${name} ParallelHasher 2 workers, main idle, ${batchLabel}`, (b) => two.hashClusters(b, CLUSTER)));
+  const w = worker(alg);
+  rows.push({ ...batches(`${name} ChunkHasher worker, shared memory, ${batchLabel}`, (b) => w.digest(b, 0, b.length / CLUSTER)), shared: true });
 }
 
 // CPU time used by other processes during a run (in % of one core), from /proc/stat minus
@@ -117,16 +118,18 @@ const selected = rows.filter((r) => !values.only || r.label.includes(values.only
 const cpu = os.cpus();
 console.log(`hash benchmark: ${values.mib} MiB of random 4 KiB clusters per run, median of 3 after a warm-up`);
 console.log(`Node ${process.version}, OpenSSL ${process.versions.openssl}, ${cpu.length} × ${cpu[0]?.model ?? '?'}`);
-const data = Buffer.allocUnsafe(TOTAL);
-for (let at = 0; at < TOTAL; at += 64 * 1024 * 1024) crypto.randomFillSync(data, at, Math.min(64 * 1024 * 1024, TOTAL - at));
+const plainData = Buffer.allocUnsafe(TOTAL);
+for (let at = 0; at < TOTAL; at += 64 * 1024 * 1024) crypto.randomFillSync(plainData, at, Math.min(64 * 1024 * 1024, TOTAL - at));
+const sharedData = selected.some((r) => r.shared) ? Buffer.from(new SharedArrayBuffer(TOTAL)) : plainData;
+if (sharedData !== plainData) plainData.copy(sharedData);
 
 const width = Math.max(...selected.map((r) => r.label.length));
 console.log(`${'option'.padEnd(width)}  ${'MB/s'.padStart(7)}  ${'µs/4K'.padStart(7)}  ${'others'.padStart(6)}  runs (MB/s)`);
 console.log(`${'-'.repeat(width)}  -------  -------  ------  -----------`);
 let noisy = false;
 for (const row of selected) {
-  // Warm-up: a sixteenth of the data (at least one batch), untimed; lets workers start and
-  // ParallelHasher learn its shares.
+  const data = row.shared ? sharedData : plainData;
+  // Warm-up: a sixteenth of the data (at least one batch), untimed; lets the worker start.
   await row.run(data.subarray(0, Math.max(BATCH, Math.floor(TOTAL / 16 / BATCH) * BATCH)));
   // Median of 3 clean runs: a run during which other processes used more than 10 % of a
   // core is discarded and repeated, up to MAX_ATTEMPTS runs in all; then the 3 quietest.
@@ -151,4 +154,4 @@ for (const row of selected) {
 }
 console.log('others: CPU time other processes used during the worst kept run, in % of one core (/proc/stat).');
 if (noisy) console.log(`*: fewer than 3 quiet runs in ${MAX_ATTEMPTS}: the machine was busy, so these figures (the worker rows above all) are low.`);
-await Promise.all(parallel.map((p) => p.close()));
+await Promise.all(workers.map((w) => w.close()));

@@ -49,9 +49,3 @@ export function catchInterrupts(onFirst?: (sig: InterruptSignal) => void): Inter
     dispose,
   };
 }
-
-/** A promise that resolves when `signal` aborts (never, if it does not). */
-export function whenAborted(signal: AbortSignal): Promise<void> {
-  if (signal.aborted) return Promise.resolve();
-  return new Promise((resolve) => signal.addEventListener('abort', () => resolve(), { once: true }));
-}

@@ -20,7 +20,8 @@ import type { IndexEntry } from './slot-bits.ts';
 import { SNAPSHOT_FIXED_BYTES, encodeSnapshotEntry } from '../format/snapshot.ts';
 import { writeU64 } from '../format/bytes.ts';
 import type { ClusterWrite, Image, ImageWriter, WritePolicy } from '../image/image.ts';
-import { DEFAULT_HASH_ALGORITHM, createHasher, hashAlgorithmId, type Hasher, type SupportedHashAlgorithm } from './hasher.ts';
+import { ChunkHasher, isZero, type ChunkDigest } from './chunk-hasher.ts';
+import { DEFAULT_HASH_ALGORITHM, HASH_BYTES, createHasher, hashAlgorithmId, type Hasher, type SupportedHashAlgorithm } from './hasher.ts';
 import { HOLDER_NAME, Holder, holderL1Size, type HolderHost } from './holder.ts';
 import { DedupStore, geometryOf, initialJournalBlocks, type Allocate } from './store.ts';
 import { heldClusters, inspectDedup } from './inspect.ts';
@@ -90,6 +91,8 @@ export interface WriteCounters {
 /** Inline deduplication: the write policy (src/image/image.ts WritePolicy) of a dedup image open for writing. */
 export class Dedup implements WritePolicy {
   readonly hasher: Hasher;
+  /** Hashes the chunks of the write pipeline on a worker thread. */
+  private readonly chunkHasher: ChunkHasher;
   /** Why the old index was dropped at open, or null when it was trusted. */
   notice: string | null = null;
   readonly counters: WriteCounters = { hits: 0, misses: 0, zeroClusters: 0, compared: 0, mismatches: 0, released: 0 };
@@ -112,6 +115,7 @@ export class Dedup implements WritePolicy {
     private readonly allocate: Allocate,
   ) {
     this.hasher = createHasher(ext.hashAlgorithm);
+    this.chunkHasher = new ChunkHasher(this.hasher.algorithm, image.clusterSize);
     // A journal that grows moves: the holder lets go of its old area, freed after the commit
     // whose configuration names the new one (beforeRefcounts writes it; the frees are step 6).
     store.releaseArea = async (offset, clusters) => {
@@ -290,6 +294,11 @@ export class Dedup implements WritePolicy {
 
   // -------------------------------------------------------------------- write path
 
+  /** Hashes a chunk of whole clusters ahead of its writeClusters, on a worker thread (WritePolicy.prepare). */
+  prepare(chunk: Buffer, start: number, count: number): Promise<ChunkDigest> {
+    return this.chunkHasher.digest(chunk, start, count);
+  }
+
   /**
    * Writes whole guest clusters: zero clusters become zero entries; a cluster whose hash is
    * indexed (and held, and of equal bytes when verifying or when the entry came from disk and
@@ -302,16 +311,19 @@ export class Dedup implements WritePolicy {
    * decided in order by synchronous code. Only the store's rotation (a full log store) and
    * the rare extra copy (refcount cap, a cluster the holder cannot cover) are awaited, in
    * place, before the next decision; nothing fetched leaves memory before the next fetch.
+   * Clusters of a prepared chunk come hashed (and found zero) already: `prepared`.
    */
-  async writeClusters(batch: ClusterWrite[]): Promise<void> {
+  async writeClusters(batch: ClusterWrite[], prepared?: unknown): Promise<void> {
     const writer = this.writer;
     const cs = writer.clusterSize;
+    const digest = prepared as ChunkDigest | undefined;
     // Each content is looked up once here, at its first occurrence (its later ones are
     // either repeats of a miss, never looked up, or looked up again below when decided).
     const looked = new Set<string>();
     const items = batch.map((w) => {
-      if (isZero(w.data)) return { w, hash: null, key: '', entry: null };
-      const hash = this.hasher.hash(w.data);
+      const i = digest ? w.prepared : -1;
+      if (i >= 0 ? digest!.zero[i] : isZero(w.data)) return { w, hash: null, key: '', entry: null };
+      const hash = i >= 0 ? digest!.hashes.subarray(i * HASH_BYTES, (i + 1) * HASH_BYTES) : this.hasher.hash(w.data);
       const key = hash.toString('latin1');
       const first = !looked.has(key);
       looked.add(key);
@@ -541,6 +553,7 @@ export class Dedup implements WritePolicy {
 
   /** Clean close, after the last commit: clears the dirty flag, then syncs (I3). */
   async close(): Promise<void> {
+    await this.chunkHasher.close();
     this.ext.dirty = false;
     await Dedup.writeExtension(this.writer, this.ext);
   }
@@ -613,12 +626,4 @@ function storeAllocator(holder: Holder, host: HolderHost): Allocate {
     await holder.holdRun(first, held);
     return offset;
   };
-}
-
-let zeros = Buffer.alloc(0);
-
-/** True when every byte is zero (memcmp against a shared zero buffer). */
-function isZero(b: Buffer): boolean {
-  if (zeros.length < b.length) zeros = Buffer.alloc(b.length);
-  return zeros.subarray(0, b.length).equals(b);
 }

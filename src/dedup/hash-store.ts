@@ -13,6 +13,7 @@ import { HASH_BYTES, HASH_ENTRY_BYTES } from '../format/hash-entry.ts';
 import type { IncarnationRecord, LimboRecord } from '../format/dedup-ext.ts';
 import type { BlockFile } from '../image/block-file.ts';
 import { SlotBits, type IndexEntry } from './slot-bits.ts';
+import { SlotCache } from './slot-cache.ts';
 
 export interface Incarnation {
   record: IncarnationRecord;
@@ -28,7 +29,10 @@ export class HashStore {
   /** Youngest first. */
   incarnations: Incarnation[] = [];
   limbo: LimboRecord[] = [];
-  /** Statistics: lookups that reached the incarnations, disk reads they made, hits. */
+  /** Table slots of the incarnations recently read or written. */
+  private readonly slots = new SlotCache();
+  private readonly readSync = (offset: number, length: number) => this.file.readSync(offset, length);
+  /** Statistics: lookups that reached the incarnations, slots they read (from the cache or the disk), hits. */
   lookups = 0;
   diskReads = 0;
   hits = 0;
@@ -53,8 +57,13 @@ export class HashStore {
   }
 
   /** RAM held by the filters and their confirmed bits. */
-  get ramBytes(): number {
+  get filterRamBytes(): number {
     return this.incarnations.length * (this.layout.slots * 2 + Math.ceil(this.layout.slots / 8));
+  }
+
+  /** RAM held by the filters, their confirmed bits and the slot cache. */
+  get ramBytes(): number {
+    return this.filterRamBytes + this.slots.ramBytes;
   }
 
   get entries(): number {
@@ -62,8 +71,9 @@ export class HashStore {
   }
 
   /**
-   * Searches the incarnations youngest first; reads only slots whose tag matches, with a
-   * synchronous 48-byte read (the thread pool's round trip would cost ten times more).
+   * Searches the incarnations youngest first; reads only slots whose tag matches, from the
+   * slot cache or with a synchronous read of their piece (the thread pool's round trip
+   * would cost ten times more).
    */
   lookup(hash: Uint8Array): Found | null {
     if (this.incarnations.length === 0) return null;
@@ -84,7 +94,7 @@ export class HashStore {
         const s = i < BUCKET_SLOTS ? s1 + i : s2 + i - BUCKET_SLOTS;
         if (tags[s] !== tag) continue;
         this.diskReads++;
-        const raw = this.file.readSync(inc.record.offset + this.layout.tableOffset + s * HASH_ENTRY_BYTES, HASH_ENTRY_BYTES);
+        const raw = this.slots.slot(inc.record.offset + this.layout.tableOffset, this.layout.slots, s, this.readSync);
         if (!sameHash(raw, hash)) continue; // a tag collision: decode only the slot that matches
         const e = decodeIncarnationSlot(raw);
         if (!e.tombstone) this.hits++;
@@ -106,9 +116,11 @@ export class HashStore {
     const reused = this.limbo.findIndex((l) => l.clusters >= this.layout.clusters);
     const offset = reused >= 0 ? this.limbo.splice(reused, 1)[0].offset : await allocate(this.layout.clusters);
     await this.file.write(offset, area);
+    this.slots.fill(offset + this.layout.tableOffset, area.subarray(this.layout.tableOffset, this.layout.tableOffset + this.layout.slots * HASH_ENTRY_BYTES));
     this.incarnations.unshift({ record: { offset, entries: count, generation }, tags: decodeFilter(area, this.layout.slots), confirmed });
     while (this.maxIncarnations > 0 && this.incarnations.length > this.maxIncarnations) {
       const oldest = this.incarnations.pop()!;
+      this.slots.forget(oldest.record.offset + this.layout.tableOffset, this.layout.slots);
       this.limbo.push({ offset: oldest.record.offset, clusters: this.layout.clusters });
     }
   }

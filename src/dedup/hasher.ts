@@ -17,22 +17,9 @@
 //             test reference and as the implementation on big-endian hosts.
 //   skein     number 2 is reserved (the seed named it) and refused with UnsupportedError.
 //
-// Worker threads (ParallelHasher, src/dedup/parallel-hasher.ts) pay, when the second core is free. 8 MiB batches of 4 KiB
-// clusters in an ordinary Buffer; the main thread hashes its share while a worker hashes
-// the rest, copied into a SharedArrayBuffer (copy, messages and digest copy-back included):
-//
-//                                   main thread   main + 1 worker   2 workers, main idle
-//   sha256                           992 MB/s      1141 (1093–1539)   1090
-//   sha3-256                         328            500                493
-//   blake3                           386            655                474
-//
-// i.e. +15–50 % for sha256 and 1.5–1.7× for the slower hashes. Main + 1 worker is the
-// default: with the main thread idle the copy sits on the critical path. While another
-// process kept a core busy, main + 1 worker fell to 0.88× the main thread alone, and the
-// write path's own I/O (libuv threads, kernel page-cache copies) wants that core too: the
-// shares follow measured speeds so a slow worker gets little, but whether a ParallelHasher
-// pays in the write path must be measured there. Batches under `minParallelBytes` (1 MiB)
-// stay on the main thread; a worker takes 30–50 ms to start, which the first batch waits for.
+// The write pipeline hashes on a worker thread (ChunkHasher, ./chunk-hasher.ts) with these
+// same functions, on chunks in shared memory: the main thread meanwhile decides and writes
+// the chunk before. `npm run bench:hash` has its row.
 
 import crypto from 'node:crypto';
 import { endianness } from 'node:os';

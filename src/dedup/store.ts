@@ -330,7 +330,7 @@ export class DedupStore {
       limbo: this.hashStore.limbo.length,
       journal: { blocksUsed: this.current.journal.blocksUsed, blocksTotal: this.current.desc.blocks },
       ramBytes: this.current.store.ramBytes + (this.frozen?.store.ramBytes ?? 0) + this.hashStore.ramBytes,
-      filterRamBytes: this.hashStore.ramBytes,
+      filterRamBytes: this.hashStore.filterRamBytes,
       incarnationLookups: this.hashStore.lookups,
       incarnationReads: this.hashStore.diskReads,
       incarnationHits: this.hashStore.hits,

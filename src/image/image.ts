@@ -19,6 +19,7 @@ import {
 } from '../format/l1l2.ts';
 import { decodeSnapshotEntry, type SnapshotEntry } from '../format/snapshot.ts';
 import { NodeFile, readvFrom, type BlockFile } from './block-file.ts';
+import { WriteBehindFile } from './write-behind.ts';
 import { BLK_PERM_ALL, LOCK_READ, forceShare, type LockRequest } from './image-lock.ts';
 import { Refcounts } from './refcounts.ts';
 
@@ -104,6 +105,19 @@ export interface ClusterWrite {
   data: Buffer;
   /** The L2 entry it replaces (its reference is dropped after the replacement is mapped). */
   old: L2Entry;
+  /** Its index among the clusters of the prepared chunk it came from (PreparedChunk), or -1. */
+  prepared: number;
+}
+
+/**
+ * A chunk of a long write, prepared ahead (WritePolicy.prepare: its clusters hashed on
+ * another thread while the chunk before it is written). `count` whole guest clusters start
+ * at byte `start` of the chunk; `result` is the policy's, handed back to writeClusters.
+ */
+export interface PreparedChunk {
+  start: number;
+  count: number;
+  result: unknown;
 }
 
 /**
@@ -114,11 +128,18 @@ export interface ClusterWrite {
  */
 export interface WritePolicy {
   /**
+   * Optional: starts the work writeClusters will need for the `count` whole clusters of
+   * `chunk` from byte `start` (the write pipeline calls it for the chunk it writes next,
+   * while the current one is written). `chunk` does not change until the write of it ends.
+   */
+  prepare?(chunk: Buffer, start: number, count: number): Promise<unknown>;
+  /**
    * Writes a batch of whole guest clusters (in guest order) in place of the engine's one
    * new run. Every old reference must be dropped (ImageWriter.dropReference) after its
-   * replacement is mapped.
+   * replacement is mapped. `prepared`: the result of prepare() for the chunk the batch's
+   * clusters with `prepared` ≥ 0 come from.
    */
-  writeClusters(batch: ClusterWrite[]): Promise<void>;
+  writeClusters(batch: ClusterWrite[], prepared?: unknown): Promise<void>;
   /** Reads what release() of these host clusters needs into memory (the engine calls it before a release of its own). */
   prepareRelease(clusters: number[]): Promise<void>;
   /**
@@ -215,6 +236,8 @@ export class Image implements GuestReader {
   private readonly metadata = new Map<number, string>();
   private headerDirty = false;
   private lastCompressed: { offset: number; data: Buffer } | null = null;
+  /** Set during a write() of a prepared chunk: where its new clusters are written behind. */
+  private behind: WriteBehindFile | null = null;
   /** Data bytes written since the last background sync started. */
   private unsyncedBytes = 0;
   /** A background sync in flight (see WRITEBACK_BYTES), and the error it met, if any. */
@@ -247,7 +270,9 @@ export class Image implements GuestReader {
    */
   static async open(path: string, options: OpenOptions = {}): Promise<Image> {
     const writable = options.writable ?? false;
-    const file = options.file ?? (await NodeFile.open(path, writable, options.lock));
+    const opened = options.file ?? (await NodeFile.open(path, writable, options.lock));
+    // A writer's data runs may be written behind (./write-behind.ts: the write pipeline).
+    const file = writable ? new WriteBehindFile(opened) : opened;
     let image: Image | undefined;
     try {
       image = await Image.load(path, file, writable);
@@ -608,9 +633,25 @@ export class Image implements GuestReader {
    * compressed, shared) gets a new host cluster, filled from the old contents where the
    * write covers it only in part. Metadata is committed by flush()/close().
    */
-  async write(guestOffset: number, data: Buffer): Promise<void> {
+  async write(guestOffset: number, data: Buffer, prepared?: PreparedChunk): Promise<void> {
     this.checkRange(guestOffset, data.length);
     this.assertWritable();
+    // A prepared chunk comes from the write pipeline, which keeps it unchanged until
+    // settled(): its new clusters are written behind. Other callers get their buffer back.
+    this.behind = prepared && this.file instanceof WriteBehindFile ? this.file : null;
+    try {
+      await this.writeClusters(guestOffset, data, prepared);
+    } finally {
+      this.behind = null;
+    }
+  }
+
+  /** Resolves when the writes behind started so far have ended (the write pipeline may then reuse their buffers). */
+  async settled(): Promise<void> {
+    if (this.file instanceof WriteBehindFile) await this.file.settled();
+  }
+
+  private async writeClusters(guestOffset: number, data: Buffer, prepared?: PreparedChunk): Promise<void> {
     let batch: ClusterWrite[] = [];
     let table: Buffer | null = null;
     let tableIndex = -1; // the L1 index `table` belongs to (-1: read it again)
@@ -639,20 +680,32 @@ export class Image implements GuestReader {
           full = await this.readCluster(guestCluster, old);
           part.copy(full, inCluster);
         }
-        batch.push({ guestCluster, data: full, old });
+        const at = prepared && n === this.clusterSize ? (done - prepared.start) / this.clusterSize : -1;
+        batch.push({ guestCluster, data: full, old, prepared: at >= 0 && at < prepared!.count && Number.isInteger(at) ? at : -1 });
         if (batch.length * this.clusterSize >= MAX_BATCH_BYTES) {
-          await this.writeBatch(batch);
+          await this.writeBatch(batch, prepared?.result);
           batch = [];
           tableIndex = -1; // the batch may have replaced the table (copy on write)
         }
       }
     }
-    if (batch.length) await this.writeBatch(batch);
+    if (batch.length) await this.writeBatch(batch, prepared?.result);
     await this.commitIfLarge();
   }
 
-  private async writeBatch(batch: ClusterWrite[]): Promise<void> {
-    if (this.policy) await this.policy.writeClusters(batch);
+  /**
+   * Starts the policy's work on `chunk`, which write() will be given next at guest offset
+   * `guestOffset` (the write pipeline, ./write-pipeline.ts); null when there is none to do.
+   */
+  prepare(chunk: Buffer, guestOffset: number): Promise<PreparedChunk> {
+    const start = (this.clusterSize - (guestOffset % this.clusterSize)) % this.clusterSize;
+    const count = Math.max(0, Math.floor((chunk.length - start) / this.clusterSize));
+    if (!this.policy?.prepare) return Promise.resolve({ start, count, result: undefined });
+    return this.policy.prepare(chunk, start, count).then((result) => ({ start, count, result }));
+  }
+
+  private async writeBatch(batch: ClusterWrite[], prepared?: unknown): Promise<void> {
+    if (this.policy) await this.policy.writeClusters(batch, prepared);
     else await this.writeNewClusters(batch);
   }
 
@@ -696,7 +749,8 @@ export class Image implements GuestReader {
   async writeRun(clusters: Buffer[]): Promise<number> {
     const start = await this.assertWritable().allocate(clusters.length);
     this.guardDataWrite(start, clusters.length * this.clusterSize);
-    await this.file.writev(start, clusters);
+    if (this.behind) this.behind.writeBehind(start, clusters);
+    else await this.file.writev(start, clusters);
     this.startWriteback(clusters.length * this.clusterSize);
     return start;
   }

@@ -7,8 +7,8 @@
 // after that open writes and closes cleanly, hold only index entries whose cluster's bytes
 // hash to them. The workloads: heavy repetition; rewrites that free shared clusters; a
 // tiny store that freezes log stores into incarnations and evicts them — each also with
-// dedup_verify=on; and writes to an image whose dedup extension does not decode (the first
-// write replaces it). QDEDUP_SOAK_SCALE=N runs N seeds per workload.
+// dedup_verify=on; the write pipeline (chunks hashed ahead, data runs in flight); and
+// writes to an image whose dedup extension does not decode (the first write replaces it). QDEDUP_SOAK_SCALE=N runs N seeds per workload.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -78,8 +78,17 @@ function workloads(seed: number): Workload[] {
     for (let c = 0; c < 10; c++) data.fill((s * 10 + c) % 250 + 1, c * CS, (c + 1) * CS);
     tiny.push([{ kind: 'write', offset: (s % 3) * 10 * CS, data }]);
   }
+  // 6. The write pipeline: chunks hashed ahead, data runs still being written while the next
+  // chunk is decided (power lost with batches in flight); chunks that end inside a cluster,
+  // so the next chunk's first cluster is read back while its first part may be in flight.
+  const piped: Op[][] = [
+    [{ kind: 'stream', offset: 0, data: blocks(rnd, 40, 4), chunk: 8 * CS }],
+    [{ kind: 'stream', offset: 50 * CS + 1000, data: blocks(rnd, 30, 4), chunk: 6 * CS + 512 }],
+    [{ kind: 'stream', offset: 4 * CS, data: blocks(rnd, 24, 8), chunk: 5 * CS }],
+  ];
   const out: Workload[] = [];
   for (const verify of [false, true]) {
+    out.push({ name: `pipelined${verify ? '+verify' : ''}`, size: 1 << 20, clusterBits: 12, settings: { ...base, verify }, steps: piped });
     out.push({ name: `heavy${verify ? '+verify' : ''}`, size: 1 << 20, clusterBits: 12, settings: { ...base, verify }, steps: heavy });
     out.push({ name: `rewrites${verify ? '+verify' : ''}`, size: 1 << 20, clusterBits: 12, settings: { ...base, verify }, steps: rewrites });
     out.push({ name: `tiny-store${verify ? '+verify' : ''}`, size: 1 << 20, clusterBits: 12, settings: { ...base, verify, order: 1, maxIncarnations: 2 }, steps: tiny });

@@ -5,6 +5,7 @@ import { HashStore } from '../../src/dedup/hash-store.ts';
 import { LogStore } from '../../src/dedup/log-store.ts';
 import { MemFile } from '../../src/image/mem-file.ts';
 import { SLOT_TOMBSTONE } from '../../src/format/incarnation.ts';
+import { PIECE_SLOTS, SlotCache } from '../../src/dedup/slot-cache.ts';
 
 const h = (i: number) => createHash('sha256').update(String(i)).digest();
 const ORDER = 4; // 64 slots
@@ -37,7 +38,8 @@ test('hits are found youngest first with about one disk read each; misses read n
   const readsBefore = hs.diskReads;
   for (let i = 1000; i < 1300; i++) assert.equal(await hs.lookup(h(i)), null);
   assert.ok(hs.diskReads - readsBefore <= 3, `misses read ${hs.diskReads - readsBefore} slots`);
-  assert.equal(hs.ramBytes, 6 * (64 * 2 + 64 / 8), 'a 2-byte tag and a confirmed bit per slot');
+  assert.equal(hs.filterRamBytes, 6 * (64 * 2 + 64 / 8), 'a 2-byte tag and a confirmed bit per slot');
+  assert.equal(hs.ramBytes, hs.filterRamBytes + 6 * 64 * 48, 'and the six tables, cached when they were written');
   // Reloading from records gives the same answers.
   const again = new HashStore(file, ORDER, CLUSTER, 0);
   await again.load(hs.incarnations.map((i) => i.record), hs.limbo);
@@ -72,4 +74,39 @@ test('FIFO: beyond the maximum the oldest is forgotten and its area reused from 
   assert.equal(hs.incarnations[0].record.offset, firstArea);
   assert.equal(hs.limbo.length, 1);
   assert.equal(hs.areas().length, 3);
+  // The reused area's cached slots are the new incarnation's, not the forgotten one's.
+  for (let i = 60; i < 80; i++) assert.equal((await hs.lookup(h(i)))?.entry.hostOffset, 0x100000 + i * CLUSTER, `key ${i}`);
+  for (let i = 20; i < 40; i++) assert.equal(await hs.lookup(h(i)), null, `key ${i} was forgotten`);
+});
+
+test('slot cache: bounded, filled by freezes and by reads, never stale after an area is reused', async () => {
+  const file = new MemFile();
+  const PIECE = PIECE_SLOTS * 48;
+  const cache = new SlotCache(5 * PIECE);
+  let reads = 0;
+  const read = (offset: number, length: number) => { reads++; return file.readSync(offset, length); };
+  const SLOTS = 100; // two pieces: 85 + 15 slots
+  const table = (fill: number) => Buffer.alloc(SLOTS * 48, fill);
+  const at = (i: number) => 0x10000 * (i + 1);
+  cache.fill(at(0), table(1));
+  assert.equal(cache.ramBytes, SLOTS * 48);
+  assert.equal(cache.slot(at(0), SLOTS, 99, read)[0], 1);
+  assert.equal(reads, 0, 'a table just written is cached');
+  // More tables push the least recently used pieces out: the bound holds.
+  for (let i = 1; i < 5; i++) cache.fill(at(i), table(2));
+  assert.ok(cache.ramBytes <= 5 * PIECE, `${cache.ramBytes} bytes cached`);
+  await file.write(at(0), table(7));
+  assert.equal(cache.slot(at(0), SLOTS, 0, read)[0], 7, 'read from the file once evicted');
+  assert.equal(reads, 1);
+  assert.equal(cache.slot(at(0), SLOTS, 84, read)[0], 7, 'the same piece: no second read');
+  assert.equal(cache.slot(at(0), SLOTS, 85, read).length, 48, 'the short last piece');
+  assert.equal(reads, 2);
+  // The area reused by another table: filling replaces what was cached there.
+  cache.fill(at(0), table(3));
+  for (const slot of [0, 50, 99]) assert.equal(cache.slot(at(0), SLOTS, slot, read)[0], 3);
+  for (let i = 0; i < 5; i++) cache.forget(at(i), SLOTS);
+  assert.equal(cache.ramBytes, 0);
+  // A table larger than a quarter of the cache is not filled at freeze: read on demand.
+  cache.fill(at(9), Buffer.alloc(2 * PIECE, 4));
+  assert.equal(cache.ramBytes, 0);
 });

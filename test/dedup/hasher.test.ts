@@ -5,7 +5,7 @@ import { sha256 as nobleSha256 } from '@noble/hashes/sha2.js';
 import { sha3_256 as nobleSha3 } from '@noble/hashes/sha3.js';
 import { blake3 as nobleBlake3 } from '@noble/hashes/blake3.js';
 import { HASH_ALGORITHMS, HASH_BYTES, SUPPORTED_HASH_ALGORITHMS, createHasher, hashAlgorithmId, hashAlgorithmName, parseHashAlgorithm } from '../../src/dedup/hasher.ts';
-import { ParallelHasher } from '../../src/dedup/parallel-hasher.ts';
+import { ChunkHasher } from '../../src/dedup/chunk-hasher.ts';
 import { InternalError, UnsupportedError, UsageError } from '../../src/errors.ts';
 
 const hex = (b: Uint8Array) => Buffer.from(b).toString('hex');
@@ -82,7 +82,6 @@ test('skein keeps number 2 but is refused with a clear UnsupportedError', () => 
   assert.throws(() => parseHashAlgorithm('skein'), isSkeinRefusal);
   assert.throws(() => createHasher('skein'), isSkeinRefusal);
   assert.throws(() => createHasher(2), isSkeinRefusal);
-  assert.throws(() => new ParallelHasher(2), isSkeinRefusal);
 });
 
 test('unknown names are usage errors that list the choices', () => {
@@ -170,42 +169,48 @@ test('hashClusters is hash() of each cluster, for every algorithm and cluster si
   }
 });
 
-test('ParallelHasher gives the same digests as the main thread, and the caller may reuse its buffer at once', async () => {
-  const data = crypto.randomBytes(2 * 1024 * 1024 + 3 * 4096);
+/** `data` copied into shared memory at byte `at` of a larger buffer, as the write pipeline's chunks are. */
+function sharedCopy(data: Buffer, at = 0): Buffer {
+  const b = Buffer.from(new SharedArrayBuffer(at + data.length + 100));
+  data.copy(b, at);
+  return b.subarray(at, at + data.length);
+}
+
+test('ChunkHasher: the worker gives the main thread\'s digests and finds zero clusters, in shared memory or not', async () => {
+  const data = crypto.randomBytes(64 * 4096 + 100);
+  data.fill(0, 100 + 5 * 4096, 100 + 7 * 4096); // clusters 5 and 6 (from byte 100) are zero
   for (const alg of SUPPORTED_HASH_ALGORITHMS) {
-    const want = createHasher(alg).hashClusters(data, 4096);
-    for (const options of [{}, { workers: 2, mainThread: false }, { workers: 2 }]) {
-      const p = new ParallelHasher(alg, options);
-      try {
-        assert.ok(p.workerCount >= 1, 'no worker started');
-        for (let round = 0; round < 3; round++) {
-          const copy = Buffer.from(data);
-          const pending = p.hashClusters(copy, 4096);
-          copy.fill(0xee); // already read: must not change the result
-          assert.deepEqual(await pending, want, `${alg} ${JSON.stringify(options)} round ${round}`);
+    const want = createHasher(alg);
+    const h = new ChunkHasher(alg, 4096);
+    try {
+      for (const chunk of [sharedCopy(data, 3), Buffer.from(data)]) {
+        const d = await h.digest(chunk, 100, 64);
+        assert.equal(d.count, 64);
+        for (let i = 0; i < 64; i++) {
+          const cluster = chunk.subarray(100 + i * 4096, 100 + (i + 1) * 4096);
+          if (i === 5 || i === 6) assert.equal(d.zero[i], 1, `${alg}: cluster ${i} is zero`);
+          else {
+            assert.equal(d.zero[i], 0);
+            assert.deepEqual(d.hashes.subarray(i * 32, i * 32 + 32), want.hash(cluster), `${alg} cluster ${i}`);
+          }
         }
-        assert.deepEqual(await p.hashClusters(unaligned(data), 4096), want);
-        // Small batches and a second concurrent batch take the main-thread path.
-        const small = data.subarray(0, 8 * 4096);
-        assert.deepEqual(await p.hashClusters(small, 4096), want.subarray(0, 8 * 32));
-        const [x, y] = await Promise.all([p.hashClusters(data, 4096), p.hashClusters(data, 4096)]);
-        assert.deepEqual(x, want);
-        assert.deepEqual(y, want);
-        assert.deepEqual(p.hash(small.subarray(0, 4096)), want.subarray(0, 32));
-      } finally {
-        await p.close();
       }
+      // Two chunks out at once come back in order, each right.
+      const [x, y] = await Promise.all([h.digest(sharedCopy(data), 100, 8), h.digest(sharedCopy(data), 100 + 4096, 8)]);
+      assert.deepEqual(x.hashes.subarray(32, 64), y.hashes.subarray(0, 32));
+      await assert.rejects(h.digest(sharedCopy(data), 100, 65), InternalError, 'clusters past the chunk');
+    } finally {
+      await h.close();
     }
   }
 });
 
-test('ParallelHasher survives losing its workers mid-batch and after close', async () => {
-  const data = crypto.randomBytes(4 * 1024 * 1024);
+test('ChunkHasher: a worker lost mid-chunk, or closed, leaves the main thread to hash', async () => {
+  const data = sharedCopy(crypto.randomBytes(1024 * 4096));
   const want = createHasher('sha256').hashClusters(data, 4096);
-  const p = new ParallelHasher('sha256', { workers: 2, mainThread: false });
-  const pending = p.hashClusters(data, 4096);
-  await p.close();
-  assert.deepEqual(await pending, want);
-  assert.equal(p.workerCount, 0);
-  assert.deepEqual(await p.hashClusters(data, 4096), want);
+  const h = new ChunkHasher('sha256', 4096);
+  const pending = h.digest(data, 0, 1024);
+  await h.close();
+  assert.deepEqual((await pending).hashes, want);
+  assert.deepEqual((await h.digest(data, 0, 1024)).hashes, want);
 });

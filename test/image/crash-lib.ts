@@ -4,12 +4,17 @@
 import { Image } from '../../src/image/image.ts';
 import { CrashError, type FaultyFile } from '../../src/image/faulty-file.ts';
 import { openForWrite } from '../../src/dedup/open.ts';
+import { ChunkReader, bufferSource, writeChunks } from '../../src/image/write-pipeline.ts';
 
-export type Op = { kind: 'write'; offset: number; data: Buffer } | { kind: 'zero'; offset: number; length: number };
+export type Op =
+  | { kind: 'write'; offset: number; data: Buffer }
+  | { kind: 'zero'; offset: number; length: number }
+  /** `data` through the write pipeline in chunks of `chunk` bytes: chunks hashed ahead, data runs written behind. */
+  | { kind: 'stream'; offset: number; data: Buffer; chunk: number };
 
 /** Applies an operation to a raw shadow of the guest disk. */
 export function applyOp(shadow: Buffer, op: Op): void {
-  if (op.kind === 'write') op.data.copy(shadow, op.offset);
+  if (op.kind !== 'zero') op.data.copy(shadow, op.offset);
   else shadow.fill(0, op.offset, op.offset + op.length);
 }
 
@@ -24,6 +29,14 @@ export function shadowsOf(size: number, steps: Op[][]): Buffer[] {
   return shadows;
 }
 
+/** Writes `data` at `offset` through the write pipeline, in chunks of `chunk` bytes. */
+export async function stream(image: Image, offset: number, data: Buffer, chunk: number): Promise<void> {
+  const reader = new ChunkReader(bufferSource(data), data.length, chunk);
+  const first = await reader.next();
+  const r = await writeChunks(image, offset, reader, first, { room: image.size - offset });
+  if (r.written !== data.length) throw new Error(`stream wrote ${r.written} of ${data.length} bytes`);
+}
+
 /** Runs the workload on `file` until it finishes or crashes; returns the steps acknowledged. */
 export async function runSteps(path: string, file: FaultyFile, steps: Op[][]): Promise<number> {
   let done = 0;
@@ -32,6 +45,7 @@ export async function runSteps(path: string, file: FaultyFile, steps: Op[][]): P
       const image = await openForWrite(path, { file });
       for (const op of step) {
         if (op.kind === 'write') await image.write(op.offset, op.data);
+        else if (op.kind === 'stream') await stream(image, op.offset, op.data, op.chunk);
         else await image.writeZeroes(op.offset, op.length);
       }
       await image.close(); // flush + sync: the step is acknowledged when this returns

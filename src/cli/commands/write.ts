@@ -1,7 +1,7 @@
 // `qdedup write`: writes a pattern, an input's bytes or zeroes at a guest offset, like
 // qemu-io's `write`, and makes them durable before it exits 0. The input (a file or any
-// stream, ../input.ts) is opened and checked before the image is opened for writing and read
-// in double-buffered chunks. SIGINT/SIGTERM/SIGHUP (../interrupt.ts) end the loop after the
+// stream, ../input.ts) is opened and checked before the image is opened for writing, then
+// written through the engine's write pipeline (src/image/write-pipeline.ts). SIGINT/SIGTERM/SIGHUP (../interrupt.ts) end the loop after the
 // chunk in flight; the image is then committed and closed and an InterruptedError reports
 // how much was written. Choices where qemu-io has no equivalent are in README "write".
 
@@ -14,11 +14,10 @@ import { parsePattern, parseSize } from '../parse.ts';
 import type { Output } from '../output.ts';
 import { startProgress } from '../progress.ts';
 import { openInput, type Input } from '../input.ts';
-import { catchInterrupts, whenAborted } from '../interrupt.ts';
+import { catchInterrupts } from '../interrupt.ts';
+import { CHUNK_BYTES, ChunkReader, writeChunks } from '../../image/write-pipeline.ts';
 import { openForWrite, dedupOf } from '../../dedup/open.ts';
 
-/** Bytes of input read and written per step of a long write. */
-const CHUNK_BYTES = 8 * 1024 * 1024;
 
 export interface WriteArgs {
   file: string;
@@ -69,7 +68,9 @@ async function writeFrom(a: WriteArgs, input: Input | undefined, io: Output): Pr
 
   // A stream's first chunk is read before the image is opened for writing: an empty stream
   // (a producer that failed) leaves the image untouched.
-  const reader = input ? new ChunkReader(input, a.offset, total, virtualSize) : undefined;
+  // At most `total` bytes when it is known, else one byte more than the room left on the disk:
+  // that is how a stream too long for the disk is recognised without reading it all.
+  const reader = input ? new ChunkReader(input, total ?? virtualSize - a.offset + 1) : undefined;
   let first: Buffer | undefined;
   if (reader && total !== 0) {
     first = await reader.next();
@@ -100,24 +101,11 @@ async function writeFrom(a: WriteArgs, input: Input | undefined, io: Output): Pr
       } else if (reader && first) {
         const progress = a.progress && !a.quiet && total !== undefined ? startProgress(io, total) : null;
         try {
-          // Two buffers: the next chunk is read from the input while the current one is written.
-          const aborted = whenAborted(interrupts.signal).then(() => undefined);
-          let chunk: Buffer | undefined = first;
-          while (chunk && chunk.length) {
-            const next = reader.next();
-            next.catch(() => {}); // a failed read surfaces at its await below, not as an unhandled rejection
-            const fits = Math.min(chunk.length, virtualSize - a.offset - done);
-            if (fits > 0) await image.write(a.offset + done, fits < chunk.length ? chunk.subarray(0, fits) : chunk);
-            done += fits;
-            progress?.update(done);
-            if (fits < chunk.length) {
-              // Like dd onto a device: what fits is written (and committed below), the rest refused.
-              overflow = tooLong(a, input!, virtualSize, done);
-              break;
-            }
-            if (interrupts.signal.aborted) break;
-            chunk = await Promise.race([next, aborted]); // a signal does not wait for a silent producer
-          }
+          const room = virtualSize - a.offset;
+          const r = await writeChunks(image, a.offset, reader, first, { room, signal: interrupts.signal, progress: (n) => { done = n; progress?.update(n); } });
+          done = r.written;
+          // Like dd onto a device: what fits is written (and committed below), the rest refused.
+          if (r.overflow) overflow = tooLong(a, input!, virtualSize, done);
         } finally {
           progress?.stop();
         }
@@ -160,35 +148,6 @@ function tooLong(a: WriteArgs, input: Input, virtualSize: number, written: numbe
 /** An input that gave no bytes when no LENGTH was asked for: most likely a producer that failed. */
 function emptyInput(input: Input): IoError {
   return new IoError(`${input.label} is empty: nothing to write (give LENGTH 0 to write nothing)`, {}, 'EEMPTYINPUT'); // main.ts names the image
-}
-
-/**
- * Successive chunks of the input (CHUNK_BYTES, two buffers used in turn: a chunk stays
- * valid while the next one is read). Reads at most `total` bytes when it is known, else at
- * most one byte more than the room left on the disk, which is how a stream too long for
- * the disk is recognised without reading it all.
- */
-class ChunkReader {
-  private readonly buffers: Buffer[];
-  private index = 0;
-  private pos = 0;
-  private readonly limit: number;
-
-  constructor(private readonly input: Input, guestOffset: number, total: number | undefined, virtualSize: number) {
-    this.limit = total ?? virtualSize - guestOffset + 1;
-    const size = Math.max(1, Math.min(this.limit, CHUNK_BYTES));
-    this.buffers = [Buffer.allocUnsafe(size), Buffer.allocUnsafe(size)];
-  }
-
-  /** The next chunk; empty at the end of the input or of the limit. */
-  async next(): Promise<Buffer> {
-    const buf = this.buffers[this.index++ % 2];
-    const want = Math.min(buf.length, this.limit - this.pos);
-    if (want <= 0) return buf.subarray(0, 0);
-    const got = await this.input.fill(buf, want);
-    this.pos += got;
-    return buf.subarray(0, got);
-  }
 }
 
 
