@@ -319,15 +319,16 @@ export class Dedup implements WritePolicy {
     const digest = prepared as ChunkDigest | undefined;
     // Each content is looked up once here, at its first occurrence (its later ones are
     // either repeats of a miss, never looked up, or looked up again below when decided).
-    const looked = new Set<string>();
+    // Contents are keyed by their first 48 bits, confirmed by comparing whole hashes.
+    const looked = new Map<number, Buffer>();
     const items = batch.map((w) => {
       const i = digest ? w.prepared : -1;
-      if (i >= 0 ? digest!.zero[i] : isZero(w.data)) return { w, hash: null, key: '', entry: null };
+      if (i >= 0 ? digest!.zero[i] : isZero(w.data)) return { w, hash: null, key: 0, entry: null };
       const hash = i >= 0 ? digest!.hashes.subarray(i * HASH_BYTES, (i + 1) * HASH_BYTES) : this.hasher.hash(w.data);
-      const key = hash.toString('latin1');
-      const first = !looked.has(key);
-      looked.add(key);
-      return { w, hash, key, entry: first ? this.store.lookup(hash) : undefined };
+      const key = hash.readUIntBE(0, 6);
+      const seen = looked.get(key);
+      if (!seen) looked.set(key, hash);
+      return { w, hash, key, entry: seen?.equals(hash) ? undefined : this.store.lookup(hash) };
     });
     // Fetch. Tables of clusters that will not change are not made writable (zeroing what
     // already reads as zeros allocates nothing).
@@ -342,7 +343,7 @@ export class Dedup implements WritePolicy {
 
     // Decide, in order: zero, link, or a miss (written below, with the repeats of its content).
     const misses: { w: ClusterWrite; hash: Buffer; dups: ClusterWrite[] }[] = [];
-    const missByHash = new Map<string, (typeof misses)[number]>();
+    const missByHash = new Map<number, (typeof misses)[number]>();
     for (const { w, hash, key, entry: found } of items) {
       if (!hash) {
         this.counters.zeroClusters++;
@@ -351,7 +352,7 @@ export class Dedup implements WritePolicy {
         continue;
       }
       const pendingMiss = missByHash.get(key);
-      if (pendingMiss) {
+      if (pendingMiss?.hash.equals(hash)) {
         pendingMiss.dups.push(w);
         continue;
       }
@@ -366,7 +367,7 @@ export class Dedup implements WritePolicy {
       }
       const m = { w, hash, dups: [] as ClusterWrite[] };
       misses.push(m);
-      missByHash.set(key, m);
+      if (!pendingMiss) missByHash.set(key, m);
     }
     if (!misses.length) return;
 

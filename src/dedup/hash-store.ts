@@ -6,7 +6,7 @@
 // makes the next copy of that content start a new cluster. It never corrupts data.
 
 import {
-  BUCKET_SLOTS, candidateBuckets, decodeFilter, decodeIncarnationSlot, encodeIncarnation, incarnationLayout, tagOf,
+  BUCKET_SLOTS, decodeFilter, bucketMask, firstBucket, secondBucket, decodeIncarnationSlot, encodeIncarnation, incarnationLayout, tagOf,
   type IncarnationLayout, type SlotArrays,
 } from '../format/incarnation.ts';
 import { HASH_BYTES, HASH_ENTRY_BYTES } from '../format/hash-entry.ts';
@@ -26,6 +26,8 @@ export type Found = { entry: IndexEntry; tombstone: boolean };
 
 export class HashStore {
   readonly layout: IncarnationLayout;
+  /** bucketMask(order). */
+  private readonly mask: number;
   /** Youngest first. */
   incarnations: Incarnation[] = [];
   limbo: LimboRecord[] = [];
@@ -44,6 +46,7 @@ export class HashStore {
     readonly maxIncarnations: number,
   ) {
     this.layout = incarnationLayout(order, clusterSize);
+    this.mask = bucketMask(order);
   }
 
   /** Loads the filters of the recorded incarnations (one read each). */
@@ -79,7 +82,8 @@ export class HashStore {
     if (this.incarnations.length === 0) return null;
     this.lookups++;
     const tag = tagOf(hash);
-    const [b1, b2] = candidateBuckets(hash, this.order);
+    const b1 = firstBucket(hash, this.mask);
+    const b2 = secondBucket(hash, this.mask, b1);
     const s1 = b1 * BUCKET_SLOTS;
     const s2 = b2 * BUCKET_SLOTS;
     const two = b1 !== b2;

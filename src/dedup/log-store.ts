@@ -8,7 +8,7 @@
 // and no per-entry object. Bucket choice, tags
 // and slot states are part of the on-disk layout and live in src/format/incarnation.ts.
 
-import { BUCKET_SLOTS, SLOT_EMPTY, SLOT_USED, candidateBuckets, type SlotArrays } from '../format/incarnation.ts';
+import { BUCKET_SLOTS, SLOT_EMPTY, SLOT_USED, candidateBuckets, bucketMask, firstBucket, secondBucket, type SlotArrays } from '../format/incarnation.ts';
 import { SlotBits } from './slot-bits.ts';
 
 /** Cuckoo displacements tried before an insert reports the table full (the seed's QCOW_LOG_STORE_MAX_KICKS). */
@@ -17,6 +17,8 @@ export const MAX_KICKS = 128;
 export class LogStore implements SlotArrays {
   readonly order: number;
   readonly buckets: number;
+  /** bucketMask(order). */
+  private readonly mask: number;
   readonly slots: number;
   readonly hashes: Uint8Array;
   readonly hostOffsets: Float64Array;
@@ -33,6 +35,7 @@ export class LogStore implements SlotArrays {
     if (!Number.isInteger(order) || order < 0 || order > 24) throw new RangeError(`log store order ${order} out of range 0–24`);
     this.order = order;
     this.buckets = 2 ** order;
+    this.mask = bucketMask(order);
     this.slots = this.buckets * BUCKET_SLOTS;
     this.hashes = new Uint8Array(this.slots * 32);
     this.hostOffsets = new Float64Array(this.slots);
@@ -47,16 +50,19 @@ export class LogStore implements SlotArrays {
   }
 
   private matches(slot: number, hash: Uint8Array): boolean {
+    const hashes = this.hashes;
     const base = slot * 32;
-    for (let i = 0; i < 32; i++) if (this.hashes[base + i] !== hash[i]) return false;
+    for (let i = 0; i < 32; i++) if (hashes[base + i] !== hash[i]) return false;
     return true;
   }
 
   /** Slot holding `hash` (used or tombstone), or -1. */
   find(hash: Uint8Array): number {
-    const [b1, b2] = candidateBuckets(hash, this.order);
+    const b1 = firstBucket(hash, this.mask);
     const s = this.findInBucket(b1, hash);
-    return s >= 0 || b1 === b2 ? s : this.findInBucket(b2, hash);
+    if (s >= 0) return s;
+    const b2 = secondBucket(hash, this.mask, b1);
+    return b1 === b2 ? s : this.findInBucket(b2, hash);
   }
 
   private findInBucket(b: number, hash: Uint8Array): number {
@@ -77,14 +83,13 @@ export class LogStore implements SlotArrays {
       this.setSlot(existing, hash, hostOffset, guestOffset, state, confirmed);
       return true;
     }
-    const [b1, b2] = candidateBuckets(hash, this.order);
-    for (const b of [b1, b2]) {
-      const free = this.freeSlot(b);
-      if (free >= 0) {
-        this.setSlot(free, hash, hostOffset, guestOffset, state, confirmed);
-        this.count++;
-        return true;
-      }
+    const b1 = firstBucket(hash, this.mask);
+    const b2 = secondBucket(hash, this.mask, b1);
+    const free = this.freeSlot(b1) >= 0 ? this.freeSlot(b1) : this.freeSlot(b2);
+    if (free >= 0) {
+      this.setSlot(free, hash, hostOffset, guestOffset, state, confirmed);
+      this.count++;
+      return true;
     }
     // Random walk: evict a slot of the current bucket into its other bucket, undoing the
     // whole path if it does not end in a free slot.

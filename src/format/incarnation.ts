@@ -18,11 +18,25 @@ export const BUCKET_SLOTS = 4;
 
 /** Bucket indexes of a hash: bytes 0–3 and 4–7, masked to the order (distinct when there are 2+ buckets). */
 export function candidateBuckets(hash: Uint8Array, order: number): [number, number] {
-  const mask = 2 ** order - 1;
-  const b1 = ((hash[0] << 24) | (hash[1] << 16) | (hash[2] << 8) | hash[3]) & mask;
-  let b2 = ((hash[4] << 24) | (hash[5] << 16) | (hash[6] << 8) | hash[7]) & mask;
-  if (b2 === b1 && order > 0) b2 = b1 ^ 1;
-  return [b1 >>> 0, b2 >>> 0];
+  const mask = bucketMask(order);
+  const b1 = firstBucket(hash, mask);
+  return [b1, secondBucket(hash, mask, b1)];
+}
+
+/** The mask of bucket indexes of a table of 2^order buckets (firstBucket, secondBucket). */
+export function bucketMask(order: number): number {
+  return 2 ** order - 1;
+}
+
+/** candidateBuckets()[0], without an array (the lookup path runs it several times per cluster). */
+export function firstBucket(hash: Uint8Array, mask: number): number {
+  return (((hash[0] << 24) | (hash[1] << 16) | (hash[2] << 8) | hash[3]) & mask) >>> 0;
+}
+
+/** candidateBuckets()[1], given the first bucket `b1`. */
+export function secondBucket(hash: Uint8Array, mask: number, b1: number): number {
+  const b2 = (((hash[4] << 24) | (hash[5] << 16) | (hash[6] << 8) | hash[7]) & mask) >>> 0;
+  return b2 === b1 && mask > 0 ? b1 ^ 1 : b2;
 }
 
 /** The 16-bit filter tag of a hash: bytes 8–9, never 0 (0 marks an empty slot). */
