@@ -1,6 +1,6 @@
 // Benchmark: qdedup against qemu-img and qemu-io on the same data, in the same run, each
 // row beside its qemu counterpart with the ratio. Usage:
-//   npm run bench [-- --size 1G --runs 3 --dir /tmp --only NAME[,NAME…]]
+//   npm run bench [-- --size 1G --dedup-sizes 256M,1G --runs 3 --dir /tmp --only NAME[,NAME…]]
 // Rows (names for --only): plain-import, dedup-import, read-back, info, check.
 // Runs alternate (ours, theirs, ours, …) and each figure is the median: the machine may be
 // shared and noisy. Ratios are qemu's time / ours: above 1.0 qdedup is faster.
@@ -12,7 +12,7 @@
 // and prints the median wall time and MB/s (10^6 bytes/s) of each (plain images:
 // -o dedup=off), plus the wall time of `qdedup info` (start-up cost).
 //
-// Then the dedup import: a file of the same size in which half of the 4 KiB blocks repeat
+// Then the dedup import, at each of --dedup-sizes: a file in which half of the 4 KiB blocks repeat
 // earlier ones, written with `qdedup write -i` into a fresh dedup image (sha256, 4 KiB
 // clusters), beside `qemu-img convert -o cluster_size=4096` + sync of the same file: MB/s
 // of both and their ratio, both file sizes, peak RSS, index RAM per indexed cluster, and
@@ -36,6 +36,7 @@ import { defaultStoreOrder } from '../src/dedup/dedup.ts';
 import { statSync } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { openForWrite, dedupOf } from '../src/dedup/open.ts';
+import { ChunkReader, writeChunks } from '../src/image/write-pipeline.ts';
 
 const args = process.argv.slice(2);
 function option(name: string, fallback: string): string {
@@ -48,6 +49,7 @@ const only = option('only', '') ? option('only', '').split(',') : ROWS;
 for (const name of only) if (!ROWS.includes(name)) throw new Error(`--only: unknown row '${name}' (rows: ${ROWS.join(', ')})`);
 const want = (row: string) => only.includes(row);
 const runs = Number(option('runs', '3'));
+const dedupSizes = option('dedup-sizes', '256M,1G').split(',').map((x) => parseSize(x));
 const dir = mkdtempSync(join(option('dir', tmpdir()), 'qdedup-bench-'));
 const BIN = new URL('../bin/qdedup', import.meta.url).pathname;
 
@@ -60,6 +62,14 @@ function sh(cmd: string, argv: string[]): void {
 function shAllow(cmd: string, argv: string[], ok: number[], stdout: 'ignore' | number = 'ignore'): void {
   const r = spawnSync(cmd, argv, { stdio: ['ignore', stdout, 'pipe'] });
   if (!ok.includes(r.status ?? -1)) throw new Error(`${cmd} ${argv.join(' ')} failed (${r.status}): ${r.stderr}`);
+}
+
+/** Every ratio of the run, printed together at the end beside its aim (README "Performance"). */
+const summary: { row: string; ratio: number; aim: number }[] = [];
+function record(row: string, oursSeconds: number, theirsSeconds: number, aim: number): number {
+  const ratio = theirsSeconds / oursSeconds;
+  summary.push({ row, ratio, aim });
+  return ratio;
 }
 
 function timed(fn: () => void): number {
@@ -125,6 +135,10 @@ for (const cluster of want('plain-import') ? ['64k', '4k'] : []) {
     const t = median(times);
     console.log(`${cluster.padEnd(10)}${name.padEnd(34)}${t.toFixed(2).padStart(7)}${mb(t).padStart(9)}`);
   }
+  if (rows[1][1].length) {
+    const ratio = record(`plain import ${fmtSize(size)}, ${cluster} clusters`, median(rows[0][1]), median(rows[1][1]), 1.0);
+    console.log(`${cluster.padEnd(10)}ratio qemu-img convert / qdedup: ${ratio.toFixed(2)}`);
+  }
   if (cluster === '4k') {
     rmSync(out, { force: true });
     sh(BIN, ['create', '-q', '-o', `cluster_size=${cluster},dedup=off`, out, String(size)]);
@@ -132,71 +146,78 @@ for (const cluster of want('plain-import') ? ['64k', '4k'] : []) {
   }
 }
 // ------------------------------------------------------------------ dedup import
-/** The file of 50 % duplicate blocks (made once). */
-let dupInput: { path: string; blocks: number; unique: number } | null = null;
-function duplicateInput(): { path: string; blocks: number; unique: number } {
-  if (!dupInput) {
-    const path = join(dir, 'half.raw');
-    const { blocks, unique } = writeDuplicateFile(path, size, 0.5);
+/** Files of 50 % duplicate blocks, by size (made once). */
+const dupInputs = new Map<number, { path: string; blocks: number; unique: number }>();
+function duplicateInput(bytes = size): { path: string; blocks: number; unique: number } {
+  let d = dupInputs.get(bytes);
+  if (!d) {
+    const path = join(dir, `half-${bytes}.raw`);
+    const { blocks, unique } = writeDuplicateFile(path, bytes, 0.5);
     readFileSync(path); // into the page cache
-    dupInput = { path, blocks, unique };
+    d = { path, blocks, unique };
+    dupInputs.set(bytes, d);
   }
-  return dupInput;
+  return d;
+}
+function fmtSize(bytes: number): string {
+  return bytes >= 2 ** 30 ? `${bytes / 2 ** 30} GiB` : `${bytes / 2 ** 20} MiB`;
 }
 if (want('dedup-import')) {
-  const { path: dup, blocks, unique } = duplicateInput();
-  const out = join(dir, 'dedup.qcow2');
-  const ours: number[] = [];
-  const theirs: number[] = [];
-  let oursSize = 0;
-  let theirsSize = 0;
-  for (let r = 0; r < runs; r++) {
+  for (const bytes of dedupSizes) {
+    const { path: dup, blocks, unique } = duplicateInput(bytes);
+    const out = join(dir, 'dedup.qcow2');
+    const ours: number[] = [];
+    const theirs: number[] = [];
+    let oursSize = 0;
+    let theirsSize = 0;
+    for (let r = 0; r < runs; r++) {
+      rmSync(out, { force: true });
+      ours.push(timed(() => {
+        sh(BIN, ['create', '-q', out, String(bytes)]);
+        sh(BIN, ['write', '-q', '-i', dup, out, '0']);
+      }));
+      oursSize = statSync(out).size;
+      if (!haveQemu) continue;
+      rmSync(out, { force: true });
+      theirs.push(timed(() => {
+        sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=4096', dup, out]);
+        sh('sync', ['-f', out]);
+      }));
+      theirsSize = statSync(out).size;
+    }
+    const mbs = (t: number) => (bytes / t / 1e6).toFixed(0);
+    console.log('');
+    console.log(`dedup import: ${bytes} bytes, ${blocks} blocks of 4 KiB, ${unique} distinct (${(100 - (100 * unique) / blocks).toFixed(0)} % repeat earlier ones)`);
+    console.log('tool                                          seconds     MB/s   file bytes');
+    console.log(`${'qdedup create + write -i (sha256, 4 KiB)'.padEnd(44)}${median(ours).toFixed(2).padStart(9)}${mbs(median(ours)).padStart(9)}${String(oursSize).padStart(13)}`);
+    if (theirs.length) {
+      console.log(`${'qemu-img convert -o cluster_size=4096 + sync'.padEnd(44)}${median(theirs).toFixed(2).padStart(9)}${mbs(median(theirs)).padStart(9)}${String(theirsSize).padStart(13)}`);
+      const ratio = record(`dedup import ${fmtSize(bytes)}, 50 % duplicates`, median(ours), median(theirs), 1.0);
+      console.log(`throughput ratio qdedup / qemu-img: ${ratio.toFixed(2)}; file size ratio: ${(oursSize / theirsSize).toFixed(2)}`);
+    }
     rmSync(out, { force: true });
-    ours.push(timed(() => {
-      sh(BIN, ['create', '-q', out, String(size)]);
-      sh(BIN, ['write', '-q', '-i', dup, out, '0']);
-    }));
-    oursSize = statSync(out).size;
-    if (!haveQemu) continue;
-    rmSync(out, { force: true });
-    theirs.push(timed(() => {
-      sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=4096', dup, out]);
-      sh('sync', ['-f', out]);
-    }));
-    theirsSize = statSync(out).size;
-  }
-  console.log('');
-  console.log(`dedup import: ${size} bytes, ${blocks} blocks of 4 KiB, ${unique} distinct (${(100 - (100 * unique) / blocks).toFixed(0)} % repeat earlier ones)`);
-  console.log('tool                                          seconds     MB/s   file bytes');
-  console.log(`${'qdedup create + write -i (sha256, 4 KiB)'.padEnd(44)}${median(ours).toFixed(2).padStart(9)}${mb(median(ours)).padStart(9)}${String(oursSize).padStart(13)}`);
-  if (theirs.length) {
-    console.log(`${'qemu-img convert -o cluster_size=4096 + sync'.padEnd(44)}${median(theirs).toFixed(2).padStart(9)}${mb(median(theirs)).padStart(9)}${String(theirsSize).padStart(13)}`);
-    console.log(`throughput ratio qdedup / qemu-img: ${(median(theirs) / median(ours)).toFixed(2)}; file size ratio: ${(oursSize / theirsSize).toFixed(2)}`);
-  }
-  rmSync(out, { force: true });
-  sh(BIN, ['create', '-q', out, String(size)]);
-  console.log(`qdedup write -i peak RSS: ${(peakRss(BIN, ['write', '-q', '-i', dup, out, '0']) / 1048576).toFixed(0)} MiB`);
-  // The same data again in a new session: every cluster hits an index entry read from disk,
-  // which is compared byte for byte at its first hit (src/dedup/slot-bits.ts).
-  const again = timed(() => sh(BIN, ['write', '-q', '-i', dup, out, '0']));
-  console.log(`${'qdedup write -i again (new session: hits compared)'.padEnd(44)}${again.toFixed(2).padStart(9)}${mb(again).padStart(9)}${String(statSync(out).size).padStart(13)}`);
+    sh(BIN, ['create', '-q', out, String(bytes)]);
+    console.log(`qdedup write -i peak RSS: ${(peakRss(BIN, ['write', '-q', '-i', dup, out, '0']) / 1048576).toFixed(0)} MiB`);
+    // The same data again in a new session: every cluster hits an index entry read from disk,
+    // which is compared byte for byte at its first hit (src/dedup/slot-bits.ts).
+    const again = timed(() => sh(BIN, ['write', '-q', '-i', dup, out, '0']));
+    console.log(`${'qdedup write -i again (new session: hits compared)'.padEnd(44)}${again.toFixed(2).padStart(9)}${mbs(again).padStart(9)}${String(statSync(out).size).padStart(13)}`);
+    if (bytes !== dedupSizes[dedupSizes.length - 1]) continue;
 
-  // The index's figures, from an in-process import of the same file.
-  rmSync(out, { force: true });
-  await createImage(out, { size, clusterBits: 12, version: 3, refcountOrder: 4, lazyRefcounts: false, force: true, dedup: { algorithm: 'sha256', verify: false, maxIncarnations: 0, order: defaultStoreOrder(size, 4096), journalBlockSize: 4096 } });
-  const image = await openForWrite(out);
-  const fh = await open(dup);
-  const buf = Buffer.alloc(8 << 20);
-  for (let off = 0; off < size; off += buf.length) {
-    const { bytesRead } = await fh.read(buf, 0, Math.min(buf.length, size - off), off);
-    await image.write(off, buf.subarray(0, bytesRead));
+    // The index's figures, from an in-process import of the same file through the write pipeline.
+    rmSync(out, { force: true });
+    await createImage(out, { size: bytes, clusterBits: 12, version: 3, refcountOrder: 4, lazyRefcounts: false, force: true, dedup: { algorithm: 'sha256', verify: false, maxIncarnations: 0, order: defaultStoreOrder(bytes, 4096), journalBlockSize: 4096 } });
+    const image = await openForWrite(out);
+    const fh = await open(dup);
+    const reader = new ChunkReader({ fill: async (buf, n) => (await fh.read(buf, 0, n, null)).bytesRead }, bytes);
+    await writeChunks(image, 0, reader, await reader.next(), { room: bytes });
+    await fh.close();
+    const st = dedupOf(image)!.store.stats();
+    await image.close();
+    const inIncarnations = st.indexEntries - st.logStore.entries - st.frozenEntries;
+    console.log(`index: ${st.indexEntries} entries, ${st.incarnations.count} incarnations; filter RAM ${(st.filterRamBytes / Math.max(1, inIncarnations)).toFixed(2)} bytes per indexed cluster outside the log stores; all index RAM (slot cache included) ${(st.ramBytes / st.indexEntries).toFixed(2)} bytes per indexed cluster`);
+    console.log(`incarnation lookups: ${st.incarnationLookups}, hits ${st.incarnationHits}, slots read ${st.incarnationReads}: ${(st.incarnationReads / Math.max(1, st.incarnationHits)).toFixed(3)} per hit`);
   }
-  await fh.close();
-  const st = dedupOf(image)!.store.stats();
-  await image.close();
-  const inIncarnations = st.indexEntries - st.logStore.entries - st.frozenEntries;
-  console.log(`index: ${st.indexEntries} entries, ${st.incarnations.count} incarnations; filter RAM ${(st.filterRamBytes / Math.max(1, inIncarnations)).toFixed(2)} bytes per indexed cluster outside the log stores; all index RAM ${(st.ramBytes / st.indexEntries).toFixed(2)} bytes per indexed cluster`);
-  console.log(`incarnation lookups: ${st.incarnationLookups}, hits ${st.incarnationHits}, disk reads ${st.incarnationReads}: ${(st.incarnationReads / Math.max(1, st.incarnationHits)).toFixed(3)} reads per hit`);
 }
 
 // ------------------------------------------------------------------ read-back, info, check
@@ -213,7 +234,7 @@ function dedupImage(): string {
 }
 
 /** Alternating runs of ours and theirs; prints both medians and qemu's time / ours. */
-function pairRow(label: string, oursName: string, theirsName: string, ours: () => void, theirs: () => void, count = runs): void {
+function pairRow(label: string, oursName: string, theirsName: string, ours: () => void, theirs: () => void, aim: number, count = runs): void {
   const a: number[] = [];
   const b: number[] = [];
   for (let r = 0; r < count; r++) {
@@ -226,7 +247,8 @@ function pairRow(label: string, oursName: string, theirsName: string, ours: () =
   console.log(`  ${oursName.padEnd(46)}${median(a).toFixed(digits).padStart(8)} s`);
   if (!b.length) return;
   console.log(`  ${theirsName.padEnd(46)}${median(b).toFixed(digits).padStart(8)} s`);
-  console.log(`  ratio qemu-img / qdedup: ${(median(b) / median(a)).toFixed(2)} (above 1: qdedup faster; ${count} alternating runs each)`);
+  const ratio = record(label.split(':')[0], median(a), median(b), aim);
+  console.log(`  ratio qemu-img / qdedup: ${ratio.toFixed(2)} (above 1: qdedup faster; ${count} alternating runs each)`);
 }
 
 if (want('read-back')) {
@@ -243,7 +265,7 @@ if (want('read-back')) {
   }, () => {
     rmSync(out, { force: true });
     sh('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', img, out]);
-  });
+  }, 1.0);
   rmSync(out, { force: true });
 }
 
@@ -252,7 +274,7 @@ if (want('info')) {
   rmSync(small, { force: true });
   sh(BIN, ['create', '-q', small, '64M']);
   const n = Math.max(runs, 11);
-  pairRow('start-up: info on a small (64 MiB, empty) dedup image', 'qdedup info', 'qemu-img info', () => sh(BIN, ['info', small]), () => sh('qemu-img', ['info', small]), n);
+  pairRow('start-up: info on a small (64 MiB, empty) dedup image', 'qdedup info', 'qemu-img info', () => sh(BIN, ['info', small]), () => sh('qemu-img', ['info', small]), 0, n);
   const nodeTimes: number[] = [];
   for (let r = 0; r < n; r++) nodeTimes.push(timed(() => sh(process.execPath, ['-e', '0'])));
   console.log(`  ${'node -e 0 (the floor)'.padEnd(46)}${median(nodeTimes).toFixed(3).padStart(8)} s`);
@@ -260,6 +282,12 @@ if (want('info')) {
 
 if (want('check')) {
   const img = dedupImage();
-  pairRow(`check: ${size} bytes dedup image`, 'qdedup check', 'qemu-img check (dedup metadata: leaks)', () => shAllow(BIN, ['check', img], [0, 3]), () => shAllow('qemu-img', ['check', img], [0, 3]));
+  pairRow(`check: ${size} bytes dedup image`, 'qdedup check', 'qemu-img check (dedup metadata: leaks)', () => shAllow(BIN, ['check', img], [0, 3]), () => shAllow('qemu-img', ['check', img], [0, 3]), 0);
+}
+
+if (summary.length) {
+  console.log('');
+  console.log('summary: qemu-img time / qdedup time (above 1: qdedup faster); aim from the README');
+  for (const { row, ratio, aim } of summary) console.log(`  ${row.padEnd(52)}${ratio.toFixed(2).padStart(6)}${aim ? `   aim ≥ ${aim.toFixed(1)}${ratio >= aim ? '' : '  (not met)'}` : ''}`);
 }
 rmSync(dir, { recursive: true, force: true });
