@@ -30,7 +30,7 @@ export async function runMap(a: MapArgs, io: Output): Promise<number> {
     if (a.shares) {
       const { offset } = a.shares;
       const length = a.shares.length ?? Math.min(image.clusterSize, image.size - offset);
-      if (offset + length > image.size) throw pastTheEnd(a.file, offset, length, image.size);
+      if (offset >= image.size || offset + length > image.size) throw pastTheEnd(a.file, offset, length, image.size);
       entries = await mapShares(image, a.file, offset, length, accounting);
     } else {
       entries = mapImage(image, a.file, { start: a.start, length: a.length, sharing: true, accounting });
