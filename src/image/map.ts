@@ -7,15 +7,21 @@
 // refcount blocks through Refcounts' bounded cache; the shares scan holds one set entry per
 // host cluster of the range asked about (MAX_SHARES_CLUSTERS) and the ranges it prints.
 //
-// Not done as qemu-img does: qemu-img also asks the host file for holes under a data cluster
-// when it guesses the image was preallocated (qcow2_detect_metadata_preallocation) and
-// reports them `zero: true`, and splits raw backing files at their holes; qdedup does not.
+// Host-file holes, as qemu-img sees them (block/file-posix.c raw_co_block_status, through
+// lseek SEEK_DATA/SEEK_HOLE): a raw backing file is split at its holes (`zero: true,
+// data: false`); under a qcow2 layer's data clusters the file is asked only when QEMU would
+// guess the image was preallocated (qcow2_detect_metadata_preallocation: more clusters in use
+// than the file has blocks, as after qemu-io writes part of a new cluster and zeroes the rest
+// with a hole), and holes there are `zero: true, data: true`. Where lseek is not available
+// (not Linux, koffi missing) nothing is probed and every range reads as data.
 
+import { closeSync, fstatSync, openSync } from 'node:fs';
 import { dirname, isAbsolute } from 'node:path';
 import { UsageError } from '../errors.ts';
 import { decodeL1Entry, decodeL2Entry, type L2Entry } from '../format/l1l2.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';
 import { Image, RawImage, type GuestReader } from './image.ts';
+import { libc } from './libc.ts';
 import { Refcounts } from './refcounts.ts';
 
 /** One range of `qemu-img map --output=json` (its keys and meanings), plus qdedup's. */
@@ -79,6 +85,91 @@ interface Layer {
   name: string;
   /** Image layers: the L2 table walked now (one per layer). */
   table?: { l1Index: number; entry: (guestCluster: number) => L2Entry };
+  /** Where the layer's file is asked for holes (raw layers; qcow2 layers QEMU deems preallocated). */
+  host?: HostFile | null;
+}
+
+const SEEK_DATA = 3;
+const SEEK_HOLE = 4;
+const ENXIO = 6;
+
+/** What the host file holds at [offset, +length): data or a hole, and how far; eof when that reaches its end. */
+interface HostStatus {
+  zero: boolean;
+  length: number;
+  eof: boolean;
+}
+
+/** A read-only descriptor of a layer's file, for lseek (a second one: the image's own keeps its locks). */
+class HostFile {
+  private constructor(private readonly fd: number, private readonly seek: (fd: number, offset: number, whence: number) => number, private readonly errno: () => number) {}
+
+  static open(path: string): HostFile | null {
+    const c = libc();
+    if (!c) return null;
+    try {
+      return new HostFile(openSync(path, 'r'), c.lseek, c.errno);
+    } catch {
+      return null;
+    }
+  }
+
+  /** Bytes the file takes on disk (st_blocks) and its length. */
+  usage(): { allocated: number; size: number } {
+    const st = fstatSync(this.fd);
+    return { allocated: st.blocks * 512, size: st.size };
+  }
+
+  /** file-posix's block status of [offset, +length): past the end nothing (eof, length 0). */
+  status(offset: number, length: number): HostStatus {
+    const size = fstatSync(this.fd).size;
+    if (offset >= size) return { zero: false, length: 0, eof: true };
+    const bytes = Math.min(length, size - offset);
+    let out: { zero: boolean; length: number };
+    const data = this.seek(this.fd, offset, SEEK_DATA);
+    if (data < 0) out = { zero: this.errno() === ENXIO, length: bytes }; // a trailing hole; else no information: data
+    else if (data > offset) out = { zero: true, length: Math.min(bytes, data - offset) };
+    else {
+      const hole = this.seek(this.fd, offset, SEEK_HOLE);
+      out = { zero: false, length: hole > offset ? Math.min(bytes, hole - offset) : bytes };
+    }
+    return { ...out, eof: offset + out.length === size };
+  }
+
+  close(): void {
+    closeSync(this.fd);
+  }
+}
+
+/**
+ * QEMU's qcow2_detect_metadata_preallocation: at least max(⌊real·10/9⌋, real + 2) clusters
+ * in use (refcount > 0), `real` being the clusters' worth of blocks the file takes on disk.
+ */
+async function looksPreallocated(image: Image, host: HostFile): Promise<boolean> {
+  const { allocated, size } = host.usage();
+  const real = Math.floor(allocated / image.clusterSize);
+  const threshold = Math.max(Math.floor((real * 10) / 9), real + 2);
+  const refcounts = await refcountsOf(image);
+  const end = Math.ceil(size / image.clusterSize);
+  let used = 0;
+  for (let c = 0; c < end && used < threshold; c++) if ((await refcounts.get(c)) > 0) used++;
+  return used >= threshold;
+}
+
+function refcountsOf(image: Image): Promise<Refcounts> {
+  const h = image.header;
+  return Refcounts.load(image.file, {
+    clusterBits: image.clusterBits, refcountOrder: h.refcountOrder, tableOffset: h.refcountTableOffset, tableClusters: h.refcountTableClusters,
+  }, () => undefined);
+}
+
+/** Opens the host files to probe: every raw layer's, and a qcow2 layer's when it looks preallocated. */
+async function openHostFiles(layers: Layer[]): Promise<void> {
+  for (const layer of layers) {
+    const host = HostFile.open(layer.reader instanceof Image ? layer.reader.path : layer.name);
+    if (host && layer.reader instanceof Image && !(await looksPreallocated(layer.reader, host).catch(() => false))) host.close();
+    else layer.host = host;
+  }
 }
 
 /**
@@ -114,8 +205,11 @@ async function status(layers: Layer[], k: number, pos: number, maxLen: number): 
   const layer = layers[k];
   const r = layer.reader;
   if (!(r instanceof Image)) {
-    // A raw backing file: its bytes, at their own offset (qemu-img also splits at holes).
-    return { start: pos, length: maxLen, depth: k, present: true, zero: false, data: true, offset: pos, file: layer.name };
+    // A raw backing file: its bytes at their own offset, or its holes.
+    const hole = layer.host?.status(pos, maxLen);
+    const zero = hole !== undefined && hole.length > 0 && hole.zero;
+    const length = hole && hole.length > 0 ? hole.length : maxLen;
+    return { start: pos, length, depth: k, present: true, zero, data: !zero, offset: pos, file: layer.name };
   }
   const cs = r.clusterSize;
   const cluster = Math.floor(pos / cs);
@@ -124,8 +218,13 @@ async function status(layers: Layer[], k: number, pos: number, maxLen: number): 
   const e = await entryAt(layer, r, cluster);
   const at = (offset: number) => ({ offset: offset + inCluster, file: layer.name });
   switch (e.kind) {
-    case 'normal':
-      return { start: pos, length, depth: k, present: true, zero: false, data: true, ...at(e.hostOffset) };
+    case 'normal': {
+      // block/io.c: a preallocated image's data cluster is asked of the file (BDRV_BLOCK_RECURSE).
+      const hole = layer.host?.status(e.hostOffset + inCluster, length);
+      if (!hole) return { start: pos, length, depth: k, present: true, zero: false, data: true, ...at(e.hostOffset) };
+      const past = hole.eof && (hole.length === 0 || hole.zero);
+      return { start: pos, length: past ? length : hole.length, depth: k, present: true, zero: past || hole.zero, data: true, ...at(e.hostOffset) };
+    }
     case 'compressed':
       return { start: pos, length, depth: k, present: true, zero: false, data: true };
     case 'zero':
@@ -155,27 +254,29 @@ export async function* mapImage(image: Image, name: string, options: MapOptions 
   const start = Math.min(options.start ?? 0, image.size);
   const end = Math.min(image.size, options.length === undefined ? image.size : start + options.length);
   const layers = chainOf(image, name);
-  const counter = options.sharing ? await shareCounter(image, options.accounting) : null;
-  let curr: MapEntry | null = null;
-  for (let pos = start; pos < end;) {
-    const next = await status(layers, 0, pos, end - pos);
-    pos += next.length;
-    if (curr && mergeable(curr, next)) {
-      curr.length += next.length;
-      continue;
+  try {
+    await openHostFiles(layers);
+    const counter = options.sharing ? await shareCounter(image, options.accounting) : null;
+    let curr: MapEntry | null = null;
+    for (let pos = start; pos < end;) {
+      const next = await status(layers, 0, pos, end - pos);
+      pos += next.length;
+      if (curr && mergeable(curr, next)) {
+        curr.length += next.length;
+        continue;
+      }
+      if (curr) yield counter ? await counter(curr) : curr;
+      curr = next;
     }
     if (curr) yield counter ? await counter(curr) : curr;
-    curr = next;
+  } finally {
+    for (const layer of layers) layer.host?.close();
   }
-  if (curr) yield counter ? await counter(curr) : curr;
 }
 
 /** Adds `sharedBy` to the ranges that have data at depth 0 and an offset. */
 async function shareCounter(image: Image, accounting: ShareAccounting | undefined): Promise<(e: MapEntry) => Promise<MapEntry>> {
-  const h = image.header;
-  const refcounts = await Refcounts.load(image.file, {
-    clusterBits: image.clusterBits, refcountOrder: h.refcountOrder, tableOffset: h.refcountTableOffset, tableClusters: h.refcountTableClusters,
-  }, () => undefined);
+  const refcounts = await refcountsOf(image);
   return async (e) => {
     if (!e.data || e.depth !== 0 || e.offset === undefined) return e;
     const cs = image.clusterSize;

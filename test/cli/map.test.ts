@@ -2,13 +2,12 @@
 // and keys equal qemu-img's once qdedup's own keys are taken off, the human table equals
 // qemu-img's once the "Shared by" column is taken out; then the share counts and --shares
 // lists on dedup images with known duplicates, with and without an internal snapshot.
-// (Images here are written a whole cluster at a time: see src/image/map.ts for the host-hole
-// probing qemu-img does on partly written clusters and qdedup does not.)
 
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
 import { spawnSync } from 'node:child_process';
+import { closeSync, ftruncateSync, openSync, writeSync } from 'node:fs';
 import { BIN, NO_QEMU, qdedup, run, tempDir } from '../helpers.ts';
 
 const dir = tempDir('qdedup-map-');
@@ -97,6 +96,32 @@ describe('qdedup map agrees with qemu-img map', { skip: NO_QEMU }, () => {
       assert.match(theirs, /base|q-/);
       assert.equal(withoutSharedColumn(inDir(process.execPath, [BIN, 'map', name])), theirs);
     }
+  });
+
+  it('host-file holes: partly written clusters (QEMU deems the image preallocated) and a raw backing file', () => {
+    // qemu-io writes 4 KiB of a new 64 KiB cluster at the end of the file: the file ends
+    // there, and on this machine's ext4 QEMU then deems the image preallocated and reports
+    // the rest of the cluster as zero:true,data:true (whether it does depends on st_blocks)
+    const base = qemuImage('4M', [], ['write -P 1 0 128k', 'write -P 2 1M 64k', 'write -c -P 3 2M 64k']);
+    const partial = qemuImage('6M', ['-b', base, '-F', 'qcow2'], ['write -P 4 64k 64k', 'write -z 1M 64k', 'write -P 5 5M 4k', 'write -c -P 6 3M 64k']);
+    assertSameJson(partial);
+    assertSameJson(qemuImage('4M', [], ['write -P 1 0 4k', 'write -P 2 1M 4k', 'write -P 3 2M 64k', 'write -P 4 3M 512']));
+    const raw = join(dir, `raw-${++serial}.img`);
+    const bytes = Buffer.alloc(4 * 1024 * 1024);
+    bytes.fill(7, 192 * 1024, 320 * 1024);
+    bytes.fill(8, 4000 * 1024, 4004 * 1024);
+    // written sparse: only the non-zero parts
+    const fd = openSync(raw, 'w');
+    ftruncateSync(fd, bytes.length);
+    writeSync(fd, bytes, 192 * 1024, 128 * 1024, 192 * 1024);
+    writeSync(fd, bytes, 4000 * 1024, 4 * 1024, 4000 * 1024);
+    closeSync(fd);
+    const top = qemuImage('6M', ['-b', raw, '-F', 'raw'], ['write -P 1 192k 64k', 'write -P 2 1M 4k']);
+    const mapped = assertSameJson(top);
+    assert.ok(mapped.some((e) => e.depth === 1 && e.zero && e.present), 'a hole of the raw file');
+    const ours = qdedup(['map', top]);
+    ok(ours, 'qdedup map');
+    assert.equal(withoutSharedColumn(ours.stdout), run('qemu-img', ['map', '-f', 'qcow2', top]).stdout);
   });
 
   it('an image qdedup wrote (dedup on): the same offset for every copy', () => {
