@@ -20,7 +20,7 @@ import { dirname, isAbsolute } from 'node:path';
 import { UsageError } from '../errors.ts';
 import { decodeL1Entry, decodeL2Entry, type L2Entry } from '../format/l1l2.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';
-import { Image, RawImage, type GuestReader } from './image.ts';
+import { Image, type GuestReader } from './image.ts';
 import { libc } from './libc.ts';
 import { Refcounts } from './refcounts.ts';
 
@@ -402,7 +402,7 @@ export function mapHumanRows(entries: Iterable<MapEntry>): { rows: string[]; err
   for (const given of entries) {
     // This format does not tell 0, ZERO and ZERO|DATA apart: qemu-img folds them (and merges more).
     const next = { ...given, ...(!given.data || given.zero ? { data: false, zero: true } : {}) };
-    if (curr && mergeable(curr, next) && curr.sharedBy === undefined && !curr.sharedWith) {
+    if (curr && mergeable(curr, next)) {
       curr.length += next.length;
       continue;
     }
