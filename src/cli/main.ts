@@ -5,8 +5,8 @@ import { readFileSync } from 'node:fs';
 import yargs, { type Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { InternalError, OutputError, QdedupError, UsageError, printable } from '../errors.ts';
-import { processOutput, toJson, type Output } from './output.ts';
-import { COMMANDS, commandName, selectedCommand } from './command-list.ts';
+import { errorPrefix, processOutput, toJson, type Output } from './output.ts';
+import { COMMANDS, commandName, selectedCommand, unknownCommand } from './command-list.ts';
 
 /**
  * qdedup's version from package.json. yargs' own lookup fails once the CLI is bundled into
@@ -43,6 +43,55 @@ export function unknownOption(argv: string[], known: Set<string>): string | unde
   return undefined;
 }
 
+/** `--color=WHEN` values (GNU ls's words): true always, false never, undefined auto. */
+const COLOR_WHEN: Record<string, boolean | undefined> = {
+  always: true, yes: true, force: true, never: false, no: false, none: false, auto: undefined, tty: undefined, 'if-tty': undefined,
+};
+
+/** The last --color/--no-color/--color=WHEN before `--` (undefined: auto, or a bad WHEN). */
+function colorAsTyped(argv: string[]): boolean | undefined {
+  let flag: boolean | undefined;
+  for (const token of argv) {
+    if (token === '--') break;
+    if (token === '--color' || token === '--no-color') flag = token === '--color';
+    else if (token.startsWith('--color=')) flag = COLOR_WHEN[token.slice(8)];
+  }
+  return flag;
+}
+
+/** A word after `--` that looks like an option, hidden from yargs (NUL never occurs in argv). */
+const HIDDEN = /\u0000(\d+)\u0000/g;
+
+/**
+ * The command line as yargs should see it, and how to undo what was hidden from it:
+ * - `--color=always|never|auto` (and GNU's synonyms) become `--color`, `--no-color` or
+ *   nothing (yargs' boolean takes no value);
+ * - `--` ends the options: it is dropped, and each later word that starts with '-' is
+ *   replaced by a placeholder (yargs read `info -- disk.qcow2` as a missing argument and a
+ *   later `-x` as an option); `reveal` turns placeholders back into the words.
+ */
+export function prepareArgv(argv: string[]): { argv: string[]; reveal: (s: string) => string } {
+  const out: string[] = [];
+  const hidden: string[] = [];
+  let operands = false;
+  for (const token of argv) {
+    if (operands) {
+      if (token.startsWith('-') && token !== '-') {
+        out.push(`\u0000${hidden.length}\u0000`);
+        hidden.push(token);
+      } else out.push(token);
+    } else if (token === '--') {
+      operands = true;
+    } else if (token.startsWith('--color=')) {
+      const when = token.slice('--color='.length);
+      if (!(when in COLOR_WHEN)) throw new UsageError(`invalid argument '${printable(when)}' for '--color' (always, never or auto)`);
+      const flag = COLOR_WHEN[when];
+      if (flag !== undefined) out.push(flag ? '--color' : '--no-color');
+    } else out.push(token);
+  }
+  return { argv: out, reveal: (s) => (hidden.length ? s.replace(HIDDEN, (_, i: string) => hidden[Number(i)]) : s) };
+}
+
 /** Option names (and aliases) a yargs instance knows. */
 function optionNames(y: Argv<any>): Set<string> {
   const o = (y as unknown as { getOptions(): { key: Record<string, unknown>; alias: Record<string, string[]> } }).getOptions();
@@ -73,32 +122,47 @@ export function report(err: unknown, io: Output, json: boolean): number {
   if (err instanceof QdedupError && !(err instanceof InternalError)) {
     // One line whatever the file name holds: control characters and escape sequences escaped.
     const where = err.details.path ? `${printable(err.details.path)}: ` : '';
-    io.err(`qdedup: ${where}${printable(err.message)}`);
+    io.err(`${errorPrefix(io)} ${where}${printable(err.message)}`);
     if (err instanceof UsageError) io.err("Try 'qdedup --help' for more information.");
     if (json && !(err instanceof OutputError)) process.stdout.write(toJson({ error: err.toJSON() }), () => {});
     return err.exitCode;
   }
   const e = err as Error;
-  io.err(`qdedup: internal error: ${printable(e && e.message ? e.message : String(err))}`);
+  io.err(`${errorPrefix(io)} internal error: ${printable(e && e.message ? e.message : String(err))}`);
   io.err('This is a bug in qdedup; please report it with the command line and this trace:');
   io.err(String(e && e.stack ? e.stack : err));
   return 1;
 }
 
-export async function main(argv: string[]): Promise<void> {
+export async function main(given: string[]): Promise<void> {
   // `| head` closing stdout ends the command quietly.
   process.stdout.on('error', (err: NodeJS.ErrnoException) => {
     if (err.code === 'EPIPE') process.exit(process.exitCode ?? 0);
   });
-  let io = processOutput();
+  // Until the command line is parsed, only --color/--no-color as typed decide the colour.
+  let io = processOutput(colorAsTyped(given));
+  let argv: string[] = given;
+  let reveal = (s: string) => s;
+  try {
+    ({ argv, reveal } = prepareArgv(given));
+    // A word that names no command: say so (yargs said only "Did you mean read?", or
+    // "Unknown argument: foo"), with a suggestion only when it is clearly a typo.
+    const word = argv.find((a) => !a.startsWith('-'));
+    if (word !== undefined && !selectedCommand(argv)) {
+      const typo = unknownCommand(reveal(word));
+      throw new UsageError(`unknown command '${printable(reveal(word))}'${typo ? ` (did you mean '${typo}'?)` : ''}`);
+    }
+  } catch (err) {
+    process.exitCode = report(err, io, false);
+    return;
+  }
   let parser = yargs(argv)
     .scriptName('qdedup')
     .parserConfiguration({ 'parse-numbers': false, 'parse-positional-numbers': false })
     .usage('$0 <command> [options]\n\nCreate, write, read and check QCOW2 disk images.')
-    .option('color', { type: 'boolean', describe: 'colour diagnostics (default: when stderr is a terminal; NO_COLOR honoured)' })
+    .option('color', { type: 'boolean', describe: 'colour errors, check verdicts and dedup figures: --color[=always|never|auto], --no-color (default auto: on a terminal, unless NO_COLOR is set; FORCE_COLOR=1/0 forces)' })
     .strict()
     .demandCommand(1, 'a command is needed')
-    .recommendCommands()
     .help()
     .alias('h', 'help')
     .version(packageVersion())
@@ -109,14 +173,14 @@ export async function main(argv: string[]): Promise<void> {
       if (err) {
         // yargs' own parse errors (`create -o` without a value: "Not enough arguments
         // following: o") are usage errors, not bugs to report with a stack trace.
-        if (!(err instanceof QdedupError) && err.name === 'YError') throw new UsageError(err.message);
+        if (!(err instanceof QdedupError) && err.name === 'YError') throw new UsageError(reveal(err.message));
         throw err;
       }
       // Name a mistyped option rather than the argument it swallowed; this also replaces
       // yargs' "Unknown arguments: cluster-size, clusterSize" (its camel-case twin).
       const unknown = unknownOption(argv, commandOptions ?? optionNames(parser));
-      if (unknown !== undefined) throw new UsageError(`Unknown argument: ${unknown}`);
-      throw new UsageError(msg);
+      if (unknown !== undefined) throw new UsageError(`Unknown argument: ${reveal(unknown)}`);
+      throw new UsageError(reveal(msg));
     });
   /** Options of the subcommand being parsed (set by its builder). */
   let commandOptions: Set<string> | undefined;
@@ -135,6 +199,8 @@ export async function main(argv: string[]): Promise<void> {
     }
     skipHelpCache(parser);
     const args = (await parser.parseAsync()) as Record<string, unknown> & { _: unknown[] };
+    // Words given after `--` go back in place of their placeholders.
+    for (const [k, v] of Object.entries(args)) if (typeof v === 'string') args[k] = reveal(v);
     if (!mod || args._[0] !== commandName(selected!) || args.help || args.version) return;
     io = processOutput(args.color as boolean | undefined);
     try {

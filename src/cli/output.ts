@@ -12,6 +12,8 @@ export interface Output {
   err(line: string): void;
   /** Colour for stderr (level 0 under NO_COLOR, pipes, --no-color). */
   color: ChalkInstance;
+  /** Colour for stdout, decided the same way for stdout; absent (no colour) where output is captured. Never used for JSON. */
+  outColor?: ChalkInstance;
   stdoutIsTTY: boolean;
   stderrIsTTY: boolean;
   /** stdout's file descriptor, for a command that writes it positionally (read's sparse output); absent in tests that capture output. */
@@ -38,6 +40,11 @@ export function colorLevel(flag: boolean | undefined, isTTY: boolean): 0 | 1 {
   return isTTY ? 1 : 0;
 }
 
+/** The `qdedup:` that starts an error line, in bold red when stderr is coloured. */
+export function errorPrefix(io: Output): string {
+  return io.color.red.bold('qdedup:');
+}
+
 export function processOutput(colorFlag?: boolean): Output {
   return {
     out: (data) =>
@@ -52,6 +59,7 @@ export function processOutput(colorFlag?: boolean): Output {
       process.stderr.write(line.endsWith('\n') ? line : line + '\n');
     },
     color: new Chalk({ level: colorLevel(colorFlag, Boolean(process.stderr.isTTY)) }),
+    outColor: new Chalk({ level: colorLevel(colorFlag, Boolean(process.stdout.isTTY)) }),
     stdoutIsTTY: Boolean(process.stdout.isTTY),
     stderrIsTTY: Boolean(process.stderr.isTTY),
     stdoutFd: 1,

@@ -405,18 +405,34 @@ export class Image implements GuestReader {
   private async l2Table(l1Index: number): Promise<Buffer | null> {
     const cached = this.l2Cache.get(l1Index);
     if (cached) return cached;
-    if (l1Index >= this.header.l1Size) return null;
-    const e = decodeL1Entry(this.l1, l1Index);
-    if (e.l2Offset === 0) return null;
-    if (e.l2Offset % this.clusterSize !== 0) {
-      throw new CorruptImageError(`L2 table offset ${hex(e.l2Offset)} unaligned (L1 index: ${hex(l1Index)})`, { path: this.path, offset: this.header.l1TableOffset + l1Index * 8, structure: 'L1 table' });
-    }
+    const l2Offset = this.l2OffsetAt(l1Index);
+    if (l2Offset === 0) return null;
     if (this.l2Cache.size * this.clusterSize >= MAX_CACHED_L2_BYTES) {
       for (const k of this.l2Cache.keys()) if (!this.l2Dirty.has(k)) this.l2Cache.delete(k);
     }
-    const table = await this.file.read(e.l2Offset, this.clusterSize);
+    const table = await this.file.read(l2Offset, this.clusterSize);
     this.l2Cache.set(l1Index, table);
     return table;
+  }
+
+  /** Where L1 entry `l1Index`'s L2 table is (0: none), validated. */
+  private l2OffsetAt(l1Index: number): number {
+    if (l1Index >= this.header.l1Size) return 0;
+    const e = decodeL1Entry(this.l1, l1Index);
+    if (e.l2Offset % this.clusterSize !== 0) {
+      throw new CorruptImageError(`L2 table offset ${hex(e.l2Offset)} unaligned (L1 index: ${hex(l1Index)})`, { path: this.path, offset: this.header.l1TableOffset + l1Index * 8, structure: 'L1 table' });
+    }
+    return e.l2Offset;
+  }
+
+  /**
+   * Read-only walks (map): the validated entries of L1 entry `l1Index`'s L2 table, which is
+   * read without entering the cache (a walk holds one table at a time) unless already there.
+   */
+  async l2Reader(l1Index: number): Promise<(guestCluster: number) => L2Entry> {
+    const l2Offset = this.l2OffsetAt(l1Index);
+    const table = this.l2Cache.get(l1Index) ?? (l2Offset ? await this.file.read(l2Offset, this.clusterSize) : null);
+    return (guestCluster) => this.entryIn(table, l1Index, guestCluster);
   }
 
   /** The L2 entry of guest cluster `guestCluster`, validated. */

@@ -20,7 +20,8 @@ import { checkImage } from '../../image/check-image.ts';
 import { dedupCheckExtension, type DedupCheckSummary } from '../../dedup/inspect.ts';
 import { checkFormat, outputFormat, readOnlyLock, refuseForceShare, withForceShareOption, withFormatOption, withOutputOption, withQuietOption, type OutputFormat } from '../common.ts';
 import { LOCK_READ, LOCK_WRITE } from '../../image/image-lock.ts';
-import type { Output } from '../output.ts';
+import type { ChalkInstance } from 'chalk';
+import { errorPrefix, type Output } from '../output.ts';
 
 /** Exit code for "this file cannot be checked" (qemu-img: the format has no checks). */
 export const EXIT_CANNOT_CHECK = 63;
@@ -106,15 +107,16 @@ export function printf2(v: number): string {
   return v.toFixed(2);
 }
 
-/** qemu-img's dump_human_image_check. */
-export function checkHuman(r: ImageCheck): string {
+/** qemu-img's dump_human_image_check; with `color`, the verdicts green (clean), yellow (leaks) and red (corruptions, errors). */
+export function checkHuman(r: ImageCheck, color?: ChalkInstance): string {
+  const paint = (style: 'green' | 'yellow' | 'red', line: string) => (color ? color[style].bold(line) : line);
   let text = '';
   if (!(r.corruptions || r.leaks || r.checkErrors)) {
-    text += 'No errors were found on the image.\n';
+    text += paint('green', 'No errors were found on the image.') + '\n';
   } else {
-    if (r.corruptions) text += `\n${r.corruptions} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n`;
-    if (r.leaks) text += `\n${r.leaks} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n`;
-    if (r.checkErrors) text += `\n${r.checkErrors} internal errors have occurred during the check.\n`;
+    if (r.corruptions) text += `\n${paint('red', `${r.corruptions} errors were found on the image.`)}\nData may be corrupted, or further writes to the image may corrupt it.\n`;
+    if (r.leaks) text += `\n${paint('yellow', `${r.leaks} leaked clusters were found on the image.`)}\nThis means waste of disk space, but no harm to data.\n`;
+    if (r.checkErrors) text += `\n${paint('red', `${r.checkErrors} internal errors have occurred during the check.`)}\n`;
   }
   if (r.totalClusters !== 0 && r.allocatedClusters !== 0) {
     const pct = (n: number, d: number) => printf2((n * 100) / d);
@@ -158,7 +160,7 @@ export async function runCheck(a: CheckArgs, io: Output): Promise<number> {
     // Cannot open or read the image: a one-line error, no result document (as qemu-img).
     if (!(err instanceof QdedupError) || err instanceof InternalError) throw err;
     const where = err.details.path ?? a.file;
-    io.err(`qdedup: ${printable(where)}: ${printable(err.message)}`);
+    io.err(`${errorPrefix(io)} ${printable(where)}: ${printable(err.message)}`);
     return err instanceof NotQcow2Error ? EXIT_CANNOT_CHECK : err.exitCode;
   } finally {
     interrupts?.dispose();
@@ -168,10 +170,10 @@ export async function runCheck(a: CheckArgs, io: Output): Promise<number> {
   }
   if (result.repaired && a.output === 'human' && !a.quiet) await io.out(repairSummary(result.repaired));
   if (result.failure === undefined && !a.quiet) {
-    await io.out(a.output === 'json' ? JSON.stringify(checkDocument(result), null, 4) + '\n' : checkHuman(result) + dedupHuman(result));
+    await io.out(a.output === 'json' ? JSON.stringify(checkDocument(result), null, 4) + '\n' : checkHuman(result, io.outColor) + dedupHuman(result));
   }
-  if (result.failure !== undefined) io.err(`qdedup: Check failed: ${result.failure}`);
-  else if (result.checkErrors) io.err('qdedup: Check failed');
+  if (result.failure !== undefined) io.err(`${errorPrefix(io)} Check failed: ${result.failure}`);
+  else if (result.checkErrors) io.err(`${errorPrefix(io)} Check failed`);
   return checkExitCode(result);
 }
 

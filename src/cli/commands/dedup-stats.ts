@@ -11,6 +11,7 @@ import { guestUsage, heldClusters, inspectDedup, storedRefcounts } from '../../d
 import { checkFormat, outputFormat, readOnlyLock, withForceShareOption, withFormatOption, withOutputOption, type OutputFormat } from '../common.ts';
 import { LOCK_READ, type LockRequest } from '../../image/image-lock.ts';
 import { humanSize } from '../parse.ts';
+import type { ChalkInstance } from 'chalk';
 import { toJson, type Output } from '../output.ts';
 
 export interface DedupStatsArgs {
@@ -98,7 +99,8 @@ export async function dedupStats(path: string, lock?: LockRequest): Promise<Dedu
 }
 
 /** Human lines, "key: value" aligned on the values, in the order of the JSON keys. */
-export function dedupStatsHuman(path: string, s: DedupStats): string {
+export function dedupStatsHuman(path: string, s: DedupStats, color?: ChalkInstance): string {
+  const headline = (v: string) => (color ? color.green.bold(v) : v);
   const bytes = (n: number) => `${humanSize(n)} (${n} bytes)`;
   const rows: [string, string][] = [
     ['image', path],
@@ -110,8 +112,8 @@ export function dedupStatsHuman(path: string, s: DedupStats): string {
     ['guest clusters', String(s['guest-clusters'])],
     ['data clusters', String(s['data-clusters'])],
     ['shared clusters', String(s['shared-clusters'])],
-    ['dedup ratio', s['dedup-ratio'].toFixed(2)],
-    ['bytes saved', bytes(s['bytes-saved'])],
+    ['dedup ratio', headline(s['dedup-ratio'].toFixed(2))],
+    ['bytes saved', headline(bytes(s['bytes-saved']))],
     ['metadata clusters', String(s['metadata-clusters'])],
     ['holder clusters', String(s['holder-clusters'])],
     ['index entries', String(s['index-entries'])],
@@ -127,7 +129,7 @@ export function dedupStatsHuman(path: string, s: DedupStats): string {
 
 export async function runDedupStats(a: DedupStatsArgs, io: Output): Promise<number> {
   const s = await dedupStats(a.file, readOnlyLock(LOCK_READ, a.forceShare));
-  await io.out(a.output === 'json' ? toJson(s) : dedupStatsHuman(a.file, s));
+  await io.out(a.output === 'json' ? toJson(s) : dedupStatsHuman(a.file, s, io.outColor));
   return 0;
 }
 
