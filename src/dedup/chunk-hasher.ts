@@ -10,6 +10,7 @@
 
 import { Worker } from 'node:worker_threads';
 import { InternalError } from '../errors.ts';
+import { isZero } from '../format/bytes.ts';
 import { makeBlake3 } from './blake3.ts';
 import { HASH_BYTES, LITTLE_ENDIAN, clustersInto, type ClustersInto, type SupportedHashAlgorithm } from './hasher.ts';
 
@@ -51,13 +52,6 @@ parentPort.on('message', (m) => {
 /** Chunks smaller than this are hashed on the main thread: a worker takes 30–50 ms to start. */
 const MIN_WORKER_BYTES = 1024 * 1024;
 
-let zeros = Buffer.alloc(0);
-
-/** True when every byte is zero (memcmp against a shared zero buffer). */
-export function isZero(b: Uint8Array): boolean {
-  if (zeros.length < b.length) zeros = Buffer.alloc(b.length);
-  return zeros.subarray(0, b.length).equals(b);
-}
 
 /**
  * One worker thread hashing whole chunks in turn. Up to two chunks may be out at once (the

@@ -1,4 +1,4 @@
-// Big-endian integer helpers shared by every on-disk structure. Pure.
+// Big-endian integer helpers shared by every on-disk structure, and a zero test. Pure.
 // QCOW2 stores every multi-byte integer big-endian. JavaScript numbers are exact only up
 // to 2^53, so 64-bit fields are read as two u32 halves and refused above that bound.
 
@@ -22,4 +22,12 @@ export function writeU64(buf: Buffer, pos: number, value: number): void {
 
 export function divCeil(n: number, d: number): number {
   return Math.ceil(n / d);
+}
+
+let zeros = Buffer.alloc(0);
+
+/** True when every byte is zero (memcmp against a shared zero buffer). */
+export function isZero(b: Uint8Array): boolean {
+  if (zeros.length < b.length) zeros = Buffer.alloc(b.length);
+  return zeros.subarray(0, b.length).equals(b);
 }

@@ -18,6 +18,7 @@ import {
   compressedClusterSpan, decodeL1Entry, decodeL2Entry, encodeL1Entry, encodeL2Entry, type L2Entry,
 } from '../format/l1l2.ts';
 import { decodeSnapshotEntry, type SnapshotEntry } from '../format/snapshot.ts';
+import { isZero } from '../format/bytes.ts';
 import { NodeFile, readvFrom, type BlockFile } from './block-file.ts';
 import { WriteBehindFile } from './write-behind.ts';
 import { BLK_PERM_ALL, LOCK_READ, forceShare, type LockRequest } from './image-lock.ts';
@@ -77,6 +78,12 @@ export interface OpenOptions {
    * them; without it every autoclear bit is cleared.
    */
   keepAutoclear?: (header: Header) => bigint;
+  /**
+   * Read-write opens: whole clusters of zeros written without a policy become zero clusters
+   * instead of data (qemu-img convert's sparse target, QEMU's detect-zeroes=unmap). A write
+   * policy decides zeros for itself (inline dedup always does this).
+   */
+  detectZeroes?: boolean;
   /**
    * QEMU's image locks to take on the file (./image-lock.ts: LOCK_INFO, LOCK_READ,
    * LOCK_WRITE, or forceShare(…) for -U); none when absent. Backing files then get
@@ -236,6 +243,8 @@ export class Image implements GuestReader {
   private readonly metadata = new Map<number, string>();
   private headerDirty = false;
   private lastCompressed: { offset: number; data: Buffer } | null = null;
+  /** OpenOptions.detectZeroes. */
+  private detectZeroes = false;
   /** Set during a write() of a prepared chunk: where its new clusters are written behind. */
   private behind: WriteBehindFile | null = null;
   /** Data bytes written since the last background sync started. */
@@ -279,6 +288,7 @@ export class Image implements GuestReader {
       if (options.backing !== false) await image.openBacking(options.chain ?? [], backingLock(options.lock));
       if (writable) {
         await image.prepareForWrites(options.keepAutoclear?.(image.header) ?? 0n);
+        image.detectZeroes = options.detectZeroes ?? false;
         if (options.policy) image.policy = await options.policy(image, image.writer());
       }
       return image;
@@ -736,13 +746,26 @@ export class Image implements GuestReader {
     }
   }
 
-  /** Allocates one contiguous run for the batch, writes it with one call, then maps it. */
+  /**
+   * Allocates one contiguous run for the batch, writes it with one call, then maps it. With
+   * detectZeroes, whole clusters of zeros become zero clusters instead.
+   */
   private async writeNewClusters(batch: ClusterWrite[]): Promise<void> {
-    await this.prepareTables(batch.map((p) => p.guestCluster));
-    const start = await this.writeRun(batch.map((p) => p.data));
-    for (let i = 0; i < batch.length; i++) {
-      this.mapCluster(batch[i].guestCluster, start + i * this.clusterSize, true);
-      this.dropReference(batch[i].old); // no policy here: never a promise
+    let data = batch;
+    // (A v2 image cannot say "zeros" over a backing file: there its zeros stay data.)
+    if (this.detectZeroes && !(this.header.version === 2 && this.backing)) {
+      data = [];
+      for (const w of batch) {
+        if (!isZero(w.data)) data.push(w);
+        else if (!this.readsAsZeros(w.old)) await this.zeroCluster(w.guestCluster);
+      }
+      if (!data.length) return;
+    }
+    await this.prepareTables(data.map((p) => p.guestCluster));
+    const start = await this.writeRun(data.map((p) => p.data));
+    for (let i = 0; i < data.length; i++) {
+      this.mapCluster(data[i].guestCluster, start + i * this.clusterSize, true);
+      this.dropReference(data[i].old); // no policy here: never a promise
     }
   }
 

@@ -1,0 +1,116 @@
+// `qdedup convert`: qemu-img convert's syntax and meaning. One or more sources (raw or QCOW2,
+// concatenated) become a new image: a dedup QCOW2 by default (the options of `create`), or
+// raw. The copy itself is src/image/convert.ts; this file parses, opens and reports.
+
+import type { Argv } from 'yargs';
+import { InterruptedError, UsageError } from '../../errors.ts';
+import { Image, RawImage, probeFormat, type GuestReader } from '../../image/image.ts';
+import { LOCK_READ, LOCK_WRITE } from '../../image/image-lock.ts';
+import { copyToImage, copyToRaw, totalSize } from '../../image/convert.ts';
+import { createImage, openForWrite } from '../../dedup/open.ts';
+import { createOptionsHelp, resolveCreateOptions } from '../../dedup/create-options.ts';
+import { readOnlyLock, withForceShareOption, withQuietOption } from '../common.ts';
+import { parseBool, parseOptionList, parseSize } from '../parse.ts';
+import type { Output } from '../output.ts';
+import { startProgress } from '../progress.ts';
+import { catchInterrupts } from '../interrupt.ts';
+
+const FORMATS = ['qcow2', 'raw'];
+
+export interface ConvertArgs {
+  sources: string[];
+  target: string;
+  /** -f: the sources' format (probed when absent). */
+  sourceFormat?: string;
+  /** -O: the target's format. */
+  targetFormat: string;
+  options: string[];
+  /** -n: write into an existing target instead of creating it. */
+  noCreate: boolean;
+  progress: boolean;
+  quiet: boolean;
+  forceShare: boolean;
+}
+
+export async function runConvert(a: ConvertArgs, io: Output): Promise<number> {
+  const opts = parseOptionList(a.options);
+  if (opts.has('help')) {
+    await io.out(createOptionsHelp(opts));
+    return 0;
+  }
+  if (a.targetFormat === 'raw' && opts.size) throw new UsageError('-o options are for a qcow2 target (-O qcow2)');
+  const sources: GuestReader[] = [];
+  try {
+    for (const path of a.sources) {
+      const format = a.sourceFormat ?? (await probeFormat(path));
+      const lock = readOnlyLock(LOCK_READ, a.forceShare);
+      sources.push(format === 'qcow2' ? await Image.open(path, { lock }) : await RawImage.open(path, lock));
+    }
+    const total = totalSize(sources);
+    const interrupts = catchInterrupts();
+    const progress = a.progress && !a.quiet ? startProgress(io, total) : null;
+    let copied: number;
+    try {
+      const o = { signal: interrupts.signal, progress: (n: number) => progress?.update(n) };
+      if (a.targetFormat === 'raw') copied = await copyToRaw(a.target, sources, o);
+      else {
+        if (!a.noCreate) await createImage(a.target, await resolveCreateOptions({ file: a.target, size: String(total), options: opts, force: true }, { size: parseSize, bool: parseBool }));
+        const target = await openForWrite(a.target, { lock: LOCK_WRITE, detectZeroes: true });
+        try {
+          if (target.size < total) throw new UsageError(`the target's virtual size (${target.size}) is smaller than the sources' (${total})`);
+          copied = await copyToImage(target, sources, o);
+          await target.close(); // commits and syncs (I3)
+        } catch (err) {
+          await target.abandon();
+          throw err;
+        }
+      }
+    } finally {
+      progress?.stop();
+      interrupts.dispose();
+    }
+    if (interrupts.received) {
+      throw new InterruptedError(interrupts.received, `interrupted (${interrupts.received}) after copying ${copied} of ${total} bytes; the target is incomplete`, { path: a.target });
+    }
+    return 0;
+  } finally {
+    for (const s of sources) await s.close().catch(() => {});
+  }
+}
+
+export function builder(y: Argv) {
+  return withForceShareOption(withQuietOption(y))
+    .positional('files', { type: 'string', array: true, describe: 'source images, then the target' })
+    .option('f', { type: 'string', describe: 'source format: qcow2 or raw (default: probed)', requiresArg: true })
+    .option('O', { type: 'string', describe: 'target format: qcow2 (default) or raw', default: 'qcow2', requiresArg: true })
+    .option('o', { type: 'string', array: true, nargs: 1, describe: "options of the new image, as create's -o (default: a dedup image, sha256, 4 KiB clusters); -o help lists them", default: [], requiresArg: true })
+    .option('n', { type: 'boolean', describe: 'do not create the target: write into an existing image', default: false })
+    .option('p', { type: 'boolean', describe: 'show a progress bar on stderr (a terminal only)', default: false })
+    .example('$0 convert disk.raw disk.qcow2', 'import a raw disk into a dedup image')
+    .example('$0 convert -f qcow2 -o dedup=blake3 vm.qcow2 vm-dedup.qcow2', 'deduplicate a qcow2 image into a new one')
+    .example('$0 convert -O raw disk.qcow2 disk.raw', 'export to a sparse raw file')
+    .example('$0 convert a.raw b.raw both.qcow2', 'concatenate two sources')
+    .epilogue('Exit codes: 0 converted and synced; 1 failed; 130, 143, 129 interrupted by SIGINT, SIGTERM, SIGHUP (a qcow2 target is committed but incomplete).');
+}
+
+export function toArgs(argv: Record<string, unknown>): ConvertArgs {
+  const files = ((argv.files as unknown[]) ?? []).map(String);
+  if (files.length < 2) throw new UsageError('Expecting a source and a target file name');
+  const sourceFormat = argv.f === undefined ? undefined : String(argv.f);
+  if (sourceFormat !== undefined && !FORMATS.includes(sourceFormat)) throw new UsageError(`Unknown file format '${sourceFormat}' (qcow2 or raw)`);
+  const targetFormat = String(argv.O);
+  if (!FORMATS.includes(targetFormat)) throw new UsageError(`Unknown file format '${targetFormat}' (qcow2 or raw)`);
+  if (targetFormat === 'raw' && argv.n) throw new UsageError('-n is for a qcow2 target');
+  return {
+    sources: files.slice(0, -1),
+    target: files[files.length - 1],
+    sourceFormat,
+    targetFormat,
+    options: (argv.o as string[]) ?? [],
+    noCreate: Boolean(argv.n),
+    progress: Boolean(argv.p),
+    quiet: Boolean(argv.quiet),
+    forceShare: Boolean(argv.U),
+  };
+}
+export const run = runConvert;
