@@ -37,7 +37,8 @@ export async function* snapshotTableEntries(
     pos += decoded.length;
     const tableBytes = bufStart + pos - offset;
     if (tableBytes > MAX_SNAPSHOT_TABLE_BYTES) {
-      throw new SnapshotTableTooBigError(`snapshot table is too big (over ${MAX_SNAPSHOT_TABLE_BYTES} bytes at snapshot ${index})`, { offset, structure: 'snapshot table' });
+      const message = `snapshot table is too big (over ${MAX_SNAPSHOT_TABLE_BYTES} bytes at snapshot ${index})`;
+      throw new SnapshotTableTooBigError(message, { offset, structure: 'snapshot table' });
     }
     yield { entry: decoded.entry, tableBytes };
     index++;

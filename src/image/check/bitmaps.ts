@@ -31,7 +31,9 @@ function bitmapsExtension(run: CheckRun): { count: number; directorySize: number
   if (count > QCOW2_MAX_BITMAPS) invalid(`${count} bitmaps, exceeding the supported maximum of ${QCOW2_MAX_BITMAPS}`);
   if (count === 0) invalid('found bitmaps extension with zero bitmaps');
   if (directoryOffset % BigInt(run.clusterSize) !== 0n || directoryOffset >= 1n << 53n) invalid('invalid bitmap directory offset');
-  if (directorySize > BigInt(QCOW2_MAX_BITMAP_DIRECTORY_SIZE)) invalid(`bitmap directory size (${directorySize}) exceeds the maximum supported size (${QCOW2_MAX_BITMAP_DIRECTORY_SIZE})`);
+  if (directorySize > BigInt(QCOW2_MAX_BITMAP_DIRECTORY_SIZE)) {
+    invalid(`bitmap directory size (${directorySize}) exceeds the maximum supported size (${QCOW2_MAX_BITMAP_DIRECTORY_SIZE})`);
+  }
   return { count, directorySize: Number(directorySize), directoryOffset: Number(directoryOffset) };
 }
 

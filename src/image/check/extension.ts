@@ -63,7 +63,8 @@ export async function countExtension(run: CheckRun, fix: number): Promise<void> 
       const fixable = r.problemCount + run.extOverlaps;
       if (fixable && fix & FIX_ERRORS) {
         await dropExtension(run, extension.autoclear);
-        run.emit(`Repairing ${extension.key}: structures dropped (autoclear bits 0x${extension.autoclear.toString(16)} cleared)${r.areas.length ? '; their clusters are now leaks' : ''}`);
+        const leaks = r.areas.length ? '; their clusters are now leaks' : '';
+        run.emit(`Repairing ${extension.key}: structures dropped (autoclear bits 0x${extension.autoclear.toString(16)} cleared)${leaks}`);
         res.corruptions -= fixable;
         res.corruptionsFixed += fixable;
       }

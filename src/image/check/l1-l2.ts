@@ -102,7 +102,8 @@ async function checkL2(run: CheckRun, l2Offset: number, times: number, active: b
       res.corruptions += times;
       if (e.kind === 'zero') {
         const fixing = (fix & FIX_ERRORS) !== 0;
-        run.emit(`${fixing ? 'Repairing' : 'ERROR'} offset=${hostOffset.toString(16)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`, fixing ? 1 : times);
+        const what = `offset=${hostOffset.toString(16)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`;
+        run.emit(`${fixing ? 'Repairing' : 'ERROR'} ${what}`, fixing ? 1 : times);
         if (fixing && (await fixL2EntryByZero(run, l2Offset, i, active))) {
           res.corruptions -= times;
           res.corruptionsFixed++;

@@ -9,7 +9,9 @@ import { maxRefcount, refblockEntries } from '../../format/refcount.ts';
 import type { SnapshotEntry } from '../../format/snapshot.ts';
 import { RefcountArray } from './refcount-array.ts';
 import { StoredRefcounts } from './stored-refcounts.ts';
-import { MAX_EMITTED_MESSAGES, MAX_STORED_MESSAGES, zeroCounts, type CheckCounts, type CheckExtension, type CheckTarget, type ExtensionReport } from './types.ts';
+import {
+  MAX_EMITTED_MESSAGES, MAX_STORED_MESSAGES, zeroCounts, type CheckCounts, type CheckExtension, type CheckTarget, type ExtensionReport,
+} from './types.ts';
 
 /** Byte offset of the header's autoclear_features field. */
 const AUTOCLEAR_FIELD_OFFSET = 88;
@@ -160,7 +162,8 @@ export class CheckRun {
   addReferences(hostOffset: number, byteLength: number, times = 1, offsetHex?: string): void {
     if (byteLength <= 0 || times <= 0) return;
     if (hostOffset + byteLength - this.fileSize >= this.clusterSize) {
-      this.emit(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${offsetHex ?? hostOffset.toString(16)} size 0x${byteLength.toString(16)}`, times);
+      const region = `offset 0x${offsetHex ?? hostOffset.toString(16)} size 0x${byteLength.toString(16)}`;
+      this.emit(`ERROR: counting reference for region exceeding the end of the file by one cluster or more: ${region}`, times);
       this.res.corruptions += times;
       return;
     }
@@ -175,7 +178,8 @@ export class CheckRun {
       if (overflow > 0) {
         for (let i = 0; i < overflow && i < 2; i++) {
           this.emit(`ERROR: overflow cluster offset=0x${(k * this.clusterSize).toString(16)}`);
-          this.emit('Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing');
+          this.emit('Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy'
+            + ' if the image cannot be opened for writing');
         }
         if (overflow > 2) this.emit(`ERROR: overflow cluster offset=0x${(k * this.clusterSize).toString(16)} (${overflow - 2} more times)`);
         this.res.corruptions += overflow;
