@@ -16,8 +16,7 @@
 // Bitmap table entry (u64): bits 9–55 the offset of a data cluster (0: none), bit 0 "all
 // ones" when there is none, every other bit reserved (BME_TABLE_ENTRY_RESERVED_MASK).
 
-import { TWO_32 } from './bytes.ts';
-import { OFFSET_MASK_HI, OFFSET_MASK_LO } from './l1l2.ts';
+import { entryOffset } from './l1l2.ts';
 
 /** Bitmaps extension limits (QEMU's qcow2-bitmap.c): entries, sizes, flags. */
 export const QCOW2_MAX_BITMAPS = 65535;
@@ -102,7 +101,7 @@ export function decodeBitmapTableEntry(table: Buffer, index: number): BitmapTabl
   const hi = table.readUInt32BE(index * 8);
   const lo = table.readUInt32BE(index * 8 + 4);
   return {
-    offset: (hi & OFFSET_MASK_HI) * TWO_32 + ((lo & OFFSET_MASK_LO) >>> 0),
+    offset: entryOffset(hi, lo),
     allOnes: (lo & BME_TABLE_ENTRY_FLAG_ALL_ONES) !== 0,
     reservedBits: (hi & BME_TABLE_ENTRY_RESERVED_HI) !== 0 || (lo & BME_TABLE_ENTRY_RESERVED_LO) !== 0,
   };
