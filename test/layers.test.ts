@@ -73,10 +73,10 @@ test('layers: format/ imports nothing outside itself (but errors.ts)', () => {
   assert.deepEqual(wrong.map((i) => `${i.from} imports ${i.to}`), []);
 });
 
-test('layers: no import cycle among src/ files (imports that exist at run time)', () => {
-  // Tarjan's strongly connected components over value imports (type-only imports are erased).
+/** The import cycles (strongly connected components, Tarjan) of src/ over `chosen` imports. */
+function cyclesOf(chosen: Import[]): string[][] {
   const edges = new Map<string, string[]>();
-  for (const i of imports) if (!i.typeOnly) edges.set(i.from, [...(edges.get(i.from) ?? []), i.to]);
+  for (const i of chosen) edges.set(i.from, [...(edges.get(i.from) ?? []), i.to]);
   const index = new Map<string, number>();
   const low = new Map<string, number>();
   const onStack = new Set<string>();
@@ -109,5 +109,17 @@ test('layers: no import cycle among src/ files (imports that exist at run time)'
     }
   };
   for (const f of files.map((x) => relative(src, x))) if (!index.has(f)) visit(f);
+  return cycles;
+}
+
+test('layers: no import cycle among src/ files (imports that exist at run time)', () => {
+  const cycles = cyclesOf(imports.filter((i) => !i.typeOnly));
+  assert.deepEqual(cycles, [], `import cycles: ${cycles.map((c) => c.join(' ↔ ')).join('; ')}`);
+});
+
+test('layers: no import cycle among src/ files, type-only imports included', () => {
+  // A cycle hidden behind `import type` or a dynamic import() is still one module graph a
+  // reader has to untangle (check.ts and image.ts once imported each other that way).
+  const cycles = cyclesOf(imports);
   assert.deepEqual(cycles, [], `import cycles: ${cycles.map((c) => c.join(' ↔ ')).join('; ')}`);
 });

@@ -18,7 +18,7 @@ import { HASH_ENTRY_BYTES } from '../format/hash-entry.ts';
 import { BUCKET_SLOTS, SLOT_USED, candidateBuckets, decodeIncarnationSlot, incarnationLayout, tagOf } from '../format/incarnation.ts';
 import { INCOMPAT_DIRTY, MAX_HOST_OFFSET } from '../format/header.ts';
 import { compressedClusterSpan, decodeL1Entry, decodeL2Entry } from '../format/l1l2.ts';
-import type { CheckExtension, ExtensionReport } from '../image/check.ts';
+import type { CheckExtension, ExtensionReport } from '../image/check-image.ts';
 import type { Image } from '../image/image.ts';
 import { Refcounts } from '../image/refcounts.ts';
 import { createHasher, hashAlgorithmName, type Hasher } from './hasher.ts';
@@ -513,7 +513,7 @@ export interface DedupCheckSummary {
 }
 
 /**
- * The dedup store's part of `check` (src/image/check.ts calls it at the start of every pass):
+ * The dedup store's part of `check` (src/image/check/extension.ts calls it at the start of every pass):
  * a trusted store's index is verified (its areas are referenced by the holder snapshot, which
  * check counts like any snapshot); an untrusted store owns nothing (the holder keeps its
  * clusters until the next write releases them). Bad entries are corruptions that

@@ -19,9 +19,11 @@ export const L1E_RESERVED_LO = 0x1ff;
 /** L2E_STD_RESERVED_MASK = 0x3f000000000001fe. */
 export const L2E_STD_RESERVED_HI = 0x3f00_0000;
 export const L2E_STD_RESERVED_LO = 0x1fe;
-/** Refcount table entries: REFT_OFFSET_MASK = 0xfffffffffffffe00 (low half), REFT_RESERVED_MASK = 0x1ff. */
-export const REFT_OFFSET_MASK_LO = 0xffff_fe00;
-export const REFT_RESERVED_LO = 0x1ff;
+
+/** The host offset bits 9–55 of an entry given as u32 halves (L1E/L2E_OFFSET_MASK; bitmap tables use the same bits). */
+export function entryOffset(hi: number, lo: number): number {
+  return (hi & OFFSET_MASK_HI) * TWO_32 + ((lo & OFFSET_MASK_LO) >>> 0);
+}
 
 export interface L1Entry {
   /** Host offset of the L2 table, 0 if none. */
@@ -34,7 +36,7 @@ export function decodeL1Entry(table: Buffer, index: number): L1Entry {
   const hi = table.readUInt32BE(index * 8);
   const lo = table.readUInt32BE(index * 8 + 4);
   return {
-    l2Offset: (hi & OFFSET_MASK_HI) * TWO_32 + ((lo & OFFSET_MASK_LO) >>> 0),
+    l2Offset: entryOffset(hi, lo),
     copied: (hi & QCOW_OFLAG_COPIED_HI) !== 0,
     reservedBits: (hi & L1E_RESERVED_HI) !== 0 || (lo & L1E_RESERVED_LO) !== 0,
   };
@@ -68,7 +70,8 @@ export function decodeL2Entry(table: Buffer, index: number, clusterBits: number)
   if (hi & QCOW_OFLAG_COMPRESSED_HI) {
     const descriptor = table.readBigUInt64BE(index * 8) & ((1n << 62n) - 1n);
     const x = BigInt(70 - clusterBits);
-    const compressedOffset = Number(descriptor & ((1n << x) - 1n));
+    const offsetBits = descriptor & ((1n << x) - 1n);
+    const compressedOffset = Number(offsetBits);
     const sectors = Number(descriptor >> x) + 1;
     return {
       kind: 'compressed',
@@ -76,10 +79,10 @@ export function decodeL2Entry(table: Buffer, index: number, clusterBits: number)
       copied: (hi & QCOW_OFLAG_COPIED_HI) !== 0,
       reservedBits: false,
       compressedOffset,
-      compressedLength: sectors * 512 - (compressedOffset % 512),
+      compressedLength: sectors * 512 - Number(offsetBits & 511n), // exact even where compressedOffset is rounded (> 2^53)
     };
   }
-  const hostOffset = (hi & OFFSET_MASK_HI) * TWO_32 + ((lo & OFFSET_MASK_LO) >>> 0);
+  const hostOffset = entryOffset(hi, lo);
   const zero = (lo & QCOW_OFLAG_ZERO) !== 0;
   return {
     kind: zero ? 'zero' : hostOffset === 0 ? 'unallocated' : 'normal',

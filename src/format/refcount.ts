@@ -4,6 +4,28 @@
 
 import { TWO_32 } from './bytes.ts';
 
+/** Refcount table entries: REFT_OFFSET_MASK = 0xfffffffffffffe00 (low half), REFT_RESERVED_MASK = 0x1ff. */
+export const REFT_OFFSET_MASK_LO = 0xffff_fe00;
+export const REFT_RESERVED_LO = 0x1ff;
+
+/** One refcount table entry: the block's offset (REFT_OFFSET_MASK) as a number and as u32 halves. */
+export interface ReftableEntry {
+  /** hi * 2^32 + lo: exact below 2^53 (hi < 0x200000), which callers check before trusting it. */
+  offset: number;
+  hi: number;
+  lo: number;
+  /** Bits 0–8 (REFT_RESERVED_MASK) are set. */
+  reservedBits: boolean;
+}
+
+/** Decodes entry `index` of a refcount table (8 bytes, big-endian). */
+export function decodeReftableEntry(table: Buffer, index: number): ReftableEntry {
+  const hi = table.readUInt32BE(index * 8);
+  const rawLo = table.readUInt32BE(index * 8 + 4);
+  const lo = (rawLo & REFT_OFFSET_MASK_LO) >>> 0;
+  return { offset: hi * TWO_32 + lo, hi, lo, reservedBits: (rawLo & REFT_RESERVED_LO) !== 0 };
+}
+
 /** Entries in one refcount block: cluster_size * 8 / refcount_bits. */
 export function refblockEntries(clusterBits: number, refcountOrder: number): number {
   return 2 ** (clusterBits + 3 - refcountOrder);

@@ -1,10 +1,19 @@
-// Checking an image by path: opens it (read-only, or on a writable handle to repair) and runs
-// check.ts's passes with the extension a layer above the engine supplies. Apart from check.ts
-// so that check.ts never imports image.ts (image.ts runs check.ts's rebuild on dirty images).
+// The check's public entry: checking an image by path (checkImage) — it opens the image
+// (read-only, or on a writable handle to repair) and runs the passes of ./check/ with the
+// extension a layer above the engine supplies — and the check's public API, re-exported.
+// Apart from ./check/ because it opens an Image: ./check/ never imports ./image.ts
+// (image.ts runs the check's refcount rebuild on dirty images).
 
 import { NodeFile } from './block-file.ts';
-import { checkOpenImage, type CheckExtension, type CheckOptions, type ImageCheck } from './check.ts';
+import { checkOpenImage } from './check/check-open-image.ts';
+import type { CheckExtension, CheckOptions, ImageCheck } from './check/types.ts';
 import { Image } from './image.ts';
+
+export { checkOpenImage } from './check/check-open-image.ts';
+export {
+  checkExitCode,
+  type CheckCounts, type CheckExtension, type CheckOptions, type CheckTarget, type ExtensionReport, type ImageCheck, type RepairMode,
+} from './check/types.ts';
 
 export interface CheckImageOptions extends CheckOptions {
   /**
@@ -30,4 +39,3 @@ export async function checkImage(path: string, options: CheckImageOptions = {}):
     await image.close();
   }
 }
-

@@ -17,12 +17,14 @@ import {
 import {
   compressedClusterSpan, decodeL1Entry, decodeL2Entry, encodeL1Entry, encodeL2Entry, type L2Entry,
 } from '../format/l1l2.ts';
-import { decodeSnapshotEntry, type SnapshotEntry } from '../format/snapshot.ts';
+import type { SnapshotEntry } from '../format/snapshot.ts';
 import { isZero } from '../format/bytes.ts';
 import { NodeFile, readvFrom, type BlockFile } from './block-file.ts';
 import { WriteBehindFile } from './write-behind.ts';
 import { BLK_PERM_ALL, LOCK_READ, forceShare, type LockRequest } from './image-lock.ts';
 import { Refcounts } from './refcounts.ts';
+import { readSnapshotTable } from './snapshot-table.ts';
+import { rebuildRefcounts } from './check/check-open-image.ts';
 
 /** Deepest backing chain followed (QEMU has no fixed limit; this bounds hostile chains). */
 export const MAX_BACKING_DEPTH = 32;
@@ -346,7 +348,6 @@ export class Image implements GuestReader {
     if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
       // Refcounts may be stale: rebuild them (and clear the bit) before they are loaded and
       // before any write; the rebuild clears foreign autoclear bits before its own first write.
-      const { rebuildRefcounts } = await import('./check.ts');
       await rebuildRefcounts(this);
       this.refcountsRebuilt = true;
     }
@@ -1157,35 +1158,4 @@ export async function probeFormat(path: string): Promise<string> {
   } finally {
     await file.close();
   }
-}
-
-/** QEMU's QCOW_MAX_SNAPSHOTS_SIZE: the snapshot table may not be larger. */
-const MAX_SNAPSHOT_TABLE_BYTES = 64 * 1024 * 1024;
-
-/**
- * Reads `count` snapshot table entries from `offset` within QEMU's limits (qcow2_read_snapshots:
- * 1 KiB of extra data an entry, 64 MiB in all); the snapshots' L1 tables are not looked at
- * (`info` shows a table as qemu-img does, Image.loadSnapshots validates). Throws CorruptImageError.
- */
-export async function readSnapshotTable(file: BlockFile, offset: number, count: number): Promise<SnapshotEntry[]> {
-  const out: SnapshotEntry[] = [];
-  let buf = Buffer.alloc(0);
-  let bufStart = offset;
-  let pos = 0;
-  while (out.length < count) {
-    const decoded = decodeSnapshotEntry(buf, pos, bufStart);
-    if (!decoded) {
-      const more = await file.read(bufStart + buf.length, 64 * 1024);
-      buf = Buffer.concat([buf.subarray(pos), more]);
-      bufStart += pos;
-      pos = 0;
-      continue;
-    }
-    out.push(decoded.entry);
-    pos += decoded.length;
-    if (bufStart + pos - offset > MAX_SNAPSHOT_TABLE_BYTES) {
-      throw new CorruptImageError(`snapshot table is too big (over ${MAX_SNAPSHOT_TABLE_BYTES} bytes at snapshot ${out.length - 1})`, { offset, structure: 'snapshot table' });
-    }
-  }
-  return out;
 }

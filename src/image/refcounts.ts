@@ -9,16 +9,90 @@
 // I3 (crash leaves at worst leaks): increments are written before any L2 entry points at
 // the cluster; decrements are queued (deferFree) and applied only after the L2 tables
 // that dropped the reference are durable, so a freed cluster is never reused early.
+//
+// RefcountBlockCache (the blocks in memory, read on demand, and which of them changed) is
+// shared with check's reader of the stored refcounts (src/image/check/stored-refcounts.ts).
 
 import { CorruptImageError, InternalError, QdedupError, hex } from '../errors.ts';
 import { MAX_HOST_OFFSET, MAX_REFTABLE_BYTES } from '../format/header.ts';
-import { REFT_RESERVED_LO } from '../format/l1l2.ts';
-import { getRefcount, maxRefcount, refblockEntries, setRefcount } from '../format/refcount.ts';
+import { decodeReftableEntry, getRefcount, maxRefcount, refblockEntries, setRefcount } from '../format/refcount.ts';
 import { readU64, writeU64 } from '../format/bytes.ts';
 import type { BlockFile } from './block-file.ts';
 
 /** Clean refcount blocks kept in memory before the cache is emptied of them. */
 const MAX_CACHED_BLOCKS = 4096;
+
+/**
+ * Refcount blocks in memory, by refcount table index, read on demand, and the set of those
+ * changed since they were last written. Where a block lives is the owner's business: it
+ * passes the offset to read() and a lookup to writeDirty().
+ */
+export class RefcountBlockCache {
+  private readonly blocks = new Map<number, Buffer>();
+  private readonly dirty = new Set<number>();
+
+  constructor(private readonly clusterSize: number, private readonly readAt: (offset: number, length: number) => Promise<Buffer>) {}
+
+  /** Blocks in memory. */
+  get size(): number {
+    return this.blocks.size;
+  }
+
+  /** Changed blocks in memory. */
+  get dirtyCount(): number {
+    return this.dirty.size;
+  }
+
+  /** The block of table entry `tableIndex` if it is in memory. */
+  cached(tableIndex: number): Buffer | undefined {
+    return this.blocks.get(tableIndex);
+  }
+
+  /** The block of table entry `tableIndex`, read from `offset` when not in memory. */
+  async read(tableIndex: number, offset: number): Promise<Buffer> {
+    const cached = this.blocks.get(tableIndex);
+    if (cached) return cached;
+    const buf = await this.readAt(offset, this.clusterSize);
+    this.blocks.set(tableIndex, buf);
+    return buf;
+  }
+
+  /** Puts a new block in memory, changed. */
+  add(tableIndex: number, block: Buffer): void {
+    this.blocks.set(tableIndex, block);
+    this.dirty.add(tableIndex);
+  }
+
+  markDirty(tableIndex: number): void {
+    this.dirty.add(tableIndex);
+  }
+
+  /** Drops every unchanged block from memory. */
+  dropClean(): void {
+    for (const t of this.blocks.keys()) if (!this.dirty.has(t)) this.blocks.delete(t);
+  }
+
+  /** Drops blocks, oldest first, writing the changed ones, until fewer than `keep` are left. */
+  async evict(keep: number, offsetOf: (tableIndex: number) => number, write: (offset: number, block: Buffer) => Promise<void>): Promise<void> {
+    for (const [t, block] of this.blocks) {
+      if (this.dirty.has(t)) {
+        await write(offsetOf(t), block);
+        this.dirty.delete(t);
+      }
+      this.blocks.delete(t);
+      if (this.blocks.size < keep) return;
+    }
+  }
+
+  /** Writes the changed blocks, in the order of their offsets. The caller syncs. */
+  async writeDirty(offsetOf: (tableIndex: number) => number, write: (offset: number, block: Buffer) => Promise<void>): Promise<void> {
+    const order = [...this.dirty].sort((a, b) => offsetOf(a) - offsetOf(b));
+    for (const t of order) {
+      await write(offsetOf(t), this.blocks.get(t)!);
+      this.dirty.delete(t);
+    }
+  }
+}
 
 export interface RefcountLayout {
   clusterBits: number;
@@ -41,8 +115,7 @@ export class Refcounts {
   /** Host offset of each refcount block, 0 when absent. Master copy. */
   private table: number[];
   private tableDirty = false;
-  private readonly blocks = new Map<number, Buffer>();
-  private readonly dirtyBlocks = new Set<number>();
+  private readonly blocks: RefcountBlockCache;
   /** Clusters whose refcount drops by one at the next commit, after the L2 updates are durable. */
   private pendingFrees: number[] = [];
   /** Lowest cluster index that may be free. */
@@ -62,6 +135,7 @@ export class Refcounts {
     this.tableOffset = layout.tableOffset;
     this.tableClusters = layout.tableClusters;
     this.table = table;
+    this.blocks = new RefcountBlockCache(this.clusterSize, (offset, length) => file.read(offset, length));
     this.metadataAt = metadataAt;
     this.onFreed = onFreed;
   }
@@ -72,7 +146,7 @@ export class Refcounts {
     const raw = await file.read(layout.tableOffset, layout.tableClusters * clusterSize);
     const table: number[] = [];
     for (let i = 0; i < raw.length / 8; i++) {
-      if (raw.readUInt32BE(i * 8 + 4) & REFT_RESERVED_LO) {
+      if (decodeReftableEntry(raw, i).reservedBits) {
         throw new CorruptImageError(`refcount table entry ${i} has reserved bits set`, { offset: layout.tableOffset + i * 8, structure: 'refcount table' });
       }
       const offset = readU64(raw, i * 8, `refcount block offset (refcount table entry ${i})`);
@@ -94,13 +168,11 @@ export class Refcounts {
    * memory: only fetch() does, before it reads, so what a fetch loaded stays until the next.
    */
   private async block(tableIndex: number): Promise<Buffer | undefined> {
-    const cached = this.blocks.get(tableIndex);
+    const cached = this.blocks.cached(tableIndex);
     if (cached) return cached;
     const offset = this.table[tableIndex];
     if (!offset) return undefined;
-    const buf = await this.file.read(offset, this.clusterSize);
-    this.blocks.set(tableIndex, buf);
-    return buf;
+    return this.blocks.read(tableIndex, offset);
   }
 
   /**
@@ -112,15 +184,11 @@ export class Refcounts {
     const missing = new Set<number>();
     for (const c of clusterIndexes) {
       const t = Math.floor(c / this.blockEntries);
-      if (this.table[t] && !this.blocks.has(t)) missing.add(t);
+      if (this.table[t] && !this.blocks.cached(t)) missing.add(t);
     }
     if (!missing.size) return;
-    if (this.blocks.size + missing.size > MAX_CACHED_BLOCKS) this.dropCleanBlocks();
+    if (this.blocks.size + missing.size > MAX_CACHED_BLOCKS) this.blocks.dropClean();
     for (const t of missing) await this.block(t);
-  }
-
-  private dropCleanBlocks(): void {
-    for (const t of this.blocks.keys()) if (!this.dirtyBlocks.has(t)) this.blocks.delete(t);
   }
 
   /** Refcount of host cluster `clusterIndex` (0 where no block covers it), its block read first if need be. */
@@ -135,7 +203,7 @@ export class Refcounts {
    */
   count(clusterIndex: number): number {
     const t = Math.floor(clusterIndex / this.blockEntries);
-    const block = this.blocks.get(t);
+    const block = this.blocks.cached(t);
     if (block) return getRefcount(block, clusterIndex % this.blockEntries, this.refcountOrder);
     if (!this.table[t]) return 0;
     throw new InternalError(`refcount block of cluster ${clusterIndex} not fetched`);
@@ -146,7 +214,7 @@ export class Refcounts {
     const block = await this.block(t);
     if (!block) throw new QdedupError(`internal: no refcount block for cluster ${clusterIndex}`, 'EINTERNAL');
     setRefcount(block, clusterIndex % this.blockEntries, this.refcountOrder, value);
-    this.dirtyBlocks.add(t);
+    this.blocks.markDirty(t);
   }
 
   /**
@@ -156,13 +224,13 @@ export class Refcounts {
    */
   increment(clusterIndex: number): number {
     const t = Math.floor(clusterIndex / this.blockEntries);
-    const block = this.blocks.get(t);
+    const block = this.blocks.cached(t);
     if (!block) throw new InternalError(`refcount block of cluster ${clusterIndex} not fetched`);
     const index = clusterIndex % this.blockEntries;
     const value = getRefcount(block, index, this.refcountOrder) + 1;
     if (value > this.max) throw new CorruptImageError(`refcount of cluster ${clusterIndex} would exceed ${this.max}`, { offset: clusterIndex * this.clusterSize, structure: 'refcount block' });
     setRefcount(block, index, this.refcountOrder, value);
-    this.dirtyBlocks.add(t);
+    this.blocks.markDirty(t);
     return value;
   }
 
@@ -219,7 +287,7 @@ export class Refcounts {
         const block = (await this.block(t))!;
         const end = Math.min(start + count, (t + 1) * this.blockEntries);
         for (let c = Math.max(start, t * this.blockEntries); c < end; c++) setRefcount(block, c % this.blockEntries, this.refcountOrder, 1);
-        this.dirtyBlocks.add(t);
+        this.blocks.markDirty(t);
       }
       this.freeHint = start + count;
       return start * this.clusterSize;
@@ -265,8 +333,7 @@ export class Refcounts {
       while (this.table.length <= tableIndex) this.table.push(0);
       this.table[tableIndex] = place * this.clusterSize;
       this.tableDirty = true;
-      this.blocks.set(tableIndex, block);
-      this.dirtyBlocks.add(tableIndex);
+      this.blocks.add(tableIndex, block);
       await this.set(place, 1); // counted by itself or by the existing block of placeTable
       this.freeHint = place + 1;
       return;
@@ -302,18 +369,16 @@ export class Refcounts {
   }
 
   hasDirty(): boolean {
-    return this.dirtyBlocks.size > 0 || this.tableDirty;
+    return this.blocks.dirtyCount > 0 || this.tableDirty;
   }
 
   dirtyBytes(): number {
-    return this.dirtyBlocks.size * this.clusterSize;
+    return this.blocks.dirtyCount * this.clusterSize;
   }
 
   /** Writes dirty blocks, then the table if it changed. The caller syncs. */
   async writeDirty(): Promise<void> {
-    const order = [...this.dirtyBlocks].sort((a, b) => this.table[a] - this.table[b]);
-    for (const t of order) await this.file.write(this.table[t], this.blocks.get(t)!);
-    this.dirtyBlocks.clear();
+    await this.blocks.writeDirty((t) => this.table[t], (offset, block) => this.file.write(offset, block));
     if (this.tableDirty) {
       // I3: a new block, and the block that counts it, durable before the table names it. In
       // one unsynced window a crash could keep the table and lose the blocks: a table naming a

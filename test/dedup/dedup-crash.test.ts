@@ -16,7 +16,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Image } from '../../src/image/image.ts';
 import { createImage } from '../../src/dedup/open.ts';
-import { checkOpenImage } from '../../src/image/check.ts';
+import { checkOpenImage } from '../../src/image/check-image.ts';
 import { Dedup } from '../../src/dedup/dedup.ts';
 import { CorruptImageError } from '../../src/errors.ts';
 import { liveEntries } from '../../src/dedup/inspect.ts';

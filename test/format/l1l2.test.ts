@@ -41,3 +41,12 @@ test('encode/decode round trips, golden hex', () => {
   buf.write('7f00000000070001', 0, 'hex');
   assert.equal(decodeL1Entry(buf, 0).reservedBits, true);
 });
+
+test('compressed descriptor past 2^53: the length comes from the exact offset bits, not the rounded offset', () => {
+  // 512-byte clusters: 61 offset bits. Offset 2^60 + 5 rounds to 2^60 as a number.
+  const buf = Buffer.alloc(8);
+  buf.writeBigUInt64BE((1n << 62n) | (1n << 60n) | 5n, 0);
+  const e = decodeL2Entry(buf, 0, 9);
+  assert.equal(e.compressedOffset, 2 ** 60);
+  assert.equal(e.compressedLength, 512 - 5);
+});

@@ -1,6 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { getRefcount, maxRefcount, refblockEntries, setRefcount } from '../../src/format/refcount.ts';
+import { decodeReftableEntry, getRefcount, maxRefcount, refblockEntries, setRefcount } from '../../src/format/refcount.ts';
 
 test('sub-byte widths pack from the least significant bit (bytes QEMU wrote)', () => {
   // six clusters with refcount 1, as observed in fresh qemu-img images
@@ -30,4 +30,15 @@ test('every width round trips its maximum and neighbours stay intact', () => {
   assert.equal(getRefcount(Buffer.from('0002', 'hex'), 0, 4), 2); // 16-bit big-endian
   assert.equal(refblockEntries(16, 4), 32768);
   assert.equal(refblockEntries(9, 0), 4096);
+});
+
+test('refcount table entries: offset mask, reserved bits, halves kept for offsets past 2^53', () => {
+  const table = Buffer.alloc(24);
+  table.writeBigUInt64BE(0x5_0000_0000n, 0);
+  table.writeBigUInt64BE(0x30001n, 8); // reserved bit 0
+  table.writeBigUInt64BE(0xffff_ffff_ffff_fe00n, 16);
+  assert.deepEqual(decodeReftableEntry(table, 0), { offset: 0x5_0000_0000, hi: 5, lo: 0, reservedBits: false });
+  assert.deepEqual(decodeReftableEntry(table, 1), { offset: 0x30000, hi: 0, lo: 0x30000, reservedBits: true });
+  const far = decodeReftableEntry(table, 2);
+  assert.deepEqual([far.hi, far.lo, far.reservedBits], [0xffff_ffff, 0xffff_fe00, false]);
 });

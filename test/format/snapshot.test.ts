@@ -40,7 +40,7 @@ test('the holder entry: golden bytes, and it decodes back', () => {
   assert.equal(d.length, 80);
   assert.deepEqual({ ...d.entry }, {
     l1TableOffset: 0x30000, l1Size: 1, dateSec: 0x65000000, dateNsec: 5, vmClockNsec: 0n, vmStateSize: 0n,
-    id: '1', name: 'qdedup-dedup-holder', tableOffset: 0x20000, byteLength: 80,
+    id: '1', name: 'qdedup-dedup-holder', tableOffset: 0x20000, byteLength: 80, extraDataBytes: 16,
   });
 });
 

@@ -28,7 +28,7 @@ import {
   type Base, type DedupBase, type DedupHazards, type DedupLayout, type DedupMutant, type DedupOutcome, FIXTURES, dedupHazards,
   GuardFile, describe as describeMutant, describeDedup, loadBases, loadDedupBases, makeDedupMutant, makeMutant, mapImage, runDedupMutant, runMutant,
 } from './fuzz-lib.ts';
-import { checkOpenImage } from '../../src/image/check.ts';
+import { checkOpenImage } from '../../src/image/check-image.ts';
 import { openForWrite } from '../../src/dedup/open.ts';
 
 const COUNT = Number(process.env.QDEDUP_FUZZ ?? 2000);

@@ -29,7 +29,7 @@ import { IoError, QdedupError, UnsupportedError } from '../../src/errors.ts';
 import type { BlockFile } from '../../src/image/block-file.ts';
 import { MemFile } from '../../src/image/mem-file.ts';
 import { Image } from '../../src/image/image.ts';
-import { checkOpenImage, type CheckExtension, type ImageCheck } from '../../src/image/check.ts';
+import { checkOpenImage, type CheckExtension, type ImageCheck } from '../../src/image/check-image.ts';
 import { createImage, type CreateOptions } from '../../src/dedup/open.ts';
 import { createHasher, type SupportedHashAlgorithm } from '../../src/dedup/hasher.ts';
 import type { DedupSettings } from '../../src/dedup/dedup.ts';

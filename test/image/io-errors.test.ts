@@ -9,7 +9,7 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Image } from '../../src/image/image.ts';
 import { createImage } from '../../src/image/create.ts';
-import { checkOpenImage } from '../../src/image/check.ts';
+import { checkOpenImage } from '../../src/image/check-image.ts';
 import { FaultyFile } from '../../src/image/faulty-file.ts';
 import { MemFile } from '../../src/image/mem-file.ts';
 import { IoError } from '../../src/errors.ts';

@@ -15,8 +15,7 @@
 import type { Argv } from 'yargs';
 import { InternalError, InterruptedError, NotQcow2Error, QdedupError, UsageError, printable } from '../../errors.ts';
 import { catchInterrupts } from '../interrupt.ts';
-import { checkExitCode, type ImageCheck, type RepairMode } from '../../image/check.ts';
-import { checkImage } from '../../image/check-image.ts';
+import { checkExitCode, checkImage, type ImageCheck, type RepairMode } from '../../image/check-image.ts';
 import { dedupCheckExtension, type DedupCheckSummary } from '../../dedup/inspect.ts';
 import { checkFormat, outputFormat, readOnlyLock, refuseForceShare, withForceShareOption, withFormatOption, withOutputOption, withQuietOption, type OutputFormat } from '../common.ts';
 import { LOCK_READ, LOCK_WRITE } from '../../image/image-lock.ts';

@@ -7,7 +7,8 @@
 import type { Argv } from 'yargs';
 import { isAbsolute } from 'node:path';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, backingFormatOf } from '../../format/header.ts';
-import { Image, readSnapshotTable } from '../../image/image.ts';
+import { Image } from '../../image/image.ts';
+import { readSnapshotTable } from '../../image/snapshot-table.ts';
 import { inspectDedup } from '../../dedup/inspect.ts';
 import { checkFormat, outputFormat, readOnlyLock, withForceShareOption, withFormatOption, withOutputOption, type OutputFormat } from '../common.ts';
 import { LOCK_INFO, type LockRequest } from '../../image/image-lock.ts';
