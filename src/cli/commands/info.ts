@@ -1,14 +1,14 @@
 // `qdedup info`: what the image is, with qemu-img info's keys, meanings and layout, the
 // internal snapshot list included (formatted by ../snapshot-list.ts). A dedup image adds a
 // `dedup` object to the qcow2 format-specific data (as qemu-img nests `bitmaps` or
-// `encrypt` there): its settings and whether the store is trusted (src/dedup/inspect.ts).
+// `encrypt` there): its settings and whether the store is trusted (src/dedup/judge-store.ts).
 // imageInfo() reads the image; infoText() only formats what it returned.
 
 import type { Argv } from 'yargs';
 import { isAbsolute } from 'node:path';
 import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, backingFormatOf } from '../../format/header.ts';
 import { Image, readSnapshotTable } from '../../image/image.ts';
-import { inspectDedup } from '../../dedup/inspect.ts';
+import { judgeStore } from '../../dedup/judge-store.ts';
 import { checkFormat, outputFormat, readOnlyLock, withForceShareOption, withFormatOption, withOutputOption, type OutputFormat } from '../common.ts';
 import { LOCK_INFO, type LockRequest } from '../../image/image-lock.ts';
 import { humanSize } from '../parse.ts';
@@ -56,7 +56,7 @@ export interface DedupInfo {
 }
 
 async function dedupInfo(image: Image): Promise<DedupInfo | undefined> {
-  const insp = await inspectDedup(image, { store: false, tolerant: true });
+  const insp = await judgeStore(image, { store: false, tolerant: true });
   if (insp.extError) return { algorithm: insp.algorithm, trusted: false, reason: insp.reason ?? insp.extError.message };
   const e = insp.ext;
   if (!e) return undefined;
