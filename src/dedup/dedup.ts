@@ -68,9 +68,15 @@ export function maxStoreOrder(virtualSize: number, clusterSize: number): number 
   return Math.min(MAX_STORE_ORDER, Math.max(MIN_DEFAULT_ORDER, order));
 }
 
+/** Dedup images default to 4 KiB clusters: more duplicates found than at 64 KiB (BRIEF §2). */
+export const DEDUP_CLUSTER_BITS = 12;
+/** Smallest refcount width dedup works with: 4 bits (room to count shared clusters). */
+export const MIN_DEDUP_REFCOUNT_ORDER = 2;
+export const DEFAULT_JOURNAL_BLOCK = 4096;
+
 /** What `qdedup create` picks when no dedup option is given. */
 export function defaultDedupSettings(virtualSize: number, clusterSize: number): DedupSettings {
-  return { algorithm: DEFAULT_HASH_ALGORITHM, verify: false, maxIncarnations: 0, order: defaultStoreOrder(virtualSize, clusterSize), journalBlockSize: 4096 };
+  return { algorithm: DEFAULT_HASH_ALGORITHM, verify: false, maxIncarnations: 0, order: defaultStoreOrder(virtualSize, clusterSize), journalBlockSize: DEFAULT_JOURNAL_BLOCK };
 }
 
 export type { ClusterWrite };
@@ -140,7 +146,7 @@ export class Dedup implements WritePolicy {
       // The extension itself does not decode: nothing of the old store can be found, let
       // alone trusted. It is replaced by one with the default settings and a fresh store, as
       // an untrusted store is (an algorithm or version qdedup does not know is refused instead).
-      if (image.header.refcountOrder < 2) throw seen.error!;
+      if (image.header.refcountOrder < MIN_DEDUP_REFCOUNT_ORDER) throw seen.error!;
       const s = defaultDedupSettings(image.size, image.clusterSize);
       ext = {
         version: DEDUP_EXT_VERSION, hashAlgorithm: hashAlgorithmId(s.algorithm), dirty: true, verify: s.verify, order: s.order,

@@ -21,6 +21,8 @@ export const DEDUP_FLAG_DIRTY = 0x01;
 export const DEDUP_FLAG_VERIFY = 0x02;
 /** Largest log store: 2^20 buckets × 4 slots × 49 bytes ≈ 200 MiB of RAM per log store (I4, I5). */
 export const MAX_STORE_ORDER = 20;
+/** Largest max_incarnations (a u32 field; 0 = unlimited). */
+export const MAX_INCARNATIONS = 0xffffffff;
 
 export const CONFIG_MAGIC = 0x51444443; // "QDDC"
 export const CONFIG_HEADER_BYTES = 72;
