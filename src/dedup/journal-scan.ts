@@ -144,6 +144,8 @@ export interface JournalsReport {
   /** judgeStore()'s verdict: the next read-write open keeps the index. */
   trusted: boolean;
   ext: DedupExtension;
+  /** The hash algorithm's name, or "unknown (N)". */
+  algorithm: string;
   config: DedupConfig;
   /** Journal 0 then journal 1. */
   journals: { index: number; role: JournalRole; scan: JournalScan }[];
@@ -181,6 +183,6 @@ export async function readJournals(image: Image): Promise<JournalsReport> {
     ? 'kept: ' + journals.map((j) => `${j.scan.replayedEntries} entries from journal ${j.index} (${j.role})`).join(', ')
     : `${verdict.distrust === 'algorithm' ? 'refused' : 'dropped'}: ${verdict.reason}`;
   return {
-    autoclearBit: (image.header.autoclearFeatures & AUTOCLEAR_DEDUP) !== 0n, dirty: ext.dirty, trusted: verdict.trusted, ext, config, journals, indexKept: verdict.trusted, indexReason,
+    autoclearBit: (image.header.autoclearFeatures & AUTOCLEAR_DEDUP) !== 0n, dirty: ext.dirty, trusted: verdict.trusted, ext, algorithm: verdict.algorithm, config, journals, indexKept: verdict.trusted, indexReason,
   };
 }
