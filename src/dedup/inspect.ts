@@ -192,7 +192,7 @@ export function dedupCheckExtension(image: Image, deep: boolean): CheckExtension
         });
       }
       if (!insp.trusted || !insp.store) {
-        summary.reason = insp.reason ?? 'not trusted';
+        summary.reason = insp.reason!;
         return report;
       }
       report.trusted = true;

@@ -101,7 +101,7 @@ export async function dedupStats(path: string, lock?: LockRequest): Promise<Dedu
       'cluster-size': image.clusterSize,
       'hash-algorithm': v.algorithm,
       trusted: v.trusted,
-      ...(ext && !v.trusted ? { reason: v.reason ?? 'not trusted' } : {}),
+      ...(ext && !v.trusted ? { reason: v.reason! } : {}),
       dirty: ext?.dirty ?? false,
       'guest-clusters': guest,
       'data-clusters': data,
