@@ -92,5 +92,6 @@ export async function heldClusters(image: Image, holder: Holder, onBad: (message
 /** The image's stored refcounts, read-only (Refcounts.get only reads). Throws CorruptImageError for a bad refcount table. */
 export async function storedRefcounts(image: Image): Promise<Refcounts> {
   const h = image.header;
-  return Refcounts.load(image.file, { clusterBits: image.clusterBits, refcountOrder: h.refcountOrder, tableOffset: h.refcountTableOffset, tableClusters: h.refcountTableClusters }, () => undefined);
+  const layout = { clusterBits: image.clusterBits, refcountOrder: h.refcountOrder, tableOffset: h.refcountTableOffset, tableClusters: h.refcountTableClusters };
+  return Refcounts.load(image.file, layout, () => undefined);
 }

@@ -122,7 +122,9 @@ export async function resolveCreateOptions(a: CreateRequest, parse: OptionParser
 
   const backingFile = a.backing ?? opts.get('backing_file');
   let backingFormat = a.backingFormat ?? opts.get('backing_fmt');
-  if (backingFormat !== undefined && backingFormat !== 'qcow2' && backingFormat !== 'raw') throw new UsageError(`backing format '${backingFormat}' is not supported (qcow2 or raw)`);
+  if (backingFormat !== undefined && backingFormat !== 'qcow2' && backingFormat !== 'raw') {
+    throw new UsageError(`backing format '${backingFormat}' is not supported (qcow2 or raw)`);
+  }
   if (backingFormat !== undefined && backingFile === undefined) throw new UsageError('a backing format was given without a backing file');
 
   const sizeText = a.size ?? opts.get('size');
@@ -146,7 +148,9 @@ export async function resolveCreateOptions(a: CreateRequest, parse: OptionParser
  * The dedup settings from the -o list, or undefined for a plain image. Asking for dedup
  * (or a dedup_ key) where it cannot be is an error.
  */
-function dedupSettings(opts: Map<string, string>, version: 2 | 3, refcountOrder: number, size: number, clusterSize: number, parse: OptionParsers): DedupSettings | undefined {
+function dedupSettings(
+  opts: Map<string, string>, version: 2 | 3, refcountOrder: number, size: number, clusterSize: number, parse: OptionParsers,
+): DedupSettings | undefined {
   const name = opts.get('dedup');
   const dedupKeys = [...opts.keys()].filter((key) => key.startsWith('dedup_'));
   if (name === 'off') {
@@ -162,7 +166,9 @@ function dedupSettings(opts: Map<string, string>, version: 2 | 3, refcountOrder:
   const d = defaultDedupSettings(size, clusterSize);
   const algorithm = name === undefined ? d.algorithm : parseHashAlgorithm(name);
   const verify = opts.has('dedup_verify') ? parse.bool(opts.get('dedup_verify')!, 'dedup_verify') : d.verify;
-  const maxIncarnations = opts.has('dedup_max_incarnations') ? parseCount(opts.get('dedup_max_incarnations')!, 'dedup_max_incarnations', 0, MAX_INCARNATIONS) : d.maxIncarnations;
+  const maxIncarnations = opts.has('dedup_max_incarnations')
+    ? parseCount(opts.get('dedup_max_incarnations')!, 'dedup_max_incarnations', 0, MAX_INCARNATIONS)
+    : d.maxIncarnations;
   const order = opts.has('dedup_order') ? parseCount(opts.get('dedup_order')!, 'dedup_order', 0, MAX_STORE_ORDER) : d.order;
   const maxOrder = maxStoreOrder(size, clusterSize);
   if (order > maxOrder) {
@@ -171,7 +177,9 @@ function dedupSettings(opts: Map<string, string>, version: 2 | 3, refcountOrder:
     throw new UsageError(`dedup_order ${order} is too large for this disk (${clusters} clusters of ${clusterSize} bytes): the largest is ${maxOrder} (a log store of 2^${maxOrder} × 4 slots, at most twice the disk's clusters)`);
   }
   const journalBlockSize = opts.has('dedup_journal_block') ? parse.size(opts.get('dedup_journal_block')!, 'dedup journal block size') : d.journalBlockSize;
-  if (!validJournalBlockSize(journalBlockSize)) throw new UsageError(`dedup_journal_block must be a power of two from ${MIN_JOURNAL_BLOCK} to ${k(MAX_JOURNAL_BLOCK)}`);
+  if (!validJournalBlockSize(journalBlockSize)) {
+    throw new UsageError(`dedup_journal_block must be a power of two from ${MIN_JOURNAL_BLOCK} to ${k(MAX_JOURNAL_BLOCK)}`);
+  }
   return { algorithm, verify, maxIncarnations, order, journalBlockSize };
 }
 

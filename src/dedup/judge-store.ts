@@ -103,7 +103,8 @@ export function dedupExtensionOf(image: Image): DedupExtension | null {
  */
 export async function judgeStore(image: Image, options: JudgeOptions = {}): Promise<StoreVerdict> {
   const out: StoreVerdict = {
-    ext: null, extError: null, algorithm: 'off', trusted: false, distrust: null, reason: null, error: null, config: null, store: null, holder: null, areas: [], metadataClusters: 0,
+    ext: null, extError: null, algorithm: 'off', trusted: false, distrust: null, reason: null, error: null,
+    config: null, store: null, holder: null, areas: [], metadataClusters: 0,
   };
   const distrust = (why: DistrustReason, reason: string, error: QdedupError | null = null): StoreVerdict => {
     Object.assign(out, { distrust: why, reason, error, store: null });
@@ -237,7 +238,9 @@ async function misplacedArea(image: Image, areas: StoreArea[], holder: Holder | 
       // The holder holds every store cluster (its one reference): one it does not hold is not
       // the store's (or the image predates that rule: the index is rebuilt once, and those
       // clusters stay leaks for `check -r leaks`).
-      if (!holder || !(await holder.isHeld(c).catch(() => false))) return `${a.what} at ${hex(a.offset)}: cluster ${hex(c * cs)} is not held by the dedup holder snapshot`;
+      if (!holder || !(await holder.isHeld(c).catch(() => false))) {
+        return `${a.what} at ${hex(a.offset)}: cluster ${hex(c * cs)} is not held by the dedup holder snapshot`;
+      }
     }
   }
   return null;
