@@ -6,15 +6,14 @@
 // It is the engine's write policy (src/image/image.ts WritePolicy), attached by ./open.ts, and
 // changes the image only through the ImageWriter it is given.
 //
-// Trust (BRIEF I3): the store is used only if the autoclear bit is set, the dirty flag is
-// clear and its configuration and journals read back intact. Otherwise a fresh store is
-// built in new clusters and the old one is never written to nor freed. The dirty flag
+// Trust (BRIEF I3): the store is used only if judgeStore() (./judge-store.ts) trusts it
+// (autoclear bit set, dirty flag clear, configuration and journals intact, areas its own).
+// Otherwise a fresh store is built in new clusters and the old one is never written to nor freed. The dirty flag
 // reaches disk before the first write and is cleared only after everything else is durable.
 
 import { CorruptImageError, hex } from '../errors.ts';
 import {
-  AUTOCLEAR_DEDUP, DEDUP_EXT_VERSION, EXT_DEDUP, MAX_STORE_ORDER, configBytesFor, decodeDedupExtension,
-  encodeDedupConfig, encodeDedupExtension, type DedupExtension,
+  AUTOCLEAR_DEDUP, DEDUP_EXT_VERSION, EXT_DEDUP, MAX_STORE_ORDER, configBytesFor, encodeDedupConfig, encodeDedupExtension, type DedupExtension,
 } from '../format/dedup-ext.ts';
 import type { IndexEntry } from './slot-bits.ts';
 import { SNAPSHOT_FIXED_BYTES, encodeSnapshotEntry } from '../format/snapshot.ts';
@@ -25,7 +24,8 @@ import { isZero } from '../format/bytes.ts';
 import { DEFAULT_HASH_ALGORITHM, HASH_BYTES, createHasher, hashAlgorithmId, type Hasher, type SupportedHashAlgorithm } from './hasher.ts';
 import { HOLDER_NAME, Holder, holderL1Size, type HolderHost } from './holder.ts';
 import { DedupStore, geometryOf, initialJournalBlocks, type Allocate } from './store.ts';
-import { heldClusters, inspectDedup } from './inspect.ts';
+import { heldClusters } from './clusters.ts';
+import { judgeStore } from './judge-store.ts';
 
 export interface DedupSettings {
   algorithm: SupportedHashAlgorithm;
@@ -70,9 +70,15 @@ export function maxStoreOrder(virtualSize: number, clusterSize: number): number 
   return Math.min(MAX_STORE_ORDER, Math.max(MIN_DEFAULT_ORDER, order));
 }
 
+/** Dedup images default to 4 KiB clusters: more duplicates found than at 64 KiB (BRIEF §2). */
+export const DEDUP_CLUSTER_BITS = 12;
+/** Smallest refcount width dedup works with: 4 bits (room to count shared clusters). */
+export const MIN_DEDUP_REFCOUNT_ORDER = 2;
+export const DEFAULT_JOURNAL_BLOCK = 4096;
+
 /** What `qdedup create` picks when no dedup option is given. */
 export function defaultDedupSettings(virtualSize: number, clusterSize: number): DedupSettings {
-  return { algorithm: DEFAULT_HASH_ALGORITHM, verify: false, maxIncarnations: 0, order: defaultStoreOrder(virtualSize, clusterSize), journalBlockSize: 4096 };
+  return { algorithm: DEFAULT_HASH_ALGORITHM, verify: false, maxIncarnations: 0, order: defaultStoreOrder(virtualSize, clusterSize), journalBlockSize: DEFAULT_JOURNAL_BLOCK };
 }
 
 export type { ClusterWrite };
@@ -133,38 +139,19 @@ export class Dedup implements WritePolicy {
     this.host = host;
   }
 
-  /** The dedup extension of an image, decoded, or null for a plain image. */
-  static extensionOf(image: Image): DedupExtension | null {
-    const e = image.header.extensions.find((x) => x.type === EXT_DEDUP);
-    if (!e) return null;
-    try {
-      return decodeDedupExtension(e.data, image.clusterSize);
-    } catch (err) {
-      if (err instanceof CorruptImageError) err.details.offset = undefined;
-      throw err;
-    }
-  }
-
-  /** True when autoclear bit 60 and the dirty flag allow trust (the first checks of inspectDedup; tests). */
-  static trustedOnDisk(image: Image, ext: DedupExtension): boolean {
-    return (image.header.autoclearFeatures & AUTOCLEAR_DEDUP) !== 0n && !ext.dirty;
-  }
-
   /**
    * Read-write open of a dedup image: sets the dirty flag (synced), then opens the store
-   * or, if it is not to be trusted, starts a fresh one. Returns null for a plain image.
+   * or, if judgeStore() does not trust it, starts a fresh one. Returns null for a plain image.
    */
   static async attach(image: Image, writer: ImageWriter): Promise<Dedup | null> {
-    let ext: DedupExtension | null;
-    let damage: string | null = null;
-    try {
-      ext = Dedup.extensionOf(image);
-    } catch (err) {
+    // The trust verdict (reads only), and the store when trusted.
+    const seen = await judgeStore(image, { tolerant: true });
+    let ext = seen.ext;
+    if (seen.distrust === 'extension') {
       // The extension itself does not decode: nothing of the old store can be found, let
       // alone trusted. It is replaced by one with the default settings and a fresh store, as
       // an untrusted store is (an algorithm or version qdedup does not know is refused instead).
-      if (!(err instanceof CorruptImageError) || image.header.refcountOrder < 2) throw err;
-      damage = err.message;
+      if (image.header.refcountOrder < MIN_DEDUP_REFCOUNT_ORDER) throw seen.error!;
       const s = defaultDedupSettings(image.size, image.clusterSize);
       ext = {
         version: DEDUP_EXT_VERSION, hashAlgorithm: hashAlgorithmId(s.algorithm), dirty: true, verify: s.verify, order: s.order,
@@ -172,9 +159,7 @@ export class Dedup implements WritePolicy {
       };
     }
     if (!ext) return null;
-    createHasher(ext.hashAlgorithm); // refuses skein and unknown numbers before any write
-    // The trust verdict (reads only), and the store when trusted.
-    const seen = damage === null ? await inspectDedup(image) : { trusted: false, reason: `${damage}; the extension is replaced, with the default settings`, store: null, areas: [] };
+    if (seen.distrust === 'algorithm') throw seen.error!; // skein and unknown numbers, before any write
     await Dedup.writeExtension(writer, { ...ext, dirty: true }); // I3: dirty durable before any other write
     const host = hostOf(image, writer);
     let holder = await Dedup.findHolder(image, host);
@@ -197,7 +182,10 @@ export class Dedup implements WritePolicy {
       extNow = { ...extNow, configOffset, configBytes: image.clusterSize };
     }
     const d = new Dedup(image, writer, extNow, store, holder, host, allocate);
-    if (!seen.trusted) d.notice = `dedup index not trusted: ${seen.reason}; starting a fresh index (data is safe; earlier copies are no longer found)`;
+    if (!seen.trusted) {
+      const replaced = seen.distrust === 'extension' ? 'the extension is replaced, with the default settings; ' : '';
+      d.notice = `dedup index not trusted: ${seen.reason}; ${replaced}starting a fresh index (data is safe; earlier copies are no longer found)`;
+    }
     return d;
   }
 

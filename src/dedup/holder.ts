@@ -21,6 +21,7 @@
 
 import { CorruptImageError, InternalError, hex } from '../errors.ts';
 import { decodeL1Entry, decodeL2Entry, encodeL1Entry, encodeL2Entry } from '../format/l1l2.ts';
+import { MAX_L1_BYTES } from '../format/header.ts';
 import type { BlockFile } from '../image/block-file.ts';
 
 export const HOLDER_NAME = 'qdedup-dedup-holder';
@@ -49,7 +50,7 @@ export interface HolderHost {
 }
 
 /** QEMU's largest L1 table (QCOW_MAX_L1_SIZE): the holder never grows past it. */
-export const MAX_HOLDER_L1_ENTRIES = (32 * 1024 * 1024) / 8;
+export const MAX_HOLDER_L1_ENTRIES = MAX_L1_BYTES / 8;
 /** Room a new or grown holder L1 leaves past the clusters it must cover: 64 MiB of file. */
 const HOLDER_MARGIN_BYTES = 64 * 1024 * 1024;
 

@@ -10,15 +10,15 @@
 // the file), so its cost is bounded by the journal and the file.
 
 import { crc32 } from 'node:zlib';
-import { CorruptImageError, QdedupError, UnsupportedError, hex } from '../errors.ts';
+import { CorruptImageError, QdedupError, hex } from '../errors.ts';
 import {
-  AUTOCLEAR_DEDUP, EXT_DEDUP, decodeDedupConfig, decodeDedupExtension, type DedupConfig, type DedupExtension, type JournalDescriptor,
+  AUTOCLEAR_DEDUP, EXT_DEDUP, decodeDedupConfig, type DedupConfig, type DedupExtension, type JournalDescriptor,
 } from '../format/dedup-ext.ts';
 import { ENTRY_HEADER_BYTES, JOURNAL_MAGIC, decodeJournalBlock, type BlockVerdict } from '../format/journal-block.ts';
 import type { BlockFile } from '../image/block-file.ts';
 import type { Image } from '../image/image.ts';
 import type { ReplayStop } from './journal.ts';
-import { replayDamage } from './store.ts';
+import { judgeStore } from './judge-store.ts';
 
 export interface ScannedEntry {
   /** Byte offset of the entry from the start of the journal (block × block size + offset in block). */
@@ -141,53 +141,48 @@ export interface JournalsReport {
   autoclearBit: boolean;
   /** Dedup dirty flag (extension byte 2, bit 0). */
   dirty: boolean;
-  /** Autoclear bit set and dirty flag clear: the metadata may be used (BRIEF §3.1). */
+  /** judgeStore()'s verdict: the next read-write open keeps the index. */
   trusted: boolean;
   ext: DedupExtension;
+  /** The hash algorithm's name, or "unknown (N)". */
+  algorithm: string;
   config: DedupConfig;
   /** Journal 0 then journal 1. */
   journals: { index: number; role: JournalRole; scan: JournalScan }[];
-  /** What the next read-write open does with the index (the rules of Dedup.attach). */
+  /** Same as `trusted` (kept as the JSON key `index-kept`). */
   indexKept: boolean;
-  /** Why the index would be dropped, or what is kept. */
+  /** What the next write does with the index: "kept: …", "dropped: <reason>", or "refused: <reason>" (an algorithm a write refuses). */
   indexReason: string;
 }
 
 /**
  * Reads the dedup extension, the configuration area and both journals of an image opened
- * read-only. Throws QdedupError (exit 1) for a plain image and CorruptImageError naming a
- * damaged extension or configuration area.
+ * read-only, with judgeStore()'s verdict. Throws QdedupError (exit 1) for a plain image and
+ * CorruptImageError naming a damaged extension or configuration area (the journals cannot
+ * be found without them).
  */
 export async function readJournals(image: Image): Promise<JournalsReport> {
-  const raw = image.header.extensions.find((x) => x.type === EXT_DEDUP);
-  if (!raw) throw new QdedupError(`not a dedup image (no dedup header extension ${hex(EXT_DEDUP)})`, 'ENOTDEDUP', 1);
-  const ext = decodeDedupExtension(raw.data, image.clusterSize);
-  let config: DedupConfig;
-  try {
-    config = decodeDedupConfig(await image.file.read(ext.configOffset, ext.configBytes), ext.configOffset, image.clusterSize);
-  } catch (err) {
-    // Name the area and where it is: "dedup configuration area: checksum mismatch at 0x…".
-    if (err instanceof CorruptImageError) throw new CorruptImageError(`${err.message} at ${hex(err.details.offset ?? ext.configOffset)}`, err.details);
-    if (err instanceof UnsupportedError) {
-      throw new CorruptImageError(`dedup configuration area at ${hex(ext.configOffset)}: ${err.message}`, { offset: ext.configOffset, structure: 'dedup configuration area' });
+  const verdict = await judgeStore(image, { store: false });
+  const ext = verdict.ext;
+  if (!ext) throw new QdedupError(`not a dedup image (no dedup header extension ${hex(EXT_DEDUP)})`, 'ENOTDEDUP', 1);
+  let config = verdict.config;
+  if (!config) {
+    try {
+      config = decodeDedupConfig(await image.file.read(ext.configOffset, ext.configBytes), ext.configOffset, image.clusterSize);
+    } catch (err) {
+      // Name the area and where it is: "dedup configuration area: checksum mismatch at 0x…".
+      if (err instanceof CorruptImageError) throw new CorruptImageError(`${err.message} at ${hex(err.details.offset ?? ext.configOffset)}`, err.details);
+      throw err;
     }
-    throw err;
   }
-  const autoclearBit = (image.header.autoclearFeatures & AUTOCLEAR_DEDUP) !== 0n;
-  const trusted = autoclearBit && !ext.dirty;
   const journals = [];
   for (const index of [0, 1]) {
     journals.push({ index, role: (index === config.currentJournal ? 'current' : 'frozen') as JournalRole, scan: await scanJournal(image.file, config.journals[index], ext.journalBlockSize) });
   }
-  let indexKept = false;
-  let indexReason: string;
-  const damaged = replayDamage(journals.map((j) => j.scan.stop), config.journals);
-  if (!autoclearBit) indexReason = 'dropped: dedup autoclear bit 60 is clear (another program opened the image for writing)';
-  else if (ext.dirty) indexReason = 'dropped: dedup dirty flag set (the image was not closed cleanly)';
-  else if (damaged) indexReason = `dropped: ${damaged}`;
-  else {
-    indexKept = true;
-    indexReason = 'kept: ' + journals.map((j) => `${j.scan.replayedEntries} entries from journal ${j.index} (${j.role})`).join(', ');
-  }
-  return { autoclearBit, dirty: ext.dirty, trusted, ext, config, journals, indexKept, indexReason };
+  const indexReason = verdict.trusted
+    ? 'kept: ' + journals.map((j) => `${j.scan.replayedEntries} entries from journal ${j.index} (${j.role})`).join(', ')
+    : `${verdict.distrust === 'algorithm' ? 'refused' : 'dropped'}: ${verdict.reason}`;
+  return {
+    autoclearBit: (image.header.autoclearFeatures & AUTOCLEAR_DEDUP) !== 0n, dirty: ext.dirty, trusted: verdict.trusted, ext, algorithm: verdict.algorithm, config, journals, indexKept: verdict.trusted, indexReason,
+  };
 }

@@ -3,7 +3,7 @@
 // layer (docs/DESIGN.md "Layers"). Every writer goes through here: `write`, `create -o dedup`,
 // the tests' writers.
 
-import { EXT_DEDUP, AUTOCLEAR_DEDUP } from '../format/dedup-ext.ts';
+import { AUTOCLEAR_DEDUP, findDedupExtension } from '../format/dedup-ext.ts';
 import type { Header } from '../format/header.ts';
 import { Image, type OpenOptions } from '../image/image.ts';
 import { LOCK_WRITE } from '../image/image-lock.ts';
@@ -17,7 +17,7 @@ export interface WriteOpenOptions extends Omit<OpenOptions, 'writable' | 'policy
 
 /** Autoclear bits a writer of this image maintains: bit 60 on a dedup image (its extension present). */
 export function dedupAutoclear(header: Header): bigint {
-  return header.extensions.some((e) => e.type === EXT_DEDUP) ? AUTOCLEAR_DEDUP : 0n;
+  return findDedupExtension(header.extensions) ? AUTOCLEAR_DEDUP : 0n;
 }
 
 /**

@@ -9,6 +9,8 @@
 import { crc32 } from 'node:zlib';
 import { CorruptImageError, hex } from '../errors.ts';
 import { readU64, writeU64 } from './bytes.ts';
+import type { HeaderExtension } from './header.ts';
+import { MAX_JOURNAL_BLOCK, MIN_JOURNAL_BLOCK } from './journal-block.ts';
 
 export const EXT_DEDUP = 0xcd8e819b;
 /** Autoclear bit 60: "the qdedup dedup metadata is consistent with this image". */
@@ -19,6 +21,8 @@ export const DEDUP_FLAG_DIRTY = 0x01;
 export const DEDUP_FLAG_VERIFY = 0x02;
 /** Largest log store: 2^20 buckets × 4 slots × 49 bytes ≈ 200 MiB of RAM per log store (I4, I5). */
 export const MAX_STORE_ORDER = 20;
+/** Largest max_incarnations (a u32 field; 0 = unlimited). */
+export const MAX_INCARNATIONS = 0xffffffff;
 
 export const CONFIG_MAGIC = 0x51444443; // "QDDC"
 export const CONFIG_HEADER_BYTES = 72;
@@ -38,6 +42,16 @@ export interface DedupExtension {
   maxIncarnations: number;
   configOffset: number;
   configBytes: number;
+}
+
+/** A journal block size the format allows: a power of two from MIN_JOURNAL_BLOCK to MAX_JOURNAL_BLOCK. */
+export function validJournalBlockSize(n: number): boolean {
+  return Number.isInteger(n) && n >= MIN_JOURNAL_BLOCK && n <= MAX_JOURNAL_BLOCK && (n & (n - 1)) === 0;
+}
+
+/** The dedup extension's payload among a header's extensions, or undefined (a plain image): the one place it is looked up. */
+export function findDedupExtension(extensions: HeaderExtension[]): Buffer | undefined {
+  return extensions.find((e) => e.type === EXT_DEDUP)?.data;
 }
 
 export function encodeDedupExtension(e: DedupExtension): Buffer {
@@ -62,7 +76,7 @@ export function decodeDedupExtension(buf: Buffer, clusterSize: number): DedupExt
   const order = buf[3];
   if (order > MAX_STORE_ORDER) throw bad(`store order ${order} above ${MAX_STORE_ORDER}`, 3);
   const journalBlockSize = buf.readUInt32BE(4);
-  if (journalBlockSize < 512 || journalBlockSize > 65536 || (journalBlockSize & (journalBlockSize - 1)) !== 0) throw bad(`journal block size ${journalBlockSize} is not a power of two from 512 to 65536`, 4);
+  if (!validJournalBlockSize(journalBlockSize)) throw bad(`journal block size ${journalBlockSize} is not a power of two from ${MIN_JOURNAL_BLOCK} to ${MAX_JOURNAL_BLOCK}`, 4);
   const configBytes = buf.readUInt32BE(12);
   const configOffset = readU64(buf, 16, 'dedup configuration offset');
   if (configOffset % clusterSize !== 0 || configOffset === 0) throw bad(`configuration area offset ${hex(configOffset)} is not a non-zero multiple of the cluster size`, 16);

@@ -19,6 +19,8 @@ export const V3_HEADER_LENGTH = 112;
 export const MIN_CLUSTER_BITS = 9; // 512 B
 export const MAX_CLUSTER_BITS = 21; // 2 MiB, QEMU's limit
 export const MAX_REFCOUNT_ORDER = 6; // 64-bit refcounts
+/** Version 2 images have 16-bit refcounts (refcount_order is a v3 field). */
+export const V2_REFCOUNT_ORDER = 4;
 /** QEMU's QCOW_MAX_L1_SIZE: 32 MiB of L1 entries covers 2^52 bytes at 2 MiB clusters. */
 export const MAX_L1_BYTES = 32 * 1024 * 1024;
 /** QEMU's QCOW_MAX_REFTABLE_SIZE. */
@@ -127,7 +129,7 @@ export function decodeHeader(buf: Buffer): Header {
   let incompatibleFeatures = 0n;
   let compatibleFeatures = 0n;
   let autoclearFeatures = 0n;
-  let refcountOrder = 4;
+  let refcountOrder = V2_REFCOUNT_ORDER;
   let compressionType = 0;
   let extraHeaderBytes = Buffer.alloc(0);
   if (version === 3) {

@@ -7,13 +7,18 @@ import { open } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { UsageError } from '../errors.ts';
 import {
-  COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, MAX_L1_BYTES, MAX_REFTABLE_BYTES, V3_HEADER_LENGTH,
+  COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, MAX_L1_BYTES, MAX_REFTABLE_BYTES, V2_HEADER_LENGTH, V2_REFCOUNT_ORDER, V3_HEADER_LENGTH,
   encodeHeader, l1SizeFor, type Header,
 } from '../format/header.ts';
 import { refblockEntries, setRefcount } from '../format/refcount.ts';
 import { writeU64 } from '../format/bytes.ts';
 import { NodeFile, ioError } from './block-file.ts';
 import { LOCK_CREATE } from './image-lock.ts';
+
+/** qemu-img's default cluster size for qcow2: 64 KiB. */
+export const DEFAULT_CLUSTER_BITS = 16;
+/** qemu-img's default refcount width for qcow2 v3: 16 bits (v2's only width). */
+export const DEFAULT_REFCOUNT_ORDER = V2_REFCOUNT_ORDER;
 
 export interface CreateOptions {
   /** Virtual size in bytes, rounded up to a multiple of 512 as qemu-img does. */
@@ -66,7 +71,7 @@ export function planImage(o: CreateOptions): { header: Header; clusters: number;
     compatibleFeatures: o.lazyRefcounts ? COMPAT_LAZY_REFCOUNTS : 0n,
     autoclearFeatures: 0n,
     refcountOrder: o.refcountOrder,
-    headerLength: o.version === 3 ? V3_HEADER_LENGTH : 72,
+    headerLength: o.version === 3 ? V3_HEADER_LENGTH : V2_HEADER_LENGTH,
     compressionType: 0,
     extraHeaderBytes: Buffer.alloc(0),
     extensions: o.backingFormat ? [{ type: EXT_BACKING_FORMAT, data: Buffer.from(o.backingFormat, 'latin1') }] : [],

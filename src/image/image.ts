@@ -11,7 +11,7 @@ import { dirname, isAbsolute, resolve } from 'node:path';
 import { realpath } from 'node:fs/promises';
 import { CorruptImageError, InternalError, IoError, QdedupError, UnsupportedError, hex, printable } from '../errors.ts';
 import {
-  INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_HOST_OFFSET, backingFormatOf, clusterSizeOf,
+  INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_HOST_OFFSET, MAX_L1_BYTES, QCOW_MAGIC, backingFormatOf, clusterSizeOf,
   decodeHeader, encodeHeader, l2EntriesOf, type Header,
 } from '../format/header.ts';
 import {
@@ -372,7 +372,7 @@ export class Image implements GuestReader {
     const out = await readSnapshotTable(this.file, this.header.snapshotsOffset, this.header.nbSnapshots);
     for (const [i, e] of out.entries()) {
       if (e.l1TableOffset % this.clusterSize !== 0) throw new CorruptImageError(`snapshot ${i} L1 table offset ${hex(e.l1TableOffset)} is not cluster aligned`, { path: this.path, offset: e.tableOffset, structure: 'snapshot table' });
-      if (e.l1Size * 8 > 32 * 1024 * 1024) throw new CorruptImageError(`snapshot ${i} L1 table too large (${e.l1Size} entries)`, { path: this.path, offset: e.tableOffset + 8, structure: 'snapshot table' });
+      if (e.l1Size * 8 > MAX_L1_BYTES) throw new CorruptImageError(`snapshot ${i} L1 table too large (${e.l1Size} entries)`, { path: this.path, offset: e.tableOffset + 8, structure: 'snapshot table' });
     }
     this.snapshots = out;
     return out;
@@ -451,6 +451,16 @@ export class Image implements GuestReader {
     const l1Index = Math.floor(guestCluster / this.l2Entries);
     const table = await this.l2Table(l1Index);
     return this.entryIn(table, l1Index, guestCluster);
+  }
+
+  /**
+   * The entries of the L2 table L1 entry `l1Index` points at, each validated as entry()
+   * validates it, or null when there is none (for walks over every mapping: dedup-stats).
+   */
+  async l2TableEntries(l1Index: number): Promise<L2Entry[] | null> {
+    const table = await this.l2Table(l1Index);
+    if (!table) return null;
+    return Array.from({ length: this.l2Entries }, (_, j) => this.entryIn(table, l1Index, l1Index * this.l2Entries + j));
   }
 
   private entryIn(table: Buffer | null, l1Index: number, guestCluster: number): L2Entry {
@@ -1154,7 +1164,7 @@ export async function probeFormat(path: string): Promise<string> {
   const file = await NodeFile.open(path, false);
   try {
     const magic = await file.read(0, 4);
-    return magic.readUInt32BE(0) === 0x514649fb ? 'qcow2' : 'raw';
+    return magic.readUInt32BE(0) === QCOW_MAGIC ? 'qcow2' : 'raw';
   } finally {
     await file.close();
   }

@@ -17,9 +17,9 @@ import { join } from 'node:path';
 import { Image } from '../../src/image/image.ts';
 import { createImage } from '../../src/dedup/open.ts';
 import { checkOpenImage } from '../../src/image/check-image.ts';
-import { Dedup } from '../../src/dedup/dedup.ts';
 import { CorruptImageError } from '../../src/errors.ts';
 import { liveEntries } from '../../src/dedup/inspect.ts';
+import { judgeStore } from '../../src/dedup/judge-store.ts';
 import { FaultyFile, type LossMode } from '../../src/image/faulty-file.ts';
 import { MemFile } from '../../src/image/mem-file.ts';
 import type { DedupSettings } from '../../src/dedup/dedup.ts';
@@ -138,7 +138,7 @@ async function verifyState(path: string, bytes: Buffer, before: Buffer, after: B
   assert.equal(result.corruptions, 0, `${label}: corruptions: ${result.messages.join('; ')}`);
   let wasTrusted = false;
   try {
-    wasTrusted = Dedup.trustedOnDisk(ro, Dedup.extensionOf(ro)!);
+    wasTrusted = (await judgeStore(ro, { tolerant: true })).trusted;
   } catch (err) {
     if (!(err instanceof CorruptImageError)) throw err; // an extension that does not decode: not trusted
   }

@@ -13,7 +13,7 @@ import { createImage } from '../../src/dedup/open.ts';
 import type { SupportedHashAlgorithm } from '../../src/dedup/hasher.ts';
 import { NO_QEMU } from '../helpers.ts';
 import { Rng, Shadow, checkImage, compareRaw, runAsync, testFolders } from '../interop/differential-lib.ts';
-import { inspectDedup } from '../../src/dedup/inspect.ts';
+import { judgeStore } from '../../src/dedup/judge-store.ts';
 import { openForWrite, dedupOf } from '../../src/dedup/open.ts';
 
 const SCALE = Number(process.env.QDEDUP_SOAK_SCALE ?? 1);
@@ -114,7 +114,7 @@ describe('dedup workloads against qemu-img', { skip: NO_QEMU, concurrency: 2 }, 
       const chk = await checkImage(img);
       assert.equal(chk.json?.corruptions ?? 0, 0, `${context}: ${chk.stderr}`);
       const ro = await Image.open(img);
-      const seen = await inspectDedup(ro, { store: false });
+      const seen = await judgeStore(ro, { store: false });
       await ro.close();
       assert.equal(seen.trusted, true, `${context}: ${seen.reason}`);
       assert.ok(seen.metadataClusters > 0, context);

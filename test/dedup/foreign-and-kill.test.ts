@@ -13,7 +13,7 @@ import { spawn } from 'node:child_process';
 import { closeSync, openSync, readFileSync, readSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Image } from '../../src/image/image.ts';
-import { Dedup } from '../../src/dedup/dedup.ts';
+import { dedupExtensionOf } from '../../src/dedup/judge-store.ts';
 import { decodeDedupConfig } from '../../src/format/dedup-ext.ts';
 import { incarnationLayout } from '../../src/format/incarnation.ts';
 import { BIN, NO_QEMU, qdedup, qemuCheck, run, tempDir } from '../helpers.ts';
@@ -35,7 +35,7 @@ function halfDuplicate(rng: Rng, clusters: number): Buffer {
 async function storeRanges(path: string): Promise<[number, number][]> {
   const image = await Image.open(path, { backing: false });
   try {
-    const ext = Dedup.extensionOf(image)!;
+    const ext = dedupExtensionOf(image)!;
     const config = decodeDedupConfig(await image.file.read(ext.configOffset, ext.configBytes), ext.configOffset, image.clusterSize);
     const ranges: [number, number][] = [[ext.configOffset, ext.configBytes]];
     for (const j of config.journals) ranges.push([j.offset, j.blocks * ext.journalBlockSize]);
@@ -177,7 +177,7 @@ describe('kill -9 during a long write', { skip: NO_QEMU }, () => {
       // Everything acknowledged reads back (the long write's range may hold old or new data).
       const image = await Image.open(img);
       assert.ok((await image.read(0, 8 << 20)).equals(shadow.subarray(0, 8 << 20)), `${label}: acknowledged data`);
-      const dirty = Dedup.extensionOf(image)!.dirty;
+      const dirty = dedupExtensionOf(image)!.dirty;
       await image.close();
       const chk = qemuCheck(img);
       assert.equal(chk.json?.corruptions ?? 0, 0, `${label}: ${chk.stderr}`);

@@ -33,7 +33,10 @@ import { checkOpenImage, type CheckExtension, type ImageCheck } from '../../src/
 import { createImage, type CreateOptions } from '../../src/dedup/open.ts';
 import { createHasher, type SupportedHashAlgorithm } from '../../src/dedup/hasher.ts';
 import type { DedupSettings } from '../../src/dedup/dedup.ts';
-import { dedupCheckExtension, guestUsage, heldClusters, inspectDedup, storedRefcounts } from '../../src/dedup/inspect.ts';
+import { heldClusters, storedRefcounts } from '../../src/dedup/clusters.ts';
+import { dedupCheckExtension } from '../../src/dedup/inspect.ts';
+import { judgeStore } from '../../src/dedup/judge-store.ts';
+import { guestUsage } from '../../src/dedup/stats.ts';
 import { readJournals } from '../../src/dedup/journal-scan.ts';
 import { AUTOCLEAR_DEDUP, decodeDedupConfig, decodeDedupExtension } from '../../src/format/dedup-ext.ts';
 import { incarnationLayout } from '../../src/format/incarnation.ts';
@@ -728,7 +731,7 @@ export function describe(m: Mutant, o: Outcome): string {
 //
 // A dedup mutant (runDedupMutant, within twice the plain time bound) goes through the plain
 // steps, whose checks and repair get the dedup hook as `qdedup check` gives it, then:
-//   1. read-only, file unchanged: inspectDedup (plain, tolerant, store: false), readJournals
+//   1. read-only, file unchanged: judgeStore (plain, tolerant, store: false), readJournals
 //      (journal-dump), dedup-stats' heldClusters / guestUsage / storedRefcounts, check with
 //      the deep dedup hook, and a read of every guest cluster (what was readable before);
 //   2. a writable copy: Image.open writable (Dedup.attach), copies of indexed contents
@@ -736,7 +739,7 @@ export function describe(m: Mutant, o: Outcome): string {
 //      a zeroed cluster; close; then a read-back: I1 — the data written reads back exactly
 //      and every other guest cluster that was readable before is unchanged (a violation is
 //      reported in `wrongData`, with what classifies it). The open's "not trusted" notice
-//      must agree with inspectDedup's verdict. When the deep check found no corruption
+//      must agree with judgeStore's verdict. When the deep check found no corruption
 //      before, it must find none after;
 //   3. a repair copy: check -r all --deep with the dedup hook; when it ends clean, a new
 //      check agrees (no corruption, no leak), guest data that was readable is unchanged, and
@@ -1321,7 +1324,7 @@ export function makeDedupMutant(seed: number, bases: DedupBase[], layouts: Map<B
 // ---------------------------------------------------------------- running a dedup mutant
 
 export interface DedupOutcome extends Outcome {
-  /** inspectDedup's verdict on the mutant: 'trusted', 'untrusted', 'ext-refused', 'plain' or 'refused' (no open). */
+  /** judgeStore's verdict on the mutant: 'trusted', 'untrusted', 'ext-refused', 'plain' or 'refused' (no open). */
   trust: string;
   /** The write step's session: 'wrote', or where it stopped. */
   write: string;
@@ -1433,21 +1436,21 @@ async function dedupSteps(m: DedupMutant, failures: string[], out: DedupOutcome,
   try {
     img = await Image.open(m.base.path, { file: ro, backing: false });
     try {
-      const insp = await inspectDedup(img, { tolerant: true });
+      const insp = await judgeStore(img, { tolerant: true });
       out.trust = insp.extError ? 'ext-refused' : !insp.ext ? 'plain' : insp.trusted ? 'trusted' : 'untrusted';
-      if (insp.reason && (/internal|undefined|NaN/i.test(insp.reason) || insp.reason.includes('\n'))) failures.push(`inspectDedup reason: ${JSON.stringify(insp.reason)}`);
+      if (insp.reason && (/internal|undefined|NaN/i.test(insp.reason) || insp.reason.includes('\n'))) failures.push(`judgeStore reason: ${JSON.stringify(insp.reason)}`);
       if (insp.holder) await heldClusters(img, insp.holder, () => {});
       await guestUsage(img);
       await storedRefcounts(img);
     } catch (err) {
       out.trust = 'threw';
-      failures.push(...badError(err, 'inspectDedup (tolerant) / dedup-stats'));
+      failures.push(...badError(err, 'judgeStore (tolerant) / dedup-stats'));
     }
     for (const o of [{}, { store: false, tolerant: true }]) {
       try {
-        await inspectDedup(img, o);
+        await judgeStore(img, o);
       } catch (err) {
-        failures.push(...badError(err, `inspectDedup ${JSON.stringify(o)}`));
+        failures.push(...badError(err, `judgeStore ${JSON.stringify(o)}`));
       }
     }
     try {
@@ -1491,8 +1494,8 @@ async function dedupSteps(m: DedupMutant, failures: string[], out: DedupOutcome,
     if (dedupOf(wimg)) {
       verify = dedupOf(wimg)!.ext.verify;
       const said = dedupOf(wimg)!.notice !== null;
-      if (out.trust === 'trusted' && said) failures.push(`inspectDedup trusts the store but the writable open says: ${dedupOf(wimg)!.notice}`);
-      if (out.trust === 'untrusted' && !said) failures.push('inspectDedup does not trust the store but the writable open gave no notice');
+      if (out.trust === 'trusted' && said) failures.push(`judgeStore trusts the store but the writable open says: ${dedupOf(wimg)!.notice}`);
+      if (out.trust === 'untrusted' && !said) failures.push('judgeStore does not trust the store but the writable open gave no notice');
       if (said && !/^dedup index not trusted: .+; starting a fresh index/.test(dedupOf(wimg)!.notice!)) failures.push(`notice: ${dedupOf(wimg)!.notice}`);
     }
     out.write = 'failed';
@@ -1680,7 +1683,7 @@ export interface DedupHazards {
 /**
  * What a dedup mutant's trusted configuration would make qdedup do that the fuzzer knows to
  * be a reported bug (see the todo tests in fuzz-images.test.ts): store areas far past the end
- * of the file (inspectDedup walks every cluster of them), and store areas on top of other
+ * of the file (judgeStore walks every cluster of them), and store areas on top of other
  * structures (qdedup writes journal blocks and incarnations there without the overlap guard).
  * Bounded; never throws.
  */

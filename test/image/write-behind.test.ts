@@ -50,7 +50,7 @@ test('reads see in-flight bytes; async reads and overlapping writes wait; sync w
   const b = Buffer.alloc(4096, 0xbb);
   f.writeBehind(8192, [a, b]);
   await tick();
-  assert.deepEqual(inner.landed, [], 'still in flight');
+  assert.equal(inner.landed.length, 0, 'still in flight');
   // A synchronous read across the in-flight range sees its bytes, and the old ones around it.
   const got = f.readSync(8192 - 100, 8192 + 200);
   assert.ok(got.subarray(0, 100).equals(Buffer.alloc(100)));

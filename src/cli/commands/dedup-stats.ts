@@ -1,15 +1,11 @@
 // `qdedup dedup-stats`: what deduplication saves on an image (guest clusters against the
 // data clusters they use) and the state of its dedup store (trust, index size and RAM, log
-// store, incarnations, limbo, journal). Read-only: the image is opened read-only and the
-// store is replayed in memory (src/dedup/inspect.ts). Keys are documented in README.md.
+// store, incarnations, limbo, journal). The figures: src/dedup/stats.ts; this formats them.
 
 import type { Argv } from 'yargs';
-import { CorruptImageError } from '../../errors.ts';
-import { BUCKET_SLOTS } from '../../format/incarnation.ts';
-import { Image } from '../../image/image.ts';
-import { guestUsage, heldClusters, inspectDedup, storedRefcounts } from '../../dedup/inspect.ts';
+import { dedupStats, type DedupStats } from '../../dedup/stats.ts';
 import { checkFormat, outputFormat, readOnlyLock, withForceShareOption, withFormatOption, withOutputOption, type OutputFormat } from '../common.ts';
-import { LOCK_READ, type LockRequest } from '../../image/image-lock.ts';
+import { LOCK_READ } from '../../image/image-lock.ts';
 import { humanSize } from '../parse.ts';
 import type { ChalkInstance } from 'chalk';
 import { toJson, type Output } from '../output.ts';
@@ -19,83 +15,6 @@ export interface DedupStatsArgs {
   output: OutputFormat;
   /** -U: read even while another process writes the image. */
   forceShare?: boolean;
-}
-
-/** The JSON document of `dedup-stats --output json` (README "dedup-stats"). */
-export interface DedupStats {
-  'virtual-size': number;
-  'cluster-size': number;
-  /** sha256, sha3-256, blake3 (skein if the image names it), or "off" for a plain image. */
-  'hash-algorithm': string;
-  trusted: boolean;
-  /** Why the store is not trusted (dedup images only). */
-  reason?: string;
-  dirty: boolean;
-  'guest-clusters': number;
-  'data-clusters': number;
-  'shared-clusters': number;
-  'dedup-ratio': number;
-  'bytes-saved': number;
-  'metadata-clusters': number;
-  'holder-clusters': number;
-  'index-entries': number;
-  'index-ram-bytes': number;
-  'log-store': { entries: number; capacity: number };
-  incarnations: { count: number; max: number };
-  limbo: number;
-  journal: { 'blocks-used': number; 'blocks-total': number };
-}
-
-/**
- * Computes the figures of `path` without writing to it, holding `lock` (QEMU's image locks;
- * the CLI: LOCK_READ). Throws the open and read errors.
- */
-export async function dedupStats(path: string, lock?: LockRequest): Promise<DedupStats> {
-  const image = await Image.open(path, { backing: false, lock });
-  try {
-    const insp = await inspectDedup(image);
-    const held = insp.holder
-      ? await heldClusters(image, insp.holder, (message, offset) => {
-          throw new CorruptImageError(message, { path, offset, structure: 'dedup holder' });
-        })
-      : null;
-    const usage = await guestUsage(image);
-    const refcounts = await storedRefcounts(image);
-    let shared = 0;
-    for (const c of usage.dataClusters) {
-      // References other than the holder's: the guest's, and snapshots'.
-      if ((await refcounts.get(c)) - (held?.has(c) ? 1 : 0) > 1) shared++;
-    }
-    const guest = usage.guestClusters;
-    const data = usage.dataClusters.size;
-    const ext = insp.ext;
-    const s = insp.store?.stats();
-    const stats: DedupStats = {
-      'virtual-size': image.size,
-      'cluster-size': image.clusterSize,
-      'hash-algorithm': insp.algorithm,
-      trusted: insp.trusted,
-      ...(ext && !insp.trusted ? { reason: insp.reason ?? 'not trusted' } : {}),
-      dirty: ext?.dirty ?? false,
-      'guest-clusters': guest,
-      'data-clusters': data,
-      'shared-clusters': shared,
-      'dedup-ratio': data === 0 ? 1 : Math.round((guest / data) * 10000) / 10000,
-      'bytes-saved': (guest - data) * image.clusterSize,
-      'metadata-clusters': insp.metadataClusters,
-      'holder-clusters': insp.holder?.tableClusters ?? 0,
-      'index-entries': s?.indexEntries ?? 0,
-      'index-ram-bytes': s?.ramBytes ?? 0,
-      // Capacity and maximum are settings (the extension's), shown even for an untrusted store.
-      'log-store': { entries: s?.logStore.entries ?? 0, capacity: ext ? 2 ** ext.order * BUCKET_SLOTS : 0 },
-      incarnations: { count: s?.incarnations.count ?? 0, max: ext?.maxIncarnations ?? 0 },
-      limbo: s?.limbo ?? 0,
-      journal: { 'blocks-used': s?.journal.blocksUsed ?? 0, 'blocks-total': s?.journal.blocksTotal ?? 0 },
-    };
-    return stats;
-  } finally {
-    await image.close();
-  }
 }
 
 /** Human lines, "key: value" aligned on the values, in the order of the JSON keys. */
@@ -132,7 +51,6 @@ export async function runDedupStats(a: DedupStatsArgs, io: Output): Promise<numb
   await io.out(a.output === 'json' ? toJson(s) : dedupStatsHuman(a.file, s, io.outColor));
   return 0;
 }
-
 
 export function builder(y: Argv) {
   return withForceShareOption(withOutputOption(withFormatOption(y)))

@@ -1,15 +1,13 @@
 // `qdedup info`: what the image is, with qemu-img info's keys, meanings and layout, the
 // internal snapshot list included (formatted by ../snapshot-list.ts). A dedup image adds a
 // `dedup` object to the qcow2 format-specific data (as qemu-img nests `bitmaps` or
-// `encrypt` there): its settings and whether the store is trusted (src/dedup/inspect.ts).
-// imageInfo() reads the image; infoText() only formats what it returned.
+// `encrypt` there): its settings and whether the store is trusted. The facts are read by
+// src/dedup/image-info.ts; imageInfo() shapes them as qemu-img's JSON, infoText() as its text.
 
 import type { Argv } from 'yargs';
-import { isAbsolute } from 'node:path';
-import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, backingFormatOf } from '../../format/header.ts';
-import { Image } from '../../image/image.ts';
-import { readSnapshotTable } from '../../image/snapshot-table.ts';
-import { inspectDedup } from '../../dedup/inspect.ts';
+import { COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, V2_REFCOUNT_ORDER } from '../../format/header.ts';
+import { readImageFacts } from '../../dedup/image-info.ts';
+import type { StoreVerdict } from '../../dedup/judge-store.ts';
 import { checkFormat, outputFormat, readOnlyLock, withForceShareOption, withFormatOption, withOutputOption, type OutputFormat } from '../common.ts';
 import { LOCK_INFO, type LockRequest } from '../../image/image-lock.ts';
 import { humanSize } from '../parse.ts';
@@ -56,16 +54,15 @@ export interface DedupInfo {
   'max-incarnations'?: number;
 }
 
-async function dedupInfo(image: Image): Promise<DedupInfo | undefined> {
-  const insp = await inspectDedup(image, { store: false, tolerant: true });
-  if (insp.extError) return { algorithm: insp.algorithm, trusted: false, reason: insp.reason ?? insp.extError.message };
-  const e = insp.ext;
-  if (!e) return undefined;
+/** The `dedup` object of a dedup image (its settings unless the extension does not decode). */
+function dedupInfo(v: StoreVerdict): DedupInfo {
+  const e = v.ext;
+  if (!e) return { algorithm: v.algorithm, trusted: false, reason: v.reason! };
   return {
-    algorithm: insp.algorithm,
+    algorithm: v.algorithm,
     verify: e.verify,
-    trusted: insp.trusted,
-    ...(insp.trusted ? {} : { reason: insp.reason ?? 'not trusted' }),
+    trusted: v.trusted,
+    ...(v.trusted ? {} : { reason: v.reason! }),
     dirty: e.dirty,
     order: e.order,
     'journal-block-size': e.journalBlockSize,
@@ -75,48 +72,34 @@ async function dedupInfo(image: Image): Promise<DedupInfo | undefined> {
 
 /** `lock`: QEMU's image locks to take while reading (the CLI: qemu-img info's, LOCK_INFO). */
 export async function imageInfo(path: string, lock?: LockRequest): Promise<ImageInfo> {
-  // Like qemu-img info, the backing chain is not opened: info must describe an image whose
-  // backing file is missing or loops (it names the backing file instead of failing).
-  const image = await Image.open(path, { backing: false, lock });
-  try {
-    const h = image.header;
-    const data: Record<string, unknown> = h.version === 3
-      ? {
-          compat: '1.1',
-          'compression-type': 'zlib',
-          'lazy-refcounts': (h.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n,
-          'refcount-bits': 2 ** h.refcountOrder,
-          corrupt: (h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n,
-          'extended-l2': false,
-        }
-      : { compat: '0.10', 'compression-type': 'zlib', 'refcount-bits': 16 };
-    const snapshots = h.nbSnapshots > 0 ? (await readSnapshotTable(image.file, h.snapshotsOffset, h.nbSnapshots)).map(snapshotInfo) : [];
-    const dedup = await dedupInfo(image);
-    if (dedup) data.dedup = dedup;
-    let backing: { name: string; full: string; format?: string } | undefined;
-    if (h.backingFile !== undefined) {
-      // qemu's path_combine(): the image path up to its last '/', then the name; not made
-      // absolute (`info o.qcow2` shows "a.qcow2", as qemu-img info does).
-      const slash = path.lastIndexOf('/');
-      const full = isAbsolute(h.backingFile) || slash < 0 ? h.backingFile : path.slice(0, slash + 1) + h.backingFile;
-      backing = { name: h.backingFile, full, format: backingFormatOf(h) || undefined };
-    }
-    // Keys in qemu-img's order (its QDict's), absent ones left out.
-    return {
-      ...(backing?.format ? { 'backing-filename-format': backing.format } : {}),
-      ...(snapshots.length ? { snapshots } : {}),
-      'virtual-size': h.size,
-      filename: path,
-      'cluster-size': image.clusterSize,
-      format: 'qcow2',
-      'actual-size': await image.file.allocatedBytes(),
-      'format-specific': { type: 'qcow2', data },
-      ...(backing ? { 'full-backing-filename': backing.full, 'backing-filename': backing.name } : {}),
-      'dirty-flag': (h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n,
-    };
-  } finally {
-    await image.close();
-  }
+  const f = await readImageFacts(path, lock);
+  const h = f.header;
+  const data: Record<string, unknown> = h.version === 3
+    ? {
+        compat: '1.1',
+        'compression-type': 'zlib',
+        'lazy-refcounts': (h.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n,
+        'refcount-bits': 2 ** h.refcountOrder,
+        corrupt: (h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n,
+        'extended-l2': false,
+      }
+    : { compat: '0.10', 'compression-type': 'zlib', 'refcount-bits': 2 ** V2_REFCOUNT_ORDER };
+  if (f.dedup) data.dedup = dedupInfo(f.dedup);
+  const snapshots = f.snapshots.map(snapshotInfo);
+  const backing = f.backing;
+  // Keys in qemu-img's order (its QDict's), absent ones left out.
+  return {
+    ...(backing?.format ? { 'backing-filename-format': backing.format } : {}),
+    ...(snapshots.length ? { snapshots } : {}),
+    'virtual-size': h.size,
+    filename: path,
+    'cluster-size': f.clusterSize,
+    format: 'qcow2',
+    'actual-size': f.actualSize,
+    'format-specific': { type: 'qcow2', data },
+    ...(backing ? { 'full-backing-filename': backing.full, 'backing-filename': backing.name } : {}),
+    'dirty-flag': (h.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n,
+  };
 }
 
 /**
@@ -166,7 +149,6 @@ export async function runInfo(a: InfoArgs, io: Output): Promise<number> {
   await io.out(a.output === 'json' ? toJson(info) : infoText(info));
   return 0;
 }
-
 
 export function builder(y: Argv) {
   return withForceShareOption(withOutputOption(withFormatOption(y)))

@@ -4,7 +4,6 @@
 
 import type { Argv } from 'yargs';
 import { UsageError, hex } from '../../errors.ts';
-import { hashAlgorithmName } from '../../dedup/hasher.ts';
 import { readJournals, type JournalScan, type JournalsReport, type ScannedBlock } from '../../dedup/journal-scan.ts';
 import { entriesPerBlock } from '../../format/journal-block.ts';
 import { Image } from '../../image/image.ts';
@@ -19,14 +18,6 @@ export interface JournalDumpArgs {
   limit?: number;
   /** -U: read even while another process writes the image. */
   forceShare?: boolean;
-}
-
-function algorithmName(id: number): string {
-  try {
-    return hashAlgorithmName(id);
-  } catch {
-    return `unknown (${id})`;
-  }
 }
 
 /** Entries to print for each block of a journal, at most `limit` in all. */
@@ -47,7 +38,7 @@ function shownEntries(scan: JournalScan, limit: number | undefined): { perBlock:
 export function journalDumpJson(file: string, r: JournalsReport, limit?: number): Record<string, unknown> {
   return {
     filename: file,
-    'hash-algorithm': algorithmName(r.ext.hashAlgorithm),
+    'hash-algorithm': r.algorithm,
     verify: r.ext.verify,
     trusted: r.trusted,
     'autoclear-bit': r.autoclearBit,
@@ -106,7 +97,7 @@ export function journalDumpText(file: string, r: JournalsReport, limit?: number)
   const yes = (b: boolean) => (b ? 'yes' : 'no');
   const lines = [
     `image: ${file}`,
-    `dedup: ${algorithmName(r.ext.hashAlgorithm)}, verify ${r.ext.verify ? 'on' : 'off'}`,
+    `dedup: ${r.algorithm}, verify ${r.ext.verify ? 'on' : 'off'}`,
     `trusted: ${yes(r.trusted)} (autoclear bit 60 ${r.autoclearBit ? 'set' : 'clear'}, dirty flag ${r.dirty ? 'set' : 'clear'})`,
     `journal block size: ${r.ext.journalBlockSize} bytes (${entriesPerBlock(r.ext.journalBlockSize)} hash entries a block)`,
     `configuration area: ${hex(r.ext.configOffset)}, ${r.ext.configBytes} bytes`,
