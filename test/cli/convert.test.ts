@@ -49,14 +49,15 @@ describe('qdedup convert', { skip: NO_QEMU }, () => {
     assert.match(compare(raw, out), /Images are identical/);
     assert.equal(qemuCheck(out).status, 0);
     const info = JSON.parse(run('qemu-img', ['info', '--output=json', out]).stdout);
-    assert.equal(info['virtual-size'], data.length);
+    assert.equal(info['virtual-size'], Math.ceil(data.length / 512) * 512, 'rounded up to a sector, as qemu-img convert does');
     assert.equal(info['cluster-size'], CS);
     // Stored: a, b, the 1 MiB of unique data and the tail, once each (plus metadata).
     const unique = 256 * 1024 * 2 + 1024 * 1024 + CS * 4;
     const mapped = qemuMap(out).filter((m) => m.data).reduce((n, m) => n + m.length, 0);
-    assert.equal(mapped, data.length - 512 * 1024, 'every cluster but the zero run maps to data');
+    assert.equal(mapped, info['virtual-size'] - 512 * 1024, 'every cluster but the zero run maps to data');
     const stats = JSON.parse(qdedup(['dedup-stats', '--output', 'json', out]).stdout);
-    assert.ok(JSON.stringify(stats).length > 0);
+    assert.equal(stats['data-clusters'], unique / CS, 'each distinct cluster stored once');
+    assert.equal(stats['guest-clusters'], (data.length - 512 * 1024 + CS - 100) / CS, 'every cluster that is not zero maps');
     assert.ok(statSync(out).size < unique + 2 * 1024 * 1024, `file ${statSync(out).size} bytes for ${unique} unique`);
     assert.ok(qemuMap(out).some((m) => m.zero && !m.data && m.start === 256 * 1024 * 3), 'the zero run is a zero range');
   });
@@ -116,7 +117,9 @@ describe('qdedup convert', { skip: NO_QEMU }, () => {
     const head = join(dir, 'head.raw');
     writeFileSync(head, Buffer.concat([more, Buffer.alloc(8 * 1024 * 1024 - more.length)]));
     compare(head, existing);
-    const tooSmall = qdedup(['convert', '-n', raw, join(dir, 'existing.qcow2')]);
+    const small = join(dir, 'small.qcow2');
+    assert.equal(qdedup(['create', '-q', small, '1M']).status, 0);
+    const tooSmall = qdedup(['convert', '-n', raw, small]);
     assert.equal(tooSmall.status, 1);
     assert.match(tooSmall.stderr, /smaller than the sources/);
   });
@@ -141,10 +144,10 @@ describe('qdedup convert', { skip: NO_QEMU }, () => {
   it('a target another process holds is refused, unchanged', async () => {
     const held = join(dir, 'held.qcow2');
     assert.equal(qdedup(['create', '-q', held, '8M']).status, 0);
-    const before = readFileSync(held);
     const io = spawn('qemu-io', ['-f', 'qcow2', held], { stdio: ['pipe', 'pipe', 'pipe'] });
     try {
       await new Promise((resolve) => setTimeout(resolve, 500));
+      const before = readFileSync(held); // qemu-io, opening it for writing, has cleared bit 60 by now
       const r = qdedup(['convert', raw, held]);
       assert.equal(r.status, 1);
       assert.match(r.stderr, /Failed to get "write" lock/);
