@@ -6,7 +6,7 @@ import type { Argv } from 'yargs';
 import { UsageError } from '../../errors.ts';
 import { estimate, DEFAULT_MAX_MEMORY, type ClusterSizeEstimate, type Estimate, type EstimateOptions, type InputFormat } from '../../dedup/estimate.ts';
 import { LOCK_READ } from '../../image/image-lock.ts';
-import { outputFormat, readOnlyLock, withForceShareOption, withOutputOption, withQuietOption, type OutputFormat } from '../common.ts';
+import { outputFormat, readOnlyLock, withForceShareOption, withOutputOption, type OutputFormat } from '../common.ts';
 import { humanSize, parseSize } from '../parse.ts';
 import { toJson, type Output } from '../output.ts';
 import { startProgress } from '../progress.ts';
@@ -44,8 +44,8 @@ export function estimateHuman(e: Estimate): string {
 }
 
 export async function runEstimate(a: EstimateArgs, io: Output): Promise<number> {
-  let bar: ReturnType<typeof startProgress> | undefined;
-  const progress = a.progressBar && !a.quiet ? (done: number, total: number) => (bar ??= startProgress(io, total))?.update(done) : undefined;
+  let bar: ReturnType<typeof startProgress> | undefined; // null: no bar (not a terminal)
+  const progress = a.progressBar && !a.quiet ? (done: number, total: number) => (bar === undefined ? (bar = startProgress(io, total)) : bar)?.update(done) : undefined;
   const e = await estimate(a.files, { ...a, progress }).finally(() => bar?.stop());
   for (const s of e['cluster-sizes']) {
     if (s.sample > (a.sample ?? 1) && !a.quiet) io.err(`qdedup: note: the table for cluster size ${s['cluster-size']} would exceed --max-memory ${humanSize(a.maxMemory ?? DEFAULT_MAX_MEMORY)}: sampled 1 in ${s.sample} contents`);
@@ -55,7 +55,8 @@ export async function runEstimate(a: EstimateArgs, io: Output): Promise<number> 
 }
 
 export function builder(y: Argv) {
-  return withForceShareOption(withQuietOption(withOutputOption(y)))
+  return withForceShareOption(withOutputOption(y))
+    .option('quiet', { alias: 'q', type: 'boolean', describe: 'no progress bar and no notes on stderr (the result is still printed)', default: false })
     .positional('files', { type: 'string', array: true, describe: 'raw or qcow2 images, estimated as if imported into one image' })
     .option('f', { type: 'string', describe: 'input format: raw or qcow2 (default: probed for each file)', requiresArg: true })
     .option('cluster-size', { type: 'string', describe: 'cluster sizes to estimate for, comma-separated (512 to 2M)', default: '4k', requiresArg: true })
