@@ -117,6 +117,8 @@ interface Input extends EstimateInputInfo {
 async function openInput(path: string, format: InputFormat, lock?: LockRequest): Promise<Input> {
   const st = await stat(path).catch(() => null);
   if (st?.isDirectory()) throw new IoError('cannot open: Is a directory', { path }, 'EISDIR');
+  // A pipe or character device has no size to read up to (it would estimate as empty).
+  if (st && !st.isFile() && !st.isBlockDevice()) throw new IoError('not a regular file or block device (estimate reads images whole, by size)', { path }, 'EINVAL');
   // probeFormat reads 4 bytes: a shorter file is raw.
   const kind = format !== 'auto' ? format : st?.isFile() && st.size < 4 ? 'raw' : await probeFormat(path);
   if (kind === 'qcow2') {

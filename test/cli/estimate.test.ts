@@ -287,6 +287,7 @@ describe('estimate: bad input is a one-line error, exit 1', () => {
     fails(['--sample', '3', path('main.raw')], /^qdedup: invalid sample 3: a power of two/);
     fails(['--refcount-bits', '2', path('main.raw')], /^qdedup: invalid refcount width 2/);
     fails([dir], /Is a directory/);
+    fails(['/dev/null'], /^qdedup: \/dev\/null: not a regular file or block device/);
     fails([], /Not enough non-option arguments/);
   });
 });
