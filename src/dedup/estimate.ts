@@ -12,7 +12,8 @@
 // with zeros (as a write of it at offset 0 into a fresh image is).
 
 import { stat } from 'node:fs/promises';
-import { IoError, UsageError } from '../errors.ts';
+import { maxRefcount } from '../format/refcount.ts';
+import { InternalError, IoError, UsageError } from '../errors.ts';
 import { Image, RawImage, probeFormat, type GuestReader } from '../image/image.ts';
 import type { LockRequest } from '../image/image-lock.ts';
 import { ChunkHasher, type ChunkDigest } from './chunk-hasher.ts';
@@ -99,7 +100,7 @@ export interface Estimate {
 
 /** Most guest references one host cluster takes under the write path's cap (half the refcount maximum, one reference the holder snapshot's). */
 export function referencesPerCopy(refcountBits: number): number {
-  return Math.floor((2 ** refcountBits - 1) / 2) - 1;
+  return Math.floor(maxRefcount(Math.log2(refcountBits)) / 2) - 1;
 }
 
 /** Refuses a cluster size the image format does not have (UsageError). */
@@ -139,11 +140,14 @@ interface SizeState {
   referenced: number;
 }
 
-/** A chunk in flight: where it came from, its bytes and what readGuestInto listed as zeros. */
-interface Chunk {
-  input: Input;
-  offset: number;
-  length: number;
+/** Step `k` of the pass over all inputs: CHUNK_BYTES of an input (less at its end). Computed, not listed: a hostile virtual size must not cost memory. */
+function chunkAt(inputs: Input[], k: number): { input: Input; offset: number; length: number } {
+  for (const input of inputs) {
+    const n = Math.ceil(input['virtual-size'] / CHUNK_BYTES);
+    if (k < n) return { input, offset: k * CHUNK_BYTES, length: Math.min(CHUNK_BYTES, input['virtual-size'] - k * CHUNK_BYTES) };
+    k -= n;
+  }
+  throw new InternalError(`estimate: no chunk ${k}`);
 }
 
 /**
@@ -168,34 +172,31 @@ export async function estimate(paths: string[], options: EstimateOptions = {}): 
     for (const p of paths) inputs.push(await openInput(p, options.format ?? 'auto', options.lock));
     for (const cs of sizes) states.push({ cs, table: new FingerprintTable(maxSlots, sample), hasher: new ChunkHasher('sha256', cs), guest: 0, zero: 0, referenced: 0 });
     const total = inputs.reduce((n, i) => n + i['virtual-size'], 0);
-    const chunks: Chunk[] = [];
-    for (const input of inputs) {
-      for (let at = 0; at < input['virtual-size']; at += CHUNK_BYTES) chunks.push({ input, offset: at, length: Math.min(CHUNK_BYTES, input['virtual-size'] - at) });
-    }
+    const chunkCount = inputs.reduce((n, i) => n + Math.ceil(i['virtual-size'] / CHUNK_BYTES), 0);
     const buffers = [0, 1].map(() => Buffer.from(new SharedArrayBuffer(CHUNK_BYTES)));
     const zeroLists: number[][] = [[], []];
     const read = (k: number): Promise<void> | null => {
-      if (k >= chunks.length) return null;
-      const { input, offset, length } = chunks[k];
+      if (k >= chunkCount) return null;
+      const { input, offset, length } = chunkAt(inputs, k);
       zeroLists[k % 2].length = 0;
       // Whole clusters of the largest size: past the input they read as zeros (the padding).
       return input.reader.readGuestInto(buffers[k % 2], 0, offset, Math.ceil(length / maxCs) * maxCs, zeroLists[k % 2]);
     };
-    const hash = (k: number) => hashChunk(states, buffers[k % 2], chunks[k].length, zeroLists[k % 2]);
+    const hash = (k: number) => hashChunk(states, buffers[k % 2], chunkAt(inputs, k).length, zeroLists[k % 2]);
 
     let done = 0;
     await read(0);
-    let hashing = quiet(chunks.length ? hash(0) : null);
+    let hashing = quiet(chunkCount ? hash(0) : null);
     let reading = quiet(read(1));
-    for (let k = 0; k < chunks.length; k++) {
+    for (let k = 0; k < chunkCount; k++) {
       // Chunk k's digests free its buffer: chunk k+1 goes to the worker and k+2 is read
       // into k's buffer while the main thread counts k.
       const digests = await hashing!;
       await reading;
-      hashing = quiet(k + 1 < chunks.length ? hash(k + 1) : null);
+      hashing = quiet(k + 1 < chunkCount ? hash(k + 1) : null);
       reading = quiet(read(k + 2));
       count(states, digests);
-      done += chunks[k].length;
+      done += chunkAt(inputs, k).length;
       options.progress?.(done, total);
     }
     const result: Estimate = {
