@@ -12,8 +12,10 @@ import { rmSync } from 'node:fs';
  * what they cost at load is paid at every start of every command.
  */
 const SHIMS = [
-  // yargs, cliui and wrap-ansi: help layout only.
-  { filter: /^string-width$/, importer: /./, shim: 'string-width.mjs' },
+  // yargs, cliui and wrap-ansi: help layout only. Not cli-progress: it require()s the
+  // package (CommonJS) and would get this ES module's namespace, not a function ("_stringWidth
+  // is not a function" when a bar starts on a terminal); it bundles string-width 4 itself.
+  { filter: /^string-width$/, importer: /^(?!.*[\\/]cli-progress[\\/])/, shim: 'string-width.mjs' },
   // yargs' platform shim: two assertion functions.
   { filter: /^assert$/, importer: /[\\/]yargs[\\/]/, shim: 'assert.mjs' },
   // chalk's terminal probe: qdedup sets the colour level itself.

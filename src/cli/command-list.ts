@@ -29,6 +29,7 @@ export const COMMANDS: CommandEntry[] = [
   { command: 'dedup-stats <file>', describe: 'show what deduplication saves and the state of the dedup index (read-only)', load: () => import('./commands/dedup-stats.ts') },
   { command: 'map <file>', describe: "show how guest ranges map to the file (qemu-img map), and which share storage", load: () => import('./commands/map.ts') },
   { command: 'journal-dump <file>', describe: "show a dedup image's journals block by block, and where replay stops", load: () => import('./commands/journal-dump.ts') },
+  { command: 'estimate <files..>', describe: 'estimate what dedup would save on raw or qcow2 images, writing nothing (like zdb -S)', load: () => import('./commands/estimate.ts') },
 ];
 
 /** The name of a command string ('read <file> …' → 'read'). */
