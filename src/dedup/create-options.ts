@@ -148,7 +148,7 @@ export async function resolveCreateOptions(a: CreateRequest, parse: OptionParser
  * The dedup settings from the -o list, or undefined for a plain image. Asking for dedup
  * (or a dedup_ key) where it cannot be is an error.
  */
-function dedupSettings(
+export function dedupSettings(
   opts: Map<string, string>, version: 2 | 3, refcountOrder: number, size: number, clusterSize: number, parse: OptionParsers,
 ): DedupSettings | undefined {
   const name = opts.get('dedup');
@@ -187,4 +187,18 @@ function parseCount(text: string, what: string, min: number, max: number): numbe
   const n = Number(text);
   if (!/^\d+$/.test(text) || n < min || n > max) throw new UsageError(`${what} must be a whole number from ${min} to ${max}, not '${text}'`);
   return n;
+}
+
+/**
+ * The dedup settings `-o` asks for when dedup is turned on in an existing image (`qdedup
+ * dedup`): only the dedup keys, checked as create checks them for this image's geometry.
+ */
+export function offlineDedupSettings(opts: Map<string, string>, header: { version: 2 | 3; refcountOrder: number; size: number }, clusterSize: number, parse: OptionParsers): DedupSettings {
+  for (const key of opts.keys()) {
+    if (key !== 'dedup' && !key.startsWith('dedup_')) throw new UsageError(`Invalid parameter '${key}' (only the dedup options apply to an existing image)`);
+  }
+  if (opts.get('dedup') === 'off') throw new UsageError("dedup=off: nothing to do (qdedup dedup turns deduplication on)");
+  const settings = dedupSettings(new Map([['dedup', 'sha256'], ...opts]), header.version, header.refcountOrder, header.size, clusterSize, parse);
+  if (!settings) throw new UsageError('dedup needs compat=1.1 and refcount_bits of 4 or more');
+  return settings;
 }

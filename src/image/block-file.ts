@@ -7,6 +7,7 @@ import { open, type FileHandle } from 'node:fs/promises';
 import { constants, readSync, readvSync } from 'node:fs';
 import { IoError } from '../errors.ts';
 import { takeImageLock, type HeldLock, type LockRequest } from './image-lock.ts';
+import { libc } from './libc.ts';
 
 export interface BlockFile {
   readonly path: string;
@@ -32,6 +33,12 @@ export interface BlockFile {
   write(pos: number, data: Buffer): Promise<void>;
   /** Writes the buffers back to back from `pos` (one call where the system allows). */
   writev(pos: number, buffers: Buffer[]): Promise<void>;
+  /**
+   * Gives the bytes [pos, pos+length) back to the file system (they then read as zeros; the
+   * file's size is kept), as QEMU's discard does with fallocate. Optional; false where the
+   * file system cannot (the bytes are then left as they are).
+   */
+  punchHole?(pos: number, length: number): Promise<boolean>;
   /** Makes every completed write durable (fdatasync). */
   sync(): Promise<void>;
   /** Current length of the file in bytes. */
@@ -41,6 +48,11 @@ export interface BlockFile {
   truncate(length: number): Promise<void>;
   close(): Promise<void>;
 }
+
+/** Linux errno numbers fallocate returns where holes cannot be punched, and for a full disk. */
+const EOPNOTSUPP = 95;
+const ENOSYS = 38;
+const ENOSPC = 28;
 
 /** Linux IOV_MAX: buffers one preadv takes. */
 const MAX_IOVECS = 1024;
@@ -278,6 +290,16 @@ export class NodeFile implements BlockFile {
       throw ioError(err, this.path, `write of ${total} bytes at ${pos} failed`);
     }
     if (done < total) await this.write(pos + done, Buffer.concat(buffers).subarray(done)); // short write: finish it
+  }
+
+  async punchHole(pos: number, length: number): Promise<boolean> {
+    const c = libc();
+    if (!c || length <= 0) return false;
+    // FALLOC_FL_PUNCH_HOLE (2) must come with FALLOC_FL_KEEP_SIZE (1).
+    if (c.fallocate(this.fh.fd, 3, pos, length) === 0) return true;
+    const errno = c.errno();
+    if (errno === EOPNOTSUPP || errno === ENOSYS) return false;
+    throw ioError(Object.assign(new Error(`errno ${errno}`), { code: errno === ENOSPC ? 'ENOSPC' : 'EIO' }), this.path, `discard of ${length} bytes at ${pos} failed`);
   }
 
   async sync(): Promise<void> {

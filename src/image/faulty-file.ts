@@ -96,6 +96,17 @@ export class FaultyFile implements BlockFile {
     return this.live.allocatedBytes();
   }
 
+  /** A punched hole: an operation like a write of zeros (lost or kept by a power loss alike). */
+  async punchHole(pos: number, length: number): Promise<boolean> {
+    this.nextOp('discard');
+    const end = Math.min(this.live.bytes().length, pos + length);
+    if (end <= pos) return true;
+    const zeros = Buffer.alloc(end - pos);
+    this.pending.push({ pos, data: zeros });
+    await this.live.write(pos, zeros);
+    return true;
+  }
+
   async truncate(length: number): Promise<void> {
     this.nextOp('truncate');
     await this.live.truncate(length);

@@ -44,6 +44,13 @@ export class MemFile implements BlockFile {
     this.length = Math.max(this.length, pos + data.length);
   }
 
+  /** Zeroes the range (within the file; its size is kept), as a punched hole reads. */
+  async punchHole(pos: number, length: number): Promise<boolean> {
+    const end = Math.min(this.length, pos + length);
+    if (end > pos) this.data.fill(0, pos, end);
+    return true;
+  }
+
   async writev(pos: number, buffers: Buffer[]): Promise<void> {
     for (const b of buffers) {
       await this.write(pos, b);

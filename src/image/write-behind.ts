@@ -96,6 +96,11 @@ export class WriteBehindFile implements BlockFile {
     return this.inner.allocatedBytes();
   }
 
+  async punchHole(pos: number, length: number): Promise<boolean> {
+    await this.settled();
+    return this.inner.punchHole ? this.inner.punchHole(pos, length) : false;
+  }
+
   async truncate(length: number): Promise<void> {
     await this.settled();
     await this.inner.truncate(length);
