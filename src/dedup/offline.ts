@@ -30,6 +30,8 @@ export interface OfflineOptions {
   signal?: AbortSignal;
   /** Guest bytes passed so far, of the disk's virtual size. */
   progress?: (done: number, total: number) => void;
+  /** Test hook: bytes per chunk (default CHUNK_BYTES), small to make many chunks. */
+  chunkBytes?: number;
   /** Test hook: the file to open instead of the path. */
   file?: OpenOptions['file'];
 }
@@ -114,7 +116,8 @@ async function allocatedAfter(path: string, o: OfflineOptions): Promise<number> 
  */
 async function rewriteHeldClusters(image: Image, o: OfflineOptions): Promise<{ clusters: number; interrupted: boolean }> {
   const cs = image.clusterSize;
-  const ring = Array.from({ length: RING }, () => Buffer.from(new SharedArrayBuffer(CHUNK_BYTES - (CHUNK_BYTES % cs) || cs)));
+  const chunk = o.chunkBytes ?? CHUNK_BYTES;
+  const ring = Array.from({ length: RING }, () => Buffer.from(new SharedArrayBuffer(chunk - (chunk % cs) || cs)));
   const settled: Promise<void>[] = [];
   let clusters = 0;
   let k = 0;
