@@ -194,11 +194,16 @@ function parseCount(text: string, what: string, min: number, max: number): numbe
  * dedup`): only the dedup keys, checked as create checks them for this image's geometry.
  */
 export function offlineDedupSettings(opts: Map<string, string>, header: { version: 2 | 3; refcountOrder: number; size: number }, clusterSize: number, parse: OptionParsers): DedupSettings {
-  for (const key of opts.keys()) {
-    if (key !== 'dedup' && !key.startsWith('dedup_')) throw new UsageError(`Invalid parameter '${key}' (only the dedup options apply to an existing image)`);
-  }
-  if (opts.get('dedup') === 'off') throw new UsageError("dedup=off: nothing to do (qdedup dedup turns deduplication on)");
+  checkOfflineKeys(opts);
   const settings = dedupSettings(new Map([['dedup', 'sha256'], ...opts]), header.version, header.refcountOrder, header.size, clusterSize, parse);
   if (!settings) throw new UsageError('dedup needs compat=1.1 and refcount_bits of 4 or more');
   return settings;
+}
+
+/** Refuses `-o` keys that do not apply to an existing image (all but the dedup ones), before it is opened. */
+export function checkOfflineKeys(opts: Map<string, string>): void {
+  for (const key of opts.keys()) {
+    if (key !== 'dedup' && !key.startsWith('dedup_')) throw new UsageError(`Invalid parameter '${key}' (only the dedup options apply to an existing image)`);
+  }
+  if (opts.get('dedup') === 'off') throw new UsageError('dedup=off: nothing to do (qdedup dedup turns deduplication on)');
 }

@@ -13,7 +13,7 @@
 // Unallocated clusters are not touched (they may read from a backing file).
 
 import { stat } from 'node:fs/promises';
-import { UsageError } from '../errors.ts';
+import { QdedupError, UnsupportedError } from '../errors.ts';
 import { EXT_DEDUP } from '../format/dedup-ext.ts';
 import type { Header } from '../format/header.ts';
 import { checkOpenImage, type ImageCheck } from '../image/check-image.ts';
@@ -62,14 +62,16 @@ const RING = 3;
 export async function dedupInPlace(path: string, o: OfflineOptions): Promise<OfflineResult> {
   // Refcounts decide which clusters are free (to allocate, to punch): they must be right.
   const checked = await checkFirst(path, o);
-  if (checked.corruptions > 0) throw new UsageError(`${path}: check finds ${checked.corruptions} corruption${checked.corruptions === 1 ? '' : 's'}; repair it first (qdedup check -r all)`);
+  if (checked.corruptions > 0) {
+    throw new QdedupError(`check finds ${checked.corruptions} corruption${checked.corruptions === 1 ? '' : 's'}; repair it first (qdedup check -r all)`, 'ECORRUPT', 1, { path });
+  }
   let enabled = false;
   const image = await Image.open(path, {
     writable: true, lock: LOCK_WRITE, file: o.file, keepAutoclear: dedupAutoclear,
     policy: (img, writer) => {
       if (img.header.extensions.some((e) => e.type === EXT_DEDUP)) return Dedup.attach(img, writer);
       if (img.header.version !== 3 || img.header.refcountOrder < MIN_DEDUP_REFCOUNT_ORDER) {
-        throw new UsageError(`${path}: dedup needs a v3 image (compat=1.1) with refcount_bits of ${2 ** MIN_DEDUP_REFCOUNT_ORDER} or more; 'qdedup convert' makes one`);
+        throw new UnsupportedError(`dedup needs a v3 image (compat=1.1) with refcount_bits of ${2 ** MIN_DEDUP_REFCOUNT_ORDER} or more; 'qdedup convert' makes one`, { path });
       }
       enabled = true;
       return Dedup.initialize(img, writer, o.settings(img.header, img.clusterSize));

@@ -4,7 +4,7 @@
 import type { Argv } from 'yargs';
 import { InterruptedError } from '../../errors.ts';
 import { dedupInPlace, type OfflineResult } from '../../dedup/offline.ts';
-import { offlineDedupSettings } from '../../dedup/create-options.ts';
+import { checkOfflineKeys, offlineDedupSettings } from '../../dedup/create-options.ts';
 import { checkFormat, outputFormat, withFormatOption, withOutputOption, withQuietOption, type OutputFormat } from '../common.ts';
 import { humanSize, parseBool, parseOptionList, parseSize } from '../parse.ts';
 import { toJson, type Output } from '../output.ts';
@@ -21,6 +21,7 @@ export interface DedupArgs {
 
 export async function runDedup(a: DedupArgs, io: Output): Promise<number> {
   const opts = parseOptionList(a.options);
+  checkOfflineKeys(opts); // before the image is touched
   const interrupts = catchInterrupts();
   const showProgress = a.progress && !a.quiet && a.output === 'human';
   let bar = null as Progress | null;
