@@ -65,6 +65,7 @@ export async function dedupInPlace(path: string, o: OfflineOptions): Promise<Off
   if (checked.corruptions > 0) {
     throw new QdedupError(`check finds ${checked.corruptions} corruption${checked.corruptions === 1 ? '' : 's'}; repair it first (qdedup check -r all)`, 'ECORRUPT', 1, { path });
   }
+  const bytesBefore = await allocatedBytes(path, o);
   let enabled = false;
   const image = await Image.open(path, {
     writable: true, lock: LOCK_WRITE, file: o.file, keepAutoclear: dedupAutoclear,
@@ -79,7 +80,6 @@ export async function dedupInPlace(path: string, o: OfflineOptions): Promise<Off
   });
   try {
     const dedup = image.policy as Dedup;
-    const bytesBefore = await image.file.allocatedBytes();
     const before = { ...dedup.counters };
     const { clusters, interrupted } = await rewriteHeldClusters(image, o);
     await image.flush();
@@ -89,7 +89,7 @@ export async function dedupInPlace(path: string, o: OfflineOptions): Promise<Off
     return {
       enabled, notice: dedup.notice, clusters, interrupted, discard,
       linked: c.hits - before.hits, stored: c.misses - before.misses, zero: c.zeroClusters - before.zeroClusters,
-      bytesBefore, bytesAfter: await allocatedAfter(path, o),
+      bytesBefore, bytesAfter: await allocatedBytes(path, o),
     };
   } catch (err) {
     await image.abandon();
@@ -107,8 +107,8 @@ async function checkFirst(path: string, o: OfflineOptions): Promise<ImageCheck> 
   }
 }
 
-/** The file's st_blocks bytes once closed (a test's in-memory file: its own count). */
-async function allocatedAfter(path: string, o: OfflineOptions): Promise<number> {
+/** The file's st_blocks bytes (a test's in-memory file: its own count). */
+async function allocatedBytes(path: string, o: OfflineOptions): Promise<number> {
   return o.file ? o.file.allocatedBytes() : (await stat(path)).blocks * 512;
 }
 
