@@ -48,7 +48,11 @@ const REGRESSIONS = join(FIXTURES, 'fuzz-regressions');
 const EXIT_CODES: Record<string, number[]> = {
   info: [0, 1], read: [0, 1], write: [0, 1], 'dedup-stats': [0, 1], 'journal-dump': [0, 1],
   check: [0, 1, 2, 3, 63],
+  map: [0, 1], estimate: [0, 1], convert: [0, 1], dedup: [0, 1],
 };
+
+/** Mutants run through the commands that take in existing images (map, estimate, convert, dedup). */
+const IMPORT_COUNT = Math.round(40 * SCALE);
 
 // ------------------------------------------------------------------ running commands
 
@@ -215,6 +219,63 @@ async function fuzzImage(dir: string, name: string, bytes: Buffer, pick: number,
   return { failures, commands, checkStatus, slowest };
 }
 
+/**
+ * One mutant through the commands that take in existing images: `map` or `estimate`
+ * (read-only: the file unchanged), then `convert` of it (the source unchanged; a target
+ * made must pass qemu-img check and hold the source's guest data) or `dedup` of a copy (on a
+ * mutant qemu-img finds clean, a success must keep the guest data and the image clean).
+ */
+async function fuzzImportCommands(dir: string, name: string, bytes: Buffer, pick: number): Promise<ImageOutcome> {
+  const file = join(dir, `${name}.qcow2`);
+  writeFileSync(file, bytes);
+  const failures: string[] = [];
+  const commands: string[] = [];
+  const slowest = { ms: 0, what: '' };
+  const run = async (command: string, args: string[], watch: string | null): Promise<Run> => {
+    const before = watch ? sha256(watch) : null;
+    const r = await qdedup(args);
+    commands.push(`qdedup ${r.args.join(' ')} -> ${r.timedOut ? 'timeout' : r.status} (${r.ms} ms)`);
+    if (r.ms > slowest.ms) Object.assign(slowest, { ms: r.ms, what: `${command} ${name}` });
+    failures.push(...judge(r, command, before, watch ? sha256(watch) : null));
+    return r;
+  };
+  const pre = HAVE_QEMU ? (await runBounded('qemu-img', ['check', '-q', '-f', 'qcow2', file], RUN_TIMEOUT_MS)).status : null;
+  const clean = pre === 0 || pre === 3;
+  if (pick % 2 === 0) await run('map', ['map', ...(pick % 4 === 0 ? ['--output', 'json'] : []), file], file);
+  else await run('estimate', ['estimate', '-q', file], file);
+  const compare = async (a: string, b: string, what: string) => {
+    const c = await runBounded('qemu-img', ['compare', '-f', 'qcow2', '-F', 'qcow2', a, b], RUN_TIMEOUT_MS);
+    if (c.status !== 0) failures.push(`${what}: qemu-img compare exits ${c.status}: ${firstLines(c.stdout + c.stderr, 3)}`);
+  };
+  const qemuClean = async (path: string, what: string) => {
+    const qc = await runBounded('qemu-img', ['check', '-f', 'qcow2', path], RUN_TIMEOUT_MS);
+    if (qc.status !== 0 && qc.status !== 3) failures.push(`${what}: qemu-img check exits ${qc.status}: ${firstLines(qc.stdout + qc.stderr, 4)}`);
+  };
+  if (Math.floor(pick / 2) % 2 === 0) {
+    const out = join(dir, `${name}-converted.qcow2`);
+    const r = await run('convert', ['convert', '-f', 'qcow2', file, out], file);
+    if (r.status === 0 && HAVE_QEMU) {
+      await qemuClean(out, 'the image convert made');
+      if (clean) await compare(file, out, 'convert of an image without corruption');
+    }
+    rmSync(out, { force: true });
+  } else {
+    const copy = join(dir, `${name}-d.qcow2`);
+    const original = join(dir, `${name}-o.qcow2`);
+    copyFileSync(file, copy);
+    copyFileSync(file, original);
+    const r = await run('dedup', ['dedup', '-q', copy], null);
+    if (r.status === 0 && clean && HAVE_QEMU) {
+      await qemuClean(copy, 'after qdedup dedup of an image without corruption');
+      await compare(original, copy, 'dedup of an image without corruption');
+    }
+    rmSync(copy, { force: true });
+    rmSync(original, { force: true });
+  }
+  rmSync(file, { force: true });
+  return { failures, commands, checkStatus: null, slowest };
+}
+
 /** A folder holding copies of the fixtures (backing files resolve by relative name). */
 function workDir(): string {
   const dir = mkdtempSync(join(tmpdir(), 'qdedup-fuzzcli-'));
@@ -325,5 +386,30 @@ describe('malformed images through bin/qdedup', () => {
     const verdicts = [...statuses].sort((a, b) => a[0] - b[0]).map(([k, v]) => `exit ${k}: ${v}`).join(', ');
     console.log(`fuzzed images through the CLI: ${seeds.length} mutants, ${runs} runs of ${[...readOnly, 'write', 'check -r all'].join('/')}, ${failed.length} failing, ${secs} s (${verdicts ? `qdedup check ${verdicts}; ` : ''}slowest run ${slowest.ms} ms, ${slowest.what})`);
     assert.equal(failed.length, 0, `${failed.length} failing mutants (saved under fixtures/fuzz-regressions/):\n${failed.join('\n')}`);
+  });
+
+  it(`${IMPORT_COUNT} mutants through map/estimate and convert/dedup`, { skip: ONE !== undefined || !listedCommands().has('dedup') }, async () => {
+    const dir = workDir();
+    const started = Date.now();
+    const failed: string[] = [];
+    let runs = 0;
+    await pool(CONCURRENCY, Array.from({ length: IMPORT_COUNT }, (_, i) => FROM + 100_000 + i).map((seed) => async () => {
+      const m = makeMutant(seed, bases, layouts);
+      const out = await fuzzImportCommands(dir, `import-${seed}`, m.bytes, seed);
+      runs += out.commands.length;
+      if (out.failures.length === 0) return;
+      const text = [
+        `seed ${seed} (base ${m.base.name})`,
+        ...m.steps.map((s) => `  mutation: ${s}`),
+        ...out.commands.map((c) => `  ran: ${c}`),
+        ...out.failures.map((f) => `  FAIL ${f}`),
+      ].join('\n');
+      failed.push(text);
+      mkdirSync(REGRESSIONS, { recursive: true });
+      writeFileSync(join(REGRESSIONS, `import-seed-${seed}.qcow2`), m.bytes);
+      writeFileSync(join(REGRESSIONS, `import-seed-${seed}.txt`), text + '\n');
+    }));
+    console.log(`fuzzed images through map/estimate/convert/dedup: ${IMPORT_COUNT} mutants, ${runs} runs, ${failed.length} failing, ${((Date.now() - started) / 1000).toFixed(1)} s`);
+    assert.equal(failed.length, 0, failed.join('\n'));
   });
 });
