@@ -5,6 +5,7 @@
 // flush; a journal full of replacements and deletions is packed.
 // Layouts: docs/FORMAT.md §6–9. Trust rules (dirty flag, autoclear bit): src/dedup/dedup.ts.
 
+import { InternalError } from '../errors.ts';
 import { SLOT_EMPTY, SLOT_TOMBSTONE, SLOT_USED } from '../format/incarnation.ts';
 import { entriesPerBlock, type JournalEntry } from '../format/journal-block.ts';
 import { nextGeneration, type DedupConfig, type DedupExtension, type JournalDescriptor } from '../format/dedup-ext.ts';
@@ -210,7 +211,7 @@ export class DedupStore {
 
   private async rotateAndRecord(e: JournalEntry, state: number, allocate: Allocate): Promise<void> {
     await this.rotate(allocate);
-    if (!this.current.store.put(e.hash, e.hostOffset, e.firstGuestOffset, state, !e.deleted)) throw new Error('internal: an empty log store refused an entry');
+    if (!this.current.store.put(e.hash, e.hostOffset, e.firstGuestOffset, state, !e.deleted)) throw new InternalError('an empty log store refused an entry');
     if (this.current.journal.wouldOverflow(1)) await this.pack(allocate);
     this.current.journal.append(e);
   }

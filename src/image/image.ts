@@ -660,7 +660,7 @@ export class Image implements GuestReader {
   // ---------------------------------------------------------------- writes
 
   private assertWritable(): Refcounts {
-    if (!this.writable || !this.refcounts || this.closed) throw new QdedupError('internal: image not open for writing', 'EINTERNAL');
+    if (!this.writable || !this.refcounts || this.closed) throw new InternalError('image not open for writing');
     return this.refcounts;
   }
 

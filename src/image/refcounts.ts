@@ -13,7 +13,7 @@
 // RefcountBlockCache (the blocks in memory, read on demand, and which of them changed) is
 // shared with check's reader of the stored refcounts (src/image/check/stored-refcounts.ts).
 
-import { CorruptImageError, InternalError, QdedupError, hex } from '../errors.ts';
+import { CorruptImageError, InternalError, hex } from '../errors.ts';
 import { MAX_HOST_OFFSET, MAX_REFTABLE_BYTES } from '../format/header.ts';
 import { decodeReftableEntry, getRefcount, maxRefcount, refblockEntries, setRefcount } from '../format/refcount.ts';
 import { readU64, writeU64 } from '../format/bytes.ts';
@@ -212,7 +212,7 @@ export class Refcounts {
   private async set(clusterIndex: number, value: number): Promise<void> {
     const t = Math.floor(clusterIndex / this.blockEntries);
     const block = await this.block(t);
-    if (!block) throw new QdedupError(`internal: no refcount block for cluster ${clusterIndex}`, 'EINTERNAL');
+    if (!block) throw new InternalError(`no refcount block for cluster ${clusterIndex}`);
     setRefcount(block, clusterIndex % this.blockEntries, this.refcountOrder, value);
     this.blocks.markDirty(t);
   }
