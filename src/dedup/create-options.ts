@@ -8,7 +8,8 @@ import { MAX_INCARNATIONS, MAX_STORE_ORDER, validJournalBlockSize } from '../for
 import { MAX_CLUSTER_BITS, MAX_REFCOUNT_ORDER, MIN_CLUSTER_BITS, V2_REFCOUNT_ORDER } from '../format/header.ts';
 import { MAX_JOURNAL_BLOCK, MIN_JOURNAL_BLOCK } from '../format/journal-block.ts';
 import { DEFAULT_CLUSTER_BITS, DEFAULT_REFCOUNT_ORDER } from '../image/create.ts';
-import { Image, RawImage, probeFormat } from '../image/image.ts';
+import { Image } from '../image/image.ts';
+import { RawImage, probeFormat } from '../image/guest-reader.ts';
 import { isAbsolute, resolve, dirname } from 'node:path';
 import { DEDUP_CLUSTER_BITS, DEFAULT_JOURNAL_BLOCK, MIN_DEDUP_REFCOUNT_ORDER, defaultDedupSettings, maxStoreOrder, type DedupSettings } from './dedup.ts';
 import { parseHashAlgorithm } from './hasher.ts';

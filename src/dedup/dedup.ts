@@ -18,7 +18,8 @@ import {
 import type { IndexEntry } from './slot-bits.ts';
 import { SNAPSHOT_FIXED_BYTES, encodeSnapshotEntry } from '../format/snapshot.ts';
 import { writeU64 } from '../format/bytes.ts';
-import type { ClusterWrite, Image, ImageWriter, WritePolicy } from '../image/image.ts';
+import type { Image } from '../image/image.ts';
+import type { ClusterWrite, ImageWriter, WritePolicy } from '../image/write-policy.ts';
 import { ChunkHasher, type ChunkDigest } from './chunk-hasher.ts';
 import { isZero } from '../format/bytes.ts';
 import { DEFAULT_HASH_ALGORITHM, HASH_BYTES, createHasher, hashAlgorithmId, type Hasher, type SupportedHashAlgorithm } from './hasher.ts';

@@ -20,7 +20,8 @@ import { dirname, isAbsolute } from 'node:path';
 import { UsageError } from '../errors.ts';
 import { decodeL1Entry, decodeL2Entry, type L2Entry } from '../format/l1l2.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';
-import { Image, type GuestReader } from './image.ts';
+import type { GuestReader } from './guest-reader.ts';
+import { Image } from './image.ts';
 import { libc } from './libc.ts';
 import { Refcounts } from './refcounts.ts';
 

@@ -4,7 +4,8 @@
 
 import type { Argv } from 'yargs';
 import { InterruptedError, UsageError } from '../../errors.ts';
-import { Image, RawImage, probeFormat, type GuestReader } from '../../image/image.ts';
+import { Image } from '../../image/image.ts';
+import { RawImage, probeFormat, type GuestReader } from '../../image/guest-reader.ts';
 import { LOCK_READ, LOCK_WRITE } from '../../image/image-lock.ts';
 import { copyToImage, copyToRaw, totalSize } from '../../image/convert.ts';
 import { createImage, openForWrite } from '../../dedup/open.ts';
