@@ -12,7 +12,8 @@ import { Worker } from 'node:worker_threads';
 import { InternalError } from '../errors.ts';
 import { isZero } from '../format/bytes.ts';
 import { makeBlake3 } from './blake3.ts';
-import { HASH_BYTES, LITTLE_ENDIAN, clustersInto, type ClustersInto, type SupportedHashAlgorithm } from './hasher.ts';
+import { HASH_BYTES } from '../format/hash-entry.ts';
+import { LITTLE_ENDIAN, clustersInto, type ClustersInto, type SupportedHashAlgorithm } from './hasher.ts';
 
 /** The hashes of a chunk's clusters: hash i at `hashes[32 i …]`, `zero[i]` = 1 for an all-zero cluster (its hash not computed). */
 export interface ChunkDigest {

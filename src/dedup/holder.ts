@@ -53,6 +53,8 @@ export interface HolderHost {
 export const MAX_HOLDER_L1_ENTRIES = MAX_L1_BYTES / 8;
 /** Room a new or grown holder L1 leaves past the clusters it must cover: 64 MiB of file. */
 const HOLDER_MARGIN_BYTES = 64 * 1024 * 1024;
+/** Clean holder L2 tables kept in memory past a commit before the cache is emptied. */
+const MAX_CACHED_TABLE_BYTES = 16 * 1024 * 1024;
 
 /**
  * Holder L1 entries to cover host clusters 0 … `clusters` - 1 plus a margin, rounded up to
@@ -302,7 +304,7 @@ export class Holder {
       k = end;
     }
     this.l2Dirty.clear();
-    if (this.l2Cache.size * this.clusterSize > 16 * 1024 * 1024) this.l2Cache.clear();
+    if (this.l2Cache.size * this.clusterSize > MAX_CACHED_TABLE_BYTES) this.l2Cache.clear();
     return true;
   }
 

@@ -18,6 +18,9 @@ import { createHasher, type Hasher } from './hasher.ts';
 import { judgeStore, type StoreArea, type StoreVerdict } from './judge-store.ts';
 import type { DedupStore } from './store.ts';
 
+/** Incarnation table bytes read at once by a verification. */
+const TABLE_READ_BYTES = 1024 * 1024;
+
 // ---------------------------------------------------------------- the index
 
 /** One entry a lookup can return, and where it lives. */
@@ -48,7 +51,7 @@ export async function* liveEntries(image: Image, store: DedupStore): AsyncGenera
   }
   const hs = store.hashStore;
   const { slots, tableOffset } = hs.layout;
-  const perChunk = Math.max(1, Math.floor((1024 * 1024) / HASH_ENTRY_BYTES));
+  const perChunk = Math.max(1, Math.floor(TABLE_READ_BYTES / HASH_ENTRY_BYTES));
   for (let k = 0; k < hs.incarnations.length; k++) {
     const inc = hs.incarnations[k];
     for (let first = 0; first < slots; first += perChunk) {

@@ -26,6 +26,8 @@ export const MAX_INCARNATIONS = 0xffffffff;
 
 export const CONFIG_MAGIC = 0x51444443; // "QDDC"
 export const CONFIG_HEADER_BYTES = 72;
+/** Largest configuration area an extension may name (bounds what is read at open, I4). */
+export const MAX_CONFIG_BYTES = 64 * 1024 * 1024;
 export const INCARNATION_RECORD_BYTES = 32;
 export const LIMBO_RECORD_BYTES = 16;
 
@@ -80,7 +82,7 @@ export function decodeDedupExtension(buf: Buffer, clusterSize: number): DedupExt
   const configBytes = buf.readUInt32BE(12);
   const configOffset = readU64(buf, 16, 'dedup configuration offset');
   if (configOffset % clusterSize !== 0 || configOffset === 0) throw bad(`configuration area offset ${hex(configOffset)} is not a non-zero multiple of the cluster size`, 16);
-  if (configBytes < CONFIG_HEADER_BYTES || configBytes > 64 * 1024 * 1024) throw bad(`configuration area size ${configBytes} out of range`, 12);
+  if (configBytes < CONFIG_HEADER_BYTES || configBytes > MAX_CONFIG_BYTES) throw bad(`configuration area size ${configBytes} out of range`, 12);
   if (buf.subarray(24, DEDUP_EXT_BYTES).some((b) => b !== 0)) throw bad('reserved bytes 24–47 are not zero', 24);
   return {
     version: buf[0],

@@ -32,6 +32,11 @@ export const MAX_BACKING_NAME = 1023;
 /** Host offsets must stay below 2^56 (L2 entry bits 9–55). */
 export const MAX_HOST_OFFSET = 2 ** 56;
 
+/** Byte offset of cluster_bits (u32), read first to know how much header to read. */
+export const CLUSTER_BITS_OFFSET = 20;
+/** Byte offset of incompatible_features (u64, v3), where a corrupt or dirty image is flagged. */
+export const INCOMPAT_FEATURES_OFFSET = 72;
+
 // Incompatible feature bits (offset 72).
 export const INCOMPAT_DIRTY = 1n << 0n;
 export const INCOMPAT_CORRUPT = 1n << 1n;
@@ -119,9 +124,9 @@ export function decodeHeader(buf: Buffer): Header {
   }
   const version = buf.readUInt32BE(4);
   if (version !== 2 && version !== 3) throw new UnsupportedError(`unsupported qcow2 version ${version}`, where(4));
-  const clusterBits = buf.readUInt32BE(20);
+  const clusterBits = buf.readUInt32BE(CLUSTER_BITS_OFFSET);
   if (clusterBits < MIN_CLUSTER_BITS || clusterBits > MAX_CLUSTER_BITS) {
-    throw new CorruptImageError(`unsupported cluster size: 2^${clusterBits} (cluster_bits must be 9 to 21)`, where(20));
+    throw new CorruptImageError(`unsupported cluster size: 2^${clusterBits} (cluster_bits must be 9 to 21)`, where(CLUSTER_BITS_OFFSET));
   }
   const clusterSize = 2 ** clusterBits;
 
@@ -138,7 +143,7 @@ export function decodeHeader(buf: Buffer): Header {
     if (headerLength < V3_MIN_HEADER_LENGTH) throw new CorruptImageError(`qcow2 header too short: header_length ${headerLength} < 104`, where(100));
     if (headerLength % 8 !== 0) throw new CorruptImageError(`header_length ${headerLength} is not a multiple of 8`, where(100));
     if (headerLength > clusterSize || headerLength > buf.length) throw new CorruptImageError(`header_length ${headerLength} runs past the first cluster or the file`, where(100));
-    incompatibleFeatures = buf.readBigUInt64BE(72);
+    incompatibleFeatures = buf.readBigUInt64BE(INCOMPAT_FEATURES_OFFSET);
     compatibleFeatures = buf.readBigUInt64BE(80);
     autoclearFeatures = buf.readBigUInt64BE(88);
     refcountOrder = buf.readUInt32BE(96);
@@ -247,7 +252,7 @@ function decodeExtensions(buf: Buffer, headerLength: number, end: number, endWha
 }
 
 function checkFeatures(h: Header): void {
-  const where = { offset: 72, structure: 'header' };
+  const where = { offset: INCOMPAT_FEATURES_OFFSET, structure: 'header' };
   const known = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2;
   const unknown = h.incompatibleFeatures & ~known;
   if (unknown !== 0n) {
@@ -307,7 +312,7 @@ export function encodeHeader(h: Header): Buffer {
   buf.writeUInt32BE(h.nbSnapshots, 60);
   writeU64(buf, 64, h.snapshotsOffset);
   if (h.version === 3) {
-    buf.writeBigUInt64BE(h.incompatibleFeatures, 72);
+    buf.writeBigUInt64BE(h.incompatibleFeatures, INCOMPAT_FEATURES_OFFSET);
     buf.writeBigUInt64BE(h.compatibleFeatures, 80);
     buf.writeBigUInt64BE(h.autoclearFeatures, 88);
     buf.writeUInt32BE(h.refcountOrder, 96);

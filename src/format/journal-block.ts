@@ -13,7 +13,7 @@
 
 import { crc32 } from 'node:zlib';
 import { HASH_ENTRY_BYTES, decodeHashEntry, encodeHashEntry, type HashEntry } from './hash-entry.ts';
-import { readU64, writeU64 } from './bytes.ts';
+import { U64_HI_UNSAFE, readU64, writeU64 } from './bytes.ts';
 
 export const JOURNAL_MAGIC = 0x51444a42; // "QDJB"
 export const JOURNAL_HEADER_BYTES = 24;
@@ -79,7 +79,7 @@ export function decodeJournalBlock(buf: Buffer, expectedSequence: number): Decod
   }
   const checksumValid = buf.readUInt32BE(4) === crc32(buf.subarray(8));
   const hi = buf.readUInt32BE(8);
-  const sequence = hi >= 0x200000 ? -1 : readU64(buf, 8, 'journal sequence');
+  const sequence = hi >= U64_HI_UNSAFE ? -1 : readU64(buf, 8, 'journal sequence');
   if (!checksumValid) return out('bad-checksum', 'checksum mismatch (torn or damaged block)', sequence, false);
   if (sequence !== expectedSequence) return out('bad-sequence', `sequence ${sequence}, expected ${expectedSequence} (a stale block)`, sequence, true);
   const count = buf.readUInt16BE(16);

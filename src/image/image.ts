@@ -11,7 +11,10 @@
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { realpath } from 'node:fs/promises';
 import { CorruptImageError, IoError, QdedupError, UnsupportedError, hex, printable } from '../errors.ts';
-import { INCOMPAT_CORRUPT, INCOMPAT_DIRTY, backingFormatOf, decodeHeader, type Header } from '../format/header.ts';
+import {
+  CLUSTER_BITS_OFFSET, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_FEATURES_OFFSET, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, V3_MIN_HEADER_LENGTH,
+  backingFormatOf, decodeHeader, type Header,
+} from '../format/header.ts';
 import { compressedClusterSpan, decodeL1Entry, type L2Entry } from '../format/l1l2.ts';
 import { isZero } from '../format/bytes.ts';
 import { NodeFile, type BlockFile } from './block-file.ts';
@@ -111,11 +114,11 @@ export class Image extends ImageCommit implements GuestReader {
 
   private static async load(path: string, file: BlockFile, writable: boolean): Promise<Image> {
     const fileSize = await file.size();
-    const first = await file.read(0, Math.min(fileSize, 104));
-    let clusterBytes = 512;
-    if (first.length >= 24) {
-      const bits = first.readUInt32BE(20);
-      if (bits >= 9 && bits <= 21) clusterBytes = 2 ** bits;
+    const first = await file.read(0, Math.min(fileSize, V3_MIN_HEADER_LENGTH));
+    let clusterBytes = 2 ** MIN_CLUSTER_BITS;
+    if (first.length >= CLUSTER_BITS_OFFSET + 4) {
+      const bits = first.readUInt32BE(CLUSTER_BITS_OFFSET);
+      if (bits >= MIN_CLUSTER_BITS && bits <= MAX_CLUSTER_BITS) clusterBytes = 2 ** bits;
     }
     const headBuf = (await file.read(0, clusterBytes)).subarray(0, Math.max(Math.min(fileSize, clusterBytes), 0));
     const header = decodeHeader(headBuf);
@@ -148,7 +151,7 @@ export class Image extends ImageCommit implements GuestReader {
   private async prepareForWrites(keepAutoclear: bigint): Promise<void> {
     const h = this.header;
     if (h.incompatibleFeatures & INCOMPAT_CORRUPT) {
-      throw new CorruptImageError("image is marked corrupt (incompatible bit 1); it can only be opened read-only or repaired with 'qdedup check -r all'", { path: this.path, structure: 'header', offset: 72 });
+      throw new CorruptImageError("image is marked corrupt (incompatible bit 1); it can only be opened read-only or repaired with 'qdedup check -r all'", { path: this.path, structure: 'header', offset: INCOMPAT_FEATURES_OFFSET });
     }
     if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
       // Refcounts may be stale: rebuild them (and clear the bit) before they are loaded and
