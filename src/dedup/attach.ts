@@ -60,7 +60,10 @@ export async function addHolder(image: Image, writer: ImageWriter, host: HolderH
  */
 export async function releaseOrphans(image: Image, writer: ImageWriter, holder: Holder): Promise<void> {
   for (const t of holder.tableOffsets()) {
-    if (t % image.clusterSize) throw new CorruptImageError(`dedup holder L2 table offset ${hex(t)} is not cluster aligned; delete the snapshot with 'qemu-img snapshot -d ${HOLDER_NAME}'`, { offset: holder.l1Offset, structure: 'dedup holder' });
+    if (t % image.clusterSize) throw new CorruptImageError(
+      `dedup holder L2 table offset ${hex(t)} is not cluster aligned; delete the snapshot with 'qemu-img snapshot -d ${HOLDER_NAME}'`,
+      { offset: holder.l1Offset, structure: 'dedup holder' },
+    );
     const c = t / image.clusterSize;
     await writer.fetchRefcounts([c]);
     let r = writer.refcount(c);
@@ -71,7 +74,10 @@ export async function releaseOrphans(image: Image, writer: ImageWriter, holder: 
       writer.deferFree(c);
       r--;
     }
-    if (r !== 1) throw new CorruptImageError(`dedup holder L2 table at ${hex(t)} has refcount ${r}, not 1; delete the snapshot with 'qemu-img snapshot -d ${HOLDER_NAME}'`, { offset: t, structure: 'dedup holder' });
+    if (r !== 1) throw new CorruptImageError(
+      `dedup holder L2 table at ${hex(t)} has refcount ${r}, not 1; delete the snapshot with 'qemu-img snapshot -d ${HOLDER_NAME}'`,
+      { offset: t, structure: 'dedup holder' },
+    );
   }
   const held = await heldClusters(image, holder, (message, offset) => {
     throw new CorruptImageError(message, { offset, structure: 'dedup holder' });

@@ -78,7 +78,8 @@ export class ChunkHasher {
    */
   async digest(chunk: Buffer, start: number, count: number): Promise<ChunkDigest> {
     const cs = this.clusterSize;
-    if (start < 0 || start + count * cs > chunk.length) throw new InternalError(`ChunkHasher: clusters ${start}+${count}×${cs} past a chunk of ${chunk.length} bytes`);
+    if (start < 0 || start + count * cs > chunk.length) throw new InternalError(`ChunkHasher: clusters ${start}+${count}×${cs} past a chunk of ` +
+      `${chunk.length} bytes`);
     const shared = chunk.buffer instanceof SharedArrayBuffer && count * cs >= MIN_WORKER_BYTES;
     const out = shared ? new SharedArrayBuffer(count * (HASH_BYTES + 1)) : new ArrayBuffer(count * (HASH_BYTES + 1));
     const result: ChunkDigest = { count, hashes: Buffer.from(out, 0, count * HASH_BYTES), zero: new Uint8Array(out, count * HASH_BYTES, count) };
@@ -135,7 +136,9 @@ export class ChunkHasher {
     }
   }
 
-  private run(job: { data: ArrayBufferLike; byteOffset: number; count: number; clusterSize: number; algorithm: string; out: SharedArrayBuffer | ArrayBuffer }): Promise<void> {
+  private run(job: {
+    data: ArrayBufferLike; byteOffset: number; count: number; clusterSize: number; algorithm: string; out: SharedArrayBuffer | ArrayBuffer;
+  }): Promise<void> {
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       this.waiting.set(id, { resolve, reject });

@@ -78,7 +78,13 @@ export const DEFAULT_JOURNAL_BLOCK = 4096;
 
 /** What `qdedup create` picks when no dedup option is given. */
 export function defaultDedupSettings(virtualSize: number, clusterSize: number): DedupSettings {
-  return { algorithm: DEFAULT_HASH_ALGORITHM, verify: false, maxIncarnations: 0, order: defaultStoreOrder(virtualSize, clusterSize), journalBlockSize: DEFAULT_JOURNAL_BLOCK };
+  return {
+    algorithm: DEFAULT_HASH_ALGORITHM,
+    verify: false,
+    maxIncarnations: 0,
+    order: defaultStoreOrder(virtualSize, clusterSize),
+    journalBlockSize: DEFAULT_JOURNAL_BLOCK,
+  };
 }
 
 export type { ClusterWrite };

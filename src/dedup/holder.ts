@@ -248,7 +248,10 @@ export class Holder {
     const e = decodeL2Entry(t, cluster % this.l2Entries, this.host.clusterBits);
     if (e.kind === 'unallocated') return false;
     if (e.kind !== 'normal' || e.hostOffset !== cluster * this.clusterSize) {
-      throw this.corrupt(`entry for cluster ${hex(cluster * this.clusterSize)} maps ${hex(e.hostOffset)}, not itself`, decodeL1Entry(this.l1, l1Index).l2Offset + (cluster % this.l2Entries) * 8);
+      throw this.corrupt(
+        `entry for cluster ${hex(cluster * this.clusterSize)} maps ${hex(e.hostOffset)}, not itself`,
+        decodeL1Entry(this.l1, l1Index).l2Offset + (cluster % this.l2Entries) * 8,
+      );
     }
     return true;
   }
@@ -330,6 +333,9 @@ export class Holder {
   }
 
   private corrupt(what: string, offset: number): CorruptImageError {
-    return new CorruptImageError(`dedup holder snapshot: ${what}; it is not qdedup's (delete it with 'qemu-img snapshot -d ${HOLDER_NAME}')`, { offset, structure: 'dedup holder' });
+    return new CorruptImageError(
+      `dedup holder snapshot: ${what}; it is not qdedup's (delete it with 'qemu-img snapshot -d ${HOLDER_NAME}')`,
+      { offset, structure: 'dedup holder' },
+    );
   }
 }

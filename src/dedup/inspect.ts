@@ -109,7 +109,15 @@ export interface IndexVerification {
  * the holder holds the cluster, its stored refcount is at least 1; with `deep`, the
  * cluster's bytes hash to the entry's hash. Reads only.
  */
-export async function verifyIndex(image: Image, store: DedupStore, held: ClusterSet, refcounts: Refcounts, hasher: Hasher, deep: boolean, areas: StoreArea[] = []): Promise<IndexVerification> {
+export async function verifyIndex(
+  image: Image,
+  store: DedupStore,
+  held: ClusterSet,
+  refcounts: Refcounts,
+  hasher: Hasher,
+  deep: boolean,
+  areas: StoreArea[] = [],
+): Promise<IndexVerification> {
   const cs = image.clusterSize;
   const fileSize = await image.file.size();
   const out: IndexVerification = { checked: 0, bad: 0, lines: [] };
@@ -130,12 +138,22 @@ export async function verifyIndex(image: Image, store: DedupStore, held: Cluster
       : await entryProblem(image, e, cs, fileSize, held, refcounts, hasher, deep);
     if (problem === null) continue;
     out.bad++;
-    if (out.lines.length < MAX_PROBLEM_LINES) out.lines.push(`ERROR dedup index: hash ${e.hash.toString('hex')} (${e.where}) -> ${hex(e.hostOffset)}: ${problem}`);
+    if (out.lines.length < MAX_PROBLEM_LINES) out.lines.push(`ERROR dedup index: hash ${e.hash.toString('hex')} (${e.where}) -> ${hex(e.hostOffset)}: ` +
+      `${problem}`);
   }
   return out;
 }
 
-async function entryProblem(image: Image, e: LiveEntry, cs: number, fileSize: number, held: ClusterSet, refcounts: Refcounts, hasher: Hasher, deep: boolean): Promise<string | null> {
+async function entryProblem(
+  image: Image,
+  e: LiveEntry,
+  cs: number,
+  fileSize: number,
+  held: ClusterSet,
+  refcounts: Refcounts,
+  hasher: Hasher,
+  deep: boolean,
+): Promise<string | null> {
   if (e.hostOffset === 0 || e.hostOffset % cs) return 'host offset is not a non-zero multiple of the cluster size';
   if (e.hostOffset >= fileSize) return 'cluster is past the end of the file';
   const cluster = e.hostOffset / cs;

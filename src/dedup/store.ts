@@ -71,7 +71,14 @@ export function replayDamage(stops: (ReplayStop | null)[], journals: JournalDesc
 /** The entry in slot `slot` of a log store, or null for a tombstone (a deleted hash). */
 function entryAt(store: LogStore, slot: number, hash: Buffer): IndexEntry | null {
   if (store.states[slot] === SLOT_TOMBSTONE) return null;
-  return { hash, hostOffset: store.hostOffsets[slot], firstGuestOffset: store.guestOffsets[slot], confirmed: store.confirmed.get(slot), bits: store.confirmed, slot };
+  return {
+    hash,
+    hostOffset: store.hostOffsets[slot],
+    firstGuestOffset: store.guestOffsets[slot],
+    confirmed: store.confirmed.get(slot),
+    bits: store.confirmed,
+    slot,
+  };
 }
 
 interface Side {
@@ -272,7 +279,12 @@ export class DedupStore {
     const journal = new Journal(this.file, desc, this.geometry.journalBlockSize);
     for (let s = 0; s < store.slots; s++) {
       if (store.states[s] === SLOT_EMPTY) continue;
-      journal.append({ hash: Buffer.from(store.hashAt(s)), hostOffset: store.hostOffsets[s], firstGuestOffset: store.guestOffsets[s], deleted: store.states[s] === SLOT_TOMBSTONE });
+      journal.append({
+        hash: Buffer.from(store.hashAt(s)),
+        hostOffset: store.hostOffsets[s],
+        firstGuestOffset: store.guestOffsets[s],
+        deleted: store.states[s] === SLOT_TOMBSTONE,
+      });
     }
     this.current = { store, journal, desc };
     this.packs++;

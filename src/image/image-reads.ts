@@ -173,10 +173,16 @@ export abstract class ImageReads extends ImageTables {
     try {
       data = inflateRawSync(input, { finishFlush: 2 /* Z_SYNC_FLUSH: the stream may end mid-sector */, maxOutputLength: this.clusterSize });
     } catch (err) {
-      throw new CorruptImageError(`compressed cluster at ${hex(e.compressedOffset)} does not inflate: ${(err as Error).message}`, { path: this.path, offset: e.compressedOffset, structure: 'compressed cluster' });
+      throw new CorruptImageError(
+        `compressed cluster at ${hex(e.compressedOffset)} does not inflate: ${(err as Error).message}`,
+        { path: this.path, offset: e.compressedOffset, structure: 'compressed cluster' },
+      );
     }
     if (data.length < this.clusterSize) {
-      throw new CorruptImageError(`compressed cluster at ${hex(e.compressedOffset)} inflates to ${data.length} bytes, not ${this.clusterSize}`, { path: this.path, offset: e.compressedOffset, structure: 'compressed cluster' });
+      throw new CorruptImageError(
+        `compressed cluster at ${hex(e.compressedOffset)} inflates to ${data.length} bytes, not ${this.clusterSize}`,
+        { path: this.path, offset: e.compressedOffset, structure: 'compressed cluster' },
+      );
     }
     this.lastCompressed = { offset: e.compressedOffset, data };
     return data;

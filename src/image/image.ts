@@ -151,7 +151,10 @@ export class Image extends ImageCommit implements GuestReader {
   private async prepareForWrites(keepAutoclear: bigint): Promise<void> {
     const h = this.header;
     if (h.incompatibleFeatures & INCOMPAT_CORRUPT) {
-      throw new CorruptImageError("image is marked corrupt (incompatible bit 1); it can only be opened read-only or repaired with 'qdedup check -r all'", { path: this.path, structure: 'header', offset: INCOMPAT_FEATURES_OFFSET });
+      throw new CorruptImageError(
+        "image is marked corrupt (incompatible bit 1); it can only be opened read-only or repaired with 'qdedup check -r all'",
+        { path: this.path, structure: 'header', offset: INCOMPAT_FEATURES_OFFSET },
+      );
     }
     if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
       // Refcounts may be stale: rebuild them (and clear the bit) before they are loaded and
@@ -233,7 +236,11 @@ export class Image extends ImageCommit implements GuestReader {
         // I4: COPIED is trusted only for a cluster the refcounts count. A hostile entry
         // (say at 1 TiB, past every refcount block) had us grow the file to 1 TiB.
         if ((await this.assertWritable().get(old.hostOffset / this.clusterSize)) === 0) {
-          throw this.l2Corruption(Math.floor(guestCluster / this.l2Entries), guestCluster % this.l2Entries, `data cluster ${hex(old.hostOffset)} has the COPIED flag but refcount 0`);
+          throw this.l2Corruption(
+            Math.floor(guestCluster / this.l2Entries),
+            guestCluster % this.l2Entries,
+            `data cluster ${hex(old.hostOffset)} has the COPIED flag but refcount 0`,
+          );
         }
         await this.file.write(old.hostOffset + inCluster, part);
         this.startWriteback(n);
