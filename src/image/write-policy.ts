@@ -1,7 +1,7 @@
 // The hooks a layer above the engine (inline deduplication, src/dedup/) plugs into the
 // engine's writes and commit, and the narrow ImageWriter through which it changes an image.
 // The engine calls them and never imports that layer (docs/DESIGN.md "How dedup plugs into
-// the engine"); Image (./image.ts) implements ImageWriter and calls a WritePolicy.
+// the engine"); Image (./image.ts) hands the policy an ImageWriter and calls its hooks.
 
 import type { L2Entry } from '../format/l1l2.ts';
 import type { BlockFile } from './block-file.ts';
