@@ -22,15 +22,43 @@ export interface CommandEntry {
 export const COMMANDS: CommandEntry[] = [
   { command: 'create [file] [size]', describe: 'create a new QCOW2 image', load: () => import('./commands/create.ts') },
   { command: 'info <file>', describe: 'show what an image is (qemu-img info keys)', load: () => import('./commands/info.ts') },
-  { command: 'write <file> <offset> [length]', describe: 'write a pattern, a file or zeroes into an image (like qemu-io write)', load: () => import('./commands/write.ts') },
-  { command: 'read <file> [offset] [length]', describe: 'read guest bytes: raw to stdout, verified (-P) or as a hexdump (-v)', load: () => import('./commands/read.ts') },
-  { command: 'convert <files..>', describe: 'copy raw or qcow2 images into a new dedup image or a raw file (qemu-img convert)', load: () => import('./commands/convert.ts') },
-  { command: 'dedup <file>', describe: 'deduplicate an existing image in place, turning dedup on if it was off', load: () => import('./commands/dedup.ts') },
+  {
+    command: 'write <file> <offset> [length]',
+    describe: 'write a pattern, a file or zeroes into an image (like qemu-io write)',
+    load: () => import('./commands/write.ts'),
+  },
+  {
+    command: 'read <file> [offset] [length]',
+    describe: 'read guest bytes: raw to stdout, verified (-P) or as a hexdump (-v)',
+    load: () => import('./commands/read.ts'),
+  },
+  {
+    command: 'convert <files..>',
+    describe: 'copy raw or qcow2 images into a new dedup image or a raw file (qemu-img convert)',
+    load: () => import('./commands/convert.ts'),
+  },
+  {
+    command: 'dedup <file>',
+    describe: 'deduplicate an existing image in place, turning dedup on if it was off',
+    load: () => import('./commands/dedup.ts'),
+  },
   { command: 'check <file>', describe: 'check an image for consistency, optionally repairing it (qemu-img check)', load: () => import('./commands/check.ts') },
-  { command: 'dedup-stats <file>', describe: 'show what deduplication saves and the state of the dedup index (read-only)', load: () => import('./commands/dedup-stats.ts') },
+  {
+    command: 'dedup-stats <file>',
+    describe: 'show what deduplication saves and the state of the dedup index (read-only)',
+    load: () => import('./commands/dedup-stats.ts'),
+  },
   { command: 'map <file>', describe: "show how guest ranges map to the file (qemu-img map), and which share storage", load: () => import('./commands/map.ts') },
-  { command: 'journal-dump <file>', describe: "show a dedup image's journals block by block, and where replay stops", load: () => import('./commands/journal-dump.ts') },
-  { command: 'estimate <files..>', describe: 'estimate what dedup would save on raw or qcow2 images, writing nothing (like zdb -S)', load: () => import('./commands/estimate.ts') },
+  {
+    command: 'journal-dump <file>',
+    describe: "show a dedup image's journals block by block, and where replay stops",
+    load: () => import('./commands/journal-dump.ts'),
+  },
+  {
+    command: 'estimate <files..>',
+    describe: 'estimate what dedup would save on raw or qcow2 images, writing nothing (like zdb -S)',
+    load: () => import('./commands/estimate.ts'),
+  },
 ];
 
 /** The name of a command string ('read <file> …' → 'read'). */

@@ -111,7 +111,8 @@ function optionNames(y: Argv<any>): Set<string> {
  * gone, nothing changes.
  */
 function skipHelpCache(y: Argv<any>): void {
-  const usage = (y as unknown as { getInternalMethods?(): { getUsageInstance?(): { cacheHelpMessage?: () => void } } }).getInternalMethods?.().getUsageInstance?.();
+  type Internals = { getInternalMethods?(): { getUsageInstance?(): { cacheHelpMessage?: () => void } } };
+  const usage = (y as unknown as Internals).getInternalMethods?.().getUsageInstance?.();
   if (usage && typeof usage.cacheHelpMessage === 'function') usage.cacheHelpMessage = () => {};
 }
 
@@ -160,7 +161,14 @@ export async function main(given: string[]): Promise<void> {
     .scriptName('qdedup')
     .parserConfiguration({ 'parse-numbers': false, 'parse-positional-numbers': false })
     .usage('$0 <command> [options]\n\nCreate, write, read and check QCOW2 disk images.')
-    .option('color', { type: 'boolean', describe: 'colour errors, check verdicts and dedup figures: --color[=always|never|auto], --no-color (default auto: on a terminal, unless NO_COLOR is set; FORCE_COLOR=1/0 forces)' })
+    .option(
+      'color',
+      {
+        type: 'boolean',
+        describe: 'colour errors, check verdicts and dedup figures: --color[=always|never|auto], --no-color (default auto: on a terminal, unless NO_COLOR ' +
+          'is set; FORCE_COLOR=1/0 forces)',
+      },
+    )
     .strict()
     .demandCommand(1, 'a command is needed')
     .help()
@@ -209,7 +217,8 @@ export async function main(given: string[]): Promise<void> {
       // Errors found after an image was opened (refcount table, allocation) come from
       // code that knows no path: they are in the command's image, so name it.
       // (Not a failed stdout, which is no fault of the image.)
-      if (err instanceof QdedupError && !(err instanceof UsageError) && !(err instanceof OutputError) && !err.details.path && typeof args.file === 'string') err.details.path = args.file;
+      const ofTheImage = err instanceof QdedupError && !(err instanceof UsageError) && !(err instanceof OutputError);
+      if (ofTheImage && !err.details.path && typeof args.file === 'string') err.details.path = args.file;
       throw err;
     }
   } catch (err) {

@@ -14,7 +14,9 @@ export function makeBlake3(): Blake3Into {
   // The compression function, truncated to the 8 chaining-value words. Reads all of cv and
   // m before writing out, so out may alias either. 7 rounds, G inlined, message words in
   // locals permuted between rounds.
-  const compress = (cv: Uint32Array, cvOff: number, m: Uint32Array, mOff: number, counter: number, blockLen: number, flags: number, out: Uint32Array, outOff: number): void => {
+  const compress = (
+    cv: Uint32Array, cvOff: number, m: Uint32Array, mOff: number, counter: number, blockLen: number, flags: number, out: Uint32Array, outOff: number,
+  ): void => {
     let v0 = cv[cvOff] | 0, v1 = cv[cvOff + 1] | 0, v2 = cv[cvOff + 2] | 0, v3 = cv[cvOff + 3] | 0;
     let v4 = cv[cvOff + 4] | 0, v5 = cv[cvOff + 5] | 0, v6 = cv[cvOff + 6] | 0, v7 = cv[cvOff + 7] | 0;
     let v8 = 0x6a09e667 | 0, v9 = 0xbb67ae85 | 0, v10 = 0x3c6ef372 | 0, v11 = 0xa54ff53a | 0;
@@ -64,7 +66,9 @@ export function makeBlake3(): Blake3Into {
   let alignedBytes = new Uint8Array(aligned.buffer);
 
   // One chunk (up to 1024 bytes at byte `off` of `bytes`; `words` views the same memory).
-  const chunk = (words: Uint32Array, bytes: Uint8Array, off: number, len: number, counter: number, rootFlag: number, out: Uint32Array, outOff: number): void => {
+  const chunk = (
+    words: Uint32Array, bytes: Uint8Array, off: number, len: number, counter: number, rootFlag: number, out: Uint32Array, outOff: number,
+  ): void => {
     cv.set(IV);
     const blocks = len === 0 ? 1 : (len + 63) >>> 6;
     for (let b = 0; b < blocks; b++) {

@@ -12,7 +12,8 @@ import { Worker } from 'node:worker_threads';
 import { InternalError } from '../errors.ts';
 import { isZero } from '../format/bytes.ts';
 import { makeBlake3 } from './blake3.ts';
-import { HASH_BYTES, LITTLE_ENDIAN, clustersInto, type ClustersInto, type SupportedHashAlgorithm } from './hasher.ts';
+import { HASH_BYTES } from '../format/hash-entry.ts';
+import { LITTLE_ENDIAN, clustersInto, type ClustersInto, type SupportedHashAlgorithm } from './hasher.ts';
 
 /** The hashes of a chunk's clusters: hash i at `hashes[32 i …]`, `zero[i]` = 1 for an all-zero cluster (its hash not computed). */
 export interface ChunkDigest {
@@ -77,7 +78,8 @@ export class ChunkHasher {
    */
   async digest(chunk: Buffer, start: number, count: number): Promise<ChunkDigest> {
     const cs = this.clusterSize;
-    if (start < 0 || start + count * cs > chunk.length) throw new InternalError(`ChunkHasher: clusters ${start}+${count}×${cs} past a chunk of ${chunk.length} bytes`);
+    if (start < 0 || start + count * cs > chunk.length) throw new InternalError(`ChunkHasher: clusters ${start}+${count}×${cs} past a chunk of ` +
+      `${chunk.length} bytes`);
     const shared = chunk.buffer instanceof SharedArrayBuffer && count * cs >= MIN_WORKER_BYTES;
     const out = shared ? new SharedArrayBuffer(count * (HASH_BYTES + 1)) : new ArrayBuffer(count * (HASH_BYTES + 1));
     const result: ChunkDigest = { count, hashes: Buffer.from(out, 0, count * HASH_BYTES), zero: new Uint8Array(out, count * HASH_BYTES, count) };
@@ -134,7 +136,9 @@ export class ChunkHasher {
     }
   }
 
-  private run(job: { data: ArrayBufferLike; byteOffset: number; count: number; clusterSize: number; algorithm: string; out: SharedArrayBuffer | ArrayBuffer }): Promise<void> {
+  private run(job: {
+    data: ArrayBufferLike; byteOffset: number; count: number; clusterSize: number; algorithm: string; out: SharedArrayBuffer | ArrayBuffer;
+  }): Promise<void> {
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       this.waiting.set(id, { resolve, reject });

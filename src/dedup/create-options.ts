@@ -8,7 +8,8 @@ import { MAX_INCARNATIONS, MAX_STORE_ORDER, validJournalBlockSize } from '../for
 import { MAX_CLUSTER_BITS, MAX_REFCOUNT_ORDER, MIN_CLUSTER_BITS, V2_REFCOUNT_ORDER } from '../format/header.ts';
 import { MAX_JOURNAL_BLOCK, MIN_JOURNAL_BLOCK } from '../format/journal-block.ts';
 import { DEFAULT_CLUSTER_BITS, DEFAULT_REFCOUNT_ORDER } from '../image/create.ts';
-import { Image, RawImage, probeFormat } from '../image/image.ts';
+import { Image } from '../image/image.ts';
+import { RawImage, probeFormat } from '../image/guest-reader.ts';
 import { isAbsolute, resolve, dirname } from 'node:path';
 import { DEDUP_CLUSTER_BITS, DEFAULT_JOURNAL_BLOCK, MIN_DEDUP_REFCOUNT_ORDER, defaultDedupSettings, maxStoreOrder, type DedupSettings } from './dedup.ts';
 import { parseHashAlgorithm } from './hasher.ts';
@@ -50,13 +51,27 @@ const CREATE_OPTIONS: [string, string, (d: Defaults) => string][] = [
   ['compat', 'str', () => 'Compatibility level (v2 [0.10] or v3 [1.1], default 1.1)'],
   ['dedup', 'str', (d) => d.dedupByDefault
     ? 'Inline deduplication hash: sha256 (default), sha3-256, blake3 or off'
-    : `Inline deduplication hash: sha256, sha3-256, blake3 or off (default off: dedup needs compat=1.1 and refcount_bits of ${MIN_DEDUP_REFCOUNT_BITS} or more)`],
-  ['dedup_journal_block', 'size', () => `Dedup journal block size, a power of two from ${MIN_JOURNAL_BLOCK} to ${k(MAX_JOURNAL_BLOCK)} (default ${DEFAULT_JOURNAL_BLOCK})`],
+    : `Inline deduplication hash: sha256, sha3-256, blake3 or off (default off: dedup needs compat=1.1 and refcount_bits of ` +
+      `${MIN_DEDUP_REFCOUNT_BITS} or more)`],
+  [
+    'dedup_journal_block',
+    'size',
+    () => `Dedup journal block size, a power of two from ${MIN_JOURNAL_BLOCK} to ${k(MAX_JOURNAL_BLOCK)} (default ${DEFAULT_JOURNAL_BLOCK})`,
+  ],
   ['dedup_max_incarnations', 'num', () => 'Frozen log stores kept before the oldest is forgotten (0 = unlimited, default)'],
-  ['dedup_order', 'num', () => `Log store size: 2^N buckets of 4 hashes, 0 to ${MAX_STORE_ORDER} and at most log2(disk clusters / 2) (default: about 1/128 of the disk; RAM ≈ 49 bytes × 2^N × 4 per log store)`],
+  [
+    'dedup_order',
+    'num',
+    () => `Log store size: 2^N buckets of 4 hashes, 0 to ${MAX_STORE_ORDER} and at most log2(disk clusters / 2) ` +
+      `(default: about 1/128 of the disk; RAM ≈ 49 bytes × 2^N × 4 per log store)`,
+  ],
   ['dedup_verify', 'bool (on/off)', () => 'Compare bytes before linking a duplicate (default off)'],
   ['lazy_refcounts', 'bool (on/off)', () => 'Postpone refcount updates (compatible feature bit; v3 only)'],
-  ['refcount_bits', 'num', () => `Width of a reference count entry in bits: 1, 2, 4, 8, 16, 32 or ${2 ** MAX_REFCOUNT_ORDER} (default ${2 ** DEFAULT_REFCOUNT_ORDER})`],
+  [
+    'refcount_bits',
+    'num',
+    () => `Width of a reference count entry in bits: 1, 2, 4, 8, 16, 32 or ${2 ** MAX_REFCOUNT_ORDER} (default ${2 ** DEFAULT_REFCOUNT_ORDER})`,
+  ],
   ['size', 'size', () => 'Virtual disk size'],
 ];
 
@@ -174,7 +189,8 @@ export function dedupSettings(
   if (order > maxOrder) {
     // A log store larger than the disk can fill is never frozen: it only costs RAM and file space.
     const clusters = Math.ceil(size / clusterSize);
-    throw new UsageError(`dedup_order ${order} is too large for this disk (${clusters} clusters of ${clusterSize} bytes): the largest is ${maxOrder} (a log store of 2^${maxOrder} × 4 slots, at most twice the disk's clusters)`);
+    throw new UsageError(`dedup_order ${order} is too large for this disk (${clusters} clusters of ${clusterSize} bytes): the largest is ${maxOrder} (a log ` +
+      `store of 2^${maxOrder} × 4 slots, at most twice the disk's clusters)`);
   }
   const journalBlockSize = opts.has('dedup_journal_block') ? parse.size(opts.get('dedup_journal_block')!, 'dedup journal block size') : d.journalBlockSize;
   if (!validJournalBlockSize(journalBlockSize)) {

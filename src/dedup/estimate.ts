@@ -14,7 +14,8 @@
 import { stat } from 'node:fs/promises';
 import { maxRefcount } from '../format/refcount.ts';
 import { InternalError, IoError, UsageError } from '../errors.ts';
-import { Image, RawImage, probeFormat, type GuestReader } from '../image/image.ts';
+import { Image } from '../image/image.ts';
+import { RawImage, probeFormat, type GuestReader } from '../image/guest-reader.ts';
 import type { LockRequest } from '../image/image-lock.ts';
 import { ChunkHasher, type ChunkDigest } from './chunk-hasher.ts';
 import { FingerprintTable, maxSlotsFor, type BucketCounts } from './fingerprint-table.ts';

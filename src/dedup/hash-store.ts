@@ -102,7 +102,14 @@ export class HashStore {
         if (!sameHash(raw, hash)) continue; // a tag collision: decode only the slot that matches
         const e = decodeIncarnationSlot(raw);
         if (!e.tombstone) this.hits++;
-        const entry = { hash: e.hash, hostOffset: e.hostOffset, firstGuestOffset: e.firstGuestOffset, confirmed: inc.confirmed.get(s), bits: inc.confirmed, slot: s };
+        const entry = {
+          hash: e.hash,
+          hostOffset: e.hostOffset,
+          firstGuestOffset: e.firstGuestOffset,
+          confirmed: inc.confirmed.get(s),
+          bits: inc.confirmed,
+          slot: s,
+        };
         return { entry, tombstone: e.tombstone };
       }
     }
@@ -115,7 +122,13 @@ export class HashStore {
    * area goes to limbo. The caller syncs; the configuration area records the change.
    * `confirmed`: the log store's confirmed bits, which stay with its slots.
    */
-  async freeze(store: SlotArrays, count: number, generation: number, allocate: (clusters: number) => Promise<number>, confirmed = new SlotBits(store.slots)): Promise<void> {
+  async freeze(
+    store: SlotArrays,
+    count: number,
+    generation: number,
+    allocate: (clusters: number) => Promise<number>,
+    confirmed = new SlotBits(store.slots),
+  ): Promise<void> {
     const area = encodeIncarnation(store, this.clusterSize, this.order);
     const reused = this.limbo.findIndex((l) => l.clusters >= this.layout.clusters);
     const offset = reused >= 0 ? this.limbo.splice(reused, 1)[0].offset : await allocate(this.layout.clusters);

@@ -25,10 +25,8 @@ import crypto from 'node:crypto';
 import { endianness } from 'node:os';
 import { blake3 as nobleBlake3 } from '@noble/hashes/blake3.js';
 import { InternalError, UnsupportedError, UsageError } from '../errors.ts';
+import { HASH_BYTES } from '../format/hash-entry.ts';
 import { makeBlake3, type Blake3Into } from './blake3.ts';
-
-/** Every hash is 32 bytes, whatever the algorithm. */
-export const HASH_BYTES = 32;
 
 /** On-disk algorithm numbers (dedup header extension, byte 1). */
 export const HASH_ALGORITHMS = { sha256: 0, 'sha3-256': 1, skein: 2, blake3: 3 } as const;
@@ -54,7 +52,8 @@ export function hashAlgorithmId(name: HashAlgorithm): number {
 /** The name of an on-disk algorithm number (skein included); UnsupportedError for a number no version of qdedup knows. */
 export function hashAlgorithmName(id: number): HashAlgorithm {
   const name = NAMES_BY_ID.get(id);
-  if (name === undefined) throw new UnsupportedError(`unknown dedup hash algorithm number ${id} (known: ${[...NAMES_BY_ID].map(([i, n]) => `${i} ${n}`).join(', ')})`);
+  if (name === undefined) throw new UnsupportedError(`unknown dedup hash algorithm number ${id} (known: ` +
+    `${[...NAMES_BY_ID].map(([i, n]) => `${i} ${n}`).join(', ')})`);
   return name;
 }
 

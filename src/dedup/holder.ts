@@ -53,6 +53,8 @@ export interface HolderHost {
 export const MAX_HOLDER_L1_ENTRIES = MAX_L1_BYTES / 8;
 /** Room a new or grown holder L1 leaves past the clusters it must cover: 64 MiB of file. */
 const HOLDER_MARGIN_BYTES = 64 * 1024 * 1024;
+/** Clean holder L2 tables kept in memory past a commit before the cache is emptied. */
+const MAX_CACHED_TABLE_BYTES = 16 * 1024 * 1024;
 
 /**
  * Holder L1 entries to cover host clusters 0 … `clusters` - 1 plus a margin, rounded up to
@@ -246,7 +248,10 @@ export class Holder {
     const e = decodeL2Entry(t, cluster % this.l2Entries, this.host.clusterBits);
     if (e.kind === 'unallocated') return false;
     if (e.kind !== 'normal' || e.hostOffset !== cluster * this.clusterSize) {
-      throw this.corrupt(`entry for cluster ${hex(cluster * this.clusterSize)} maps ${hex(e.hostOffset)}, not itself`, decodeL1Entry(this.l1, l1Index).l2Offset + (cluster % this.l2Entries) * 8);
+      throw this.corrupt(
+        `entry for cluster ${hex(cluster * this.clusterSize)} maps ${hex(e.hostOffset)}, not itself`,
+        decodeL1Entry(this.l1, l1Index).l2Offset + (cluster % this.l2Entries) * 8,
+      );
     }
     return true;
   }
@@ -302,7 +307,7 @@ export class Holder {
       k = end;
     }
     this.l2Dirty.clear();
-    if (this.l2Cache.size * this.clusterSize > 16 * 1024 * 1024) this.l2Cache.clear();
+    if (this.l2Cache.size * this.clusterSize > MAX_CACHED_TABLE_BYTES) this.l2Cache.clear();
     return true;
   }
 
@@ -328,6 +333,9 @@ export class Holder {
   }
 
   private corrupt(what: string, offset: number): CorruptImageError {
-    return new CorruptImageError(`dedup holder snapshot: ${what}; it is not qdedup's (delete it with 'qemu-img snapshot -d ${HOLDER_NAME}')`, { offset, structure: 'dedup holder' });
+    return new CorruptImageError(
+      `dedup holder snapshot: ${what}; it is not qdedup's (delete it with 'qemu-img snapshot -d ${HOLDER_NAME}')`,
+      { offset, structure: 'dedup holder' },
+    );
   }
 }

@@ -18,6 +18,9 @@ import { createHasher, type Hasher } from './hasher.ts';
 import { judgeStore, type StoreArea, type StoreVerdict } from './judge-store.ts';
 import type { DedupStore } from './store.ts';
 
+/** Incarnation table bytes read at once by a verification. */
+const TABLE_READ_BYTES = 1024 * 1024;
+
 // ---------------------------------------------------------------- the index
 
 /** One entry a lookup can return, and where it lives. */
@@ -48,7 +51,7 @@ export async function* liveEntries(image: Image, store: DedupStore): AsyncGenera
   }
   const hs = store.hashStore;
   const { slots, tableOffset } = hs.layout;
-  const perChunk = Math.max(1, Math.floor((1024 * 1024) / HASH_ENTRY_BYTES));
+  const perChunk = Math.max(1, Math.floor(TABLE_READ_BYTES / HASH_ENTRY_BYTES));
   for (let k = 0; k < hs.incarnations.length; k++) {
     const inc = hs.incarnations[k];
     for (let first = 0; first < slots; first += perChunk) {
@@ -106,7 +109,15 @@ export interface IndexVerification {
  * the holder holds the cluster, its stored refcount is at least 1; with `deep`, the
  * cluster's bytes hash to the entry's hash. Reads only.
  */
-export async function verifyIndex(image: Image, store: DedupStore, held: ClusterSet, refcounts: Refcounts, hasher: Hasher, deep: boolean, areas: StoreArea[] = []): Promise<IndexVerification> {
+export async function verifyIndex(
+  image: Image,
+  store: DedupStore,
+  held: ClusterSet,
+  refcounts: Refcounts,
+  hasher: Hasher,
+  deep: boolean,
+  areas: StoreArea[] = [],
+): Promise<IndexVerification> {
   const cs = image.clusterSize;
   const fileSize = await image.file.size();
   const out: IndexVerification = { checked: 0, bad: 0, lines: [] };
@@ -127,12 +138,22 @@ export async function verifyIndex(image: Image, store: DedupStore, held: Cluster
       : await entryProblem(image, e, cs, fileSize, held, refcounts, hasher, deep);
     if (problem === null) continue;
     out.bad++;
-    if (out.lines.length < MAX_PROBLEM_LINES) out.lines.push(`ERROR dedup index: hash ${e.hash.toString('hex')} (${e.where}) -> ${hex(e.hostOffset)}: ${problem}`);
+    if (out.lines.length < MAX_PROBLEM_LINES) out.lines.push(`ERROR dedup index: hash ${e.hash.toString('hex')} (${e.where}) -> ${hex(e.hostOffset)}: ` +
+      `${problem}`);
   }
   return out;
 }
 
-async function entryProblem(image: Image, e: LiveEntry, cs: number, fileSize: number, held: ClusterSet, refcounts: Refcounts, hasher: Hasher, deep: boolean): Promise<string | null> {
+async function entryProblem(
+  image: Image,
+  e: LiveEntry,
+  cs: number,
+  fileSize: number,
+  held: ClusterSet,
+  refcounts: Refcounts,
+  hasher: Hasher,
+  deep: boolean,
+): Promise<string | null> {
   if (e.hostOffset === 0 || e.hostOffset % cs) return 'host offset is not a non-zero multiple of the cluster size';
   if (e.hostOffset >= fileSize) return 'cluster is past the end of the file';
   const cluster = e.hostOffset / cs;

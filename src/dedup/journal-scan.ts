@@ -177,12 +177,17 @@ export async function readJournals(image: Image): Promise<JournalsReport> {
   }
   const journals = [];
   for (const index of [0, 1]) {
-    journals.push({ index, role: (index === config.currentJournal ? 'current' : 'frozen') as JournalRole, scan: await scanJournal(image.file, config.journals[index], ext.journalBlockSize) });
+    journals.push({
+      index,
+      role: (index === config.currentJournal ? 'current' : 'frozen') as JournalRole,
+      scan: await scanJournal(image.file, config.journals[index], ext.journalBlockSize),
+    });
   }
   const indexReason = verdict.trusted
     ? 'kept: ' + journals.map((j) => `${j.scan.replayedEntries} entries from journal ${j.index} (${j.role})`).join(', ')
     : `${verdict.distrust === 'algorithm' ? 'refused' : 'dropped'}: ${verdict.reason}`;
   return {
-    autoclearBit: (image.header.autoclearFeatures & AUTOCLEAR_DEDUP) !== 0n, dirty: ext.dirty, trusted: verdict.trusted, ext, algorithm: verdict.algorithm, config, journals, indexKept: verdict.trusted, indexReason,
+    autoclearBit: (image.header.autoclearFeatures & AUTOCLEAR_DEDUP) !== 0n, dirty: ext.dirty, trusted: verdict.trusted, ext, algorithm: verdict.algorithm,
+    config, journals, indexKept: verdict.trusted, indexReason,
   };
 }

@@ -23,10 +23,13 @@ export interface ReplayResult {
   stop: ReplayStop;
 }
 
+/** Journal bytes read at once by a replay. */
+const REPLAY_READ_BYTES = 1024 * 1024;
+
 /** Reads blocks from block 0 until the first one that is not valid (or the end). */
 export async function replayJournal(file: BlockFile, desc: JournalDescriptor, blockSize: number): Promise<ReplayResult> {
   const entries: JournalEntry[] = [];
-  const perRead = Math.max(1, Math.floor((1024 * 1024) / blockSize));
+  const perRead = Math.max(1, Math.floor(REPLAY_READ_BYTES / blockSize));
   for (let first = 0; first < desc.blocks; first += perRead) {
     const count = Math.min(perRead, desc.blocks - first);
     const buf = await file.read(desc.offset + first * blockSize, count * blockSize);

@@ -5,6 +5,7 @@
 // flush; a journal full of replacements and deletions is packed.
 // Layouts: docs/FORMAT.md §6–9. Trust rules (dirty flag, autoclear bit): src/dedup/dedup.ts.
 
+import { InternalError } from '../errors.ts';
 import { SLOT_EMPTY, SLOT_TOMBSTONE, SLOT_USED } from '../format/incarnation.ts';
 import { entriesPerBlock, type JournalEntry } from '../format/journal-block.ts';
 import { nextGeneration, type DedupConfig, type DedupExtension, type JournalDescriptor } from '../format/dedup-ext.ts';
@@ -70,7 +71,14 @@ export function replayDamage(stops: (ReplayStop | null)[], journals: JournalDesc
 /** The entry in slot `slot` of a log store, or null for a tombstone (a deleted hash). */
 function entryAt(store: LogStore, slot: number, hash: Buffer): IndexEntry | null {
   if (store.states[slot] === SLOT_TOMBSTONE) return null;
-  return { hash, hostOffset: store.hostOffsets[slot], firstGuestOffset: store.guestOffsets[slot], confirmed: store.confirmed.get(slot), bits: store.confirmed, slot };
+  return {
+    hash,
+    hostOffset: store.hostOffsets[slot],
+    firstGuestOffset: store.guestOffsets[slot],
+    confirmed: store.confirmed.get(slot),
+    bits: store.confirmed,
+    slot,
+  };
 }
 
 interface Side {
@@ -210,7 +218,7 @@ export class DedupStore {
 
   private async rotateAndRecord(e: JournalEntry, state: number, allocate: Allocate): Promise<void> {
     await this.rotate(allocate);
-    if (!this.current.store.put(e.hash, e.hostOffset, e.firstGuestOffset, state, !e.deleted)) throw new Error('internal: an empty log store refused an entry');
+    if (!this.current.store.put(e.hash, e.hostOffset, e.firstGuestOffset, state, !e.deleted)) throw new InternalError('an empty log store refused an entry');
     if (this.current.journal.wouldOverflow(1)) await this.pack(allocate);
     this.current.journal.append(e);
   }
@@ -271,7 +279,12 @@ export class DedupStore {
     const journal = new Journal(this.file, desc, this.geometry.journalBlockSize);
     for (let s = 0; s < store.slots; s++) {
       if (store.states[s] === SLOT_EMPTY) continue;
-      journal.append({ hash: Buffer.from(store.hashAt(s)), hostOffset: store.hostOffsets[s], firstGuestOffset: store.guestOffsets[s], deleted: store.states[s] === SLOT_TOMBSTONE });
+      journal.append({
+        hash: Buffer.from(store.hashAt(s)),
+        hostOffset: store.hostOffsets[s],
+        firstGuestOffset: store.guestOffsets[s],
+        deleted: store.states[s] === SLOT_TOMBSTONE,
+      });
     }
     this.current = { store, journal, desc };
     this.packs++;

@@ -5,12 +5,14 @@
 import { UnsupportedError } from '../errors.ts';
 
 export const TWO_32 = 0x1_0000_0000;
+/** 2^53 / 2^32: a u64 whose high half reaches this is past Number.MAX_SAFE_INTEGER. */
+export const U64_HI_UNSAFE = 0x200000;
 
 /** Reads a u64 as a number; throws UnsupportedError when it exceeds 2^53 - 1. */
 export function readU64(buf: Buffer, pos: number, what: string): number {
   const hi = buf.readUInt32BE(pos);
   const lo = buf.readUInt32BE(pos + 4);
-  if (hi >= 0x200000) throw new UnsupportedError(`${what} 0x${hi.toString(16)}${lo.toString(16).padStart(8, '0')} is beyond 2^53 bytes`);
+  if (hi >= U64_HI_UNSAFE) throw new UnsupportedError(`${what} 0x${hi.toString(16)}${lo.toString(16).padStart(8, '0')} is beyond 2^53 bytes`);
   return hi * TWO_32 + lo;
 }
 

@@ -7,6 +7,7 @@
 
 import { readU64, writeU64 } from './bytes.ts';
 
+/** Every hash is 32 bytes, whatever the algorithm. */
 export const HASH_BYTES = 32;
 export const HASH_ENTRY_BYTES = 48;
 

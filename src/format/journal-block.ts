@@ -13,7 +13,7 @@
 
 import { crc32 } from 'node:zlib';
 import { HASH_ENTRY_BYTES, decodeHashEntry, encodeHashEntry, type HashEntry } from './hash-entry.ts';
-import { readU64, writeU64 } from './bytes.ts';
+import { U64_HI_UNSAFE, readU64, writeU64 } from './bytes.ts';
 
 export const JOURNAL_MAGIC = 0x51444a42; // "QDJB"
 export const JOURNAL_HEADER_BYTES = 24;
@@ -75,11 +75,14 @@ export function decodeJournalBlock(buf: Buffer, expectedSequence: number): Decod
   const out = (verdict: BlockVerdict, reason: string, sequence = 0, checksumValid = false, entries: JournalEntry[] = []): DecodedBlock =>
     ({ verdict, reason, sequence, checksumValid, entries });
   if (buf.readUInt32BE(0) !== JOURNAL_MAGIC) {
-    return buf.every((b) => b === 0) ? out('empty', 'block never written (all zero)') : out('bad-magic', `bad magic 0x${buf.readUInt32BE(0).toString(16)} at byte 0`);
+    return buf.every((b) => b === 0) ? out('empty', 'block never written (all zero)') : out(
+      'bad-magic',
+      `bad magic 0x${buf.readUInt32BE(0).toString(16)} at byte 0`,
+    );
   }
   const checksumValid = buf.readUInt32BE(4) === crc32(buf.subarray(8));
   const hi = buf.readUInt32BE(8);
-  const sequence = hi >= 0x200000 ? -1 : readU64(buf, 8, 'journal sequence');
+  const sequence = hi >= U64_HI_UNSAFE ? -1 : readU64(buf, 8, 'journal sequence');
   if (!checksumValid) return out('bad-checksum', 'checksum mismatch (torn or damaged block)', sequence, false);
   if (sequence !== expectedSequence) return out('bad-sequence', `sequence ${sequence}, expected ${expectedSequence} (a stale block)`, sequence, true);
   const count = buf.readUInt16BE(16);
@@ -93,7 +96,12 @@ export function decodeJournalBlock(buf: Buffer, expectedSequence: number): Decod
     const type = buf[pos];
     const flags = buf[pos + 1];
     const length = buf.readUInt16BE(pos + 2);
-    if (pos + ENTRY_HEADER_BYTES + length > end) return out('bad-entry', `entry ${i} at byte ${pos}: length ${length} crosses the end of the entries`, sequence, true);
+    if (pos + ENTRY_HEADER_BYTES + length > end) return out(
+      'bad-entry',
+      `entry ${i} at byte ${pos}: length ${length} crosses the end of the entries`,
+      sequence,
+      true,
+    );
     if (type !== ENTRY_TYPE_HASH || length !== HASH_ENTRY_BYTES || (flags & ~ENTRY_FLAG_DELETED) !== 0) {
       return out('bad-entry', `entry ${i} at byte ${pos}: unknown type ${type}, flags 0x${flags.toString(16)} or length ${length}`, sequence, true);
     }

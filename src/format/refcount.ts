@@ -2,7 +2,7 @@
 // Spec: docs/interop/qcow2.rst "Host cluster management". Widths of 8 bits and more are
 // big-endian; narrower ones are packed from the least significant bit of each byte.
 
-import { TWO_32 } from './bytes.ts';
+import { TWO_32, U64_HI_UNSAFE } from './bytes.ts';
 
 /** Refcount table entries: REFT_OFFSET_MASK = 0xfffffffffffffe00 (low half), REFT_RESERVED_MASK = 0x1ff. */
 export const REFT_OFFSET_MASK_LO = 0xffff_fe00;
@@ -44,7 +44,7 @@ export function getRefcount(block: Buffer, index: number, refcountOrder: number)
     case 5: return block.readUInt32BE(index * 4);
     case 6: {
       const hi = block.readUInt32BE(index * 8);
-      return hi >= 0x200000 ? Number.MAX_SAFE_INTEGER : hi * TWO_32 + block.readUInt32BE(index * 8 + 4);
+      return hi >= U64_HI_UNSAFE ? Number.MAX_SAFE_INTEGER : hi * TWO_32 + block.readUInt32BE(index * 8 + 4);
     }
     default: {
       const bits = 2 ** refcountOrder;

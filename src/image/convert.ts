@@ -8,7 +8,8 @@
 
 import { NodeFile } from './block-file.ts';
 import { isZero } from '../format/bytes.ts';
-import type { GuestReader, Image } from './image.ts';
+import type { GuestReader } from './guest-reader.ts';
+import type { Image } from './image.ts';
 import { LOCK_CREATE } from './image-lock.ts';
 import { CHUNK_BYTES, ChunkReader, writeChunks, type ChunkSource } from './write-pipeline.ts';
 

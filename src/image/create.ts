@@ -34,7 +34,9 @@ export interface CreateOptions {
 }
 
 /** Computes the new image's header and layout. Pure; throws UsageError on impossible sizes. */
-export function planImage(o: CreateOptions): { header: Header; clusters: number; fileLength: number; l1Clusters: number; reftableClusters: number; refblocks: number } {
+export function planImage(o: CreateOptions): {
+  header: Header; clusters: number; fileLength: number; l1Clusters: number; reftableClusters: number; refblocks: number;
+} {
   const clusterSize = 2 ** o.clusterBits;
   const size = Math.ceil(o.size / 512) * 512;
   const l1Size = l1SizeFor(size, o.clusterBits);

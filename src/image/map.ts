@@ -20,7 +20,8 @@ import { dirname, isAbsolute } from 'node:path';
 import { UsageError } from '../errors.ts';
 import { decodeL1Entry, decodeL2Entry, type L2Entry } from '../format/l1l2.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';
-import { Image, type GuestReader } from './image.ts';
+import type { GuestReader } from './guest-reader.ts';
+import { Image } from './image.ts';
 import { libc } from './libc.ts';
 import { Refcounts } from './refcounts.ts';
 
@@ -102,7 +103,11 @@ interface HostStatus {
 
 /** A read-only descriptor of a layer's file, for lseek (a second one: the image's own keeps its locks). */
 class HostFile {
-  private constructor(private readonly fd: number, private readonly seek: (fd: number, offset: number, whence: number) => number, private readonly errno: () => number) {}
+  private constructor(
+    private readonly fd: number,
+    private readonly seek: (fd: number, offset: number, whence: number) => number,
+    private readonly errno: () => number,
+  ) {}
 
   static open(path: string): HostFile | null {
     const c = libc();
@@ -307,14 +312,16 @@ export async function mapShares(image: Image, name: string, start: number, lengt
     e.sharedWith = [];
     for (let c = Math.floor(e.offset! / cs); c * cs < e.offset! + e.length; c++) {
       owner.set(c, [...(owner.get(c) ?? []), e]);
-      if (++owned > MAX_SHARES_CLUSTERS) throw new UsageError(`--shares: the range covers more than ${MAX_SHARES_CLUSTERS} host clusters; give a shorter length`);
+      if (++owned > MAX_SHARES_CLUSTERS) throw new UsageError(`--shares: the range covers more than ${MAX_SHARES_CLUSTERS} host clusters; give a ` +
+        `shorter length`);
     }
   }
   if (owner.size === 0) return entries;
   const found = (e: MapEntry, hit: ShareRange) => {
     const list = e.sharedWith!;
     const last = list[list.length - 1];
-    if (last && last.snapshot === hit.snapshot && last.zero === hit.zero && last.start + last.length === hit.start && last.offset + last.length === hit.offset) last.length += hit.length;
+    const adjacent = last && last.snapshot === hit.snapshot && last.zero === hit.zero && last.start + last.length === hit.start;
+    if (adjacent && last.offset + last.length === hit.offset) last.length += hit.length;
     else list.push(hit);
   };
   const visit = (guestCluster: number, l2: L2Entry, snapshot?: string) => {
@@ -323,7 +330,10 @@ export async function mapShares(image: Image, name: string, start: number, lengt
     for (const e of owner.get(l2.hostOffset / cs) ?? []) {
       // The range's own clusters (the active disk's, over the range) are not "others".
       if (snapshot === undefined && guest < e.start + e.length && guest + cs > e.start) continue;
-      found(e, { start: guest, length: cs, offset: l2.hostOffset, ...(snapshot !== undefined ? { snapshot } : {}), ...(l2.kind === 'zero' ? { zero: true } : {}) });
+      found(
+        e,
+        { start: guest, length: cs, offset: l2.hostOffset, ...(snapshot !== undefined ? { snapshot } : {}), ...(l2.kind === 'zero' ? { zero: true } : {}) },
+      );
     }
   };
   const perTable = image.l2Entries;
@@ -394,7 +404,8 @@ export function mapHumanRows(entries: Iterable<MapEntry>): { rows: string[]; err
     if (e.data && !e.zero) {
       rows.push(`${hex16(e.start)}${hex16(e.length)}${hex16(e.offset ?? 0)}${String(e.sharedBy ?? '-').padEnd(16)}${e.file ?? ''}`);
       for (const s of e.sharedWith ?? []) {
-        rows.push(`    shared with ${hex16(s.start).trim()} (${s.length} bytes at ${hex16(s.offset).trim()})${s.zero ? ' as a zero cluster' : ''}${s.snapshot !== undefined ? ` in snapshot '${s.snapshot}'` : ''}`);
+        rows.push(`    shared with ${hex16(s.start).trim()} (${s.length} bytes at ` +
+          `${hex16(s.offset).trim()})${s.zero ? ' as a zero cluster' : ''}${s.snapshot !== undefined ? ` in snapshot '${s.snapshot}'` : ''}`);
       }
     }
     return undefined;

@@ -13,7 +13,7 @@
 // RefcountBlockCache (the blocks in memory, read on demand, and which of them changed) is
 // shared with check's reader of the stored refcounts (src/image/check/stored-refcounts.ts).
 
-import { CorruptImageError, InternalError, QdedupError, hex } from '../errors.ts';
+import { CorruptImageError, InternalError, hex } from '../errors.ts';
 import { MAX_HOST_OFFSET, MAX_REFTABLE_BYTES } from '../format/header.ts';
 import { decodeReftableEntry, getRefcount, maxRefcount, refblockEntries, setRefcount } from '../format/refcount.ts';
 import { readU64, writeU64 } from '../format/bytes.ts';
@@ -126,7 +126,13 @@ export class Refcounts {
   /** Called when a cluster's refcount falls to 0 (the image drops it from its overlap guard). */
   private readonly onFreed: (clusterIndex: number) => void;
 
-  private constructor(private readonly file: BlockFile, layout: RefcountLayout, table: number[], metadataAt: (c: number) => string | undefined, onFreed: (c: number) => void) {
+  private constructor(
+    private readonly file: BlockFile,
+    layout: RefcountLayout,
+    table: number[],
+    metadataAt: (c: number) => string | undefined,
+    onFreed: (c: number) => void,
+  ) {
     this.clusterBits = layout.clusterBits;
     this.clusterSize = 2 ** layout.clusterBits;
     this.refcountOrder = layout.refcountOrder;
@@ -141,7 +147,12 @@ export class Refcounts {
   }
 
   /** Reads and validates the refcount table. Throws CorruptImageError naming the bad entry. */
-  static async load(file: BlockFile, layout: RefcountLayout, metadataAt: (c: number) => string | undefined, onFreed: (c: number) => void = () => {}): Promise<Refcounts> {
+  static async load(
+    file: BlockFile,
+    layout: RefcountLayout,
+    metadataAt: (c: number) => string | undefined,
+    onFreed: (c: number) => void = () => {},
+  ): Promise<Refcounts> {
     const clusterSize = 2 ** layout.clusterBits;
     const raw = await file.read(layout.tableOffset, layout.tableClusters * clusterSize);
     const table: number[] = [];
@@ -150,8 +161,14 @@ export class Refcounts {
         throw new CorruptImageError(`refcount table entry ${i} has reserved bits set`, { offset: layout.tableOffset + i * 8, structure: 'refcount table' });
       }
       const offset = readU64(raw, i * 8, `refcount block offset (refcount table entry ${i})`);
-      if (offset % clusterSize !== 0) throw new CorruptImageError(`refcount block ${i} at ${hex(offset)} is not cluster aligned`, { offset: layout.tableOffset + i * 8, structure: 'refcount table' });
-      if (offset >= MAX_HOST_OFFSET) throw new CorruptImageError(`refcount block ${i} at ${hex(offset)} is beyond the largest host offset`, { offset: layout.tableOffset + i * 8, structure: 'refcount table' });
+      if (offset % clusterSize !== 0) throw new CorruptImageError(
+        `refcount block ${i} at ${hex(offset)} is not cluster aligned`,
+        { offset: layout.tableOffset + i * 8, structure: 'refcount table' },
+      );
+      if (offset >= MAX_HOST_OFFSET) throw new CorruptImageError(
+        `refcount block ${i} at ${hex(offset)} is beyond the largest host offset`,
+        { offset: layout.tableOffset + i * 8, structure: 'refcount table' },
+      );
       table.push(offset);
     }
     while (table.length > 0 && table[table.length - 1] === 0) table.pop();
@@ -212,7 +229,7 @@ export class Refcounts {
   private async set(clusterIndex: number, value: number): Promise<void> {
     const t = Math.floor(clusterIndex / this.blockEntries);
     const block = await this.block(t);
-    if (!block) throw new QdedupError(`internal: no refcount block for cluster ${clusterIndex}`, 'EINTERNAL');
+    if (!block) throw new InternalError(`no refcount block for cluster ${clusterIndex}`);
     setRefcount(block, clusterIndex % this.blockEntries, this.refcountOrder, value);
     this.blocks.markDirty(t);
   }
@@ -228,7 +245,10 @@ export class Refcounts {
     if (!block) throw new InternalError(`refcount block of cluster ${clusterIndex} not fetched`);
     const index = clusterIndex % this.blockEntries;
     const value = getRefcount(block, index, this.refcountOrder) + 1;
-    if (value > this.max) throw new CorruptImageError(`refcount of cluster ${clusterIndex} would exceed ${this.max}`, { offset: clusterIndex * this.clusterSize, structure: 'refcount block' });
+    if (value > this.max) throw new CorruptImageError(
+      `refcount of cluster ${clusterIndex} would exceed ${this.max}`,
+      { offset: clusterIndex * this.clusterSize, structure: 'refcount block' },
+    );
     setRefcount(block, index, this.refcountOrder, value);
     this.blocks.markDirty(t);
     return value;
@@ -249,7 +269,10 @@ export class Refcounts {
     this.pendingFrees = [];
     for (const c of frees) {
       const value = await this.get(c);
-      if (value === 0) throw new CorruptImageError(`refcount of cluster ${c} would drop below 0`, { offset: c * this.clusterSize, structure: 'refcount block' });
+      if (value === 0) throw new CorruptImageError(
+        `refcount of cluster ${c} would drop below 0`,
+        { offset: c * this.clusterSize, structure: 'refcount block' },
+      );
       await this.set(c, value - 1);
       if (value === 1) {
         this.onFreed(c);
@@ -281,7 +304,10 @@ export class Refcounts {
       if (created) continue; // the new blocks took clusters, perhaps inside the run
       for (let c = start; c < start + count; c++) {
         const what = this.metadataAt(c);
-        if (what) throw new CorruptImageError(`refcount of cluster ${c} is 0 but it holds the ${what}; run 'qdedup check -r all'`, { offset: c * this.clusterSize, structure: 'refcount block' });
+        if (what) throw new CorruptImageError(
+          `refcount of cluster ${c} is 0 but it holds the ${what}; run 'qdedup check -r all'`,
+          { offset: c * this.clusterSize, structure: 'refcount block' },
+        );
       }
       for (let t = Math.floor(start / this.blockEntries); t <= lastTable; t++) {
         const block = (await this.block(t))!;
@@ -323,12 +349,18 @@ export class Refcounts {
       const place = await this.findFreeRun(1);
       const placeTable = Math.floor(place / this.blockEntries);
       const what = this.metadataAt(place);
-      if (what) throw new CorruptImageError(`refcount of cluster ${place} is 0 but it holds the ${what}; run 'qdedup check -r all'`, { offset: place * this.clusterSize, structure: 'refcount block' });
+      if (what) throw new CorruptImageError(
+        `refcount of cluster ${place} is 0 but it holds the ${what}; run 'qdedup check -r all'`,
+        { offset: place * this.clusterSize, structure: 'refcount block' },
+      );
       if (placeTable !== tableIndex && !this.table[placeTable]) {
         await this.createBlock(placeTable); // describe the place first, then retry
         continue;
       }
-      if ((tableIndex + 1) * 8 > MAX_REFTABLE_BYTES) throw new CorruptImageError('image too large: the refcount table would exceed 8 MiB', { structure: 'refcount table' });
+      if ((tableIndex + 1) * 8 > MAX_REFTABLE_BYTES) throw new CorruptImageError(
+        'image too large: the refcount table would exceed 8 MiB',
+        { structure: 'refcount table' },
+      );
       const block = Buffer.alloc(this.clusterSize);
       while (this.table.length <= tableIndex) this.table.push(0);
       this.table[tableIndex] = place * this.clusterSize;
@@ -350,7 +382,10 @@ export class Refcounts {
     if (this.table.length <= this.tableClusters * entriesPerCluster) return;
     let clusters = Math.ceil(this.table.length / entriesPerCluster) + Math.ceil(this.tableClusters / 2) + 1;
     for (;;) {
-      if (clusters * this.clusterSize > MAX_REFTABLE_BYTES) throw new CorruptImageError('image too large: the refcount table would exceed 8 MiB', { structure: 'refcount table' });
+      if (clusters * this.clusterSize > MAX_REFTABLE_BYTES) throw new CorruptImageError(
+        'image too large: the refcount table would exceed 8 MiB',
+        { structure: 'refcount table' },
+      );
       const offset = await this.allocate(clusters);
       if (this.table.length <= clusters * entriesPerCluster) {
         const oldFirst = this.tableOffset / this.clusterSize;

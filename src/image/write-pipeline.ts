@@ -5,7 +5,8 @@
 // byte of input is copied between reading and writing. Every writer of a stream goes through
 // here (`write -i` today). docs/DESIGN.md "Write pipeline".
 
-import type { Image, PreparedChunk } from './image.ts';
+import type { Image } from './image.ts';
+import type { PreparedChunk } from './write-policy.ts';
 
 /** Bytes of input per chunk. */
 export const CHUNK_BYTES = 8 * 1024 * 1024;

@@ -3,7 +3,7 @@ import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { HashStore } from '../../src/dedup/hash-store.ts';
 import { LogStore } from '../../src/dedup/log-store.ts';
-import { MemFile } from '../../src/image/mem-file.ts';
+import { MemFile } from '../doubles/mem-file.ts';
 import { SLOT_TOMBSTONE } from '../../src/format/incarnation.ts';
 import { PIECE_SLOTS, SlotCache } from '../../src/dedup/slot-cache.ts';
 

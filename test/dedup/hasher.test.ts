@@ -4,7 +4,8 @@ import crypto from 'node:crypto';
 import { sha256 as nobleSha256 } from '@noble/hashes/sha2.js';
 import { sha3_256 as nobleSha3 } from '@noble/hashes/sha3.js';
 import { blake3 as nobleBlake3 } from '@noble/hashes/blake3.js';
-import { HASH_ALGORITHMS, HASH_BYTES, SUPPORTED_HASH_ALGORITHMS, createHasher, hashAlgorithmId, hashAlgorithmName, parseHashAlgorithm } from '../../src/dedup/hasher.ts';
+import { HASH_BYTES } from '../../src/format/hash-entry.ts';
+import { HASH_ALGORITHMS, SUPPORTED_HASH_ALGORITHMS, createHasher, hashAlgorithmId, hashAlgorithmName, parseHashAlgorithm } from '../../src/dedup/hasher.ts';
 import { ChunkHasher } from '../../src/dedup/chunk-hasher.ts';
 import { InternalError, UnsupportedError, UsageError } from '../../src/errors.ts';
 

@@ -17,7 +17,7 @@ import { crc32 } from 'node:zlib';
 import { Journal, replayJournal } from '../../src/dedup/journal.ts';
 import { scanJournal } from '../../src/dedup/journal-scan.ts';
 import { JOURNAL_HEADER_BYTES, decodeJournalBlock, encodeJournalBlock, type JournalEntry } from '../../src/format/journal-block.ts';
-import { MemFile } from '../../src/image/mem-file.ts';
+import { MemFile } from '../doubles/mem-file.ts';
 import { NO_QEMU, qdedup, qemuCheck, qemuCompareRaw, run, tempDir } from '../helpers.ts';
 import { clusterOf, qdedupOk } from './cli-lib.ts';
 

@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Journal, replayJournal } from '../../src/dedup/journal.ts';
-import { MemFile } from '../../src/image/mem-file.ts';
+import { MemFile } from '../doubles/mem-file.ts';
 import type { JournalEntry } from '../../src/format/journal-block.ts';
 
 const entry = (i: number, deleted = false): JournalEntry => ({ hash: Buffer.alloc(32, i), hostOffset: 4096 * (i + 1), firstGuestOffset: 512 * i, deleted });

@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { DedupStore, type StoreGeometry } from '../../src/dedup/store.ts';
-import { MemFile } from '../../src/image/mem-file.ts';
+import { MemFile } from '../doubles/mem-file.ts';
 
 const h = (i: number) => createHash('sha256').update(`k${i}`).digest();
 const G: StoreGeometry = { order: 3, clusterSize: 512, journalBlockSize: 512, maxIncarnations: 0 }; // 32 slots a log store

@@ -27,7 +27,7 @@ import { join } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { IoError, QdedupError, UnsupportedError } from '../../src/errors.ts';
 import type { BlockFile } from '../../src/image/block-file.ts';
-import { MemFile } from '../../src/image/mem-file.ts';
+import { MemFile } from '../doubles/mem-file.ts';
 import { Image } from '../../src/image/image.ts';
 import { checkOpenImage, type CheckExtension, type ImageCheck } from '../../src/image/check-image.ts';
 import { createImage, type CreateOptions } from '../../src/dedup/open.ts';

@@ -2,7 +2,7 @@
 // each one open / operations / close; a step is acknowledged when its close returns.
 
 import { Image } from '../../src/image/image.ts';
-import { CrashError, type FaultyFile } from '../../src/image/faulty-file.ts';
+import { CrashError, type FaultyFile } from '../doubles/faulty-file.ts';
 import { openForWrite } from '../../src/dedup/open.ts';
 import { ChunkReader, bufferSource, writeChunks } from '../../src/image/write-pipeline.ts';
 

@@ -6,7 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { WriteBehindFile } from '../../src/image/write-behind.ts';
-import { MemFile } from '../../src/image/mem-file.ts';
+import { MemFile } from '../doubles/mem-file.ts';
 
 /** A MemFile whose writes wait for release(); `failNext` makes the next write fail with ENOSPC. */
 class HeldFile extends MemFile {

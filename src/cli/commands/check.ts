@@ -17,7 +17,17 @@ import { InternalError, InterruptedError, NotQcow2Error, QdedupError, UsageError
 import { catchInterrupts } from '../interrupt.ts';
 import { checkExitCode, checkImage, type ImageCheck, type RepairMode } from '../../image/check-image.ts';
 import { dedupCheckExtension, type DedupCheckSummary } from '../../dedup/inspect.ts';
-import { checkFormat, outputFormat, readOnlyLock, refuseForceShare, withForceShareOption, withFormatOption, withOutputOption, withQuietOption, type OutputFormat } from '../common.ts';
+import {
+  checkFormat,
+  outputFormat,
+  readOnlyLock,
+  refuseForceShare,
+  withForceShareOption,
+  withFormatOption,
+  withOutputOption,
+  withQuietOption,
+  type OutputFormat,
+} from '../common.ts';
 import { LOCK_READ, LOCK_WRITE } from '../../image/image-lock.ts';
 import type { ChalkInstance } from 'chalk';
 import { errorPrefix, type Output } from '../output.ts';
@@ -113,7 +123,8 @@ export function checkHuman(r: ImageCheck, color?: ChalkInstance): string {
   if (!(r.corruptions || r.leaks || r.checkErrors)) {
     text += paint('green', 'No errors were found on the image.') + '\n';
   } else {
-    if (r.corruptions) text += `\n${paint('red', `${r.corruptions} errors were found on the image.`)}\nData may be corrupted, or further writes to the image may corrupt it.\n`;
+    if (r.corruptions) text += `\n${paint('red', `${r.corruptions} errors were found on the image.`)}\nData may be corrupted, or further writes to the ` +
+      `image may corrupt it.\n`;
     if (r.leaks) text += `\n${paint('yellow', `${r.leaks} leaked clusters were found on the image.`)}\nThis means waste of disk space, but no harm to data.\n`;
     if (r.checkErrors) text += `\n${paint('red', `${r.checkErrors} internal errors have occurred during the check.`)}\n`;
   }
@@ -147,7 +158,8 @@ export async function runCheck(a: CheckArgs, io: Output): Promise<number> {
   let result: ImageCheck;
   // A repair finishes what it began when interrupted (a signal mid-rewrite of refcount
   // structures would leave more to repair); a plain check just ends (read-only).
-  const interrupts = a.repair ? catchInterrupts((sig) => io.err(`qdedup: ${printable(a.file)}: ${sig} received: finishing the repair first (a second signal ends qdedup at once)`)) : undefined;
+  const interrupts = a.repair ? catchInterrupts((sig) => io.err(`qdedup: ${printable(a.file)}: ${sig} received: finishing the repair first (a second signal ` +
+    `ends qdedup at once)`)) : undefined;
   try {
     const lock = a.repair !== undefined ? LOCK_WRITE : readOnlyLock(LOCK_READ, a.forceShare);
     const onMessage = (line: string) => {
@@ -165,7 +177,11 @@ export async function runCheck(a: CheckArgs, io: Output): Promise<number> {
     interrupts?.dispose();
   }
   if (interrupts?.received) {
-    throw new InterruptedError(interrupts.received, `interrupted (${interrupts.received}) during the repair, which was completed first; run 'qdedup check' again for the result`, { path: a.file });
+    throw new InterruptedError(
+      interrupts.received,
+      `interrupted (${interrupts.received}) during the repair, which was completed first; run 'qdedup check' again for the result`,
+      { path: a.file },
+    );
   }
   if (result.repaired && a.output === 'human' && !a.quiet) await io.out(repairSummary(result.repaired));
   if (result.failure === undefined && !a.quiet) {
@@ -191,7 +207,8 @@ export function builder(y: Argv) {
     .example('$0 check -r leaks disk.qcow2', 'give leaked clusters back')
     .example('$0 check --output json disk.qcow2', "qemu-img check's JSON document")
     .example('$0 check --deep disk.qcow2', 'also verify every dedup index entry against the cluster it names')
-    .epilogue('Exit codes: 0 consistent, 1 check not completed, 2 corruptions found, 3 only leaks found, 63 not a qcow2 image. After -r they describe the repaired image.');
+    .epilogue('Exit codes: 0 consistent, 1 check not completed, 2 corruptions found, 3 only leaks found, 63 not a qcow2 image. After -r they describe the ' +
+      'repaired image.');
 }
 
 export function toArgs(argv: Record<string, unknown>): CheckArgs {
@@ -201,7 +218,14 @@ export function toArgs(argv: Record<string, unknown>): CheckArgs {
     throw new UsageError(`Unknown option for -r (expecting 'leaks' or 'all'): ${String(r)}`);
   }
   if (r !== undefined) refuseForceShare(argv.U, 'with -r');
-  return { file: String(argv.file), output: outputFormat(argv.output), quiet: Boolean(argv.quiet), repair: r as RepairMode | undefined, deep: Boolean(argv.deep), forceShare: Boolean(argv.U) };
+  return {
+    file: String(argv.file),
+    output: outputFormat(argv.output),
+    quiet: Boolean(argv.quiet),
+    repair: r as RepairMode | undefined,
+    deep: Boolean(argv.deep),
+    forceShare: Boolean(argv.U),
+  };
 }
 
 export const run = runCheck;

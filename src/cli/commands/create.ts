@@ -36,11 +36,16 @@ export async function runCreate(a: CreateArgs, io: Output): Promise<number> {
   } finally {
     interrupts.dispose();
   }
-  if (interrupts.received) throw new InterruptedError(interrupts.received, `interrupted (${interrupts.received}); the image was created completely first`, { path: a.file });
+  if (interrupts.received) throw new InterruptedError(
+    interrupts.received,
+    `interrupted (${interrupts.received}); the image was created completely first`,
+    { path: a.file },
+  );
   if (!a.quiet) {
     const backing = o.backingFile !== undefined ? ` backing_file=${o.backingFile} backing_fmt=${o.backingFormat}` : '';
     const dd = o.dedup ? ` dedup=${o.dedup.algorithm} dedup_verify=${o.dedup.verify ? 'on' : 'off'}` : ' dedup=off';
-    await io.out(`Formatting '${a.file}', fmt=qcow2 cluster_size=${2 ** o.clusterBits} compat=${o.version === 3 ? '1.1' : '0.10'}${backing} size=${header.size} lazy_refcounts=${o.lazyRefcounts ? 'on' : 'off'} refcount_bits=${2 ** o.refcountOrder}${dd}\n`);
+    await io.out(`Formatting '${a.file}', fmt=qcow2 cluster_size=${2 ** o.clusterBits} compat=${o.version === 3 ? '1.1' : '0.10'}${backing} ` +
+      `size=${header.size} lazy_refcounts=${o.lazyRefcounts ? 'on' : 'off'} refcount_bits=${2 ** o.refcountOrder}${dd}\n`);
   }
   return 0;
 }

@@ -118,7 +118,8 @@ export function infoText(info: ImageInfo, date?: (sec: number) => string): strin
   ];
   if (info['dirty-flag']) lines.push('cleanly shut down: no');
   if (info['backing-filename'] !== undefined) {
-    lines.push(`backing file: ${info['backing-filename']}` + (info['full-backing-filename'] !== info['backing-filename'] ? ` (actual path: ${info['full-backing-filename']})` : ''));
+    const full = info['full-backing-filename'];
+    lines.push(`backing file: ${info['backing-filename']}` + (full !== info['backing-filename'] ? ` (actual path: ${full})` : ''));
     if (info['backing-filename-format']) lines.push(`backing file format: ${info['backing-filename-format']}`);
   }
   lines.push(...snapshotListLines(info.snapshots ?? [], date));

@@ -110,14 +110,18 @@ export function journalDumpText(file: string, r: JournalsReport, limit?: number)
     for (const b of scan.blocks) {
       const seq = b.sequence === null ? '-' : String(b.sequence);
       const tail = b.verdict === 'valid' ? `valid, ${b.entries.length} entries` : `${b.verdict}: ${b.reason}`;
-      lines.push(`  block ${b.index} at ${hex(b.fileOffset)}: sequence ${seq} (expected ${b.expectedSequence}), checksum ${b.checksumValid === null ? '-' : b.checksumValid ? 'ok' : 'bad'}, ${tail}${b.replayed ? '' : ', not replayed'}`);
+      lines.push(`  block ${b.index} at ${hex(b.fileOffset)}: sequence ${seq} (expected ${b.expectedSequence}), checksum ` +
+        `${b.checksumValid === null ? '-' : b.checksumValid ? 'ok' : 'bad'}, ${tail}${b.replayed ? '' : ', not replayed'}`);
       for (const e of b.entries.slice(0, perBlock.get(b))) {
-        lines.push(`    ${b.replayed ? 'entry' : 'ignored entry'} +${e.journalOffset} (${hex(b.fileOffset + e.offsetInBlock)}): ${e.type === 1 ? 'hash' : `type ${e.type}`}, ${e.size} bytes, host ${hex(e.hostOffset)}, guest ${hex(e.firstGuestOffset)}, deleted ${yes(e.deleted)}, hash ${e.hash}`);
+        lines.push(`    ${b.replayed ? 'entry' : 'ignored entry'} +${e.journalOffset} (${hex(b.fileOffset + e.offsetInBlock)}): ` +
+          `${e.type === 1 ? 'hash' : `type ${e.type}`}, ${e.size} bytes, host ${hex(e.hostOffset)}, guest ${hex(e.firstGuestOffset)}, deleted ` +
+          `${yes(e.deleted)}, hash ${e.hash}`);
       }
     }
     if (omitted) lines.push(`    … ${omitted} more entries not shown (--limit ${limit})`);
     lines.push(`  replay stops at block ${scan.stop.block}: ${scan.stop.verdict} (${scan.stop.reason})`);
-    lines.push(`  replayed: ${scan.stop.block} blocks, ${scan.replayedEntries} entries (${scan.insertions} insertions, ${scan.deletions} deletions), ${scan.liveHashes} live hashes, ${scan.deletedHashes} deleted`);
+    lines.push(`  replayed: ${scan.stop.block} blocks, ${scan.replayedEntries} entries (${scan.insertions} insertions, ${scan.deletions} deletions), ` +
+      `${scan.liveHashes} live hashes, ${scan.deletedHashes} deleted`);
   }
   return lines.join('\n') + '\n';
 }

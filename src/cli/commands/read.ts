@@ -14,6 +14,8 @@ import { rawSink } from '../raw-output.ts';
 /** Guest bytes read per step; two such buffers are held (bounded memory whatever the length). */
 const RAW_CHUNK_BYTES = 8 * 1024 * 1024;
 const HEXDUMP_CHUNK_BYTES = 1024 * 1024;
+/** Bytes of the expected pattern (-P) compared at a time. */
+const PATTERN_BYTES = 64 * 1024;
 
 export interface ReadArgs {
   file: string;
@@ -60,7 +62,7 @@ export async function runRead(a: ReadArgs, io: Output): Promise<number> {
     const raw = a.pattern === undefined && !a.verbose;
     if (raw && io.stdoutIsTTY) throw new UsageError('refusing to write raw disk bytes to a terminal: redirect stdout, or use -v (hexdump) or -P (verify)');
     const sink = raw ? rawSink(io) : null;
-    const expected = a.pattern === undefined ? null : Buffer.alloc(64 * 1024, a.pattern);
+    const expected = a.pattern === undefined ? null : Buffer.alloc(PATTERN_BYTES, a.pattern);
     let mismatch = -1;
     // Two buffers: the next chunk is read while this one is written (or checked). A hexdump
     // takes ~4.3 characters a byte: smaller steps keep its strings small.

@@ -51,7 +51,11 @@ async function writeFrom(a: WriteArgs, input: Input | undefined, io: Output): Pr
   let total = a.length;
   if (input?.size !== undefined) {
     if (total === undefined) total = input.size;
-    else if (input.size < total) throw new IoError(`cannot read input: it has only ${input.size} bytes, fewer than LENGTH ${total}`, { path: input.path }, 'ESHORTINPUT');
+    else if (input.size < total) throw new IoError(
+      `cannot read input: it has only ${input.size} bytes, fewer than LENGTH ${total}`,
+      { path: input.path },
+      'ESHORTINPUT',
+    );
     if (total === 0 && a.length === undefined) throw emptyInput(input);
   }
 
@@ -110,7 +114,11 @@ async function writeFrom(a: WriteArgs, input: Input | undefined, io: Output): Pr
           progress?.stop();
         }
         if (!interrupts.signal.aborted && total !== undefined && done < total) {
-          shortBy = new IoError(`${input!.label} ended after ${done} of ${total} bytes; wrote those ${done} bytes at offset ${a.offset}`, { path: a.file }, 'ESHORTINPUT');
+          shortBy = new IoError(
+            `${input!.label} ended after ${done} of ${total} bytes; wrote those ${done} bytes at offset ${a.offset}`,
+            { path: a.file },
+            'ESHORTINPUT',
+          );
         }
       }
       await image.close(); // commits metadata and syncs: durable before exit 0 (I3)
@@ -123,7 +131,8 @@ async function writeFrom(a: WriteArgs, input: Input | undefined, io: Output): Pr
     const mismatches = dedupOf(image)?.counters.mismatches ?? 0;
     if (mismatches) {
       // Compared hits whose cluster held other bytes: written anew, but the index lies (src/dedup/slot-bits.ts).
-      io.err(`qdedup: ${printable(a.file)}: warning: ${mismatches} dedup index ${mismatches === 1 ? 'entry names a cluster' : 'entries name clusters'} holding other content; not used (a damaged index: 'qdedup check --deep' lists such entries)`);
+      io.err(`qdedup: ${printable(a.file)}: warning: ${mismatches} dedup index ${mismatches === 1 ? 'entry names a cluster' : 'entries name clusters'} ` +
+        `holding other content; not used (a damaged index: 'qdedup check --deep' lists such entries)`);
     }
   } finally {
     interrupts.dispose();
@@ -142,7 +151,13 @@ async function writeFrom(a: WriteArgs, input: Input | undefined, io: Output): Pr
 /** A stream longer than the room left on the disk (found by reading one byte past it). */
 function tooLong(a: WriteArgs, input: Input, virtualSize: number, written: number): QdedupError {
   const room = virtualSize - a.offset;
-  return new QdedupError(`${input.label} goes past the end of the disk (virtual size ${virtualSize}): ${room} bytes fit from offset ${a.offset}; ${written ? `wrote those ${written} bytes, the rest of the input was not written` : 'nothing was written'}`, 'ERANGE', 1, { path: a.file });
+  return new QdedupError(
+    `${input.label} goes past the end of the disk (virtual size ${virtualSize}): ${room} bytes fit from offset ${a.offset}; ` +
+      `${written ? `wrote those ${written} bytes, the rest of the input was not written` : 'nothing was written'}`,
+    'ERANGE',
+    1,
+    { path: a.file },
+  );
 }
 
 /** An input that gave no bytes when no LENGTH was asked for: most likely a producer that failed. */
@@ -157,7 +172,14 @@ export function builder(y: Argv) {
     .positional('offset', { type: 'string', describe: 'guest byte offset (size syntax: 1M, 0x100000, …)' })
     .positional('length', { type: 'string', describe: 'bytes to write (default with -i: the whole input)' })
     .option('P', { type: 'string', describe: 'fill with this byte (decimal or 0x hex)', requiresArg: true })
-    .option('i', { type: 'string', describe: "write the bytes of this file or stream ('-' for standard input; pipes, FIFOs and <(…) are read to their end or LENGTH)", requiresArg: true })
+    .option(
+      'i',
+      {
+        type: 'string',
+        describe: "write the bytes of this file or stream ('-' for standard input; pipes, FIFOs and <(…) are read to their end or LENGTH)",
+        requiresArg: true,
+      },
+    )
     .option('z', { type: 'boolean', describe: 'write zeroes (zero clusters where whole clusters)', default: false })
     .option('p', { type: 'boolean', describe: 'show a progress bar on stderr (a terminal only)', default: true })
     .option('U', { type: 'boolean', hidden: true }) // refused below, with qemu-io's reason
@@ -165,7 +187,8 @@ export function builder(y: Argv) {
     .example('$0 write -i data.bin disk.qcow2 1M', 'the bytes of data.bin at 1 MiB')
     .example('zcat disk.raw.gz | $0 write -i - disk.qcow2 0', 'a stream, to its end (exit 1 if it is empty or ends before LENGTH)')
     .example('$0 write -z disk.qcow2 0 1G', 'zero the first GiB')
-    .epilogue('Exit codes: 0 written and synced; 1 failed (an input that ends before LENGTH or is empty, a stream longer than the disk: what was written is committed); 130, 143, 129 interrupted by SIGINT, SIGTERM, SIGHUP after committing what was written.');
+    .epilogue('Exit codes: 0 written and synced; 1 failed (an input that ends before LENGTH or is empty, a stream longer than the disk: what was written is ' +
+      'committed); 130, 143, 129 interrupted by SIGINT, SIGTERM, SIGHUP after committing what was written.');
 }
 
 export function toArgs(argv: Record<string, unknown>): WriteArgs {

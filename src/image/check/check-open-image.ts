@@ -28,7 +28,7 @@
 // past the end of the file (beyond MAX_REPAIR_GROWTH_CLUSTERS) is handled by a rebuild rather
 // than by growing the file to reach it; freed clusters are left as they are (QEMU punches holes).
 
-import { CorruptImageError, QdedupError } from '../../errors.ts';
+import { CorruptImageError, InternalError } from '../../errors.ts';
 import { INCOMPAT_DIRTY } from '../../format/header.ts';
 import { runPass } from './passes.ts';
 import { CheckRun } from './run.ts';
@@ -43,7 +43,7 @@ import { FIX_ERRORS, FIX_LEAKS, type CheckExtension, type CheckOptions, type Che
  */
 export async function checkOpenImage(target: CheckTarget, options: CheckOptions = {}, extension: CheckExtension | null = null): Promise<ImageCheck> {
   const fix = options.repair === 'all' ? FIX_LEAKS | FIX_ERRORS : options.repair === 'leaks' ? FIX_LEAKS : 0;
-  if (fix && !target.writable) throw new QdedupError('internal: a repair needs the image file open for writing', 'EINTERNAL');
+  if (fix && !target.writable) throw new InternalError('a repair needs the image file open for writing');
   const run = new CheckRun(target, options.onMessage, extension);
   const first = await runPass(run, fix);
   let final = first;

@@ -6,7 +6,7 @@
 import { errnoText } from '../block-file.ts';
 import { MAX_REFTABLE_BYTES } from '../../format/header.ts';
 import { setRefcount } from '../../format/refcount.ts';
-import { writeU64 } from '../../format/bytes.ts';
+import { U64_HI_UNSAFE, writeU64 } from '../../format/bytes.ts';
 import { metadataOverlap } from './overlap.ts';
 import type { CheckRun } from './run.ts';
 import { CheckAborted } from './types.ts';
@@ -110,7 +110,7 @@ export async function rebuildRefcountStructure(run: CheckRun): Promise<void> {
   for (let c = 0; c < h.refcountTableClusters; c++) run.oldStructure.add(Math.floor(h.refcountTableOffset / cs) + c);
   for (let i = 0; i < run.stored.entries; i++) {
     const { offset, hi } = run.stored.blockOffset(i);
-    if (offset && hi < 0x200000) run.oldStructure.add(Math.floor(offset / cs));
+    if (offset && hi < U64_HI_UNSAFE) run.oldStructure.add(Math.floor(offset / cs));
   }
   const reftable: number[] = [];
   let grown = await writeRefblocks(run, 0, run.imrt.size, reftable);

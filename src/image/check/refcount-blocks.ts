@@ -3,6 +3,7 @@
 // (compare_refcounts), fixing leaks and corruptions where the repair mode allows.
 
 import { errnoText } from '../block-file.ts';
+import { U64_HI_UNSAFE } from '../../format/bytes.ts';
 import { getRefcount } from '../../format/refcount.ts';
 import type { CheckRun } from './run.ts';
 import { FIX_ERRORS, FIX_LEAKS, MAX_REPAIR_GROWTH_CLUSTERS } from './types.ts';
@@ -31,7 +32,7 @@ export async function checkRefblocks(run: CheckRun, fix: number): Promise<void> 
       continue;
     }
     const cluster = Math.floor(offset / run.clusterSize);
-    if (hi >= 0x200000 || cluster >= run.imrt.size) {
+    if (hi >= U64_HI_UNSAFE || cluster >= run.imrt.size) {
       run.res.corruptions++;
       run.emit(`${fixing ? 'Repairing' : 'ERROR'} refcount block ${i} is outside image`);
       if (fixing) await growFileForRefblock(run, offset, hi);
@@ -50,7 +51,7 @@ export async function checkRefblocks(run: CheckRun, fix: number): Promise<void> 
 /** The `-r all` repair of a refcount block past the end of the file: the file grows to hold it (zeros). */
 async function growFileForRefblock(run: CheckRun, blockOffset: number, hi: number): Promise<void> {
   const cluster = Math.floor(blockOffset / run.clusterSize);
-  if (hi >= 0x200000 || cluster >= run.imrt.size + MAX_REPAIR_GROWTH_CLUSTERS) {
+  if (hi >= U64_HI_UNSAFE || cluster >= run.imrt.size + MAX_REPAIR_GROWTH_CLUSTERS) {
     run.rebuild = true;
     run.emit('ERROR could not resize image: File too large');
     return;

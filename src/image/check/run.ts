@@ -3,7 +3,7 @@
 // (bounded, I4), reading clipped to the file, writing only under a repair mode (autoclear
 // bits cleared first), and counting references in the in-memory refcount table.
 
-import { QdedupError } from '../../errors.ts';
+import { InternalError } from '../../errors.ts';
 import { AUTOCLEAR_BITMAPS, clusterSizeOf, l2EntriesOf, type Header } from '../../format/header.ts';
 import { maxRefcount, refblockEntries } from '../../format/refcount.ts';
 import type { SnapshotEntry } from '../../format/snapshot.ts';
@@ -115,7 +115,7 @@ export class CheckRun {
 
   /** Throws unless a repair mode is given and the file is open for writing. */
   requireRepair(): void {
-    if (!this.fix || !this.target.writable) throw new QdedupError('internal: check tried to write without a repair mode', 'EINTERNAL');
+    if (!this.fix || !this.target.writable) throw new InternalError('check tried to write without a repair mode');
   }
 
   /** Every write of a repair goes through here: never without a repair mode, autoclear bits cleared first. */

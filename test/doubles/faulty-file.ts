@@ -8,8 +8,8 @@
 // `failAt` instead makes one operation (or, `persistent`, every one from there on) throw an
 // EIO or ENOSPC error as the operating system would.
 
-import type { BlockFile } from './block-file.ts';
-import { ioError } from './block-file.ts';
+import type { BlockFile } from '../../src/image/block-file.ts';
+import { ioError } from '../../src/image/block-file.ts';
 import { MemFile } from './mem-file.ts';
 
 export class CrashError extends Error {

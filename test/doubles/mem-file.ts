@@ -1,7 +1,7 @@
 // An in-memory BlockFile for unit tests of code that does positional I/O (the dedup
 // journal and hash store): same contract as NodeFile, reads past the end are zeros.
 
-import type { BlockFile } from './block-file.ts';
+import type { BlockFile } from '../../src/image/block-file.ts';
 
 export class MemFile implements BlockFile {
   readonly path: string;
