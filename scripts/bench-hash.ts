@@ -150,7 +150,9 @@ for (const row of selected) {
   const us = (CLUSTER / (median * 1e6)) * 1e6;
   const othersText = systemBusyMs() === undefined ? '-' : `${Math.round(worst * 100)}%${worst > 0.1 ? '*' : ''}`;
   if (worst > 0.1) noisy = true;
-  console.log(`${row.label.padEnd(width)}  ${median.toFixed(1).padStart(7)}  ${us.toFixed(2).padStart(7)}  ${othersText.padStart(6)}  ${kept.map((r) => r.mbs.toFixed(0)).join(' ')}`);
+  console.log(
+    `${row.label.padEnd(width)}  ${median.toFixed(1).padStart(7)}  ${us.toFixed(2).padStart(7)}  ${othersText.padStart(6)}  ${kept.map((r) => r.mbs.toFixed(0)).join(' ')}`,
+  );
 }
 console.log('others: CPU time other processes used during the worst kept run, in % of one core (/proc/stat).');
 if (noisy) console.log(`*: fewer than 3 quiet runs in ${MAX_ATTEMPTS}: the machine was busy, so these figures (the worker rows above all) are low.`);

@@ -49,7 +49,9 @@ const only = option('only', '') ? option('only', '').split(',') : ROWS;
 for (const name of only) if (!ROWS.includes(name)) throw new Error(`--only: unknown row '${name}' (rows: ${ROWS.join(', ')})`);
 const want = (row: string) => only.includes(row);
 const runs = Number(option('runs', '3'));
-const dedupSizes = option('dedup-sizes', '256M,1G').split(',').map((x) => parseSize(x));
+const dedupSizes = option('dedup-sizes', '256M,1G')
+  .split(',')
+  .map((x) => parseSize(x));
 const dir = mkdtempSync(join(option('dir', tmpdir()), 'qdedup-bench-'));
 const BIN = new URL('../bin/qdedup', import.meta.url).pathname;
 
@@ -113,19 +115,27 @@ if (want('plain-import')) {
 }
 for (const cluster of want('plain-import') ? ['64k', '4k'] : []) {
   const out = join(dir, 'out.qcow2');
-  const rows: [string, number[]][] = [['qdedup write -i', []], ['qemu-img convert + sync', []], ['qemu-io write -s', []]];
+  const rows: [string, number[]][] = [
+    ['qdedup write -i', []],
+    ['qemu-img convert + sync', []],
+    ['qemu-io write -s', []],
+  ];
   for (let r = 0; r < runs; r++) {
     rmSync(out, { force: true });
-    rows[0][1].push(timed(() => {
-      sh(BIN, ['create', '-q', '-o', `cluster_size=${cluster},dedup=off`, out, String(size)]);
-      sh(BIN, ['write', '-q', '-i', input, out, '0']);
-    }));
+    rows[0][1].push(
+      timed(() => {
+        sh(BIN, ['create', '-q', '-o', `cluster_size=${cluster},dedup=off`, out, String(size)]);
+        sh(BIN, ['write', '-q', '-i', input, out, '0']);
+      }),
+    );
     if (!haveQemu) continue;
     rmSync(out, { force: true });
-    rows[1][1].push(timed(() => {
-      sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-o', `cluster_size=${cluster}`, input, out]);
-      sh('sync', ['-f', out]);
-    }));
+    rows[1][1].push(
+      timed(() => {
+        sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-o', `cluster_size=${cluster}`, input, out]);
+        sh('sync', ['-f', out]);
+      }),
+    );
     rmSync(out, { force: true });
     sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${cluster}`, out, String(size)]);
     rows[2][1].push(timed(() => sh('qemu-io', ['-f', 'qcow2', '-c', `write -q -s ${input} 0 ${size}`, out])));
@@ -172,26 +182,36 @@ if (want('dedup-import')) {
     let theirsSize = 0;
     for (let r = 0; r < runs; r++) {
       rmSync(out, { force: true });
-      ours.push(timed(() => {
-        sh(BIN, ['create', '-q', out, String(bytes)]);
-        sh(BIN, ['write', '-q', '-i', dup, out, '0']);
-      }));
+      ours.push(
+        timed(() => {
+          sh(BIN, ['create', '-q', out, String(bytes)]);
+          sh(BIN, ['write', '-q', '-i', dup, out, '0']);
+        }),
+      );
       oursSize = statSync(out).size;
       if (!haveQemu) continue;
       rmSync(out, { force: true });
-      theirs.push(timed(() => {
-        sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=4096', dup, out]);
-        sh('sync', ['-f', out]);
-      }));
+      theirs.push(
+        timed(() => {
+          sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=4096', dup, out]);
+          sh('sync', ['-f', out]);
+        }),
+      );
       theirsSize = statSync(out).size;
     }
     const mbs = (t: number) => (bytes / t / 1e6).toFixed(0);
     console.log('');
-    console.log(`dedup import: ${bytes} bytes, ${blocks} blocks of 4 KiB, ${unique} distinct (${(100 - (100 * unique) / blocks).toFixed(0)} % repeat earlier ones)`);
+    console.log(
+      `dedup import: ${bytes} bytes, ${blocks} blocks of 4 KiB, ${unique} distinct (${(100 - (100 * unique) / blocks).toFixed(0)} % repeat earlier ones)`,
+    );
     console.log('tool                                          seconds     MB/s   file bytes');
-    console.log(`${'qdedup create + write -i (sha256, 4 KiB)'.padEnd(44)}${median(ours).toFixed(2).padStart(9)}${mbs(median(ours)).padStart(9)}${String(oursSize).padStart(13)}`);
+    console.log(
+      `${'qdedup create + write -i (sha256, 4 KiB)'.padEnd(44)}${median(ours).toFixed(2).padStart(9)}${mbs(median(ours)).padStart(9)}${String(oursSize).padStart(13)}`,
+    );
     if (theirs.length) {
-      console.log(`${'qemu-img convert -o cluster_size=4096 + sync'.padEnd(44)}${median(theirs).toFixed(2).padStart(9)}${mbs(median(theirs)).padStart(9)}${String(theirsSize).padStart(13)}`);
+      console.log(
+        `${'qemu-img convert -o cluster_size=4096 + sync'.padEnd(44)}${median(theirs).toFixed(2).padStart(9)}${mbs(median(theirs)).padStart(9)}${String(theirsSize).padStart(13)}`,
+      );
       const ratio = record(`dedup import ${fmtSize(bytes)}, 50 % duplicates`, median(ours), median(theirs), 1.0);
       console.log(`throughput ratio qdedup / qemu-img: ${ratio.toFixed(2)}; file size ratio: ${(oursSize / theirsSize).toFixed(2)}`);
     }
@@ -201,12 +221,22 @@ if (want('dedup-import')) {
     // The same data again in a new session: every cluster hits an index entry read from disk,
     // which is compared byte for byte at its first hit (src/dedup/slot-bits.ts).
     const again = timed(() => sh(BIN, ['write', '-q', '-i', dup, out, '0']));
-    console.log(`${'qdedup write -i again (new session: hits compared)'.padEnd(44)}${again.toFixed(2).padStart(9)}${mbs(again).padStart(9)}${String(statSync(out).size).padStart(13)}`);
+    console.log(
+      `${'qdedup write -i again (new session: hits compared)'.padEnd(44)}${again.toFixed(2).padStart(9)}${mbs(again).padStart(9)}${String(statSync(out).size).padStart(13)}`,
+    );
     if (bytes !== dedupSizes[dedupSizes.length - 1]) continue;
 
     // The index's figures, from an in-process import of the same file through the write pipeline.
     rmSync(out, { force: true });
-    await createImage(out, { size: bytes, clusterBits: 12, version: 3, refcountOrder: 4, lazyRefcounts: false, force: true, dedup: { algorithm: 'sha256', verify: false, maxIncarnations: 0, order: defaultStoreOrder(bytes, 4096), journalBlockSize: 4096 } });
+    await createImage(out, {
+      size: bytes,
+      clusterBits: 12,
+      version: 3,
+      refcountOrder: 4,
+      lazyRefcounts: false,
+      force: true,
+      dedup: { algorithm: 'sha256', verify: false, maxIncarnations: 0, order: defaultStoreOrder(bytes, 4096), journalBlockSize: 4096 },
+    });
     const image = await openForWrite(out);
     const fh = await open(dup);
     const reader = new ChunkReader({ fill: async (buf, n) => (await fh.read(buf, 0, n, null)).bytesRead }, bytes);
@@ -215,8 +245,12 @@ if (want('dedup-import')) {
     const st = dedupOf(image)!.store.stats();
     await image.close();
     const inIncarnations = st.indexEntries - st.logStore.entries - st.frozenEntries;
-    console.log(`index: ${st.indexEntries} entries, ${st.incarnations.count} incarnations; filter RAM ${(st.filterRamBytes / Math.max(1, inIncarnations)).toFixed(2)} bytes per indexed cluster outside the log stores; all index RAM (slot cache included) ${(st.ramBytes / st.indexEntries).toFixed(2)} bytes per indexed cluster`);
-    console.log(`incarnation lookups: ${st.incarnationLookups}, hits ${st.incarnationHits}, slots read ${st.incarnationReads}: ${(st.incarnationReads / Math.max(1, st.incarnationHits)).toFixed(3)} per hit`);
+    console.log(
+      `index: ${st.indexEntries} entries, ${st.incarnations.count} incarnations; filter RAM ${(st.filterRamBytes / Math.max(1, inIncarnations)).toFixed(2)} bytes per indexed cluster outside the log stores; all index RAM (slot cache included) ${(st.ramBytes / st.indexEntries).toFixed(2)} bytes per indexed cluster`,
+    );
+    console.log(
+      `incarnation lookups: ${st.incarnationLookups}, hits ${st.incarnationHits}, slots read ${st.incarnationReads}: ${(st.incarnationReads / Math.max(1, st.incarnationHits)).toFixed(3)} per hit`,
+    );
   }
 }
 
@@ -254,18 +288,25 @@ function pairRow(label: string, oursName: string, theirsName: string, ours: () =
 if (want('read-back')) {
   const img = dedupImage();
   const out = join(dir, 'readback.raw');
-  pairRow(`read-back: ${size} bytes of a dedup image (4 KiB clusters, 50 % shared) to a file`, 'qdedup read IMG > OUT', 'qemu-img convert -O raw IMG OUT', () => {
-    rmSync(out, { force: true });
-    const fd = openSync(out, 'w');
-    try {
-      shAllow(BIN, ['read', img], [0], fd);
-    } finally {
-      closeSync(fd);
-    }
-  }, () => {
-    rmSync(out, { force: true });
-    sh('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', img, out]);
-  }, 1.0);
+  pairRow(
+    `read-back: ${size} bytes of a dedup image (4 KiB clusters, 50 % shared) to a file`,
+    'qdedup read IMG > OUT',
+    'qemu-img convert -O raw IMG OUT',
+    () => {
+      rmSync(out, { force: true });
+      const fd = openSync(out, 'w');
+      try {
+        shAllow(BIN, ['read', img], [0], fd);
+      } finally {
+        closeSync(fd);
+      }
+    },
+    () => {
+      rmSync(out, { force: true });
+      sh('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', img, out]);
+    },
+    1.0,
+  );
   rmSync(out, { force: true });
 }
 
@@ -274,7 +315,15 @@ if (want('info')) {
   rmSync(small, { force: true });
   sh(BIN, ['create', '-q', small, '64M']);
   const n = Math.max(runs, 11);
-  pairRow('start-up: info on a small (64 MiB, empty) dedup image', 'qdedup info', 'qemu-img info', () => sh(BIN, ['info', small]), () => sh('qemu-img', ['info', small]), 0, n);
+  pairRow(
+    'start-up: info on a small (64 MiB, empty) dedup image',
+    'qdedup info',
+    'qemu-img info',
+    () => sh(BIN, ['info', small]),
+    () => sh('qemu-img', ['info', small]),
+    0,
+    n,
+  );
   const nodeTimes: number[] = [];
   for (let r = 0; r < n; r++) nodeTimes.push(timed(() => sh(process.execPath, ['-e', '0'])));
   console.log(`  ${'node -e 0 (the floor)'.padEnd(46)}${median(nodeTimes).toFixed(3).padStart(8)} s`);
@@ -282,12 +331,20 @@ if (want('info')) {
 
 if (want('check')) {
   const img = dedupImage();
-  pairRow(`check: ${size} bytes dedup image`, 'qdedup check', 'qemu-img check (dedup metadata: leaks)', () => shAllow(BIN, ['check', img], [0, 3]), () => shAllow('qemu-img', ['check', img], [0, 3]), 0);
+  pairRow(
+    `check: ${size} bytes dedup image`,
+    'qdedup check',
+    'qemu-img check (dedup metadata: leaks)',
+    () => shAllow(BIN, ['check', img], [0, 3]),
+    () => shAllow('qemu-img', ['check', img], [0, 3]),
+    0,
+  );
 }
 
 if (summary.length) {
   console.log('');
   console.log('summary: qemu-img time / qdedup time (above 1: qdedup faster); aim from the README');
-  for (const { row, ratio, aim } of summary) console.log(`  ${row.padEnd(52)}${ratio.toFixed(2).padStart(6)}${aim ? `   aim ≥ ${aim.toFixed(1)}${ratio >= aim ? '' : '  (not met)'}` : ''}`);
+  for (const { row, ratio, aim } of summary)
+    console.log(`  ${row.padEnd(52)}${ratio.toFixed(2).padStart(6)}${aim ? `   aim ≥ ${aim.toFixed(1)}${ratio >= aim ? '' : '  (not met)'}` : ''}`);
 }
 rmSync(dir, { recursive: true, force: true });

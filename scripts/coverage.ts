@@ -28,16 +28,19 @@ const CACHE = join(root, 'node_modules', '.cache', 'qdedup-coverage'); // bin/qd
 const REPORT = join(root, 'coverage');
 
 function list(dir: string, suffix: string): string[] {
-  return readdirSync(dir).sort().flatMap((name) => {
-    const path = join(dir, name);
-    if (statSync(path).isDirectory()) return list(path, suffix);
-    return name.endsWith(suffix) ? [path] : [];
-  });
+  return readdirSync(dir)
+    .sort()
+    .flatMap((name) => {
+      const path = join(dir, name);
+      if (statSync(path).isDirectory()) return list(path, suffix);
+      return name.endsWith(suffix) ? [path] : [];
+    });
 }
 
 // 1. The test files.
 const patterns = process.argv.slice(2);
-const tests = list(join(root, 'test'), '.test.ts').map((f) => relative(root, f))
+const tests = list(join(root, 'test'), '.test.ts')
+  .map((f) => relative(root, f))
   .filter((f) => patterns.length === 0 || patterns.some((p) => f.includes(p)));
 if (tests.length === 0) {
   console.error('coverage: no test files found' + (patterns.length ? ` matching ${patterns.join(', ')}` : ''));
@@ -53,7 +56,11 @@ const tsconfig = JSON.parse(readFileSync(join(root, 'tsconfig.json'), 'utf8'));
 const sources = list(SRC, '.ts');
 for (const file of sources) {
   const { code } = transformSync(readFileSync(file, 'utf8'), {
-    loader: 'ts', format: 'esm', target: `node${process.versions.node}`, sourcemap: 'inline', sourcefile: file,
+    loader: 'ts',
+    format: 'esm',
+    target: `node${process.versions.node}`,
+    sourcemap: 'inline',
+    sourcefile: file,
     tsconfigRaw: { compilerOptions: tsconfig.compilerOptions },
   });
   const out = join(CACHE, relative(root, file)).replace(/\.ts$/, '.js');
@@ -64,7 +71,9 @@ copyFileSync(join(root, 'package.json'), join(CACHE, 'package.json'));
 const srcUrl = pathToFileURL(SRC + '/').href;
 const cacheUrl = pathToFileURL(join(CACHE, 'src') + '/').href;
 // Hooks for the test processes (after tsx's, so they run first): src/ → the compiled copy.
-writeFileSync(join(CACHE, 'hooks.mjs'), `import { existsSync, readFileSync } from 'node:fs';
+writeFileSync(
+  join(CACHE, 'hooks.mjs'),
+  `import { existsSync, readFileSync } from 'node:fs';
 const SRC = ${JSON.stringify(srcUrl)}, OUT = ${JSON.stringify(cacheUrl)};
 export async function resolve(specifier, context, next) {
   const r = await next(specifier, context);
@@ -78,7 +87,8 @@ export async function load(url, context, next) {
   if (url.startsWith(OUT)) return { format: 'module', source: readFileSync(new URL(url)), shortCircuit: true };
   return next(url, context);
 }
-`);
+`,
+);
 writeFileSync(join(CACHE, 'register.mjs'), "import { register } from 'node:module';\nregister('./hooks.mjs', import.meta.url);\n");
 
 // 3. The tests, with raw V8 coverage from every process.
@@ -87,9 +97,15 @@ process.on('exit', () => {
   rmSync(raw, { recursive: true, force: true });
   rmSync(CACHE, { recursive: true, force: true });
 });
-const run = spawnSync(process.execPath, ['--import', 'tsx', '--import', pathToFileURL(join(CACHE, 'register.mjs')).href, '--test', '--test-concurrency=2', ...tests], {
-  cwd: root, stdio: 'inherit', env: { ...process.env, NODE_V8_COVERAGE: raw, QDEDUP_COVERAGE: '1' },
-});
+const run = spawnSync(
+  process.execPath,
+  ['--import', 'tsx', '--import', pathToFileURL(join(CACHE, 'register.mjs')).href, '--test', '--test-concurrency=2', ...tests],
+  {
+    cwd: root,
+    stdio: 'inherit',
+    env: { ...process.env, NODE_V8_COVERAGE: raw, QDEDUP_COVERAGE: '1' },
+  },
+);
 const testsDone = Date.now();
 
 // 4. Only the compiled src/ scripts are kept (the rest is node_modules, tests and tsx), then
@@ -107,8 +123,25 @@ for (const name of readdirSync(raw)) {
   processes++;
 }
 rmSync(REPORT, { recursive: true, force: true });
-const c8 = spawnSync(process.execPath, [join(root, 'node_modules', 'c8', 'bin', 'c8.js'), 'report', '--temp-directory', kept, '--reports-dir', REPORT,
-  '--reporter', 'json-summary', '--reporter', 'html', '--exclude-after-remap', '--include', 'src/**'], { cwd: root, stdio: 'inherit' });
+const c8 = spawnSync(
+  process.execPath,
+  [
+    join(root, 'node_modules', 'c8', 'bin', 'c8.js'),
+    'report',
+    '--temp-directory',
+    kept,
+    '--reports-dir',
+    REPORT,
+    '--reporter',
+    'json-summary',
+    '--reporter',
+    'html',
+    '--exclude-after-remap',
+    '--include',
+    'src/**',
+  ],
+  { cwd: root, stdio: 'inherit' },
+);
 const summaryFile = join(REPORT, 'coverage-summary.json');
 if (c8.status !== 0 || !existsSync(summaryFile)) {
   console.error('coverage: c8 report failed');
@@ -116,11 +149,17 @@ if (c8.status !== 0 || !existsSync(summaryFile)) {
 }
 
 // 5. The table.
-interface Metric { total: number; covered: number; pct: number | string }
+interface Metric {
+  total: number;
+  covered: number;
+  pct: number | string;
+}
 type Summary = Record<string, { lines: Metric; branches: Metric; functions: Metric }>;
 const summary: Summary = JSON.parse(readFileSync(summaryFile, 'utf8'));
 const cell = (m: Metric) => `${(m.total ? (100 * m.covered) / m.total : 100).toFixed(1).padStart(5)} % ${`${m.covered}/${m.total}`.padStart(9)}`;
-const files = Object.keys(summary).filter((k) => k !== 'total').sort();
+const files = Object.keys(summary)
+  .filter((k) => k !== 'total')
+  .sort();
 const width = Math.max(...files.map((f) => relative(root, f).length), 5);
 console.log(`\ncoverage of src/ (${tests.length} test files, ${processes} processes with src/ code):`);
 console.log(`${'file'.padEnd(width)}  ${'lines'.padEnd(17)}  ${'branches'.padEnd(17)}  functions`);

@@ -9,7 +9,13 @@ const BLOCK = 4096;
 
 export function writeDuplicateFile(path: string, size: number, dupShare = 0.5, seed = 1): { blocks: number; unique: number } {
   let x = seed >>> 0 || 1;
-  const rnd = () => { x ^= x << 13; x ^= x >>> 17; x ^= x << 5; x >>>= 0; return x / 0x1_0000_0000; };
+  const rnd = () => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
+    return x / 0x1_0000_0000;
+  };
   const base = Buffer.alloc(BLOCK);
   for (let i = 0; i < BLOCK; i += 4) base.writeUInt32LE((rnd() * 0x1_0000_0000) >>> 0, i);
   const fd = openSync(path, 'w');

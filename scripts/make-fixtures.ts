@@ -44,18 +44,35 @@ const io = (file: string, cmds: string[], fmt = 'qcow2') => `qemu-io -f ${fmt} $
 const FIXTURES: Fixture[] = [
   {
     file: 'v2-512.qcow2',
-    about: 'compat 0.10 (version 2), 512 B clusters (one L2 table maps 32 KiB: writes cross L2 tables), overlapping unaligned writes, zeroes written into a v2 image, data up to the last byte',
+    about:
+      'compat 0.10 (version 2), 512 B clusters (one L2 table maps 32 KiB: writes cross L2 tables), overlapping unaligned writes, zeroes written into a v2 image, data up to the last byte',
     commands: [
       'qemu-img create -q -f qcow2 -o cluster_size=512,compat=0.10 v2-512.qcow2 80k',
-      io('v2-512.qcow2', ['write -q -P 0x11 0 1000', 'write -q -P 0x22 700 3000', 'write -q -P 0x33 32000 1537', 'write -q -z 2048 1024', 'write -q -P 0x44 65500 100', 'write -q -P 0x55 81910 10']),
+      io('v2-512.qcow2', [
+        'write -q -P 0x11 0 1000',
+        'write -q -P 0x22 700 3000',
+        'write -q -P 0x33 32000 1537',
+        'write -q -z 2048 1024',
+        'write -q -P 0x44 65500 100',
+        'write -q -P 0x55 81910 10',
+      ]),
     ],
   },
   {
     file: 'v3-4k-zero-discard.qcow2',
-    about: '4 KiB clusters: zero clusters with a preallocated host cluster (write -z), without one (write -z -u, and write -z on unallocated clusters), discarded clusters, and a partial write into a zero cluster',
+    about:
+      '4 KiB clusters: zero clusters with a preallocated host cluster (write -z), without one (write -z -u, and write -z on unallocated clusters), discarded clusters, and a partial write into a zero cluster',
     commands: [
       'qemu-img create -q -f qcow2 -o cluster_size=4096 v3-4k-zero-discard.qcow2 128k',
-      io('v3-4k-zero-discard.qcow2', ['write -q -P 0x5a 0 64k', 'write -q -z 8k 8k', 'write -q -z -u 24k 4k', 'discard -q 40k 8k', 'write -q -z 100k 12k', 'write -q -P 0xa5 9000 100', 'write -q -P 0x3c 125000 6072']),
+      io('v3-4k-zero-discard.qcow2', [
+        'write -q -P 0x5a 0 64k',
+        'write -q -z 8k 8k',
+        'write -q -z -u 24k 4k',
+        'discard -q 40k 8k',
+        'write -q -z 100k 12k',
+        'write -q -P 0xa5 9000 100',
+        'write -q -P 0x3c 125000 6072',
+      ]),
     ],
   },
   {
@@ -63,7 +80,11 @@ const FIXTURES: Fixture[] = [
     about: '4 KiB clusters, every cluster compressed by qemu-img convert -c (deflate streams packed across host clusters); runs of zeros stay unallocated',
     commands: [
       'qemu-img create -q -f raw src-4k.raw 192k',
-      io('src-4k.raw', ['write -q -P 0x61 0 5000', 'write -q -P 0x62 5000 7000', 'write -q -P 0x63 20000 30000', 'write -q -P 0x64 100000 1', 'write -q -P 0x65 131072 61000'], 'raw'),
+      io(
+        'src-4k.raw',
+        ['write -q -P 0x61 0 5000', 'write -q -P 0x62 5000 7000', 'write -q -P 0x63 20000 30000', 'write -q -P 0x64 100000 1', 'write -q -P 0x65 131072 61000'],
+        'raw',
+      ),
       'qemu-img convert -c -f raw -O qcow2 -o cluster_size=4096 src-4k.raw v3-4k-compressed.qcow2',
     ],
     scratch: ['src-4k.raw'],
@@ -81,10 +102,17 @@ const FIXTURES: Fixture[] = [
   },
   {
     file: 'v3-64k-mixed.qcow2',
-    about: '64 KiB clusters (the default) mixing normal, compressed (write -c), zero and unallocated clusters and a size that is not a multiple of the cluster size',
+    about:
+      '64 KiB clusters (the default) mixing normal, compressed (write -c), zero and unallocated clusters and a size that is not a multiple of the cluster size',
     commands: [
       'qemu-img create -q -f qcow2 v3-64k-mixed.qcow2 600000',
-      io('v3-64k-mixed.qcow2', ['write -q -P 0x01 1000 60000', 'write -q -c -P 0x02 128k 64k', 'write -q -c -P 0x03 192k 64k', 'write -q -z 256k 64k', 'write -q -P 0x04 590000 10000']),
+      io('v3-64k-mixed.qcow2', [
+        'write -q -P 0x01 1000 60000',
+        'write -q -c -P 0x02 128k 64k',
+        'write -q -c -P 0x03 192k 64k',
+        'write -q -z 256k 64k',
+        'write -q -P 0x04 590000 10000',
+      ]),
     ],
   },
   {
@@ -122,7 +150,8 @@ const FIXTURES: Fixture[] = [
   },
   {
     file: 'chain-top.qcow2',
-    about: 'top of the chain: 2 KiB clusters, backing file "chain-mid.qcow2", larger than its backing file (the tail reads as zeros), zero clusters that hide backing data',
+    about:
+      'top of the chain: 2 KiB clusters, backing file "chain-mid.qcow2", larger than its backing file (the tail reads as zeros), zero clusters that hide backing data',
     needs: ['chain-mid.qcow2', 'chain-base.qcow2'],
     commands: [
       'qemu-img create -q -f qcow2 -o cluster_size=2048 -b chain-mid.qcow2 -F qcow2 chain-top.qcow2 160k',
@@ -133,10 +162,7 @@ const FIXTURES: Fixture[] = [
     file: 'raw-base.raw',
     about: 'a raw backing file (not QCOW2): guest offset = file offset',
     format: 'raw',
-    commands: [
-      'qemu-img create -q -f raw raw-base.raw 64k',
-      io('raw-base.raw', ['write -q -P 0xe1 0 64k', 'write -q -P 0xe2 3000 3000'], 'raw'),
-    ],
+    commands: ['qemu-img create -q -f raw raw-base.raw 64k', io('raw-base.raw', ['write -q -P 0xe1 0 64k', 'write -q -P 0xe2 3000 3000'], 'raw')],
   },
   {
     file: 'raw-overlay.qcow2',
@@ -149,7 +175,8 @@ const FIXTURES: Fixture[] = [
   },
   {
     file: 'v3-4k-snapshot.qcow2',
-    about: 'an internal snapshot "s1": clusters shared by the snapshot and the active L1 (refcount 2, COPIED clear), then overwritten in the active image (copy on write)',
+    about:
+      'an internal snapshot "s1": clusters shared by the snapshot and the active L1 (refcount 2, COPIED clear), then overwritten in the active image (copy on write)',
     snapshots: ['s1'],
     commands: [
       'qemu-img create -q -f qcow2 -o cluster_size=4096 v3-4k-snapshot.qcow2 128k',
@@ -203,8 +230,12 @@ function main(): void {
       const guest = join(work, `${f.file}.guest`);
       sh(`qemu-img convert -f ${format} -O raw ${f.file} ${f.file}.guest`, work);
       const entry: ManifestEntry = {
-        file: f.file, format, about: f.about, bytes: statSync(join(work, f.file)).size,
-        virtualSize: info['virtual-size'], sha256: sha256(guest),
+        file: f.file,
+        format,
+        about: f.about,
+        bytes: statSync(join(work, f.file)).size,
+        virtualSize: info['virtual-size'],
+        sha256: sha256(guest),
       };
       unlinkSync(guest);
       if (format === 'qcow2') {
@@ -224,7 +255,13 @@ function main(): void {
     }
 
     // Replace the images in fixtures/ (only the ones this script makes, plus stale ones it made before).
-    const old = (() => { try { return JSON.parse(readFileSync(join(OUT, 'manifest.json'), 'utf8')).images as ManifestEntry[]; } catch { return []; } })();
+    const old = (() => {
+      try {
+        return JSON.parse(readFileSync(join(OUT, 'manifest.json'), 'utf8')).images as ManifestEntry[];
+      } catch {
+        return [];
+      }
+    })();
     for (const e of old) rmSync(join(OUT, e.file), { force: true });
     let total = 0;
     for (const e of manifest) {
@@ -232,12 +269,19 @@ function main(): void {
       total += e.bytes;
     }
     if (total > MAX_TOTAL_BYTES) throw new Error(`make-fixtures: the images take ${total} bytes, more than ${MAX_TOTAL_BYTES}`);
-    writeFileSync(join(OUT, 'manifest.json'), JSON.stringify({
-      generator: 'scripts/make-fixtures.ts (npm run fixtures)',
-      qemu: version,
-      hash: 'sha256 of the guest content as `qemu-img convert -f FORMAT -O raw` reads it',
-      images: manifest,
-    }, null, 2) + '\n');
+    writeFileSync(
+      join(OUT, 'manifest.json'),
+      JSON.stringify(
+        {
+          generator: 'scripts/make-fixtures.ts (npm run fixtures)',
+          qemu: version,
+          hash: 'sha256 of the guest content as `qemu-img convert -f FORMAT -O raw` reads it',
+          images: manifest,
+        },
+        null,
+        2,
+      ) + '\n',
+    );
     writeFileSync(join(OUT, 'README.md'), readme(manifest, version));
     const listed = new Set([...manifest.map((e) => e.file), 'manifest.json', 'README.md']);
     const strays = readdirSync(OUT).filter((n) => !listed.has(n));

@@ -76,7 +76,11 @@ const ALL_FILES: SoakFile[] = [
   { path: 'test/image/io-errors.test.ts', env: () => ({ QDEDUP_SOAK_SCALE: String(scale) }), once: true },
   {
     path: 'test/interop/differential-write.test.ts',
-    env: (r) => ({ QDEDUP_SEED: String((seed + r - 1) >>> 0), QDEDUP_SEQUENCES: String(Math.round(200 * scale!)), QDEDUP_CLI_SEQUENCES: String(Math.round(30 * scale!)) }),
+    env: (r) => ({
+      QDEDUP_SEED: String((seed + r - 1) >>> 0),
+      QDEDUP_SEQUENCES: String(Math.round(200 * scale!)),
+      QDEDUP_CLI_SEQUENCES: String(Math.round(30 * scale!)),
+    }),
   },
   {
     path: 'test/interop/differential-long.test.ts',
@@ -124,7 +128,10 @@ function runFile(f: SoakFile, round: number): Promise<FileResult> {
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     let text = '';
-    const take = (d: Buffer) => { text += d.toString('utf8'); log.write(d); };
+    const take = (d: Buffer) => {
+      text += d.toString('utf8');
+      log.write(d);
+    };
     child.stdout.on('data', take);
     child.stderr.on('data', take);
     child.on('close', (code) => {
@@ -140,8 +147,17 @@ function runFile(f: SoakFile, round: number): Promise<FileResult> {
         }
       }
       const count = (k: string) => new RegExp(`^# ${k} (\\d+)$`, 'm').exec(text)?.[1] ?? '?';
-      const failures = text.split('\n').filter((l) => /^\s*not ok |FAIL |reproduce|QDEDUP_[A-Z_]*SEED=/.test(l)).slice(0, 40);
-      resolve({ ok: code === 0, secs: (Date.now() - started) / 1000, figures, tests: `${count('pass')} passed, ${count('fail')} failed`, failures: code === 0 ? [] : failures });
+      const failures = text
+        .split('\n')
+        .filter((l) => /^\s*not ok |FAIL |reproduce|QDEDUP_[A-Z_]*SEED=/.test(l))
+        .slice(0, 40);
+      resolve({
+        ok: code === 0,
+        secs: (Date.now() - started) / 1000,
+        figures,
+        tests: `${count('pass')} passed, ${count('fail')} failed`,
+        failures: code === 0 ? [] : failures,
+      });
     });
   });
 }

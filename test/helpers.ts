@@ -56,7 +56,11 @@ export function qemuCheck(file: string, repair?: 'leaks' | 'all'): { status: num
   const args = ['check', '-f', 'qcow2', '--output=json', ...(repair ? ['-r', repair] : []), file];
   const r = run('qemu-img', args);
   let json = null;
-  try { json = JSON.parse(r.stdout); } catch { json = null; }
+  try {
+    json = JSON.parse(r.stdout);
+  } catch {
+    json = null;
+  }
   return { status: r.status, json, stderr: r.stderr };
 }
 

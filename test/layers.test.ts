@@ -15,11 +15,19 @@ const RANK: Record<string, number> = { format: 0, image: 1, dedup: 2, cli: 3 };
 /** Files every layer may import (errors.ts: the shared error hierarchy). */
 const SHARED = new Set(['errors.ts']);
 
-interface Import { from: string; to: string; typeOnly: boolean; spec: string }
+interface Import {
+  from: string;
+  to: string;
+  typeOnly: boolean;
+  spec: string;
+}
 
 /** Every .ts file under `dir`, sorted. */
 function listFiles(dir: string): string[] {
-  return (readdirSync(dir, { recursive: true }) as string[]).filter((n) => n.endsWith('.ts')).sort().map((n) => join(dir, n));
+  return (readdirSync(dir, { recursive: true }) as string[])
+    .filter((n) => n.endsWith('.ts'))
+    .sort()
+    .map((n) => join(dir, n));
 }
 
 /** Every relative import of `file` that lands in src/, resolved to a path relative to src/. */
@@ -70,7 +78,10 @@ test('layers: imports only go down (cli → dedup → image → format), type im
 
 test('layers: format/ imports nothing outside itself (but errors.ts)', () => {
   const wrong = imports.filter((i) => layerOf(i.from) === 'format' && layerOf(i.to) !== 'format' && !SHARED.has(i.to));
-  assert.deepEqual(wrong.map((i) => `${i.from} imports ${i.to}`), []);
+  assert.deepEqual(
+    wrong.map((i) => `${i.from} imports ${i.to}`),
+    [],
+  );
 });
 
 /** The import cycles (strongly connected components, Tarjan) of src/ over `chosen` imports. */

@@ -48,7 +48,7 @@ export const COMMANDS: CommandEntry[] = [
     describe: 'show what deduplication saves and the state of the dedup index (read-only)',
     load: () => import('./commands/dedup-stats.ts'),
   },
-  { command: 'map <file>', describe: "show how guest ranges map to the file (qemu-img map), and which share storage", load: () => import('./commands/map.ts') },
+  { command: 'map <file>', describe: 'show how guest ranges map to the file (qemu-img map), and which share storage', load: () => import('./commands/map.ts') },
   {
     command: 'journal-dump <file>',
     describe: "show a dedup image's journals block by block, and where replay stops",

@@ -79,7 +79,13 @@ export async function openInput(path: string): Promise<Input> {
 class FileInput implements Input {
   private pos = 0;
   private closed = false;
-  constructor(readonly path: string, readonly label: string, private readonly fd: number, readonly size: number, private readonly sequential: boolean) {}
+  constructor(
+    readonly path: string,
+    readonly label: string,
+    private readonly fd: number,
+    readonly size: number,
+    private readonly sequential: boolean,
+  ) {}
 
   async fill(buf: Buffer, want: number): Promise<number> {
     let got = 0;
@@ -112,15 +118,25 @@ class StreamInput implements Input {
   private error: Error | null = null;
   private wake: (() => void) | null = null;
 
-  constructor(readonly path: string, readonly label: string, private readonly stream: Readable) {
+  constructor(
+    readonly path: string,
+    readonly label: string,
+    private readonly stream: Readable,
+  ) {
     const wakeUp = () => {
       const w = this.wake;
       this.wake = null;
       w?.();
     };
     stream.on('readable', wakeUp);
-    stream.on('end', () => { this.ended = true; wakeUp(); });
-    stream.on('error', (err) => { this.error = err; wakeUp(); });
+    stream.on('end', () => {
+      this.ended = true;
+      wakeUp();
+    });
+    stream.on('error', (err) => {
+      this.error = err;
+      wakeUp();
+    });
   }
 
   async fill(buf: Buffer, want: number): Promise<number> {

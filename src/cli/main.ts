@@ -45,7 +45,15 @@ export function unknownOption(argv: string[], known: Set<string>): string | unde
 
 /** `--color=WHEN` values (GNU ls's words): true always, false never, undefined auto. */
 const COLOR_WHEN: Record<string, boolean | undefined> = {
-  always: true, yes: true, force: true, never: false, no: false, none: false, auto: undefined, tty: undefined, 'if-tty': undefined,
+  always: true,
+  yes: true,
+  force: true,
+  never: false,
+  no: false,
+  none: false,
+  auto: undefined,
+  tty: undefined,
+  'if-tty': undefined,
 };
 
 /** The last --color/--no-color/--color=WHEN before `--` (undefined: auto, or a bad WHEN). */
@@ -129,9 +137,9 @@ export function report(err: unknown, io: Output, json: boolean): number {
     return err.exitCode;
   }
   const e = err as Error;
-  io.err(`${errorPrefix(io)} internal error: ${printable(e && e.message ? e.message : String(err))}`);
+  io.err(`${errorPrefix(io)} internal error: ${printable(e?.message ? e.message : String(err))}`);
   io.err('This is a bug in qdedup; please report it with the command line and this trace:');
-  io.err(String(e && e.stack ? e.stack : err));
+  io.err(String(e?.stack ? e.stack : err));
   return 1;
 }
 
@@ -161,14 +169,12 @@ export async function main(given: string[]): Promise<void> {
     .scriptName('qdedup')
     .parserConfiguration({ 'parse-numbers': false, 'parse-positional-numbers': false })
     .usage('$0 <command> [options]\n\nCreate, write, read and check QCOW2 disk images.')
-    .option(
-      'color',
-      {
-        type: 'boolean',
-        describe: 'colour errors, check verdicts and dedup figures: --color[=always|never|auto], --no-color (default auto: on a terminal, unless NO_COLOR ' +
-          'is set; FORCE_COLOR=1/0 forces)',
-      },
-    )
+    .option('color', {
+      type: 'boolean',
+      describe:
+        'colour errors, check verdicts and dedup figures: --color[=always|never|auto], --no-color (default auto: on a terminal, unless NO_COLOR ' +
+        'is set; FORCE_COLOR=1/0 forces)',
+    })
     .strict()
     .demandCommand(1, 'a command is needed')
     .help()

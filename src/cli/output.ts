@@ -26,7 +26,7 @@ export interface Output {
  */
 export function stdoutError(err: unknown): OutputError {
   const e = err as NodeJS.ErrnoException;
-  const text = errnoText(err) ?? (e?.code === 'EPIPE' ? 'Broken pipe' : (e && e.message) || String(err));
+  const text = errnoText(err) ?? (e?.code === 'EPIPE' ? 'Broken pipe' : e?.message || String(err));
   return new OutputError(`write to standard output failed: ${text}`, e?.code ?? 'EIO');
 }
 
@@ -80,10 +80,12 @@ export function toJson(value: unknown): string {
   const text = JSON.stringify(value, (_key, v: unknown) => (typeof v === 'bigint' ? BIGINT_MARK + v.toString() : v), 4);
   // Fast path: nothing JSON.stringify writes differently (all printable ASCII, no \u escape).
   if (!/[^\x20-\x7e\n]|\\u[0-9a-f]{4}/.test(text)) return text + '\n';
-  return text.replace(/"(?:[^"\\]|\\.)*"/g, (literal) => {
-    const s = JSON.parse(literal) as string;
-    return s.startsWith(BIGINT_MARK) ? s.slice(BIGINT_MARK.length) : quoteLikeQemu(s);
-  }) + '\n';
+  return (
+    text.replace(/"(?:[^"\\]|\\.)*"/g, (literal) => {
+      const s = JSON.parse(literal) as string;
+      return s.startsWith(BIGINT_MARK) ? s.slice(BIGINT_MARK.length) : quoteLikeQemu(s);
+    }) + '\n'
+  );
 }
 
 const SHORT_ESCAPES: Record<string, string> = { '"': '\\"', '\\': '\\\\', '\b': '\\b', '\f': '\\f', '\n': '\\n', '\r': '\\r', '\t': '\\t' };

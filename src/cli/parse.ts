@@ -46,7 +46,11 @@ export function parseOptionList(args: string[]): Map<string, string> {
     let cur = '';
     for (let i = 0; i < arg.length; i++) {
       if (arg[i] === ',') {
-        if (arg[i + 1] === ',') { cur += ','; i++; continue; }
+        if (arg[i + 1] === ',') {
+          cur += ',';
+          i++;
+          continue;
+        }
         parts.push(cur);
         cur = '';
       } else cur += arg[i];
@@ -56,7 +60,10 @@ export function parseOptionList(args: string[]): Map<string, string> {
       if (p === '') continue;
       const eq = p.indexOf('=');
       const key = eq < 0 ? p : p.slice(0, eq);
-      if (key === 'help' || key === '?') { out.set('help', ''); continue; }
+      if (key === 'help' || key === '?') {
+        out.set('help', '');
+        continue;
+      }
       out.set(key, eq < 0 ? 'on' : p.slice(eq + 1));
     }
   }
@@ -102,7 +109,10 @@ function formatG3(num: bigint, shift: bigint): string {
   let q = n / d;
   const r2 = (n % d) * 2n;
   if (r2 > d || (r2 === d && q % 2n === 1n)) q++;
-  if (q === 1000n) { q = 100n; e++; }
+  if (q === 1000n) {
+    q = 100n;
+    e++;
+  }
   const digits = q.toString(); // three digits
   const strip = (t: string) => (t.includes('.') ? t.replace(/0+$/, '').replace(/\.$/, '') : t);
   if (e < -4 || e >= 3) {

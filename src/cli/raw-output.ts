@@ -45,7 +45,7 @@ function streamSink(io: Output): RawSink {
 function openFlags(fd: number): number | undefined {
   try {
     const m = /^flags:\s+([0-7]+)$/m.exec(readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'));
-    return m ? parseInt(m[1], 8) : undefined;
+    return m ? Number.parseInt(m[1], 8) : undefined;
   } catch {
     return undefined;
   }
@@ -74,7 +74,7 @@ export function rawSink(io: Output): RawSink {
    * reads run on the main thread meanwhile.
    */
   const put = async (data: Buffer, from: number, to: number, at: number): Promise<void> => {
-    for (let done = from; done < to;) {
+    for (let done = from; done < to; ) {
       done += await new Promise<number>((resolve, reject) => {
         write(fd, data, done, to - done, start + at + (done - from), (err, n) => (err ? reject(stdoutError(err)) : resolve(n)));
       });

@@ -82,8 +82,10 @@ export function snapshotListLines(list: readonly SnapshotInfo[], date: (sec: num
   for (const s of list) {
     const size = humanSize(BigInt.asUintN(64, BigInt(s['vm-state-size']))); // size_to_str takes the u64
     const icount = s.icount === undefined ? '' : String(s.icount);
-    lines.push(`${padRight(s.id, 9)} ${padRight(s.name, 16)} ` +
-      `${padLeft(size, 8)}${padLeft(date(s['date-sec']), 20)}${padLeft(vmClock(s['vm-clock-sec'], s['vm-clock-nsec']), 13)}${padLeft(icount, 11)}`);
+    lines.push(
+      `${padRight(s.id, 9)} ${padRight(s.name, 16)} ` +
+        `${padLeft(size, 8)}${padLeft(date(s['date-sec']), 20)}${padLeft(vmClock(s['vm-clock-sec'], s['vm-clock-nsec']), 13)}${padLeft(icount, 11)}`,
+    );
   }
   return lines;
 }

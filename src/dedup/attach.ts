@@ -38,8 +38,13 @@ export async function addHolder(image: Image, writer: ImageWriter, host: HolderH
   const ids = image.snapshots.map((s) => Number(s.id)).filter(Number.isSafeInteger);
   const now = Date.now();
   const entry = encodeSnapshotEntry({
-    l1TableOffset: holder.l1Offset, l1Size: holder.l1Size, id: String(Math.max(0, ...ids) + 1), name: HOLDER_NAME,
-    dateSec: Math.floor(now / 1000), dateNsec: (now % 1000) * 1e6, diskSize: holder.coverage * image.clusterSize,
+    l1TableOffset: holder.l1Offset,
+    l1Size: holder.l1Size,
+    id: String(Math.max(0, ...ids) + 1),
+    name: HOLDER_NAME,
+    dateSec: Math.floor(now / 1000),
+    dateNsec: (now % 1000) * 1e6,
+    diskSize: holder.coverage * image.clusterSize,
   });
   const table = Buffer.concat([oldTable, entry]);
   const clusters = Math.ceil(table.length / image.clusterSize);
@@ -60,10 +65,11 @@ export async function addHolder(image: Image, writer: ImageWriter, host: HolderH
  */
 export async function releaseOrphans(image: Image, writer: ImageWriter, holder: Holder): Promise<void> {
   for (const t of holder.tableOffsets()) {
-    if (t % image.clusterSize) throw new CorruptImageError(
-      `dedup holder L2 table offset ${hex(t)} is not cluster aligned; delete the snapshot with 'qemu-img snapshot -d ${HOLDER_NAME}'`,
-      { offset: holder.l1Offset, structure: 'dedup holder' },
-    );
+    if (t % image.clusterSize)
+      throw new CorruptImageError(
+        `dedup holder L2 table offset ${hex(t)} is not cluster aligned; delete the snapshot with 'qemu-img snapshot -d ${HOLDER_NAME}'`,
+        { offset: holder.l1Offset, structure: 'dedup holder' },
+      );
     const c = t / image.clusterSize;
     await writer.fetchRefcounts([c]);
     let r = writer.refcount(c);
@@ -74,10 +80,11 @@ export async function releaseOrphans(image: Image, writer: ImageWriter, holder: 
       writer.deferFree(c);
       r--;
     }
-    if (r !== 1) throw new CorruptImageError(
-      `dedup holder L2 table at ${hex(t)} has refcount ${r}, not 1; delete the snapshot with 'qemu-img snapshot -d ${HOLDER_NAME}'`,
-      { offset: t, structure: 'dedup holder' },
-    );
+    if (r !== 1)
+      throw new CorruptImageError(
+        `dedup holder L2 table at ${hex(t)} has refcount ${r}, not 1; delete the snapshot with 'qemu-img snapshot -d ${HOLDER_NAME}'`,
+        { offset: t, structure: 'dedup holder' },
+      );
   }
   const held = await heldClusters(image, holder, (message, offset) => {
     throw new CorruptImageError(message, { offset, structure: 'dedup holder' });

@@ -53,7 +53,6 @@ parentPort.on('message', (m) => {
 /** Chunks smaller than this are hashed on the main thread: a worker takes 30–50 ms to start. */
 const MIN_WORKER_BYTES = 1024 * 1024;
 
-
 /**
  * One worker thread hashing whole chunks in turn. Up to two chunks may be out at once (the
  * pipeline hashes chunk N+1 while N is decided); the worker takes them in order.
@@ -65,7 +64,10 @@ export class ChunkHasher {
   private readonly waiting = new Map<number, { resolve: () => void; reject: (e: Error) => void }>();
   private readonly into: ClustersInto;
 
-  constructor(readonly algorithm: SupportedHashAlgorithm, readonly clusterSize: number) {
+  constructor(
+    readonly algorithm: SupportedHashAlgorithm,
+    readonly clusterSize: number,
+  ) {
     this.into = clustersInto(algorithm);
     // The worker's BLAKE3 is makeBlake3, little-endian only: elsewhere the main thread hashes.
     if (algorithm === 'blake3' && !LITTLE_ENDIAN) this.failed = true;
@@ -78,8 +80,8 @@ export class ChunkHasher {
    */
   async digest(chunk: Buffer, start: number, count: number): Promise<ChunkDigest> {
     const cs = this.clusterSize;
-    if (start < 0 || start + count * cs > chunk.length) throw new InternalError(`ChunkHasher: clusters ${start}+${count}×${cs} past a chunk of ` +
-      `${chunk.length} bytes`);
+    if (start < 0 || start + count * cs > chunk.length)
+      throw new InternalError(`ChunkHasher: clusters ${start}+${count}×${cs} past a chunk of ` + `${chunk.length} bytes`);
     const shared = chunk.buffer instanceof SharedArrayBuffer && count * cs >= MIN_WORKER_BYTES;
     const out = shared ? new SharedArrayBuffer(count * (HASH_BYTES + 1)) : new ArrayBuffer(count * (HASH_BYTES + 1));
     const result: ChunkDigest = { count, hashes: Buffer.from(out, 0, count * HASH_BYTES), zero: new Uint8Array(out, count * HASH_BYTES, count) };
@@ -137,7 +139,12 @@ export class ChunkHasher {
   }
 
   private run(job: {
-    data: ArrayBufferLike; byteOffset: number; count: number; clusterSize: number; algorithm: string; out: SharedArrayBuffer | ArrayBuffer;
+    data: ArrayBufferLike;
+    byteOffset: number;
+    count: number;
+    clusterSize: number;
+    algorithm: string;
+    out: SharedArrayBuffer | ArrayBuffer;
   }): Promise<void> {
     const id = this.nextId++;
     return new Promise((resolve, reject) => {

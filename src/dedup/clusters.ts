@@ -83,11 +83,12 @@ export async function heldClusters(image: Image, holder: Holder, onBad: (message
       if (e.kind === 'unallocated') continue;
       const cluster = i * perTable + j;
       if (e.kind === 'normal' && e.hostOffset === cluster * cs) held.add(cluster);
-      else onBad(
-        `dedup holder snapshot: entry for cluster ${hex(cluster * cs)} maps ${e.kind === 'compressed' ? 'a compressed cluster' : hex(e.hostOffset)}, not ` +
-          `itself; delete the snapshot with 'qemu-img snapshot -d ${HOLDER_NAME}'`,
-        l2Offset + j * 8,
-      );
+      else
+        onBad(
+          `dedup holder snapshot: entry for cluster ${hex(cluster * cs)} maps ${e.kind === 'compressed' ? 'a compressed cluster' : hex(e.hostOffset)}, not ` +
+            `itself; delete the snapshot with 'qemu-img snapshot -d ${HOLDER_NAME}'`,
+          l2Offset + j * 8,
+        );
     }
   }
   return held;

@@ -49,10 +49,15 @@ const CREATE_OPTIONS: [string, string, (d: Defaults) => string][] = [
   ['backing_fmt', 'str', () => 'Image format of the base image (qcow2 or raw)'],
   ['cluster_size', 'size', (d) => `qcow2 cluster size, ${CLUSTER_RANGE} (default ${d.clusterSize})`],
   ['compat', 'str', () => 'Compatibility level (v2 [0.10] or v3 [1.1], default 1.1)'],
-  ['dedup', 'str', (d) => d.dedupByDefault
-    ? 'Inline deduplication hash: sha256 (default), sha3-256, blake3 or off'
-    : `Inline deduplication hash: sha256, sha3-256, blake3 or off (default off: dedup needs compat=1.1 and refcount_bits of ` +
-      `${MIN_DEDUP_REFCOUNT_BITS} or more)`],
+  [
+    'dedup',
+    'str',
+    (d) =>
+      d.dedupByDefault
+        ? 'Inline deduplication hash: sha256 (default), sha3-256, blake3 or off'
+        : 'Inline deduplication hash: sha256, sha3-256, blake3 or off (default off: dedup needs compat=1.1 and refcount_bits of ' +
+          `${MIN_DEDUP_REFCOUNT_BITS} or more)`,
+  ],
   [
     'dedup_journal_block',
     'size',
@@ -62,8 +67,9 @@ const CREATE_OPTIONS: [string, string, (d: Defaults) => string][] = [
   [
     'dedup_order',
     'num',
-    () => `Log store size: 2^N buckets of 4 hashes, 0 to ${MAX_STORE_ORDER} and at most log2(disk clusters / 2) ` +
-      `(default: about 1/128 of the disk; RAM ≈ 49 bytes × 2^N × 4 per log store)`,
+    () =>
+      `Log store size: 2^N buckets of 4 hashes, 0 to ${MAX_STORE_ORDER} and at most log2(disk clusters / 2) ` +
+      '(default: about 1/128 of the disk; RAM ≈ 49 bytes × 2^N × 4 per log store)',
   ],
   ['dedup_verify', 'bool (on/off)', () => 'Compare bytes before linking a duplicate (default off)'],
   ['lazy_refcounts', 'bool (on/off)', () => 'Postpone refcount updates (compatible feature bit; v3 only)'],
@@ -164,7 +170,12 @@ export async function resolveCreateOptions(a: CreateRequest, parse: OptionParser
  * (or a dedup_ key) where it cannot be is an error.
  */
 export function dedupSettings(
-  opts: Map<string, string>, version: 2 | 3, refcountOrder: number, size: number, clusterSize: number, parse: OptionParsers,
+  opts: Map<string, string>,
+  version: 2 | 3,
+  refcountOrder: number,
+  size: number,
+  clusterSize: number,
+  parse: OptionParsers,
 ): DedupSettings | undefined {
   const name = opts.get('dedup');
   const dedupKeys = [...opts.keys()].filter((key) => key.startsWith('dedup_'));
@@ -189,8 +200,10 @@ export function dedupSettings(
   if (order > maxOrder) {
     // A log store larger than the disk can fill is never frozen: it only costs RAM and file space.
     const clusters = Math.ceil(size / clusterSize);
-    throw new UsageError(`dedup_order ${order} is too large for this disk (${clusters} clusters of ${clusterSize} bytes): the largest is ${maxOrder} (a log ` +
-      `store of 2^${maxOrder} × 4 slots, at most twice the disk's clusters)`);
+    throw new UsageError(
+      `dedup_order ${order} is too large for this disk (${clusters} clusters of ${clusterSize} bytes): the largest is ${maxOrder} (a log ` +
+        `store of 2^${maxOrder} × 4 slots, at most twice the disk's clusters)`,
+    );
   }
   const journalBlockSize = opts.has('dedup_journal_block') ? parse.size(opts.get('dedup_journal_block')!, 'dedup journal block size') : d.journalBlockSize;
   if (!validJournalBlockSize(journalBlockSize)) {
@@ -209,7 +222,12 @@ function parseCount(text: string, what: string, min: number, max: number): numbe
  * The dedup settings `-o` asks for when dedup is turned on in an existing image (`qdedup
  * dedup`): only the dedup keys, checked as create checks them for this image's geometry.
  */
-export function offlineDedupSettings(opts: Map<string, string>, header: { version: 2 | 3; refcountOrder: number; size: number }, clusterSize: number, parse: OptionParsers): DedupSettings {
+export function offlineDedupSettings(
+  opts: Map<string, string>,
+  header: { version: 2 | 3; refcountOrder: number; size: number },
+  clusterSize: number,
+  parse: OptionParsers,
+): DedupSettings {
   checkOfflineKeys(opts);
   const settings = dedupSettings(new Map([['dedup', 'sha256'], ...opts]), header.version, header.refcountOrder, header.size, clusterSize, parse);
   if (!settings) throw new UsageError('dedup needs compat=1.1 and refcount_bits of 4 or more');

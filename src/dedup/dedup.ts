@@ -13,7 +13,14 @@
 // reaches disk before the first write and is cleared only after everything else is durable.
 
 import {
-  AUTOCLEAR_DEDUP, DEDUP_EXT_VERSION, EXT_DEDUP, MAX_STORE_ORDER, configBytesFor, encodeDedupConfig, encodeDedupExtension, type DedupExtension,
+  AUTOCLEAR_DEDUP,
+  DEDUP_EXT_VERSION,
+  EXT_DEDUP,
+  MAX_STORE_ORDER,
+  configBytesFor,
+  encodeDedupConfig,
+  encodeDedupExtension,
+  type DedupExtension,
 } from '../format/dedup-ext.ts';
 import type { IndexEntry } from './slot-bits.ts';
 import type { Image } from '../image/image.ts';
@@ -160,8 +167,15 @@ export class Dedup implements WritePolicy {
       if (image.header.refcountOrder < MIN_DEDUP_REFCOUNT_ORDER) throw seen.error!;
       const s = defaultDedupSettings(image.size, image.clusterSize);
       ext = {
-        version: DEDUP_EXT_VERSION, hashAlgorithm: hashAlgorithmId(s.algorithm), dirty: true, verify: s.verify, order: s.order,
-        journalBlockSize: s.journalBlockSize, maxIncarnations: s.maxIncarnations, configOffset: 0, configBytes: 0,
+        version: DEDUP_EXT_VERSION,
+        hashAlgorithm: hashAlgorithmId(s.algorithm),
+        dirty: true,
+        verify: s.verify,
+        order: s.order,
+        journalBlockSize: s.journalBlockSize,
+        maxIncarnations: s.maxIncarnations,
+        configOffset: 0,
+        configBytes: 0,
       };
     }
     if (!ext) return null;
@@ -200,9 +214,15 @@ export class Dedup implements WritePolicy {
     const host = hostOf(image, writer);
     const configOffset = await host.allocate(1);
     const ext: DedupExtension = {
-      version: DEDUP_EXT_VERSION, hashAlgorithm: hashAlgorithmId(s.algorithm), dirty: true, verify: s.verify,
-      order: s.order, journalBlockSize: s.journalBlockSize, maxIncarnations: s.maxIncarnations,
-      configOffset, configBytes: image.clusterSize,
+      version: DEDUP_EXT_VERSION,
+      hashAlgorithm: hashAlgorithmId(s.algorithm),
+      dirty: true,
+      verify: s.verify,
+      order: s.order,
+      journalBlockSize: s.journalBlockSize,
+      maxIncarnations: s.maxIncarnations,
+      configOffset,
+      configBytes: image.clusterSize,
     };
     await Dedup.writeExtension(writer, ext);
     const holder = await addHolder(image, writer, host, ext);

@@ -120,7 +120,8 @@ async function openInput(path: string, format: InputFormat, lock?: LockRequest):
   const st = await stat(path).catch(() => null);
   if (st?.isDirectory()) throw new IoError('cannot open: Is a directory', { path }, 'EISDIR');
   // A pipe or character device has no size to read up to (it would estimate as empty).
-  if (st && !st.isFile() && !st.isBlockDevice()) throw new IoError('not a regular file or block device (estimate reads images whole, by size)', { path }, 'EINVAL');
+  if (st && !st.isFile() && !st.isBlockDevice())
+    throw new IoError('not a regular file or block device (estimate reads images whole, by size)', { path }, 'EINVAL');
   // probeFormat reads 4 bytes: a shorter file is raw.
   const kind = format !== 'auto' ? format : st?.isFile() && st.size < 4 ? 'raw' : await probeFormat(path);
   if (kind === 'qcow2') {
@@ -160,7 +161,8 @@ export async function estimate(paths: string[], options: EstimateOptions = {}): 
   const sizes = [...new Set(options.clusterSizes ?? [DEFAULT_CLUSTER_SIZE])].sort((a, b) => a - b);
   sizes.forEach(checkClusterSize);
   const sample = options.sample ?? 1;
-  if (!Number.isSafeInteger(sample) || sample < 1 || sample > 2 ** 30 || (sample & (sample - 1)) !== 0) throw new UsageError(`invalid sample ${sample}: a power of two from 1 to 2^30`);
+  if (!Number.isSafeInteger(sample) || sample < 1 || sample > 2 ** 30 || (sample & (sample - 1)) !== 0)
+    throw new UsageError(`invalid sample ${sample}: a power of two from 1 to 2^30`);
   const refcountBits = options.refcountBits ?? DEFAULT_REFCOUNT_BITS;
   if (![4, 8, 16, 32, 64].includes(refcountBits)) throw new UsageError(`invalid refcount width ${refcountBits}: 4, 8, 16, 32 or 64 (dedup needs 4 or more)`);
   const perCopy = referencesPerCopy(refcountBits);
@@ -171,7 +173,8 @@ export async function estimate(paths: string[], options: EstimateOptions = {}): 
   const states: SizeState[] = [];
   try {
     for (const p of paths) inputs.push(await openInput(p, options.format ?? 'auto', options.lock));
-    for (const cs of sizes) states.push({ cs, table: new FingerprintTable(maxSlots, sample), hasher: new ChunkHasher('sha256', cs), guest: 0, zero: 0, referenced: 0 });
+    for (const cs of sizes)
+      states.push({ cs, table: new FingerprintTable(maxSlots, sample), hasher: new ChunkHasher('sha256', cs), guest: 0, zero: 0, referenced: 0 });
     const total = inputs.reduce((n, i) => n + i['virtual-size'], 0);
     const chunkCount = inputs.reduce((n, i) => n + Math.ceil(i['virtual-size'] / CHUNK_BYTES), 0);
     const buffers = [0, 1].map(() => Buffer.from(new SharedArrayBuffer(CHUNK_BYTES)));

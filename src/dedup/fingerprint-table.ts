@@ -62,7 +62,8 @@ export class FingerprintTable {
 
   /** `maxSlots`: the table's largest size (maxSlotsFor(budget)); `sample`: the initial 1-in-N, a power of two. */
   constructor(maxSlots: number, sample = 1, initialSlots = 1 << 16) {
-    if (!isPowerOfTwo(maxSlots) || !isPowerOfTwo(sample) || sample > 2 ** 31) throw new InternalError(`FingerprintTable: bad size ${maxSlots} or sample ${sample}`);
+    if (!isPowerOfTwo(maxSlots) || !isPowerOfTwo(sample) || sample > 2 ** 31)
+      throw new InternalError(`FingerprintTable: bad size ${maxSlots} or sample ${sample}`);
     this.maxSlots = Math.max(MIN_SLOTS, maxSlots);
     const slots = Math.min(this.maxSlots, Math.max(MIN_SLOTS, initialSlots));
     this.slots = new Uint32Array(slots * WORDS);
@@ -123,7 +124,7 @@ export class FingerprintTable {
     const t = this.slots;
     for (let j = 0; j < t.length; j += WORDS) {
       if ((t[j] | t[j + 1]) === 0) continue;
-      const count = t[j + 2] + (t[j + 2] === COUNT_MAX ? this.overflow.get(`${t[j]}:${t[j + 1]}`) ?? 0 : 0);
+      const count = t[j + 2] + (t[j + 2] === COUNT_MAX ? (this.overflow.get(`${t[j]}:${t[j + 1]}`) ?? 0) : 0);
       const refcnt = 2 ** Math.floor(Math.log2(count));
       let row = rows.get(refcnt);
       if (!row) rows.set(refcnt, (row = { refcnt, contents: 0, copies: 0, references: 0 }));

@@ -6,8 +6,17 @@
 // makes the next copy of that content start a new cluster. It never corrupts data.
 
 import {
-  BUCKET_SLOTS, decodeFilter, bucketMask, firstBucket, secondBucket, decodeIncarnationSlot, encodeIncarnation, incarnationLayout, tagOf,
-  type IncarnationLayout, type SlotArrays,
+  BUCKET_SLOTS,
+  decodeFilter,
+  bucketMask,
+  firstBucket,
+  secondBucket,
+  decodeIncarnationSlot,
+  encodeIncarnation,
+  incarnationLayout,
+  tagOf,
+  type IncarnationLayout,
+  type SlotArrays,
 } from '../format/incarnation.ts';
 import { HASH_BYTES, HASH_ENTRY_BYTES } from '../format/hash-entry.ts';
 import type { IncarnationRecord, LimboRecord } from '../format/dedup-ext.ts';
@@ -91,8 +100,14 @@ export class HashStore {
       const tags = inc.tags;
       // Most incarnations match none of the 8 tags: one unrolled test rejects them (a miss
       // scans every incarnation, so this loop is the cost of a miss).
-      if (tags[s1] !== tag && tags[s1 + 1] !== tag && tags[s1 + 2] !== tag && tags[s1 + 3] !== tag &&
-          (!two || (tags[s2] !== tag && tags[s2 + 1] !== tag && tags[s2 + 2] !== tag && tags[s2 + 3] !== tag))) continue;
+      if (
+        tags[s1] !== tag &&
+        tags[s1 + 1] !== tag &&
+        tags[s1 + 2] !== tag &&
+        tags[s1 + 3] !== tag &&
+        (!two || (tags[s2] !== tag && tags[s2 + 1] !== tag && tags[s2 + 2] !== tag && tags[s2 + 3] !== tag))
+      )
+        continue;
       for (let i = 0; i < 2 * BUCKET_SLOTS; i++) {
         if (i === BUCKET_SLOTS && !two) break;
         const s = i < BUCKET_SLOTS ? s1 + i : s2 + i - BUCKET_SLOTS;

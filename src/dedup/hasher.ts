@@ -52,8 +52,8 @@ export function hashAlgorithmId(name: HashAlgorithm): number {
 /** The name of an on-disk algorithm number (skein included); UnsupportedError for a number no version of qdedup knows. */
 export function hashAlgorithmName(id: number): HashAlgorithm {
   const name = NAMES_BY_ID.get(id);
-  if (name === undefined) throw new UnsupportedError(`unknown dedup hash algorithm number ${id} (known: ` +
-    `${[...NAMES_BY_ID].map(([i, n]) => `${i} ${n}`).join(', ')})`);
+  if (name === undefined)
+    throw new UnsupportedError(`unknown dedup hash algorithm number ${id} (known: ` + `${[...NAMES_BY_ID].map(([i, n]) => `${i} ${n}`).join(', ')})`);
   return name;
 }
 

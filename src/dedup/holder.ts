@@ -77,7 +77,11 @@ export class Holder {
   /** The L1 at load (or creation) when it has grown since: freed once the snapshot entry names the new one. */
   private moved: { offset: number; bytes: number } | null = null;
 
-  private constructor(private readonly host: HolderHost, private l1OffsetNow: number, private l1Now: Buffer) {
+  private constructor(
+    private readonly host: HolderHost,
+    private l1OffsetNow: number,
+    private l1Now: Buffer,
+  ) {
     this.clusterSize = 2 ** host.clusterBits;
     this.l2Entries = this.clusterSize / 8;
   }
@@ -300,10 +304,13 @@ export class Holder {
     // In host order, tables that lie back to back in one writev (a store allocated at once
     // has thousands of consecutive tables at small cluster sizes).
     const dirty = [...this.l2Dirty].map((i) => ({ at: decodeL1Entry(this.l1, i).l2Offset, t: this.l2Cache.get(i)! })).sort((a, b) => a.at - b.at);
-    for (let k = 0; k < dirty.length;) {
+    for (let k = 0; k < dirty.length; ) {
       let end = k + 1;
       while (end < dirty.length && end - k < 1024 && dirty[end].at === dirty[end - 1].at + this.clusterSize) end++;
-      await this.host.file.writev(dirty[k].at, dirty.slice(k, end).map((d) => d.t));
+      await this.host.file.writev(
+        dirty[k].at,
+        dirty.slice(k, end).map((d) => d.t),
+      );
       k = end;
     }
     this.l2Dirty.clear();
@@ -333,9 +340,9 @@ export class Holder {
   }
 
   private corrupt(what: string, offset: number): CorruptImageError {
-    return new CorruptImageError(
-      `dedup holder snapshot: ${what}; it is not qdedup's (delete it with 'qemu-img snapshot -d ${HOLDER_NAME}')`,
-      { offset, structure: 'dedup holder' },
-    );
+    return new CorruptImageError(`dedup holder snapshot: ${what}; it is not qdedup's (delete it with 'qemu-img snapshot -d ${HOLDER_NAME}')`, {
+      offset,
+      structure: 'dedup holder',
+    });
   }
 }

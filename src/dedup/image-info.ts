@@ -40,7 +40,11 @@ export async function readImageFacts(path: string, lock?: LockRequest): Promise<
       backing = { name: h.backingFile, full, format: backingFormatOf(h) || undefined };
     }
     return {
-      header: h, clusterSize: image.clusterSize, snapshots, actualSize: await image.file.allocatedBytes(), backing,
+      header: h,
+      clusterSize: image.clusterSize,
+      snapshots,
+      actualSize: await image.file.allocatedBytes(),
+      backing,
       dedup: verdict.ext || verdict.extError ? verdict : null,
     };
   } finally {

@@ -133,13 +133,14 @@ export async function verifyIndex(
   for await (const e of liveEntries(image, store)) {
     out.checked++;
     const c = e.hostOffset / cs;
-    const problem = Number.isSafeInteger(c) && storeClusters.has(c)
-      ? `cluster belongs to the dedup store (${areaOf.get(c) ?? 'store area'}), not to guest data`
-      : await entryProblem(image, e, cs, fileSize, held, refcounts, hasher, deep);
+    const problem =
+      Number.isSafeInteger(c) && storeClusters.has(c)
+        ? `cluster belongs to the dedup store (${areaOf.get(c) ?? 'store area'}), not to guest data`
+        : await entryProblem(image, e, cs, fileSize, held, refcounts, hasher, deep);
     if (problem === null) continue;
     out.bad++;
-    if (out.lines.length < MAX_PROBLEM_LINES) out.lines.push(`ERROR dedup index: hash ${e.hash.toString('hex')} (${e.where}) -> ${hex(e.hostOffset)}: ` +
-      `${problem}`);
+    if (out.lines.length < MAX_PROBLEM_LINES)
+      out.lines.push(`ERROR dedup index: hash ${e.hash.toString('hex')} (${e.where}) -> ${hex(e.hostOffset)}: ` + `${problem}`);
   }
   return out;
 }

@@ -11,9 +11,7 @@
 
 import { crc32 } from 'node:zlib';
 import { CorruptImageError, QdedupError, hex } from '../errors.ts';
-import {
-  AUTOCLEAR_DEDUP, EXT_DEDUP, decodeDedupConfig, type DedupConfig, type DedupExtension, type JournalDescriptor,
-} from '../format/dedup-ext.ts';
+import { AUTOCLEAR_DEDUP, EXT_DEDUP, decodeDedupConfig, type DedupConfig, type DedupExtension, type JournalDescriptor } from '../format/dedup-ext.ts';
 import { ENTRY_HEADER_BYTES, JOURNAL_MAGIC, decodeJournalBlock, type BlockVerdict } from '../format/journal-block.ts';
 import type { BlockFile } from '../image/block-file.ts';
 import type { Image } from '../image/image.ts';
@@ -187,7 +185,14 @@ export async function readJournals(image: Image): Promise<JournalsReport> {
     ? 'kept: ' + journals.map((j) => `${j.scan.replayedEntries} entries from journal ${j.index} (${j.role})`).join(', ')
     : `${verdict.distrust === 'algorithm' ? 'refused' : 'dropped'}: ${verdict.reason}`;
   return {
-    autoclearBit: (image.header.autoclearFeatures & AUTOCLEAR_DEDUP) !== 0n, dirty: ext.dirty, trusted: verdict.trusted, ext, algorithm: verdict.algorithm,
-    config, journals, indexKept: verdict.trusted, indexReason,
+    autoclearBit: (image.header.autoclearFeatures & AUTOCLEAR_DEDUP) !== 0n,
+    dirty: ext.dirty,
+    trusted: verdict.trusted,
+    ext,
+    algorithm: verdict.algorithm,
+    config,
+    journals,
+    indexKept: verdict.trusted,
+    indexReason,
   };
 }

@@ -54,7 +54,12 @@ export class Journal {
   /** Full blocks encoded and waiting for flush(). */
   private ready: Buffer[] = [];
 
-  constructor(private readonly file: BlockFile, desc: JournalDescriptor, blockSize: number, blocksUsed = 0) {
+  constructor(
+    private readonly file: BlockFile,
+    desc: JournalDescriptor,
+    blockSize: number,
+    blocksUsed = 0,
+  ) {
     this.desc = desc;
     this.blockSize = blockSize;
     this.perBlock = entriesPerBlock(blockSize);

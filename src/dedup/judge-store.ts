@@ -5,9 +5,7 @@
 // memory, the holder gets an allocator that throws. Layouts: docs/FORMAT.md §5–10.
 
 import { CorruptImageError, InternalError, QdedupError, hex } from '../errors.ts';
-import {
-  AUTOCLEAR_DEDUP, decodeDedupConfig, decodeDedupExtension, findDedupExtension, type DedupConfig, type DedupExtension,
-} from '../format/dedup-ext.ts';
+import { AUTOCLEAR_DEDUP, decodeDedupConfig, decodeDedupExtension, findDedupExtension, type DedupConfig, type DedupExtension } from '../format/dedup-ext.ts';
 import { incarnationLayout } from '../format/incarnation.ts';
 import { INCOMPAT_DIRTY } from '../format/header.ts';
 import { decodeL1Entry } from '../format/l1l2.ts';
@@ -103,8 +101,18 @@ export function dedupExtensionOf(image: Image): DedupExtension | null {
  */
 export async function judgeStore(image: Image, options: JudgeOptions = {}): Promise<StoreVerdict> {
   const out: StoreVerdict = {
-    ext: null, extError: null, algorithm: 'off', trusted: false, distrust: null, reason: null, error: null,
-    config: null, store: null, holder: null, areas: [], metadataClusters: 0,
+    ext: null,
+    extError: null,
+    algorithm: 'off',
+    trusted: false,
+    distrust: null,
+    reason: null,
+    error: null,
+    config: null,
+    store: null,
+    holder: null,
+    areas: [],
+    metadataClusters: 0,
   };
   const distrust = (why: DistrustReason, reason: string, error: QdedupError | null = null): StoreVerdict => {
     Object.assign(out, { distrust: why, reason, error, store: null });
@@ -138,7 +146,7 @@ export async function judgeStore(image: Image, options: JudgeOptions = {}): Prom
   }
   // A read-write open acts on a QCOW2 dirty bit (refcounts rebuilt, bit 60 cleared) before the
   // store is looked at: the verdict is the one the next write reaches.
-  if ((image.header.incompatibleFeatures & INCOMPAT_DIRTY) || image.refcountsRebuilt) return distrust('qcow2-dirty', REASON_TEXT['qcow2-dirty']);
+  if (image.header.incompatibleFeatures & INCOMPAT_DIRTY || image.refcountsRebuilt) return distrust('qcow2-dirty', REASON_TEXT['qcow2-dirty']);
   if (!(image.header.autoclearFeatures & AUTOCLEAR_DEDUP)) return distrust('autoclear', REASON_TEXT.autoclear);
   if (ext.dirty) return distrust('dirty', REASON_TEXT.dirty);
   try {

@@ -103,8 +103,12 @@ export class LogStore implements SlotArrays {
     for (let kick = 0; kick < MAX_KICKS; kick++) {
       const victim = bucket * BUCKET_SLOTS + (this.nextRandom() % BUCKET_SLOTS);
       const saved = {
-        slot: victim, hash: this.hashes.slice(victim * 32, victim * 32 + 32), host: this.hostOffsets[victim], guest: this.guestOffsets[victim],
-        state: this.states[victim], confirmed: this.confirmed.get(victim),
+        slot: victim,
+        hash: this.hashes.slice(victim * 32, victim * 32 + 32),
+        host: this.hostOffsets[victim],
+        guest: this.guestOffsets[victim],
+        state: this.states[victim],
+        confirmed: this.confirmed.get(victim),
       };
       path.push(saved);
       this.setSlot(victim, curHash, curHost, curGuest, curState, curConfirmed);

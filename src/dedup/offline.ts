@@ -64,16 +64,27 @@ export async function dedupInPlace(path: string, o: OfflineOptions): Promise<Off
   // Refcounts decide which clusters are free (to allocate, to punch): they must be right.
   const checked = await checkFirst(path, o);
   if (checked.corruptions > 0) {
-    throw new QdedupError(`check finds ${checked.corruptions} corruption${checked.corruptions === 1 ? '' : 's'}; repair it first (qdedup check -r all)`, 'ECORRUPT', 1, { path });
+    throw new QdedupError(
+      `check finds ${checked.corruptions} corruption${checked.corruptions === 1 ? '' : 's'}; repair it first (qdedup check -r all)`,
+      'ECORRUPT',
+      1,
+      { path },
+    );
   }
   const bytesBefore = await allocatedBytes(path, o);
   let enabled = false;
   const image = await Image.open(path, {
-    writable: true, lock: LOCK_WRITE, file: o.file, keepAutoclear: dedupAutoclear,
+    writable: true,
+    lock: LOCK_WRITE,
+    file: o.file,
+    keepAutoclear: dedupAutoclear,
     policy: (img, writer) => {
       if (img.header.extensions.some((e) => e.type === EXT_DEDUP)) return Dedup.attach(img, writer);
       if (img.header.version !== 3 || img.header.refcountOrder < MIN_DEDUP_REFCOUNT_ORDER) {
-        throw new UnsupportedError(`dedup needs a v3 image (compat=1.1) with refcount_bits of ${2 ** MIN_DEDUP_REFCOUNT_ORDER} or more; 'qdedup convert' makes one`, { path });
+        throw new UnsupportedError(
+          `dedup needs a v3 image (compat=1.1) with refcount_bits of ${2 ** MIN_DEDUP_REFCOUNT_ORDER} or more; 'qdedup convert' makes one`,
+          { path },
+        );
       }
       enabled = true;
       return Dedup.initialize(img, writer, o.settings(img.header, img.clusterSize));
@@ -88,9 +99,16 @@ export async function dedupInPlace(path: string, o: OfflineOptions): Promise<Off
     await image.close();
     const c = dedup.counters;
     return {
-      enabled, notice: dedup.notice, clusters, interrupted, discard,
-      linked: c.hits - before.hits, stored: c.misses - before.misses, zero: c.zeroClusters - before.zeroClusters,
-      bytesBefore, bytesAfter: await allocatedBytes(path, o),
+      enabled,
+      notice: dedup.notice,
+      clusters,
+      interrupted,
+      discard,
+      linked: c.hits - before.hits,
+      stored: c.misses - before.misses,
+      zero: c.zeroClusters - before.zeroClusters,
+      bytesBefore,
+      bytesAfter: await allocatedBytes(path, o),
     };
   } catch (err) {
     await image.abandon();

@@ -28,7 +28,9 @@ export function dedupAutoclear(header: Header): bigint {
 export function openForWrite(path: string, options: WriteOpenOptions = {}): Promise<Image> {
   const { dedup, ...rest } = options;
   return Image.open(path, {
-    ...rest, writable: true, keepAutoclear: dedupAutoclear,
+    ...rest,
+    writable: true,
+    keepAutoclear: dedupAutoclear,
     policy: dedup === false ? undefined : (image, writer) => Dedup.attach(image, writer),
   });
 }
@@ -53,7 +55,10 @@ export async function createImage(path: string, o: CreateOptions): Promise<Heade
   const header = await createPlainImage(path, plain);
   if (!settings) return header;
   const image = await Image.open(path, {
-    writable: true, backing: false, lock: LOCK_WRITE, keepAutoclear: dedupAutoclear,
+    writable: true,
+    backing: false,
+    lock: LOCK_WRITE,
+    keepAutoclear: dedupAutoclear,
     policy: (img, writer) => Dedup.initialize(img, writer, settings),
   });
   try {

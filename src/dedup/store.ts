@@ -103,7 +103,11 @@ export class DedupStore {
   /** The journal descriptors the configuration held at open (replay is judged against them). */
   private openedJournals: JournalDescriptor[];
 
-  private constructor(private readonly file: BlockFile, geometry: StoreGeometry, config: DedupConfig) {
+  private constructor(
+    private readonly file: BlockFile,
+    geometry: StoreGeometry,
+    config: DedupConfig,
+  ) {
     this.geometry = geometry;
     this.hashStore = new HashStore(file, geometry.order, geometry.clusterSize, geometry.maxIncarnations);
     this.currentIndex = config.currentJournal;
@@ -115,7 +119,10 @@ export class DedupStore {
 
   /** Why replay at open cannot be trusted, or null (see replayDamage). */
   replayDamage(): string | null {
-    return replayDamage(this.replays.map((r) => r?.stop ?? null), this.openedJournals);
+    return replayDamage(
+      this.replays.map((r) => r?.stop ?? null),
+      this.openedJournals,
+    );
   }
 
   /** Allocates two empty journals: a new store with nothing indexed. */

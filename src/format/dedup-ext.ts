@@ -78,16 +78,12 @@ export function decodeDedupExtension(buf: Buffer, clusterSize: number): DedupExt
   const order = buf[3];
   if (order > MAX_STORE_ORDER) throw bad(`store order ${order} above ${MAX_STORE_ORDER}`, 3);
   const journalBlockSize = buf.readUInt32BE(4);
-  if (!validJournalBlockSize(journalBlockSize)) throw bad(
-    `journal block size ${journalBlockSize} is not a power of two from ${MIN_JOURNAL_BLOCK} to ${MAX_JOURNAL_BLOCK}`,
-    4,
-  );
+  if (!validJournalBlockSize(journalBlockSize))
+    throw bad(`journal block size ${journalBlockSize} is not a power of two from ${MIN_JOURNAL_BLOCK} to ${MAX_JOURNAL_BLOCK}`, 4);
   const configBytes = buf.readUInt32BE(12);
   const configOffset = readU64(buf, 16, 'dedup configuration offset');
-  if (configOffset % clusterSize !== 0 || configOffset === 0) throw bad(
-    `configuration area offset ${hex(configOffset)} is not a non-zero multiple of the cluster size`,
-    16,
-  );
+  if (configOffset % clusterSize !== 0 || configOffset === 0)
+    throw bad(`configuration area offset ${hex(configOffset)} is not a non-zero multiple of the cluster size`, 16);
   if (configBytes < CONFIG_HEADER_BYTES || configBytes > MAX_CONFIG_BYTES) throw bad(`configuration area size ${configBytes} out of range`, 12);
   if (buf.subarray(24, DEDUP_EXT_BYTES).some((b) => b !== 0)) throw bad('reserved bytes 24–47 are not zero', 24);
   return {
@@ -192,20 +188,16 @@ export function encodeDedupConfig(config: DedupConfig, size: number): Buffer {
 
 /** Decodes and validates a configuration area. Throws CorruptImageError naming the byte. */
 export function decodeDedupConfig(buf: Buffer, areaOffset: number, clusterSize: number): DedupConfig {
-  const bad = (what: string, at: number) => new CorruptImageError(
-    `dedup configuration area: ${what}`,
-    { offset: areaOffset + at, structure: 'dedup configuration area' },
-  );
+  const bad = (what: string, at: number) =>
+    new CorruptImageError(`dedup configuration area: ${what}`, { offset: areaOffset + at, structure: 'dedup configuration area' });
   if (buf.length < CONFIG_HEADER_BYTES || buf.readUInt32BE(0) !== CONFIG_MAGIC) throw bad('bad magic', 0);
   if (buf.readUInt32BE(4) !== crc32(buf.subarray(8))) throw bad('checksum mismatch', 4);
   const incarnationCount = buf.readUInt32BE(8);
   const limboCount = buf.readUInt32BE(12);
   const currentJournal = buf[16];
   if (currentJournal > 1) throw bad(`current journal ${currentJournal} is not 0 or 1`, 16);
-  if (CONFIG_HEADER_BYTES + incarnationCount * INCARNATION_RECORD_BYTES + limboCount * LIMBO_RECORD_BYTES > buf.length) throw bad(
-    `${incarnationCount} incarnations and ${limboCount} limbo records do not fit`,
-    8,
-  );
+  if (CONFIG_HEADER_BYTES + incarnationCount * INCARNATION_RECORD_BYTES + limboCount * LIMBO_RECORD_BYTES > buf.length)
+    throw bad(`${incarnationCount} incarnations and ${limboCount} limbo records do not fit`, 8);
   const aligned = (offset: number, at: number, what: string) => {
     if (offset === 0 || offset % clusterSize !== 0) throw bad(`${what} offset ${hex(offset)} is not a non-zero multiple of the cluster size`, at);
     return offset;

@@ -142,18 +142,14 @@ export function decodeHeader(buf: Buffer): Header {
     headerLength = buf.readUInt32BE(100);
     if (headerLength < V3_MIN_HEADER_LENGTH) throw new CorruptImageError(`qcow2 header too short: header_length ${headerLength} < 104`, where(100));
     if (headerLength % 8 !== 0) throw new CorruptImageError(`header_length ${headerLength} is not a multiple of 8`, where(100));
-    if (headerLength > clusterSize || headerLength > buf.length) throw new CorruptImageError(
-      `header_length ${headerLength} runs past the first cluster or the file`,
-      where(100),
-    );
+    if (headerLength > clusterSize || headerLength > buf.length)
+      throw new CorruptImageError(`header_length ${headerLength} runs past the first cluster or the file`, where(100));
     incompatibleFeatures = buf.readBigUInt64BE(INCOMPAT_FEATURES_OFFSET);
     compatibleFeatures = buf.readBigUInt64BE(80);
     autoclearFeatures = buf.readBigUInt64BE(88);
     refcountOrder = buf.readUInt32BE(96);
-    if (refcountOrder > MAX_REFCOUNT_ORDER) throw new CorruptImageError(
-      `reference count entry width too large: refcount_order ${refcountOrder} (at most 6)`,
-      where(96),
-    );
+    if (refcountOrder > MAX_REFCOUNT_ORDER)
+      throw new CorruptImageError(`reference count entry width too large: refcount_order ${refcountOrder} (at most 6)`, where(96));
     if (headerLength > 104) compressionType = buf[104];
     if (headerLength > V3_HEADER_LENGTH) extraHeaderBytes = Buffer.from(buf.subarray(V3_HEADER_LENGTH, headerLength));
   }
@@ -206,10 +202,8 @@ export function decodeHeader(buf: Buffer): Header {
 
   // L1 table.
   if (h.l1Size * 8 > MAX_L1_BYTES) throw new CorruptImageError(`active L1 table too large: ${h.l1Size} entries (limit ${MAX_L1_BYTES / 8})`, where(36));
-  if (h.l1Size < l1SizeFor(h.size, clusterBits)) throw new CorruptImageError(
-    `L1 table is too small: ${h.l1Size} entries for a virtual size of ${h.size}`,
-    where(36),
-  );
+  if (h.l1Size < l1SizeFor(h.size, clusterBits))
+    throw new CorruptImageError(`L1 table is too small: ${h.l1Size} entries for a virtual size of ${h.size}`, where(36));
   checkTableOffset(h.l1TableOffset, h.l1Size, clusterSize, 'active L1 table', 40);
 
   // Snapshot table.
@@ -235,10 +229,8 @@ export function decodeHeader(buf: Buffer): Header {
  * qcow2_validate_table refuses the image otherwise), and may be 0 only when it is.
  */
 function checkTableOffset(offset: number, entries: number, clusterSize: number, what: string, fieldPos: number): void {
-  if (offset % clusterSize !== 0) throw new CorruptImageError(
-    `${what} offset ${hex(offset)} is not cluster aligned`,
-    { offset: fieldPos, structure: 'header' },
-  );
+  if (offset % clusterSize !== 0)
+    throw new CorruptImageError(`${what} offset ${hex(offset)} is not cluster aligned`, { offset: fieldPos, structure: 'header' });
   if (offset === 0 && entries > 0) throw new CorruptImageError(`${what} offset is 0 (overlaps the header)`, { offset: fieldPos, structure: 'header' });
 }
 
@@ -256,17 +248,16 @@ function decodeExtensions(buf: Buffer, headerLength: number, end: number, endWha
   const bound = buf.length < end ? `the end of the file (byte ${buf.length})` : endWhat;
   let pos = headerLength;
   for (;;) {
-    if (pos + 8 > limit) throw new CorruptImageError(
-      `header extension at ${hex(pos)} runs past ${bound} (no end marker)`,
-      { offset: pos, structure: 'header extension' },
-    );
+    if (pos + 8 > limit)
+      throw new CorruptImageError(`header extension at ${hex(pos)} runs past ${bound} (no end marker)`, { offset: pos, structure: 'header extension' });
     const type = buf.readUInt32BE(pos);
     const length = buf.readUInt32BE(pos + 4);
     if (type === EXT_END) return extensions;
-    if (length > limit - pos - 8) throw new CorruptImageError(
-      `header extension ${hex(type)} at ${hex(pos)} too large: length ${length} runs past ${bound}`,
-      { offset: pos + 4, structure: 'header extension' },
-    );
+    if (length > limit - pos - 8)
+      throw new CorruptImageError(`header extension ${hex(type)} at ${hex(pos)} too large: length ${length} runs past ${bound}`, {
+        offset: pos + 4,
+        structure: 'header extension',
+      });
     if (seen.has(type)) throw new CorruptImageError(`header extension ${hex(type)} appears twice`, { offset: pos, structure: 'header extension' });
     seen.add(type);
     extensions.push({ type, data: Buffer.from(buf.subarray(pos + 8, pos + 8 + length)) });
@@ -299,23 +290,18 @@ function checkFeatures(h: Header): void {
   if (h.incompatibleFeatures & INCOMPAT_DATA_FILE) throw new UnsupportedError('external data files are not supported (incompatible feature bit 2)', where);
   if (h.incompatibleFeatures & INCOMPAT_EXTL2) throw new UnsupportedError('extended L2 entries are not supported (incompatible feature bit 4)', where);
   const compressionBit = (h.incompatibleFeatures & INCOMPAT_COMPRESSION) !== 0n;
-  if (compressionBit && h.compressionType === 0) throw new CorruptImageError(
-    'compression type incompatible feature bit must not be set with compression type 0 (deflate)',
-    where,
-  );
-  if (!compressionBit && h.compressionType !== 0) throw new CorruptImageError(
-    `compression type ${h.compressionType} requires incompatible feature bit 3`,
-    { offset: 104, structure: 'header' },
-  );
-  if (h.compressionType === 1) throw new UnsupportedError(
-    'zstd compressed clusters are not supported (compression type 1)',
-    { offset: 104, structure: 'header' },
-  );
+  if (compressionBit && h.compressionType === 0)
+    throw new CorruptImageError('compression type incompatible feature bit must not be set with compression type 0 (deflate)', where);
+  if (!compressionBit && h.compressionType !== 0)
+    throw new CorruptImageError(`compression type ${h.compressionType} requires incompatible feature bit 3`, { offset: 104, structure: 'header' });
+  if (h.compressionType === 1)
+    throw new UnsupportedError('zstd compressed clusters are not supported (compression type 1)', { offset: 104, structure: 'header' });
   if (h.compressionType > 1) throw new CorruptImageError(`unknown compression type ${h.compressionType}`, { offset: 104, structure: 'header' });
-  if (h.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) throw new UnsupportedError(
-    'raw external data file (autoclear bit 1) requires an external data file, which is not supported',
-    { offset: 88, structure: 'header' },
-  );
+  if (h.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW)
+    throw new UnsupportedError('raw external data file (autoclear bit 1) requires an external data file, which is not supported', {
+      offset: 88,
+      structure: 'header',
+    });
 }
 
 /**
@@ -331,10 +317,10 @@ export function encodeHeader(h: Header): Buffer {
   const name = h.backingFile !== undefined ? Buffer.from(h.backingFile, 'utf8') : Buffer.alloc(0);
   const nameOffset = headerLength + extBytes + 8;
   const total = nameOffset + name.length;
-  if (total > clusterSize) throw new CorruptImageError(
-    `header, extensions and backing file name (${total} bytes) do not fit in one ${clusterSize}-byte cluster`,
-    { structure: 'header' },
-  );
+  if (total > clusterSize)
+    throw new CorruptImageError(`header, extensions and backing file name (${total} bytes) do not fit in one ${clusterSize}-byte cluster`, {
+      structure: 'header',
+    });
   const buf = Buffer.alloc(total);
   buf.writeUInt32BE(QCOW_MAGIC, 0);
   buf.writeUInt32BE(h.version, 4);

@@ -41,7 +41,7 @@ export function secondBucket(hash: Uint8Array, mask: number, b1: number): number
 
 /** The 16-bit filter tag of a hash: bytes 8–9, never 0 (0 marks an empty slot). */
 export function tagOf(hash: Uint8Array): number {
-  return ((hash[8] << 8) | hash[9]) || 1;
+  return (hash[8] << 8) | hash[9] || 1;
 }
 
 /** Slot states of a table in memory. A tombstone records a deleted hash. */

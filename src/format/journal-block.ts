@@ -72,13 +72,17 @@ export function encodeJournalBlock(blockSize: number, sequence: number, entries:
  * expects at this position. Never throws on bad bytes: the verdict says what is wrong.
  */
 export function decodeJournalBlock(buf: Buffer, expectedSequence: number): DecodedBlock {
-  const out = (verdict: BlockVerdict, reason: string, sequence = 0, checksumValid = false, entries: JournalEntry[] = []): DecodedBlock =>
-    ({ verdict, reason, sequence, checksumValid, entries });
+  const out = (verdict: BlockVerdict, reason: string, sequence = 0, checksumValid = false, entries: JournalEntry[] = []): DecodedBlock => ({
+    verdict,
+    reason,
+    sequence,
+    checksumValid,
+    entries,
+  });
   if (buf.readUInt32BE(0) !== JOURNAL_MAGIC) {
-    return buf.every((b) => b === 0) ? out('empty', 'block never written (all zero)') : out(
-      'bad-magic',
-      `bad magic 0x${buf.readUInt32BE(0).toString(16)} at byte 0`,
-    );
+    return buf.every((b) => b === 0)
+      ? out('empty', 'block never written (all zero)')
+      : out('bad-magic', `bad magic 0x${buf.readUInt32BE(0).toString(16)} at byte 0`);
   }
   const checksumValid = buf.readUInt32BE(4) === crc32(buf.subarray(8));
   const hi = buf.readUInt32BE(8);
@@ -96,12 +100,8 @@ export function decodeJournalBlock(buf: Buffer, expectedSequence: number): Decod
     const type = buf[pos];
     const flags = buf[pos + 1];
     const length = buf.readUInt16BE(pos + 2);
-    if (pos + ENTRY_HEADER_BYTES + length > end) return out(
-      'bad-entry',
-      `entry ${i} at byte ${pos}: length ${length} crosses the end of the entries`,
-      sequence,
-      true,
-    );
+    if (pos + ENTRY_HEADER_BYTES + length > end)
+      return out('bad-entry', `entry ${i} at byte ${pos}: length ${length} crosses the end of the entries`, sequence, true);
     if (type !== ENTRY_TYPE_HASH || length !== HASH_ENTRY_BYTES || (flags & ~ENTRY_FLAG_DELETED) !== 0) {
       return out('bad-entry', `entry ${i} at byte ${pos}: unknown type ${type}, flags 0x${flags.toString(16)} or length ${length}`, sequence, true);
     }

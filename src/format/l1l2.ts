@@ -103,7 +103,7 @@ export function encodeL2Entry(table: Buffer, index: number, hostOffset: number, 
 /** Writes a compressed L2 entry (used by tests and fixtures). */
 export function encodeCompressedL2Entry(table: Buffer, index: number, clusterBits: number, byteOffset: number, byteLength: number): void {
   const x = BigInt(70 - clusterBits);
-  const sectors = BigInt(Math.ceil((byteOffset % 512 + byteLength) / 512) - 1);
+  const sectors = BigInt(Math.ceil(((byteOffset % 512) + byteLength) / 512) - 1);
   table.writeBigUInt64BE((1n << 62n) | (sectors << x) | BigInt(byteOffset), index * 8);
 }
 

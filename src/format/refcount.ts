@@ -39,9 +39,12 @@ export function maxRefcount(refcountOrder: number): number {
 /** Reads entry `index` of refcount block `block`. 64-bit values above 2^53 read as 2^53 - 1. */
 export function getRefcount(block: Buffer, index: number, refcountOrder: number): number {
   switch (refcountOrder) {
-    case 4: return block.readUInt16BE(index * 2);
-    case 3: return block[index];
-    case 5: return block.readUInt32BE(index * 4);
+    case 4:
+      return block.readUInt16BE(index * 2);
+    case 3:
+      return block[index];
+    case 5:
+      return block.readUInt32BE(index * 4);
     case 6: {
       const hi = block.readUInt32BE(index * 8);
       return hi >= U64_HI_UNSAFE ? Number.MAX_SAFE_INTEGER : hi * TWO_32 + block.readUInt32BE(index * 8 + 4);
@@ -57,9 +60,15 @@ export function getRefcount(block: Buffer, index: number, refcountOrder: number)
 /** Writes `value` (0 … maxRefcount) into entry `index` of refcount block `block`. */
 export function setRefcount(block: Buffer, index: number, refcountOrder: number, value: number): void {
   switch (refcountOrder) {
-    case 4: block.writeUInt16BE(value, index * 2); return;
-    case 3: block[index] = value; return;
-    case 5: block.writeUInt32BE(value, index * 4); return;
+    case 4:
+      block.writeUInt16BE(value, index * 2);
+      return;
+    case 3:
+      block[index] = value;
+      return;
+    case 5:
+      block.writeUInt32BE(value, index * 4);
+      return;
     case 6:
       block.writeUInt32BE(Math.floor(value / TWO_32), index * 8);
       block.writeUInt32BE(value >>> 0, index * 8 + 4);

@@ -56,10 +56,11 @@ export function decodeSnapshotEntry(buf: Buffer, pos: number, tableOffset: numbe
   const idLen = buf.readUInt16BE(pos + 12);
   const nameLen = buf.readUInt16BE(pos + 14);
   const extra = buf.readUInt32BE(pos + 36);
-  if (extra > MAX_SNAPSHOT_EXTRA) throw new SnapshotExtraDataError(
-    `snapshot entry at ${hex(tableOffset + pos)}: extra data too large (${extra} bytes)`,
-    { offset: tableOffset + pos + 36, structure: 'snapshot table' },
-  );
+  if (extra > MAX_SNAPSHOT_EXTRA)
+    throw new SnapshotExtraDataError(`snapshot entry at ${hex(tableOffset + pos)}: extra data too large (${extra} bytes)`, {
+      offset: tableOffset + pos + 36,
+      structure: 'snapshot table',
+    });
   const length = Math.ceil((SNAPSHOT_FIXED_BYTES + extra + idLen + nameLen) / 8) * 8;
   if (pos + SNAPSHOT_FIXED_BYTES + extra + idLen + nameLen > buf.length) return null;
   const idStart = pos + SNAPSHOT_FIXED_BYTES + extra;

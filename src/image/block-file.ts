@@ -88,8 +88,8 @@ export function errnoText(err: unknown): string | undefined {
 /** Maps a Node.js file system error to an IoError that names the file and the operation. */
 export function ioError(err: unknown, path: string, what: string): IoError {
   const e = err as NodeJS.ErrnoException;
-  const text = errnoText(err) ?? ((e && e.message) || String(err));
-  return new IoError(`${what}: ${text}`, { path }, e && e.code ? e.code : 'EIO');
+  const text = errnoText(err) ?? (e?.message || String(err));
+  return new IoError(`${what}: ${text}`, { path }, e?.code ? e.code : 'EIO');
 }
 
 /**
@@ -115,7 +115,10 @@ class ReadvState {
   private done = 0;
   private eof = false;
 
-  constructor(private readonly pos: number, private readonly buffers: Buffer[]) {
+  constructor(
+    private readonly pos: number,
+    private readonly buffers: Buffer[],
+  ) {
     this.total = buffers.reduce((n, b) => n + b.length, 0);
     // See NodeFile.read(): such a range lies past EOF.
     if (!Number.isSafeInteger(pos + this.total)) this.eof = true;
@@ -299,7 +302,11 @@ export class NodeFile implements BlockFile {
     if (c.fallocate(this.fh.fd, 3, pos, length) === 0) return true;
     const errno = c.errno();
     if (errno === EOPNOTSUPP || errno === ENOSYS) return false;
-    throw ioError(Object.assign(new Error(`errno ${errno}`), { code: errno === ENOSPC ? 'ENOSPC' : 'EIO' }), this.path, `discard of ${length} bytes at ${pos} failed`);
+    throw ioError(
+      Object.assign(new Error(`errno ${errno}`), { code: errno === ENOSPC ? 'ENOSPC' : 'EIO' }),
+      this.path,
+      `discard of ${length} bytes at ${pos} failed`,
+    );
   }
 
   async sync(): Promise<void> {

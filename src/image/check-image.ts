@@ -12,7 +12,13 @@ import { Image } from './image.ts';
 export { checkOpenImage } from './check/check-open-image.ts';
 export {
   checkExitCode,
-  type CheckCounts, type CheckExtension, type CheckOptions, type CheckTarget, type ExtensionReport, type ImageCheck, type RepairMode,
+  type CheckCounts,
+  type CheckExtension,
+  type CheckOptions,
+  type CheckTarget,
+  type ExtensionReport,
+  type ImageCheck,
+  type RepairMode,
 } from './check/types.ts';
 
 export interface CheckImageOptions extends CheckOptions {

@@ -85,7 +85,7 @@ export async function copyToRaw(path: string, sources: GuestReader[], o: CopyOpt
       const data = buffers[k % 2].subarray(0, n);
       next = done + n < total ? source.fill(buffers[(k + 1) % 2], Math.min(size, total - done - n)) : Promise.resolve(0);
       next.catch(() => {}); // seen at its await
-      for (let at = 0; at < n;) {
+      for (let at = 0; at < n; ) {
         // A run of blocks that are not all zero, written with one call.
         while (at < n && isZero(data.subarray(at, Math.min(n, at + SPARSE_BYTES)))) at += SPARSE_BYTES;
         let end = at;

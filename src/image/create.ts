@@ -3,12 +3,20 @@
 // refblock at 0x20000, L1 at 0x30000). A dedup image is this plus its dedup structures,
 // added by the layer above (src/dedup/open.ts createImage). Spec: docs/interop/qcow2.rst.
 
-import { open } from 'node:fs/promises';
+import { open, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { UsageError } from '../errors.ts';
 import {
-  COMPAT_LAZY_REFCOUNTS, EXT_BACKING_FORMAT, MAX_L1_BYTES, MAX_REFTABLE_BYTES, V2_HEADER_LENGTH, V2_REFCOUNT_ORDER, V3_HEADER_LENGTH,
-  encodeHeader, l1SizeFor, type Header,
+  COMPAT_LAZY_REFCOUNTS,
+  EXT_BACKING_FORMAT,
+  MAX_L1_BYTES,
+  MAX_REFTABLE_BYTES,
+  V2_HEADER_LENGTH,
+  V2_REFCOUNT_ORDER,
+  V3_HEADER_LENGTH,
+  encodeHeader,
+  l1SizeFor,
+  type Header,
 } from '../format/header.ts';
 import { refblockEntries, setRefcount } from '../format/refcount.ts';
 import { writeU64 } from '../format/bytes.ts';
@@ -35,7 +43,12 @@ export interface CreateOptions {
 
 /** Computes the new image's header and layout. Pure; throws UsageError on impossible sizes. */
 export function planImage(o: CreateOptions): {
-  header: Header; clusters: number; fileLength: number; l1Clusters: number; reftableClusters: number; refblocks: number;
+  header: Header;
+  clusters: number;
+  fileLength: number;
+  l1Clusters: number;
+  reftableClusters: number;
+  refblocks: number;
 } {
   const clusterSize = 2 ** o.clusterBits;
   const size = Math.ceil(o.size / 512) * 512;
@@ -123,7 +136,7 @@ export async function createImage(path: string, o: CreateOptions): Promise<Heade
  */
 export async function syncDirectory(path: string): Promise<void> {
   const dir = dirname(path);
-  let fh;
+  let fh: FileHandle | undefined;
   try {
     fh = await open(dir, 'r');
     await fh.sync();

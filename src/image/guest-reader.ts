@@ -31,7 +31,10 @@ export function zeroRange(dst: Buffer, start: number, end: number, zeros: number
 
 /** A raw file used as a backing image: guest offset = file offset. */
 export class RawImage implements GuestReader {
-  private constructor(private readonly file: BlockFile, readonly size: number) {}
+  private constructor(
+    private readonly file: BlockFile,
+    readonly size: number,
+  ) {}
 
   static async open(path: string, lock?: LockRequest): Promise<RawImage> {
     const file = await NodeFile.open(path, false, lock);

@@ -29,9 +29,14 @@ export abstract class ImageCommit extends ImageReads {
     this.unsyncedBytes += bytes;
     if (this.unsyncedBytes < WRITEBACK_BYTES || this.writeback) return;
     this.unsyncedBytes = 0;
-    this.writeback = this.file.sync()
-      .catch((err) => { this.writebackError = err; })
-      .finally(() => { this.writeback = null; });
+    this.writeback = this.file
+      .sync()
+      .catch((err) => {
+        this.writebackError = err;
+      })
+      .finally(() => {
+        this.writeback = null;
+      });
   }
 
   protected async commitIfLarge(): Promise<void> {

@@ -133,8 +133,10 @@ export function takeImageLock(fd: number, path: string, r: LockRequest, warn: Lo
       dropAll();
       // EAGAIN: someone holds a write lock on the byte (QEMU never does; another tool might).
       if (errno === ERRNO.EAGAIN || errno === ERRNO.EACCES) throw new ImageLockError(`Failed to lock byte ${byteOffset}`, path);
-      warn(`${path}: warning: Failed to lock byte ${byteOffset}: ${errnoText(errno)}; continuing without image locks (another process could write this ` +
-        `image at the same time)`);
+      warn(
+        `${path}: warning: Failed to lock byte ${byteOffset}: ${errnoText(errno)}; continuing without image locks (another process could write this ` +
+          'image at the same time)',
+      );
       return null;
     }
     taken.push(byteOffset);

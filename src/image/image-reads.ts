@@ -87,13 +87,16 @@ export abstract class ImageReads extends ImageTables {
       const [at, pos, n] = [backingDst, backingGuest, backingLen];
       const backing = this.backing!;
       // Each backing read lists its zeros apart: they finish in any order (merged below).
-      const listed = zeros ? [] as number[] : undefined;
+      const listed = zeros ? ([] as number[]) : undefined;
       if (listed) backingZeros.push(listed);
       if (backing.readGuestInto) tasks.push(() => backing.readGuestInto!(dst, at, pos, n, listed));
-      else tasks.push(async () => { (await backing.readGuest(pos, n)).copy(dst, at); });
+      else
+        tasks.push(async () => {
+          (await backing.readGuest(pos, n)).copy(dst, at);
+        });
       backingLen = 0;
     };
-    for (let pos = guestOffset, end = guestOffset + length; pos < end;) {
+    for (let pos = guestOffset, end = guestOffset + length; pos < end; ) {
       const guestCluster = Math.floor(pos / cs);
       const inCluster = pos - guestCluster * cs;
       const n = Math.min(cs - inCluster, end - pos);
@@ -117,7 +120,9 @@ export abstract class ImageReads extends ImageTables {
             pieces.push({ hostOffset, dstOffset: at, byteLength: n });
           }
         } else if (e.kind === 'compressed') {
-          tasks.push(async () => { (await this.decompress(e)).copy(dst, at, inCluster, inCluster + n); });
+          tasks.push(async () => {
+            (await this.decompress(e)).copy(dst, at, inCluster, inCluster + n);
+          });
         } else {
           zeroRange(dst, at, at + n, zeros ? ownZeros : undefined); // zero, or unallocated without backing
         }
@@ -131,7 +136,7 @@ export abstract class ImageReads extends ImageTables {
     // (a cluster shared by dedup, read twice in this range) is copied once that is read.
     const copies: [DataPiece, DataPiece][] = [];
     const syncReads: [number, Buffer[]][] = [];
-    for (let i = 0; i < pieces.length;) {
+    for (let i = 0; i < pieces.length; ) {
       const group = [pieces[i]];
       let hostEnd = pieces[i].hostOffset + pieces[i].byteLength;
       let bytes = pieces[i].byteLength;
@@ -173,16 +178,18 @@ export abstract class ImageReads extends ImageTables {
     try {
       data = inflateRawSync(input, { finishFlush: 2 /* Z_SYNC_FLUSH: the stream may end mid-sector */, maxOutputLength: this.clusterSize });
     } catch (err) {
-      throw new CorruptImageError(
-        `compressed cluster at ${hex(e.compressedOffset)} does not inflate: ${(err as Error).message}`,
-        { path: this.path, offset: e.compressedOffset, structure: 'compressed cluster' },
-      );
+      throw new CorruptImageError(`compressed cluster at ${hex(e.compressedOffset)} does not inflate: ${(err as Error).message}`, {
+        path: this.path,
+        offset: e.compressedOffset,
+        structure: 'compressed cluster',
+      });
     }
     if (data.length < this.clusterSize) {
-      throw new CorruptImageError(
-        `compressed cluster at ${hex(e.compressedOffset)} inflates to ${data.length} bytes, not ${this.clusterSize}`,
-        { path: this.path, offset: e.compressedOffset, structure: 'compressed cluster' },
-      );
+      throw new CorruptImageError(`compressed cluster at ${hex(e.compressedOffset)} inflates to ${data.length} bytes, not ${this.clusterSize}`, {
+        path: this.path,
+        offset: e.compressedOffset,
+        structure: 'compressed cluster',
+      });
     }
     this.lastCompressed = { offset: e.compressedOffset, data };
     return data;

@@ -69,14 +69,18 @@ export abstract class ImageTables {
   async loadSnapshots(): Promise<SnapshotEntry[]> {
     const out = await readSnapshotTable(this.file, this.header.snapshotsOffset, this.header.nbSnapshots);
     for (const [i, e] of out.entries()) {
-      if (e.l1TableOffset % this.clusterSize !== 0) throw new CorruptImageError(
-        `snapshot ${i} L1 table offset ${hex(e.l1TableOffset)} is not cluster aligned`,
-        { path: this.path, offset: e.tableOffset, structure: 'snapshot table' },
-      );
-      if (e.l1Size * 8 > MAX_L1_BYTES) throw new CorruptImageError(
-        `snapshot ${i} L1 table too large (${e.l1Size} entries)`,
-        { path: this.path, offset: e.tableOffset + 8, structure: 'snapshot table' },
-      );
+      if (e.l1TableOffset % this.clusterSize !== 0)
+        throw new CorruptImageError(`snapshot ${i} L1 table offset ${hex(e.l1TableOffset)} is not cluster aligned`, {
+          path: this.path,
+          offset: e.tableOffset,
+          structure: 'snapshot table',
+        });
+      if (e.l1Size * 8 > MAX_L1_BYTES)
+        throw new CorruptImageError(`snapshot ${i} L1 table too large (${e.l1Size} entries)`, {
+          path: this.path,
+          offset: e.tableOffset + 8,
+          structure: 'snapshot table',
+        });
     }
     this.snapshots = out;
     return out;
@@ -110,10 +114,12 @@ export abstract class ImageTables {
     const last = Math.floor((hostOffset + length - 1) / this.clusterSize);
     for (let c = first; c <= last; c++) {
       const what = this.metadata.get(c);
-      if (what) throw new CorruptImageError(
-        `preventing a data write at ${hex(c * this.clusterSize)}: it overlaps the ${what}`,
-        { path: this.path, offset: c * this.clusterSize, structure: what },
-      );
+      if (what)
+        throw new CorruptImageError(`preventing a data write at ${hex(c * this.clusterSize)}: it overlaps the ${what}`, {
+          path: this.path,
+          offset: c * this.clusterSize,
+          structure: what,
+        });
     }
   }
 
@@ -138,10 +144,11 @@ export abstract class ImageTables {
     if (l1Index >= this.header.l1Size) return 0;
     const e = decodeL1Entry(this.l1, l1Index);
     if (e.l2Offset % this.clusterSize !== 0) {
-      throw new CorruptImageError(
-        `L2 table offset ${hex(e.l2Offset)} unaligned (L1 index: ${hex(l1Index)})`,
-        { path: this.path, offset: this.header.l1TableOffset + l1Index * 8, structure: 'L1 table' },
-      );
+      throw new CorruptImageError(`L2 table offset ${hex(e.l2Offset)} unaligned (L1 index: ${hex(l1Index)})`, {
+        path: this.path,
+        offset: this.header.l1TableOffset + l1Index * 8,
+        structure: 'L1 table',
+      });
     }
     return e.l2Offset;
   }
@@ -178,11 +185,8 @@ export abstract class ImageTables {
     const l2Index = guestCluster % this.l2Entries;
     const e = decodeL2Entry(table, l2Index, this.clusterBits);
     if (e.kind === 'compressed') {
-      if (e.compressedOffset >= MAX_HOST_OFFSET) throw this.l2Corruption(
-        l1Index,
-        l2Index,
-        `compressed cluster offset ${hex(e.compressedOffset)} is beyond the largest host offset`,
-      );
+      if (e.compressedOffset >= MAX_HOST_OFFSET)
+        throw this.l2Corruption(l1Index, l2Index, `compressed cluster offset ${hex(e.compressedOffset)} is beyond the largest host offset`);
     } else if (e.hostOffset % this.clusterSize !== 0) {
       throw this.l2Corruption(l1Index, l2Index, `cluster allocation offset ${hex(e.hostOffset)} unaligned`);
     } else if (e.kind === 'zero' && this.header.version === 2) {
@@ -193,10 +197,11 @@ export abstract class ImageTables {
 
   protected l2Corruption(l1Index: number, l2Index: number, what: string): CorruptImageError {
     const l2Offset = decodeL1Entry(this.l1, l1Index).l2Offset;
-    return new CorruptImageError(
-      `${what} (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(l2Index)})`,
-      { path: this.path, offset: l2Offset + l2Index * 8, structure: 'L2 table' },
-    );
+    return new CorruptImageError(`${what} (L2 offset: ${hex(l2Offset)}, L2 index: ${hex(l2Index)})`, {
+      path: this.path,
+      offset: l2Offset + l2Index * 8,
+      structure: 'L2 table',
+    });
   }
 
   protected assertWritable(): Refcounts {
@@ -215,10 +220,11 @@ export abstract class ImageTables {
       // I4: as for data clusters, COPIED is trusted only for a table the refcounts count
       // (checked once: a dirty table was checked or allocated here).
       if (!this.l2Dirty.has(l1Index) && (await refcounts.get(l1e.l2Offset / this.clusterSize)) === 0) {
-        throw new CorruptImageError(
-          `L2 table at ${hex(l1e.l2Offset)} has the COPIED flag but refcount 0 (L1 index: ${hex(l1Index)})`,
-          { path: this.path, offset: this.header.l1TableOffset + l1Index * 8, structure: 'L1 table' },
-        );
+        throw new CorruptImageError(`L2 table at ${hex(l1e.l2Offset)} has the COPIED flag but refcount 0 (L1 index: ${hex(l1Index)})`, {
+          path: this.path,
+          offset: this.header.l1TableOffset + l1Index * 8,
+          structure: 'L1 table',
+        });
       }
       const table = (await this.l2Table(l1Index))!;
       this.l2Dirty.add(l1Index); // writable until the commit: kept in the cache, mapCluster() needs no I/O

@@ -12,8 +12,16 @@ import { dirname, isAbsolute, resolve } from 'node:path';
 import { realpath } from 'node:fs/promises';
 import { CorruptImageError, IoError, QdedupError, UnsupportedError, hex, printable } from '../errors.ts';
 import {
-  CLUSTER_BITS_OFFSET, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, INCOMPAT_FEATURES_OFFSET, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, V3_MIN_HEADER_LENGTH,
-  backingFormatOf, decodeHeader, type Header,
+  CLUSTER_BITS_OFFSET,
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DIRTY,
+  INCOMPAT_FEATURES_OFFSET,
+  MAX_CLUSTER_BITS,
+  MIN_CLUSTER_BITS,
+  V3_MIN_HEADER_LENGTH,
+  backingFormatOf,
+  decodeHeader,
+  type Header,
 } from '../format/header.ts';
 import { compressedClusterSpan, decodeL1Entry, type L2Entry } from '../format/l1l2.ts';
 import { isZero } from '../format/bytes.ts';
@@ -151,10 +159,11 @@ export class Image extends ImageCommit implements GuestReader {
   private async prepareForWrites(keepAutoclear: bigint): Promise<void> {
     const h = this.header;
     if (h.incompatibleFeatures & INCOMPAT_CORRUPT) {
-      throw new CorruptImageError(
-        "image is marked corrupt (incompatible bit 1); it can only be opened read-only or repaired with 'qdedup check -r all'",
-        { path: this.path, structure: 'header', offset: INCOMPAT_FEATURES_OFFSET },
-      );
+      throw new CorruptImageError("image is marked corrupt (incompatible bit 1); it can only be opened read-only or repaired with 'qdedup check -r all'", {
+        path: this.path,
+        structure: 'header',
+        offset: INCOMPAT_FEATURES_OFFSET,
+      });
     }
     if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
       // Refcounts may be stale: rebuild them (and clear the bit) before they are loaded and
@@ -164,10 +173,17 @@ export class Image extends ImageCommit implements GuestReader {
     }
     if (h.nbSnapshots > 0) await this.loadSnapshots(); // their tables join the overlap guard
     this.indexMetadata();
-    this.refcounts = await Refcounts.load(this.file, {
-      clusterBits: this.clusterBits, refcountOrder: h.refcountOrder,
-      tableOffset: h.refcountTableOffset, tableClusters: h.refcountTableClusters,
-    }, (c) => this.metadata.get(c), (c) => this.metadata.delete(c));
+    this.refcounts = await Refcounts.load(
+      this.file,
+      {
+        clusterBits: this.clusterBits,
+        refcountOrder: h.refcountOrder,
+        tableOffset: h.refcountTableOffset,
+        tableClusters: h.refcountTableClusters,
+      },
+      (c) => this.metadata.get(c),
+      (c) => this.metadata.delete(c),
+    );
     for (const offset of this.refcounts.blockOffsets()) this.markMetadata(offset, this.clusterSize, 'refcount block');
     // Every autoclear bit qdedup does not maintain must be cleared before the first write
     // (the spec's rule); the layer above names the bits it maintains (dedup: bit 60, on dedup images).
@@ -186,7 +202,7 @@ export class Image extends ImageCommit implements GuestReader {
    * from guestOffset.
    */
   private *pieces(guestOffset: number, length: number): Generator<{ guestCluster: number; inCluster: number; n: number; pos: number; done: number }> {
-    for (let pos = guestOffset; pos < guestOffset + length;) {
+    for (let pos = guestOffset; pos < guestOffset + length; ) {
       const guestCluster = Math.floor(pos / this.clusterSize);
       const inCluster = pos - guestCluster * this.clusterSize;
       const n = Math.min(this.clusterSize - inCluster, guestOffset + length - pos);
@@ -285,10 +301,14 @@ export class Image extends ImageCommit implements GuestReader {
   private async readCluster(guestCluster: number, e: L2Entry): Promise<Buffer> {
     const guestOffset = guestCluster * this.clusterSize;
     switch (e.kind) {
-      case 'normal': return this.file.read(e.hostOffset, this.clusterSize);
-      case 'compressed': return Buffer.from(await this.decompress(e));
-      case 'zero': return Buffer.alloc(this.clusterSize);
-      case 'unallocated': return this.backing ? this.backing.readGuest(guestOffset, this.clusterSize) : Buffer.alloc(this.clusterSize);
+      case 'normal':
+        return this.file.read(e.hostOffset, this.clusterSize);
+      case 'compressed':
+        return Buffer.from(await this.decompress(e));
+      case 'zero':
+        return Buffer.alloc(this.clusterSize);
+      case 'unallocated':
+        return this.backing ? this.backing.readGuest(guestOffset, this.clusterSize) : Buffer.alloc(this.clusterSize);
     }
   }
 

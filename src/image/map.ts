@@ -132,7 +132,8 @@ class HostFile {
     const bytes = Math.min(length, size - offset);
     let out: { zero: boolean; length: number };
     const data = this.seek(this.fd, offset, SEEK_DATA);
-    if (data < 0) out = { zero: this.errno() === ENXIO, length: bytes }; // a trailing hole; else no information: data
+    if (data < 0)
+      out = { zero: this.errno() === ENXIO, length: bytes }; // a trailing hole; else no information: data
     else if (data > offset) out = { zero: true, length: Math.min(bytes, data - offset) };
     else {
       const hole = this.seek(this.fd, offset, SEEK_HOLE);
@@ -163,9 +164,16 @@ async function looksPreallocated(image: Image, host: HostFile): Promise<boolean>
 
 function refcountsOf(image: Image): Promise<Refcounts> {
   const h = image.header;
-  return Refcounts.load(image.file, {
-    clusterBits: image.clusterBits, refcountOrder: h.refcountOrder, tableOffset: h.refcountTableOffset, tableClusters: h.refcountTableClusters,
-  }, () => undefined);
+  return Refcounts.load(
+    image.file,
+    {
+      clusterBits: image.clusterBits,
+      refcountOrder: h.refcountOrder,
+      tableOffset: h.refcountTableOffset,
+      tableClusters: h.refcountTableClusters,
+    },
+    () => undefined,
+  );
 }
 
 /** Opens the host files to probe: every raw layer's, and a qcow2 layer's when it looks preallocated. */
@@ -263,7 +271,7 @@ export async function* mapImage(image: Image, name: string, options: MapOptions 
     await openHostFiles(layers);
     const counter = options.sharing ? await shareCounter(image, options.accounting) : null;
     let curr: MapEntry | null = null;
-    for (let pos = start; pos < end;) {
+    for (let pos = start; pos < end; ) {
       const next = await status(layers, 0, pos, end - pos);
       pos += next.length;
       if (curr && mergeable(curr, next)) {
@@ -312,8 +320,8 @@ export async function mapShares(image: Image, name: string, start: number, lengt
     e.sharedWith = [];
     for (let c = Math.floor(e.offset! / cs); c * cs < e.offset! + e.length; c++) {
       owner.set(c, [...(owner.get(c) ?? []), e]);
-      if (++owned > MAX_SHARES_CLUSTERS) throw new UsageError(`--shares: the range covers more than ${MAX_SHARES_CLUSTERS} host clusters; give a ` +
-        `shorter length`);
+      if (++owned > MAX_SHARES_CLUSTERS)
+        throw new UsageError(`--shares: the range covers more than ${MAX_SHARES_CLUSTERS} host clusters; give a ` + 'shorter length');
     }
   }
   if (owner.size === 0) return entries;
@@ -330,10 +338,13 @@ export async function mapShares(image: Image, name: string, start: number, lengt
     for (const e of owner.get(l2.hostOffset / cs) ?? []) {
       // The range's own clusters (the active disk's, over the range) are not "others".
       if (snapshot === undefined && guest < e.start + e.length && guest + cs > e.start) continue;
-      found(
-        e,
-        { start: guest, length: cs, offset: l2.hostOffset, ...(snapshot !== undefined ? { snapshot } : {}), ...(l2.kind === 'zero' ? { zero: true } : {}) },
-      );
+      found(e, {
+        start: guest,
+        length: cs,
+        offset: l2.hostOffset,
+        ...(snapshot !== undefined ? { snapshot } : {}),
+        ...(l2.kind === 'zero' ? { zero: true } : {}),
+      });
     }
   };
   const perTable = image.l2Entries;
@@ -404,8 +415,10 @@ export function mapHumanRows(entries: Iterable<MapEntry>): { rows: string[]; err
     if (e.data && !e.zero) {
       rows.push(`${hex16(e.start)}${hex16(e.length)}${hex16(e.offset ?? 0)}${String(e.sharedBy ?? '-').padEnd(16)}${e.file ?? ''}`);
       for (const s of e.sharedWith ?? []) {
-        rows.push(`    shared with ${hex16(s.start).trim()} (${s.length} bytes at ` +
-          `${hex16(s.offset).trim()})${s.zero ? ' as a zero cluster' : ''}${s.snapshot !== undefined ? ` in snapshot '${s.snapshot}'` : ''}`);
+        rows.push(
+          `    shared with ${hex16(s.start).trim()} (${s.length} bytes at ` +
+            `${hex16(s.offset).trim()})${s.zero ? ' as a zero cluster' : ''}${s.snapshot !== undefined ? ` in snapshot '${s.snapshot}'` : ''}`,
+        );
       }
     }
     return undefined;

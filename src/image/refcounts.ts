@@ -31,7 +31,10 @@ export class RefcountBlockCache {
   private readonly blocks = new Map<number, Buffer>();
   private readonly dirty = new Set<number>();
 
-  constructor(private readonly clusterSize: number, private readonly readAt: (offset: number, length: number) => Promise<Buffer>) {}
+  constructor(
+    private readonly clusterSize: number,
+    private readonly readAt: (offset: number, length: number) => Promise<Buffer>,
+  ) {}
 
   /** Blocks in memory. */
   get size(): number {
@@ -161,14 +164,16 @@ export class Refcounts {
         throw new CorruptImageError(`refcount table entry ${i} has reserved bits set`, { offset: layout.tableOffset + i * 8, structure: 'refcount table' });
       }
       const offset = readU64(raw, i * 8, `refcount block offset (refcount table entry ${i})`);
-      if (offset % clusterSize !== 0) throw new CorruptImageError(
-        `refcount block ${i} at ${hex(offset)} is not cluster aligned`,
-        { offset: layout.tableOffset + i * 8, structure: 'refcount table' },
-      );
-      if (offset >= MAX_HOST_OFFSET) throw new CorruptImageError(
-        `refcount block ${i} at ${hex(offset)} is beyond the largest host offset`,
-        { offset: layout.tableOffset + i * 8, structure: 'refcount table' },
-      );
+      if (offset % clusterSize !== 0)
+        throw new CorruptImageError(`refcount block ${i} at ${hex(offset)} is not cluster aligned`, {
+          offset: layout.tableOffset + i * 8,
+          structure: 'refcount table',
+        });
+      if (offset >= MAX_HOST_OFFSET)
+        throw new CorruptImageError(`refcount block ${i} at ${hex(offset)} is beyond the largest host offset`, {
+          offset: layout.tableOffset + i * 8,
+          structure: 'refcount table',
+        });
       table.push(offset);
     }
     while (table.length > 0 && table[table.length - 1] === 0) table.pop();
@@ -245,10 +250,11 @@ export class Refcounts {
     if (!block) throw new InternalError(`refcount block of cluster ${clusterIndex} not fetched`);
     const index = clusterIndex % this.blockEntries;
     const value = getRefcount(block, index, this.refcountOrder) + 1;
-    if (value > this.max) throw new CorruptImageError(
-      `refcount of cluster ${clusterIndex} would exceed ${this.max}`,
-      { offset: clusterIndex * this.clusterSize, structure: 'refcount block' },
-    );
+    if (value > this.max)
+      throw new CorruptImageError(`refcount of cluster ${clusterIndex} would exceed ${this.max}`, {
+        offset: clusterIndex * this.clusterSize,
+        structure: 'refcount block',
+      });
     setRefcount(block, index, this.refcountOrder, value);
     this.blocks.markDirty(t);
     return value;
@@ -269,10 +275,8 @@ export class Refcounts {
     this.pendingFrees = [];
     for (const c of frees) {
       const value = await this.get(c);
-      if (value === 0) throw new CorruptImageError(
-        `refcount of cluster ${c} would drop below 0`,
-        { offset: c * this.clusterSize, structure: 'refcount block' },
-      );
+      if (value === 0)
+        throw new CorruptImageError(`refcount of cluster ${c} would drop below 0`, { offset: c * this.clusterSize, structure: 'refcount block' });
       await this.set(c, value - 1);
       if (value === 1) {
         this.onFreed(c);
@@ -304,10 +308,11 @@ export class Refcounts {
       if (created) continue; // the new blocks took clusters, perhaps inside the run
       for (let c = start; c < start + count; c++) {
         const what = this.metadataAt(c);
-        if (what) throw new CorruptImageError(
-          `refcount of cluster ${c} is 0 but it holds the ${what}; run 'qdedup check -r all'`,
-          { offset: c * this.clusterSize, structure: 'refcount block' },
-        );
+        if (what)
+          throw new CorruptImageError(`refcount of cluster ${c} is 0 but it holds the ${what}; run 'qdedup check -r all'`, {
+            offset: c * this.clusterSize,
+            structure: 'refcount block',
+          });
       }
       for (let t = Math.floor(start / this.blockEntries); t <= lastTable; t++) {
         const block = (await this.block(t))!;
@@ -349,18 +354,17 @@ export class Refcounts {
       const place = await this.findFreeRun(1);
       const placeTable = Math.floor(place / this.blockEntries);
       const what = this.metadataAt(place);
-      if (what) throw new CorruptImageError(
-        `refcount of cluster ${place} is 0 but it holds the ${what}; run 'qdedup check -r all'`,
-        { offset: place * this.clusterSize, structure: 'refcount block' },
-      );
+      if (what)
+        throw new CorruptImageError(`refcount of cluster ${place} is 0 but it holds the ${what}; run 'qdedup check -r all'`, {
+          offset: place * this.clusterSize,
+          structure: 'refcount block',
+        });
       if (placeTable !== tableIndex && !this.table[placeTable]) {
         await this.createBlock(placeTable); // describe the place first, then retry
         continue;
       }
-      if ((tableIndex + 1) * 8 > MAX_REFTABLE_BYTES) throw new CorruptImageError(
-        'image too large: the refcount table would exceed 8 MiB',
-        { structure: 'refcount table' },
-      );
+      if ((tableIndex + 1) * 8 > MAX_REFTABLE_BYTES)
+        throw new CorruptImageError('image too large: the refcount table would exceed 8 MiB', { structure: 'refcount table' });
       const block = Buffer.alloc(this.clusterSize);
       while (this.table.length <= tableIndex) this.table.push(0);
       this.table[tableIndex] = place * this.clusterSize;
@@ -382,10 +386,8 @@ export class Refcounts {
     if (this.table.length <= this.tableClusters * entriesPerCluster) return;
     let clusters = Math.ceil(this.table.length / entriesPerCluster) + Math.ceil(this.tableClusters / 2) + 1;
     for (;;) {
-      if (clusters * this.clusterSize > MAX_REFTABLE_BYTES) throw new CorruptImageError(
-        'image too large: the refcount table would exceed 8 MiB',
-        { structure: 'refcount table' },
-      );
+      if (clusters * this.clusterSize > MAX_REFTABLE_BYTES)
+        throw new CorruptImageError('image too large: the refcount table would exceed 8 MiB', { structure: 'refcount table' });
       const offset = await this.allocate(clusters);
       if (this.table.length <= clusters * entriesPerCluster) {
         const oldFirst = this.tableOffset / this.clusterSize;
@@ -413,7 +415,10 @@ export class Refcounts {
 
   /** Writes dirty blocks, then the table if it changed. The caller syncs. */
   async writeDirty(): Promise<void> {
-    await this.blocks.writeDirty((t) => this.table[t], (offset, block) => this.file.write(offset, block));
+    await this.blocks.writeDirty(
+      (t) => this.table[t],
+      (offset, block) => this.file.write(offset, block),
+    );
     if (this.tableDirty) {
       // I3: a new block, and the block that counts it, durable before the table names it. In
       // one unsynced window a crash could keep the table and lose the blocks: a table naming a

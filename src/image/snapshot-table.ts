@@ -20,12 +20,14 @@ export class SnapshotTableTooBigError extends CorruptImageError {}
  * decodeSnapshotEntry throws (SnapshotExtraDataError, UnsupportedError).
  */
 export async function* snapshotTableEntries(
-  read: (offset: number, length: number) => Promise<Buffer>, offset: number, count: number,
+  read: (offset: number, length: number) => Promise<Buffer>,
+  offset: number,
+  count: number,
 ): AsyncGenerator<{ entry: SnapshotEntry; tableBytes: number }> {
   let buf = Buffer.alloc(0);
   let bufStart = offset;
   let pos = 0;
-  for (let index = 0; index < count;) {
+  for (let index = 0; index < count; ) {
     const decoded = decodeSnapshotEntry(buf, pos, bufStart);
     if (!decoded) {
       const more = await read(bufStart + buf.length, READ_BYTES);

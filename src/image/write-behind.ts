@@ -32,8 +32,12 @@ export class WriteBehindFile implements BlockFile {
     const w: InFlight = { pos, end, buffers, done: Promise.resolve() };
     w.done = this.after(pos, end)
       .then(() => this.inner.writev(pos, buffers))
-      .catch((err) => { this.failure ??= err; })
-      .finally(() => { this.inFlight.delete(w); });
+      .catch((err) => {
+        this.failure ??= err;
+      })
+      .finally(() => {
+        this.inFlight.delete(w);
+      });
     this.inFlight.add(w);
   }
 

@@ -28,7 +28,11 @@ export class ChunkReader {
   private index = 0;
   private pos = 0;
 
-  constructor(private readonly source: ChunkSource, private readonly limit: number, chunkBytes = CHUNK_BYTES) {
+  constructor(
+    private readonly source: ChunkSource,
+    private readonly limit: number,
+    chunkBytes = CHUNK_BYTES,
+  ) {
     const size = Math.max(1, Math.min(limit, chunkBytes));
     for (let i = 0; i < RING_BUFFERS; i++) this.buffers.push(Buffer.from(new SharedArrayBuffer(size)));
   }
@@ -77,7 +81,7 @@ export async function writeChunks(image: Image, guestOffset: number, reader: Chu
   };
   let written = 0;
   let current: Ready | undefined = ready(first, guestOffset);
-  while (current && current.chunk.length) {
+  while (current?.chunk.length) {
     const chunk: Buffer = current.chunk;
     // The next chunk is read, then prepared, while this one is written.
     const at: number = guestOffset + written + chunk.length;

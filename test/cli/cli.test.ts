@@ -76,7 +76,7 @@ describe('qdedup command line', { concurrency: 4 }, () => {
     }
   });
 
-  it('<command> --help: exit 0 and the command\'s options', async () => {
+  it("<command> --help: exit 0 and the command's options", async () => {
     const want: Record<string, string[]> = {
       create: ['-o', '--force', '-b', '-F', '--quiet', 'cluster_size', 'Examples'],
       info: ['--output', 'human or json', 'Examples'],
@@ -84,13 +84,15 @@ describe('qdedup command line', { concurrency: 4 }, () => {
       read: ['-P', '-v', '--quiet', 'Examples'],
       check: ['--output', '-r'],
     };
-    await Promise.all(Object.entries(want).map(async ([cmd, opts]) => {
-      const r = await q(cmd, '--help');
-      assert.equal(r.status, 0, `${cmd} --help: ${r.stderr}`);
-      assert.equal(r.stderr, '');
-      assert.ok(r.stdout.startsWith(`qdedup ${cmd}`), `${cmd} usage line: ${r.stdout.slice(0, 80)}`);
-      for (const o of opts) assert.ok(r.stdout.includes(o), `${cmd} --help mentions ${o}`);
-    }));
+    await Promise.all(
+      Object.entries(want).map(async ([cmd, opts]) => {
+        const r = await q(cmd, '--help');
+        assert.equal(r.status, 0, `${cmd} --help: ${r.stderr}`);
+        assert.equal(r.stderr, '');
+        assert.ok(r.stdout.startsWith(`qdedup ${cmd}`), `${cmd} usage line: ${r.stdout.slice(0, 80)}`);
+        for (const o of opts) assert.ok(r.stdout.includes(o), `${cmd} --help mentions ${o}`);
+      }),
+    );
   });
 
   it('--version and -V print the package version', async () => {
@@ -148,7 +150,11 @@ describe('qdedup command line', { concurrency: 4 }, () => {
     const before = sha256(file);
     for (const bad of ['1.5', '1e3', '12X', '-1', '1G-512', '']) {
       const target = join(dir, `bad-size-${bad || 'empty'}.qcow2`);
-      assertFails(await q('create', target, bad), `invalid image size '${bad}': use a number of bytes, with an optional k, M, G, T, P or E suffix (powers of 1024)`, { usage: true });
+      assertFails(
+        await q('create', target, bad),
+        `invalid image size '${bad}': use a number of bytes, with an optional k, M, G, T, P or E suffix (powers of 1024)`,
+        { usage: true },
+      );
       assert.ok(!existsSync(target), `no file for size ${bad}`);
     }
     assertFails(await q('write', '-P', '1', file, '1e3', '1'), /^qdedup: invalid offset '1e3'/, { usage: true });
@@ -199,7 +205,10 @@ describe('qdedup command line', { concurrency: 4 }, () => {
     assert.equal(readFileSync(other, 'utf8'), 'precious');
     const r = await q('create', '--force', file, '2M');
     assert.equal(r.status, 0, r.stderr);
-    assert.equal(r.stdout, `Formatting '${file}', fmt=qcow2 cluster_size=4096 compat=1.1 size=2097152 lazy_refcounts=off refcount_bits=16 dedup=sha256 dedup_verify=off\n`);
+    assert.equal(
+      r.stdout,
+      `Formatting '${file}', fmt=qcow2 cluster_size=4096 compat=1.1 size=2097152 lazy_refcounts=off refcount_bits=16 dedup=sha256 dedup_verify=off\n`,
+    );
     const info = JSON.parse((await q('info', '--output', 'json', file)).stdout);
     assert.equal(info['virtual-size'], 2 * 1024 * 1024);
   });
@@ -233,18 +242,20 @@ describe('qdedup command line', { concurrency: 4 }, () => {
     ['compat=0.10,lazy_refcounts=on', 'Lazy refcounts only supported with compatibility level 1.1 and above'],
   ];
   it('create -o validations word their refusals as qemu-img does', async () => {
-    await Promise.all(CREATE_REFUSALS.map(async ([opts, message], i) => {
-      const target = join(dir, `refused-${i}.qcow2`);
-      const r = await q('create', '-o', opts, target, '1M');
-      assertFails(r, new RegExp(`^qdedup: ${message.replace(/[()]/g, '\\$&')}`), { usage: true });
-      assert.ok(!existsSync(target), `${opts}: no file`);
-      if (HAVE_QEMU) {
-        const qemuTarget = join(dir, `refused-qemu-${i}.qcow2`);
-        const qr = await exec('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', opts, qemuTarget, '1M']);
-        assert.equal(qr.status, 1, `qemu-img refuses ${opts} too`);
-        assert.ok(qr.stderr.includes(message), `qemu-img says: ${qr.stderr}`);
-      }
-    }));
+    await Promise.all(
+      CREATE_REFUSALS.map(async ([opts, message], i) => {
+        const target = join(dir, `refused-${i}.qcow2`);
+        const r = await q('create', '-o', opts, target, '1M');
+        assertFails(r, new RegExp(`^qdedup: ${message.replace(/[()]/g, '\\$&')}`), { usage: true });
+        assert.ok(!existsSync(target), `${opts}: no file`);
+        if (HAVE_QEMU) {
+          const qemuTarget = join(dir, `refused-qemu-${i}.qcow2`);
+          const qr = await exec('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', opts, qemuTarget, '1M']);
+          assert.equal(qr.status, 1, `qemu-img refuses ${opts} too`);
+          assert.ok(qr.stderr.includes(message), `qemu-img says: ${qr.stderr}`);
+        }
+      }),
+    );
     // The limits themselves are accepted.
     for (const opts of ['cluster_size=512', 'cluster_size=2M', 'refcount_bits=1', 'refcount_bits=64', 'compat=0.10']) {
       const r = await q('create', '-q', '-o', opts, join(dir, `ok-${opts.replace(/[=,.]/g, '_')}.qcow2`), '1M');
@@ -260,7 +271,12 @@ describe('qdedup command line', { concurrency: 4 }, () => {
     bytes.writeBigUInt64BE(1n << 40n, 88);
     writeFileSync(file, bytes);
     const before = sha256(file);
-    for (const [offset, length] of [['1M', '1'], ['0', '1049600'], ['1048575', '2'], ['2M', '0x10']]) {
+    for (const [offset, length] of [
+      ['1M', '1'],
+      ['0', '1049600'],
+      ['1048575', '2'],
+      ['2M', '0x10'],
+    ]) {
       const r = await q('write', '-P', '0xab', file, offset, length);
       assertFails(r, /^qdedup: .*img-\d+\.qcow2: offset \d+ \+ length \d+ is past the end of the disk \(virtual size 1048576\)$/, { usage: false });
       assert.equal(sha256(file), before, `write ${offset} ${length} left the file unchanged`);
@@ -326,7 +342,7 @@ describe('qdedup command line', { concurrency: 4 }, () => {
   });
 
   // ------------------------------------------------------------ info --output json vs qemu-img
-  it('info --output json has qemu-img info --output=json\'s keys and values', { skip: NO_QEMU }, async () => {
+  it("info --output json has qemu-img info --output=json's keys and values", { skip: NO_QEMU }, async () => {
     const cwd = tempDir('qdedup-cli-info-');
     const made: [string, string[]][] = [
       ['v3.qcow2', ['create', '-q', '-o', 'dedup=off', 'v3.qcow2', '1G']],
@@ -379,14 +395,23 @@ describe('qdedup command line', { concurrency: 4 }, () => {
     assert.match(r.stdout, /^backing file: base\.qcow2$/m);
     assert.match(r.stdout, /^backing file format: qcow2$/m);
     // Guest I/O needs the backing file: that fails, naming it.
-    assertFails(await qIn(cwd, 'read', '-P', '0', 'top.qcow2', '0', '512'), /^qdedup: .*base\.qcow2: cannot open backing file 'base\.qcow2': No such file or directory$/, { usage: false });
+    assertFails(
+      await qIn(cwd, 'read', '-P', '0', 'top.qcow2', '0', '512'),
+      /^qdedup: .*base\.qcow2: cannot open backing file 'base\.qcow2': No such file or directory$/,
+      { usage: false },
+    );
   });
 
   // ------------------------------------------------------------ pipes and colour
   it('read … | head -1 ends quietly (exit 0, no EPIPE trace)', async () => {
     const file = await image('64M');
     assert.equal((await q('write', '-q', '-P', '0xab', file, '0', '64M')).status, 0);
-    for (const args of [['read', '-v', file], ['read', file], ['info', file], ['read', '-v', file, '0', '1M']]) {
+    for (const args of [
+      ['read', '-v', file],
+      ['read', file],
+      ['info', file],
+      ['read', '-v', file, '0', '1M'],
+    ]) {
       const quoted = [process.execPath, BIN, ...args].map((a) => `'${a}'`).join(' ');
       const r = await exec('bash', ['-c', `${quoted} | head -c 1 >/dev/null; s=("\${PIPESTATUS[@]}"); echo "status=\${s[0]}"`]);
       assert.equal(r.stdout.trim(), 'status=0', `${args.join(' ')} | head: ${r.stderr}`);
@@ -427,15 +452,23 @@ describe('qdedup command line', { concurrency: 4 }, () => {
       delete process.env.NO_COLOR;
       assert.equal(colorLevel(undefined, false), 0);
     } finally {
-      for (const [k, v] of Object.entries(saved)) if (v === undefined) delete process.env[k]; else process.env[k] = v;
+      for (const [k, v] of Object.entries(saved))
+        if (v === undefined) delete process.env[k];
+        else process.env[k] = v;
     }
   });
 
   it('exit codes: usage and I/O failures are 1, never 2 (2 means corruptions to scripts)', async () => {
     const file = await image('1M');
     const failures = await Promise.all([
-      q(), q('bogus'), q('info'), q('info', '--output', 'xml', file), q('create', file, '1M'),
-      q('write', '-P', '1', file, '2M', '1'), q('read', join(dir, 'missing.qcow2')), q('create', '-o', 'cluster_size=1k,refcount_bits=3', join(dir, 'x.qcow2'), '1M'),
+      q(),
+      q('bogus'),
+      q('info'),
+      q('info', '--output', 'xml', file),
+      q('create', file, '1M'),
+      q('write', '-P', '1', file, '2M', '1'),
+      q('read', join(dir, 'missing.qcow2')),
+      q('create', '-o', 'cluster_size=1k,refcount_bits=3', join(dir, 'x.qcow2'), '1M'),
     ]);
     for (const r of failures) assert.equal(r.status, 1, r.stderr);
     assert.ok(statSync(file).size > 0);

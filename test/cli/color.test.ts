@@ -44,7 +44,12 @@ describe('colour', () => {
     const plain = q({}, 'check', file);
     assert.equal(plain.status, 0);
     assert.doesNotMatch(plain.stdout + plain.stderr, ESC);
-    for (const [env, args] of [[{ FORCE_COLOR: '1' }, []], [{}, ['--color']], [{}, ['--color=always']], [{ NO_COLOR: '1' }, ['--color']]] as const) {
+    for (const [env, args] of [
+      [{ FORCE_COLOR: '1' }, []],
+      [{}, ['--color']],
+      [{}, ['--color=always']],
+      [{ NO_COLOR: '1' }, ['--color']],
+    ] as const) {
       const r = q(env, ...args, 'check', file);
       assert.equal(r.status, 0);
       assert.equal(r.stdout.split('\n')[0], '\x1b[32m\x1b[1mNo errors were found on the image.\x1b[22m\x1b[39m', JSON.stringify(env) + args.join(' '));
@@ -56,7 +61,12 @@ describe('colour', () => {
 
   it('NO_COLOR, FORCE_COLOR=0, --no-color and --color=never turn it off, even when forced otherwise', () => {
     const file = leakyImage();
-    for (const [env, args] of [[{ NO_COLOR: '1' }, []], [{ FORCE_COLOR: '0' }, []], [{ FORCE_COLOR: '1' }, ['--no-color']], [{ FORCE_COLOR: '1' }, ['--color=never']]] as const) {
+    for (const [env, args] of [
+      [{ NO_COLOR: '1' }, []],
+      [{ FORCE_COLOR: '0' }, []],
+      [{ FORCE_COLOR: '1' }, ['--no-color']],
+      [{ FORCE_COLOR: '1' }, ['--color=never']],
+    ] as const) {
       const r = q(env, ...args, 'check', file);
       assert.equal(r.status, 3);
       assert.doesNotMatch(r.stdout + r.stderr, ESC, JSON.stringify(env) + args.join(' '));
@@ -103,7 +113,11 @@ describe('-- ends the options', () => {
     assert.match(r.stdout, /^image: /);
     const dashed = join(dir, '-image.qcow2');
     copyFileSync(file, dashed);
-    const d = spawnSync(process.execPath, [BIN, 'info', '--output', 'json', '--', '-image.qcow2'], { cwd: dir, encoding: 'utf8', env: { ...process.env, NO_COLOR: '1' } });
+    const d = spawnSync(process.execPath, [BIN, 'info', '--output', 'json', '--', '-image.qcow2'], {
+      cwd: dir,
+      encoding: 'utf8',
+      env: { ...process.env, NO_COLOR: '1' },
+    });
     assert.equal(d.status, 0, d.stderr);
     assert.equal(JSON.parse(d.stdout).filename, '-image.qcow2');
     // without --, the dash makes it an option

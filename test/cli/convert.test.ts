@@ -53,13 +53,18 @@ describe('qdedup convert', { skip: NO_QEMU }, () => {
     assert.equal(info['cluster-size'], CS);
     // Stored: a, b, the 1 MiB of unique data and the tail, once each (plus metadata).
     const unique = 256 * 1024 * 2 + 1024 * 1024 + CS * 4;
-    const mapped = qemuMap(out).filter((m) => m.data).reduce((n, m) => n + m.length, 0);
+    const mapped = qemuMap(out)
+      .filter((m) => m.data)
+      .reduce((n, m) => n + m.length, 0);
     assert.equal(mapped, info['virtual-size'] - 512 * 1024, 'every cluster but the zero run maps to data');
     const stats = JSON.parse(qdedup(['dedup-stats', '--output', 'json', out]).stdout);
     assert.equal(stats['data-clusters'], unique / CS, 'each distinct cluster stored once');
     assert.equal(stats['guest-clusters'], (data.length - 512 * 1024 + CS - 100) / CS, 'every cluster that is not zero maps');
     assert.ok(statSync(out).size < unique + 2 * 1024 * 1024, `file ${statSync(out).size} bytes for ${unique} unique`);
-    assert.ok(qemuMap(out).some((m) => m.zero && !m.data && m.start === 256 * 1024 * 3), 'the zero run is a zero range');
+    assert.ok(
+      qemuMap(out).some((m) => m.zero && !m.data && m.start === 256 * 1024 * 3),
+      'the zero run is a zero range',
+    );
   });
 
   it('a qcow2 source with compressed clusters, zero clusters and a backing file: flattened', () => {

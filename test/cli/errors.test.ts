@@ -108,7 +108,11 @@ describe('errors', { concurrency: 2 }, () => {
 
   it('-q prints nothing but errors: write, read -P, create, check of a leaky image, check -r all rebuilding refcounts', async () => {
     const img = await image();
-    for (const args of [['write', '-q', '-P', '1', img, '0', '4k'], ['read', '-q', '-P', '1', img, '0', '4k'], ['create', '-q', join(dir, 'quiet.qcow2'), '1M']]) {
+    for (const args of [
+      ['write', '-q', '-P', '1', img, '0', '4k'],
+      ['read', '-q', '-P', '1', img, '0', '4k'],
+      ['create', '-q', join(dir, 'quiet.qcow2'), '1M'],
+    ]) {
       const r = await q(args);
       assert.equal(r.status, 0, r.stderr);
       assert.equal(r.stdout + r.stderr, '', args.join(' '));
@@ -176,7 +180,13 @@ describe('errors', { concurrency: 2 }, () => {
     const odd = join(dir, 'bad\nname\x1b[31m.qcow2');
     const shown = printable(odd);
     assert.ok(shown.includes('bad\\x0aname\\x1b[31m.qcow2'));
-    for (const args of [['info', odd], ['read', odd], ['check', odd], ['write', '-P', '1', odd, '0', '1'], ['dedup-stats', odd]]) {
+    for (const args of [
+      ['info', odd],
+      ['read', odd],
+      ['check', odd],
+      ['write', '-P', '1', odd, '0', '1'],
+      ['dedup-stats', odd],
+    ]) {
       const r = await q(args);
       assert.equal(r.status, 1, args[0]);
       assert.deepEqual(lines(r), [`qdedup: ${shown}: cannot open: No such file or directory`], args[0]);
@@ -205,7 +215,10 @@ describe('errors', { concurrency: 2 }, () => {
     const opened = calls.findIndex((l, i) => i > created && new RegExp(`openat\\(AT_FDCWD, "${sub}", O_RDONLY`).test(l));
     assert.ok(opened > created, 'the directory is opened after the file was created');
     const fd = /= (\d+)$/.exec(calls[opened])![1];
-    assert.ok(calls.some((l, i) => i > opened && new RegExp(`fsync\\(${fd}\\)\\s+= 0$`).test(l)), `fsync of the directory's fd ${fd}`);
+    assert.ok(
+      calls.some((l, i) => i > opened && new RegExp(`fsync\\(${fd}\\)\\s+= 0$`).test(l)),
+      `fsync of the directory's fd ${fd}`,
+    );
   });
 
   it('create: the image is there after exit 0; a missing directory is a one-line error', async () => {

@@ -20,7 +20,10 @@ function noise(seed: number, size: number): Buffer {
   let x = (seed * 2654435761) >>> 0 || 1;
   const b = Buffer.alloc(size);
   for (let i = 0; i + 4 <= size; i += 4) {
-    x ^= x << 13; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
     b.writeUInt32LE(x, i);
   }
   for (let i = size & ~3; i < size; i++) b[i] = (x >>> (8 * (i & 3))) & 0xff || 1;
@@ -77,9 +80,15 @@ function oracle(files: Buffer[], cs: number, perCopy = 32766) {
     r.ref += n;
     rows.set(refcnt, r);
   }
-  const histogram = [...rows.values()].sort((a, b) => a.refcnt - b.refcnt).map((r) => ({
-    refcnt: r.refcnt, 'allocated-blocks': r.alloc, 'allocated-bytes': r.alloc * cs, 'referenced-blocks': r.ref, 'referenced-bytes': r.ref * cs,
-  }));
+  const histogram = [...rows.values()]
+    .sort((a, b) => a.refcnt - b.refcnt)
+    .map((r) => ({
+      refcnt: r.refcnt,
+      'allocated-blocks': r.alloc,
+      'allocated-bytes': r.alloc * cs,
+      'referenced-blocks': r.ref,
+      'referenced-bytes': r.ref * cs,
+    }));
   const allocated = histogram.reduce((a, r) => a + r['allocated-blocks'], 0);
   const referenced = guest - zero;
   return { guest, zero, referenced, allocated, histogram };
@@ -130,7 +139,16 @@ describe('estimate: exact figures on generated data', () => {
     assert.equal(s['referenced-clusters'], UNIQUE + dup + 1);
     assert.equal(s['allocated-clusters'], UNIQUE + 1 + Object.keys(REPEATS).length);
     // Buckets: 1 (100 distinct + the tail), 2 (a×2, b×3), 4 (c×4, d×7), 8 (e×8), 16 (f×20).
-    assert.deepEqual(s.histogram.map((r: SizeJson) => [r.refcnt, r['allocated-blocks'], r['referenced-blocks']]), [[1, 101, 101], [2, 2, 5], [4, 2, 11], [8, 1, 8], [16, 1, 20]]);
+    assert.deepEqual(
+      s.histogram.map((r: SizeJson) => [r.refcnt, r['allocated-blocks'], r['referenced-blocks']]),
+      [
+        [1, 101, 101],
+        [2, 2, 5],
+        [4, 2, 11],
+        [8, 1, 8],
+        [16, 1, 20],
+      ],
+    );
     assert.equal(json['input-bytes'], main.length);
     assertMatches(s, oracle([main], 4096));
   });
@@ -139,8 +157,18 @@ describe('estimate: exact figures on generated data', () => {
     const extra = Buffer.concat([main.subarray(0, 64 * 1024), noise(3, 5000)]);
     writeFileSync(path('extra.raw'), extra);
     const { sizes, json } = estimateJson('--cluster-size', '64k,512,4k,2M', path('main.raw'), big, path('extra.raw'));
-    assert.deepEqual(sizes.map((s) => s['cluster-size']), [512, 4096, 65536, 2097152]);
-    assert.deepEqual(json.inputs.map((i: SizeJson) => [i.format, i['virtual-size']]), [['raw', main.length], ['raw', 9 * 1024 * 1024], ['raw', extra.length]]);
+    assert.deepEqual(
+      sizes.map((s) => s['cluster-size']),
+      [512, 4096, 65536, 2097152],
+    );
+    assert.deepEqual(
+      json.inputs.map((i: SizeJson) => [i.format, i['virtual-size']]),
+      [
+        ['raw', main.length],
+        ['raw', 9 * 1024 * 1024],
+        ['raw', extra.length],
+      ],
+    );
     const files = [main, readFileSync(big), extra];
     for (const s of sizes) assertMatches(s, oracle(files, s['cluster-size']));
   });
@@ -152,9 +180,18 @@ describe('estimate: exact figures on generated data', () => {
     const lines = r.stdout.split('\n');
     assert.match(lines[0], /main\.raw: raw, /);
     assert.ok(lines.includes('Simulated dedup table, cluster size 4096:'));
-    assert.ok(lines.some((l) => /^refcnt\s+blocks\s+size\s+blocks\s+size$/.test(l)), r.stdout);
-    assert.ok(lines.some((l) => /^\s+16\s+1\s+4 KiB\s+20\s+80 KiB$/.test(l)), r.stdout);
-    assert.ok(lines.some((l) => /^ Total\s+107\s+428 KiB\s+145\s+580 KiB$/.test(l)), r.stdout);
+    assert.ok(
+      lines.some((l) => /^refcnt\s+blocks\s+size\s+blocks\s+size$/.test(l)),
+      r.stdout,
+    );
+    assert.ok(
+      lines.some((l) => /^\s+16\s+1\s+4 KiB\s+20\s+80 KiB$/.test(l)),
+      r.stdout,
+    );
+    assert.ok(
+      lines.some((l) => /^ Total\s+107\s+428 KiB\s+145\s+580 KiB$/.test(l)),
+      r.stdout,
+    );
     assert.ok(lines.includes('dedup = 1.36, saved = 152 KiB (155648 bytes), zero clusters = 50 of 195'), r.stdout);
   });
 
@@ -164,7 +201,19 @@ describe('estimate: exact figures on generated data', () => {
     assert.deepEqual(Object.keys(json.inputs[0]), ['filename', 'format', 'virtual-size']);
     assert.equal(json['refcount-bits'], 16);
     assert.equal(json['references-per-copy'], 32766);
-    assert.deepEqual(Object.keys(sizes[0]), ['cluster-size', 'guest-clusters', 'zero-clusters', 'referenced-clusters', 'allocated-clusters', 'dedup-ratio', 'bytes-saved', 'cap-copies', 'sample', 'table-bytes', 'histogram']);
+    assert.deepEqual(Object.keys(sizes[0]), [
+      'cluster-size',
+      'guest-clusters',
+      'zero-clusters',
+      'referenced-clusters',
+      'allocated-clusters',
+      'dedup-ratio',
+      'bytes-saved',
+      'cap-copies',
+      'sample',
+      'table-bytes',
+      'histogram',
+    ]);
     assert.deepEqual(Object.keys(sizes[0].histogram[0]), ['refcnt', 'allocated-blocks', 'allocated-bytes', 'referenced-blocks', 'referenced-bytes']);
   });
 
@@ -172,7 +221,10 @@ describe('estimate: exact figures on generated data', () => {
     writeFileSync(path('empty.raw'), '');
     writeFileSync(path('zero.raw'), Buffer.alloc(100_000));
     const { sizes } = estimateJson(path('empty.raw'), path('zero.raw'));
-    assert.deepEqual([sizes[0]['guest-clusters'], sizes[0]['zero-clusters'], sizes[0]['allocated-clusters'], sizes[0]['dedup-ratio'], sizes[0].histogram], [25, 25, 0, 1, []]);
+    assert.deepEqual(
+      [sizes[0]['guest-clusters'], sizes[0]['zero-clusters'], sizes[0]['allocated-clusters'], sizes[0]['dedup-ratio'], sizes[0].histogram],
+      [25, 25, 0, 1, []],
+    );
   });
 });
 
@@ -189,7 +241,10 @@ describe('estimate: memory bound and sampling', () => {
     assert.ok(s['table-bytes'] <= 64 * 1024, `table ${s['table-bytes']} bytes`);
     assert.equal(s['referenced-clusters'], 16384, 'references are counted exactly');
     assert.ok(Math.abs(s['allocated-clusters'] - 8192) <= 8192 * 5 * s['sample-error'], `allocated ${s['allocated-clusters']} ± ${s['sample-error']}`);
-    assert.deepEqual(s.histogram.map((h: SizeJson) => h.refcnt), [2]);
+    assert.deepEqual(
+      s.histogram.map((h: SizeJson) => h.refcnt),
+      [2],
+    );
     // -q: no note.
     assert.equal(qdedup(['estimate', '-q', '--cluster-size', '512', '--max-memory', '64k', path('twice.raw')]).stderr, '');
   });
@@ -249,7 +304,15 @@ describe('estimate of qcow2 inputs', { skip: NO_QEMU }, () => {
     const img = path('made.qcow2');
     let r = run('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=65536', '-b', base, '-F', 'raw', img, '3M']);
     assert.equal(r.status, 0, r.stderr);
-    for (const c of ['write -P 0x11 0 64k', 'write -P 0x11 128k 64k', 'write -z 256k 64k', 'write -P 0x22 300k 10k', 'write -c -P 0x33 1M 64k', 'write -P 0x33 2M 64k', 'write -P 0x11 2500k 4k']) {
+    for (const c of [
+      'write -P 0x11 0 64k',
+      'write -P 0x11 128k 64k',
+      'write -z 256k 64k',
+      'write -P 0x22 300k 10k',
+      'write -c -P 0x33 1M 64k',
+      'write -P 0x33 2M 64k',
+      'write -P 0x11 2500k 4k',
+    ]) {
       r = run('qemu-io', ['-f', 'qcow2', '-c', c, img]);
       assert.equal(r.status, 0, r.stderr);
     }

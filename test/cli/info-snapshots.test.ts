@@ -20,7 +20,11 @@ import { imageInfo, infoText } from '../../src/cli/commands/info.ts';
 import { snapshotInfo, snapshotListLines, vmClock } from '../../src/cli/snapshot-list.ts';
 import { decodeSnapshotEntry, encodeSnapshotEntry } from '../../src/format/snapshot.ts';
 
-interface Ran { status: number | null; stdout: string; stderr: string }
+interface Ran {
+  status: number | null;
+  stdout: string;
+  stderr: string;
+}
 
 /** Runs a command with TZ set, without blocking (the comparisons run concurrently). */
 function exec(cmd: string, args: string[], tz: string): Promise<Ran> {
@@ -181,7 +185,14 @@ test('info snapshot list matches qemu-img info, text and JSON, in UTC and Asia/K
   assert.doesNotMatch(plainIst.text, /Snapshot list/, 'no snapshots: no section');
   assert.equal('snapshots' in plainIst.json, false, 'no snapshots: no key');
   const snaps = threeUtc.json.snapshots as Record<string, unknown>[];
-  assert.deepEqual(snaps.map((s) => [s.id, s.name, s['vm-state-size'], s.icount]), [['1', 'first', 0, 0], ['2', 'after-a-write-with-a-long-name', 0, 0], ['3', 'third', 0, 0]]);
+  assert.deepEqual(
+    snaps.map((s) => [s.id, s.name, s['vm-state-size'], s.icount]),
+    [
+      ['1', 'first', 0, 0],
+      ['2', 'after-a-write-with-a-long-name', 0, 0],
+      ['3', 'third', 0, 0],
+    ],
+  );
   assert.ok(new Set(snaps.map((s) => `${s['date-sec']}.${s['date-nsec']}`)).size === 3, 'three different dates');
   assert.match(threeUtc.text, /\n2 {9}after-a-write-with-a-long-name {6}0 B /, 'a long name widens its row');
   assert.notEqual(threeUtc.text, threeIst.text, 'DATE is local time: UTC and Asia/Kolkata differ');
@@ -195,7 +206,10 @@ test('info snapshot list matches qemu-img info, text and JSON, in UTC and Asia/K
   assert.equal(holder.name, 'qdedup-dedup-holder');
   assert.equal('icount' in holder, false, 'the holder has 16 bytes of extra data: no icount');
   assert.notEqual(dedupUtc.text, dedupIst.text);
-  assert.match(dedupUtc.text, /\nSnapshot list:\nID {8}TAG {15}VM SIZE {16}DATE {5}VM CLOCK {5}ICOUNT\n1 {9}qdedup-dedup-holder {6}0 B \d{4}-\d\d-\d\d \d\d:\d\d:\d\d 00:00:00\.000 {11}\nFormat specific information:\n/);
+  assert.match(
+    dedupUtc.text,
+    /\nSnapshot list:\nID {8}TAG {15}VM SIZE {16}DATE {5}VM CLOCK {5}ICOUNT\n1 {9}qdedup-dedup-holder {6}0 B \d{4}-\d\d-\d\d \d\d:\d\d:\d\d 00:00:00\.000 {11}\nFormat specific information:\n/,
+  );
   assert.match(overlayIst.text, /\ncleanly shut down: no\nbacking file: base\.qcow2 \(actual path: [^\n]*\)\nbacking file format: qcow2\nSnapshot list:\n/);
   assert.deepEqual(Object.keys(overlayIst.json).slice(0, 2), ['backing-filename-format', 'snapshots']);
 });
@@ -203,9 +217,21 @@ test('info snapshot list matches qemu-img info, text and JSON, in UTC and Asia/K
 test('size_to_str, VM clock and the table rows, as qemu-img prints them', () => {
   // Each value as qemu-img 7.2 printed it in the VM SIZE column ("%0.3g": ties to even, exponent at 1000).
   const seen: [number | bigint, string][] = [
-    [0, '0 B'], [999, '999 B'], [1000, '0.977 KiB'], [1024, '1 KiB'], [1152, '1.12 KiB'], [1535, '1.5 KiB'],
-    [2560, '2.5 KiB'], [1023898, '1e+03 KiB'], [1048064, '1 MiB'], [1179648, '1.12 MiB'], [12845056, '12.2 MiB'],
-    [5683281920, '5.29 GiB'], [U64_MAX, '16 EiB'], [1n << 63n, '8 EiB'], [9_007_199_254_740_993n, '8 PiB'],
+    [0, '0 B'],
+    [999, '999 B'],
+    [1000, '0.977 KiB'],
+    [1024, '1 KiB'],
+    [1152, '1.12 KiB'],
+    [1535, '1.5 KiB'],
+    [2560, '2.5 KiB'],
+    [1023898, '1e+03 KiB'],
+    [1048064, '1 MiB'],
+    [1179648, '1.12 MiB'],
+    [12845056, '12.2 MiB'],
+    [5683281920, '5.29 GiB'],
+    [U64_MAX, '16 EiB'],
+    [1n << 63n, '8 EiB'],
+    [9_007_199_254_740_993n, '8 PiB'],
   ];
   for (const [v, s] of seen) assert.equal(humanSize(v), s, String(v));
   assert.equal(vmClock(0, 0), '00:00:00.000');
@@ -213,7 +239,15 @@ test('size_to_str, VM clock and the table rows, as qemu-img prints them', () => 
   assert.equal(vmClock(59, 999_999_999), '00:00:59.999');
 
   // An entry qdedup writes (the holder's layout): 16 bytes of extra data, so no icount.
-  const buf = encodeSnapshotEntry({ l1TableOffset: 0x30000, l1Size: 1, id: '1', name: 'qdedup-dedup-holder', dateSec: 86400 * 365, dateNsec: 7, diskSize: 1 << 20 });
+  const buf = encodeSnapshotEntry({
+    l1TableOffset: 0x30000,
+    l1Size: 1,
+    id: '1',
+    name: 'qdedup-dedup-holder',
+    dateSec: 86400 * 365,
+    dateNsec: 7,
+    diskSize: 1 << 20,
+  });
   const info = snapshotInfo(decodeSnapshotEntry(buf, 0, 0)!.entry);
   assert.deepEqual(Object.keys(info), ['vm-clock-nsec', 'name', 'date-sec', 'date-nsec', 'vm-clock-sec', 'id', 'vm-state-size']);
   const lines = snapshotListLines([info, { ...info, icount: 12, id: '10', name: 'ü' }], () => '1971-01-01 00:00:00');
@@ -226,6 +260,9 @@ test('size_to_str, VM clock and the table rows, as qemu-img prints them', () => 
   assert.deepEqual(snapshotListLines([]), [], 'no snapshots: no section');
 
   // JSON as qemu's json-writer: non-ASCII and control characters as upper-case \u escapes, u64 digits exact.
-  assert.equal(toJson({ name: 'ü\u0001\u007f"\\\t😀', n: 2n ** 64n - 2n }), '{\n    "name": "\\u00FC\\u0001\\u007F\\"\\\\\\t\\uD83D\\uDE00",\n    "n": 18446744073709551614\n}\n');
+  assert.equal(
+    toJson({ name: 'ü\u0001\u007f"\\\t😀', n: 2n ** 64n - 2n }),
+    '{\n    "name": "\\u00FC\\u0001\\u007F\\"\\\\\\t\\uD83D\\uDE00",\n    "n": 18446744073709551614\n}\n',
+  );
   assert.equal(toJson({ a: 1, b: ['x'] }), '{\n    "a": 1,\n    "b": [\n        "x"\n    ]\n}\n');
 });

@@ -44,21 +44,37 @@ function assertSameJson(file: string, ...opts: string[]): Entry[] {
   const theirs = run('qemu-img', ['map', '-f', 'qcow2', '--output=json', ...opts, file]);
   ok(theirs, 'qemu-img map');
   assert.deepEqual(withoutOurKeys(ours), JSON.parse(theirs.stdout));
-  assert.deepEqual(withoutOurKeys(ours).map((e) => Object.keys(e)), (JSON.parse(theirs.stdout) as Entry[]).map((e) => Object.keys(e)));
+  assert.deepEqual(
+    withoutOurKeys(ours).map((e) => Object.keys(e)),
+    (JSON.parse(theirs.stdout) as Entry[]).map((e) => Object.keys(e)),
+  );
   return ours;
 }
 
 /** qdedup's human table with the "Shared by" column (the 4th, 16 wide) taken out. */
 function withoutSharedColumn(text: string): string {
-  return text.split('\n').map((l) => (l === '' ? l : l.slice(0, 48) + l.slice(64))).join('\n');
+  return text
+    .split('\n')
+    .map((l) => (l === '' ? l : l.slice(0, 48) + l.slice(64)))
+    .join('\n');
 }
 
 describe('qdedup map agrees with qemu-img map', { skip: NO_QEMU }, () => {
   it('data, zero, discarded, compressed and unallocated clusters (64 KiB clusters)', () => {
-    const file = qemuImage('8M', [], [
-      'write -P 1 0 192k', 'write -P 2 256k 64k', 'write -z 512k 128k', 'write -P 3 1M 64k', 'discard 1M 64k',
-      'write -c -P 4 2M 64k', 'write -c -P 5 2112k 64k', 'write -P 6 7M 1M',
-    ]);
+    const file = qemuImage(
+      '8M',
+      [],
+      [
+        'write -P 1 0 192k',
+        'write -P 2 256k 64k',
+        'write -z 512k 128k',
+        'write -P 3 1M 64k',
+        'discard 1M 64k',
+        'write -c -P 4 2M 64k',
+        'write -c -P 5 2112k 64k',
+        'write -P 6 7M 1M',
+      ],
+    );
     assertSameJson(file);
     // a range, starting and ending inside clusters
     assertSameJson(file, '--start-offset', '70k', '--max-length', '2100k');
@@ -72,7 +88,11 @@ describe('qdedup map agrees with qemu-img map', { skip: NO_QEMU }, () => {
   });
 
   it('human table, v2 image and 512-byte clusters', () => {
-    for (const opts of [['-o', 'compat=0.10'], ['-o', 'cluster_size=512'], ['-o', 'cluster_size=2M']]) {
+    for (const opts of [
+      ['-o', 'compat=0.10'],
+      ['-o', 'cluster_size=512'],
+      ['-o', 'cluster_size=2M'],
+    ]) {
       const file = qemuImage('16M', opts, ['write -P 1 0 4M', 'write -P 2 5M 1M', 'write -P 3 4M 512k', 'write -P 1 12M 2M']);
       assertSameJson(file);
       const ours = qdedup(['map', file]);
@@ -118,7 +138,10 @@ describe('qdedup map agrees with qemu-img map', { skip: NO_QEMU }, () => {
     closeSync(fd);
     const top = qemuImage('6M', ['-b', raw, '-F', 'raw'], ['write -P 1 192k 64k', 'write -P 2 1M 4k']);
     const mapped = assertSameJson(top);
-    assert.ok(mapped.some((e) => e.depth === 1 && e.zero && e.present), 'a hole of the raw file');
+    assert.ok(
+      mapped.some((e) => e.depth === 1 && e.zero && e.present),
+      'a hole of the raw file',
+    );
     const ours = qdedup(['map', top]);
     ok(ours, 'qdedup map');
     assert.equal(withoutSharedColumn(ours.stdout), run('qemu-img', ['map', '-f', 'qcow2', top]).stdout);
@@ -141,7 +164,13 @@ describe('qdedup map: sharing', () => {
   function dedupImage(): string {
     const file = join(dir, `s-${++serial}.qcow2`);
     ok(qdedup(['create', '-q', file, '2M']), 'create');
-    for (const [pattern, offset] of [['0xa', '0'], ['0xb', '4k'], ['0xa', '8k'], ['0xa', '1M']]) ok(qdedup(['write', '-q', '-P', pattern, file, offset, '4k']), 'write');
+    for (const [pattern, offset] of [
+      ['0xa', '0'],
+      ['0xb', '4k'],
+      ['0xa', '8k'],
+      ['0xa', '1M'],
+    ])
+      ok(qdedup(['write', '-q', '-P', pattern, file, offset, '4k']), 'write');
     const c = Buffer.alloc(16 * 1024);
     for (let i = 0; i < c.length; i++) c[i] = (i * 7 + (i >> 12)) & 0xff;
     ok(qdedup(['write', '-q', '-i', '-', file, '64k'], c), 'write -i');
@@ -151,8 +180,15 @@ describe('qdedup map: sharing', () => {
   it('shared-by counts the other guest clusters on each range (the holder snapshot not counted)', () => {
     const file = dedupImage();
     // A and B went to neighbouring host clusters: one range of 8 KiB whose A is used twice more
-    const data = oursJson(file).filter((e) => e.data).map((e) => [e.start, e.length, e['shared-by']]);
-    assert.deepEqual(data, [[0, 8192, 2], [8192, 4096, 2], [65536, 16384, 0], [1048576, 4096, 2]]);
+    const data = oursJson(file)
+      .filter((e) => e.data)
+      .map((e) => [e.start, e.length, e['shared-by']]);
+    assert.deepEqual(data, [
+      [0, 8192, 2],
+      [8192, 4096, 2],
+      [65536, 16384, 0],
+      [1048576, 4096, 2],
+    ]);
     // zero and unallocated ranges carry no count
     for (const e of oursJson(file)) if (!e.data) assert.equal(e['shared-by'], undefined);
     const human = qdedup(['map', file]);
@@ -169,7 +205,13 @@ describe('qdedup map: sharing', () => {
     ]);
     // a range of several clusters: each of its entries lists the others, itself excluded
     const entries = oursJson(file, '--shares', '0,12k');
-    assert.deepEqual(entries.map((e) => [e.start, (e['shared-with'] as Entry[]).map((s) => s.start)]), [[0, [8192, 1048576]], [8192, [0, 1048576]]]);
+    assert.deepEqual(
+      entries.map((e) => [e.start, (e['shared-with'] as Entry[]).map((s) => s.start)]),
+      [
+        [0, [8192, 1048576]],
+        [8192, [0, 1048576]],
+      ],
+    );
     const human = qdedup(['map', '--shares', '8k', file]);
     ok(human, 'map --shares');
     assert.match(human.stdout, /\n {4}shared with 0 \(4096 bytes at 0x[0-9a-f]+\)\n {4}shared with 0x100000 \(4096 bytes at 0x[0-9a-f]+\)\n$/);
@@ -185,7 +227,11 @@ describe('qdedup map: sharing', () => {
   it('an internal snapshot shares every cluster: counted and listed with its name', { skip: NO_QEMU }, () => {
     const file = dedupImage();
     ok(run('qemu-img', ['snapshot', '-c', 'before', file]), 'qemu-img snapshot -c');
-    const by = new Map(oursJson(file).filter((e) => e.data).map((e) => [e.start, e['shared-by']]));
+    const by = new Map(
+      oursJson(file)
+        .filter((e) => e.data)
+        .map((e) => [e.start, e['shared-by']]),
+    );
     assert.equal(by.get(0), 6); // A: 2 other copies in the disk, 3 in the snapshot; B: its copy in the snapshot
     assert.equal(by.get(8192), 5);
     const [b] = oursJson(file, '--shares', '4k');

@@ -52,15 +52,27 @@ interface Interrupted {
  * bytes were accepted, sends `signals` (in order, back to back). Then it either keeps
  * feeding (`silent` false: the child has data to read) or keeps stdin open and silent.
  */
-async function interruptWrite(img: string, key: Buffer, signalAfter: number, signals: NodeJS.Signals[], opts: { silent: boolean; length?: number }): Promise<Interrupted> {
+async function interruptWrite(
+  img: string,
+  key: Buffer,
+  signalAfter: number,
+  signals: NodeJS.Signals[],
+  opts: { silent: boolean; length?: number },
+): Promise<Interrupted> {
   const total = opts.length ?? 150 * MiB;
   const data = keystream(key, total);
-  const child = spawn(process.execPath, [BIN, 'write', '-i', '-', img, '0', ...(opts.length ? [String(opts.length)] : [])], { stdio: ['pipe', 'ignore', 'pipe'] });
+  const child = spawn(process.execPath, [BIN, 'write', '-i', '-', img, '0', ...(opts.length ? [String(opts.length)] : [])], {
+    stdio: ['pipe', 'ignore', 'pipe'],
+  });
   let stderr = '';
   child.stderr!.on('data', (d) => (stderr += d));
-  const exited = new Promise<{ status: number | null; signal: NodeJS.Signals | null }>((resolve) => child.on('close', (status, signal) => resolve({ status, signal })));
+  const exited = new Promise<{ status: number | null; signal: NodeJS.Signals | null }>((resolve) =>
+    child.on('close', (status, signal) => resolve({ status, signal })),
+  );
   let alive = true;
-  void exited.then(() => { alive = false; });
+  void exited.then(() => {
+    alive = false;
+  });
   child.stdin!.on('error', () => {}); // EPIPE once the child stops reading
   let fed = 0;
   const PIECE = 256 * 1024;
@@ -83,7 +95,8 @@ async function interruptWrite(img: string, key: Buffer, signalAfter: number, sig
   return { status, signal, stderr, fed };
 }
 
-const NOTE = /^qdedup: (.+): interrupted \((SIG[A-Z]+)\) after writing (\d+) (?:of (\d+) bytes|bytes \(of an input of unknown length\)) at offset 0; the data written is durable$/;
+const NOTE =
+  /^qdedup: (.+): interrupted \((SIG[A-Z]+)\) after writing (\d+) (?:of (\d+) bytes|bytes \(of an input of unknown length\)) at offset 0; the data written is durable$/;
 
 describe('signals during write', { concurrency: 1 }, () => {
   const cases: { sig: NodeJS.Signals; code: number; silent: boolean; length?: number }[] = [
@@ -135,7 +148,10 @@ describe('signals during write', { concurrency: 1 }, () => {
       assert.equal(w.status, 0, w.stderr);
       assert.equal(w.stderr, '', `${label}: no 'index not trusted' notice`);
       const after = stats(img);
-      assert.ok(after['bytes-saved'] - st['bytes-saved'] >= CHUNK, `${label}: the same 8 MiB again are all hits (bytes saved ${st['bytes-saved']} → ${after['bytes-saved']})`);
+      assert.ok(
+        after['bytes-saved'] - st['bytes-saved'] >= CHUNK,
+        `${label}: the same 8 MiB again are all hits (bytes saved ${st['bytes-saved']} → ${after['bytes-saved']})`,
+      );
     });
   }
 
@@ -160,11 +176,19 @@ describe('signals during write', { concurrency: 1 }, () => {
     child.stderr!.on('data', (d) => (stderr += d));
     const exited = new Promise<number | null>((resolve) => child.on('close', (status) => resolve(status)));
     let alive = true;
-    void exited.then(() => { alive = false; });
+    void exited.then(() => {
+      alive = false;
+    });
     // Synchronise on the image being open in the child: the handlers are installed by then.
     const opened = () => {
       try {
-        return readdirSync(`/proc/${child.pid}/fd`).some((fd) => { try { return readlinkSync(`/proc/${child.pid}/fd/${fd}`) === img; } catch { return false; } });
+        return readdirSync(`/proc/${child.pid}/fd`).some((fd) => {
+          try {
+            return readlinkSync(`/proc/${child.pid}/fd/${fd}`) === img;
+          } catch {
+            return false;
+          }
+        });
       } catch {
         return false;
       }
@@ -175,7 +199,10 @@ describe('signals during write', { concurrency: 1 }, () => {
     const status = await exited;
     assert.equal(status, 130, stderr);
     assert.match(stderr, /SIGINT received: finishing the repair first/);
-    assert.match(stderr, /^qdedup: .*leak\.qcow2: interrupted \(SIGINT\) during the repair, which was completed first; run 'qdedup check' again for the result$/m);
+    assert.match(
+      stderr,
+      /^qdedup: .*leak\.qcow2: interrupted \(SIGINT\) during the repair, which was completed first; run 'qdedup check' again for the result$/m,
+    );
     const after = qSync(['check', img]);
     assert.equal(after.status, 0, `repaired completely: ${after.stderr}`);
   });

@@ -46,7 +46,10 @@ describe('start-up: what loads before the command is known', () => {
       ['node:assert', 'from"assert"'],
       ['node:tty', 'from"node:tty"'],
     ]) {
-      assert.ok(!all.includes(marker), `${what} is loaded at start-up (found '${marker}' in ${[...closure.keys()].filter((k) => closure.get(k)!.includes(marker)).join(', ')})`);
+      assert.ok(
+        !all.includes(marker),
+        `${what} is loaded at start-up (found '${marker}' in ${[...closure.keys()].filter((k) => closure.get(k)!.includes(marker)).join(', ')})`,
+      );
     }
   });
 

@@ -179,7 +179,13 @@ describe('write -i: every kind of input', { concurrency: 2 }, () => {
       assert.ok(Date.now() < deadline, 'qdedup never blocked opening the FIFO');
       await new Promise((r) => setTimeout(r, 20));
     }
-    const open = readdirSync(`/proc/${child.pid}/fd`).map((fd) => { try { return readlinkSync(`/proc/${child.pid}/fd/${fd}`); } catch { return ''; } });
+    const open = readdirSync(`/proc/${child.pid}/fd`).map((fd) => {
+      try {
+        return readlinkSync(`/proc/${child.pid}/fd/${fd}`);
+      } catch {
+        return '';
+      }
+    });
     assert.ok(!open.includes(img), `the image is not open while the FIFO waits: ${open.join(' ')}`);
     assert.equal(sha256(img), before, 'image unchanged while the FIFO waits');
     const data = randomBytes(3_000_000);
@@ -271,7 +277,10 @@ describe('write -i: every kind of input', { concurrency: 2 }, () => {
     const r = await q(['write', '-i', '-', img, '512k'], data);
     assert.equal(r.status, 1);
     assert.equal(r.stdout, '');
-    assertOneLine(r, /standard input goes past the end of the disk \(virtual size 1048576\): 524288 bytes fit from offset 524288; wrote those 524288 bytes, the rest of the input was not written$/);
+    assertOneLine(
+      r,
+      /standard input goes past the end of the disk \(virtual size 1048576\): 524288 bytes fit from offset 524288; wrote those 524288 bytes, the rest of the input was not written$/,
+    );
     data.copy(shadow, 512 << 10, 0, 512 << 10);
     await assertReads(img, shadow, 'too long');
     assert.equal((await stats(img)).dirty, false);

@@ -71,7 +71,7 @@ function assertCheckClean(file: string): Record<string, any> {
     const r = checkJson(file, ...deep);
     assert.equal(r.status, 0, `check ${deep.join('')}: ${r.stderr}`);
     assert.equal(r.stderr, '');
-    assert.equal(r.json.leaks, undefined, 'no leaks: the store\'s clusters are counted');
+    assert.equal(r.json.leaks, undefined, "no leaks: the store's clusters are counted");
     assert.equal(r.json.corruptions, undefined);
     assert.equal(r.json.dedup.trusted, true);
     assert.equal(r.json.dedup['bad-entries'], 0);
@@ -110,7 +110,7 @@ function plant(file: string, tag: string, i: number, mutate: (bytes: Buffer, pay
 
 // ---------------------------------------------------------------- tests
 
-test('images qdedup wrote: qdedup check and qemu-img check are clean (the holder holds the store\'s clusters)', () => {
+test("images qdedup wrote: qdedup check and qemu-img check are clean (the holder holds the store's clusters)", () => {
   // (a) ten copies of 1 MiB; (b) copies, a rewrite and zeroes (hash deletions);
   // (c) a tiny store: freezes, FIFO of 2 incarnations, limbo, then deletions and reuse.
   const a = create('64M');
@@ -141,7 +141,11 @@ test('images qdedup wrote: qdedup check and qemu-img check are clean (the holder
   ok('write', '-q', '-i', four.path, c, String(4 * MiB)); // freed clusters reused for new content
   ok('write', '-q', '-i', four.path, c, String(6 * MiB));
 
-  for (const [name, file] of [['a', a], ['b', b], ['c', c]] as const) {
+  for (const [name, file] of [
+    ['a', a],
+    ['b', b],
+    ['c', c],
+  ] as const) {
     const s = stats(file);
     assert.equal(s.trusted, true, name);
     assert.ok(s['metadata-clusters'] > 0, `${name}: the store owns clusters`);
@@ -241,7 +245,7 @@ test('check: an entry pointed at a cluster the holder does not hold → exit 2 w
   const fixed = checkJson(bad, '-r', 'all');
   assert.equal(fixed.status, 0, fixed.stderr);
   assert.equal(fixed.json['corruptions-fixed'], 1);
-  assert.equal(fixed.json['leaks-fixed'] ?? 0, 0, 'the dropped store\'s clusters stay held until the next write');
+  assert.equal(fixed.json['leaks-fixed'] ?? 0, 0, "the dropped store's clusters stay held until the next write");
   assert.equal(fixed.json.dedup['index-dropped'], true);
   assert.equal(fixed.json.dedup.trusted, false);
   assert.equal(bit60(bad), false);
@@ -296,7 +300,13 @@ test('check: a bad slot in an incarnation is found and named', () => {
   assert.equal(q('check', other).status, 0, 'held and allocated: fine without --deep');
   const deep = checkJson(other, '--deep');
   assert.equal(deep.status, 2, deep.stderr);
-  assert.match(deep.stderr, new RegExp(`^ERROR dedup index: hash ${hash} \\(incarnation ${k} slot ${s}\\) -> 0x${otherHost.toString(16)}: cluster content hashes to [0-9a-f]{64}$`, 'm'));
+  assert.match(
+    deep.stderr,
+    new RegExp(
+      `^ERROR dedup index: hash ${hash} \\(incarnation ${k} slot ${s}\\) -> 0x${otherHost.toString(16)}: cluster content hashes to [0-9a-f]{64}$`,
+      'm',
+    ),
+  );
 });
 
 test('repairs keep a sound index trusted: -r leaks and -r all fix a planted leak, bit 60 stays set', () => {
@@ -314,12 +324,12 @@ test('repairs keep a sound index trusted: -r leaks and -r all fix a planted leak
     const data = Number(bytes.readBigUInt64BE(l2) & 0x00ff_ffff_ffff_fe00n);
     const refblock = Number(bytes.readBigUInt64BE(h.refcountTableOffset));
     const at = refblock + (data / 4096) * 2;
-    assert.equal(bytes.readUInt16BE(at), 3, 'two guest references and the holder\'s');
+    assert.equal(bytes.readUInt16BE(at), 3, "two guest references and the holder's");
     bytes.writeUInt16BE(4, at);
     writeFileSync(leaky, bytes);
     const c = checkJson(leaky);
     assert.equal(c.status, 3, c.stderr);
-    assert.equal(c.json.leaks, 1, 'the planted leak only: the store\'s clusters are held');
+    assert.equal(c.json.leaks, 1, "the planted leak only: the store's clusters are held");
     const r = q('check', '-r', mode, leaky);
     assert.equal(r.status, 0, r.stderr);
     assert.match(r.stdout, /^ {4}1 leaked clusters$/m);
@@ -342,7 +352,9 @@ function storeClusters(file: string): Set<number> {
   const ext = decodeDedupExtension(h.extensions.find((e) => e.type === EXT_DEDUP)!.data, 4096);
   const config = decodeDedupConfig(bytes.subarray(ext.configOffset, ext.configOffset + ext.configBytes), ext.configOffset, 4096);
   const out = new Set<number>();
-  const add = (offset: number, bytes: number) => { for (let c = offset / 4096; c < Math.ceil((offset + bytes) / 4096); c++) out.add(c); };
+  const add = (offset: number, bytes: number) => {
+    for (let c = offset / 4096; c < Math.ceil((offset + bytes) / 4096); c++) out.add(c);
+  };
   add(ext.configOffset, ext.configBytes);
   for (const j of config.journals) add(j.offset, j.blocks * ext.journalBlockSize);
   const inc = incarnationLayout(ext.order, 4096).clusters * 4096;
@@ -379,7 +391,10 @@ test('untrusted stores: held by the holder (no leak, qemu-img agrees) until the 
   assert.match(c.json.dedup.reason, /autoclear bit 60 is clear/);
   assert.equal(c.json.dedup['entries-checked'], 0);
   assertQemuClean(foreign);
-  assert.match(q('check', foreign).stdout, /^Dedup index: not trusted \(dedup autoclear bit 60 is clear.*\); the holder snapshot keeps its clusters until the next write releases them\.$/m);
+  assert.match(
+    q('check', foreign).stdout,
+    /^Dedup index: not trusted \(dedup autoclear bit 60 is clear.*\); the holder snapshot keeps its clusters until the next write releases them\.$/m,
+  );
   const r = q('check', '-r', 'leaks', foreign);
   assert.equal(r.status, 0, r.stderr);
   assert.doesNotMatch(r.stdout, /leaked clusters/, 'nothing to free');
@@ -429,18 +444,25 @@ test('untrusted stores: held by the holder (no leak, qemu-img agrees) until the 
   assertCheckClean(byQemu);
 });
 
-test('read-only: check (plain, --deep, JSON) never changes a byte, whatever the store\'s state', { skip: NO_QEMU }, () => {
+test("read-only: check (plain, --deep, JSON) never changes a byte, whatever the store's state", { skip: NO_QEMU }, () => {
   const img = create('16M');
   const input = randomFile(64 * 1024);
   ok('write', '-q', '-i', input.path, img, '0');
   ok('write', '-q', '-i', input.path, img, String(MiB));
-  const badIndex = plant(img, 'ro-bad', 0, (bytes, p) => { bytes[p + 5] ^= 1; });
+  const badIndex = plant(img, 'ro-bad', 0, (bytes, p) => {
+    bytes[p + 5] ^= 1;
+  });
   const foreign = copy(img, 'ro-foreign');
   assert.equal(run('qemu-io', ['-f', 'qcow2', '-c', 'write -P 1 4M 4k', foreign]).status, 0);
   for (const file of [img, badIndex, foreign]) {
     const before = sha256(file);
     const mtime = statSync(file).mtimeMs;
-    for (const args of [['check', file], ['check', '--deep', file], ['check', '--output', 'json', '--deep', file], ['check', '-q', file]]) {
+    for (const args of [
+      ['check', file],
+      ['check', '--deep', file],
+      ['check', '--output', 'json', '--deep', file],
+      ['check', '-q', file],
+    ]) {
       q(...args);
       assert.equal(sha256(file), before, `${args.join(' ')} changed ${file}`);
     }
@@ -465,7 +487,10 @@ test('a malformed dedup extension: check reports it (exit 2); the next write rep
 
   const w = q('write', '-i', first.path, file, '2M'); // not -q: -q silences the notice
   assert.equal(w.status, 0, w.stderr);
-  assert.match(w.stderr, /^qdedup: .*: dedup index not trusted: dedup header extension: store order 30 above 20; the extension is replaced, with the default settings; starting a fresh index/);
+  assert.match(
+    w.stderr,
+    /^qdedup: .*: dedup index not trusted: dedup header extension: store order 30 above 20; the extension is replaced, with the default settings; starting a fresh index/,
+  );
   const again = q('write', '-q', '-i', first.path, file, '4M');
   assert.equal(again.status, 0, again.stderr);
   assert.equal(again.stderr, '', 'the replacement is trusted');

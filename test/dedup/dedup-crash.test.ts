@@ -28,7 +28,6 @@ import { runSteps, shadowsOf, type Op } from '../image/crash-lib.ts';
 import { dedupExtensionPayload } from './cli-lib.ts';
 import { openForWrite, dedupOf } from '../../src/dedup/open.ts';
 
-
 interface Workload {
   name: string;
   size: number;
@@ -44,7 +43,13 @@ const SCALE = Math.max(1, Math.round(Number(process.env.QDEDUP_SOAK_SCALE ?? 1))
 
 function rng(seed: number) {
   let x = seed >>> 0 || 1;
-  return (n: number) => { x ^= x << 13; x ^= x >>> 17; x ^= x << 5; x >>>= 0; return x % n; };
+  return (n: number) => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
+    return x % n;
+  };
 }
 
 /** Cluster-sized blocks: a few patterns repeated, to make duplicates. */
@@ -65,7 +70,12 @@ function workloads(seed: number): Workload[] {
     heavy.push(step);
   }
   // 2. Rewrites: the same region rewritten so shared clusters lose references and are freed.
-  const rewrites: Op[][] = [[{ kind: 'write', offset: 0, data: blocks(rnd, 16, 2) }, { kind: 'write', offset: 32 * CS, data: blocks(rnd, 16, 2) }]];
+  const rewrites: Op[][] = [
+    [
+      { kind: 'write', offset: 0, data: blocks(rnd, 16, 2) },
+      { kind: 'write', offset: 32 * CS, data: blocks(rnd, 16, 2) },
+    ],
+  ];
   for (let s = 0; s < 5; s++) {
     const step: Op[] = [{ kind: 'write', offset: rnd(8) * CS, data: blocks(rnd, 8, 6) }];
     step.push(rnd(3) ? { kind: 'write', offset: 32 * CS + rnd(8) * CS, data: blocks(rnd, 6, 6) } : { kind: 'zero', offset: 32 * CS, length: 8 * CS });
@@ -75,7 +85,7 @@ function workloads(seed: number): Workload[] {
   const tiny: Op[][] = [];
   for (let s = 0; s < 5; s++) {
     const data = Buffer.alloc(10 * CS);
-    for (let c = 0; c < 10; c++) data.fill((s * 10 + c) % 250 + 1, c * CS, (c + 1) * CS);
+    for (let c = 0; c < 10; c++) data.fill(((s * 10 + c) % 250) + 1, c * CS, (c + 1) * CS);
     tiny.push([{ kind: 'write', offset: (s % 3) * 10 * CS, data }]);
   }
   // 6. The write pipeline: chunks hashed ahead, data runs still being written while the next
@@ -91,14 +101,20 @@ function workloads(seed: number): Workload[] {
     out.push({ name: `pipelined${verify ? '+verify' : ''}`, size: 1 << 20, clusterBits: 12, settings: { ...base, verify }, steps: piped });
     out.push({ name: `heavy${verify ? '+verify' : ''}`, size: 1 << 20, clusterBits: 12, settings: { ...base, verify }, steps: heavy });
     out.push({ name: `rewrites${verify ? '+verify' : ''}`, size: 1 << 20, clusterBits: 12, settings: { ...base, verify }, steps: rewrites });
-    out.push({ name: `tiny-store${verify ? '+verify' : ''}`, size: 1 << 20, clusterBits: 12, settings: { ...base, verify, order: 1, maxIncarnations: 2 }, steps: tiny });
+    out.push({
+      name: `tiny-store${verify ? '+verify' : ''}`,
+      size: 1 << 20,
+      clusterBits: 12,
+      settings: { ...base, verify, order: 1, maxIncarnations: 2 },
+      steps: tiny,
+    });
   }
   // 4. A journal that grows (allocated as it fills): 512-byte clusters and journal blocks, a
   // log store of 2048 slots whose 128-block journal fills with the first 1,152 entries; the
   // live entries move to a journal twice as large and the old area is given back.
   const uniq = (first: number, n: number) => {
     const b = Buffer.alloc(n * 512);
-    for (let i = 0; i < n * 128; i++) b.writeUInt32LE((first * 128 + i) * 2654435761 >>> 0, i * 4);
+    for (let i = 0; i < n * 128; i++) b.writeUInt32LE(((first * 128 + i) * 2654435761) >>> 0, i * 4);
     return b;
   };
   const grows: Op[][] = [
@@ -110,7 +126,6 @@ function workloads(seed: number): Workload[] {
   out.push({ name: 'malformed-extension', size: 1 << 20, clusterBits: 12, settings: base, damagedAfter: heavy[0], steps: heavy.slice(1, 3) });
   return out;
 }
-
 
 /** Every live index entry's cluster hashes to it (the image open read-write, after a clean close it is the same). */
 async function assertIndexTrue(image: Image, label: string): Promise<number> {

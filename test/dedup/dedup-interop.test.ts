@@ -68,7 +68,12 @@ describe('dedup workloads against qemu-img', { skip: NO_QEMU, concurrency: 2 }, 
       const img = join(dir, 'img.qcow2');
       const shadowBuf = Buffer.alloc(w.size);
       await createImage(img, {
-        size: w.size, clusterBits: w.clusterBits, version: 3, refcountOrder: 4, lazyRefcounts: false, force: false,
+        size: w.size,
+        clusterBits: w.clusterBits,
+        version: 3,
+        refcountOrder: 4,
+        lazyRefcounts: false,
+        force: false,
         dedup: { algorithm: w.hash, verify: w.verify, maxIncarnations: w.maxIncarnations, order: w.order, journalBlockSize: rng.chance(0.5) ? 512 : 4096 },
       });
       const palette = Array.from({ length: rng.int(2, 8) }, () => rng.bytes(cs));

@@ -54,9 +54,24 @@ function layout(file: string) {
 }
 
 const KEYS = [
-  'virtual-size', 'cluster-size', 'hash-algorithm', 'trusted', 'dirty', 'guest-clusters', 'data-clusters', 'shared-clusters',
-  'dedup-ratio', 'bytes-saved', 'metadata-clusters', 'holder-clusters', 'index-entries', 'index-ram-bytes', 'log-store',
-  'incarnations', 'limbo', 'journal',
+  'virtual-size',
+  'cluster-size',
+  'hash-algorithm',
+  'trusted',
+  'dirty',
+  'guest-clusters',
+  'data-clusters',
+  'shared-clusters',
+  'dedup-ratio',
+  'bytes-saved',
+  'metadata-clusters',
+  'holder-clusters',
+  'index-entries',
+  'index-ram-bytes',
+  'log-store',
+  'incarnations',
+  'limbo',
+  'journal',
 ];
 
 test('exact accounting: the same 1 MiB at 10 offsets of a 4 KiB-cluster image is stored once', () => {
@@ -93,7 +108,10 @@ test('exact accounting: the same 1 MiB at 10 offsets of a 4 KiB-cluster image is
   assert.equal(l.l2Tables, 10, 'the ten copies use ten L2 tables');
   const bound = (s['data-clusters'] + s['metadata-clusters'] + s['holder-clusters'] + fixed) * 4096;
   const size = statSync(img).size;
-  assert.ok(size <= bound, `file ${size} bytes > bound ${bound} (1 MiB of data + ${s['metadata-clusters']} metadata + ${s['holder-clusters']} holder + ${fixed} fixed clusters)`);
+  assert.ok(
+    size <= bound,
+    `file ${size} bytes > bound ${bound} (1 MiB of data + ${s['metadata-clusters']} metadata + ${s['holder-clusters']} holder + ${fixed} fixed clusters)`,
+  );
   assert.ok(size <= MiB + (s['metadata-clusters'] + s['holder-clusters'] + fixed) * 4096);
 
   // Every copy reads back (one read of the whole range).
@@ -103,7 +121,7 @@ test('exact accounting: the same 1 MiB at 10 offsets of a 4 KiB-cluster image is
   if (!NO_QEMU) {
     const q = qemuCheck(img);
     assert.equal(q.status, 0, `qemu-img check: ${JSON.stringify(q.json)} ${q.stderr}`);
-    assert.equal(q.json?.leaks ?? 0, 0, 'qemu-img check: the holder holds the store\'s clusters');
+    assert.equal(q.json?.leaks ?? 0, 0, "qemu-img check: the holder holds the store's clusters");
   }
 });
 
@@ -115,7 +133,7 @@ test('unique data: ratio 1, nothing shared, nothing saved', () => {
   assert.equal(s['guest-clusters'], 512);
   assert.equal(s['data-clusters'], 512);
   assert.equal(s['dedup-ratio'], 1);
-  assert.equal(s['shared-clusters'], 0, 'the holder\'s reference is not counted');
+  assert.equal(s['shared-clusters'], 0, "the holder's reference is not counted");
   assert.equal(s['bytes-saved'], 0);
   assert.equal(s['index-entries'], 512);
 });
@@ -252,11 +270,31 @@ test('human output: aligned "key: value" lines in the order of the JSON keys', (
   const lines = r.stdout.trimEnd().split('\n');
   const labels = lines.map((l) => l.slice(0, l.indexOf(':')));
   assert.deepEqual(labels, [
-    'image', 'virtual size', 'cluster size', 'hash algorithm', 'trusted', 'dirty', 'guest clusters', 'data clusters', 'shared clusters',
-    'dedup ratio', 'bytes saved', 'metadata clusters', 'holder clusters', 'index entries', 'index RAM', 'log store', 'incarnations', 'limbo', 'journal',
+    'image',
+    'virtual size',
+    'cluster size',
+    'hash algorithm',
+    'trusted',
+    'dirty',
+    'guest clusters',
+    'data clusters',
+    'shared clusters',
+    'dedup ratio',
+    'bytes saved',
+    'metadata clusters',
+    'holder clusters',
+    'index entries',
+    'index RAM',
+    'log store',
+    'incarnations',
+    'limbo',
+    'journal',
   ]);
   const column = lines.map((l) => l.search(/:\s+\S/) + l.slice(l.indexOf(':') + 1).search(/\S/) + 1);
-  assert.ok(column.every((c) => c === column[0]), `values aligned: ${r.stdout}`);
+  assert.ok(
+    column.every((c) => c === column[0]),
+    `values aligned: ${r.stdout}`,
+  );
   assert.match(r.stdout, /^virtual size: +64 MiB \(67108864 bytes\)$/m);
   assert.match(r.stdout, /^dedup ratio: +2\.00$/m);
   assert.match(r.stdout, /^bytes saved: +64 KiB \(65536 bytes\)$/m);
@@ -269,11 +307,20 @@ test('info: a "dedup" object in format-specific data, and a nested human block',
   assert.equal(j.status, 0, j.stderr);
   const info = JSON.parse(j.stdout);
   assert.deepEqual(info['format-specific'].data.dedup, {
-    algorithm: 'blake3', verify: true, trusted: true, dirty: false, order: 6, 'journal-block-size': 1024, 'max-incarnations': 3,
+    algorithm: 'blake3',
+    verify: true,
+    trusted: true,
+    dirty: false,
+    order: 6,
+    'journal-block-size': 1024,
+    'max-incarnations': 3,
   });
   const h = qdedup(['info', img]);
   assert.equal(h.status, 0, h.stderr);
-  assert.match(h.stdout, /\n {4}extended l2: false\n {4}dedup:\n {8}algorithm: blake3\n {8}verify: true\n {8}trusted: true\n {8}dirty: false\n {8}order: 6\n {8}journal block size: 1024\n {8}max incarnations: 3\n$/);
+  assert.match(
+    h.stdout,
+    /\n {4}extended l2: false\n {4}dedup:\n {8}algorithm: blake3\n {8}verify: true\n {8}trusted: true\n {8}dirty: false\n {8}order: 6\n {8}journal block size: 1024\n {8}max incarnations: 3\n$/,
+  );
 
   const plain = create('1M', 'dedup=off');
   const p = JSON.parse(qdedup(['info', '--output', 'json', plain]).stdout);
@@ -346,7 +393,12 @@ test('read-only: dedup-stats and info leave the file byte for byte as it was', (
   for (const file of [img, dirty, plain]) {
     const before = sha256(file);
     const mtime = statSync(file).mtimeMs;
-    for (const args of [['dedup-stats', file], ['dedup-stats', '--output', 'json', file], ['info', file], ['info', '--output', 'json', file]]) {
+    for (const args of [
+      ['dedup-stats', file],
+      ['dedup-stats', '--output', 'json', file],
+      ['info', file],
+      ['info', '--output', 'json', file],
+    ]) {
       assert.equal(qdedup(args).status, 0, args.join(' '));
       assert.equal(sha256(file), before, `${args.join(' ')} changed the file`);
     }

@@ -9,13 +9,18 @@ import { FingerprintTable, maxSlotsFor, tableBytes } from '../../src/dedup/finge
 /** A seeded stream of (lo, hi) keys: `distinct` keys, drawn with skewed repeats. */
 function keys(distinct: number, draws: number, seed = 1): [number, number][] {
   let x = seed;
-  const rnd = () => { x ^= x << 13; x ^= x >>> 17; x ^= x << 5; return (x >>>= 0); };
+  const rnd = () => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    return (x >>>= 0);
+  };
   const pool: [number, number][] = Array.from({ length: distinct }, () => [rnd(), rnd()]);
   pool[0] = [0, 0]; // the empty-slot pattern is a valid fingerprint too
   return Array.from({ length: draws }, (_, i) => pool[i < distinct ? i : rnd() % Math.max(1, rnd() % distinct)]);
 }
 
-function expected(stream: [number, number][], sample: number, perCopy = Infinity) {
+function expected(stream: [number, number][], sample: number, perCopy = Number.POSITIVE_INFINITY) {
   const m = new Map<string, number>();
   for (const [lo, hi] of stream) if ((lo & (sample - 1)) === 0) m.set(`${lo}:${hi}`, (m.get(`${lo}:${hi}`) ?? 0) + 1);
   const rows = new Map<number, { refcnt: number; contents: number; copies: number; references: number }>();
@@ -37,7 +42,7 @@ test('fingerprint table: exact counts through growth', () => {
   const want = expected(stream, 1);
   assert.equal(t.sample, 1);
   assert.equal(t.size, want.size);
-  assert.deepEqual(t.histogram(Infinity), want.rows);
+  assert.deepEqual(t.histogram(Number.POSITIVE_INFINITY), want.rows);
   assert.deepEqual(t.histogram(3), expected(stream, 1, 3).rows);
 });
 
@@ -50,7 +55,7 @@ test('fingerprint table: at its largest size it samples, and kept counts stay ex
   assert.equal(t.bytes, tableBytes(4096));
   const want = expected(stream, t.sample);
   assert.equal(t.size, want.size);
-  assert.deepEqual(t.histogram(Infinity), want.rows);
+  assert.deepEqual(t.histogram(Number.POSITIVE_INFINITY), want.rows);
 });
 
 test('fingerprint table: the memory bound holds while it grows', () => {

@@ -109,7 +109,10 @@ describe('foreign writers', { skip: NO_QEMU }, () => {
           // The old store's clusters still count as used (leaked): never written, and the fresh store is elsewhere.
           assert.ok(bytesOf(img, old).equals(oldBytes), "the old store's clusters were not written");
           const fresh = await storeRanges(img);
-          assert.ok(fresh.every(([o]) => !old.some(([p, n]) => o >= p && o < p + n)), 'the fresh store is elsewhere');
+          assert.ok(
+            fresh.every(([o]) => !old.some(([p, n]) => o >= p && o < p + n)),
+            'the fresh store is elsewhere',
+          );
         }
         compareWithShadow(img, shadow, dir, foreign);
         const chk = qemuCheck(img);
@@ -144,7 +147,9 @@ describe('kill -9 during a long write', { skip: NO_QEMU }, () => {
       const child = spawn(process.execPath, [BIN, 'write', '-q', '-i', input, img, String(8 << 20)], { stdio: 'ignore' });
       const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
       let running = true;
-      void exited.then(() => { running = false; });
+      void exited.then(() => {
+        running = false;
+      });
       while (running && !dirtyOnDisk(img)) await new Promise((r) => setTimeout(r, 5));
       const started = Date.now();
       assert.equal(await exited, 0, 'the calibration write');
@@ -166,7 +171,9 @@ describe('kill -9 during a long write', { skip: NO_QEMU }, () => {
       const child = spawn(process.execPath, [BIN, 'write', '-q', '-i', input, img, String(8 << 20)], { stdio: 'ignore' });
       const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
       let running = true;
-      void exited.then(() => { running = false; });
+      void exited.then(() => {
+        running = false;
+      });
       while (running && !dirtyOnDisk(img)) await new Promise((r) => setTimeout(r, 5));
       const delay = rng.int(0, Math.max(20, Math.floor(span * 0.8)));
       const timer = setTimeout(() => child.kill('SIGKILL'), delay);

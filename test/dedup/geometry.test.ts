@@ -19,7 +19,7 @@ function stats(img: string): Record<string, any> {
   return JSON.parse(qdedupOk(['dedup-stats', '--output', 'json', img]).stdout);
 }
 
-test('dedup_order past twice the disk\'s clusters is refused, naming the largest; that one works', () => {
+test("dedup_order past twice the disk's clusters is refused, naming the largest; that one works", () => {
   for (const order of [19, 20, 14]) {
     const r = qdedup(['create', '-o', `dedup_order=${order}`, join(dir, `o${order}.qcow2`), '64M']);
     assert.equal(r.status, 1, `order ${order}`);
@@ -53,7 +53,9 @@ for (const { size, clusterSize, order } of [
     const theirs = statSync(plain);
     const s = stats(img);
     const storeBytes = s['metadata-clusters'] * clusterSize;
-    console.log(`# create ${size}/${clusterSize}: ${ms.toFixed(0)} ms; apparent ${ours.size} bytes (qemu-img ${theirs.size}; store ${storeBytes}), on disk ${ours.blocks * 512} bytes (qemu-img ${theirs.blocks * 512})`);
+    console.log(
+      `# create ${size}/${clusterSize}: ${ms.toFixed(0)} ms; apparent ${ours.size} bytes (qemu-img ${theirs.size}; store ${storeBytes}), on disk ${ours.blocks * 512} bytes (qemu-img ${theirs.blocks * 512})`,
+    );
     assert.equal(JSON.parse(qdedupOk(['info', '--output', 'json', img]).stdout)['format-specific'].data.dedup.order, order);
     // About 0.6 s (2 TiB) and 1.9 s (128 GiB at 512 B) on an idle machine, 3 times that under
     // load; the bound leaves room for a loaded CI machine (the 512-byte case took 26 s before).

@@ -42,7 +42,10 @@ test('hits are found youngest first with about one disk read each; misses read n
   assert.equal(hs.ramBytes, hs.filterRamBytes + 6 * 64 * 48, 'and the six tables, cached when they were written');
   // Reloading from records gives the same answers.
   const again = new HashStore(file, ORDER, CLUSTER, 0);
-  await again.load(hs.incarnations.map((i) => i.record), hs.limbo);
+  await again.load(
+    hs.incarnations.map((i) => i.record),
+    hs.limbo,
+  );
   assert.equal((await again.lookup(h(123)))?.entry.firstGuestOffset, 123 * CLUSTER);
 });
 
@@ -52,7 +55,11 @@ test('a tombstone in a younger incarnation shadows the older entry', async () =>
   await freezeRange(hs, 0, 10, 0, next);
   const store = new LogStore(ORDER);
   store.put(h(3), 0, 3 * CLUSTER, SLOT_TOMBSTONE);
-  await hs.freeze(store, 1, 1, async () => { const o = next.offset; next.offset += 0x10000; return o; });
+  await hs.freeze(store, 1, 1, async () => {
+    const o = next.offset;
+    next.offset += 0x10000;
+    return o;
+  });
   assert.equal((await hs.lookup(h(3)))?.tombstone, true);
   assert.equal((await hs.lookup(h(4)))?.tombstone, false);
 });
@@ -65,7 +72,10 @@ test('FIFO: beyond the maximum the oldest is forgotten and its area reused from 
   const firstArea = hs.incarnations[1].record.offset;
   await freezeRange(hs, 40, 60, 2, next);
   assert.equal(hs.incarnations.length, 2);
-  assert.deepEqual(hs.limbo.map((l) => l.offset), [firstArea]);
+  assert.deepEqual(
+    hs.limbo.map((l) => l.offset),
+    [firstArea],
+  );
   assert.equal(await hs.lookup(h(5)), null); // forgotten: only the ratio drops
   assert.ok(await hs.lookup(h(45)));
   const allocatedBefore = next.offset;
@@ -84,7 +94,10 @@ test('slot cache: bounded, filled by freezes and by reads, never stale after an 
   const PIECE = PIECE_SLOTS * 48;
   const cache = new SlotCache(5 * PIECE);
   let reads = 0;
-  const read = (offset: number, length: number) => { reads++; return file.readSync(offset, length); };
+  const read = (offset: number, length: number) => {
+    reads++;
+    return file.readSync(offset, length);
+  };
   const SLOTS = 100; // two pieces: 85 + 15 slots
   const table = (fill: number) => Buffer.alloc(SLOTS * 48, fill);
   const at = (i: number) => 0x10000 * (i + 1);

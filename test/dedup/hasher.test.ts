@@ -157,7 +157,11 @@ test('hashClusters is hash() of each cluster, for every algorithm and cluster si
         const all = h.hashClusters(input, clusterSize);
         assert.equal(all.length, n * HASH_BYTES);
         for (let i = 0; i < n; i++) {
-          assert.deepEqual(all.subarray(i * 32, i * 32 + 32), h.hash(input.subarray(i * clusterSize, (i + 1) * clusterSize)), `${alg} ${clusterSize} cluster ${i}`);
+          assert.deepEqual(
+            all.subarray(i * 32, i * 32 + 32),
+            h.hash(input.subarray(i * clusterSize, (i + 1) * clusterSize)),
+            `${alg} ${clusterSize} cluster ${i}`,
+          );
         }
         assert.deepEqual(all.subarray(0, 32), all.subarray(5 * 32, 6 * 32));
         assert.notDeepEqual(all.subarray(0, 32), all.subarray(32, 64));
@@ -177,7 +181,7 @@ function sharedCopy(data: Buffer, at = 0): Buffer {
   return b.subarray(at, at + data.length);
 }
 
-test('ChunkHasher: the worker gives the main thread\'s digests and finds zero clusters, in shared memory or not', async () => {
+test("ChunkHasher: the worker gives the main thread's digests and finds zero clusters, in shared memory or not", async () => {
   const data = crypto.randomBytes(64 * 4096 + 100);
   data.fill(0, 100 + 5 * 4096, 100 + 7 * 4096); // clusters 5 and 6 (from byte 100) are zero
   for (const alg of SUPPORTED_HASH_ALGORITHMS) {

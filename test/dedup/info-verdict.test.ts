@@ -26,7 +26,10 @@ function assertSameVerdict(img: string, label: string): void {
     assert.equal(w.stderr, '', `${label}: info says trusted, and the write keeps the index`);
   } else {
     assert.ok(info.reason, label);
-    assert.ok(w.stderr.includes(`dedup index not trusted: ${info.reason}; starting a fresh index`), `${label}: info said "${info.reason}", the write said: ${w.stderr}`);
+    assert.ok(
+      w.stderr.includes(`dedup index not trusted: ${info.reason}; starting a fresh index`),
+      `${label}: info said "${info.reason}", the write said: ${w.stderr}`,
+    );
   }
   assert.equal(infoDedup(img).trusted, true, `${label}: trusted after the write`);
 }
@@ -52,7 +55,7 @@ test('info says what the next write will do: clean, dedup dirty flag, QCOW2 dirt
   const q = readFileSync(qcowDirty);
   q.writeBigUInt64BE(q.readBigUInt64BE(72) | 1n, 72); // incompatible bit 0: refcounts not written back
   writeFileSync(qcowDirty, q);
-  assert.equal(infoDedup(qcowDirty).trusted, false, 'the write\'s open rebuilds the refcounts and drops the index');
+  assert.equal(infoDedup(qcowDirty).trusted, false, "the write's open rebuilds the refcounts and drops the index");
   assert.match(infoDedup(qcowDirty).reason!, /QCOW2 dirty bit/);
   assertSameVerdict(qcowDirty, 'QCOW2 dirty bit');
 

@@ -59,7 +59,14 @@ function damage(block: Buffer, kind: Kind, expected: number, stale: number, vari
     case 'torn-prefix': {
       // Only the first 512-byte sector of the block reached the disk; the rest is what the
       // area held before: zeros (never written), or an older block's bytes.
-      const before = variant === 1 ? encodeJournalBlock(bs, stale, Array.from({ length: count + 1 }, (_, i) => entry(`old ${i}`, i))) : Buffer.alloc(bs);
+      const before =
+        variant === 1
+          ? encodeJournalBlock(
+              bs,
+              stale,
+              Array.from({ length: count + 1 }, (_, i) => entry(`old ${i}`, i)),
+            )
+          : Buffer.alloc(bs);
       before.copy(out, 512, 512);
       return out;
     }
@@ -130,7 +137,11 @@ test('every kind of damage at 3 positions stops replayJournal() and the scan at 
       assert.deepEqual(strip(r.entries), written.slice(0, b).flat(), `${what}: exactly the entries before the damage`);
       const scan = await scanJournal(damaged, desc, bs);
       assert.deepEqual(scan.stop, r.stop, what);
-      assert.deepEqual(scan.blocks.filter((x) => x.replayed).map((x) => x.index), [...Array(b).keys()], `${what}: replayed blocks`);
+      assert.deepEqual(
+        scan.blocks.filter((x) => x.replayed).map((x) => x.index),
+        [...Array(b).keys()],
+        `${what}: replayed blocks`,
+      );
       assert.equal(scan.replayedEntries, b * 12);
       assert.equal(scan.blocks[b].verdict, EXPECT[kind].verdict);
       // Blocks after the damage that are still whole are shown, marked unused.
@@ -149,11 +160,24 @@ const cluster = (tag: string) => clusterOf(tag, CS);
 const ok = (args: string[]) => qdedupOk(args).stdout;
 
 type DumpJournal = {
-  index: number; role: string; offset: number; 'start-sequence': number; 'blocks-total': number;
-  'replay-stop': { block: number; verdict: string; reason: string }; 'entries-replayed': number;
+  index: number;
+  role: string;
+  offset: number;
+  'start-sequence': number;
+  'blocks-total': number;
+  'replay-stop': { block: number; verdict: string; reason: string };
+  'entries-replayed': number;
   blocks: { index: number; replayed: boolean; verdict: string; 'entry-count': number; entries: { hash: string; deleted: boolean; 'host-offset': number }[] }[];
 };
-type Dump = { trusted: boolean; 'index-kept': boolean; 'index-reason': string; 'current-journal': number; 'config-offset': number; 'journal-block-size': number; journals: DumpJournal[] };
+type Dump = {
+  trusted: boolean;
+  'index-kept': boolean;
+  'index-reason': string;
+  'current-journal': number;
+  'config-offset': number;
+  'journal-block-size': number;
+  journals: DumpJournal[];
+};
 const dump = (file: string): Dump => JSON.parse(ok(['journal-dump', '--output', 'json', file]));
 const current = (d: Dump) => d.journals[d['current-journal']];
 
@@ -227,8 +251,16 @@ test('through the CLI: damage stops replay in journal-dump; the next write drops
       assert.ok(readFileSync(img).equals(before), `${what}: journal-dump wrote to the file`);
       const j = current(d);
       assert.deepEqual([j['replay-stop'].block, j['replay-stop'].verdict], [b, EXPECT[kind].verdict], `${what}: ${j['replay-stop'].reason}`);
-      assert.deepEqual(j.blocks.filter((x) => x.replayed).map((x) => x.index), [...Array(b).keys()], what);
-      assert.equal(j['entries-replayed'], baseJournal.blocks.slice(0, b).reduce((n, x) => n + x['entry-count'], 0), what);
+      assert.deepEqual(
+        j.blocks.filter((x) => x.replayed).map((x) => x.index),
+        [...Array(b).keys()],
+        what,
+      );
+      assert.equal(
+        j['entries-replayed'],
+        baseJournal.blocks.slice(0, b).reduce((n, x) => n + x['entry-count'], 0),
+        what,
+      );
       assert.equal(d['index-kept'], !EXPECT[kind].drops, `${what}: ${d['index-reason']}`);
 
       // The next write: every content ever written, again, at fresh guest offsets.
@@ -261,7 +293,9 @@ test('through the CLI: damage stops replay in journal-dump; the next write drops
     }
   }
   assert.equal(cliCases, 18);
-  console.log(`journal damage: ${inProcessCases} cases in replayJournal() + ${cliCases} through the CLI (${KINDS.length} kinds x 3 positions), replay stopped at the damage in all; next write dropped the store (with a notice) in ${droppedCases}; guest data byte-exact and qemu-img check without corruption in all (${((Date.now() - t0) / 1000).toFixed(1)} s)`);
+  console.log(
+    `journal damage: ${inProcessCases} cases in replayJournal() + ${cliCases} through the CLI (${KINDS.length} kinds x 3 positions), replay stopped at the damage in all; next write dropped the store (with a notice) in ${droppedCases}; guest data byte-exact and qemu-img check without corruption in all (${((Date.now() - t0) / 1000).toFixed(1)} s)`,
+  );
 });
 
 /** Per-image copies of the base shadow (each case diverges from the base). */
@@ -302,7 +336,10 @@ test('a planted stale index entry (hash of A, cluster holding B) never links A t
     const planted = current(dump(img));
     assert.deepEqual([planted['replay-stop'].block, planted['entries-replayed']], [1, 2], 'the planted block replays');
     const w = qdedupOk(['write', '-q', '-P', '0xaa', img, '4k', '4k']); // A: the index says "B's cluster"
-    assert.equal(w.stderr, `qdedup: ${img}: warning: 1 dedup index entry names a cluster holding other content; not used (a damaged index: 'qdedup check --deep' lists such entries)\n`);
+    assert.equal(
+      w.stderr,
+      `qdedup: ${img}: warning: 1 dedup index entry names a cluster holding other content; not used (a damaged index: 'qdedup check --deep' lists such entries)\n`,
+    );
     const readA = qdedup(['read', '-q', '-P', '0xaa', img, '4k', '4k']);
     assert.equal(readA.status, 0, `verify ${verify}: A was linked to B: ${readA.stderr}`);
     ok(['read', '-q', '-P', '0xbb', img, '0', '4k']);
@@ -310,7 +347,9 @@ test('a planted stale index entry (hash of A, cluster holding B) never links A t
     assert.equal(io.status, 0, io.stderr);
     assert.doesNotMatch(io.stdout + io.stderr, /verification failed/i);
     // The refused link became a new cluster, indexed under A's hash with its own host offset.
-    const entries = current(dump(img)).blocks.filter((x) => x.replayed).flatMap((x) => x.entries);
+    const entries = current(dump(img))
+      .blocks.filter((x) => x.replayed)
+      .flatMap((x) => x.entries);
     const aEntries = entries.filter((e) => e.hash === sha(A) && !e.deleted);
     assert.equal(aEntries.length, 2);
     assert.notEqual(aEntries[1]['host-offset'], b['host-offset']);
@@ -320,26 +359,30 @@ test('a planted stale index entry (hash of A, cluster holding B) never links A t
 
 // ------------------------------------------------------------------ regression: a lost deletion (found by this harness)
 
-test('a zeroed or stale journal block that held a deletion must not let a later write link to a reused cluster', {
-  skip: NO_QEMU,
-}, () => {
-  const wrong: string[] = [];
-  for (const kind of ['zeroed', 'old-sequence'] as const) {
-    const img = join(dir, `lost-deletion-${kind}.qcow2`);
-    ok(['create', '-q', img, '64M', '-o', 'dedup_order=5,dedup_journal_block=512']);
-    ok(['write', '-q', '-P', '0x11', img, '0', '4k']); // A at cluster X: block 0 [A→X]
-    ok(['write', '-q', '-P', '0x22', img, '0', '4k']); // rewrite: block 1 [C→Y, delete A]; X freed
-    const j = current(dump(img));
-    assert.ok(j.blocks[1].entries.some((e) => e.deleted));
-    const bs = 512;
-    const at = j.offset + bs;
-    // Zeroed, or the same entries under block 0's sequence number (a checksummed block that is not block 1's).
-    const entries = decodeJournalBlock(readAt(img, at, bs), j['start-sequence'] + 1).entries.map(({ offsetInBlock, ...e }) => e);
-    writeAt(img, at, kind === 'zeroed' ? Buffer.alloc(bs) : encodeJournalBlock(bs, j['start-sequence'], entries));
-    assert.equal(current(dump(img))['replay-stop'].block, 1);
-    ok(['write', '-q', '-P', '0x33', img, '4k', '4k']); // B: a new cluster — X, free again
-    ok(['write', '-q', '-P', '0x11', img, '8k', '4k']); // A again: the stale A→X entry
-    if (qdedup(['read', '-q', '-P', '0x11', img, '8k', '4k']).status !== 0) wrong.push(kind);
-  }
-  assert.deepEqual(wrong, [], `A at 8k reads back as B (linked to the reused cluster) after: ${wrong.join(', ')}`);
-});
+test(
+  'a zeroed or stale journal block that held a deletion must not let a later write link to a reused cluster',
+  {
+    skip: NO_QEMU,
+  },
+  () => {
+    const wrong: string[] = [];
+    for (const kind of ['zeroed', 'old-sequence'] as const) {
+      const img = join(dir, `lost-deletion-${kind}.qcow2`);
+      ok(['create', '-q', img, '64M', '-o', 'dedup_order=5,dedup_journal_block=512']);
+      ok(['write', '-q', '-P', '0x11', img, '0', '4k']); // A at cluster X: block 0 [A→X]
+      ok(['write', '-q', '-P', '0x22', img, '0', '4k']); // rewrite: block 1 [C→Y, delete A]; X freed
+      const j = current(dump(img));
+      assert.ok(j.blocks[1].entries.some((e) => e.deleted));
+      const bs = 512;
+      const at = j.offset + bs;
+      // Zeroed, or the same entries under block 0's sequence number (a checksummed block that is not block 1's).
+      const entries = decodeJournalBlock(readAt(img, at, bs), j['start-sequence'] + 1).entries.map(({ offsetInBlock, ...e }) => e);
+      writeAt(img, at, kind === 'zeroed' ? Buffer.alloc(bs) : encodeJournalBlock(bs, j['start-sequence'], entries));
+      assert.equal(current(dump(img))['replay-stop'].block, 1);
+      ok(['write', '-q', '-P', '0x33', img, '4k', '4k']); // B: a new cluster — X, free again
+      ok(['write', '-q', '-P', '0x11', img, '8k', '4k']); // A again: the stale A→X entry
+      if (qdedup(['read', '-q', '-P', '0x11', img, '8k', '4k']).status !== 0) wrong.push(kind);
+    }
+    assert.deepEqual(wrong, [], `A at 8k reads back as B (linked to the reused cluster) after: ${wrong.join(', ')}`);
+  },
+);

@@ -26,16 +26,50 @@ const ok = (args: string[]) => qdedupOk(args).stdout;
 
 // Parsed `journal-dump --output json`.
 type Dump = {
-  trusted: boolean; 'autoclear-bit': boolean; dirty: boolean; 'journal-block-size': number; 'entries-per-block': number;
-  'config-offset': number; 'current-journal': number; 'index-kept': boolean; 'index-reason': string; 'hash-algorithm': string;
+  trusted: boolean;
+  'autoclear-bit': boolean;
+  dirty: boolean;
+  'journal-block-size': number;
+  'entries-per-block': number;
+  'config-offset': number;
+  'current-journal': number;
+  'index-kept': boolean;
+  'index-reason': string;
+  'hash-algorithm': string;
   journals: {
-    index: number; role: string; offset: number; 'blocks-total': number; 'start-sequence': number;
+    index: number;
+    role: string;
+    offset: number;
+    'blocks-total': number;
+    'start-sequence': number;
     'replay-stop': { block: number; verdict: string; reason: string };
-    'blocks-replayed': number; 'entries-replayed': number; insertions: number; deletions: number; 'live-hashes': number; 'deleted-hashes': number; 'entries-omitted': number;
+    'blocks-replayed': number;
+    'entries-replayed': number;
+    insertions: number;
+    deletions: number;
+    'live-hashes': number;
+    'deleted-hashes': number;
+    'entries-omitted': number;
     blocks: {
-      index: number; offset: number; 'expected-sequence': number; sequence: number | null; 'checksum-valid': boolean | null;
-      verdict: string; reason: string; replayed: boolean; 'entry-count': number;
-      entries: { 'journal-offset': number; offset: number; type: string; size: number; hash: string; 'host-offset': number; 'guest-offset': number; deleted: boolean }[];
+      index: number;
+      offset: number;
+      'expected-sequence': number;
+      sequence: number | null;
+      'checksum-valid': boolean | null;
+      verdict: string;
+      reason: string;
+      replayed: boolean;
+      'entry-count': number;
+      entries: {
+        'journal-offset': number;
+        offset: number;
+        type: string;
+        size: number;
+        hash: string;
+        'host-offset': number;
+        'guest-offset': number;
+        deleted: boolean;
+      }[];
     }[];
   }[];
 };
@@ -60,7 +94,10 @@ test('journal-dump figures match a known workload: one entry per unique cluster,
   assert.equal(j['entries-replayed'], 16);
   assert.deepEqual([j.insertions, j.deletions, j['live-hashes']], [16, 0, 16]);
   assert.deepEqual(j['replay-stop'], { block: 2, verdict: 'empty', reason: 'block never written (all zero)' });
-  assert.deepEqual(j.blocks.filter((b) => b.replayed).map((b) => b['entry-count']), [9, 7]);
+  assert.deepEqual(
+    j.blocks.filter((b) => b.replayed).map((b) => b['entry-count']),
+    [9, 7],
+  );
   const entries = j.blocks.flatMap((b) => b.entries);
   entries.forEach((e, i) => {
     assert.equal(e.hash, sha(clusters[i]), `entry ${i} hash`);
@@ -94,7 +131,10 @@ test('journal-dump figures match a known workload: one entry per unique cluster,
   const deletions = all.filter((e) => e.deleted);
   assert.deepEqual(deletions.map((e) => e.hash).sort(), clusters.slice(0, 4).map(sha).sort());
   const lastInsert = Math.max(...all.filter((e) => !e.deleted).map((e) => e['journal-offset']));
-  assert.ok(deletions.every((e) => e['journal-offset'] > lastInsert), 'deletions come after the insertions');
+  assert.ok(
+    deletions.every((e) => e['journal-offset'] > lastInsert),
+    'deletions come after the insertions',
+  );
   assert.equal(all.find((e) => !e.deleted && e.hash === sha(Buffer.alloc(CS, 0xee)))?.['guest-offset'], 0);
   assert.equal(j['replay-stop'].block, 4); // sessions wrote blocks 0–1, 2, 3
 
@@ -104,7 +144,10 @@ test('journal-dump figures match a known workload: one entry per unique cluster,
   assert.match(text, /^journal block size: 512 bytes \(9 hash entries a block\)$/m);
   assert.match(text, /^journal 0 \(current\): offset 0x[0-9a-f]+, \d+ blocks, start sequence 0$/m);
   assert.match(text, /^journal 1 \(frozen\): /m);
-  assert.equal(text.match(/^ {4}entry \+\d+ \(0x[0-9a-f]+\): hash, 52 bytes, host 0x[0-9a-f]+, guest 0x[0-9a-f]+, deleted (yes|no), hash [0-9a-f]{64}$/gm)?.length, 21);
+  assert.equal(
+    text.match(/^ {4}entry \+\d+ \(0x[0-9a-f]+\): hash, 52 bytes, host 0x[0-9a-f]+, guest 0x[0-9a-f]+, deleted (yes|no), hash [0-9a-f]{64}$/gm)?.length,
+    21,
+  );
   assert.equal(text.match(/deleted yes/g)?.length, 4);
   assert.match(text, /^ {2}block 0 at 0x[0-9a-f]+: sequence 0 \(expected 0\), checksum ok, valid, 9 entries$/m);
   assert.match(text, /^ {2}replay stops at block 4: empty \(block never written \(all zero\)\)$/m);
@@ -160,7 +203,10 @@ test('after a freeze: current and frozen journals named, stale blocks of the res
   assert.ok(cur['entries-replayed'] > 0 && cur['entries-replayed'] < 24);
   assert.equal(d['index-kept'], true);
   const text = ok(['journal-dump', img]);
-  assert.match(text, /^ {2}block 0 at 0x[0-9a-f]+: sequence 0 \(expected \d+\), checksum ok, bad-sequence: sequence 0, expected \d+ \(a stale block\), not replayed$/m);
+  assert.match(
+    text,
+    /^ {2}block 0 at 0x[0-9a-f]+: sequence 0 \(expected \d+\), checksum ok, bad-sequence: sequence 0, expected \d+ \(a stale block\), not replayed$/m,
+  );
   assert.match(text, /^journal 1 \(current\): /m);
 });
 

@@ -12,7 +12,10 @@ test('appended entries replay in order, across full and partly filled blocks', a
   const file = new MemFile();
   const j = new Journal(file, desc, 512); // 9 entries a block
   const written: JournalEntry[] = [];
-  for (let i = 0; i < 12; i++) { j.append(entry(i)); written.push(entry(i)); }
+  for (let i = 0; i < 12; i++) {
+    j.append(entry(i));
+    written.push(entry(i));
+  }
   await j.flush(); // block 0 full, block 1 holds 3
   assert.equal(j.blocksUsed, 3); // the 3 pending entries will go to block 2
   j.append(entry(5, true));

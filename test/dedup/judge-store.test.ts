@@ -42,15 +42,55 @@ const configOffset = (b: Buffer, ext: number) => Number(b.readBigUInt64BE(ext + 
 
 const CASES: { name: DistrustReason | 'trusted'; damage: (b: Buffer, ext: number) => void; text: RegExp }[] = [
   { name: 'trusted', damage: () => {}, text: /^$/ },
-  { name: 'extension', damage: (b, ext) => { b[ext + 3] = 30; }, text: /^dedup header extension: store order 30 above 20$/ },
-  { name: 'algorithm', damage: (b, ext) => { b[ext + 1] = 2; }, text: /skein \(2\) is not supported/ },
+  {
+    name: 'extension',
+    damage: (b, ext) => {
+      b[ext + 3] = 30;
+    },
+    text: /^dedup header extension: store order 30 above 20$/,
+  },
+  {
+    name: 'algorithm',
+    damage: (b, ext) => {
+      b[ext + 1] = 2;
+    },
+    text: /skein \(2\) is not supported/,
+  },
   { name: 'qcow2-dirty', damage: (b) => b.writeBigUInt64BE(b.readBigUInt64BE(72) | 1n, 72), text: /^the QCOW2 dirty bit is set/ },
-  { name: 'autoclear', damage: (b) => { b[88] &= ~0x10; }, text: /^dedup autoclear bit 60 is clear/ },
-  { name: 'dirty', damage: (b, ext) => { b[ext + 2] |= 1; }, text: /^the image was not closed cleanly \(dedup dirty flag set\)$/ },
-  { name: 'configuration', damage: (b, ext) => { b[configOffset(b, ext) + 4] ^= 0xff; }, text: /^dedup configuration area: checksum mismatch$/ },
-  { name: 'journal', damage: (b) => { b[journalOffset(b) + 100] ^= 0x40; }, text: /^journal 0 block 0 is damaged \(checksum mismatch/ },
+  {
+    name: 'autoclear',
+    damage: (b) => {
+      b[88] &= ~0x10;
+    },
+    text: /^dedup autoclear bit 60 is clear/,
+  },
+  {
+    name: 'dirty',
+    damage: (b, ext) => {
+      b[ext + 2] |= 1;
+    },
+    text: /^the image was not closed cleanly \(dedup dirty flag set\)$/,
+  },
+  {
+    name: 'configuration',
+    damage: (b, ext) => {
+      b[configOffset(b, ext) + 4] ^= 0xff;
+    },
+    text: /^dedup configuration area: checksum mismatch$/,
+  },
+  {
+    name: 'journal',
+    damage: (b) => {
+      b[journalOffset(b) + 100] ^= 0x40;
+    },
+    text: /^journal 0 block 0 is damaged \(checksum mismatch/,
+  },
   // The configuration area's cluster counted twice: not the store's alone.
-  { name: 'area', damage: (b, ext) => b.writeUInt16BE(2, firstRefblock(b) + (configOffset(b, ext) / 4096) * 2), text: /^dedup configuration area at 0x[0-9a-f]+: cluster 0x[0-9a-f]+ has refcount 2, not 1$/ },
+  {
+    name: 'area',
+    damage: (b, ext) => b.writeUInt16BE(2, firstRefblock(b) + (configOffset(b, ext) / 4096) * 2),
+    text: /^dedup configuration area at 0x[0-9a-f]+: cluster 0x[0-9a-f]+ has refcount 2, not 1$/,
+  },
 ];
 
 /** Journal 0's offset in the prepared image (read with journal-dump). */
@@ -118,5 +158,9 @@ test('judgeStore: the same verdict, named reason and text from the library, info
     else assert.ok(w.stderr.includes(`dedup index not trusted: ${reason}; `) && w.stderr.includes('starting a fresh index'), `${c.name}: ${w.stderr}`);
     assert.equal(json(['info', '--output', 'json', copy])['format-specific'].data.dedup.trusted, true, `${c.name}: trusted after the write`);
   }
-  assert.deepEqual([...seen].filter((n) => n !== 'trusted').sort(), DISTRUST_REASONS.filter((r) => r !== 'store').sort(), 'every reason a file can reach is exercised');
+  assert.deepEqual(
+    [...seen].filter((n) => n !== 'trusted').sort(),
+    DISTRUST_REASONS.filter((r) => r !== 'store').sort(),
+    'every reason a file can reach is exercised',
+  );
 });

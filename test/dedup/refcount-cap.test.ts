@@ -82,7 +82,7 @@ for (const { bits, cap, clusterSize } of [
   });
 }
 
-test('refcount_bits=4: the issue\'s cases (15 and 8 equal clusters in one write) succeed under the cap', { skip: NO_QEMU }, async () => {
+test("refcount_bits=4: the issue's cases (15 and 8 equal clusters in one write) succeed under the cap", { skip: NO_QEMU }, async () => {
   const w = workFolder('qdedup-cap-issue-');
   for (const clusters of [15, 8]) {
     const img = w.create('64M', 'refcount_bits=4');
@@ -105,7 +105,7 @@ for (const bits of [32, 64]) {
     const w = workFolder(`qdedup-cap-${bits}-`);
     const img = w.create('16M', `refcount_bits=${bits}`);
     const image = await openForWrite(img);
-    assert.equal(dedupOf(image)!.cap, Math.floor(image.refcountState!.max / 2), 'half the width\'s maximum');
+    assert.equal(dedupOf(image)!.cap, Math.floor(image.refcountState!.max / 2), "half the width's maximum");
     dedupOf(image)!.cap = 7;
     const data = Buffer.alloc(40 * 4096, 0x5a);
     await image.write(0, data); // one batch

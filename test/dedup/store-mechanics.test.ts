@@ -96,7 +96,7 @@ test('tiny store: freezes, hits in incarnations, FIFO eviction with limbo reuse,
     packs += dedupOf(image)!.store.packs;
     await image.close();
   }
-  assert.ok(packs >= 1, "the journal was packed when full (each session takes a block: 30 sessions, 18 blocks)");
+  assert.ok(packs >= 1, 'the journal was packed when full (each session takes a block: 30 sessions, 18 blocks)');
   const dump = qdedup(['journal-dump', '--output', 'json', img]);
   assert.equal(dump.status, 0, dump.stderr);
   const d = JSON.parse(dump.stdout);
@@ -142,7 +142,11 @@ test('entries from disk are compared once per session at their first hit; entrie
   image = await openForWrite(img);
   await image.write(2 << 20, recent);
   const second = dedupOf(image)!;
-  assert.deepEqual([second.counters.hits, second.counters.compared, second.counters.mismatches], [n, n, 0], 'next session: each entry compared at its first hit');
+  assert.deepEqual(
+    [second.counters.hits, second.counters.compared, second.counters.mismatches],
+    [n, n, 0],
+    'next session: each entry compared at its first hit',
+  );
   await image.write(3 << 20, recent);
   assert.deepEqual([second.counters.hits, second.counters.compared], [2 * n, n], 'compared once: a confirmed entry is linked without a read');
   await image.close();

@@ -9,7 +9,11 @@ const G: StoreGeometry = { order: 3, clusterSize: 512, journalBlockSize: 512, ma
 
 function allocator() {
   let next = 0x100000;
-  return async (clusters: number) => { const o = next; next += clusters * 512; return o; };
+  return async (clusters: number) => {
+    const o = next;
+    next += clusters * 512;
+    return o;
+  };
 }
 
 test('inserts across many freezes stay findable; the store reopens from its configuration', async () => {

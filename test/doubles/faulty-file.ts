@@ -42,7 +42,11 @@ export class FaultyFile implements BlockFile {
   private readonly durable: MemFile;
   private pending: PendingWrite[] = [];
 
-  constructor(path: string, initial: Buffer, private readonly plan: FaultPlan = {}) {
+  constructor(
+    path: string,
+    initial: Buffer,
+    private readonly plan: FaultPlan = {},
+  ) {
     this.path = path;
     this.live = new MemFile(path, initial);
     this.durable = new MemFile(path, initial);
@@ -128,7 +132,10 @@ export class FaultyFile implements BlockFile {
     const disk = new MemFile(this.path, this.durable.bytes());
     let x = seed >>> 0 || 1;
     const random = () => {
-      x ^= x << 13; x ^= x >>> 17; x ^= x << 5; x >>>= 0;
+      x ^= x << 13;
+      x ^= x >>> 17;
+      x ^= x << 5;
+      x >>>= 0;
       return x / 0x1_0000_0000;
     };
     for (const w of this.pending) {
@@ -137,7 +144,7 @@ export class FaultyFile implements BlockFile {
         await disk.write(w.pos, w.data);
       } else if (mode === 'torn') {
         // Some 512-byte disk sectors of the write reach the disk, others do not.
-        for (let at = w.pos; at < w.pos + w.data.length;) {
+        for (let at = w.pos; at < w.pos + w.data.length; ) {
           const end = Math.min(w.pos + w.data.length, (Math.floor(at / 512) + 1) * 512);
           if (random() < 0.5) await disk.write(at, w.data.subarray(at - w.pos, end - w.pos));
           at = end;

@@ -4,7 +4,11 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import {
-  BITMAPS_EXT_BYTES, BITMAP_DIR_ENTRY_FIXED_BYTES, decodeBitmapDirectoryEntry, decodeBitmapTableEntry, decodeBitmapsExtension,
+  BITMAPS_EXT_BYTES,
+  BITMAP_DIR_ENTRY_FIXED_BYTES,
+  decodeBitmapDirectoryEntry,
+  decodeBitmapTableEntry,
+  decodeBitmapsExtension,
 } from '../../src/format/bitmaps.ts';
 
 test('bitmaps extension: count, reserved field, directory size and offset', () => {
@@ -29,7 +33,13 @@ test('directory entry: fields, name after the extra data, padded length', () => 
   dir.writeUInt32BE(extra, 20);
   name.copy(dir, BITMAP_DIR_ENTRY_FIXED_BYTES + extra);
   assert.deepEqual(decodeBitmapDirectoryEntry(dir, 0), {
-    tableOffset: 0x40000n, tableEntries: 1, flags: 2, type: 1, granularityBits: 16, nameSize: 2, extraDataBytes: 4,
+    tableOffset: 0x40000n,
+    tableEntries: 1,
+    flags: 2,
+    type: 1,
+    granularityBits: 16,
+    nameSize: 2,
+    extraDataBytes: 4,
     entryBytes: 32, // 24 + 2 + 4 = 30, padded to 32
     name: 'b0',
   });

@@ -6,10 +6,20 @@ import { CorruptImageError, NotQcow2Error, UnsupportedError } from '../../src/er
 // The first 112 bytes of `qemu-img create -f qcow2 -o cluster_size=4096 x.qcow2 1G`
 // (QEMU 7.2: no feature table at 4 KiB clusters): reftable at 0x1000, L1 at 0x3000.
 const QEMU_4K_1G =
-  '514649fb00000003' + '0000000000000000' + '000000000000000c' + '0000000040000000' +
-  '0000000000000200' + '0000000000003000' + '0000000000001000' + '0000000100000000' +
-  '0000000000000000' + '0000000000000000' + '0000000000000000' + '0000000000000000' +
-  '0000000400000070' + '0000000000000000';
+  '514649fb00000003' +
+  '0000000000000000' +
+  '000000000000000c' +
+  '0000000040000000' +
+  '0000000000000200' +
+  '0000000000003000' +
+  '0000000000001000' +
+  '0000000100000000' +
+  '0000000000000000' +
+  '0000000000000000' +
+  '0000000000000000' +
+  '0000000000000000' +
+  '0000000400000070' +
+  '0000000000000000';
 
 function qemuHeaderBytes(): Buffer {
   const buf = Buffer.alloc(4096);
@@ -40,7 +50,10 @@ test('encodes the same bytes qemu-img wrote (golden hex)', () => {
 
 test('round trip keeps extensions, unknown bytes and the backing name', () => {
   const h: Header = decodeHeader(qemuHeaderBytes());
-  h.extensions = [{ type: EXT_BACKING_FORMAT, data: Buffer.from('qcow2') }, { type: 0x64656475, data: Buffer.from('23 bytes of unknown ext') }];
+  h.extensions = [
+    { type: EXT_BACKING_FORMAT, data: Buffer.from('qcow2') },
+    { type: 0x64656475, data: Buffer.from('23 bytes of unknown ext') },
+  ];
   h.backingFile = 'base image.qcow2';
   h.headerLength = 120;
   h.extraHeaderBytes = Buffer.from('0102030405060708', 'hex');
@@ -61,28 +74,67 @@ test('named refusals', () => {
     patch(b);
     return () => decodeHeader(b);
   };
-  assert.throws(bad((b) => b.writeUInt32BE(0, 0)), NotQcow2Error);
-  assert.throws(bad((b) => b.writeUInt32BE(4, 4)), /unsupported qcow2 version 4/);
-  assert.throws(bad((b) => b.writeUInt32BE(22, 20)), /cluster size: 2\^22/);
-  assert.throws(bad((b) => b.writeUInt32BE(100, 100)), /header too short/);
-  assert.throws(bad((b) => b.writeUInt32BE(7, 96)), /refcount_order 7/);
-  assert.throws(bad((b) => b.writeBigUInt64BE(0x20n, 72)), (e: unknown) => e instanceof UnsupportedError && /Unknown incompatible feature: 20/.test(e.message));
-  assert.throws(bad((b) => b.writeUInt32BE(1, 36)), /L1 table is too small/);
-  assert.throws(bad((b) => b.writeUInt32BE(0x3001, 44)), /not cluster aligned/);
-  assert.throws(bad((b) => b.writeUInt32BE(0, 56)), (e: unknown) => e instanceof CorruptImageError && /reference count table/.test(e.message));
-  assert.throws(bad((b) => b.writeUInt32BE(2, 32)), /encrypted/);
+  assert.throws(
+    bad((b) => b.writeUInt32BE(0, 0)),
+    NotQcow2Error,
+  );
+  assert.throws(
+    bad((b) => b.writeUInt32BE(4, 4)),
+    /unsupported qcow2 version 4/,
+  );
+  assert.throws(
+    bad((b) => b.writeUInt32BE(22, 20)),
+    /cluster size: 2\^22/,
+  );
+  assert.throws(
+    bad((b) => b.writeUInt32BE(100, 100)),
+    /header too short/,
+  );
+  assert.throws(
+    bad((b) => b.writeUInt32BE(7, 96)),
+    /refcount_order 7/,
+  );
+  assert.throws(
+    bad((b) => b.writeBigUInt64BE(0x20n, 72)),
+    (e: unknown) => e instanceof UnsupportedError && /Unknown incompatible feature: 20/.test(e.message),
+  );
+  assert.throws(
+    bad((b) => b.writeUInt32BE(1, 36)),
+    /L1 table is too small/,
+  );
+  assert.throws(
+    bad((b) => b.writeUInt32BE(0x3001, 44)),
+    /not cluster aligned/,
+  );
+  assert.throws(
+    bad((b) => b.writeUInt32BE(0, 56)),
+    (e: unknown) => e instanceof CorruptImageError && /reference count table/.test(e.message),
+  );
+  assert.throws(
+    bad((b) => b.writeUInt32BE(2, 32)),
+    /encrypted/,
+  );
 });
 
 test('the remaining refusals: a v3 header cut short, a virtual size past 2^53, a header that outgrows its cluster; a feature name of the full 46 bytes', () => {
   const b = qemuHeaderBytes();
-  assert.throws(() => decodeHeader(b.subarray(0, 100)), (e: unknown) => e instanceof CorruptImageError && /file ends inside the v3 header/.test(e.message));
+  assert.throws(
+    () => decodeHeader(b.subarray(0, 100)),
+    (e: unknown) => e instanceof CorruptImageError && /file ends inside the v3 header/.test(e.message),
+  );
   const huge = qemuHeaderBytes();
   huge.writeBigUInt64BE(1n << 56n, 24);
-  assert.throws(() => decodeHeader(huge), (e: unknown) => e instanceof UnsupportedError && /virtual size 0x100000000000000 is beyond 2\^53/.test(e.message));
+  assert.throws(
+    () => decodeHeader(huge),
+    (e: unknown) => e instanceof UnsupportedError && /virtual size 0x100000000000000 is beyond 2\^53/.test(e.message),
+  );
 
   const h = decodeHeader(qemuHeaderBytes());
   h.backingFile = 'b'.repeat(4096 - 120 + 1); // header 112 + end marker 8: one byte too many
-  assert.throws(() => encodeHeader(h), (e: unknown) => e instanceof CorruptImageError && /\(4097 bytes\) do not fit in one 4096-byte cluster/.test(e.message));
+  assert.throws(
+    () => encodeHeader(h),
+    (e: unknown) => e instanceof CorruptImageError && /\(4097 bytes\) do not fit in one 4096-byte cluster/.test(e.message),
+  );
   h.backingFile = 'b'.repeat(4096 - 120);
   assert.equal(encodeHeader(h).length, 4096, 'exactly one cluster fits');
 
@@ -95,8 +147,10 @@ test('the remaining refusals: a v3 header cut short, a virtual size past 2^53, a
   named.extensions = [{ type: EXT_FEATURE_TABLE, data: table }];
   named.incompatibleFeatures = 1n << 5n;
   const bytes = encodeHeader(named);
-  assert.throws(() => decodeHeader(Buffer.concat([bytes, Buffer.alloc(4096 - bytes.length)])),
-    (e: unknown) => e instanceof UnsupportedError && e.message.includes(`unsupported qcow2 feature(s): ${'n'.repeat(46)}`) && !e.message.includes('Unknown'));
+  assert.throws(
+    () => decodeHeader(Buffer.concat([bytes, Buffer.alloc(4096 - bytes.length)])),
+    (e: unknown) => e instanceof UnsupportedError && e.message.includes(`unsupported qcow2 feature(s): ${'n'.repeat(46)}`) && !e.message.includes('Unknown'),
+  );
 });
 
 // Found by the CLI fuzzer's soak (fixtures/fuzz-regressions/seed-519412018): an empty table's
@@ -104,7 +158,10 @@ test('the remaining refusals: a v3 header cut short, a virtual size past 2^53, a
 test('an empty table must still be cluster aligned (as QEMU requires); offset 0 is fine for an empty one', () => {
   const noSnapshots = qemuHeaderBytes();
   noSnapshots.writeBigUInt64BE(0x1ffn, 64); // nb_snapshots stays 0
-  assert.throws(() => decodeHeader(noSnapshots), (e: unknown) => e instanceof CorruptImageError && /snapshot table offset 0x1ff is not cluster aligned/.test(e.message));
+  assert.throws(
+    () => decodeHeader(noSnapshots),
+    (e: unknown) => e instanceof CorruptImageError && /snapshot table offset 0x1ff is not cluster aligned/.test(e.message),
+  );
   noSnapshots.writeBigUInt64BE(0x20000n, 64);
   assert.equal(decodeHeader(noSnapshots).snapshotsOffset, 0x20000);
 

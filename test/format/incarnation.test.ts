@@ -3,7 +3,13 @@ import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { LogStore } from '../../src/dedup/log-store.ts';
 import {
-  SLOT_TOMBSTONE, candidateBuckets, decodeFilter, decodeIncarnationSlot, encodeIncarnation, incarnationLayout, tagOf,
+  SLOT_TOMBSTONE,
+  candidateBuckets,
+  decodeFilter,
+  decodeIncarnationSlot,
+  encodeIncarnation,
+  incarnationLayout,
+  tagOf,
 } from '../../src/format/incarnation.ts';
 
 const h = (i: number) => createHash('sha256').update(String(i)).digest();

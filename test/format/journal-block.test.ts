@@ -30,31 +30,118 @@ test('round trip, deleted flag included', () => {
   const entries = [entry(1), entry(2, true), entry(3)];
   const d = decodeJournalBlock(encodeJournalBlock(4096, 42, entries), 42);
   assert.equal(d.verdict, 'valid');
-  assert.deepEqual(d.entries.map(({ offsetInBlock, ...e }) => e), entries);
-  assert.deepEqual(d.entries.map((e) => e.offsetInBlock), [24, 76, 128]);
+  assert.deepEqual(
+    d.entries.map(({ offsetInBlock, ...e }) => e),
+    entries,
+  );
+  assert.deepEqual(
+    d.entries.map((e) => e.offsetInBlock),
+    [24, 76, 128],
+  );
 });
 
 test('damage of every kind is judged, never thrown', () => {
   const good = encodeJournalBlock(512, 3, [entry(1), entry(2)]);
-  const damaged = (f: (b: Buffer) => void) => { const b = Buffer.from(good); f(b); return b; };
+  const damaged = (f: (b: Buffer) => void) => {
+    const b = Buffer.from(good);
+    f(b);
+    return b;
+  };
   assert.equal(decodeJournalBlock(Buffer.alloc(512), 3).verdict, 'empty');
-  assert.equal(decodeJournalBlock(damaged((b) => b.writeUInt32BE(0xdeadbeef, 0)), 3).verdict, 'bad-magic');
-  assert.equal(decodeJournalBlock(damaged((b) => { b[100] ^= 1; }), 3).verdict, 'bad-checksum');
-  assert.equal(decodeJournalBlock(damaged((b) => b.fill(0, 300)), 3).verdict, 'valid'); // padding only
-  assert.equal(decodeJournalBlock(damaged((b) => b.fill(0, 60)), 3).verdict, 'bad-checksum'); // torn
+  assert.equal(
+    decodeJournalBlock(
+      damaged((b) => b.writeUInt32BE(0xdeadbeef, 0)),
+      3,
+    ).verdict,
+    'bad-magic',
+  );
+  assert.equal(
+    decodeJournalBlock(
+      damaged((b) => {
+        b[100] ^= 1;
+      }),
+      3,
+    ).verdict,
+    'bad-checksum',
+  );
+  assert.equal(
+    decodeJournalBlock(
+      damaged((b) => b.fill(0, 300)),
+      3,
+    ).verdict,
+    'valid',
+  ); // padding only
+  assert.equal(
+    decodeJournalBlock(
+      damaged((b) => b.fill(0, 60)),
+      3,
+    ).verdict,
+    'bad-checksum',
+  ); // torn
   assert.equal(decodeJournalBlock(good, 4).verdict, 'bad-sequence');
   // Entry-level damage behind a recomputed checksum: the checksum alone is not trusted.
-  const resign = (f: (b: Buffer) => void) => damaged((b) => { f(b); b.writeUInt32BE(crc32(b.subarray(8)), 4); });
-  assert.equal(decodeJournalBlock(resign((b) => b.writeUInt16BE(0xffff, 18)), 3).verdict, 'bad-entry');
-  assert.equal(decodeJournalBlock(resign((b) => b.writeUInt16BE(300, 26)), 3).verdict, 'bad-entry');
-  assert.equal(decodeJournalBlock(resign((b) => { b[24] = 9; }), 3).verdict, 'bad-entry');
-  assert.equal(decodeJournalBlock(resign((b) => b.writeUInt16BE(3, 16)), 3).verdict, 'bad-entry');
-  assert.equal(decodeJournalBlock(resign((b) => b.writeUInt32BE(0xffffffff, 24 + 4 + 32)), 3).verdict, 'bad-entry');
+  const resign = (f: (b: Buffer) => void) =>
+    damaged((b) => {
+      f(b);
+      b.writeUInt32BE(crc32(b.subarray(8)), 4);
+    });
+  assert.equal(
+    decodeJournalBlock(
+      resign((b) => b.writeUInt16BE(0xffff, 18)),
+      3,
+    ).verdict,
+    'bad-entry',
+  );
+  assert.equal(
+    decodeJournalBlock(
+      resign((b) => b.writeUInt16BE(300, 26)),
+      3,
+    ).verdict,
+    'bad-entry',
+  );
+  assert.equal(
+    decodeJournalBlock(
+      resign((b) => {
+        b[24] = 9;
+      }),
+      3,
+    ).verdict,
+    'bad-entry',
+  );
+  assert.equal(
+    decodeJournalBlock(
+      resign((b) => b.writeUInt16BE(3, 16)),
+      3,
+    ).verdict,
+    'bad-entry',
+  );
+  assert.equal(
+    decodeJournalBlock(
+      resign((b) => b.writeUInt32BE(0xffffffff, 24 + 4 + 32)),
+      3,
+    ).verdict,
+    'bad-entry',
+  );
 });
 
 test('the remaining branches: too many entries to encode, a sequence past 2^53, entry bytes longer than the entries', () => {
-  assert.throws(() => encodeJournalBlock(512, 0, Array.from({ length: 10 }, (_, i) => entry(i))), /10 entries do not fit in a 512-byte journal block/);
-  assert.equal(encodeJournalBlock(512, 0, Array.from({ length: 9 }, (_, i) => entry(i))).length, 512);
+  assert.throws(
+    () =>
+      encodeJournalBlock(
+        512,
+        0,
+        Array.from({ length: 10 }, (_, i) => entry(i)),
+      ),
+    /10 entries do not fit in a 512-byte journal block/,
+  );
+  assert.equal(
+    encodeJournalBlock(
+      512,
+      0,
+      Array.from({ length: 9 }, (_, i) => entry(i)),
+    ).length,
+    512,
+  );
 
   // A sequence number of 2^60: valid checksum, but no expected sequence can match it.
   const far = encodeJournalBlock(512, 0, [entry(1)]);

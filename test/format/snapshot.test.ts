@@ -29,19 +29,50 @@ function rawEntry(o: { extra: Buffer; id: string; name: string; vmState32?: numb
 }
 
 test('the holder entry: golden bytes, and it decodes back', () => {
-  const buf = encodeSnapshotEntry({ l1TableOffset: 0x30000, l1Size: 1, id: '1', name: 'qdedup-dedup-holder', dateSec: 0x65000000, dateNsec: 5, diskSize: 0x40000000 });
+  const buf = encodeSnapshotEntry({
+    l1TableOffset: 0x30000,
+    l1Size: 1,
+    id: '1',
+    name: 'qdedup-dedup-holder',
+    dateSec: 0x65000000,
+    dateNsec: 5,
+    diskSize: 0x40000000,
+  });
   assert.equal(buf.length, 80); // 40 fixed + 16 extra + 1 + 19 = 76, padded to 80
-  assert.equal(buf.subarray(0, 56).toString('hex'),
-    '0000000000030000' + '00000001' + '0001' + '0013' + '65000000' + '00000005' + '0000000000000000' + '00000000' + '00000010' +
-    '0000000000000000' + '0000000040000000');
+  assert.equal(
+    buf.subarray(0, 56).toString('hex'),
+    '0000000000030000' +
+      '00000001' +
+      '0001' +
+      '0013' +
+      '65000000' +
+      '00000005' +
+      '0000000000000000' +
+      '00000000' +
+      '00000010' +
+      '0000000000000000' +
+      '0000000040000000',
+  );
   assert.equal(buf.subarray(56, 76).toString(), '1qdedup-dedup-holder');
   const d = decodeSnapshotEntry(buf, 0, 0x20000);
   assert.ok(d);
   assert.equal(d.length, 80);
-  assert.deepEqual({ ...d.entry }, {
-    l1TableOffset: 0x30000, l1Size: 1, dateSec: 0x65000000, dateNsec: 5, vmClockNsec: 0n, vmStateSize: 0n,
-    id: '1', name: 'qdedup-dedup-holder', tableOffset: 0x20000, byteLength: 80, extraDataBytes: 16,
-  });
+  assert.deepEqual(
+    { ...d.entry },
+    {
+      l1TableOffset: 0x30000,
+      l1Size: 1,
+      dateSec: 0x65000000,
+      dateNsec: 5,
+      vmClockNsec: 0n,
+      vmStateSize: 0n,
+      id: '1',
+      name: 'qdedup-dedup-holder',
+      tableOffset: 0x20000,
+      byteLength: 80,
+      extraDataBytes: 16,
+    },
+  );
 });
 
 test('VM state size: the u32 of the fixed part without extra data, the u64 of the extra data with it; icount from 24 bytes of extra data', () => {
@@ -71,12 +102,18 @@ test('an entry cut short asks for more bytes (null); extra data past QEMU limit 
 
   const big = Buffer.from(whole);
   big.writeUInt32BE(MAX_SNAPSHOT_EXTRA + 1, 36);
-  assert.throws(() => decodeSnapshotEntry(big, 0, 0x10000), (e: unknown) => e instanceof CorruptImageError && /snapshot entry at 0x10000: extra data too large \(1025 bytes\)/.test(e.message));
+  assert.throws(
+    () => decodeSnapshotEntry(big, 0, 0x10000),
+    (e: unknown) => e instanceof CorruptImageError && /snapshot entry at 0x10000: extra data too large \(1025 bytes\)/.test(e.message),
+  );
   const limit = Buffer.from(whole);
   limit.writeUInt32BE(MAX_SNAPSHOT_EXTRA, 36);
   assert.equal(decodeSnapshotEntry(limit, 0, 0), null, 'at the limit: a valid length, more bytes needed');
 
   const far = Buffer.from(whole);
   far.writeBigUInt64BE(1n << 60n, 0);
-  assert.throws(() => decodeSnapshotEntry(far, 0, 0), (e: unknown) => e instanceof UnsupportedError && /snapshot L1 table offset .* beyond 2\^53/.test(e.message));
+  assert.throws(
+    () => decodeSnapshotEntry(far, 0, 0),
+    (e: unknown) => e instanceof UnsupportedError && /snapshot L1 table offset .* beyond 2\^53/.test(e.message),
+  );
 });

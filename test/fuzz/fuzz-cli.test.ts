@@ -32,7 +32,7 @@ import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { BIN, HAVE_QEMU } from '../helpers.ts';
 import { pool } from '../interop/differential-lib.ts';
-import { type Base, FIXTURES, loadBases, makeMutant, mapImage } from './fuzz-lib.ts';
+import { type Base, FIXTURES, loadBases, makeMutant, type mapImage } from './fuzz-lib.ts';
 
 const SCALE = Math.max(0, Number(process.env.QDEDUP_SOAK_SCALE ?? 1));
 const COUNT = Math.round(100 * SCALE);
@@ -46,9 +46,16 @@ const REGRESSIONS = join(FIXTURES, 'fuzz-regressions');
 
 /** Exit codes each command may return (README, "Exit codes"). */
 const EXIT_CODES: Record<string, number[]> = {
-  info: [0, 1], read: [0, 1], write: [0, 1], 'dedup-stats': [0, 1], 'journal-dump': [0, 1],
+  info: [0, 1],
+  read: [0, 1],
+  write: [0, 1],
+  'dedup-stats': [0, 1],
+  'journal-dump': [0, 1],
   check: [0, 1, 2, 3, 63],
-  map: [0, 1], estimate: [0, 1], convert: [0, 1], dedup: [0, 1],
+  map: [0, 1],
+  estimate: [0, 1],
+  convert: [0, 1],
+  dedup: [0, 1],
 };
 
 /** Mutants run through the commands that take in existing images (map, estimate, convert, dedup). */
@@ -74,14 +81,31 @@ function runBounded(cmd: string, args: string[], timeoutMs: number): Promise<Run
     const out: Buffer[] = [];
     const err: Buffer[] = [];
     let outBytes = 0;
-    child.stdout.on('data', (d: Buffer) => { if (outBytes < 1 << 20) out.push(d); outBytes += d.length; });
+    child.stdout.on('data', (d: Buffer) => {
+      if (outBytes < 1 << 20) out.push(d);
+      outBytes += d.length;
+    });
     child.stderr.on('data', (d: Buffer) => err.push(d));
     let timedOut = false;
-    const timer = setTimeout(() => { timedOut = true; child.kill('SIGKILL'); }, timeoutMs);
-    child.on('error', (e) => { clearTimeout(timer); reject(e); });
+    const timer = setTimeout(() => {
+      timedOut = true;
+      child.kill('SIGKILL');
+    }, timeoutMs);
+    child.on('error', (e) => {
+      clearTimeout(timer);
+      reject(e);
+    });
     child.on('close', (status, signal) => {
       clearTimeout(timer);
-      resolve({ args, status, signal, timedOut, ms: Date.now() - started, stdout: Buffer.concat(out).toString('latin1'), stderr: Buffer.concat(err).toString('utf8') });
+      resolve({
+        args,
+        status,
+        signal,
+        timedOut,
+        ms: Date.now() - started,
+        stdout: Buffer.concat(out).toString('latin1'),
+        stderr: Buffer.concat(err).toString('utf8'),
+      });
     });
   });
 }
@@ -110,19 +134,23 @@ function judge(run: Run, command: string, fileBefore: string | null, fileAfter: 
   if (/^ {4}at /m.test(all)) bad.push(`${cmd}: stack trace: ${firstLines(run.stderr, 6)}`);
   // qemu-img check's own summary line "N internal errors have occurred during the check." (its check_errors) is not one.
   const ours = all.replace(/^\d+ internal errors have occurred during the check\.$/m, '');
-  if (/internal error|EINTERNAL|unhandledRejection|uncaught|\bundefined\b|\bNaN\b|\[object Object\]/i.test(ours)) bad.push(`${cmd}: suspicious text: ${firstLines(all, 4)}`);
-  if (!run.timedOut && run.status !== null && !EXIT_CODES[command].includes(run.status)) bad.push(`${cmd}: exit code ${run.status} (allowed: ${EXIT_CODES[command].join(', ')}): ${firstLines(run.stderr, 3)}`);
+  if (/internal error|EINTERNAL|unhandledRejection|uncaught|\bundefined\b|\bNaN\b|\[object Object\]/i.test(ours))
+    bad.push(`${cmd}: suspicious text: ${firstLines(all, 4)}`);
+  if (!run.timedOut && run.status !== null && !EXIT_CODES[command].includes(run.status))
+    bad.push(`${cmd}: exit code ${run.status} (allowed: ${EXIT_CODES[command].join(', ')}): ${firstLines(run.stderr, 3)}`);
   if (!run.timedOut && run.status !== 0) {
     const lines = run.stderr.split('\n').filter((l) => l.trim() !== '');
     if (lines.length === 0) bad.push(`${cmd}: exit ${run.status} with nothing on stderr`);
     else if (command === 'check') {
-      if ((run.status === 1 || run.status === 63) && !lines[lines.length - 1].startsWith('qdedup: ')) bad.push(`${cmd}: exit ${run.status}, last stderr line is not a qdedup: error: ${firstLines(run.stderr, 3)}`);
+      if ((run.status === 1 || run.status === 63) && !lines[lines.length - 1].startsWith('qdedup: '))
+        bad.push(`${cmd}: exit ${run.status}, last stderr line is not a qdedup: error: ${firstLines(run.stderr, 3)}`);
     } else if (lines.length !== 1 || !lines[0].startsWith('qdedup: ')) {
       // read -P's own failure has two lines (the verdict and the first differing byte); not used here.
       bad.push(`${cmd}: exit ${run.status}, stderr is not one "qdedup: …" line: ${firstLines(run.stderr, 4)}`);
     }
   }
-  if (fileBefore !== null && fileAfter !== null && fileBefore !== fileAfter) bad.push(`${cmd}: changed the file (sha256 ${fileBefore.slice(0, 12)} → ${fileAfter.slice(0, 12)})`);
+  if (fileBefore !== null && fileAfter !== null && fileBefore !== fileAfter)
+    bad.push(`${cmd}: changed the file (sha256 ${fileBefore.slice(0, 12)} → ${fileAfter.slice(0, 12)})`);
   return bad;
 }
 
@@ -200,10 +228,14 @@ async function fuzzImage(dir: string, name: string, bytes: Buffer, pick: number,
     if (clean && r.status === 0 && HAVE_QEMU) {
       // An image without corruption took the write: qemu reads it back and finds no corruption.
       const io = await runBounded('qemu-io', ['-r', '-f', 'qcow2', '-c', `read -q -P 0x5a ${at} 4096`, copy], RUN_TIMEOUT_MS);
-      if (io.status !== 0 || (io.stdout + io.stderr).trim()) failures.push(`after qdedup write on an image without corruption, qemu-io read -P 0x5a ${at} 4096: ${io.status} ${firstLines(io.stdout + io.stderr, 3)}`);
+      if (io.status !== 0 || (io.stdout + io.stderr).trim())
+        failures.push(
+          `after qdedup write on an image without corruption, qemu-io read -P 0x5a ${at} 4096: ${io.status} ${firstLines(io.stdout + io.stderr, 3)}`,
+        );
       const qc = await runBounded('qemu-img', ['check', '-f', 'qcow2', copy], RUN_TIMEOUT_MS);
       // Leaks are allowed: qemu-io leaks the same clusters on a file truncated inside a cluster (seed 92).
-      if (qc.status !== 0 && qc.status !== 3) failures.push(`after qdedup write on an image without corruption, qemu-img check exits ${qc.status}: ${firstLines(qc.stdout + qc.stderr, 4)}`);
+      if (qc.status !== 0 && qc.status !== 3)
+        failures.push(`after qdedup write on an image without corruption, qemu-img check exits ${qc.status}: ${firstLines(qc.stdout + qc.stderr, 4)}`);
     }
   } else {
     const r = await qdedup(['check', '-r', 'all', copy]);
@@ -211,7 +243,8 @@ async function fuzzImage(dir: string, name: string, bytes: Buffer, pick: number,
     failures.push(...judge(r, 'check', null, null));
     if (r.status === 0 && HAVE_QEMU) {
       const qc = await runBounded('qemu-img', ['check', '-f', 'qcow2', copy], RUN_TIMEOUT_MS);
-      if (qc.status === 2 || /ERROR/.test(qc.stdout + qc.stderr)) failures.push(`qdedup check -r all exited 0 but qemu-img check exits ${qc.status}: ${firstLines(qc.stdout + qc.stderr, 4)}`);
+      if (qc.status === 2 || /ERROR/.test(qc.stdout + qc.stderr))
+        failures.push(`qdedup check -r all exited 0 but qemu-img check exits ${qc.status}: ${firstLines(qc.stdout + qc.stderr, 4)}`);
     }
   }
   rmSync(copy, { force: true });
@@ -339,7 +372,11 @@ describe('malformed images through bin/qdedup', () => {
     readOnly = ['check', 'read', 'info', ...['dedup-stats', 'journal-dump'].filter((c) => listed.has(c))];
   });
 
-  const regressionFiles = existsSync(REGRESSIONS) ? readdirSync(REGRESSIONS).filter((f) => f.endsWith('.qcow2')).sort() : [];
+  const regressionFiles = existsSync(REGRESSIONS)
+    ? readdirSync(REGRESSIONS)
+        .filter((f) => f.endsWith('.qcow2'))
+        .sort()
+    : [];
   it(`regressions: every image in fixtures/fuzz-regressions (${regressionFiles.length}) through every command`, { skip: ONE !== undefined }, async () => {
     const dir = workDir();
     const failed: string[] = [];
@@ -362,29 +399,37 @@ describe('malformed images through bin/qdedup', () => {
     let runs = 0;
     let slowest = { ms: 0, what: '' };
     const failed: string[] = [];
-    await pool(CONCURRENCY, seeds.map((seed) => async () => {
-      const m = makeMutant(seed, bases, layouts);
-      if (ONE !== undefined) console.log([`seed ${seed} (base ${m.base.name})`, ...m.steps.map((s) => `  mutation: ${s}`)].join('\n'));
-      const out = await fuzzImage(dir, `mutant-${seed}`, m.bytes, seed, readOnly, ONE !== undefined);
-      runs += out.commands.length;
-      if (out.slowest.ms > slowest.ms) slowest = { ms: out.slowest.ms, what: `seed ${seed}: ${out.slowest.what}` };
-      if (out.checkStatus !== null) statuses.set(out.checkStatus, (statuses.get(out.checkStatus) ?? 0) + 1);
-      if (out.failures.length === 0) return;
-      const text = [
-        `seed ${seed} (base ${m.base.name}; reproduce: QDEDUP_FUZZ_CLI_SEED=${seed} node --import tsx --test test/fuzz/fuzz-cli.test.ts)`,
-        ...m.steps.map((s) => `  mutation: ${s}`),
-        ...out.commands.map((c) => `  ran: ${c}`),
-        ...out.failures.map((f) => `  FAIL ${f}`),
-      ].join('\n');
-      failed.push(text);
-      // Keep the mutant as a regression fixture.
-      mkdirSync(REGRESSIONS, { recursive: true });
-      writeFileSync(join(REGRESSIONS, `seed-${seed}.qcow2`), m.bytes);
-      writeFileSync(join(REGRESSIONS, `seed-${seed}.txt`), text + '\n');
-    }));
+    await pool(
+      CONCURRENCY,
+      seeds.map((seed) => async () => {
+        const m = makeMutant(seed, bases, layouts);
+        if (ONE !== undefined) console.log([`seed ${seed} (base ${m.base.name})`, ...m.steps.map((s) => `  mutation: ${s}`)].join('\n'));
+        const out = await fuzzImage(dir, `mutant-${seed}`, m.bytes, seed, readOnly, ONE !== undefined);
+        runs += out.commands.length;
+        if (out.slowest.ms > slowest.ms) slowest = { ms: out.slowest.ms, what: `seed ${seed}: ${out.slowest.what}` };
+        if (out.checkStatus !== null) statuses.set(out.checkStatus, (statuses.get(out.checkStatus) ?? 0) + 1);
+        if (out.failures.length === 0) return;
+        const text = [
+          `seed ${seed} (base ${m.base.name}; reproduce: QDEDUP_FUZZ_CLI_SEED=${seed} node --import tsx --test test/fuzz/fuzz-cli.test.ts)`,
+          ...m.steps.map((s) => `  mutation: ${s}`),
+          ...out.commands.map((c) => `  ran: ${c}`),
+          ...out.failures.map((f) => `  FAIL ${f}`),
+        ].join('\n');
+        failed.push(text);
+        // Keep the mutant as a regression fixture.
+        mkdirSync(REGRESSIONS, { recursive: true });
+        writeFileSync(join(REGRESSIONS, `seed-${seed}.qcow2`), m.bytes);
+        writeFileSync(join(REGRESSIONS, `seed-${seed}.txt`), text + '\n');
+      }),
+    );
     const secs = ((Date.now() - started) / 1000).toFixed(1);
-    const verdicts = [...statuses].sort((a, b) => a[0] - b[0]).map(([k, v]) => `exit ${k}: ${v}`).join(', ');
-    console.log(`fuzzed images through the CLI: ${seeds.length} mutants, ${runs} runs of ${[...readOnly, 'write', 'check -r all'].join('/')}, ${failed.length} failing, ${secs} s (${verdicts ? `qdedup check ${verdicts}; ` : ''}slowest run ${slowest.ms} ms, ${slowest.what})`);
+    const verdicts = [...statuses]
+      .sort((a, b) => a[0] - b[0])
+      .map(([k, v]) => `exit ${k}: ${v}`)
+      .join(', ');
+    console.log(
+      `fuzzed images through the CLI: ${seeds.length} mutants, ${runs} runs of ${[...readOnly, 'write', 'check -r all'].join('/')}, ${failed.length} failing, ${secs} s (${verdicts ? `qdedup check ${verdicts}; ` : ''}slowest run ${slowest.ms} ms, ${slowest.what})`,
+    );
     assert.equal(failed.length, 0, `${failed.length} failing mutants (saved under fixtures/fuzz-regressions/):\n${failed.join('\n')}`);
   });
 
@@ -393,23 +438,28 @@ describe('malformed images through bin/qdedup', () => {
     const started = Date.now();
     const failed: string[] = [];
     let runs = 0;
-    await pool(CONCURRENCY, Array.from({ length: IMPORT_COUNT }, (_, i) => FROM + 100_000 + i).map((seed) => async () => {
-      const m = makeMutant(seed, bases, layouts);
-      const out = await fuzzImportCommands(dir, `import-${seed}`, m.bytes, seed);
-      runs += out.commands.length;
-      if (out.failures.length === 0) return;
-      const text = [
-        `seed ${seed} (base ${m.base.name})`,
-        ...m.steps.map((s) => `  mutation: ${s}`),
-        ...out.commands.map((c) => `  ran: ${c}`),
-        ...out.failures.map((f) => `  FAIL ${f}`),
-      ].join('\n');
-      failed.push(text);
-      mkdirSync(REGRESSIONS, { recursive: true });
-      writeFileSync(join(REGRESSIONS, `import-seed-${seed}.qcow2`), m.bytes);
-      writeFileSync(join(REGRESSIONS, `import-seed-${seed}.txt`), text + '\n');
-    }));
-    console.log(`fuzzed images through map/estimate/convert/dedup: ${IMPORT_COUNT} mutants, ${runs} runs, ${failed.length} failing, ${((Date.now() - started) / 1000).toFixed(1)} s`);
+    await pool(
+      CONCURRENCY,
+      Array.from({ length: IMPORT_COUNT }, (_, i) => FROM + 100_000 + i).map((seed) => async () => {
+        const m = makeMutant(seed, bases, layouts);
+        const out = await fuzzImportCommands(dir, `import-${seed}`, m.bytes, seed);
+        runs += out.commands.length;
+        if (out.failures.length === 0) return;
+        const text = [
+          `seed ${seed} (base ${m.base.name})`,
+          ...m.steps.map((s) => `  mutation: ${s}`),
+          ...out.commands.map((c) => `  ran: ${c}`),
+          ...out.failures.map((f) => `  FAIL ${f}`),
+        ].join('\n');
+        failed.push(text);
+        mkdirSync(REGRESSIONS, { recursive: true });
+        writeFileSync(join(REGRESSIONS, `import-seed-${seed}.qcow2`), m.bytes);
+        writeFileSync(join(REGRESSIONS, `import-seed-${seed}.txt`), text + '\n');
+      }),
+    );
+    console.log(
+      `fuzzed images through map/estimate/convert/dedup: ${IMPORT_COUNT} mutants, ${runs} runs, ${failed.length} failing, ${((Date.now() - started) / 1000).toFixed(1)} s`,
+    );
     assert.equal(failed.length, 0, failed.join('\n'));
   });
 });

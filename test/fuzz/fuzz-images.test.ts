@@ -25,8 +25,24 @@ import { QdedupError } from '../../src/errors.ts';
 import { Image } from '../../src/image/image.ts';
 import { createImage } from '../../src/image/create.ts';
 import {
-  type Base, type DedupBase, type DedupHazards, type DedupLayout, type DedupMutant, type DedupOutcome, FIXTURES, dedupHazards,
-  GuardFile, describe as describeMutant, describeDedup, loadBases, loadDedupBases, makeDedupMutant, makeMutant, mapImage, runDedupMutant, runMutant,
+  type Base,
+  type DedupBase,
+  type DedupHazards,
+  type DedupLayout,
+  type DedupMutant,
+  type DedupOutcome,
+  FIXTURES,
+  dedupHazards,
+  GuardFile,
+  describe as describeMutant,
+  describeDedup,
+  loadBases,
+  loadDedupBases,
+  makeDedupMutant,
+  makeMutant,
+  type mapImage,
+  runDedupMutant,
+  runMutant,
 } from './fuzz-lib.ts';
 import { checkOpenImage } from '../../src/image/check-image.ts';
 import { openForWrite } from '../../src/dedup/open.ts';
@@ -120,7 +136,16 @@ function keepMutant(m: DedupMutant, bug: string | null, found: string[]): void {
   if (existsSync(keptPath(m.seed, 'json'))) return;
   mkdirSync(DEDUP_REGRESSIONS, { recursive: true });
   writeFileSync(keptPath(m.seed, 'qcow2.gz'), gzipSync(m.bytes, { level: 9 }));
-  const kept: KeptMutant = { seed: m.seed, base: m.base.name, steps: m.steps, targets: m.targets, writeAt: m.writeAt, zeroAt: m.zeroAt, bug, found: found.map((f) => f.slice(0, 400)) };
+  const kept: KeptMutant = {
+    seed: m.seed,
+    base: m.base.name,
+    steps: m.steps,
+    targets: m.targets,
+    writeAt: m.writeAt,
+    zeroAt: m.zeroAt,
+    bug,
+    found: found.map((f) => f.slice(0, 400)),
+  };
   writeFileSync(keptPath(m.seed, 'json'), JSON.stringify(kept, null, 2) + '\n');
 }
 
@@ -168,7 +193,10 @@ describe('malformed-image fuzzing (in process)', () => {
       await img.close();
       const valid = readFileSync(p);
       const l2 = Number(valid.readBigUInt64BE(0x30000) & 0x00ff_ffff_ffff_fe00n);
-      const patches: [string, number][] = [['L2 entry 0', l2], ['refcount table entry 0', 0x10000]];
+      const patches: [string, number][] = [
+        ['L2 entry 0', l2],
+        ['refcount table entry 0', 0x10000],
+      ];
       for (const [what, at] of patches) {
         const bytes = Buffer.from(valid);
         bytes.writeBigUInt64BE((1n << 63n) | (1n << 55n), at); // (COPIED,) offset 2^55
@@ -179,10 +207,13 @@ describe('malformed-image fuzzing (in process)', () => {
         if (what.startsWith('L2')) assert.ok(got.equals(Buffer.alloc(65536)), `${what}: past EOF reads as zeros, not the header`);
         try {
           const rw = await openForWrite(p);
-          await rw.write(65536, Buffer.alloc(65536, 0xcd)).then(() => rw.close(), async (err) => {
-            await rw.abandon();
-            throw err;
-          });
+          await rw.write(65536, Buffer.alloc(65536, 0xcd)).then(
+            () => rw.close(),
+            async (err) => {
+              await rw.abandon();
+              throw err;
+            },
+          );
         } catch (err) {
           assert.ok(err instanceof QdedupError, `${what}: ${err}`);
         }
@@ -230,7 +261,9 @@ describe('malformed-image fuzzing (in process)', () => {
       }
     }
     const secs = ((Date.now() - started) / 1000).toFixed(1);
-    console.log(`fuzzed images: ${seeds.length} in ${secs} s (${[...verdicts].map(([k, v]) => `${k} ${v}`).join(', ')}; slowest seed ${slowest.seed}: ${slowest.ms} ms)`);
+    console.log(
+      `fuzzed images: ${seeds.length} in ${secs} s (${[...verdicts].map(([k, v]) => `${k} ${v}`).join(', ')}; slowest seed ${slowest.seed}: ${slowest.ms} ms)`,
+    );
     assert.equal(failed.length, 0, `${failed.length} failing mutants:\n${failed.join('\n')}`);
   });
 });
@@ -277,7 +310,12 @@ describe('malformed dedup images (in process): dedup extension, configuration ar
     });
   }
 
-  const keptSeeds = existsSync(DEDUP_REGRESSIONS) ? readdirSync(DEDUP_REGRESSIONS).filter((f) => f.endsWith('.json')).map((f) => Number(/seed-(\d+)/.exec(f)![1])).sort((a, b) => a - b) : [];
+  const keptSeeds = existsSync(DEDUP_REGRESSIONS)
+    ? readdirSync(DEDUP_REGRESSIONS)
+        .filter((f) => f.endsWith('.json'))
+        .map((f) => Number(/seed-(\d+)/.exec(f)![1]))
+        .sort((a, b) => a - b)
+    : [];
   it(`regressions: every kept dedup mutant of no open bug (fixtures/fuzz-regressions-dedup, ${keptSeeds.length} kept)`, async () => {
     const failed: string[] = [];
     for (const seed of keptSeeds) {
@@ -329,8 +367,21 @@ describe('malformed dedup images (in process): dedup extension, configuration ar
       }
     }
     const secs = ((Date.now() - started) / 1000).toFixed(1);
-    const knownText = [...known].sort().map(([id, s]) => `${id} ${s.length} (seeds ${s.slice(0, 6).join(' ')}${s.length > 6 ? ' …' : ''})`).join(', ');
-    console.log(`fuzzed dedup images: ${seeds.length} in ${secs} s (mutations: ${[...kinds].sort().map(([k, v]) => `${k} ${v}`).join(', ')}; ${crcFixed} with checksums fixed; store ${[...trust].sort().map(([k, v]) => `${k} ${v}`).join(', ')}; writes: ${wrote} succeeded, ${hits} index hits; known bugs: ${knownText || 'none'}; ${failed.length} failing; slowest seed ${slowest.seed}: ${slowest.ms} ms)`);
+    const knownText = [...known]
+      .sort()
+      .map(([id, s]) => `${id} ${s.length} (seeds ${s.slice(0, 6).join(' ')}${s.length > 6 ? ' …' : ''})`)
+      .join(', ');
+    console.log(
+      `fuzzed dedup images: ${seeds.length} in ${secs} s (mutations: ${[...kinds]
+        .sort()
+        .map(([k, v]) => `${k} ${v}`)
+        .join(', ')}; ${crcFixed} with checksums fixed; store ${[...trust]
+        .sort()
+        .map(([k, v]) => `${k} ${v}`)
+        .join(
+          ', ',
+        )}; writes: ${wrote} succeeded, ${hits} index hits; known bugs: ${knownText || 'none'}; ${failed.length} failing; slowest seed ${slowest.seed}: ${slowest.ms} ms)`,
+    );
     assert.equal(failed.length, 0, `${failed.length} failing dedup mutants (kept in fixtures/fuzz-regressions-dedup/):\n${failed.join('\n')}`);
   });
 });

@@ -122,23 +122,31 @@ function pattern(n: number, seed: number): Buffer {
 /** The valid images every mutant starts from (deterministic: same list, same bytes). */
 export async function loadBases(): Promise<Base[]> {
   const bases: Base[] = [];
-  bases.push(await made('made-v3-64k', { size: 1 << 20, clusterBits: 16, version: 3, refcountOrder: 4, lazyRefcounts: false }, async (img) => {
-    await img.write(0, pattern(65536, 1));
-    await img.write(3 * 65536 + 512, pattern(4096, 2));
-    await img.writeZeroes(5 * 65536, 65536);
-  }));
-  bases.push(await made('made-v2-512', { size: 256 * 1024, clusterBits: 9, version: 2, refcountOrder: 4, lazyRefcounts: false }, async (img) => {
-    await img.write(0, pattern(8192, 3));
-    await img.write(200 * 1024, pattern(1024, 4));
-  }));
-  bases.push(await made('made-v3-4k-rc1', { size: 512 * 1024, clusterBits: 12, version: 3, refcountOrder: 0, lazyRefcounts: false }, async (img) => {
-    await img.write(4096, pattern(12288, 5));
-    await img.writeZeroes(0, 4096);
-  }));
-  bases.push(await made('made-v3-1k-rc64', { size: 128 * 1024, clusterBits: 10, version: 3, refcountOrder: 6, lazyRefcounts: true }, async (img) => {
-    await img.write(0, pattern(3000, 6));
-    await img.write(64 * 1024, pattern(2048, 7));
-  }));
+  bases.push(
+    await made('made-v3-64k', { size: 1 << 20, clusterBits: 16, version: 3, refcountOrder: 4, lazyRefcounts: false }, async (img) => {
+      await img.write(0, pattern(65536, 1));
+      await img.write(3 * 65536 + 512, pattern(4096, 2));
+      await img.writeZeroes(5 * 65536, 65536);
+    }),
+  );
+  bases.push(
+    await made('made-v2-512', { size: 256 * 1024, clusterBits: 9, version: 2, refcountOrder: 4, lazyRefcounts: false }, async (img) => {
+      await img.write(0, pattern(8192, 3));
+      await img.write(200 * 1024, pattern(1024, 4));
+    }),
+  );
+  bases.push(
+    await made('made-v3-4k-rc1', { size: 512 * 1024, clusterBits: 12, version: 3, refcountOrder: 0, lazyRefcounts: false }, async (img) => {
+      await img.write(4096, pattern(12288, 5));
+      await img.writeZeroes(0, 4096);
+    }),
+  );
+  bases.push(
+    await made('made-v3-1k-rc64', { size: 128 * 1024, clusterBits: 10, version: 3, refcountOrder: 6, lazyRefcounts: true }, async (img) => {
+      await img.write(0, pattern(3000, 6));
+      await img.write(64 * 1024, pattern(2048, 7));
+    }),
+  );
   for (const f of readdirSync(FIXTURES).sort()) {
     if (!f.endsWith('.qcow2')) continue;
     bases.push({ name: f, bytes: readFileSync(join(FIXTURES, f)), path: join(FIXTURES, f) });
@@ -181,10 +189,19 @@ export function mapImage(b: Buffer): Layout {
   const clusterBits = u32(b, 20);
   const clusterSize = 2 ** clusterBits;
   const hdr: [number, Field['width'], string][] = [
-    [0, 4, 'magic'], [4, 4, 'version'], [8, 8, 'backing_file_offset'], [16, 4, 'backing_file_size'],
-    [20, 4, 'cluster_bits'], [24, 8, 'size'], [32, 4, 'crypt_method'], [36, 4, 'l1_size'],
-    [40, 8, 'l1_table_offset'], [48, 8, 'refcount_table_offset'], [56, 4, 'refcount_table_clusters'],
-    [60, 4, 'nb_snapshots'], [64, 8, 'snapshots_offset'],
+    [0, 4, 'magic'],
+    [4, 4, 'version'],
+    [8, 8, 'backing_file_offset'],
+    [16, 4, 'backing_file_size'],
+    [20, 4, 'cluster_bits'],
+    [24, 8, 'size'],
+    [32, 4, 'crypt_method'],
+    [36, 4, 'l1_size'],
+    [40, 8, 'l1_table_offset'],
+    [48, 8, 'refcount_table_offset'],
+    [56, 4, 'refcount_table_clusters'],
+    [60, 4, 'nb_snapshots'],
+    [64, 8, 'snapshots_offset'],
   ];
   for (const [o, w, n] of hdr) add('header', o, w, n);
   let extStart = 72;
@@ -264,8 +281,13 @@ export function mapImage(b: Buffer): Layout {
   let sp = Number(u64(b, 64));
   for (let s = 0; s < nbSnap && s < 16 && sp + 40 <= b.length; s++) {
     const names: [number, Field['width'], string][] = [
-      [0, 8, 'l1_table_offset'], [8, 4, 'l1_size'], [12, 2, 'id_str_size'], [14, 2, 'name_size'],
-      [16, 4, 'date_sec'], [32, 4, 'vm_state_size'], [36, 4, 'extra_data_size'],
+      [0, 8, 'l1_table_offset'],
+      [8, 4, 'l1_size'],
+      [12, 2, 'id_str_size'],
+      [14, 2, 'name_size'],
+      [16, 4, 'date_sec'],
+      [32, 4, 'vm_state_size'],
+      [36, 4, 'extra_data_size'],
     ];
     for (const [o, w, n] of names) add('snap', sp + o, w, `snapshot ${s} ${n}`);
     const extra = u32(b, sp + 36);
@@ -280,17 +302,35 @@ export function mapImage(b: Buffer): Layout {
 // ---------------------------------------------------------------- mutation
 
 const EXTREME64 = [
-  0n, 1n, 0x1ffn, 0x200n, 0xffff_ffffn, 0x1_0000_0000n, (1n << 53n) - 1n, (1n << 53n) + 1n, 1n << 53n,
-  1n << 55n, (1n << 56n) - 512n, 1n << 56n, 1n << 62n, 1n << 63n, (1n << 64n) - 1n, (1n << 64n) - 512n,
+  0n,
+  1n,
+  0x1ffn,
+  0x200n,
+  0xffff_ffffn,
+  0x1_0000_0000n,
+  (1n << 53n) - 1n,
+  (1n << 53n) + 1n,
+  1n << 53n,
+  1n << 55n,
+  (1n << 56n) - 512n,
+  1n << 56n,
+  1n << 62n,
+  1n << 63n,
+  (1n << 64n) - 1n,
+  (1n << 64n) - 512n,
 ];
 const EXTREME32 = [0, 1, 8, 9, 21, 22, 64, 72, 104, 112, 0x7f, 0xff, 0xffff, 0x10000, 0x7fff_ffff, 0x8000_0000, 0xffff_ffff];
 
 function readField(b: Buffer, f: Pick<Field, 'off' | 'width'>): bigint {
   switch (f.width) {
-    case 1: return BigInt(b[f.off]);
-    case 2: return BigInt(b.readUInt16BE(f.off));
-    case 4: return BigInt(b.readUInt32BE(f.off));
-    default: return b.readBigUInt64BE(f.off);
+    case 1:
+      return BigInt(b[f.off]);
+    case 2:
+      return BigInt(b.readUInt16BE(f.off));
+    case 4:
+      return BigInt(b.readUInt32BE(f.off));
+    default:
+      return b.readBigUInt64BE(f.off);
   }
 }
 
@@ -298,10 +338,17 @@ function writeField(b: Buffer, f: Pick<Field, 'off' | 'width'>, v: bigint): void
   const bits = BigInt(f.width * 8);
   v &= (1n << bits) - 1n;
   switch (f.width) {
-    case 1: b[f.off] = Number(v); break;
-    case 2: b.writeUInt16BE(Number(v), f.off); break;
-    case 4: b.writeUInt32BE(Number(v), f.off); break;
-    default: b.writeBigUInt64BE(v, f.off);
+    case 1:
+      b[f.off] = Number(v);
+      break;
+    case 2:
+      b.writeUInt16BE(Number(v), f.off);
+      break;
+    case 4:
+      b.writeUInt32BE(Number(v), f.off);
+      break;
+    default:
+      b.writeBigUInt64BE(v, f.off);
   }
 }
 
@@ -314,25 +361,41 @@ function newValue(rng: Rng, f: Field, old: bigint, layout: Layout, fileLen: numb
   if ((f.kind === 'l1' || f.kind === 'l2' || f.kind === 'reft') && r < 5) {
     // Keep the flags, point somewhere plausible but wrong, or flip a flag bit.
     switch (rng.int(5)) {
-      case 0: return flags | (BigInt(rng.pick(layout.offsets)) & OFF_MASK);
-      case 1: return flags | ((old & OFF_MASK) + BigInt(rng.pick([-1, 1, 2, 1000, -1000])) * cs);
-      case 2: return old ^ (1n << BigInt(rng.pick([0, 1, 8, 9, 55, 56, 61, 62, 63])));
-      case 3: return flags | BigInt(fileLen + rng.int(4) * layout.clusterSize);
-      default: return (old & OFF_MASK) | (old & OFF_MASK) + BigInt(rng.int(512));
+      case 0:
+        return flags | (BigInt(rng.pick(layout.offsets)) & OFF_MASK);
+      case 1:
+        return flags | ((old & OFF_MASK) + BigInt(rng.pick([-1, 1, 2, 1000, -1000])) * cs);
+      case 2:
+        return old ^ (1n << BigInt(rng.pick([0, 1, 8, 9, 55, 56, 61, 62, 63])));
+      case 3:
+        return flags | BigInt(fileLen + rng.int(4) * layout.clusterSize);
+      default:
+        return (old & OFF_MASK) | ((old & OFF_MASK) + BigInt(rng.int(512)));
     }
   }
   switch (r) {
-    case 0: case 1: case 2:
+    case 0:
+    case 1:
+    case 2:
       return bits === 64 ? rng.pick(EXTREME64) : BigInt(rng.pick(EXTREME32));
-    case 3: return old ^ (1n << BigInt(rng.int(bits)));
-    case 4: return old + BigInt(rng.pick([-1, 1, -8, 8, 512, -512]));
-    case 5: return BigInt(rng.pick(layout.offsets));
-    case 6: return old + cs * BigInt(rng.pick([-1, 1, 2]));
-    case 7: return rng.u64();
-    case 8: return old * 2n + 1n;
-    case 9: return BigInt(fileLen);
-    case 10: return old >> BigInt(1 + rng.int(8));
-    default: return (1n << BigInt(bits)) - 1n;
+    case 3:
+      return old ^ (1n << BigInt(rng.int(bits)));
+    case 4:
+      return old + BigInt(rng.pick([-1, 1, -8, 8, 512, -512]));
+    case 5:
+      return BigInt(rng.pick(layout.offsets));
+    case 6:
+      return old + cs * BigInt(rng.pick([-1, 1, 2]));
+    case 7:
+      return rng.u64();
+    case 8:
+      return old * 2n + 1n;
+    case 9:
+      return BigInt(fileLen);
+    case 10:
+      return old >> BigInt(1 + rng.int(8));
+    default:
+      return (1n << BigInt(bits)) - 1n;
   }
 }
 
@@ -344,12 +407,23 @@ function mutateCompressed(rng: Rng, entry: bigint, clusterBits: number, fileLen:
   let off = entry & offMask;
   let sectors = (entry >> x) & sectorsMask;
   switch (rng.int(6)) {
-    case 0: sectors = sectorsMask; break;
-    case 1: sectors = 0n; break;
-    case 2: off = BigInt(Math.max(0, fileLen - 1 - rng.int(64))); break;
-    case 3: off = offMask; break;
-    case 4: off = BigInt(rng.int(fileLen + 4096)); break;
-    default: off ^= 1n << BigInt(rng.int(Number(x)));
+    case 0:
+      sectors = sectorsMask;
+      break;
+    case 1:
+      sectors = 0n;
+      break;
+    case 2:
+      off = BigInt(Math.max(0, fileLen - 1 - rng.int(64)));
+      break;
+    case 3:
+      off = offMask;
+      break;
+    case 4:
+      off = BigInt(rng.int(fileLen + 4096));
+      break;
+    default:
+      off ^= 1n << BigInt(rng.int(Number(x)));
   }
   return (entry & (3n << 62n)) | ((sectors & sectorsMask) << x) | (off & offMask);
 }
@@ -426,7 +500,12 @@ export class GuardFile implements BlockFile {
   readonly mem: MemFile;
   ops = 0;
   problems: string[] = [];
-  constructor(readonly path: string, bytes: Buffer, private readonly deadline: number, private readonly label: string) {
+  constructor(
+    readonly path: string,
+    bytes: Buffer,
+    private readonly deadline: number,
+    private readonly label: string,
+  ) {
     this.mem = new MemFile(path, bytes);
   }
   private async tick(): Promise<void> {
@@ -451,7 +530,8 @@ export class GuardFile implements BlockFile {
     await this.tick();
     // Positions ≥ 2^53 come from hostile offsets (host offsets go up to 2^56) and read as
     // zeros, as NodeFile does; negative or fractional ones would be arithmetic bugs.
-    if (!(pos >= 0) || (pos < 2 ** 53 && !Number.isInteger(pos)) || !Number.isSafeInteger(length) || length < 0) this.note(`read(${pos}, ${length}): bad arguments`);
+    if (!(pos >= 0) || (pos < 2 ** 53 && !Number.isInteger(pos)) || !Number.isSafeInteger(length) || length < 0)
+      this.note(`read(${pos}, ${length}): bad arguments`);
     if (!Number.isSafeInteger(pos + length)) return Buffer.alloc(length);
     if (length > MAX_READ) {
       this.note(`read of ${length} bytes (unbounded)`);
@@ -520,7 +600,8 @@ function badError(err: unknown, step: string): string[] {
   }
   const out: string[] = [];
   if (err.message.includes('\n')) out.push(`${step}: multi-line message: ${JSON.stringify(err.message)}`);
-  if (/internal/i.test(err.message) || err.code === 'EINTERNAL') out.push(`${step}: internal error: ${err.message} ${(err.stack ?? '').split('\n').slice(1, 4).join(' | ')}`);
+  if (/internal/i.test(err.message) || err.code === 'EINTERNAL')
+    out.push(`${step}: internal error: ${err.message} ${(err.stack ?? '').split('\n').slice(1, 4).join(' | ')}`);
   return out;
 }
 
@@ -711,7 +792,11 @@ export async function runMutant(m: Mutant): Promise<Outcome> {
 }
 
 export function describe(m: Mutant, o: Outcome): string {
-  return [`seed ${m.seed} (base ${m.base.name}; QDEDUP_FUZZ_SEED=${m.seed} npm test -- fuzz):`, ...m.steps.map((s) => `  mutation: ${s}`), ...o.failures.map((f) => `  FAIL ${f}`)].join('\n');
+  return [
+    `seed ${m.seed} (base ${m.base.name}; QDEDUP_FUZZ_SEED=${m.seed} npm test -- fuzz):`,
+    ...m.steps.map((s) => `  mutation: ${s}`),
+    ...o.failures.map((f) => `  FAIL ${f}`),
+  ].join('\n');
 }
 
 // ================================================================ dedup images
@@ -784,7 +869,13 @@ interface Session {
 }
 
 async function madeDedup(
-  name: string, o: Omit<CreateOptions, 'force' | 'dedup'>, dedup: DedupSettings, scratch: number, sessions: Session[], state: string, finish?: (b: Buffer) => void,
+  name: string,
+  o: Omit<CreateOptions, 'force' | 'dedup'>,
+  dedup: DedupSettings,
+  scratch: number,
+  sessions: Session[],
+  state: string,
+  finish?: (b: Buffer) => void,
 ): Promise<DedupBase> {
   const dir = mkdtempSync(join(tmpdir(), 'qdedup-fuzz-'));
   try {
@@ -827,7 +918,13 @@ const range = (from: number, n: number, f: (i: number) => number = (i) => i): nu
 /** The sessions of the 4 KiB-cluster bases: 14 contents over 24 clusters, freezes of 8-slot stores, rewrites, zeroes. */
 function sessions4k(): Session[] {
   return [
-    { run: (w) => w.put(0, range(0, 24, (c) => (c < 14 ? c : (c * 5) % 14))) },
+    {
+      run: (w) =>
+        w.put(
+          0,
+          range(0, 24, (c) => (c < 14 ? c : (c * 5) % 14)),
+        ),
+    },
     {
       run: async (w) => {
         await w.put(40, range(100, 10));
@@ -848,47 +945,112 @@ function sessions4k(): Session[] {
 export async function loadDedupBases(): Promise<DedupBase[]> {
   const v3 = { version: 3 as const, lazyRefcounts: false };
   const out: DedupBase[] = [];
-  out.push(await madeDedup('dedup-sha256-4k-o1-max2-j512', { size: 1 << 20, clusterBits: 12, refcountOrder: 4, ...v3 },
-    { algorithm: 'sha256', verify: false, maxIncarnations: 2, order: 1, journalBlockSize: 512 }, 768 << 10, sessions4k(), 'trusted'));
-  out.push(await madeDedup('dedup-blake3-4k-o3-verify-rc4', { size: 1 << 20, clusterBits: 12, refcountOrder: 2, ...v3 },
-    { algorithm: 'blake3', verify: true, maxIncarnations: 0, order: 3, journalBlockSize: 4096 }, 768 << 10, [
-      // One content 10 times: past the 4-bit refcount cap (7), later copies get clusters of their own.
-      { run: (w) => w.put(0, range(0, 40, (c) => (c % 4 === 0 ? 500 : 500 + c))) },
-      {
-        run: async (w) => {
-          await w.put(1, range(600, 8));
-          await w.put(60, [509, 509, 509]);
-          await w.zero(12, 1);
+  out.push(
+    await madeDedup(
+      'dedup-sha256-4k-o1-max2-j512',
+      { size: 1 << 20, clusterBits: 12, refcountOrder: 4, ...v3 },
+      { algorithm: 'sha256', verify: false, maxIncarnations: 2, order: 1, journalBlockSize: 512 },
+      768 << 10,
+      sessions4k(),
+      'trusted',
+    ),
+  );
+  out.push(
+    await madeDedup(
+      'dedup-blake3-4k-o3-verify-rc4',
+      { size: 1 << 20, clusterBits: 12, refcountOrder: 2, ...v3 },
+      { algorithm: 'blake3', verify: true, maxIncarnations: 0, order: 3, journalBlockSize: 4096 },
+      768 << 10,
+      [
+        // One content 10 times: past the 4-bit refcount cap (7), later copies get clusters of their own.
+        {
+          run: (w) =>
+            w.put(
+              0,
+              range(0, 40, (c) => (c % 4 === 0 ? 500 : 500 + c)),
+            ),
         },
-      },
-    ], 'trusted'));
-  out.push(await madeDedup('dedup-sha3-512-o2-max3-j512', { size: 256 << 10, clusterBits: 9, refcountOrder: 4, ...v3 },
-    { algorithm: 'sha3-256', verify: false, maxIncarnations: 3, order: 2, journalBlockSize: 512 }, 192 << 10, [
-      { run: (w) => w.put(0, range(0, 60, (c) => 700 + (c % 25))) },
-      {
-        run: async (w) => {
-          await w.put(0, range(800, 10));
-          await w.zero(20, 4);
+        {
+          run: async (w) => {
+            await w.put(1, range(600, 8));
+            await w.put(60, [509, 509, 509]);
+            await w.zero(12, 1);
+          },
         },
-      },
-      { run: (w) => w.put(200, range(850, 20)) },
-    ], 'trusted'));
-  out.push(await madeDedup('dedup-sha256-64k-o1', { size: 2 << 20, clusterBits: 16, refcountOrder: 4, ...v3 },
-    { algorithm: 'sha256', verify: false, maxIncarnations: 0, order: 1, journalBlockSize: 4096 }, 1536 << 10, [
-      { run: (w) => w.put(0, range(0, 10, (c) => 900 + (c % 6))) },
-      { run: (w) => w.put(0, range(950, 2)) },
-    ], 'trusted'));
+      ],
+      'trusted',
+    ),
+  );
+  out.push(
+    await madeDedup(
+      'dedup-sha3-512-o2-max3-j512',
+      { size: 256 << 10, clusterBits: 9, refcountOrder: 4, ...v3 },
+      { algorithm: 'sha3-256', verify: false, maxIncarnations: 3, order: 2, journalBlockSize: 512 },
+      192 << 10,
+      [
+        {
+          run: (w) =>
+            w.put(
+              0,
+              range(0, 60, (c) => 700 + (c % 25)),
+            ),
+        },
+        {
+          run: async (w) => {
+            await w.put(0, range(800, 10));
+            await w.zero(20, 4);
+          },
+        },
+        { run: (w) => w.put(200, range(850, 20)) },
+      ],
+      'trusted',
+    ),
+  );
+  out.push(
+    await madeDedup(
+      'dedup-sha256-64k-o1',
+      { size: 2 << 20, clusterBits: 16, refcountOrder: 4, ...v3 },
+      { algorithm: 'sha256', verify: false, maxIncarnations: 0, order: 1, journalBlockSize: 4096 },
+      1536 << 10,
+      [
+        {
+          run: (w) =>
+            w.put(
+              0,
+              range(0, 10, (c) => 900 + (c % 6)),
+            ),
+        },
+        { run: (w) => w.put(0, range(950, 2)) },
+      ],
+      'trusted',
+    ),
+  );
   // A session that set the dirty flag and never closed: the next writer must start afresh.
-  out.push(await madeDedup('dedup-sha256-4k-dirty', { size: 1 << 20, clusterBits: 12, refcountOrder: 4, ...v3 },
-    { algorithm: 'sha256', verify: false, maxIncarnations: 2, order: 1, journalBlockSize: 512 }, 768 << 10,
-    [...sessions4k(), { run: (w) => w.put(120, range(400, 5)), end: 'abandon' }], 'dirty'));
+  out.push(
+    await madeDedup(
+      'dedup-sha256-4k-dirty',
+      { size: 1 << 20, clusterBits: 12, refcountOrder: 4, ...v3 },
+      { algorithm: 'sha256', verify: false, maxIncarnations: 2, order: 1, journalBlockSize: 512 },
+      768 << 10,
+      [...sessions4k(), { run: (w) => w.put(120, range(400, 5)), end: 'abandon' }],
+      'dirty',
+    ),
+  );
   // A writer that does not deduplicate rewrote held clusters (they keep only the holder's
   // reference), then cleared bit 60, as qemu-io does: the next writer releases the orphans.
-  out.push(await madeDedup('dedup-sha256-4k-foreign', { size: 1 << 20, clusterBits: 12, refcountOrder: 4, ...v3 },
-    { algorithm: 'sha256', verify: false, maxIncarnations: 2, order: 1, journalBlockSize: 512 }, 768 << 10,
-    [...sessions4k(), { run: (w) => w.put(8, range(450, 5)), dedup: false }], 'foreign', (b) => {
-      b.writeBigUInt64BE(b.readBigUInt64BE(88) & ~AUTOCLEAR_DEDUP, 88);
-    }));
+  out.push(
+    await madeDedup(
+      'dedup-sha256-4k-foreign',
+      { size: 1 << 20, clusterBits: 12, refcountOrder: 4, ...v3 },
+      { algorithm: 'sha256', verify: false, maxIncarnations: 2, order: 1, journalBlockSize: 512 },
+      768 << 10,
+      [...sessions4k(), { run: (w) => w.put(8, range(450, 5)), dedup: false }],
+      'foreign',
+      (b) => {
+        b.writeBigUInt64BE(b.readBigUInt64BE(88) & ~AUTOCLEAR_DEDUP, 88);
+      },
+    ),
+  );
   return out;
 }
 
@@ -957,16 +1119,26 @@ export function mapDedup(b: Buffer): DedupLayout {
   if (extOff < 0) throw new Error('mapDedup: no dedup extension');
   const ext = decodeDedupExtension(b.subarray(extOff, extOff + 48), cs);
   for (const [o, w, what, role] of [
-    [0, 1, 'version'], [1, 1, 'hash algorithm'], [2, 1, 'flags', 'flags'], [3, 1, 'store order'], [4, 4, 'journal block size'],
-    [8, 4, 'maximum incarnations', 'count'], [12, 4, 'configuration area size', 'count'], [16, 8, 'configuration area offset', 'offset'],
-    [24, 8, 'reserved+24'], [32, 8, 'reserved+32'], [40, 8, 'reserved+40'],
-  ] as [number, DedupField['width'], string, Role?][]) add('dedup-ext', extOff + o, w, `dedup extension ${what}`, role ?? 'plain');
+    [0, 1, 'version'],
+    [1, 1, 'hash algorithm'],
+    [2, 1, 'flags', 'flags'],
+    [3, 1, 'store order'],
+    [4, 4, 'journal block size'],
+    [8, 4, 'maximum incarnations', 'count'],
+    [12, 4, 'configuration area size', 'count'],
+    [16, 8, 'configuration area offset', 'offset'],
+    [24, 8, 'reserved+24'],
+    [32, 8, 'reserved+32'],
+    [40, 8, 'reserved+40'],
+  ] as [number, DedupField['width'], string, Role?][])
+    add('dedup-ext', extOff + o, w, `dedup extension ${what}`, role ?? 'plain');
 
   // The configuration area.
   const cfgOff = ext.configOffset;
   const cfgCrc: Crc = { from: cfgOff + 8, to: cfgOff + ext.configBytes, at: cfgOff + 4 };
   const config = decodeDedupConfig(b.subarray(cfgOff, cfgOff + ext.configBytes), cfgOff, cs);
-  const cfg = (o: number, w: DedupField['width'], what: string, role: Role = 'plain') => add('dedup-config', cfgOff + o, w, `config ${what}`, role, role === 'crc' ? undefined : cfgCrc);
+  const cfg = (o: number, w: DedupField['width'], what: string, role: Role = 'plain') =>
+    add('dedup-config', cfgOff + o, w, `config ${what}`, role, role === 'crc' ? undefined : cfgCrc);
   cfg(0, 4, 'magic');
   cfg(4, 4, 'crc32', 'crc');
   cfg(8, 4, 'incarnation count', 'count');
@@ -1067,7 +1239,12 @@ export function mapDedup(b: Buffer): DedupLayout {
 
   // The holder snapshot: its table entry, L1 and L2 tables.
   let holder: DedupLayout['holder'] = null;
-  const offsets: number[] = [cfgOff, ...config.journals.map((j) => j.offset), ...config.incarnations.map((r) => r.offset), ...config.limbo.map((l) => l.offset)];
+  const offsets: number[] = [
+    cfgOff,
+    ...config.journals.map((j) => j.offset),
+    ...config.incarnations.map((r) => r.offset),
+    ...config.limbo.map((l) => l.offset),
+  ];
   let sp = Number(u64(b, 64));
   for (let s = 0; s < u32(b, 60) && sp + 40 <= b.length; s++) {
     const idLen = b.readUInt16BE(sp + 12);
@@ -1129,9 +1306,18 @@ export function mapDedup(b: Buffer): DedupLayout {
   const byKind = new Map<DedupKind, DedupField[]>();
   for (const f of fields) byKind.set(f.kind, [...(byKind.get(f.kind) ?? []), f]);
   return {
-    clusterSize: cs, fields, byKind, offsets: offsets.filter((o) => o > 0), dataClusters: [...dataClusters], blocks, entries, incarnations,
+    clusterSize: cs,
+    fields,
+    byKind,
+    offsets: offsets.filter((o) => o > 0),
+    dataClusters: [...dataClusters],
+    blocks,
+    entries,
+    incarnations,
     config: { off: cfgOff, size: ext.configBytes, crc: cfgCrc, incarnations: config.incarnations.length, limbo: config.limbo.length },
-    extOff, holder, l2Tables,
+    extOff,
+    holder,
+    l2Tables,
   };
 }
 
@@ -1139,7 +1325,14 @@ export function mapDedup(b: Buffer): DedupLayout {
 
 function dedupValue(rng: Rng, f: DedupField, old: bigint, d: DedupLayout, fileLen: number): bigint {
   const cs = BigInt(d.clusterSize);
-  const generic = () => newValue(rng, { kind: 'ext', off: f.off, width: f.width, what: f.what }, old, { clusterSize: d.clusterSize, fields: [], offsets: d.offsets, compressed: [] }, fileLen);
+  const generic = () =>
+    newValue(
+      rng,
+      { kind: 'ext', off: f.off, width: f.width, what: f.what },
+      old,
+      { clusterSize: d.clusterSize, fields: [], offsets: d.offsets, compressed: [] },
+      fileLen,
+    );
   const r = rng.int(10);
   switch (f.role) {
     case 'host':
@@ -1152,13 +1345,21 @@ function dedupValue(rng: Rng, f: DedupField, old: bigint, d: DedupLayout, fileLe
     case 'holder-entry':
       // Not the identity (another cluster), flag bits (COPIED, zero, compressed), unaligned, cleared.
       switch (r) {
-        case 0: case 1: return d.dataClusters.length ? BigInt(rng.pick(d.dataClusters)) : 0n;
-        case 2: return old | (1n << 63n);
-        case 3: return old | 1n;
-        case 4: return old | (1n << 62n);
-        case 5: return old ? old + 512n : 0n;
-        case 6: return 0n;
-        default: return generic();
+        case 0:
+        case 1:
+          return d.dataClusters.length ? BigInt(rng.pick(d.dataClusters)) : 0n;
+        case 2:
+          return old | (1n << 63n);
+        case 3:
+          return old | 1n;
+        case 4:
+          return old | (1n << 62n);
+        case 5:
+          return old ? old + 512n : 0n;
+        case 6:
+          return 0n;
+        default:
+          return generic();
       }
     case 'offset':
       if (r < 3) return BigInt(rng.pick(d.offsets));
@@ -1215,7 +1416,9 @@ export function makeDedupMutant(seed: number, bases: DedupBase[], layouts: Map<B
       fix(f.crc);
       const entry = d.entries.find((e) => f.off >= e.off - 4 && f.off < e.off + 48);
       if (entry) targets.add(Buffer.from(base.bytes.subarray(entry.off, entry.off + 32)).toString('hex'));
-      steps.push(`${f.kind} ${f.what} @${f.off}: 0x${old.toString(16)} -> 0x${readField(bytes, f).toString(16)}${f.crc && fixes.has(f.crc.at) ? ' (crc fixed)' : ''}`);
+      steps.push(
+        `${f.kind} ${f.what} @${f.off}: 0x${old.toString(16)} -> 0x${readField(bytes, f).toString(16)}${f.crc && fixes.has(f.crc.at) ? ' (crc fixed)' : ''}`,
+      );
       continue;
     }
     const op = rng.int(16);
@@ -1253,7 +1456,10 @@ export function makeDedupMutant(seed: number, bases: DedupBase[], layouts: Map<B
     } else if ((op === 5 || op === 6) && d.entries.length) {
       // The entry names another cluster: with verify off, only the holder and the refcount stand in the way.
       const c = rng.pick(d.entries);
-      const other = rng.chance(0.5) && d.entries.length > 1 ? bytes.readBigUInt64BE(rng.pick(d.entries).off + 32) : BigInt(rng.pick(d.dataClusters.length ? d.dataClusters : d.offsets));
+      const other =
+        rng.chance(0.5) && d.entries.length > 1
+          ? bytes.readBigUInt64BE(rng.pick(d.entries).off + 32)
+          : BigInt(rng.pick(d.dataClusters.length ? d.dataClusters : d.offsets));
       bytes.writeBigUInt64BE(other, c.off + 32);
       fix(c.crc, 0.9);
       targets.add(hashAt(c.off));
@@ -1289,7 +1495,9 @@ export function makeDedupMutant(seed: number, bases: DedupBase[], layouts: Map<B
       // A bogus hold: the holder claims a cluster (data it does not hold, or metadata) with the identity entry.
       const t = rng.pick(d.holder.tables);
       const per = cs / 8;
-      const candidates = [...d.dataClusters, ...d.offsets.filter((o) => o % cs === 0 && o < bytes.length)].map((o) => o / cs).filter((c) => Math.floor(c / per) === t.l1Index);
+      const candidates = [...d.dataClusters, ...d.offsets.filter((o) => o % cs === 0 && o < bytes.length)]
+        .map((o) => o / cs)
+        .filter((c) => Math.floor(c / per) === t.l1Index);
       if (!candidates.length) continue;
       const c = rng.pick(candidates);
       const was = bytes.readBigUInt64BE(t.off + (c % per) * 8);
@@ -1438,7 +1646,8 @@ async function dedupSteps(m: DedupMutant, failures: string[], out: DedupOutcome,
     try {
       const insp = await judgeStore(img, { tolerant: true });
       out.trust = insp.extError ? 'ext-refused' : !insp.ext ? 'plain' : insp.trusted ? 'trusted' : 'untrusted';
-      if (insp.reason && (/internal|undefined|NaN/i.test(insp.reason) || insp.reason.includes('\n'))) failures.push(`judgeStore reason: ${JSON.stringify(insp.reason)}`);
+      if (insp.reason && (/internal|undefined|NaN/i.test(insp.reason) || insp.reason.includes('\n')))
+        failures.push(`judgeStore reason: ${JSON.stringify(insp.reason)}`);
       if (insp.holder) await heldClusters(img, insp.holder, () => {});
       await guestUsage(img);
       await storedRefcounts(img);
@@ -1509,7 +1718,7 @@ async function dedupSteps(m: DedupMutant, failures: string[], out: DedupOutcome,
           continue;
         }
         await wimg.write(op.at, op.data);
-        for (let p = 0; p < op.data.length;) {
+        for (let p = 0; p < op.data.length; ) {
           const c = Math.floor((op.at + p) / cs);
           const inC = (op.at + p) % cs;
           const len = Math.min(cs - inC, op.data.length - p);
@@ -1540,15 +1749,31 @@ async function dedupSteps(m: DedupMutant, failures: string[], out: DedupOutcome,
       for (let c = 0; c < want.length; c++) {
         if (!want[c]) continue;
         if (got[c] && got[c]!.equals(want[c]!)) continue;
-        bad.push(`guest cluster ${c} (${written.has(c) ? 'written' : 'not written'}): reads ${nameContent(base, got[c])}, expected ${nameContent(base, want[c])}`);
+        bad.push(
+          `guest cluster ${c} (${written.has(c) ? 'written' : 'not written'}): reads ${nameContent(base, got[c])}, expected ${nameContent(base, want[c])}`,
+        );
       }
       if (bad.length) {
-        out.wrongData.push({ what: `${bad.length} clusters wrong after the write: ${bad.slice(0, 3).join('; ')}`, verify, deepCheckBefore: verdictOf(preDeep), trust: out.trust });
+        out.wrongData.push({
+          what: `${bad.length} clusters wrong after the write: ${bad.slice(0, 3).join('; ')}`,
+          verify,
+          deepCheckBefore: verdictOf(preDeep),
+          trust: out.trust,
+        });
       }
       // A store the deep check found sound must stay sound through a write.
       if (verdictOf(preDeep) === 'clean' || verdictOf(preDeep) === 'leaks') {
         const c = await checkOpenImage(target(v, false), {}, hook(v, true));
-        if (c.corruptions || c.failure !== undefined) failures.push(`the deep check found no corruption before the write, and after it: ${c.failure ?? c.messages.filter((x) => /ERROR/.test(x)).slice(0, 2).join(' / ')}`);
+        if (c.corruptions || c.failure !== undefined)
+          failures.push(
+            `the deep check found no corruption before the write, and after it: ${
+              c.failure ??
+              c.messages
+                .filter((x) => /ERROR/.test(x))
+                .slice(0, 2)
+                .join(' / ')
+            }`,
+          );
       }
     } catch (err) {
       failures.push(`dedup write-verify: ${(err as Error).message}`);
@@ -1578,11 +1803,15 @@ async function dedupSteps(m: DedupMutant, failures: string[], out: DedupOutcome,
     try {
       v = await Image.open(m.base.path, { file: again, backing: false });
       const c = await checkOpenImage(target(v, false), {}, hook(v, deepRepair));
-      if (!isClean(c) || c.leaks) failures.push(`dedup repair${deepRepair ? ' --deep' : ''} reported a clean image but a new check finds: ${c.failure ?? c.messages.slice(0, 2).join(' / ')}`);
+      if (!isClean(c) || c.leaks)
+        failures.push(
+          `dedup repair${deepRepair ? ' --deep' : ''} reported a clean image but a new check finds: ${c.failure ?? c.messages.slice(0, 2).join(' / ')}`,
+        );
       if (before) {
         const now = await readClusters(v);
         const changed = before.findIndex((b, i) => b !== null && !(now[i] && now[i]!.equals(b)));
-        if (changed >= 0) failures.push(`dedup repair changed guest cluster ${changed}: ${nameContent(base, before[changed])} -> ${nameContent(base, now[changed])}`);
+        if (changed >= 0)
+          failures.push(`dedup repair changed guest cluster ${changed}: ${nameContent(base, before[changed])} -> ${nameContent(base, now[changed])}`);
       }
     } catch (err) {
       failures.push(`dedup repair-verify: ${(err as Error).message}`);
@@ -1604,7 +1833,12 @@ async function dedupSteps(m: DedupMutant, failures: string[], out: DedupOutcome,
         const r = await Image.open(m.base.path, { file: new GuardFile(m.base.path, w.bytes(), deadline, 'dedup repair-write-verify'), backing: false });
         try {
           if (!(await r.read(at, data.length)).equals(data)) {
-            out.wrongData.push({ what: `a write after a clean repair${deepRepair ? ' --deep' : ''} did not read back`, verify, deepCheckBefore: deepRepair ? 'clean after repair --deep' : 'repaired (not deep)', trust: out.trust });
+            out.wrongData.push({
+              what: `a write after a clean repair${deepRepair ? ' --deep' : ''} did not read back`,
+              verify,
+              deepCheckBefore: deepRepair ? 'clean after repair --deep' : 'repaired (not deep)',
+              trust: out.trust,
+            });
           }
         } finally {
           await r.close();
@@ -1630,13 +1864,17 @@ export async function runDedupMutant(m: DedupMutant): Promise<DedupOutcome> {
   const timeout = new Promise<string>((resolve) => {
     timer = setTimeout(() => resolve('timeout'), bound + 500);
   });
-  let r: string | void = undefined;
+  let r: string | undefined = undefined;
   try {
-    r = await Promise.race([(async () => {
-      const plain = await steps(m, failures, deadline, (img) => dedupCheckExtension(img, false));
-      await dedupSteps(m, failures, out, deadline);
-      out.verdict = `${out.trust}/${plain}`;
-    })(), timeout]);
+    r = await Promise.race([
+      (async () => {
+        const plain = await steps(m, failures, deadline, (img) => dedupCheckExtension(img, false));
+        await dedupSteps(m, failures, out, deadline);
+        out.verdict = `${out.trust}/${plain}`;
+        return undefined;
+      })(),
+      timeout,
+    ]);
   } catch (err) {
     failures.push(`harness: ${(err as Error)?.stack ?? err}`);
   } finally {
@@ -1700,7 +1938,14 @@ export function dedupHazards(b: Buffer): DedupHazards {
     if (extOff < 0 || extOff + 48 > b.length || !(u64(b, 88) & AUTOCLEAR_DEDUP)) return out;
     const ext = decodeDedupExtension(b.subarray(extOff, extOff + 48), cs);
     if (ext.dirty) return out;
-    const config = decodeDedupConfig(Buffer.concat([b.subarray(ext.configOffset, ext.configOffset + ext.configBytes), Buffer.alloc(Math.max(0, ext.configOffset + ext.configBytes - b.length))]).subarray(0, ext.configBytes), ext.configOffset, cs);
+    const config = decodeDedupConfig(
+      Buffer.concat([
+        b.subarray(ext.configOffset, ext.configOffset + ext.configBytes),
+        Buffer.alloc(Math.max(0, ext.configOffset + ext.configBytes - b.length)),
+      ]).subarray(0, ext.configBytes),
+      ext.configOffset,
+      cs,
+    );
     out.trustedOnDisk = true;
     const inc = incarnationLayout(ext.order, cs);
     const areas: { what: string; first: number; clusters: number }[] = [

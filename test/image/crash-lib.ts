@@ -1,7 +1,7 @@
 // Shared by the crash-point enumerations (plain and dedup): a workload is a list of steps,
 // each one open / operations / close; a step is acknowledged when its close returns.
 
-import { Image } from '../../src/image/image.ts';
+import type { Image } from '../../src/image/image.ts';
 import { CrashError, type FaultyFile } from '../doubles/faulty-file.ts';
 import { openForWrite } from '../../src/dedup/open.ts';
 import { ChunkReader, bufferSource, writeChunks } from '../../src/image/write-pipeline.ts';

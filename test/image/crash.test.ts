@@ -17,11 +17,16 @@ import { HAVE_QEMU, qemuCheck, tempDir } from '../helpers.ts';
 import { runSteps, shadowsOf, type Op } from './crash-lib.ts';
 import { openForWrite } from '../../src/dedup/open.ts';
 
-
 /** A seeded workload: steps of 1–3 non-overlapping operations, each step one open/close. */
 function workload(seed: number, size: number, clusterSize: number, steps: number): Op[][] {
   let x = seed;
-  const rnd = (n: number) => { x ^= x << 13; x ^= x >>> 17; x ^= x << 5; x >>>= 0; return x % n; };
+  const rnd = (n: number) => {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    x >>>= 0;
+    return x % n;
+  };
   const out: Op[][] = [];
   for (let s = 0; s < steps; s++) {
     const step: Op[] = [];
@@ -29,7 +34,8 @@ function workload(seed: number, size: number, clusterSize: number, steps: number
     for (let i = 0, n = 1 + rnd(3); i < n; i++) {
       const length = 1 + rnd(rnd(2) ? clusterSize * 3 : 700);
       const offset = rnd(size - length);
-      const lo = Math.floor(offset / 512) * 512, hi = Math.ceil((offset + length) / 512) * 512;
+      const lo = Math.floor(offset / 512) * 512,
+        hi = Math.ceil((offset + length) / 512) * 512;
       if (used.some(([a, b]) => lo < b && a < hi)) continue;
       used.push([lo, hi]);
       if (rnd(5) === 0) step.push({ kind: 'zero', offset, length });
@@ -39,7 +45,6 @@ function workload(seed: number, size: number, clusterSize: number, steps: number
   }
   return out;
 }
-
 
 async function verifyState(path: string, bytes: Buffer, before: Buffer, after: Buffer, label: string): Promise<void> {
   const image = await Image.open(path, { file: new MemFile(path, bytes) });
@@ -90,7 +95,7 @@ test('crash at every write and sync: acknowledged data survives, no corruption',
         const label = `cluster ${c.clusterSize}, seed ${c.seed}, crash at op ${k}/${totalOps}, ${mode}`;
         await verifyState(path, bytes, shadows[acked], shadows[Math.min(acked + 1, steps.length)], label);
         states++;
-        if (HAVE_QEMU && (k % 9 === 0) && mode !== 'keep-unsynced') {
+        if (HAVE_QEMU && k % 9 === 0 && mode !== 'keep-unsynced') {
           const out = join(dir, 'state.qcow2');
           writeFileSync(out, bytes);
           const q = qemuCheck(out);

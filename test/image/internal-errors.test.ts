@@ -22,7 +22,10 @@ async function plainImage(): Promise<string> {
 test('internal errors: a write to an image open read-only is an InternalError', async () => {
   const image = await Image.open(await plainImage());
   try {
-    await assert.rejects(image.write(0, Buffer.alloc(512, 1)), (err) => err instanceof InternalError && err.code === 'EINTERNAL' && /not open for writing/.test(err.message));
+    await assert.rejects(
+      image.write(0, Buffer.alloc(512, 1)),
+      (err) => err instanceof InternalError && err.code === 'EINTERNAL' && /not open for writing/.test(err.message),
+    );
   } finally {
     await image.close();
   }
@@ -41,13 +44,20 @@ test('internal errors: the CLI prints one as a bug to report, with the trace', (
   // main.ts runs main() when imported (here on an unknown command: one usage error on
   // stderr, and it returns), then an InternalError is reported.
   const script = join(tempDir(), 'report.mts');
-  writeFileSync(script, [
-    `const { report } = await import(${JSON.stringify(join(ROOT, 'src/cli/main.ts'))});`,
-    `const { InternalError } = await import(${JSON.stringify(join(ROOT, 'src/errors.ts'))});`,
-    `const { processOutput } = await import(${JSON.stringify(join(ROOT, 'src/cli/output.ts'))});`,
-    `process.exitCode = report(new InternalError('image not open for writing'), processOutput(false), false);`,
-  ].join('\n'));
-  const r = spawnSync(process.execPath, ['--import', 'tsx', script, 'no-such-command'], { cwd: ROOT, encoding: 'utf8', env: { ...process.env, NO_COLOR: '1' } });
+  writeFileSync(
+    script,
+    [
+      `const { report } = await import(${JSON.stringify(join(ROOT, 'src/cli/main.ts'))});`,
+      `const { InternalError } = await import(${JSON.stringify(join(ROOT, 'src/errors.ts'))});`,
+      `const { processOutput } = await import(${JSON.stringify(join(ROOT, 'src/cli/output.ts'))});`,
+      `process.exitCode = report(new InternalError('image not open for writing'), processOutput(false), false);`,
+    ].join('\n'),
+  );
+  const r = spawnSync(process.execPath, ['--import', 'tsx', script, 'no-such-command'], {
+    cwd: ROOT,
+    encoding: 'utf8',
+    env: { ...process.env, NO_COLOR: '1' },
+  });
   assert.equal(r.status, 1, r.stderr);
   assert.match(r.stderr, /\nqdedup: internal error: image not open for writing\nThis is a bug in qdedup; please report it/);
   assert.match(r.stderr, /\n\s+at /, 'the trace');

@@ -20,10 +20,19 @@ const SIZE = 1024 * 1024;
 /** QDEDUP_SOAK_SCALE=N (npm run soak): N workloads; round r > 0 shifts every offset by 1237·r bytes and cycles the cluster size (4k, 512, 64k). */
 const ROUNDS = Math.max(1, Math.round(Number(process.env.QDEDUP_SOAK_SCALE ?? 1)));
 const BASE_STEPS: [number, number, number][][] = [
-  [[0, 5000, 0x11], [70000, 600, 0x12]],
-  [[3000, 9000, 0x21], [500000, 4096, 0x22]],
+  [
+    [0, 5000, 0x11],
+    [70000, 600, 0x12],
+  ],
+  [
+    [3000, 9000, 0x21],
+    [500000, 4096, 0x22],
+  ],
   [[65536 * 3 + 17, 70000, 0x31]],
-  [[100, 50, 0x41], [900000, 100000, 0x42]],
+  [
+    [100, 50, 0x41],
+    [900000, 100000, 0x42],
+  ],
 ];
 
 const roundSteps = (r: number) => BASE_STEPS.map((step) => step.map(([o, l, b]): [number, number, number] => [Math.min(o + 1237 * r, SIZE - l), l, b]));
@@ -68,7 +77,10 @@ test('every operation failing with EIO or ENOSPC, once and persistently', async 
           const label = `round ${round}, op ${k}/${probe.ops} ${failCode}${persistent ? ' persistent' : ''}`;
           const file = new FaultyFile(path, base, { failAt: k, failCode, persistent });
           const { acked, error } = await runSteps(path, file, STEPS);
-          if (!persistent && error === null) { cases++; continue; } // a failed op retried later is fine only if the run still ended well
+          if (!persistent && error === null) {
+            cases++;
+            continue;
+          } // a failed op retried later is fine only if the run still ended well
           assert.ok(error instanceof IoError, `${label}: expected an IoError, got ${error}`);
           assert.equal((error as IoError).code, failCode, label);
           assert.ok(!String((error as Error).message).includes('\n'), `${label}: one line`);

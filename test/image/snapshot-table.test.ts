@@ -46,10 +46,15 @@ test('walk: entries with the table bytes so far; past 64 MiB SnapshotTableTooBig
   const seen: number[] = [];
   for await (const { tableBytes } of snapshotTableEntries(bigTable(3), 0, 3)) seen.push(tableBytes);
   assert.deepEqual(seen, [step, 2 * step, 3 * step]);
-  await assert.rejects(async () => {
-    for await (const _ of snapshotTableEntries(bigTable(fits + 1), 0, fits + 1));
-  }, (e: unknown) => e instanceof SnapshotTableTooBigError && e instanceof CorruptImageError
-    && e.message === `snapshot table is too big (over ${MAX_SNAPSHOT_TABLE_BYTES} bytes at snapshot ${fits})`);
+  await assert.rejects(
+    async () => {
+      for await (const _ of snapshotTableEntries(bigTable(fits + 1), 0, fits + 1));
+    },
+    (e: unknown) =>
+      e instanceof SnapshotTableTooBigError &&
+      e instanceof CorruptImageError &&
+      e.message === `snapshot table is too big (over ${MAX_SNAPSHOT_TABLE_BYTES} bytes at snapshot ${fits})`,
+  );
 });
 
 test('walk: extra data past 1 KiB is a SnapshotExtraDataError', async () => {
@@ -58,9 +63,12 @@ test('walk: extra data past 1 KiB is a SnapshotExtraDataError', async () => {
     if (offset === 0) fixedPart(0, 1025).copy(out);
     return out;
   };
-  await assert.rejects(async () => {
-    for await (const _ of snapshotTableEntries(read, 0, 1));
-  }, (e: unknown) => e instanceof SnapshotExtraDataError && /extra data too large \(1025 bytes\)/.test(e.message));
+  await assert.rejects(
+    async () => {
+      for await (const _ of snapshotTableEntries(read, 0, 1));
+    },
+    (e: unknown) => e instanceof SnapshotExtraDataError && /extra data too large \(1025 bytes\)/.test(e.message),
+  );
 });
 
 /** A v3 image (64 KiB clusters) whose header names `count` snapshots at 1 MiB, with `entries` written there `step` bytes apart. */
@@ -83,7 +91,12 @@ async function imageWithTable(name: string, count: number, entries: Buffer[], st
 test('check: a table past 64 MiB is a check error ("Snapshot table is too big", File too large)', async () => {
   const step = entryBytes(65535);
   const count = Math.floor(MAX_SNAPSHOT_TABLE_BYTES / step) + 1;
-  const path = await imageWithTable('big.qcow2', count, Array.from({ length: count }, () => fixedPart(65535)), step);
+  const path = await imageWithTable(
+    'big.qcow2',
+    count,
+    Array.from({ length: count }, () => fixedPart(65535)),
+    step,
+  );
   const r = await checkImage(path);
   assert.equal(r.failure, 'File too large');
   assert.equal(r.checkErrors, 1);

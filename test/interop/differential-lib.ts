@@ -32,7 +32,10 @@ export class Rng {
       z = Math.imul(z ^ (z >>> 13), 0xc2b2ae35);
       return (z ^ (z >>> 16)) >>> 0;
     };
-    this.a = next(); this.b = next(); this.c = next(); this.d = next();
+    this.a = next();
+    this.b = next();
+    this.c = next();
+    this.d = next();
     for (let i = 0; i < 12; i++) this.u32();
   }
 
@@ -96,14 +99,18 @@ export function deriveSeed(base: number, label: string): number {
 /** A raw file of the virtual size that receives every write the image receives. */
 export class Shadow {
   private readonly fd: number;
-  constructor(readonly path: string, size: number, initial?: Buffer) {
+  constructor(
+    readonly path: string,
+    size: number,
+    initial?: Buffer,
+  ) {
     this.fd = openSync(path, 'w+');
     ftruncateSync(this.fd, size);
     if (initial) this.write(0, initial);
   }
 
   write(offset: number, data: Buffer): void {
-    for (let done = 0; done < data.length;) done += writeSync(this.fd, data, done, data.length - done, offset + done);
+    for (let done = 0; done < data.length; ) done += writeSync(this.fd, data, done, data.length - done, offset + done);
   }
 
   /** Writes zeros in bounded chunks. */
@@ -174,7 +181,11 @@ export async function compareRaw(qcow2: string, raw: string): Promise<AsyncResul
 export async function checkImage(file: string): Promise<{ status: number; json: Record<string, unknown> | null; stderr: string }> {
   const r = await runAsync('qemu-img', ['check', '-f', 'qcow2', '--output=json', file]);
   let json = null;
-  try { json = JSON.parse(r.stdout); } catch { json = null; }
+  try {
+    json = JSON.parse(r.stdout);
+  } catch {
+    json = null;
+  }
   return { status: r.status, json, stderr: r.stderr };
 }
 

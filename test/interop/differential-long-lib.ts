@@ -8,7 +8,7 @@
 import { spawnSync } from 'node:child_process';
 import { closeSync, copyFileSync, ftruncateSync, mkdirSync, openSync, readSync, rmSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
-import { Image } from '../../src/image/image.ts';
+import type { Image } from '../../src/image/image.ts';
 import { BIN } from '../helpers.ts';
 import { Rng, qdedupAsync, runAsync, sizeName } from './differential-lib.ts';
 import { openForWrite } from '../../src/dedup/open.ts';
@@ -41,19 +41,22 @@ export async function qdedupCreate(path: string, size: number, options: string):
 /** A sparse raw file of the virtual size that receives every write, and can be read back. */
 export class RawShadow {
   private readonly fd: number;
-  constructor(readonly path: string, readonly size: number) {
+  constructor(
+    readonly path: string,
+    readonly size: number,
+  ) {
     this.fd = openSync(path, 'w+');
     ftruncateSync(this.fd, size);
   }
   write(offset: number, data: Buffer): void {
-    for (let done = 0; done < data.length;) done += writeSync(this.fd, data, done, data.length - done, offset + done);
+    for (let done = 0; done < data.length; ) done += writeSync(this.fd, data, done, data.length - done, offset + done);
   }
   zero(offset: number, length: number): void {
     this.write(offset, Buffer.alloc(length));
   }
   read(offset: number, length: number): Buffer {
     const b = Buffer.alloc(length);
-    for (let done = 0; done < length;) {
+    for (let done = 0; done < length; ) {
       const n = readSync(this.fd, b, done, length - done, offset + done);
       if (n === 0) break;
       done += n;
@@ -103,10 +106,14 @@ export type LongOp =
 export function opText(op: LongOp): string {
   const r = `${op.offset}+${op.length}`;
   switch (op.kind) {
-    case 'pattern': return `write -P 0x${op.pattern.toString(16)} ${r}`;
-    case 'data': return `write -i${op.via ? `(${op.via})` : ''} #${op.seed.toString(16)} ${r}`;
-    case 'zero': return `write -z${op.unmap ? ' -u' : ''} ${r}`;
-    case 'read': return `read${op.pattern !== undefined ? ` -P 0x${op.pattern.toString(16)}` : ''}${op.raw ? ' (raw)' : ''} ${r}`;
+    case 'pattern':
+      return `write -P 0x${op.pattern.toString(16)} ${r}`;
+    case 'data':
+      return `write -i${op.via ? `(${op.via})` : ''} #${op.seed.toString(16)} ${r}`;
+    case 'zero':
+      return `write -z${op.unmap ? ' -u' : ''} ${r}`;
+    case 'read':
+      return `read${op.pattern !== undefined ? ` -P 0x${op.pattern.toString(16)}` : ''}${op.raw ? ' (raw)' : ''} ${r}`;
   }
 }
 
@@ -128,7 +135,11 @@ export class OpGenerator {
   private readonly hot: number[];
   private readonly recent: { offset: number; length: number }[] = [];
 
-  constructor(private readonly rng: Rng, private readonly cfg: LongConfig, private readonly shadow: RawShadow) {
+  constructor(
+    private readonly rng: Rng,
+    private readonly cfg: LongConfig,
+    private readonly shadow: RawShadow,
+  ) {
     this.cs = 2 ** cfg.clusterBits;
     const span = l2Span(cfg);
     this.hot = [0, cfg.size];
@@ -150,8 +161,10 @@ export class OpGenerator {
     let offset: number;
     const p = rng.float();
     if (p < 0.3) offset = rng.pick(this.hot) + rng.int(-3 * cs, 3 * cs);
-    else if (p < 0.5 && this.recent.length) { const r = rng.pick(this.recent); offset = r.offset + rng.int(-cs, r.length); }
-    else {
+    else if (p < 0.5 && this.recent.length) {
+      const r = rng.pick(this.recent);
+      offset = r.offset + rng.int(-cs, r.length);
+    } else {
       // Anywhere (a wide disk: mostly within 64 clusters of a hot point, to stay sparse).
       const centre = rng.pick(this.hot);
       const window = this.cfg.wide && !rng.chance(0.05) ? [centre - 64 * cs, centre + 64 * cs] : [0, V - 1];
@@ -213,9 +226,15 @@ export function shadowApply(shadow: RawShadow, op: LongOp): void {
 /** Applies an operation through the engine; a read returns its mismatch (or null). */
 export async function engineApply(image: Image, shadow: RawShadow, op: LongOp): Promise<string | null> {
   switch (op.kind) {
-    case 'zero': await image.writeZeroes(op.offset, op.length); return null;
-    case 'pattern': await image.write(op.offset, Buffer.alloc(op.length, op.pattern)); return null;
-    case 'data': await image.write(op.offset, opData(op)); return null;
+    case 'zero':
+      await image.writeZeroes(op.offset, op.length);
+      return null;
+    case 'pattern':
+      await image.write(op.offset, Buffer.alloc(op.length, op.pattern));
+      return null;
+    case 'data':
+      await image.write(op.offset, opData(op));
+      return null;
     case 'read': {
       const got = await image.read(op.offset, op.length);
       const want = shadow.read(op.offset, op.length);
@@ -234,14 +253,17 @@ export function firstDiff(a: Buffer, b: Buffer): number {
 export function qemuIoCommand(op: LongOp, dataFile: () => string): string | null {
   const r = `${op.offset} ${op.length}`;
   switch (op.kind) {
-    case 'zero': return `write -q -z${op.unmap ? ' -u' : ''} ${r}`;
-    case 'pattern': return `write -q -P ${op.pattern} ${r}`;
+    case 'zero':
+      return `write -q -z${op.unmap ? ' -u' : ''} ${r}`;
+    case 'pattern':
+      return `write -q -P ${op.pattern} ${r}`;
     case 'data': {
       const f = dataFile();
       writeFileSync(f, opData(op));
       return `write -q -s ${f} ${r}`;
     }
-    case 'read': return op.pattern === undefined ? null : `read -q -P ${op.pattern} ${r}`;
+    case 'read':
+      return op.pattern === undefined ? null : `read -q -P ${op.pattern} ${r}`;
   }
 }
 
@@ -261,11 +283,23 @@ export async function cliApply(image: string, shadow: RawShadow, op: LongOp, dir
   let input: Buffer | undefined;
   let expected: string;
   switch (op.kind) {
-    case 'zero': args = ['write', '-z', image, off, len]; expected = `wrote ${op.length}/${op.length} bytes at offset ${op.offset}\n`; break;
-    case 'pattern': args = ['write', '-P', `0x${op.pattern.toString(16)}`, image, off, len]; expected = `wrote ${op.length}/${op.length} bytes at offset ${op.offset}\n`; break;
+    case 'zero':
+      args = ['write', '-z', image, off, len];
+      expected = `wrote ${op.length}/${op.length} bytes at offset ${op.offset}\n`;
+      break;
+    case 'pattern':
+      args = ['write', '-P', `0x${op.pattern.toString(16)}`, image, off, len];
+      expected = `wrote ${op.length}/${op.length} bytes at offset ${op.offset}\n`;
+      break;
     case 'data':
-      if (op.via === 'stdin') { input = opData(op); args = ['write', '-i', '-', image, off, len]; }
-      else { const f = join(dir, `cli-${op.seed.toString(16)}.bin`); writeFileSync(f, opData(op)); args = ['write', '-i', f, image, off]; }
+      if (op.via === 'stdin') {
+        input = opData(op);
+        args = ['write', '-i', '-', image, off, len];
+      } else {
+        const f = join(dir, `cli-${op.seed.toString(16)}.bin`);
+        writeFileSync(f, opData(op));
+        args = ['write', '-i', f, image, off];
+      }
       expected = `wrote ${op.length}/${op.length} bytes at offset ${op.offset}\n`;
       break;
     case 'read':
@@ -279,7 +313,8 @@ export async function cliApply(image: string, shadow: RawShadow, op: LongOp, dir
   if (r.status !== 0) return `${cmd} exited ${r.status}: ${r.stderr.trim()}`;
   if (op.kind === 'read' && (op.raw || op.pattern === undefined)) {
     const want = shadow.read(op.offset, op.length);
-    if (!r.stdoutBytes.equals(want)) return `${cmd}: ${r.stdoutBytes.length} bytes, first difference at guest offset ${op.offset + firstDiff(r.stdoutBytes, want)}`;
+    if (!r.stdoutBytes.equals(want))
+      return `${cmd}: ${r.stdoutBytes.length} bytes, first difference at guest offset ${op.offset + firstDiff(r.stdoutBytes, want)}`;
   } else if (r.stdout !== expected) return `${cmd}: stdout ${JSON.stringify(r.stdout)}, expected ${JSON.stringify(expected)}`;
   return null;
 }
@@ -299,10 +334,15 @@ export async function compareTwins(qdedupImage: string, qemuImage: string, shado
   const problems: string[] = [];
   const re = /([\s\S]*?)@@(cmpD|cmpQ|chkD|chkQ)=(\d+)\n/g;
   let seen = 0;
-  for (let m; (m = re.exec(r.stdout));) {
+  for (let m: RegExpExecArray | null; (m = re.exec(r.stdout)); ) {
     seen++;
     if (m[3] === '0') continue;
-    const what = { cmpD: 'qemu-img compare (qdedup image vs shadow)', cmpQ: 'qemu-img compare (qemu-io image vs shadow)', chkD: 'qemu-img check (qdedup image)', chkQ: 'qemu-img check (qemu-io image)' }[m[2]]!;
+    const what = {
+      cmpD: 'qemu-img compare (qdedup image vs shadow)',
+      cmpQ: 'qemu-img compare (qemu-io image vs shadow)',
+      chkD: 'qemu-img check (qdedup image)',
+      chkQ: 'qemu-img check (qemu-io image)',
+    }[m[2]]!;
     problems.push(`${what} exited ${m[3]}: ${m[1].trim().split('\n').slice(0, 4).join(' | ')}`);
   }
   if (seen !== 4) problems.push(`compare script: unexpected output (${r.status}): ${r.stdout}${r.stderr}`);
@@ -390,8 +430,10 @@ export async function runLongSequence(o: SequenceOptions): Promise<SequenceResul
           log.push({ batch, op, via: 'engine' });
           res.ops++;
           const r = rng.float();
-          if (r < 0.006) { await image.close(); image = await openForWrite(D); }
-          else if (r < 0.012) await image.flush();
+          if (r < 0.006) {
+            await image.close();
+            image = await openForWrite(D);
+          } else if (r < 0.012) await image.flush();
         }
         await image.close();
       } catch (err) {
@@ -422,7 +464,8 @@ export async function runLongSequence(o: SequenceOptions): Promise<SequenceResul
       const t2 = Date.now();
       // 3. Both images against the shadow.
       problems.push(...(await compareTwins(D, Q, shadow.path)));
-      if (process.env.QDEDUP_LONG_TIMING) console.log(`${cfg.label} batch ${batch}: engine ${t1 - t0} ms, cli+qemu-io ${t2 - t1} ms, compare ${Date.now() - t2} ms`);
+      if (process.env.QDEDUP_LONG_TIMING)
+        console.log(`${cfg.label} batch ${batch}: engine ${t1 - t0} ms, cli+qemu-io ${t2 - t1} ms, compare ${Date.now() - t2} ms`);
       res.batches++;
       rmSync(bdir, { recursive: true, force: true });
       if (problems.length) {

@@ -56,7 +56,9 @@ const seedOf = (label: string) => deriveSeed(BASE_SEED, label);
  */
 const ROOT_DIR = mkdtempSync(join(process.env.QDEDUP_LONG_DIR ?? (existsSync('/dev/shm') ? '/dev/shm' : tmpdir()), 'qdedup-difflong-'));
 let keep = false;
-process.on('exit', () => { if (!keep) rmSync(ROOT_DIR, { recursive: true, force: true }); });
+process.on('exit', () => {
+  if (!keep) rmSync(ROOT_DIR, { recursive: true, force: true });
+});
 const totals = { ops: 0, cliOps: 0, batches: 0, mismatches: 0, sequences: 0 };
 const started = Date.now();
 
@@ -64,27 +66,37 @@ describe('long differential sequences: qdedup vs qemu-io vs raw shadow', { skip:
   after(() => {
     if (totals.sequences === 0) return;
     const secs = ((Date.now() - started) / 1000).toFixed(1);
-    console.log(`differential: ${totals.ops} operations, ${totals.mismatches} mismatches (${totals.sequences} sequences, ${totals.batches} batches, ${totals.cliOps} through bin/qdedup; base seed 0x${BASE_SEED.toString(16)}, scale ${SCALE}, ${secs} s)`);
+    console.log(
+      `differential: ${totals.ops} operations, ${totals.mismatches} mismatches (${totals.sequences} sequences, ${totals.batches} batches, ${totals.cliOps} through bin/qdedup; base seed 0x${BASE_SEED.toString(16)}, scale ${SCALE}, ${secs} s)`,
+    );
   });
 
   for (const cfg of CONFIGS) {
     const seed = seedOf(cfg.label);
-    it(`${cfg.label}: ${configText(cfg)}, ${perConfig} operations (seed 0x${seed.toString(16)})`, { skip: ONLY !== undefined && !ONLY.includes(cfg.label) }, async () => {
-      const dir = join(ROOT_DIR, cfg.label);
-      mkdirSync(dir);
-      const res = await runLongSequence({
-        cfg, seed, ops: perConfig, batchSize: BATCH, dir,
-        reproduce: `QDEDUP_SEED=0x${BASE_SEED.toString(16)} QDEDUP_ONLY=${cfg.label} QDEDUP_SOAK_SCALE=${SCALE} node --import tsx --test test/interop/differential-long.test.ts`,
-      });
-      totals.ops += res.ops;
-      totals.cliOps += res.cliOps;
-      totals.batches += res.batches;
-      totals.mismatches += res.mismatches;
-      totals.sequences++;
-      if (res.failure) keep = true;
-      else rmSync(dir, { recursive: true, force: true });
-      assert.equal(res.failure, undefined, res.failure);
-      assert.ok(res.ops >= perConfig, `${res.ops} operations`);
-    });
+    it(
+      `${cfg.label}: ${configText(cfg)}, ${perConfig} operations (seed 0x${seed.toString(16)})`,
+      { skip: ONLY !== undefined && !ONLY.includes(cfg.label) },
+      async () => {
+        const dir = join(ROOT_DIR, cfg.label);
+        mkdirSync(dir);
+        const res = await runLongSequence({
+          cfg,
+          seed,
+          ops: perConfig,
+          batchSize: BATCH,
+          dir,
+          reproduce: `QDEDUP_SEED=0x${BASE_SEED.toString(16)} QDEDUP_ONLY=${cfg.label} QDEDUP_SOAK_SCALE=${SCALE} node --import tsx --test test/interop/differential-long.test.ts`,
+        });
+        totals.ops += res.ops;
+        totals.cliOps += res.cliOps;
+        totals.batches += res.batches;
+        totals.mismatches += res.mismatches;
+        totals.sequences++;
+        if (res.failure) keep = true;
+        else rmSync(dir, { recursive: true, force: true });
+        assert.equal(res.failure, undefined, res.failure);
+        assert.ok(res.ops >= perConfig, `${res.ops} operations`);
+      },
+    );
   }
 });

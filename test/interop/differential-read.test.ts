@@ -36,12 +36,17 @@ function firstDifference(a: Buffer, b: Buffer): number {
 function assertSameBytes(actual: Buffer, expected: Buffer, what: string): void {
   const at = firstDifference(actual, expected);
   if (at < 0) return;
-  assert.fail(`${what}: ${actual.length} bytes read, ${expected.length} expected; first difference at offset ${at} (0x${at.toString(16)}): got ${actual.subarray(at, at + 8).toString('hex')}, expected ${expected.subarray(at, at + 8).toString('hex')}`);
+  assert.fail(
+    `${what}: ${actual.length} bytes read, ${expected.length} expected; first difference at offset ${at} (0x${at.toString(16)}): got ${actual.subarray(at, at + 8).toString('hex')}, expected ${expected.subarray(at, at + 8).toString('hex')}`,
+  );
 }
 
 /** qemu-io output without its timing lines ("4 KiB, 1 ops; 00.00 sec (…)"). */
 function qemuIoLines(out: string): string {
-  return out.split('\n').filter((l) => !/^[\d.]+ (bytes|[KMGTPE]iB), \d+ ops; /.test(l)).join('\n');
+  return out
+    .split('\n')
+    .filter((l) => !/^[\d.]+ (bytes|[KMGTPE]iB), \d+ ops; /.test(l))
+    .join('\n');
 }
 
 /** Reads a whole image (or a range) through bin/qdedup and returns the bytes. */
@@ -70,7 +75,8 @@ async function readsLikeQemu(label: string, image: string, rng: Rng, expected?: 
   assertSameBytes(await qdedupRead(image), want, `qdedup read of the whole disk, ${ctx}`);
   if (rng.chance(0.4)) return; // a range read on most images (each read is a process: keep the count down)
   const off = rng.int(0, want.length - 1);
-  if (rng.chance(0.25)) { // OFFSET alone: to the end of the disk
+  if (rng.chance(0.25)) {
+    // OFFSET alone: to the end of the disk
     assertSameBytes(await qdedupRead(image, [off]), want.subarray(off), `qdedup read ${off}, ${ctx}`);
     return;
   }
@@ -108,7 +114,7 @@ function randomCommands(rng: Rng, l: Layout, dataFile: string, count: number, fr
   const compressed = new Set<number>();
   for (let i = fresh ? rng.int(0, 3) : 0; i > 0 && clusters > 0; i--) compressed.add(rng.int(0, clusters - 1));
   const sorted = [...compressed].sort((a, b) => a - b);
-  for (let k = 0; k < sorted.length;) {
+  for (let k = 0; k < sorted.length; ) {
     let n = 1;
     while (sorted[k + n] === sorted[k] + n) n++; // runs of neighbours: one write
     cmds.push(`write -q -c -P 0x${rng.int(1, 255).toString(16)} ${sorted[k] * cs} ${n * cs}`);
@@ -142,7 +148,7 @@ async function qemuIo(image: string, commands: string[], format = 'qcow2'): Prom
 /** A raw source of random, repeated-text and zero runs (compressible in parts). */
 function mixedSource(rng: Rng, size: number, cs: number): Buffer {
   const src = Buffer.alloc(size);
-  for (let pos = 0; pos < size;) {
+  for (let pos = 0; pos < size; ) {
     const n = Math.min(size - pos, rng.int(1, 3 * cs));
     const r = rng.float();
     if (r < 0.4) src.fill(`block at ${pos}; `, pos, pos + n);
@@ -153,23 +159,38 @@ function mixedSource(rng: Rng, size: number, cs: number): Buffer {
 }
 
 /** Every (compat, refcount width) pair; v2 has 16-bit refcounts only. */
-const WIDTHS: ['0.10' | '1.1', number][] = [['0.10', 16], ['1.1', 1], ['1.1', 2], ['1.1', 4], ['1.1', 8], ['1.1', 16], ['1.1', 32], ['1.1', 64]];
+const WIDTHS: ['0.10' | '1.1', number][] = [
+  ['0.10', 16],
+  ['1.1', 1],
+  ['1.1', 2],
+  ['1.1', 4],
+  ['1.1', 8],
+  ['1.1', 16],
+  ['1.1', 32],
+  ['1.1', 64],
+];
 
 // ---------------------------------------------------------------- committed fixtures
 // Needs no QEMU: the manifest holds what QEMU read when the fixtures were made.
 describe('differential reads: committed fixtures read like their manifest', { concurrency: 2 }, () => {
-  const manifest = JSON.parse(readFileSync(join(FIXTURES, 'manifest.json'), 'utf8')) as { images: { file: string; format: string; sha256: string; virtualSize: number; snapshots?: Record<string, string> }[] };
+  const manifest = JSON.parse(readFileSync(join(FIXTURES, 'manifest.json'), 'utf8')) as {
+    images: { file: string; format: string; sha256: string; virtualSize: number; snapshots?: Record<string, string> }[];
+  };
   it('the manifest lists every image in fixtures/ and the folder stays small', () => {
     assert.ok(manifest.images.length >= 10);
     const listed = new Set([...manifest.images.map((e) => e.file), 'manifest.json', 'README.md']);
     // Subfolders (fuzz-regressions/) have their own README and tests.
     const files = readdirSync(FIXTURES).filter((n) => statSync(join(FIXTURES, n)).isFile());
-    assert.deepEqual(files.filter((n) => !listed.has(n)), [], 'files in fixtures/ that the manifest does not list');
+    assert.deepEqual(
+      files.filter((n) => !listed.has(n)),
+      [],
+      'files in fixtures/ that the manifest does not list',
+    );
     let total = 0;
     for (const n of readdirSync(FIXTURES)) total += statSync(join(FIXTURES, n)).size;
     assert.ok(total < 2 * 1024 * 1024, `fixtures take ${total} bytes`);
   });
-  it('chain-top.qcow2 opened by a relative path from another folder: backing names resolve against the image\'s folder', async () => {
+  it("chain-top.qcow2 opened by a relative path from another folder: backing names resolve against the image's folder", async () => {
     const e = manifest.images.find((m) => m.file === 'chain-top.qcow2')!;
     const cwd = join(ROOT, 'test');
     const r = await qdedupAsync(['read', join('..', 'fixtures', 'chain-top.qcow2')], undefined, cwd);
@@ -208,7 +229,7 @@ describe('differential reads', { skip: NO_QEMU, concurrency: true }, () => {
       const span = cs * (cs / 8);
       // Small clusters: a few L2 tables' worth. Large ones: a few clusters (the L2
       // boundary would need terabytes), the second round with a partial last cluster.
-      let size = span * 3 <= (8 << 20) ? span * rng.int(2, 3) + rng.int(0, cs) : cs * rng.int(3, 6) + (i >= 13 ? rng.int(1, cs - 1) : 0);
+      let size = span * 3 <= 8 << 20 ? span * rng.int(2, 3) + rng.int(0, cs) : cs * rng.int(3, 6) + (i >= 13 ? rng.int(1, cs - 1) : 0);
       size = Math.ceil(size / 512) * 512;
       const l: Layout = { cs, compat, refcountBits, size };
       it(`${label}: ${sizeName(cs)} clusters, compat ${compat}, refcount_bits=${refcountBits}, size ${size}`, { skip: !only(label) }, async () => {
@@ -239,33 +260,47 @@ describe('differential reads', { skip: NO_QEMU, concurrency: true }, () => {
       { label: 'cv-2k', cs: 2048, compat: '1.1', refcountBits: 32, size: 700 << 10, compress: false },
     ];
     for (const c of cases) {
-      it(`${c.label}: convert${c.compress ? ' -c' : ''} to ${sizeName(c.cs)} clusters, compat ${c.compat}, refcount_bits=${c.refcountBits}${c.then ? ', then qemu-io writes over it' : ''}`, { skip: !only(c.label) }, async () => {
-        const dir = scratch();
-        const rng = new Rng(seedOf(c.label));
-        const src = mixedSource(rng, c.size, c.cs);
-        const raw = join(dir, 'src.raw');
-        writeFileSync(raw, src);
-        const img = join(dir, 'cv.qcow2');
-        await runOk('qemu-img', ['convert', ...(c.compress ? ['-c'] : []), '-f', 'raw', '-O', 'qcow2', '-o', opts(c), raw, img]);
-        if (c.compress) {
-          const map = await runOk('qemu-img', ['map', '-f', 'qcow2', '--output=json', img]);
-          assert.ok(/"data": true(?!, "offset")/.test(map.stdout), 'the image has compressed clusters');
-        }
-        if (!c.then) {
-          await readsLikeQemu(c.label, img, rng, src); // against the raw source itself
-          return;
-        }
-        const dataFile = join(dir, 'data.bin');
-        writeFileSync(dataFile, rng.bytes(4 * c.cs));
-        await qemuIo(img, randomCommands(rng, c, dataFile, 12, false));
-        await readsLikeQemu(c.label, img, rng);
-      });
+      it(
+        `${c.label}: convert${c.compress ? ' -c' : ''} to ${sizeName(c.cs)} clusters, compat ${c.compat}, refcount_bits=${c.refcountBits}${c.then ? ', then qemu-io writes over it' : ''}`,
+        { skip: !only(c.label) },
+        async () => {
+          const dir = scratch();
+          const rng = new Rng(seedOf(c.label));
+          const src = mixedSource(rng, c.size, c.cs);
+          const raw = join(dir, 'src.raw');
+          writeFileSync(raw, src);
+          const img = join(dir, 'cv.qcow2');
+          await runOk('qemu-img', ['convert', ...(c.compress ? ['-c'] : []), '-f', 'raw', '-O', 'qcow2', '-o', opts(c), raw, img]);
+          if (c.compress) {
+            const map = await runOk('qemu-img', ['map', '-f', 'qcow2', '--output=json', img]);
+            assert.ok(/"data": true(?!, "offset")/.test(map.stdout), 'the image has compressed clusters');
+          }
+          if (!c.then) {
+            await readsLikeQemu(c.label, img, rng, src); // against the raw source itself
+            return;
+          }
+          const dataFile = join(dir, 'data.bin');
+          writeFileSync(dataFile, rng.bytes(4 * c.cs));
+          await qemuIo(img, randomCommands(rng, c, dataFile, 12, false));
+          await readsLikeQemu(c.label, img, rng);
+        },
+      );
     }
   });
 
   // ---------------------------------------------------------------- backing files
   describe('images with backing files', { concurrency: 2 }, () => {
-    const cases: { label: string; base: 'qcow2' | 'raw'; baseCs: number; cs: number; compat: '0.10' | '1.1'; baseSize: number; size: number; chain?: boolean; absolute?: boolean }[] = [
+    const cases: {
+      label: string;
+      base: 'qcow2' | 'raw';
+      baseCs: number;
+      cs: number;
+      compat: '0.10' | '1.1';
+      baseSize: number;
+      size: number;
+      chain?: boolean;
+      absolute?: boolean;
+    }[] = [
       { label: 'bk-q-64k-4k', base: 'qcow2', baseCs: 65536, cs: 4096, compat: '1.1', baseSize: 2 << 20, size: 3 << 20 },
       { label: 'bk-q-512-64k-v2', base: 'qcow2', baseCs: 512, cs: 65536, compat: '0.10', baseSize: 1 << 20, size: 1 << 20 },
       { label: 'bk-q-2M-1k', base: 'qcow2', baseCs: 2 << 20, cs: 1024, compat: '1.1', baseSize: 5 << 20, size: 5 << 20, absolute: true },
@@ -274,36 +309,40 @@ describe('differential reads', { skip: NO_QEMU, concurrency: true }, () => {
       { label: 'bk-chain', base: 'qcow2', baseCs: 4096, cs: 2048, compat: '1.1', baseSize: 1 << 20, size: 2 << 20, chain: true },
     ];
     for (const c of cases) {
-      it(`${c.label}: ${sizeName(c.cs)}-cluster compat ${c.compat} overlay on a ${c.base} base${c.chain ? ' via a middle image' : ''} (${c.absolute ? 'absolute' : 'relative'} backing name)`, { skip: !only(c.label) }, async () => {
-        const dir = scratch();
-        const rng = new Rng(seedOf(c.label));
-        const dataFile = join(dir, 'data.bin');
-        writeFileSync(dataFile, rng.bytes(64 << 10));
-        let base: string;
-        if (c.base === 'raw') {
-          base = 'base.raw';
-          writeFileSync(join(dir, base), mixedSource(rng, c.baseSize, 4096));
-        } else {
-          base = 'base.qcow2';
-          const bl: Layout = { cs: c.baseCs, compat: '1.1', refcountBits: 16, size: c.baseSize };
-          await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', opts(bl), join(dir, base), String(c.baseSize)]);
-          await qemuIo(join(dir, base), [...randomCommands(rng, bl, dataFile, 8), `write -q -s ${dataFile} 0 ${c.baseSize >> 1}`]);
-        }
-        let backing = c.absolute ? join(dir, base) : base;
-        let backingFmt: string = c.base;
-        if (c.chain) {
-          const ml: Layout = { cs: 512, compat: '1.1', refcountBits: 16, size: c.baseSize + (64 << 10) };
-          await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', opts(ml), '-b', backing, '-F', backingFmt, join(dir, 'mid.qcow2'), String(ml.size)]);
-          await qemuIo(join(dir, 'mid.qcow2'), randomCommands(rng, ml, dataFile, 10));
-          backing = 'mid.qcow2';
-          backingFmt = 'qcow2';
-        }
-        const img = join(dir, 'overlay.qcow2');
-        const l: Layout = { cs: c.cs, compat: c.compat, refcountBits: 16, size: c.size };
-        await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', opts(l), '-b', backing, '-F', backingFmt, img, String(c.size)]);
-        await qemuIo(img, randomCommands(rng, l, dataFile, 14));
-        await readsLikeQemu(c.label, img, rng);
-      });
+      it(
+        `${c.label}: ${sizeName(c.cs)}-cluster compat ${c.compat} overlay on a ${c.base} base${c.chain ? ' via a middle image' : ''} (${c.absolute ? 'absolute' : 'relative'} backing name)`,
+        { skip: !only(c.label) },
+        async () => {
+          const dir = scratch();
+          const rng = new Rng(seedOf(c.label));
+          const dataFile = join(dir, 'data.bin');
+          writeFileSync(dataFile, rng.bytes(64 << 10));
+          let base: string;
+          if (c.base === 'raw') {
+            base = 'base.raw';
+            writeFileSync(join(dir, base), mixedSource(rng, c.baseSize, 4096));
+          } else {
+            base = 'base.qcow2';
+            const bl: Layout = { cs: c.baseCs, compat: '1.1', refcountBits: 16, size: c.baseSize };
+            await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', opts(bl), join(dir, base), String(c.baseSize)]);
+            await qemuIo(join(dir, base), [...randomCommands(rng, bl, dataFile, 8), `write -q -s ${dataFile} 0 ${c.baseSize >> 1}`]);
+          }
+          let backing = c.absolute ? join(dir, base) : base;
+          let backingFmt: string = c.base;
+          if (c.chain) {
+            const ml: Layout = { cs: 512, compat: '1.1', refcountBits: 16, size: c.baseSize + (64 << 10) };
+            await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', opts(ml), '-b', backing, '-F', backingFmt, join(dir, 'mid.qcow2'), String(ml.size)]);
+            await qemuIo(join(dir, 'mid.qcow2'), randomCommands(rng, ml, dataFile, 10));
+            backing = 'mid.qcow2';
+            backingFmt = 'qcow2';
+          }
+          const img = join(dir, 'overlay.qcow2');
+          const l: Layout = { cs: c.cs, compat: c.compat, refcountBits: 16, size: c.size };
+          await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', opts(l), '-b', backing, '-F', backingFmt, img, String(c.size)]);
+          await qemuIo(img, randomCommands(rng, l, dataFile, 14));
+          await readsLikeQemu(c.label, img, rng);
+        },
+      );
     }
   });
 
@@ -341,18 +380,37 @@ describe('differential reads', { skip: NO_QEMU, concurrency: true }, () => {
       const img = join(dir, 'pv.qcow2');
       const size = 256 << 10;
       await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', img, String(size)]);
-      await qemuIo(img, ['write -q -P 0xab 3000 20000', 'write -q -c -P 0xcd 64k 8k', 'write -q -z 100k 4k', 'write -q -P 0x41 120000 70', 'write -q -P 0x30 200000 300']);
-      await pool(3, [
-        ...readCases(0xab, 3000, 20000, size, rng),
-        ...readCases(0xcd, 65536, 8192, size, rng),
-        ['-P', '0', '102400', '4096'], ['-P', '0', '102300', '200'], ['-P', '0', String(size - 7), '7'],
-        ['-v', '119990', '96'], ['-v', '199990', '64'], ['-v', '0', '16'], ['-v', String(size - 9), '9'],
-      ].map((args) => () => sameOutput(img, args)));
+      await qemuIo(img, [
+        'write -q -P 0xab 3000 20000',
+        'write -q -c -P 0xcd 64k 8k',
+        'write -q -z 100k 4k',
+        'write -q -P 0x41 120000 70',
+        'write -q -P 0x30 200000 300',
+      ]);
+      await pool(
+        3,
+        [
+          ...readCases(0xab, 3000, 20000, size, rng),
+          ...readCases(0xcd, 65536, 8192, size, rng),
+          ['-P', '0', '102400', '4096'],
+          ['-P', '0', '102300', '200'],
+          ['-P', '0', String(size - 7), '7'],
+          ['-v', '119990', '96'],
+          ['-v', '199990', '64'],
+          ['-v', '0', '16'],
+          ['-v', String(size - 9), '9'],
+        ].map((args) => () => sameOutput(img, args)),
+      );
     });
 
     it('on fixtures: v2 512 B clusters, a backing chain and 64 KiB compressed clusters', { skip: !only('pv-fixtures') }, async () => {
       const rng = new Rng(seedOf('pv-fixtures'));
-      const sizes = new Map((JSON.parse(readFileSync(join(FIXTURES, 'manifest.json'), 'utf8')).images as { file: string; virtualSize: number }[]).map((e) => [e.file, e.virtualSize]));
+      const sizes = new Map(
+        (JSON.parse(readFileSync(join(FIXTURES, 'manifest.json'), 'utf8')).images as { file: string; virtualSize: number }[]).map((e) => [
+          e.file,
+          e.virtualSize,
+        ]),
+      );
       const v2 = join(FIXTURES, 'v2-512.qcow2');
       const top = join(FIXTURES, 'chain-top.qcow2');
       const mixed = join(FIXTURES, 'v3-64k-mixed.qcow2');
@@ -365,7 +423,14 @@ describe('differential reads', { skip: NO_QEMU, concurrency: true }, () => {
         [top, ['-v', String(sizes.get('chain-top.qcow2')! - 9), '9']],
         ...readCases(0x02, 131072, 65536, sizes.get('v3-64k-mixed.qcow2')!, rng).map((a) => [mixed, a] as [string, string[]]),
       ];
-      await pool(3, reads.map(([image, args]) => () => sameOutput(image, args)));
+      await pool(
+        3,
+        reads.map(
+          ([image, args]) =>
+            () =>
+              sameOutput(image, args),
+        ),
+      );
     });
   });
 });

@@ -153,30 +153,114 @@ const BACKING_FORMAT = 0xe2792aca;
 
 const ROWS: Row[] = [
   // --- magic, version, header length
-  { name: 'magic-bad', make: (c) => patched(c.empty, (b) => b.write('XXXX', 0)), expect: { ...REFUSED, check: 63 }, msg: /not in qcow2 format/, qemu: 'Image is not in qcow2 format' },
-  { name: 'version-1', make: (c) => patched(c.empty, (b) => u32(b, 4, 1)), expect: REFUSED, msg: /unsupported qcow2 version 1\b/i, qemu: 'Unsupported qcow2 version 1' },
-  { name: 'version-4', make: (c) => patched(c.empty, (b) => u32(b, 4, 4)), expect: REFUSED, msg: /unsupported qcow2 version 4\b/i, qemu: 'Unsupported qcow2 version 4' },
-  { name: 'header-length-100', make: (c) => patched(c.empty, (b) => u32(b, 100, 100)), expect: REFUSED, msg: /header too short.*header_length 100/, qemu: 'qcow2 header too short' },
+  {
+    name: 'magic-bad',
+    make: (c) => patched(c.empty, (b) => b.write('XXXX', 0)),
+    expect: { ...REFUSED, check: 63 },
+    msg: /not in qcow2 format/,
+    qemu: 'Image is not in qcow2 format',
+  },
+  {
+    name: 'version-1',
+    make: (c) => patched(c.empty, (b) => u32(b, 4, 1)),
+    expect: REFUSED,
+    msg: /unsupported qcow2 version 1\b/i,
+    qemu: 'Unsupported qcow2 version 1',
+  },
+  {
+    name: 'version-4',
+    make: (c) => patched(c.empty, (b) => u32(b, 4, 4)),
+    expect: REFUSED,
+    msg: /unsupported qcow2 version 4\b/i,
+    qemu: 'Unsupported qcow2 version 4',
+  },
+  {
+    name: 'header-length-100',
+    make: (c) => patched(c.empty, (b) => u32(b, 100, 100)),
+    expect: REFUSED,
+    msg: /header too short.*header_length 100/,
+    qemu: 'qcow2 header too short',
+  },
   // qemu 7.2 refuses 108 ("Header extension too large") only when an extension follows; here bytes 108… are zeros.
-  { name: 'header-length-108', make: (c) => patched(c.empty, (b) => u32(b, 100, 108)), expect: REFUSED, msg: /header_length 108 is not a multiple of 8/, qemu: null },
+  {
+    name: 'header-length-108',
+    make: (c) => patched(c.empty, (b) => u32(b, 100, 108)),
+    expect: REFUSED,
+    msg: /header_length 108 is not a multiple of 8/,
+    qemu: null,
+  },
   // qemu 7.2 accepts 113 (the bytes at 113… read as an end marker); the spec wants a multiple of 8.
-  { name: 'header-length-unaligned-113', make: (c) => patched(c.empty, (b) => u32(b, 100, 113)), expect: REFUSED, msg: /header_length 113 is not a multiple of 8/, qemu: null },
-  { name: 'header-length-past-cluster', make: (c) => patched(c.empty, (b) => u32(b, 100, 0x20000)), expect: REFUSED, msg: /header_length 131072 runs past the first cluster/, qemu: 'qcow2 header exceeds cluster size' },
+  {
+    name: 'header-length-unaligned-113',
+    make: (c) => patched(c.empty, (b) => u32(b, 100, 113)),
+    expect: REFUSED,
+    msg: /header_length 113 is not a multiple of 8/,
+    qemu: null,
+  },
+  {
+    name: 'header-length-past-cluster',
+    make: (c) => patched(c.empty, (b) => u32(b, 100, 0x20000)),
+    expect: REFUSED,
+    msg: /header_length 131072 runs past the first cluster/,
+    qemu: 'qcow2 header exceeds cluster size',
+  },
 
   // --- cluster size, refcount width, encryption
-  { name: 'cluster-bits-8', make: (c) => patched(c.empty, (b) => u32(b, 20, 8)), expect: REFUSED, msg: /cluster size: 2\^8\b/, qemu: 'Unsupported cluster size: 2^8' },
-  { name: 'cluster-bits-22', make: (c) => patched(c.empty, (b) => u32(b, 20, 22)), expect: REFUSED, msg: /cluster size: 2\^22\b/, qemu: 'Unsupported cluster size: 2^22' },
-  { name: 'cluster-bits-huge', make: (c) => patched(c.empty, (b) => u32(b, 20, 0xffffffff)), expect: REFUSED, msg: /cluster size: 2\^4294967295/, qemu: 'Unsupported cluster size: 2^4294967295' },
-  { name: 'refcount-order-7', make: (c) => patched(c.empty, (b) => u32(b, 96, 7)), expect: REFUSED, msg: /refcount_order 7/, qemu: 'Reference count entry width too large; may not exceed 64 bits' },
+  {
+    name: 'cluster-bits-8',
+    make: (c) => patched(c.empty, (b) => u32(b, 20, 8)),
+    expect: REFUSED,
+    msg: /cluster size: 2\^8\b/,
+    qemu: 'Unsupported cluster size: 2^8',
+  },
+  {
+    name: 'cluster-bits-22',
+    make: (c) => patched(c.empty, (b) => u32(b, 20, 22)),
+    expect: REFUSED,
+    msg: /cluster size: 2\^22\b/,
+    qemu: 'Unsupported cluster size: 2^22',
+  },
+  {
+    name: 'cluster-bits-huge',
+    make: (c) => patched(c.empty, (b) => u32(b, 20, 0xffffffff)),
+    expect: REFUSED,
+    msg: /cluster size: 2\^4294967295/,
+    qemu: 'Unsupported cluster size: 2^4294967295',
+  },
+  {
+    name: 'refcount-order-7',
+    make: (c) => patched(c.empty, (b) => u32(b, 96, 7)),
+    expect: REFUSED,
+    msg: /refcount_order 7/,
+    qemu: 'Reference count entry width too large; may not exceed 64 bits',
+  },
   // qemu-img info opens encrypted images without the key; qdedup refuses to touch them.
   { name: 'crypt-method-1-aes', make: (c) => patched(c.empty, (b) => u32(b, 32, 1)), expect: REFUSED, msg: /encrypt.*crypt_method 1/, qemu: null },
   // qemu-img 7.2 info crashes (SIGSEGV) on crypt_method 2 without a LUKS header extension: no comparison.
   { name: 'crypt-method-2-luks', make: (c) => patched(c.empty, (b) => u32(b, 32, 2)), expect: REFUSED, msg: /encrypt.*crypt_method 2/ },
-  { name: 'crypt-method-3', make: (c) => patched(c.empty, (b) => u32(b, 32, 3)), expect: REFUSED, msg: /unsupported encryption method 3/i, qemu: 'Unsupported encryption method 3' },
+  {
+    name: 'crypt-method-3',
+    make: (c) => patched(c.empty, (b) => u32(b, 32, 3)),
+    expect: REFUSED,
+    msg: /unsupported encryption method 3/i,
+    qemu: 'Unsupported encryption method 3',
+  },
 
   // --- feature bits
-  { name: 'incompat-unknown-bit-5', make: (c) => patched(c.empty, (b) => u64(b, 72, 1n << 5n)), expect: REFUSED, msg: /unsupported qcow2 feature\(s\): Unknown incompatible feature: 20$/i, qemu: 'Unsupported qcow2 feature(s): Unknown incompatible feature: 20' },
-  { name: 'incompat-unknown-bit-63', make: (c) => patched(c.empty, (b) => u64(b, 72, 1n << 63n)), expect: REFUSED, msg: /Unknown incompatible feature: 8000000000000000$/, qemu: 'Unknown incompatible feature: 8000000000000000' },
+  {
+    name: 'incompat-unknown-bit-5',
+    make: (c) => patched(c.empty, (b) => u64(b, 72, 1n << 5n)),
+    expect: REFUSED,
+    msg: /unsupported qcow2 feature\(s\): Unknown incompatible feature: 20$/i,
+    qemu: 'Unsupported qcow2 feature(s): Unknown incompatible feature: 20',
+  },
+  {
+    name: 'incompat-unknown-bit-63',
+    make: (c) => patched(c.empty, (b) => u64(b, 72, 1n << 63n)),
+    expect: REFUSED,
+    msg: /Unknown incompatible feature: 8000000000000000$/,
+    qemu: 'Unknown incompatible feature: 8000000000000000',
+  },
   {
     // A feature name table entry names bit 40; bit 5 has no entry: qemu names the first and prints the mask of the rest.
     name: 'incompat-named-by-feature-table',
@@ -188,10 +272,23 @@ const ROWS: Row[] = [
   {
     // QEMU's rules: table order, the first entry naming a bit wins, the table ends at an empty name.
     name: 'incompat-feature-table-first-name-wins-and-empty-name-ends-it',
-    make: (c) => patched(withExtensions(c.empty, [[FEATURE_TABLE, Buffer.concat([
-      featureEntry(0, 41, 'second bit'), featureEntry(0, 40, 'first name'), featureEntry(0, 40, 'shadowed name'),
-      featureEntry(1, 42, 'compatible, not incompatible'), featureEntry(0, 0, ''), featureEntry(0, 43, 'after the end'),
-    ])]]), (b) => u64(b, 72, (1n << 40n) | (1n << 41n) | (1n << 42n) | (1n << 43n))),
+    make: (c) =>
+      patched(
+        withExtensions(c.empty, [
+          [
+            FEATURE_TABLE,
+            Buffer.concat([
+              featureEntry(0, 41, 'second bit'),
+              featureEntry(0, 40, 'first name'),
+              featureEntry(0, 40, 'shadowed name'),
+              featureEntry(1, 42, 'compatible, not incompatible'),
+              featureEntry(0, 0, ''),
+              featureEntry(0, 43, 'after the end'),
+            ]),
+          ],
+        ]),
+        (b) => u64(b, 72, (1n << 40n) | (1n << 41n) | (1n << 42n) | (1n << 43n)),
+      ),
     expect: REFUSED,
     msg: /unsupported qcow2 feature\(s\): second bit, first name, Unknown incompatible feature: c0000000000$/i,
     qemu: 'Unsupported qcow2 feature(s): second bit, first name, Unknown incompatible feature: c0000000000',
@@ -199,33 +296,149 @@ const ROWS: Row[] = [
   // qemu-img info opens these (it implements them); qdedup refuses them by name.
   { name: 'external-data-file-bit', make: (c) => patched(c.empty, (b) => u64(b, 72, 1n << 2n)), expect: REFUSED, msg: /external data file/, qemu: null },
   { name: 'extended-l2-bit', make: (c) => patched(c.empty, (b) => u64(b, 72, 1n << 4n)), expect: REFUSED, msg: /extended L2/, qemu: null },
-  { name: 'compression-zstd', make: (c) => patched(c.empty, (b) => { u64(b, 72, 1n << 3n); u8(b, 104, 1); }), expect: REFUSED, msg: /zstd/, qemu: null },
-  { name: 'compression-type-1-without-bit-3', make: (c) => patched(c.empty, (b) => u8(b, 104, 1)), expect: REFUSED, msg: /compression type 1 requires incompatible feature bit 3/, qemu: 'Compression type incompatible feature bit must be set' },
-  { name: 'compression-bit-3-with-type-0', make: (c) => patched(c.empty, (b) => u64(b, 72, 1n << 3n)), expect: REFUSED, msg: /compression type incompatible feature bit must not be set/i, qemu: 'Compression type incompatible feature bit must not be set' },
-  { name: 'compression-type-2', make: (c) => patched(c.empty, (b) => { u64(b, 72, 1n << 3n); u8(b, 104, 2); }), expect: REFUSED, msg: /unknown compression type 2/, qemu: 'unknown compression type: 2' },
+  {
+    name: 'compression-zstd',
+    make: (c) =>
+      patched(c.empty, (b) => {
+        u64(b, 72, 1n << 3n);
+        u8(b, 104, 1);
+      }),
+    expect: REFUSED,
+    msg: /zstd/,
+    qemu: null,
+  },
+  {
+    name: 'compression-type-1-without-bit-3',
+    make: (c) => patched(c.empty, (b) => u8(b, 104, 1)),
+    expect: REFUSED,
+    msg: /compression type 1 requires incompatible feature bit 3/,
+    qemu: 'Compression type incompatible feature bit must be set',
+  },
+  {
+    name: 'compression-bit-3-with-type-0',
+    make: (c) => patched(c.empty, (b) => u64(b, 72, 1n << 3n)),
+    expect: REFUSED,
+    msg: /compression type incompatible feature bit must not be set/i,
+    qemu: 'Compression type incompatible feature bit must not be set',
+  },
+  {
+    name: 'compression-type-2',
+    make: (c) =>
+      patched(c.empty, (b) => {
+        u64(b, 72, 1n << 3n);
+        u8(b, 104, 2);
+      }),
+    expect: REFUSED,
+    msg: /unknown compression type 2/,
+    qemu: 'unknown compression type: 2',
+  },
 
   // --- L1 table
-  { name: 'l1-size-too-small', make: (c) => patched(c.empty, (b) => u32(b, 36, 0)), expect: REFUSED, msg: /L1 table is too small/, qemu: 'L1 table is too small' },
-  { name: 'l1-size-huge', make: (c) => patched(c.empty, (b) => u32(b, 36, 0xffffffff)), expect: REFUSED, msg: /L1 table too large: 4294967295 entries/, qemu: 'Active L1 table too large' },
-  { name: 'l1-offset-unaligned', make: (c) => patched(c.empty, (b) => u64(b, 40, 0x30200)), expect: REFUSED, msg: /L1 table offset 0x30200 is not cluster aligned/, qemu: 'Active L1 table offset invalid' },
+  {
+    name: 'l1-size-too-small',
+    make: (c) => patched(c.empty, (b) => u32(b, 36, 0)),
+    expect: REFUSED,
+    msg: /L1 table is too small/,
+    qemu: 'L1 table is too small',
+  },
+  {
+    name: 'l1-size-huge',
+    make: (c) => patched(c.empty, (b) => u32(b, 36, 0xffffffff)),
+    expect: REFUSED,
+    msg: /L1 table too large: 4294967295 entries/,
+    qemu: 'Active L1 table too large',
+  },
+  {
+    name: 'l1-offset-unaligned',
+    make: (c) => patched(c.empty, (b) => u64(b, 40, 0x30200)),
+    expect: REFUSED,
+    msg: /L1 table offset 0x30200 is not cluster aligned/,
+    qemu: 'Active L1 table offset invalid',
+  },
   // qemu accepts offset 0 (the L1 would be read from the header); qdedup refuses.
   { name: 'l1-offset-zero', make: (c) => patched(c.empty, (b) => u64(b, 40, 0)), expect: REFUSED, msg: /L1 table offset is 0/, qemu: null },
-  { name: 'l1-offset-beyond-2^56', make: (c) => patched(c.empty, (b) => u64(b, 40, 1n << 56n)), expect: REFUSED, msg: /L1 table offset 0x100000000000000/, qemu: null },
+  {
+    name: 'l1-offset-beyond-2^56',
+    make: (c) => patched(c.empty, (b) => u64(b, 40, 1n << 56n)),
+    expect: REFUSED,
+    msg: /L1 table offset 0x100000000000000/,
+    qemu: null,
+  },
 
   // --- refcount table
-  { name: 'reftable-offset-unaligned', make: (c) => patched(c.empty, (b) => u64(b, 48, 0x10008)), expect: REFUSED, msg: /refcount table offset 0x10008 is not cluster aligned/, qemu: 'Reference count table offset invalid' },
+  {
+    name: 'reftable-offset-unaligned',
+    make: (c) => patched(c.empty, (b) => u64(b, 48, 0x10008)),
+    expect: REFUSED,
+    msg: /refcount table offset 0x10008 is not cluster aligned/,
+    qemu: 'Reference count table offset invalid',
+  },
   { name: 'reftable-offset-zero', make: (c) => patched(c.empty, (b) => u64(b, 48, 0)), expect: REFUSED, msg: /refcount table offset is 0/, qemu: null },
-  { name: 'reftable-offset-beyond-2^56', make: (c) => patched(c.empty, (b) => u64(b, 48, 1n << 56n)), expect: REFUSED, msg: /refcount table offset 0x100000000000000/, qemu: null },
-  { name: 'reftable-clusters-0', make: (c) => patched(c.empty, (b) => u32(b, 56, 0)), expect: REFUSED, msg: /does not contain a reference count table/, qemu: 'Image does not contain a reference count table' },
-  { name: 'reftable-clusters-huge', make: (c) => patched(c.empty, (b) => u32(b, 56, 0xffffffff)), expect: REFUSED, msg: /reference count table too large: 4294967295 clusters/, qemu: 'Reference count table too large' },
+  {
+    name: 'reftable-offset-beyond-2^56',
+    make: (c) => patched(c.empty, (b) => u64(b, 48, 1n << 56n)),
+    expect: REFUSED,
+    msg: /refcount table offset 0x100000000000000/,
+    qemu: null,
+  },
+  {
+    name: 'reftable-clusters-0',
+    make: (c) => patched(c.empty, (b) => u32(b, 56, 0)),
+    expect: REFUSED,
+    msg: /does not contain a reference count table/,
+    qemu: 'Image does not contain a reference count table',
+  },
+  {
+    name: 'reftable-clusters-huge',
+    make: (c) => patched(c.empty, (b) => u32(b, 56, 0xffffffff)),
+    expect: REFUSED,
+    msg: /reference count table too large: 4294967295 clusters/,
+    qemu: 'Reference count table too large',
+  },
 
   // --- snapshot table
-  { name: 'nb-snapshots-huge', make: (c) => patched(c.empty, (b) => { u32(b, 60, 0xffffffff); u64(b, 64, 0x40000); }), expect: REFUSED, msg: /too many snapshots: 4294967295/, qemu: 'Snapshot table too large' },
-  { name: 'snapshot-offset-unaligned', make: (c) => patched(c.empty, (b) => { u32(b, 60, 1); u64(b, 64, 0x10200); }), expect: REFUSED, msg: /snapshot table offset 0x10200 is not cluster aligned/, qemu: 'Snapshot table offset invalid' },
+  {
+    name: 'nb-snapshots-huge',
+    make: (c) =>
+      patched(c.empty, (b) => {
+        u32(b, 60, 0xffffffff);
+        u64(b, 64, 0x40000);
+      }),
+    expect: REFUSED,
+    msg: /too many snapshots: 4294967295/,
+    qemu: 'Snapshot table too large',
+  },
+  {
+    name: 'snapshot-offset-unaligned',
+    make: (c) =>
+      patched(c.empty, (b) => {
+        u32(b, 60, 1);
+        u64(b, 64, 0x10200);
+      }),
+    expect: REFUSED,
+    msg: /snapshot table offset 0x10200 is not cluster aligned/,
+    qemu: 'Snapshot table offset invalid',
+  },
 
   // --- backing file
-  { name: 'backing-name-too-long', make: (c) => patched(withBackingName(c.empty, 'b.qcow2'), (b) => u32(b, 16, 2000)), expect: REFUSED, msg: /backing file name length 2000/, qemu: 'Backing file name too long' },
-  { name: 'backing-name-outside-cluster-0', make: (c) => patched(withBackingName(c.empty, 'b.qcow2'), (b) => { u64(b, 8, 0xfff0); u32(b, 16, 100); }), expect: REFUSED, msg: /backing file name at 0xfff0 \(\+100\) lies outside the header cluster/, qemu: 'Backing file name too long' },
+  {
+    name: 'backing-name-too-long',
+    make: (c) => patched(withBackingName(c.empty, 'b.qcow2'), (b) => u32(b, 16, 2000)),
+    expect: REFUSED,
+    msg: /backing file name length 2000/,
+    qemu: 'Backing file name too long',
+  },
+  {
+    name: 'backing-name-outside-cluster-0',
+    make: (c) =>
+      patched(withBackingName(c.empty, 'b.qcow2'), (b) => {
+        u64(b, 8, 0xfff0);
+        u32(b, 16, 100);
+      }),
+    expect: REFUSED,
+    msg: /backing file name at 0xfff0 \(\+100\) lies outside the header cluster/,
+    qemu: 'Backing file name too long',
+  },
   // qemu-img info does not open the backing chain, so it shows these images; so does qdedup info.
   {
     name: 'backing-file-missing',
@@ -246,27 +459,64 @@ const ROWS: Row[] = [
     msg: /backing chain loops back/,
     qemu: null,
   },
-  { name: 'backing-self-reference', make: (c) => withBackingName(c.empty, c.name), expect: { info: 0, read: 1, write: 1, check: 1 }, msg: /backing chain loops back/, qemu: null },
+  {
+    name: 'backing-self-reference',
+    make: (c) => withBackingName(c.empty, c.name),
+    expect: { info: 0, read: 1, write: 1, check: 1 },
+    msg: /backing chain loops back/,
+    qemu: null,
+  },
 
   // --- header extensions
-  { name: 'extension-length-too-large', make: (c) => patched(withExtensions(c.empty, [[BACKING_FORMAT, Buffer.from('qcow2')]]), (b) => u32(b, 116, 0x10000)), expect: REFUSED, msg: /header extension 0xe2792aca at 0x70 too large: length 65536 runs past the first cluster/, qemu: 'Header extension too large' },
+  {
+    name: 'extension-length-too-large',
+    make: (c) => patched(withExtensions(c.empty, [[BACKING_FORMAT, Buffer.from('qcow2')]]), (b) => u32(b, 116, 0x10000)),
+    expect: REFUSED,
+    msg: /header extension 0xe2792aca at 0x70 too large: length 65536 runs past the first cluster/,
+    qemu: 'Header extension too large',
+  },
   {
     // The backing-format extension's data runs over the backing file name at 0x78.
     name: 'extension-overlaps-backing-name',
-    make: (c) => patched(withExtensions(c.empty, [[BACKING_FORMAT, Buffer.from('qcow2qcow2qcow2qcow2')]]), (b) => { b.write('base.qcow2', 0x78, 'latin1'); u64(b, 8, 0x78); u32(b, 16, 10); }),
+    make: (c) =>
+      patched(withExtensions(c.empty, [[BACKING_FORMAT, Buffer.from('qcow2qcow2qcow2qcow2')]]), (b) => {
+        b.write('base.qcow2', 0x78, 'latin1');
+        u64(b, 8, 0x78);
+        u32(b, 16, 10);
+      }),
     expect: REFUSED,
     msg: /header extension 0xe2792aca at 0x70 too large: length 20 runs past the backing file name/,
     qemu: 'Header extension too large',
   },
-  { name: 'extension-duplicated', make: (c) => withExtensions(c.empty, [[BACKING_FORMAT, Buffer.from('raw')], [BACKING_FORMAT, Buffer.from('qcow2')]]), expect: REFUSED, msg: /header extension 0xe2792aca appears twice/, qemu: null },
-  { name: 'extension-area-without-end-marker', make: (c) => patched(c.empty, (b) => b.fill(0x01, 112, 0x10000)), expect: REFUSED, msg: /header extension 0x1010101 at 0x70 too large: length 16843009 runs past the first cluster/, qemu: 'Header extension too large' },
+  {
+    name: 'extension-duplicated',
+    make: (c) =>
+      withExtensions(c.empty, [
+        [BACKING_FORMAT, Buffer.from('raw')],
+        [BACKING_FORMAT, Buffer.from('qcow2')],
+      ]),
+    expect: REFUSED,
+    msg: /header extension 0xe2792aca appears twice/,
+    qemu: null,
+  },
+  {
+    name: 'extension-area-without-end-marker',
+    make: (c) => patched(c.empty, (b) => b.fill(0x01, 112, 0x10000)),
+    expect: REFUSED,
+    msg: /header extension 0x1010101 at 0x70 too large: length 16843009 runs past the first cluster/,
+    qemu: 'Header extension too large',
+  },
   {
     // 262,130 distinct empty extensions fill a 2 MiB header cluster, no end marker: the parse must stay linear.
     name: 'extensions-fill-2MiB-cluster',
-    make: (c) => patched(c.big, (b) => {
-      let type = 1;
-      for (let pos = 112; pos + 8 <= 2 * 1024 * 1024; pos += 8) { u32(b, pos, type++); u32(b, pos + 4, 0); }
-    }),
+    make: (c) =>
+      patched(c.big, (b) => {
+        let type = 1;
+        for (let pos = 112; pos + 8 <= 2 * 1024 * 1024; pos += 8) {
+          u32(b, pos, type++);
+          u32(b, pos + 4, 0);
+        }
+      }),
     expect: REFUSED,
     msg: /header extension at 0x200000 runs past the first cluster \(no end marker\)/,
     // qemu-img 7.2 accepts this (extensions that exactly fill cluster 0 need no end marker
@@ -274,9 +524,21 @@ const ROWS: Row[] = [
   },
 
   // --- truncated files
-  { name: 'truncated-0-bytes', make: () => Buffer.alloc(0), expect: { ...REFUSED, check: 63 }, msg: /not in qcow2 format/, qemu: 'Image is not in qcow2 format' },
+  {
+    name: 'truncated-0-bytes',
+    make: () => Buffer.alloc(0),
+    expect: { ...REFUSED, check: 63 },
+    msg: /not in qcow2 format/,
+    qemu: 'Image is not in qcow2 format',
+  },
   { name: 'truncated-50-bytes', make: (c) => c.empty.subarray(0, 50), expect: REFUSED, msg: /header truncated/, qemu: 'qcow2 header too short' },
-  { name: 'truncated-header-only-112-bytes', make: (c) => c.empty.subarray(0, 112), expect: REFUSED, msg: /header extension at 0x70 runs past the end of the file \(byte 112\) \(no end marker\)/, qemu: null },
+  {
+    name: 'truncated-header-only-112-bytes',
+    make: (c) => c.empty.subarray(0, 112),
+    expect: REFUSED,
+    msg: /header extension at 0x70 runs past the end of the file \(byte 112\) \(no end marker\)/,
+    qemu: null,
+  },
   {
     // Cluster 0 only: the refcount table, block and L1 lie past EOF and read as zeros (as in
     // qemu). The guest reads as zeros, but allocating would take cluster 0: refused.
@@ -311,7 +573,11 @@ const ROWS: Row[] = [
     // Guest cluster 0 becomes a compressed cluster (1 sector at the data cluster) holding 0xff: not deflate.
     // Its refcount stays right, so check finds nothing (nor does qemu-img check: it never inflates).
     name: 'compressed-cluster-garbage-deflate',
-    make: (c) => patched(c.data, (b) => { b.fill(0xff, c.L.data, c.L.data + 512); u64(b, c.L.l2, (1n << 62n) | BigInt(c.L.data)); }),
+    make: (c) =>
+      patched(c.data, (b) => {
+        b.fill(0xff, c.L.data, c.L.data + 512);
+        u64(b, c.L.l2, (1n << 62n) | BigInt(c.L.data));
+      }),
     expect: { info: 0, read: 1, write: 1, check: 0 },
     msg: /compressed cluster at 0x50000 does not inflate/,
     qemu: null,
@@ -386,7 +652,11 @@ const ROWS: Row[] = [
     // One snapshot whose table is the data cluster (0xab bytes): its extra-data length is absurd.
     name: 'snapshot-table-garbage',
     // info reads the snapshot table (it lists the snapshots), so it refuses it, as qemu-img info does.
-    make: (c) => patched(c.data, (b) => { u32(b, 60, 1); u64(b, 64, c.L.data); }),
+    make: (c) =>
+      patched(c.data, (b) => {
+        u32(b, 60, 1);
+        u64(b, 64, c.L.data);
+      }),
     expect: { info: 1, read: 0, write: 1, check: 1 },
     msg: /snapshot entry at 0x50000: extra data too large \(2880154539 bytes\)/,
     checkMsg: /^ERROR failed to read the snapshot table: Too much extra metadata in snapshot table entry 0$/m,
@@ -397,14 +667,22 @@ const ROWS: Row[] = [
   {
     name: 'accepted-header-length-104',
     make: (c) => patched(c.empty, (b) => u32(b, 100, 104)),
-    expect: ACCEPTED, msg: /^$/, qemu: null,
+    expect: ACCEPTED,
+    msg: /^$/,
+    qemu: null,
     after: (b) => assert.equal(b.readUInt32BE(100), 104, 'header_length kept'),
   },
   {
     // The spec: keep unknown compatible bits; clear unknown autoclear bits before writing.
     name: 'accepted-unknown-compatible-and-autoclear-bits',
-    make: (c) => patched(c.empty, (b) => { u64(b, 80, 0x8000000000000008n); u64(b, 88, 0x8000000000000024n); }),
-    expect: ACCEPTED, msg: /^$/, qemu: null,
+    make: (c) =>
+      patched(c.empty, (b) => {
+        u64(b, 80, 0x8000000000000008n);
+        u64(b, 88, 0x8000000000000024n);
+      }),
+    expect: ACCEPTED,
+    msg: /^$/,
+    qemu: null,
     after: (b) => {
       assert.equal(b.readBigUInt64BE(80), 0x8000000000000008n, 'compatible bits kept');
       assert.equal(b.readBigUInt64BE(88), 0n, 'autoclear bits cleared');
@@ -413,8 +691,15 @@ const ROWS: Row[] = [
   {
     name: 'accepted-unknown-extension',
     make: (c) => withExtensions(c.empty, [[0x64656475, Buffer.from('23 bytes of unknown ext')]]),
-    expect: ACCEPTED, msg: /^$/, qemu: null,
-    after: (b) => assert.deepEqual(b.subarray(112, 112 + 8 + 23), withExtensions(Buffer.alloc(200), [[0x64656475, Buffer.from('23 bytes of unknown ext')]]).subarray(112, 112 + 8 + 23), 'extension kept byte for byte'),
+    expect: ACCEPTED,
+    msg: /^$/,
+    qemu: null,
+    after: (b) =>
+      assert.deepEqual(
+        b.subarray(112, 112 + 8 + 23),
+        withExtensions(Buffer.alloc(200), [[0x64656475, Buffer.from('23 bytes of unknown ext')]]).subarray(112, 112 + 8 + 23),
+        'extension kept byte for byte',
+      ),
   },
 ];
 
@@ -477,7 +762,10 @@ before(() => {
   const empty = join(dir, 'base-empty.qcow2');
   const data = join(dir, 'base-data.qcow2');
   const big = join(dir, 'base-big.qcow2');
-  for (const [args, file] of [[['create', '-q', '-o', 'dedup=off', empty, '1M'], empty], [['create', '-q', '-o', 'cluster_size=2M,dedup=off', big, '4M'], big]] as const) {
+  for (const [args, file] of [
+    [['create', '-q', '-o', 'dedup=off', empty, '1M'], empty],
+    [['create', '-q', '-o', 'cluster_size=2M,dedup=off', big, '4M'], big],
+  ] as const) {
     const r = qdedup([...args]);
     assert.equal(r.status, 0, `${args.join(' ')}: ${r.stderr}`);
     assert.ok(existsSync(file));
@@ -496,10 +784,14 @@ const CMDS: Cmd[] = ['info', 'read', 'write', 'check'];
 
 function argsFor(cmd: Cmd, row: Row, file: string): string[] {
   switch (cmd) {
-    case 'info': return ['info', file];
-    case 'read': return ['read', file];
-    case 'write': return ['write', ...(row.write ? row.write(file) : ['-P', '0x5a', file, '0', '512'])];
-    case 'check': return ['check', file];
+    case 'info':
+      return ['info', file];
+    case 'read':
+      return ['read', file];
+    case 'write':
+      return ['write', ...(row.write ? row.write(file) : ['-P', '0x5a', file, '0', '512'])];
+    case 'check':
+      return ['check', file];
   }
 }
 
@@ -519,7 +811,10 @@ describe('hostile images', { concurrency: 3 }, () => {
       const bytes = row.make({
         ...ctxBase,
         name,
-        extra: (n, b) => { writeFileSync(join(rowDir, n), b); extras.push(join(rowDir, n)); },
+        extra: (n, b) => {
+          writeFileSync(join(rowDir, n), b);
+          extras.push(join(rowDir, n));
+        },
       });
       writeFileSync(file, bytes);
       const watched = [file, ...extras];
@@ -530,9 +825,13 @@ describe('hostile images', { concurrency: 3 }, () => {
         await t.test(cmd, async () => {
           const r = await runBounded(argsFor(cmd, row, file), join(rowDir, `${cmd}.usage`), cmd === 'read' ? join(rowDir, 'out.raw') : undefined);
           const lines = r.stderr.split('\n').filter((l) => l !== '');
-          if (DEBUG) console.error(`[${row.name}] ${cmd} → ${r.status} (${Math.round(r.ms)} ms, ${JSON.stringify(r.usage)}) ${JSON.stringify(r.stderr.slice(0, 300))}`);
+          if (DEBUG)
+            console.error(`[${row.name}] ${cmd} → ${r.status} (${Math.round(r.ms)} ms, ${JSON.stringify(r.usage)}) ${JSON.stringify(r.stderr.slice(0, 300))}`);
           assert.equal(r.signal, null, `${cmd} was killed (${r.signal}) after ${Math.round(r.ms)} ms of wall time`);
-          assert.ok(r.status !== 128 + 24 && r.status !== 128 + 9 && !/signal/.test(r.usage?.note ?? ''), `${cmd} exceeded ${CPU_BOUND_S} s of CPU: ${r.usage?.note ?? r.status}`);
+          assert.ok(
+            r.status !== 128 + 24 && r.status !== 128 + 9 && !/signal/.test(r.usage?.note ?? ''),
+            `${cmd} exceeded ${CPU_BOUND_S} s of CPU: ${r.usage?.note ?? r.status}`,
+          );
           if (r.usage) {
             assert.ok(r.usage.cpuS < CPU_BOUND_S, `${cmd} used ${r.usage.cpuS} s of CPU`);
             assert.ok(r.usage.rssKb < RSS_BOUND_KB, `${cmd} peaked at ${r.usage.rssKb} KiB of memory`);

@@ -175,7 +175,7 @@ function assertRefused(r: Ran, expected: string): void {
 }
 
 describe('qdedup refuses images that QEMU holds', { skip: SKIP }, () => {
-  it('write is refused while qemu-io holds the image read-write; the file is byte-identical; qemu-io\'s own write survives', async () => {
+  it("write is refused while qemu-io holds the image read-write; the file is byte-identical; qemu-io's own write survives", async () => {
     const { img, raw } = await imageWithShadow(8 << 20, '-o', 'dedup=off');
     assert.equal((await qdedup('write', '-q', '-P', '0x11', img, '0', '64k')).status, 0);
     shadowWrite(raw, 0, 64 << 10, 0x11);
@@ -199,7 +199,11 @@ describe('qdedup refuses images that QEMU holds', { skip: SKIP }, () => {
       assertRefused(await qdedup('journal-dump', img), refusal(img, true));
       const json = await qdedup('info', '--output', 'json', img);
       assert.equal(json.status, 1);
-      assert.deepEqual(JSON.parse(json.stdout).error, { code: 'ELOCKED', message: `Failed to get shared "write" lock. Is another process using the image [${img}]?`, path: img });
+      assert.deepEqual(JSON.parse(json.stdout).error, {
+        code: 'ELOCKED',
+        message: `Failed to get shared "write" lock. Is another process using the image [${img}]?`,
+        path: img,
+      });
       // … and allowed with -U (force-share), which takes no conflicting lock.
       const info = await qdedup('info', '-U', '--output', 'json', img);
       assert.equal(info.status, 0, info.stderr);
@@ -221,7 +225,13 @@ describe('qdedup refuses images that QEMU holds', { skip: SKIP }, () => {
     const holder = await qemuIoHolding(img, true);
     try {
       assert.deepEqual(sorted(lockedBytes(img)), [100, 201, 203], 'qemu-io -r locks');
-      for (const args of [['info', img], ['read', '-P', '0x33', img, '512k', '64k'], ['check', img], ['dedup-stats', img], ['journal-dump', img]]) {
+      for (const args of [
+        ['info', img],
+        ['read', '-P', '0x33', img, '512k', '64k'],
+        ['check', img],
+        ['dedup-stats', img],
+        ['journal-dump', img],
+      ]) {
         const r = await qdedup(...args);
         assert.equal(r.status, 0, `${args[0]} beside qemu-io -r: ${r.stderr}`);
       }
@@ -355,7 +365,7 @@ describe('backing files', { skip: SKIP }, () => {
 });
 
 describe('two qdedup writers', { skip: SKIP }, () => {
-  it('on a dedup image: the second is refused (exit 1, exact message), the first one\'s data is intact and indexed', async () => {
+  it("on a dedup image: the second is refused (exit 1, exact message), the first one's data is intact and indexed", async () => {
     const { img, raw } = await imageWithShadow(256 << 20);
     // Data that does not dedup away, so the write takes long enough to be caught.
     const input = join(dir, 'random.bin');

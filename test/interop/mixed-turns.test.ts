@@ -55,12 +55,72 @@ interface Geometry {
 
 /** Geometries, cycled over the sequences: tiny log stores (freezes), verify on and off, 4-bit refcounts (cap 7). */
 const GEOMETRIES: Geometry[] = [
-  { label: '4k-sha256-o2', clusterBits: 12, size: 4 * MiB, refcountOrder: 4, algorithm: 'sha256', verify: false, order: 2, maxIncarnations: 2, journalBlockSize: 512 },
-  { label: '4k-blake3-verify', clusterBits: 12, size: 4 * MiB, refcountOrder: 4, algorithm: 'blake3', verify: true, order: 3, maxIncarnations: 0, journalBlockSize: 4096 },
-  { label: '64k-sha256-o1', clusterBits: 16, size: 16 * MiB, refcountOrder: 4, algorithm: 'sha256', verify: false, order: 1, maxIncarnations: 0, journalBlockSize: 4096 },
-  { label: '4k-sha3-rc4', clusterBits: 12, size: 4 * MiB, refcountOrder: 2, algorithm: 'sha3-256', verify: false, order: 4, maxIncarnations: 3, journalBlockSize: 512 },
-  { label: '512-sha256-o2', clusterBits: 9, size: 1 * MiB, refcountOrder: 4, algorithm: 'sha256', verify: false, order: 2, maxIncarnations: 2, journalBlockSize: 512 },
-  { label: '4k-sha256-rc64-verify', clusterBits: 12, size: 6 * MiB + 512, refcountOrder: 6, algorithm: 'sha256', verify: true, order: 2, maxIncarnations: 1, journalBlockSize: 1024 },
+  {
+    label: '4k-sha256-o2',
+    clusterBits: 12,
+    size: 4 * MiB,
+    refcountOrder: 4,
+    algorithm: 'sha256',
+    verify: false,
+    order: 2,
+    maxIncarnations: 2,
+    journalBlockSize: 512,
+  },
+  {
+    label: '4k-blake3-verify',
+    clusterBits: 12,
+    size: 4 * MiB,
+    refcountOrder: 4,
+    algorithm: 'blake3',
+    verify: true,
+    order: 3,
+    maxIncarnations: 0,
+    journalBlockSize: 4096,
+  },
+  {
+    label: '64k-sha256-o1',
+    clusterBits: 16,
+    size: 16 * MiB,
+    refcountOrder: 4,
+    algorithm: 'sha256',
+    verify: false,
+    order: 1,
+    maxIncarnations: 0,
+    journalBlockSize: 4096,
+  },
+  {
+    label: '4k-sha3-rc4',
+    clusterBits: 12,
+    size: 4 * MiB,
+    refcountOrder: 2,
+    algorithm: 'sha3-256',
+    verify: false,
+    order: 4,
+    maxIncarnations: 3,
+    journalBlockSize: 512,
+  },
+  {
+    label: '512-sha256-o2',
+    clusterBits: 9,
+    size: 1 * MiB,
+    refcountOrder: 4,
+    algorithm: 'sha256',
+    verify: false,
+    order: 2,
+    maxIncarnations: 2,
+    journalBlockSize: 512,
+  },
+  {
+    label: '4k-sha256-rc64-verify',
+    clusterBits: 12,
+    size: 6 * MiB + 512,
+    refcountOrder: 6,
+    algorithm: 'sha256',
+    verify: true,
+    order: 2,
+    maxIncarnations: 1,
+    journalBlockSize: 1024,
+  },
 ];
 
 // ------------------------------------------------------------------ operations
@@ -88,7 +148,10 @@ class Gen {
   readonly recent: { offset: number; length: number }[] = [];
   private readonly hot: number;
 
-  constructor(private readonly rng: Rng, readonly g: Geometry) {
+  constructor(
+    private readonly rng: Rng,
+    readonly g: Geometry,
+  ) {
     this.cs = 2 ** g.clusterBits;
     this.pool = Array.from({ length: 6 }, () => rng.bytes(this.cs));
     this.hot = Math.min(g.size, 160 * this.cs);
@@ -224,13 +287,19 @@ async function runSequence(index: number, seed: number, dir: string): Promise<Re
   const gen = new Gen(rng, g);
   const img = join(dir, 'img.qcow2');
   await createImage(img, {
-    size: g.size, clusterBits: g.clusterBits, version: 3, refcountOrder: g.refcountOrder, lazyRefcounts: false, force: true,
+    size: g.size,
+    clusterBits: g.clusterBits,
+    version: 3,
+    refcountOrder: g.refcountOrder,
+    lazyRefcounts: false,
+    force: true,
     dedup: { algorithm: g.algorithm, verify: g.verify, maxIncarnations: g.maxIncarnations, order: g.order, journalBlockSize: g.journalBlockSize },
   });
   const shadow = new RawShadow(join(dir, 'shadow.raw'), g.size);
   const res: Result = { ops: 0, qemuOps: 0, engineOps: 0, cliOps: 0, hits: 0, sharedOverwritten: 0, notices: 0 };
   const log: { text: string; offset: number; length: number }[] = [];
-  const note = (turn: number, who: string, op: Op) => log.push({ text: `turn ${turn} ${who}: ${opText(op)}`, offset: op.offset, length: op.kind === 'write' ? op.data.length : op.length });
+  const note = (turn: number, who: string, op: Op) =>
+    log.push({ text: `turn ${turn} ${who}: ${opText(op)}`, offset: op.offset, length: op.kind === 'write' ? op.data.length : op.length });
   let files = 0;
   const file = () => join(dir, `d${files++}.bin`);
   const fail = (turn: number, problems: string[]): Result => {
@@ -274,9 +343,11 @@ async function runSequence(index: number, seed: number, dir: string): Promise<Re
           res.cliOps++;
           const r = await qdedupAsync(args);
           if (r.status !== 0) problems.push(`qdedup ${args.join(' ')} exited ${r.status}: ${r.stderr.trim()}`);
-          if (r.stdout !== `wrote ${length}/${length} bytes at offset ${op.offset}\n`) problems.push(`qdedup ${args.join(' ')}: stdout ${JSON.stringify(r.stdout)}`);
+          if (r.stdout !== `wrote ${length}/${length} bytes at offset ${op.offset}\n`)
+            problems.push(`qdedup ${args.join(' ')}: stdout ${JSON.stringify(r.stdout)}`);
           if (expectNotice) {
-            if (!NOTICE.test(r.stderr)) problems.push(`the first qdedup open after qemu-io (bin/qdedup write) did not announce a fresh index: stderr ${JSON.stringify(r.stderr)}`);
+            if (!NOTICE.test(r.stderr))
+              problems.push(`the first qdedup open after qemu-io (bin/qdedup write) did not announce a fresh index: stderr ${JSON.stringify(r.stderr)}`);
             else res.notices++;
           } else if (/not trusted/.test(r.stderr)) problems.push(`bin/qdedup write dropped a trusted index: ${r.stderr.trim()}`);
         };
@@ -285,7 +356,8 @@ async function runSequence(index: number, seed: number, dir: string): Promise<Re
         try {
           const notice = dedupOf(image)?.notice ?? null;
           if (!cliFirst && afterQemu) {
-            if (notice === null || !NOTICE.test(notice)) problems.push(`the first qdedup open after qemu-io (in-process) did not announce a fresh index: ${notice}`);
+            if (notice === null || !NOTICE.test(notice))
+              problems.push(`the first qdedup open after qemu-io (in-process) did not announce a fresh index: ${notice}`);
             else res.notices++;
           } else if (notice !== null) problems.push(`an in-process open dropped a trusted index: ${notice}`);
           for (let i = 0; i < count; i++) {
@@ -320,7 +392,16 @@ async function runSequence(index: number, seed: number, dir: string): Promise<Re
         if (!dedupBit(img)) problems.push('after a qdedup turn, autoclear bit 60 is clear');
         // qdedup's own check, deep, with the dedup hook: the fresh index must be sound too.
         const c = await checkImage(img, { extension: (i) => dedupCheckExtension(i, true) });
-        if (c.corruptions || c.failure !== undefined) problems.push(`check --deep after the qdedup turn: ${c.failure ?? c.messages.filter((m) => /ERROR/.test(m)).slice(0, 3).join(' / ')}`);
+        if (c.corruptions || c.failure !== undefined)
+          problems.push(
+            `check --deep after the qdedup turn: ${
+              c.failure ??
+              c.messages
+                .filter((m) => /ERROR/.test(m))
+                .slice(0, 3)
+                .join(' / ')
+            }`,
+          );
         afterQemu = false;
       } else {
         // qemu-io's turn: one process, every operation a -c command.
@@ -347,7 +428,16 @@ async function runSequence(index: number, seed: number, dir: string): Promise<Re
       }
       const cc = await compareAndCheck(img, shadow.path);
       if (cc.compare !== 0) problems.push(`qemu-img compare: ${cc.compareOutput.split('\n').slice(0, 3).join(' | ')}`);
-      if (cc.check !== 0) problems.push(`qemu-img check exited ${cc.check}: ${cc.checkOutput.split('\n').filter((l) => /ERROR|error/.test(l)).slice(0, 4).join(' | ') || cc.checkOutput.slice(0, 300)}`);
+      if (cc.check !== 0)
+        problems.push(
+          `qemu-img check exited ${cc.check}: ${
+            cc.checkOutput
+              .split('\n')
+              .filter((l) => /ERROR|error/.test(l))
+              .slice(0, 4)
+              .join(' | ') || cc.checkOutput.slice(0, 300)
+          }`,
+        );
       if (problems.length) return fail(turn, problems);
     }
   } finally {
@@ -360,7 +450,9 @@ async function runSequence(index: number, seed: number, dir: string): Promise<Re
 
 const ROOT_DIR = mkdtempSync(join(existsSync('/dev/shm') ? '/dev/shm' : tmpdir(), 'qdedup-mixed-'));
 let keep = false;
-process.on('exit', () => { if (!keep) rmSync(ROOT_DIR, { recursive: true, force: true }); });
+process.on('exit', () => {
+  if (!keep) rmSync(ROOT_DIR, { recursive: true, force: true });
+});
 const totals = { sequences: 0, turns: 0, ops: 0, qemuOps: 0, engineOps: 0, cliOps: 0, hits: 0, shared: 0, notices: 0, mismatches: 0 };
 const started = Date.now();
 
@@ -368,7 +460,9 @@ describe('mixed turns: qemu-io and qdedup on the same dedup image', { skip: NO_Q
   after(() => {
     if (totals.sequences === 0) return;
     const secs = ((Date.now() - started) / 1000).toFixed(1);
-    console.log(`mixed turns: ${totals.sequences} sequences × ${TURNS} turns (${totals.turns} turns), ${totals.ops} operations (${totals.qemuOps} qemu-io, ${totals.engineOps} in-process, ${totals.cliOps} bin/qdedup), ${totals.hits} dedup links, ${totals.shared} shared clusters overwritten by qemu-io, ${totals.notices} fresh-index notices, ${totals.mismatches} failures (base seed 0x${BASE_SEED.toString(16)}, ${secs} s)`);
+    console.log(
+      `mixed turns: ${totals.sequences} sequences × ${TURNS} turns (${totals.turns} turns), ${totals.ops} operations (${totals.qemuOps} qemu-io, ${totals.engineOps} in-process, ${totals.cliOps} bin/qdedup), ${totals.hits} dedup links, ${totals.shared} shared clusters overwritten by qemu-io, ${totals.notices} fresh-index notices, ${totals.mismatches} failures (base seed 0x${BASE_SEED.toString(16)}, ${secs} s)`,
+    );
   });
 
   for (let index = 0; index < SEQUENCES; index++) {

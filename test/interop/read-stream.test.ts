@@ -29,7 +29,10 @@ function firstDifference(a: Buffer, b: Buffer): number {
 
 function assertSame(actual: Buffer, expected: Buffer, what: string): void {
   const at = firstDifference(actual, expected);
-  if (at >= 0) assert.fail(`${what}: ${actual.length} bytes, ${expected.length} expected; first difference at ${at}: got ${actual.subarray(at, at + 8).toString('hex')}, expected ${expected.subarray(at, at + 8).toString('hex')}`);
+  if (at >= 0)
+    assert.fail(
+      `${what}: ${actual.length} bytes, ${expected.length} expected; first difference at ${at}: got ${actual.subarray(at, at + 8).toString('hex')}, expected ${expected.subarray(at, at + 8).toString('hex')}`,
+    );
 }
 
 /** Runs a shell command line (paths quoted by the caller); fails on a non-zero exit. */
@@ -59,7 +62,7 @@ describe('streaming reads', { skip: NO_QEMU, concurrency: 1 }, () => {
     await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=65536', base, String(SIZE)]);
     await runOk('qemu-io', ['-f', 'qcow2', '-c', `write -q -s ${data} 0 1M`, '-c', 'write -q -P 0x5a 3M 512k', base]);
     top = join(dir, 'top.qcow2');
-    await qdedupOk(['create', '-q', '-o', `cluster_size=4096,backing_file=base.qcow2,backing_fmt=qcow2`, top, String(SIZE)]);
+    await qdedupOk(['create', '-q', '-o', 'cluster_size=4096,backing_file=base.qcow2,backing_fmt=qcow2', top, String(SIZE)]);
     // 1.5 MiB of 4 KiB blocks drawn from 40 distinct ones: most clusters shared.
     const blocks = Array.from({ length: 40 }, () => rng.bytes(4096));
     const input = Buffer.concat(Array.from({ length: 384 }, () => rng.pick(blocks)));
@@ -67,14 +70,23 @@ describe('streaming reads', { skip: NO_QEMU, concurrency: 1 }, () => {
     writeFileSync(inputFile, input);
     await qdedupOk(['write', '-q', '-i', inputFile, top, String(512 << 10)]);
     await qdedupOk(['write', '-q', '-i', inputFile, top, String((2 << 20) + 1000)]); // unaligned: partial clusters
-    await runOk('qemu-io', ['-f', 'qcow2',
-      '-c', 'write -q -c -P 0x33 4352k 64k', // compressed, in clusters the overlay never had
-      '-c', 'write -q -z 600k 16k', // zero clusters over shared ones
-      '-c', 'write -q -z -u 1M 8k',
-      '-c', 'discard -q 1040k 8k',
-      '-c', 'write -q -P 0x77 5000000 10000',
-      '-c', 'write -q -z 5500k 8k', // zero clusters after a run that reads the base's unallocated zeros
-      top]);
+    await runOk('qemu-io', [
+      '-f',
+      'qcow2',
+      '-c',
+      'write -q -c -P 0x33 4352k 64k', // compressed, in clusters the overlay never had
+      '-c',
+      'write -q -z 600k 16k', // zero clusters over shared ones
+      '-c',
+      'write -q -z -u 1M 8k',
+      '-c',
+      'discard -q 1040k 8k',
+      '-c',
+      'write -q -P 0x77 5000000 10000',
+      '-c',
+      'write -q -z 5500k 8k', // zero clusters after a run that reads the base's unallocated zeros
+      top,
+    ]);
     const raw = join(dir, 'top.raw');
     await toRaw(top, raw);
     expected = readFileSync(raw);
@@ -102,9 +114,18 @@ describe('streaming reads', { skip: NO_QEMU, concurrency: 1 }, () => {
         let prevEnd = -1;
         for (let k = 0; k < zeros.length; k += 2) {
           const [start, end] = [zeros[k], zeros[k + 1]];
-          assert.ok(start > prevEnd && start < end && start >= 5 && end <= 5 + len, `zero ranges sorted, merged and inside the range: ${zeros.join(',')}, ${ctx}`);
-          assert.ok(want.subarray(start - 5, end - 5).every((b) => b === 0), `a listed zero range holds data, ${ctx}`);
-          assert.ok(dst.subarray(start, end).every((b) => b === 0xee), `a listed zero range was written, ${ctx}`);
+          assert.ok(
+            start > prevEnd && start < end && start >= 5 && end <= 5 + len,
+            `zero ranges sorted, merged and inside the range: ${zeros.join(',')}, ${ctx}`,
+          );
+          assert.ok(
+            want.subarray(start - 5, end - 5).every((b) => b === 0),
+            `a listed zero range holds data, ${ctx}`,
+          );
+          assert.ok(
+            dst.subarray(start, end).every((b) => b === 0xee),
+            `a listed zero range was written, ${ctx}`,
+          );
           dst.fill(0, start, end);
           prevEnd = end;
           listed++;
@@ -151,7 +172,19 @@ describe('streaming reads', { skip: NO_QEMU, concurrency: 1 }, () => {
     const d = scratch();
     const img = join(d, 'sparse.qcow2');
     await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', img, '1G']);
-    await runOk('qemu-io', ['-f', 'qcow2', '-c', 'write -q -P 0x11 0 1M', '-c', 'write -q -P 0x22 300M 64k', '-c', 'write -q -z 400M 1M', '-c', 'write -q -P 0x33 1048575k 1k', img]);
+    await runOk('qemu-io', [
+      '-f',
+      'qcow2',
+      '-c',
+      'write -q -P 0x11 0 1M',
+      '-c',
+      'write -q -P 0x22 300M 64k',
+      '-c',
+      'write -q -z 400M 1M',
+      '-c',
+      'write -q -P 0x33 1048575k 1k',
+      img,
+    ]);
     const ours = join(d, 'ours.raw');
     const theirs = join(d, 'theirs.raw');
     sh(`${QDEDUP} read ${q(img)} > ${q(ours)}`);

@@ -123,15 +123,17 @@ export function checkHuman(r: ImageCheck, color?: ChalkInstance): string {
   if (!(r.corruptions || r.leaks || r.checkErrors)) {
     text += paint('green', 'No errors were found on the image.') + '\n';
   } else {
-    if (r.corruptions) text += `\n${paint('red', `${r.corruptions} errors were found on the image.`)}\nData may be corrupted, or further writes to the ` +
-      `image may corrupt it.\n`;
+    if (r.corruptions)
+      text +=
+        `\n${paint('red', `${r.corruptions} errors were found on the image.`)}\nData may be corrupted, or further writes to the ` + 'image may corrupt it.\n';
     if (r.leaks) text += `\n${paint('yellow', `${r.leaks} leaked clusters were found on the image.`)}\nThis means waste of disk space, but no harm to data.\n`;
     if (r.checkErrors) text += `\n${paint('red', `${r.checkErrors} internal errors have occurred during the check.`)}\n`;
   }
   if (r.totalClusters !== 0 && r.allocatedClusters !== 0) {
     const pct = (n: number, d: number) => printf2((n * 100) / d);
-    text += `${r.allocatedClusters}/${r.totalClusters} = ${pct(r.allocatedClusters, r.totalClusters)}% allocated, `
-      + `${pct(r.fragmentedClusters, r.allocatedClusters)}% fragmented, ${pct(r.compressedClusters, r.allocatedClusters)}% compressed clusters\n`;
+    text +=
+      `${r.allocatedClusters}/${r.totalClusters} = ${pct(r.allocatedClusters, r.totalClusters)}% allocated, ` +
+      `${pct(r.fragmentedClusters, r.allocatedClusters)}% fragmented, ${pct(r.compressedClusters, r.allocatedClusters)}% compressed clusters\n`;
   }
   if (r.imageEndOffset) text += `Image end offset: ${r.imageEndOffset}\n`;
   return text;
@@ -139,10 +141,12 @@ export function checkHuman(r: ImageCheck, color?: ChalkInstance): string {
 
 /** The block qemu-img prints between the repair and the check of the repaired image. */
 export function repairSummary(repaired: { leaksFixed: number; corruptionsFixed: number }): string {
-  return 'The following inconsistencies were found and repaired:\n\n'
-    + `    ${repaired.leaksFixed} leaked clusters\n`
-    + `    ${repaired.corruptionsFixed} corruptions\n\n`
-    + 'Double checking the fixed image now...\n';
+  return (
+    'The following inconsistencies were found and repaired:\n\n' +
+    `    ${repaired.leaksFixed} leaked clusters\n` +
+    `    ${repaired.corruptionsFixed} corruptions\n\n` +
+    'Double checking the fixed image now...\n'
+  );
 }
 
 /**
@@ -158,8 +162,9 @@ export async function runCheck(a: CheckArgs, io: Output): Promise<number> {
   let result: ImageCheck;
   // A repair finishes what it began when interrupted (a signal mid-rewrite of refcount
   // structures would leave more to repair); a plain check just ends (read-only).
-  const interrupts = a.repair ? catchInterrupts((sig) => io.err(`qdedup: ${printable(a.file)}: ${sig} received: finishing the repair first (a second signal ` +
-    `ends qdedup at once)`)) : undefined;
+  const interrupts = a.repair
+    ? catchInterrupts((sig) => io.err(`qdedup: ${printable(a.file)}: ${sig} received: finishing the repair first (a second signal ` + 'ends qdedup at once)'))
+    : undefined;
   try {
     const lock = a.repair !== undefined ? LOCK_WRITE : readOnlyLock(LOCK_READ, a.forceShare);
     const onMessage = (line: string) => {
@@ -192,7 +197,6 @@ export async function runCheck(a: CheckArgs, io: Output): Promise<number> {
   return checkExitCode(result);
 }
 
-
 export function builder(y: Argv) {
   return withForceShareOption(withQuietOption(withOutputOption(withFormatOption(y))))
     .positional('file', { type: 'string', describe: 'image file' })
@@ -207,8 +211,10 @@ export function builder(y: Argv) {
     .example('$0 check -r leaks disk.qcow2', 'give leaked clusters back')
     .example('$0 check --output json disk.qcow2', "qemu-img check's JSON document")
     .example('$0 check --deep disk.qcow2', 'also verify every dedup index entry against the cluster it names')
-    .epilogue('Exit codes: 0 consistent, 1 check not completed, 2 corruptions found, 3 only leaks found, 63 not a qcow2 image. After -r they describe the ' +
-      'repaired image.');
+    .epilogue(
+      'Exit codes: 0 consistent, 1 check not completed, 2 corruptions found, 3 only leaks found, 63 not a qcow2 image. After -r they describe the ' +
+        'repaired image.',
+    );
 }
 
 export function toArgs(argv: Record<string, unknown>): CheckArgs {

@@ -55,10 +55,11 @@ export async function runConvert(a: ConvertArgs, io: Output): Promise<number> {
       const o = { signal: interrupts.signal, progress: (n: number) => progress?.update(n) };
       if (a.targetFormat === 'raw') copied = await copyToRaw(a.target, sources, o);
       else {
-        if (!a.noCreate) await createImage(
-          a.target,
-          await resolveCreateOptions({ file: a.target, size: String(total), options: opts, force: true }, { size: parseSize, bool: parseBool }),
-        );
+        if (!a.noCreate)
+          await createImage(
+            a.target,
+            await resolveCreateOptions({ file: a.target, size: String(total), options: opts, force: true }, { size: parseSize, bool: parseBool }),
+          );
         const target = await openForWrite(a.target, { lock: LOCK_WRITE, detectZeroes: true });
         try {
           if (target.size < total) throw new UsageError(`the target's virtual size (${target.size}) is smaller than the sources' (${total})`);
@@ -91,25 +92,23 @@ export function builder(y: Argv) {
     .positional('files', { type: 'string', array: true, describe: 'source images, then the target' })
     .option('f', { type: 'string', describe: 'source format: qcow2 or raw (default: probed)', requiresArg: true })
     .option('O', { type: 'string', describe: 'target format: qcow2 (default) or raw', default: 'qcow2', requiresArg: true })
-    .option(
-      'o',
-      {
-        type: 'string',
-        array: true,
-        nargs: 1,
-        describe: "options of the new image, as create's -o (default: a dedup image, sha256, 4 KiB clusters); -o help lists them",
-        default: [],
-        requiresArg: true,
-      },
-    )
+    .option('o', {
+      type: 'string',
+      array: true,
+      nargs: 1,
+      describe: "options of the new image, as create's -o (default: a dedup image, sha256, 4 KiB clusters); -o help lists them",
+      default: [],
+      requiresArg: true,
+    })
     .option('n', { type: 'boolean', describe: 'do not create the target: write into an existing image', default: false })
     .option('p', { type: 'boolean', describe: 'show a progress bar on stderr (a terminal only)', default: false })
     .example('$0 convert disk.raw disk.qcow2', 'import a raw disk into a dedup image')
     .example('$0 convert -f qcow2 -o dedup=blake3 vm.qcow2 vm-dedup.qcow2', 'deduplicate a qcow2 image into a new one')
     .example('$0 convert -O raw disk.qcow2 disk.raw', 'export to a sparse raw file')
     .example('$0 convert a.raw b.raw both.qcow2', 'concatenate two sources')
-    .epilogue('Exit codes: 0 converted and synced; 1 failed; 130, 143, 129 interrupted by SIGINT, SIGTERM, SIGHUP (a qcow2 target is committed but ' +
-      'incomplete).');
+    .epilogue(
+      'Exit codes: 0 converted and synced; 1 failed; 130, 143, 129 interrupted by SIGINT, SIGTERM, SIGHUP (a qcow2 target is committed but ' + 'incomplete).',
+    );
 }
 
 export function toArgs(argv: Record<string, unknown>): ConvertArgs {

@@ -9,6 +9,7 @@ import { createImage } from '../../dedup/open.ts';
 import { checkFormat, withFormatOption, withQuietOption } from '../common.ts';
 import { parseBool, parseOptionList, parseSize } from '../parse.ts';
 import type { Output } from '../output.ts';
+import type { Header } from '../../format/header.ts';
 
 export interface CreateArgs {
   file: string;
@@ -30,22 +31,21 @@ export async function runCreate(a: CreateArgs, io: Output): Promise<number> {
   // Interrupted, create finishes first (it takes well under a second): a dedup image is
   // made in two steps, and a signal between them would leave a plain image.
   const interrupts = catchInterrupts();
-  let header;
+  let header: Header;
   try {
     header = await createImage(a.file, o);
   } finally {
     interrupts.dispose();
   }
-  if (interrupts.received) throw new InterruptedError(
-    interrupts.received,
-    `interrupted (${interrupts.received}); the image was created completely first`,
-    { path: a.file },
-  );
+  if (interrupts.received)
+    throw new InterruptedError(interrupts.received, `interrupted (${interrupts.received}); the image was created completely first`, { path: a.file });
   if (!a.quiet) {
     const backing = o.backingFile !== undefined ? ` backing_file=${o.backingFile} backing_fmt=${o.backingFormat}` : '';
     const dd = o.dedup ? ` dedup=${o.dedup.algorithm} dedup_verify=${o.dedup.verify ? 'on' : 'off'}` : ' dedup=off';
-    await io.out(`Formatting '${a.file}', fmt=qcow2 cluster_size=${2 ** o.clusterBits} compat=${o.version === 3 ? '1.1' : '0.10'}${backing} ` +
-      `size=${header.size} lazy_refcounts=${o.lazyRefcounts ? 'on' : 'off'} refcount_bits=${2 ** o.refcountOrder}${dd}\n`);
+    await io.out(
+      `Formatting '${a.file}', fmt=qcow2 cluster_size=${2 ** o.clusterBits} compat=${o.version === 3 ? '1.1' : '0.10'}${backing} ` +
+        `size=${header.size} lazy_refcounts=${o.lazyRefcounts ? 'on' : 'off'} refcount_bits=${2 ** o.refcountOrder}${dd}\n`,
+    );
   }
   return 0;
 }

@@ -56,7 +56,7 @@ export function builder(y: Argv) {
   return withForceShareOption(withOutputOption(withFormatOption(y)))
     .positional('file', { type: 'string', describe: 'image file' })
     .example('$0 dedup-stats disk.qcow2', 'human-readable figures')
-    .example("$0 dedup-stats --output json disk.qcow2 | jq '.\"dedup-ratio\"'", 'one figure for a script');
+    .example('$0 dedup-stats --output json disk.qcow2 | jq \'."dedup-ratio"\'', 'one figure for a script');
 }
 
 export function toArgs(argv: Record<string, unknown>): DedupStatsArgs {

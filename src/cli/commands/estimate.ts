@@ -23,18 +23,21 @@ const nice = (n: number) => (n < 1024 ? String(n) : n < 1024 ** 2 ? `${n / 1024}
 
 /** One cluster size as `zdb -S` prints its simulated DDT: the bucket table, then the headline. */
 export function sizeHuman(s: ClusterSizeEstimate): string {
-  const row = (a: string, b: string, c: string, d: string, e: string) => `${a.padStart(6)}   ${b.padStart(10)} ${c.padStart(11)}   ${d.padStart(10)} ${e.padStart(11)}\n`;
+  const row = (a: string, b: string, c: string, d: string, e: string) =>
+    `${a.padStart(6)}   ${b.padStart(10)} ${c.padStart(11)}   ${d.padStart(10)} ${e.padStart(11)}\n`;
   let t = `Simulated dedup table, cluster size ${s['cluster-size']}:\n\n`;
-  t += `bucket              allocated                  referenced\n`;
-  t += `______   ______________________   ______________________\n`;
+  t += 'bucket              allocated                  referenced\n';
+  t += '______   ______________________   ______________________\n';
   t += row('refcnt', 'blocks', 'size', 'blocks', 'size') + row('------', '------', '----', '------', '----');
-  for (const r of s.histogram) t += row(nice(r.refcnt), String(r['allocated-blocks']), humanSize(r['allocated-bytes']), String(r['referenced-blocks']), humanSize(r['referenced-bytes']));
+  for (const r of s.histogram)
+    t += row(nice(r.refcnt), String(r['allocated-blocks']), humanSize(r['allocated-bytes']), String(r['referenced-blocks']), humanSize(r['referenced-bytes']));
   const sum = (k: 'allocated-blocks' | 'referenced-blocks') => s.histogram.reduce((a, r) => a + r[k], 0);
   const [alloc, ref] = [sum('allocated-blocks'), sum('referenced-blocks')];
   t += row('Total', String(alloc), humanSize(alloc * s['cluster-size']), String(ref), humanSize(ref * s['cluster-size'])) + '\n';
   t += `dedup = ${s['dedup-ratio'].toFixed(2)}, saved = ${humanSize(s['bytes-saved'])} (${s['bytes-saved']} bytes), zero clusters = ${s['zero-clusters']} of ${s['guest-clusters']}\n`;
   if (s['cap-copies']) t += `refcount cap: ${s['cap-copies']} extra copies (included above)\n`;
-  if (s.sample > 1) t += `sampled: 1 in ${s.sample} contents counted, allocated figures scaled up (relative standard error ${(s['sample-error']! * 100).toFixed(2)} %)\n`;
+  if (s.sample > 1)
+    t += `sampled: 1 in ${s.sample} contents counted, allocated figures scaled up (relative standard error ${(s['sample-error']! * 100).toFixed(2)} %)\n`;
   return t;
 }
 
@@ -45,10 +48,14 @@ export function estimateHuman(e: Estimate): string {
 
 export async function runEstimate(a: EstimateArgs, io: Output): Promise<number> {
   let bar: ReturnType<typeof startProgress> | undefined; // null: no bar (not a terminal)
-  const progress = a.progressBar && !a.quiet ? (done: number, total: number) => (bar === undefined ? (bar = startProgress(io, total)) : bar)?.update(done) : undefined;
+  const progress =
+    a.progressBar && !a.quiet ? (done: number, total: number) => (bar === undefined ? (bar = startProgress(io, total)) : bar)?.update(done) : undefined;
   const e = await estimate(a.files, { ...a, progress }).finally(() => bar?.stop());
   for (const s of e['cluster-sizes']) {
-    if (s.sample > (a.sample ?? 1) && !a.quiet) io.err(`qdedup: note: the table for cluster size ${s['cluster-size']} would exceed --max-memory ${humanSize(a.maxMemory ?? DEFAULT_MAX_MEMORY)}: sampled 1 in ${s.sample} contents`);
+    if (s.sample > (a.sample ?? 1) && !a.quiet)
+      io.err(
+        `qdedup: note: the table for cluster size ${s['cluster-size']} would exceed --max-memory ${humanSize(a.maxMemory ?? DEFAULT_MAX_MEMORY)}: sampled 1 in ${s.sample} contents`,
+      );
   }
   await io.out(a.output === 'json' ? toJson(e) : estimateHuman(e));
   return 0;
@@ -62,7 +69,12 @@ export function builder(y: Argv) {
     .option('cluster-size', { type: 'string', describe: 'cluster sizes to estimate for, comma-separated (512 to 2M)', default: '4k', requiresArg: true })
     .option('sample', { type: 'string', describe: 'count only 1 in N contents (a power of two) and scale up', requiresArg: true })
     .option('max-memory', { type: 'string', describe: 'memory for the tables; past it they sample (default 1G)', requiresArg: true })
-    .option('refcount-bits', { type: 'string', describe: 'refcount width of the target image (its cap limits references per copy)', default: '16', requiresArg: true })
+    .option('refcount-bits', {
+      type: 'string',
+      describe: 'refcount width of the target image (its cap limits references per copy)',
+      default: '16',
+      requiresArg: true,
+    })
     .option('p', { type: 'boolean', describe: 'show a progress bar on stderr (a terminal only)', default: true })
     .example('$0 estimate rootfs.img', 'dedup ratio and histogram at 4 KiB clusters')
     .example('$0 estimate --cluster-size 4k,64k --output json a.qcow2 b.raw', 'two images together, two cluster sizes');
@@ -71,11 +83,17 @@ export function builder(y: Argv) {
 export function toArgs(argv: Record<string, unknown>): EstimateArgs {
   const f = argv.f;
   if (f !== undefined && f !== 'raw' && f !== 'qcow2') throw new UsageError(`unsupported image format '${String(f)}' (estimate reads raw and qcow2)`);
-  const whole = (v: unknown, what: string) => (/^[0-9]+$/.test(String(v)) ? Number(v) : Number.NaN) || (() => { throw new UsageError(`invalid ${what} '${String(v)}'`); })();
+  const whole = (v: unknown, what: string) =>
+    (/^[0-9]+$/.test(String(v)) ? Number(v) : Number.NaN) ||
+    (() => {
+      throw new UsageError(`invalid ${what} '${String(v)}'`);
+    })();
   return {
     files: (argv.files as unknown[]).map(String),
     format: (f ?? 'auto') as InputFormat,
-    clusterSizes: String(argv['cluster-size']).split(',').map((t) => parseSize(t, 'cluster size')),
+    clusterSizes: String(argv['cluster-size'])
+      .split(',')
+      .map((t) => parseSize(t, 'cluster size')),
     sample: argv.sample === undefined ? undefined : whole(argv.sample, 'sample'),
     maxMemory: argv['max-memory'] === undefined ? undefined : parseSize(String(argv['max-memory']), 'memory size'),
     refcountBits: whole(argv['refcount-bits'], 'refcount width'),

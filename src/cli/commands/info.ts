@@ -74,16 +74,17 @@ function dedupInfo(v: StoreVerdict): DedupInfo {
 export async function imageInfo(path: string, lock?: LockRequest): Promise<ImageInfo> {
   const f = await readImageFacts(path, lock);
   const h = f.header;
-  const data: Record<string, unknown> = h.version === 3
-    ? {
-        compat: '1.1',
-        'compression-type': 'zlib',
-        'lazy-refcounts': (h.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n,
-        'refcount-bits': 2 ** h.refcountOrder,
-        corrupt: (h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n,
-        'extended-l2': false,
-      }
-    : { compat: '0.10', 'compression-type': 'zlib', 'refcount-bits': 2 ** V2_REFCOUNT_ORDER };
+  const data: Record<string, unknown> =
+    h.version === 3
+      ? {
+          compat: '1.1',
+          'compression-type': 'zlib',
+          'lazy-refcounts': (h.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n,
+          'refcount-bits': 2 ** h.refcountOrder,
+          corrupt: (h.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n,
+          'extended-l2': false,
+        }
+      : { compat: '0.10', 'compression-type': 'zlib', 'refcount-bits': 2 ** V2_REFCOUNT_ORDER };
   if (f.dedup) data.dedup = dedupInfo(f.dedup);
   const snapshots = f.snapshots.map(snapshotInfo);
   const backing = f.backing;
@@ -155,7 +156,7 @@ export function builder(y: Argv) {
   return withForceShareOption(withOutputOption(withFormatOption(y)))
     .positional('file', { type: 'string', describe: 'image file' })
     .example('$0 info disk.qcow2', 'human-readable summary')
-    .example("$0 info --output json disk.qcow2 | jq '.\"virtual-size\"'", 'one field for a script');
+    .example('$0 info --output json disk.qcow2 | jq \'."virtual-size"\'', 'one field for a script');
 }
 
 export function toArgs(argv: Record<string, unknown>): InfoArgs {

@@ -23,7 +23,7 @@ export interface JournalDumpArgs {
 /** Entries to print for each block of a journal, at most `limit` in all. */
 function shownEntries(scan: JournalScan, limit: number | undefined): { perBlock: Map<ScannedBlock, number>; omitted: number } {
   const perBlock = new Map<ScannedBlock, number>();
-  let left = limit ?? Infinity;
+  let left = limit ?? Number.POSITIVE_INFINITY;
   let omitted = 0;
   for (const b of scan.blocks) {
     const n = Math.min(left, b.entries.length);
@@ -110,18 +110,24 @@ export function journalDumpText(file: string, r: JournalsReport, limit?: number)
     for (const b of scan.blocks) {
       const seq = b.sequence === null ? '-' : String(b.sequence);
       const tail = b.verdict === 'valid' ? `valid, ${b.entries.length} entries` : `${b.verdict}: ${b.reason}`;
-      lines.push(`  block ${b.index} at ${hex(b.fileOffset)}: sequence ${seq} (expected ${b.expectedSequence}), checksum ` +
-        `${b.checksumValid === null ? '-' : b.checksumValid ? 'ok' : 'bad'}, ${tail}${b.replayed ? '' : ', not replayed'}`);
+      lines.push(
+        `  block ${b.index} at ${hex(b.fileOffset)}: sequence ${seq} (expected ${b.expectedSequence}), checksum ` +
+          `${b.checksumValid === null ? '-' : b.checksumValid ? 'ok' : 'bad'}, ${tail}${b.replayed ? '' : ', not replayed'}`,
+      );
       for (const e of b.entries.slice(0, perBlock.get(b))) {
-        lines.push(`    ${b.replayed ? 'entry' : 'ignored entry'} +${e.journalOffset} (${hex(b.fileOffset + e.offsetInBlock)}): ` +
-          `${e.type === 1 ? 'hash' : `type ${e.type}`}, ${e.size} bytes, host ${hex(e.hostOffset)}, guest ${hex(e.firstGuestOffset)}, deleted ` +
-          `${yes(e.deleted)}, hash ${e.hash}`);
+        lines.push(
+          `    ${b.replayed ? 'entry' : 'ignored entry'} +${e.journalOffset} (${hex(b.fileOffset + e.offsetInBlock)}): ` +
+            `${e.type === 1 ? 'hash' : `type ${e.type}`}, ${e.size} bytes, host ${hex(e.hostOffset)}, guest ${hex(e.firstGuestOffset)}, deleted ` +
+            `${yes(e.deleted)}, hash ${e.hash}`,
+        );
       }
     }
     if (omitted) lines.push(`    … ${omitted} more entries not shown (--limit ${limit})`);
     lines.push(`  replay stops at block ${scan.stop.block}: ${scan.stop.verdict} (${scan.stop.reason})`);
-    lines.push(`  replayed: ${scan.stop.block} blocks, ${scan.replayedEntries} entries (${scan.insertions} insertions, ${scan.deletions} deletions), ` +
-      `${scan.liveHashes} live hashes, ${scan.deletedHashes} deleted`);
+    lines.push(
+      `  replayed: ${scan.stop.block} blocks, ${scan.replayedEntries} entries (${scan.insertions} insertions, ${scan.deletions} deletions), ` +
+        `${scan.liveHashes} live hashes, ${scan.deletedHashes} deleted`,
+    );
   }
   return lines.join('\n') + '\n';
 }
@@ -138,13 +144,12 @@ export async function runJournalDump(a: JournalDumpArgs, io: Output): Promise<nu
   return 0;
 }
 
-
 export function builder(y: Argv) {
   return withForceShareOption(withOutputOption(withFormatOption(y)))
     .positional('file', { type: 'string', describe: 'image file' })
     .option('limit', { type: 'string', describe: 'print at most N entries per journal (counts stay complete)', requiresArg: true })
     .example('$0 journal-dump disk.qcow2 | grep "replay stops"', 'where replay stops in each journal')
-    .example("$0 journal-dump --output json disk.qcow2 | jq '.journals[].\"entries-replayed\"'", 'entries replayed per journal');
+    .example('$0 journal-dump --output json disk.qcow2 | jq \'.journals[]."entries-replayed"\'', 'entries replayed per journal');
 }
 
 export function toArgs(argv: Record<string, unknown>): JournalDumpArgs {

@@ -71,15 +71,18 @@ export function builder(y: Argv) {
     .option('shares', {
       type: 'string',
       requiresArg: true,
-      describe: 'OFFSET[,LENGTH]: map only this guest range (LENGTH default: one cluster) and list, under each range with data, the guest ranges of the ' +
+      describe:
+        'OFFSET[,LENGTH]: map only this guest range (LENGTH default: one cluster) and list, under each range with data, the guest ranges of the ' +
         'disk and of its snapshots that use the same host clusters',
     })
     .example('$0 map disk.qcow2', "qemu-img map's table, with a 'Shared by' column")
-    .example('$0 map --output json disk.qcow2', "qemu-img map's JSON; \"shared-by\": other guest clusters using the range's host clusters")
+    .example('$0 map --output json disk.qcow2', 'qemu-img map\'s JSON; "shared-by": other guest clusters using the range\'s host clusters')
     .example('$0 map --shares 1M,64k disk.qcow2', 'which guest ranges share the storage of guest bytes 1M to 1M+64k')
-    .epilogue("shared-by counts, from the refcounts, the guest clusters other than the range's own (in the disk and its internal snapshots; the dedup " +
-      "holder snapshot's reference excluded) that use the host clusters the range touches: 0 means the storage is the range's alone. Leaked references (see " +
-      "'qdedup check') count too.");
+    .epilogue(
+      "shared-by counts, from the refcounts, the guest clusters other than the range's own (in the disk and its internal snapshots; the dedup " +
+        "holder snapshot's reference excluded) that use the host clusters the range touches: 0 means the storage is the range's alone. Leaked references (see " +
+        "'qdedup check') count too.",
+    );
 }
 
 export function toArgs(argv: Record<string, unknown>): MapArgs {
@@ -87,8 +90,8 @@ export function toArgs(argv: Record<string, unknown>): MapArgs {
   const start = argv['start-offset'] === undefined ? undefined : parseSize(String(argv['start-offset']), 'offset');
   const length = argv['max-length'] === undefined ? undefined : parseSize(String(argv['max-length']), 'length');
   const shares = argv.shares === undefined ? undefined : parseShares(String(argv.shares));
-  if (shares && (start !== undefined || length !== undefined)) throw new UsageError('--shares cannot be combined with --start-offset or --max-length (it ' +
-    'names its own range)');
+  if (shares && (start !== undefined || length !== undefined))
+    throw new UsageError('--shares cannot be combined with --start-offset or --max-length (it ' + 'names its own range)');
   return { file: String(argv.file), output: outputFormat(argv.output), start, length, shares, forceShare: Boolean(argv.U) };
 }
 

@@ -108,7 +108,6 @@ export async function runRead(a: ReadArgs, io: Output): Promise<number> {
   }
 }
 
-
 export function builder(y: Argv) {
   return withForceShareOption(withQuietOption(withFormatOption(y)))
     .positional('file', { type: 'string', describe: 'image file' })

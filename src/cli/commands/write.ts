@@ -18,7 +18,6 @@ import { catchInterrupts } from '../interrupt.ts';
 import { CHUNK_BYTES, ChunkReader, writeChunks } from '../../image/write-pipeline.ts';
 import { openForWrite, dedupOf } from '../../dedup/open.ts';
 
-
 export interface WriteArgs {
   file: string;
   offset: number;
@@ -51,11 +50,8 @@ async function writeFrom(a: WriteArgs, input: Input | undefined, io: Output): Pr
   let total = a.length;
   if (input?.size !== undefined) {
     if (total === undefined) total = input.size;
-    else if (input.size < total) throw new IoError(
-      `cannot read input: it has only ${input.size} bytes, fewer than LENGTH ${total}`,
-      { path: input.path },
-      'ESHORTINPUT',
-    );
+    else if (input.size < total)
+      throw new IoError(`cannot read input: it has only ${input.size} bytes, fewer than LENGTH ${total}`, { path: input.path }, 'ESHORTINPUT');
     if (total === 0 && a.length === undefined) throw emptyInput(input);
   }
 
@@ -106,7 +102,14 @@ async function writeFrom(a: WriteArgs, input: Input | undefined, io: Output): Pr
         const progress = a.progress && !a.quiet && total !== undefined ? startProgress(io, total) : null;
         try {
           const room = virtualSize - a.offset;
-          const r = await writeChunks(image, a.offset, reader, first, { room, signal: interrupts.signal, progress: (n) => { done = n; progress?.update(n); } });
+          const r = await writeChunks(image, a.offset, reader, first, {
+            room,
+            signal: interrupts.signal,
+            progress: (n) => {
+              done = n;
+              progress?.update(n);
+            },
+          });
           done = r.written;
           // Like dd onto a device: what fits is written (and committed below), the rest refused.
           if (r.overflow) overflow = tooLong(a, input!, virtualSize, done);
@@ -131,8 +134,10 @@ async function writeFrom(a: WriteArgs, input: Input | undefined, io: Output): Pr
     const mismatches = dedupOf(image)?.counters.mismatches ?? 0;
     if (mismatches) {
       // Compared hits whose cluster held other bytes: written anew, but the index lies (src/dedup/slot-bits.ts).
-      io.err(`qdedup: ${printable(a.file)}: warning: ${mismatches} dedup index ${mismatches === 1 ? 'entry names a cluster' : 'entries name clusters'} ` +
-        `holding other content; not used (a damaged index: 'qdedup check --deep' lists such entries)`);
+      io.err(
+        `qdedup: ${printable(a.file)}: warning: ${mismatches} dedup index ${mismatches === 1 ? 'entry names a cluster' : 'entries name clusters'} ` +
+          `holding other content; not used (a damaged index: 'qdedup check --deep' lists such entries)`,
+      );
     }
   } finally {
     interrupts.dispose();
@@ -165,21 +170,17 @@ function emptyInput(input: Input): IoError {
   return new IoError(`${input.label} is empty: nothing to write (give LENGTH 0 to write nothing)`, {}, 'EEMPTYINPUT'); // main.ts names the image
 }
 
-
 export function builder(y: Argv) {
   return withQuietOption(withFormatOption(y))
     .positional('file', { type: 'string', describe: 'image file' })
     .positional('offset', { type: 'string', describe: 'guest byte offset (size syntax: 1M, 0x100000, …)' })
     .positional('length', { type: 'string', describe: 'bytes to write (default with -i: the whole input)' })
     .option('P', { type: 'string', describe: 'fill with this byte (decimal or 0x hex)', requiresArg: true })
-    .option(
-      'i',
-      {
-        type: 'string',
-        describe: "write the bytes of this file or stream ('-' for standard input; pipes, FIFOs and <(…) are read to their end or LENGTH)",
-        requiresArg: true,
-      },
-    )
+    .option('i', {
+      type: 'string',
+      describe: "write the bytes of this file or stream ('-' for standard input; pipes, FIFOs and <(…) are read to their end or LENGTH)",
+      requiresArg: true,
+    })
     .option('z', { type: 'boolean', describe: 'write zeroes (zero clusters where whole clusters)', default: false })
     .option('p', { type: 'boolean', describe: 'show a progress bar on stderr (a terminal only)', default: true })
     .option('U', { type: 'boolean', hidden: true }) // refused below, with qemu-io's reason
@@ -187,8 +188,10 @@ export function builder(y: Argv) {
     .example('$0 write -i data.bin disk.qcow2 1M', 'the bytes of data.bin at 1 MiB')
     .example('zcat disk.raw.gz | $0 write -i - disk.qcow2 0', 'a stream, to its end (exit 1 if it is empty or ends before LENGTH)')
     .example('$0 write -z disk.qcow2 0 1G', 'zero the first GiB')
-    .epilogue('Exit codes: 0 written and synced; 1 failed (an input that ends before LENGTH or is empty, a stream longer than the disk: what was written is ' +
-      'committed); 130, 143, 129 interrupted by SIGINT, SIGTERM, SIGHUP after committing what was written.');
+    .epilogue(
+      'Exit codes: 0 written and synced; 1 failed (an input that ends before LENGTH or is empty, a stream longer than the disk: what was written is ' +
+        'committed); 130, 143, 129 interrupted by SIGINT, SIGTERM, SIGHUP after committing what was written.',
+    );
 }
 
 export function toArgs(argv: Record<string, unknown>): WriteArgs {

@@ -4,9 +4,20 @@
 
 import { AUTOCLEAR_BITMAPS, EXT_BITMAPS } from '../../format/header.ts';
 import {
-  BITMAPS_EXT_BYTES, BITMAP_DIR_ENTRY_FIXED_BYTES, BME_MAX_GRANULARITY_BITS, BME_MAX_NAME_SIZE, BME_MAX_PHYS_SIZE, BME_MAX_TABLE_SIZE,
-  BME_MIN_GRANULARITY_BITS, BME_RESERVED_FLAGS, BT_DIRTY_TRACKING_BITMAP, QCOW2_MAX_BITMAPS, QCOW2_MAX_BITMAP_DIRECTORY_SIZE,
-  decodeBitmapDirectoryEntry, decodeBitmapTableEntry, decodeBitmapsExtension,
+  BITMAPS_EXT_BYTES,
+  BITMAP_DIR_ENTRY_FIXED_BYTES,
+  BME_MAX_GRANULARITY_BITS,
+  BME_MAX_NAME_SIZE,
+  BME_MAX_PHYS_SIZE,
+  BME_MAX_TABLE_SIZE,
+  BME_MIN_GRANULARITY_BITS,
+  BME_RESERVED_FLAGS,
+  BT_DIRTY_TRACKING_BITMAP,
+  QCOW2_MAX_BITMAPS,
+  QCOW2_MAX_BITMAP_DIRECTORY_SIZE,
+  decodeBitmapDirectoryEntry,
+  decodeBitmapTableEntry,
+  decodeBitmapsExtension,
 } from '../../format/bitmaps.ts';
 import type { CheckRun } from './run.ts';
 import { CheckAborted, entryHex } from './types.ts';
@@ -63,10 +74,19 @@ export async function checkBitmaps(run: CheckRun): Promise<void> {
     if (pos + e.entryBytes > dir.length) broken('Broken bitmap directory');
     if (e.extraDataBytes !== 0) broken('Bitmap extra data is not supported');
     const physBytes = BigInt(e.tableEntries) * BigInt(cs);
-    const bad = e.tableEntries === 0 || e.tableOffset === 0n || e.tableOffset % BigInt(cs) !== 0n || e.tableOffset >= 1n << 53n
-      || e.tableEntries > BME_MAX_TABLE_SIZE || e.granularityBits > BME_MAX_GRANULARITY_BITS || e.granularityBits < BME_MIN_GRANULARITY_BITS
-      || (e.flags & BME_RESERVED_FLAGS) !== 0 || e.nameSize > BME_MAX_NAME_SIZE || e.type !== BT_DIRTY_TRACKING_BITMAP
-      || physBytes > BigInt(BME_MAX_PHYS_SIZE) || diskBytes > (physBytes * 8n) << BigInt(e.granularityBits);
+    const bad =
+      e.tableEntries === 0 ||
+      e.tableOffset === 0n ||
+      e.tableOffset % BigInt(cs) !== 0n ||
+      e.tableOffset >= 1n << 53n ||
+      e.tableEntries > BME_MAX_TABLE_SIZE ||
+      e.granularityBits > BME_MAX_GRANULARITY_BITS ||
+      e.granularityBits < BME_MIN_GRANULARITY_BITS ||
+      (e.flags & BME_RESERVED_FLAGS) !== 0 ||
+      e.nameSize > BME_MAX_NAME_SIZE ||
+      e.type !== BT_DIRTY_TRACKING_BITMAP ||
+      physBytes > BigInt(BME_MAX_PHYS_SIZE) ||
+      diskBytes > (physBytes * 8n) << BigInt(e.granularityBits);
     if (bad) broken(`Bitmap '${e.name}' doesn't satisfy the constraints`);
     tables.push({ offset: Number(e.tableOffset), entries: e.tableEntries });
     pos += e.entryBytes;

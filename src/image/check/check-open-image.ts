@@ -68,7 +68,8 @@ export async function checkOpenImage(target: CheckTarget, options: CheckOptions 
  * apart from the repairs).
  */
 export async function rebuildRefcounts(
-  image: Omit<CheckTarget, 'writable'>, onMessage: (line: string) => void = (line) => process.stderr.write(line + '\n'),
+  image: Omit<CheckTarget, 'writable'>,
+  onMessage: (line: string) => void = (line) => process.stderr.write(line + '\n'),
 ): Promise<void> {
   const result = await checkOpenImage({ path: image.path, file: image.file, header: image.header, l1: image.l1, writable: true }, { repair: 'all', onMessage });
   const where = { path: image.path, structure: 'refcount table', offset: image.header.refcountTableOffset };

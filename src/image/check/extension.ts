@@ -17,7 +17,7 @@ export async function inspectExtension(run: CheckRun, fix: number): Promise<void
   run.extReport = await run.extension.inspect();
   const r = run.extReport;
   // Trusted structures keep their bit through a repair, unless -r all is about to drop them.
-  if (r && r.trusted && !(r.problemCount && fix & FIX_ERRORS)) run.keepAutoclear = run.extension.autoclear;
+  if (r?.trusted && !(r.problemCount && fix & FIX_ERRORS)) run.keepAutoclear = run.extension.autoclear;
 }
 
 /**
@@ -48,8 +48,12 @@ export async function countExtension(run: CheckRun, fix: number): Promise<void> 
         const first = Math.floor(a.offset / cs);
         const last = Math.floor((a.offset + Math.max(a.bytes, 1) - 1) / cs);
         for (let c = first; c <= last; c++) {
-          const why = c >= limit ? 'extends too far past the end of the file'
-            : has(c) || run.imrt.get(c) > 0 ? `shares cluster 0x${(c * cs).toString(16)} with another structure` : null;
+          const why =
+            c >= limit
+              ? 'extends too far past the end of the file'
+              : has(c) || run.imrt.get(c) > 0
+                ? `shares cluster 0x${(c * cs).toString(16)} with another structure`
+                : null;
           if (why) {
             run.emit(`ERROR ${a.what} at 0x${a.offset.toString(16)}: ${why}`);
             run.extOverlaps++;

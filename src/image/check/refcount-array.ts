@@ -6,7 +6,10 @@ export class RefcountArray {
   private data: Uint8Array | Uint16Array | Uint32Array | Float64Array;
   size: number;
 
-  constructor(private readonly refcountOrder: number, size: number) {
+  constructor(
+    private readonly refcountOrder: number,
+    size: number,
+  ) {
     this.size = size;
     this.data = this.alloc(size);
   }

@@ -7,10 +7,16 @@ import { InternalError } from '../../errors.ts';
 import { AUTOCLEAR_BITMAPS, clusterSizeOf, l2EntriesOf, type Header } from '../../format/header.ts';
 import { maxRefcount, refblockEntries } from '../../format/refcount.ts';
 import type { SnapshotEntry } from '../../format/snapshot.ts';
-import { RefcountArray } from './refcount-array.ts';
+import type { RefcountArray } from './refcount-array.ts';
 import { StoredRefcounts } from './stored-refcounts.ts';
 import {
-  MAX_EMITTED_MESSAGES, MAX_STORED_MESSAGES, zeroCounts, type CheckCounts, type CheckExtension, type CheckTarget, type ExtensionReport,
+  MAX_EMITTED_MESSAGES,
+  MAX_STORED_MESSAGES,
+  zeroCounts,
+  type CheckCounts,
+  type CheckExtension,
+  type CheckTarget,
+  type ExtensionReport,
 } from './types.ts';
 
 /** Byte offset of the header's autoclear_features field. */
@@ -53,7 +59,11 @@ export class CheckRun {
   /** Autoclear bits a repair keeps besides the bitmaps bit (those of trusted, sound structures). */
   keepAutoclear = 0n;
 
-  constructor(readonly target: CheckTarget, private readonly onMessage?: (line: string) => void, readonly extension: CheckExtension | null = null) {
+  constructor(
+    readonly target: CheckTarget,
+    private readonly onMessage?: (line: string) => void,
+    readonly extension: CheckExtension | null = null,
+  ) {
     this.clusterSize = clusterSizeOf(target.header);
     this.clusterBits = target.header.clusterBits;
     this.l2Entries = l2EntriesOf(target.header);
@@ -92,12 +102,18 @@ export class CheckRun {
 
   /** A reader of the stored refcount structure at `tableOffset` whose table is `table`. */
   storedRefcounts(tableOffset: number, table: Buffer): StoredRefcounts {
-    return new StoredRefcounts({
-      clusterSize: this.clusterSize, blockEntries: this.blockEntries, refcountOrder: this.header.refcountOrder,
-      read: (offset, length) => this.readClipped(offset, length),
-      write: (offset, data) => this.write(offset, data),
-      signalCorruption: (what) => this.signalCorruption(what),
-    }, tableOffset, table);
+    return new StoredRefcounts(
+      {
+        clusterSize: this.clusterSize,
+        blockEntries: this.blockEntries,
+        refcountOrder: this.header.refcountOrder,
+        read: (offset, length) => this.readClipped(offset, length),
+        write: (offset, data) => this.write(offset, data),
+        signalCorruption: (what) => this.signalCorruption(what),
+      },
+      tableOffset,
+      table,
+    );
   }
 
   // ------------------------------------------------------------ I/O
@@ -178,8 +194,9 @@ export class CheckRun {
       if (overflow > 0) {
         for (let i = 0; i < overflow && i < 2; i++) {
           this.emit(`ERROR: overflow cluster offset=0x${(k * this.clusterSize).toString(16)}`);
-          this.emit('Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy'
-            + ' if the image cannot be opened for writing');
+          this.emit(
+            'Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy' + ' if the image cannot be opened for writing',
+          );
         }
         if (overflow > 2) this.emit(`ERROR: overflow cluster offset=0x${(k * this.clusterSize).toString(16)} (${overflow - 2} more times)`);
         this.res.corruptions += overflow;

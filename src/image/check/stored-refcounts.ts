@@ -25,7 +25,11 @@ export class StoredRefcounts {
   readonly entries: number;
   private readonly blocks: RefcountBlockCache;
 
-  constructor(private readonly io: StoredRefcountsIo, readonly tableOffset: number, readonly table: Buffer) {
+  constructor(
+    private readonly io: StoredRefcountsIo,
+    readonly tableOffset: number,
+    readonly table: Buffer,
+  ) {
     this.entries = table.length / 8;
     this.blocks = new RefcountBlockCache(io.clusterSize, io.read);
   }

@@ -105,8 +105,16 @@ export interface CheckTarget {
 
 export function zeroCounts(): CheckCounts {
   return {
-    checkErrors: 0, corruptions: 0, leaks: 0, corruptionsFixed: 0, leaksFixed: 0, imageEndOffset: 0,
-    totalClusters: 0, allocatedClusters: 0, fragmentedClusters: 0, compressedClusters: 0,
+    checkErrors: 0,
+    corruptions: 0,
+    leaks: 0,
+    corruptionsFixed: 0,
+    leaksFixed: 0,
+    imageEndOffset: 0,
+    totalClusters: 0,
+    allocatedClusters: 0,
+    fragmentedClusters: 0,
+    compressedClusters: 0,
   };
 }
 
