@@ -165,18 +165,7 @@ export class Dedup implements WritePolicy {
       // alone trusted. It is replaced by one with the default settings and a fresh store, as
       // an untrusted store is (an algorithm or version qdedup does not know is refused instead).
       if (image.header.refcountOrder < MIN_DEDUP_REFCOUNT_ORDER) throw seen.error!;
-      const s = defaultDedupSettings(image.size, image.clusterSize);
-      ext = {
-        version: DEDUP_EXT_VERSION,
-        hashAlgorithm: hashAlgorithmId(s.algorithm),
-        dirty: true,
-        verify: s.verify,
-        order: s.order,
-        journalBlockSize: s.journalBlockSize,
-        maxIncarnations: s.maxIncarnations,
-        configOffset: 0,
-        configBytes: 0,
-      };
+      ext = newExtension(defaultDedupSettings(image.size, image.clusterSize), 0, 0);
     }
     if (!ext) return null;
     if (seen.distrust === 'algorithm') throw seen.error!; // skein and unknown numbers, before any write
@@ -213,17 +202,7 @@ export class Dedup implements WritePolicy {
   static async initialize(image: Image, writer: ImageWriter, s: DedupSettings): Promise<Dedup> {
     const host = hostOf(image, writer);
     const configOffset = await host.allocate(1);
-    const ext: DedupExtension = {
-      version: DEDUP_EXT_VERSION,
-      hashAlgorithm: hashAlgorithmId(s.algorithm),
-      dirty: true,
-      verify: s.verify,
-      order: s.order,
-      journalBlockSize: s.journalBlockSize,
-      maxIncarnations: s.maxIncarnations,
-      configOffset,
-      configBytes: image.clusterSize,
-    };
+    const ext = newExtension(s, configOffset, image.clusterSize);
     await Dedup.writeExtension(writer, ext);
     const holder = await addHolder(image, writer, host, ext);
     await holder.holdRun(configOffset / image.clusterSize, 1); // allocated before the holder existed
@@ -503,4 +482,19 @@ export class Dedup implements WritePolicy {
     this.ext.dirty = false;
     await Dedup.writeExtension(this.writer, this.ext);
   }
+}
+
+/** The extension of a new store with settings `s` (dirty: the store is about to be written), its configuration at `configOffset`. */
+function newExtension(s: DedupSettings, configOffset: number, configBytes: number): DedupExtension {
+  return {
+    version: DEDUP_EXT_VERSION,
+    hashAlgorithm: hashAlgorithmId(s.algorithm),
+    dirty: true,
+    verify: s.verify,
+    order: s.order,
+    journalBlockSize: s.journalBlockSize,
+    maxIncarnations: s.maxIncarnations,
+    configOffset,
+    configBytes,
+  };
 }

@@ -309,6 +309,17 @@ async function fuzzImportCommands(dir: string, name: string, bytes: Buffer, pick
   return { failures, commands, checkStatus: null, slowest };
 }
 
+/** The report of a failing mutant; the mutant is kept as a regression fixture (REGRESSIONS/`name`.qcow2, with the report beside it). */
+function keepFailure(name: string, title: string, m: ReturnType<typeof makeMutant>, out: ImageOutcome): string {
+  const text = [title, ...m.steps.map((s) => `  mutation: ${s}`), ...out.commands.map((c) => `  ran: ${c}`), ...out.failures.map((f) => `  FAIL ${f}`)].join(
+    '\n',
+  );
+  mkdirSync(REGRESSIONS, { recursive: true });
+  writeFileSync(join(REGRESSIONS, `${name}.qcow2`), m.bytes);
+  writeFileSync(join(REGRESSIONS, `${name}.txt`), `${text}\n`);
+  return text;
+}
+
 /** A folder holding copies of the fixtures (backing files resolve by relative name). */
 function workDir(): string {
   const dir = mkdtempSync(join(tmpdir(), 'qdedup-fuzzcli-'));
@@ -409,17 +420,14 @@ describe('malformed images through bin/qdedup', () => {
         if (out.slowest.ms > slowest.ms) slowest = { ms: out.slowest.ms, what: `seed ${seed}: ${out.slowest.what}` };
         if (out.checkStatus !== null) statuses.set(out.checkStatus, (statuses.get(out.checkStatus) ?? 0) + 1);
         if (out.failures.length === 0) return;
-        const text = [
-          `seed ${seed} (base ${m.base.name}; reproduce: QDEDUP_FUZZ_CLI_SEED=${seed} node --import tsx --test test/fuzz/fuzz-cli.test.ts)`,
-          ...m.steps.map((s) => `  mutation: ${s}`),
-          ...out.commands.map((c) => `  ran: ${c}`),
-          ...out.failures.map((f) => `  FAIL ${f}`),
-        ].join('\n');
-        failed.push(text);
-        // Keep the mutant as a regression fixture.
-        mkdirSync(REGRESSIONS, { recursive: true });
-        writeFileSync(join(REGRESSIONS, `seed-${seed}.qcow2`), m.bytes);
-        writeFileSync(join(REGRESSIONS, `seed-${seed}.txt`), text + '\n');
+        failed.push(
+          keepFailure(
+            `seed-${seed}`,
+            `seed ${seed} (base ${m.base.name}; reproduce: QDEDUP_FUZZ_CLI_SEED=${seed} node --import tsx --test test/fuzz/fuzz-cli.test.ts)`,
+            m,
+            out,
+          ),
+        );
       }),
     );
     const secs = ((Date.now() - started) / 1000).toFixed(1);
@@ -445,16 +453,7 @@ describe('malformed images through bin/qdedup', () => {
         const out = await fuzzImportCommands(dir, `import-${seed}`, m.bytes, seed);
         runs += out.commands.length;
         if (out.failures.length === 0) return;
-        const text = [
-          `seed ${seed} (base ${m.base.name})`,
-          ...m.steps.map((s) => `  mutation: ${s}`),
-          ...out.commands.map((c) => `  ran: ${c}`),
-          ...out.failures.map((f) => `  FAIL ${f}`),
-        ].join('\n');
-        failed.push(text);
-        mkdirSync(REGRESSIONS, { recursive: true });
-        writeFileSync(join(REGRESSIONS, `import-seed-${seed}.qcow2`), m.bytes);
-        writeFileSync(join(REGRESSIONS, `import-seed-${seed}.txt`), text + '\n');
+        failed.push(keepFailure(`import-seed-${seed}`, `seed ${seed} (base ${m.base.name})`, m, out));
       }),
     );
     console.log(
