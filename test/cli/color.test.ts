@@ -139,7 +139,7 @@ describe('unknown commands', () => {
       ['raed', "qdedup: unknown command 'raed' (did you mean 'read'?)"],
       ['chek', "qdedup: unknown command 'chek' (did you mean 'check'?)"],
       ['dedupstats', "qdedup: unknown command 'dedupstats' (did you mean 'dedup-stats'?)"],
-      ['convert', "qdedup: unknown command 'convert'"],
+      ['compare', "qdedup: unknown command 'compare'"],
     ];
     for (const [word, line] of cases) {
       const r = qdedup([word, 'disk.qcow2']);
