@@ -1,7 +1,7 @@
 // Hash benchmark: MB/s (10^6 B/s) hashing random 4 KiB clusters with each candidate
 // implementation, median of 3 timed runs after a short warm-up. Runs disturbed by other
 // processes (this 2-vCPU machine is shared) are detected from /proc/stat and repeated. Figures back the choices
-// in src/dedup/hasher.ts (its header comment) and the README's "Hashing" section.
+// in src/dedup/hasher.ts (its header comment) and docs/PERFORMANCE.md's "Hashing" section.
 //
 // Usage: npm run bench:hash [-- --mib N] [--batch-mib M] [--only SUBSTRING]
 //   --mib N        data hashed per run (default 256)

@@ -66,7 +66,7 @@ function shAllow(cmd: string, argv: string[], ok: number[], stdout: 'ignore' | n
   if (!ok.includes(r.status ?? -1)) throw new Error(`${cmd} ${argv.join(' ')} failed (${r.status}): ${r.stderr}`);
 }
 
-/** Every ratio of the run, printed together at the end beside its aim (README "Performance"). */
+/** Every ratio of the run, printed together at the end beside its aim (docs/PERFORMANCE.md "Aims"). */
 const summary: { row: string; ratio: number; aim: number }[] = [];
 function record(row: string, oursSeconds: number, theirsSeconds: number, aim: number): number {
   const ratio = theirsSeconds / oursSeconds;
@@ -343,7 +343,7 @@ if (want('check')) {
 
 if (summary.length) {
   console.log('');
-  console.log('summary: qemu-img time / qdedup time (above 1: qdedup faster); aim from the README');
+  console.log('summary: qemu-img time / qdedup time (above 1: qdedup faster); aims from docs/PERFORMANCE.md');
   for (const { row, ratio, aim } of summary)
     console.log(`  ${row.padEnd(52)}${ratio.toFixed(2).padStart(6)}${aim ? `   aim ≥ ${aim.toFixed(1)}${ratio >= aim ? '' : '  (not met)'}` : ''}`);
 }

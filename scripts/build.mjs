@@ -2,7 +2,7 @@
 // dispatcher: yargs, errors, output) and one chunk per subcommand, plus chunks they share
 // (dist/chunks/), loaded by `await import()` only when that subcommand runs. So bin/qdedup
 // neither resolves and compiles ~60 separate modules nor parses the code of commands it
-// does not run (see README, "Performance"). Run by `npm ci`/`npm install` (prepare) and
+// does not run (see docs/PERFORMANCE.md). Run by `npm ci`/`npm install` (prepare) and
 // `npm run build`.
 import { build } from 'esbuild';
 import { rmSync } from 'node:fs';

@@ -1,4 +1,4 @@
-// The soak tier (issue 4): runs the reliability test files (fuzzing in process and through
+// The soak tier: runs the reliability test files (fuzzing in process and through
 // the CLI, crash points, I/O errors, differential writes and long differential sequences
 // against qemu-io) with their sample counts multiplied, one file at a time, and prints the
 // figure each file reports.

@@ -1,6 +1,6 @@
 // The subcommands: usage, one-line description, and how to load each one's module.
-// main.ts loads only the module of the command that runs (start-up time, README
-// "Performance"): the list itself imports nothing.
+// main.ts loads only the module of the command that runs (start-up time, docs/PERFORMANCE.md):
+// the list itself imports nothing.
 
 import type { Argv } from 'yargs';
 import type { Output } from './output.ts';

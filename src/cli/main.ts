@@ -1,5 +1,5 @@
 // The qdedup command line: registers the subcommands with yargs and holds the one place
-// where errors become messages and exit codes (see README "Exit codes").
+// where errors become messages and exit codes (see docs/COMMANDS.md "Exit codes").
 
 import { readFileSync } from 'node:fs';
 import yargs, { type Argv } from 'yargs';

@@ -7,7 +7,7 @@
 // ./open.ts, and changes the image only through the ImageWriter it is given. The holder
 // snapshot and the store's allocation at open: ./attach.ts.
 //
-// Trust (BRIEF I3): the store is used only if judgeStore() (./judge-store.ts) trusts it
+// Trust (I3, docs/DESIGN.md): the store is used only if judgeStore() (./judge-store.ts) trusts it
 // (autoclear bit set, dirty flag clear, configuration and journals intact, areas its own).
 // Otherwise a fresh store is built in new clusters and the old one is never written to nor freed. The dirty flag
 // reaches disk before the first write and is cleared only after everything else is durable.
@@ -77,7 +77,7 @@ export function maxStoreOrder(virtualSize: number, clusterSize: number): number 
   return Math.min(MAX_STORE_ORDER, Math.max(MIN_DEFAULT_ORDER, order));
 }
 
-/** Dedup images default to 4 KiB clusters: more duplicates found than at 64 KiB (BRIEF §2). */
+/** Dedup images default to 4 KiB clusters: more duplicates found than at 64 KiB. */
 export const DEDUP_CLUSTER_BITS = 12;
 /** Smallest refcount width dedup works with: 4 bits (room to count shared clusters). */
 export const MIN_DEDUP_REFCOUNT_ORDER = 2;
@@ -147,7 +147,7 @@ export class Dedup implements WritePolicy {
         writer.deferFree(c);
       }
     };
-    // Refcount cap: past half the maximum the hash is no longer linked to (BRIEF §2).
+    // Refcount cap: past half the maximum the hash is no longer linked to.
     this.cap = Math.floor(writer.refcountMax / 2);
     this.host = host;
   }
@@ -322,7 +322,7 @@ export class Dedup implements WritePolicy {
         }
         // The cap counts every reference this batch already added (increments apply at
         // once; the holder's is one of them): at the cap the duplicate gets its own copy,
-        // which becomes the indexed one, so later copies link to it (BRIEF §2, refcount cap).
+        // which becomes the indexed one, so later copies link to it (docs/DESIGN.md, refcount cap).
         if (writer.refcount(target / cs) < this.cap) {
           this.counters.hits++;
           const dropping = this.link(d, target);

@@ -57,7 +57,7 @@ export interface HistogramRow {
   'referenced-bytes': number;
 }
 
-/** The figures of one cluster size (README "estimate" documents every key). */
+/** The figures of one cluster size (docs/COMMANDS.md "estimate" documents every key). */
 export interface ClusterSizeEstimate {
   'cluster-size': number;
   /** Clusters of all inputs, each input rounded up to whole clusters. */

@@ -1,7 +1,7 @@
 // The one rule that decides whether an image's dedup index may be used: judgeStore(). The
 // write path (Dedup.attach), `info`, `dedup-stats`, `journal-dump` and `check` all ask it, so
 // each says "trusted" exactly when the next write keeps the index, with the reason that write
-// gives (BRIEF I3; docs/DESIGN.md "The trust verdict"). Reads only: the store is replayed in
+// gives (I3, docs/DESIGN.md; docs/DESIGN.md "The trust verdict"). Reads only: the store is replayed in
 // memory, the holder gets an allocator that throws. Layouts: docs/FORMAT.md §5–10.
 
 import { CorruptImageError, InternalError, QdedupError, hex } from '../errors.ts';

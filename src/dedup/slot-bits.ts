@@ -3,7 +3,7 @@
 // itself or has compared its bytes with data of the slot's hash. Entries that come from disk
 // (journal replay, incarnations written by earlier sessions) start unconfirmed: their first
 // hit in a session compares bytes, so an index that lies (damaged, crafted or stale) can cost
-// a read, never link a guest cluster to other content (BRIEF I1). RAM: slots / 8 bytes.
+// a read, never link a guest cluster to other content (I1, docs/DESIGN.md). RAM: slots / 8 bytes.
 
 import type { HashEntry } from '../format/hash-entry.ts';
 

@@ -1,5 +1,5 @@
 // What deduplication saves on an image and the state of its store: the figures of
-// `qdedup dedup-stats` (README "dedup-stats" documents the keys). Read-only: the image is
+// `qdedup dedup-stats` (docs/COMMANDS.md "dedup-stats" documents the keys). Read-only: the image is
 // opened read-only, the store judged and replayed in memory (./judge-store.ts).
 
 import { CorruptImageError } from '../errors.ts';

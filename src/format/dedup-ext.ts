@@ -4,7 +4,7 @@
 // The extension holds what never changes after creation (algorithm, geometry) plus the
 // dirty flag; the configuration area holds what moves (journals, incarnations, limbo) and
 // is rewritten, with its checksum, at every clean close. Both are trusted only while the
-// dedup autoclear bit is set and the dirty flag is clear (BRIEF §3.1, I3).
+// dedup autoclear bit is set and the dirty flag is clear (I3, docs/DESIGN.md).
 
 import { crc32 } from 'node:zlib';
 import { CorruptImageError, hex } from '../errors.ts';

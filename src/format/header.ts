@@ -2,7 +2,7 @@
 // Pure: decodeHeader(buf) ⇄ encodeHeader(h). Spec: QEMU docs/interop/qcow2.rst,
 // "Header" and "Header extensions"; what qdedup adds or constrains: docs/FORMAT.md.
 //
-// Decoding validates every field before anything is sized from it (BRIEF I4): magic,
+// Decoding validates every field before anything is sized from it (I4, docs/DESIGN.md): magic,
 // version, header length, cluster bits, refcount order, table offsets and sizes against
 // the named limits below, extension lengths, the backing name. Unknown compatible bits,
 // unknown extensions and unknown additional header bytes are kept for re-encoding.

@@ -12,7 +12,7 @@
 // openers racing, at least one sees the other; on a conflict the locks are dropped.
 //
 // The profiles below are what QEMU 7.2's tools take, read from strace of qemu-img/qemu-io
-// (README "Using qdedup beside QEMU" lists the bytes):
+// (docs/COMMANDS.md "Using qdedup beside QEMU" lists the bytes):
 //   qemu-img info             perm {}                          locks 201 203
 //   qemu-img check, qemu-io -r perm {consistent read}           locks 100 201 203
 //   qemu-io, qemu-img check -r perm {consistent read, write, resize}  100 101 103 201 203

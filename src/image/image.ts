@@ -6,7 +6,7 @@
 //
 // State: open read-only | open read-write (metadata cached, dirty until commit) → closed.
 // Every write to the file is checked against the known metadata clusters first, so a
-// hostile L2 entry or a wrong refcount can never make us overwrite a table (BRIEF I4).
+// hostile L2 entry or a wrong refcount can never make us overwrite a table (I4, docs/DESIGN.md).
 
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { realpath } from 'node:fs/promises';

@@ -1,4 +1,4 @@
-// Every subcommand through the real bin/qdedup (issue 2 test 6): --help, --version, bad
+// Every subcommand through the real bin/qdedup: --help, --version, bad
 // arguments, option validation with qemu-img's wording, exit codes (every failure is 1:
 // usage errors and I/O errors alike), `info --output json` against qemu-img's JSON on the
 // same images, a closed pipe (`| head`), NO_COLOR. Messages are asserted exactly where a

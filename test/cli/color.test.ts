@@ -1,4 +1,4 @@
-// The command line as a qemu-img user expects it (issue 12 part 5), through the real
+// The command line as a qemu-img user expects it, through the real
 // bin/qdedup: colour (--color[=WHEN], --no-color, FORCE_COLOR, NO_COLOR; never in JSON),
 // `--` ending the options, and an unknown command named as such.
 

@@ -1,4 +1,4 @@
-// `create -o help` shows the defaults of the image being made (issue 12 part 5): a dedup
+// `create -o help` shows the defaults of the image being made: a dedup
 // image gets 4 KiB clusters, a plain one (dedup=off, compat=0.10, refcounts under 4 bits)
 // qemu-img's 64 KiB. Each default the help states is checked against the image `create`
 // then makes with the same options.

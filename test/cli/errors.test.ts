@@ -1,4 +1,4 @@
-// Errors through the real bin/qdedup (issue 9 parts 7 and 9): a failing stdout is a
+// Errors through the real bin/qdedup: a failing stdout is a
 // one-line I/O error (exit 1), a closed pipe stays a quiet end, -q prints nothing but
 // errors (check's repair and leak lines included), the usage hint comes only with usage
 // errors, file names with a newline or an escape sequence cannot break the one-line error,

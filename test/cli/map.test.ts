@@ -1,4 +1,4 @@
-// `qdedup map` against `qemu-img map` on the same images (issue 12 part 3): the JSON ranges
+// `qdedup map` against `qemu-img map` on the same images: the JSON ranges
 // and keys equal qemu-img's once qdedup's own keys are taken off, the human table equals
 // qemu-img's once the "Shared by" column is taken out; then the share counts and --shares
 // lists on dedup images with known duplicates, with and without an internal snapshot.

@@ -1,4 +1,4 @@
-// SIGINT, SIGTERM and SIGHUP during a long `qdedup write -i -` (issue 9 parts 5 and 9):
+// SIGINT, SIGTERM and SIGHUP during a long `qdedup write -i -`:
 // the chunk in flight is finished, the write committed and the image closed cleanly, so
 // everything reported written reads back, `qemu-img check` finds no corruption and the
 // dedup index survives (trusted, and the next write of the same data links to it); exit

@@ -1,4 +1,4 @@
-// Start-up stays small (issue 10 part 5), checked on the built dist/ rather than timed: what
+// Start-up stays small, checked on the built dist/ rather than timed: what
 // bin/qdedup loads before it knows the command (dist/qdedup.mjs and the chunks it imports
 // statically) holds no subcommand, no QCOW2 engine, no progress bar, and none of the
 // packages scripts/build-shims/ replaces (the real string-width's Unicode regular

@@ -1,5 +1,4 @@
-// `qdedup write -i` from every kind of input, through the real bin/qdedup (issue 9 parts 2
-// and 9): a regular file, standard input from a pipe (`-` and `/dev/stdin`), a FIFO, a
+// `qdedup write -i` from every kind of input, through the real bin/qdedup: a regular file, standard input from a pipe (`-` and `/dev/stdin`), a FIFO, a
 // process substitution, a directory, a missing file, a stream shorter than LENGTH, an empty
 // stream, a stream longer than the disk, and 512 MiB streamed with bounded memory. Every
 // written range is read back byte for byte against a raw shadow (qdedup read, and

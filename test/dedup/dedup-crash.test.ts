@@ -1,4 +1,4 @@
-// Crash-point enumeration for deduplicating writes (BRIEF I1–I3; issue 4 item 2). Each
+// Crash-point enumeration for deduplicating writes (I1–I3, docs/DESIGN.md). Each
 // workload runs on a FaultyFile that loses power at operation k, for every k, keeping none,
 // all, a random subset or torn sectors of the unsynced writes. Every resulting disk must:
 // read each acknowledged write back (the step in flight may read old or new); check with

@@ -1,4 +1,4 @@
-// Random dedup workloads checked against the real QEMU (issue 3, test 2): heavy repetition,
+// Random dedup workloads checked against the real QEMU: heavy repetition,
 // unaligned writes, rewrites, zero writes, over several open/close sessions, with small
 // stores that freeze and evict. After each workload: `qemu-img compare` against a raw
 // shadow says identical, `qemu-io read -P` spot checks pass, `qemu-img check` exits 0 with

@@ -1,5 +1,5 @@
 // `qdedup dedup-stats` and the `dedup` section of `qdedup info`, through the real CLI
-// (bin/qdedup, so run `npm run build` first): the exact accounting of issue 3 test 1 (one
+// (bin/qdedup, so run `npm run build` first): the exact accounting (one
 // MiB written at ten offsets: 256 data clusters for 2560 guest clusters, and a file no
 // bigger than the data plus the clusters the figures name), unique data at ratio 1, plain
 // images ("off", sharing made by snapshots still counted), untrusted stores (store figures

@@ -1,4 +1,4 @@
-// Dedup images in the hands of other programs and of `kill -9` (issue 3, tests 3 and 4),
+// Dedup images in the hands of other programs and of `kill -9`,
 // through the real CLI and the real QEMU:
 // - a foreign writer (qemu-io, or `qemu-img check -r leaks`) clears the dedup bit; qdedup's
 //   next write says the index is not trusted, builds a fresh store without writing a byte

@@ -1,4 +1,4 @@
-// Dedup geometry checked at `create` (issue 9 part 4): a store order whose log store would
+// Dedup geometry checked at `create`: a store order whose log store would
 // hold more than twice the disk's clusters is refused with the largest allowed order named
 // (order 19 or 20 on a 64 MiB disk made every write unindexed and the file 881 MB); the
 // holder holds every cluster the store places, so `qemu-img check` is clean at any size; and

@@ -1,4 +1,4 @@
-// The holder snapshot holds the dedup store's own clusters (issue 9 part 6): `qemu-img check`
+// The holder snapshot holds the dedup store's own clusters: `qemu-img check`
 // of an image qdedup wrote says "No errors were found", an index entry naming a store cluster
 // (held too, but with refcount 1) is never linked whatever its bytes, and a holder whose L1 no
 // longer covers the file grows: the larger L1 goes to new clusters and the snapshot table entry

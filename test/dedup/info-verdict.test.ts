@@ -1,4 +1,4 @@
-// `info`'s trusted verdict is the one the next write reaches (issue 9 part 7): for every way
+// `info`'s trusted verdict is the one the next write reaches: for every way
 // an index stops being trusted — the dedup dirty flag (a crash), the QCOW2 dirty bit (lazy
 // refcounts not written back: the write's open rebuilds the refcounts, which drops the index;
 // info used to say `trusted: true` there), autoclear bit 60 cleared by another writer — info

@@ -1,4 +1,4 @@
-// Torn and corrupted journal blocks (issue 4 item 4, issue 3 test 6): every kind of damage
+// Torn and corrupted journal blocks: every kind of damage
 // (torn prefix, bad checksum, old sequence number, zeroed, garbage entry size, entry crossing
 // the block end) at 3 positions (first block, a middle block, the last written block) must
 // stop replay at the damaged block with nothing after it used — in replayJournal(), in

@@ -1,4 +1,4 @@
-// `qdedup journal-dump` through the real bin/qdedup (issue 3, journal-dump bullet): its
+// `qdedup journal-dump` through the real bin/qdedup: its
 // figures against a known workload (one entry per unique cluster written, deletions only
 // when a rewrite drops a cluster's last reference), agreement with replayJournal(), the
 // frozen/current roles after a freeze, --limit, the untrusted and error cases (plain image,

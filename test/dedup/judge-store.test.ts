@@ -1,4 +1,4 @@
-// One trust verdict everywhere (issue 11 part 2): for every rule of judgeStore() an image
+// One trust verdict everywhere: for every rule of judgeStore() an image
 // damaged to break it gets the same verdict, the same named reason and the same text from the
 // library, `info`, `dedup-stats`, `journal-dump`, `check` and the next `write`'s notice (the
 // write acts on it: a fresh index, or a refusal for an algorithm it cannot use). Real images

@@ -1,4 +1,4 @@
-// The refcount cap inside one write (issue 9 part 3): a cluster at the cap (half the refcount
+// The refcount cap inside one write: a cluster at the cap (half the refcount
 // width's maximum, the holder's reference included) is never linked again, even by copies of
 // the same batch; the next copy gets a cluster of its own and becomes the indexed one. A write
 // never fails because its data repeats. Real CLI runs at 4, 8 and 16 bits (the cap is reached:

@@ -1,4 +1,4 @@
-// The dedup store's mechanics with a tiny store (issue 3, test 5): log stores of 8 slots
+// The dedup store's mechanics with a tiny store: log stores of 8 slots
 // (order 1), at most 2 incarnations, 512-byte journal blocks. Unique clusters freeze log
 // stores into incarnations (≥ 5 freezes), copies of recent data hit in the incarnations,
 // the oldest incarnations are forgotten (FIFO) and their space reused from limbo, and a

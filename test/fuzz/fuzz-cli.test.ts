@@ -1,4 +1,4 @@
-// Malformed images through the real command line (issue 4, part 6): mutants built by
+// Malformed images through the real command line: mutants built by
 // fuzz-lib.ts's mutators, from its bases plus two dedup images made by bin/qdedup, go
 // through bin/qdedup, two commands each (a node start-up costs ~0.25 s): one read-only
 // command, in turn `check`, `read`, `info` (and `dedup-stats` / `journal-dump` when

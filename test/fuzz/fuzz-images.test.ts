@@ -1,4 +1,4 @@
-// Malformed-image fuzzing in process (issue 4 item 5; BRIEF I4). See fuzz-lib.ts for
+// Malformed-image fuzzing in process (I4). See fuzz-lib.ts for
 // what each mutant goes through and what is asserted. Plain mutants start from plain QCOW2
 // images; dedup mutants start from dedup images and mutate the dedup structures (extension,
 // configuration area, journal blocks, incarnations, holder snapshot), and must keep I1:

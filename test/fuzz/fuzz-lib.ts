@@ -1,4 +1,4 @@
-// Malformed-image fuzzing, in process (issue 4 item 5, BRIEF I4): a seeded mutation
+// Malformed-image fuzzing, in process: a seeded mutation
 // fuzzer over small valid QCOW2 images held in MemFiles. Each mutant is derived from one
 // integer seed alone (base image, mutations, write offset), so `QDEDUP_FUZZ_SEED=S`
 // rebuilds exactly the mutant the full run reported.

@@ -1,4 +1,4 @@
-// Crash-point enumeration for the plain QCOW2 engine (BRIEF I1, I3): a workload runs on a
+// Crash-point enumeration for the plain QCOW2 engine (I1, docs/DESIGN.md, I3): a workload runs on a
 // FaultyFile that loses power at operation k, for every k, keeping none, all, a random
 // subset or torn sectors of the unsynced writes. Each resulting disk must open, read every
 // acknowledged write back (the step in flight may read old or new, sector by sector),

@@ -1,4 +1,4 @@
-// I/O errors at every operation index (BRIEF I3, I4): each write and sync of a workload
+// I/O errors at every operation index (I3, docs/DESIGN.md, I4): each write and sync of a workload
 // fails once, then persistently, with EIO and with ENOSPC. The step fails with a one-line
 // IoError naming the file; the image still opens, checks without corruption, and every
 // acknowledged write reads back.

@@ -1,4 +1,4 @@
-// Long differential sequences against qemu-io (issue 4, part 5): for each geometry, one
+// Long differential sequences against qemu-io: for each geometry, one
 // long seeded sequence of operations (write -P, write from a file or stdin, write -z,
 // rewrites of earlier ranges, read-back verification) goes, batch by batch, to an image
 // written by qdedup, to its twin written by qemu-io, and to a raw shadow file; after every

@@ -1,4 +1,4 @@
-// Differential reads (issue 2, test 3): images written by qemu-io and `qemu-img convert`
+// Differential reads: images written by qemu-io and `qemu-img convert`
 // (compressed clusters, zero clusters, discard, compat 0.10, backing files, every cluster
 // size 512 B … 2 MiB, refcount widths 1 … 64) are read through `bin/qdedup read` and must
 // be byte-identical to what QEMU reads (`qemu-img convert -O raw`, or the raw source).

@@ -1,4 +1,4 @@
-// Differential writes (issue 2, test 2): random write sequences go through qdedup and,
+// Differential writes: random write sequences go through qdedup and,
 // identically, onto a raw "shadow" file; afterwards `qemu-img compare` must find the
 // image identical to the shadow and `qemu-img check` must exit 0.
 //

@@ -1,4 +1,4 @@
-// Hostile images (BRIEF I4, issue 2 test 5): a table of malformed QCOW2 images, each made
+// Hostile images (I4, docs/DESIGN.md): a table of malformed QCOW2 images, each made
 // by patching bytes of a small valid image that bin/qdedup creates in the test. Every row
 // runs `info`, `read` (whole disk to a file), `write -P` and `check` through the real
 // bin/qdedup and asserts: the documented exit code; exactly one `qdedup: ` line on stderr

@@ -1,4 +1,4 @@
-// QEMU's image locks against the real thing (issue 9, parts 1 and 9; BRIEF I6): real
+// QEMU's image locks against the real thing (I6): real
 // concurrent processes — qdedup beside qemu-io, qemu-nbd, qemu-img and another qdedup, in
 // both orders — with the lock bytes read from /proc/locks, the refused side's exact
 // message, and after every scenario the image compared with a raw shadow of every

@@ -1,4 +1,4 @@
-// Mixed turns (issue 4 item 6): qemu-io and qdedup take turns on the same dedup image.
+// Mixed turns: qemu-io and qdedup take turns on the same dedup image.
 // Each sequence creates a dedup image and a raw shadow, then alternates turns: a qdedup
 // turn (the Image API in-process for most operations, plus one `bin/qdedup write`), then a
 // qemu-io turn (one process, many `-c` commands), and so on. Operations are random batches

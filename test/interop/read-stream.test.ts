@@ -1,4 +1,4 @@
-// The streaming read path (issue 10 part 4, issue 12 part 5) against QEMU as the oracle:
+// The streaming read path against QEMU as the oracle:
 // Image.readRange on random, unaligned ranges that cross shared (dedup), compressed, zero,
 // unallocated and backing clusters, into buffers that held other bytes, with and without
 // the list of zero ranges; and `qdedup read` to a pipe, to a regular file (sparse: zero

@@ -1,6 +1,6 @@
 // `qdedup estimate`: what dedup would save on raw or qcow2 images, read-only (a dry run
 // like ZFS's `zdb -S`). Parses the options, runs src/dedup/estimate.ts, prints its figures
-// as zdb's histogram table or as JSON (keys documented in README "estimate").
+// as zdb's histogram table or as JSON (keys documented in docs/COMMANDS.md "estimate").
 
 import type { Argv } from 'yargs';
 import { UsageError } from '../../errors.ts';

@@ -34,7 +34,7 @@ function shownEntries(scan: JournalScan, limit: number | undefined): { perBlock:
   return { perBlock, omitted };
 }
 
-/** The JSON document of `journal-dump --output json` (documented in README.md). */
+/** The JSON document of `journal-dump --output json` (documented in docs/COMMANDS.md "journal-dump"). */
 export function journalDumpJson(file: string, r: JournalsReport, limit?: number): Record<string, unknown> {
   return {
     filename: file,

@@ -3,7 +3,7 @@
 // stream, ../input.ts) is opened and checked before the image is opened for writing, then
 // written through the engine's write pipeline (src/image/write-pipeline.ts). SIGINT/SIGTERM/SIGHUP (../interrupt.ts) end the loop after the
 // chunk in flight; the image is then committed and closed and an InterruptedError reports
-// how much was written. Choices where qemu-io has no equivalent are in README "write".
+// how much was written. Choices where qemu-io has no equivalent are in docs/COMMANDS.md "write".
 
 import type { Argv } from 'yargs';
 import { InterruptedError, IoError, QdedupError, UsageError, printable } from '../../errors.ts';
@@ -59,7 +59,7 @@ async function writeFrom(a: WriteArgs, input: Input | undefined, io: Output): Pr
   // the header (clearing foreign autoclear bits), and a refused write must leave the file
   // unchanged. Like qemu-io ("write failed: Input/output error"), this is not a usage error.
   // Both opens take the writer's locks (QEMU's image locks), so another holder is refused
-  // here, with qemu-io's words, before anything is written (BRIEF I6).
+  // here, with qemu-io's words, before anything is written (I6, docs/DESIGN.md).
   const probe = await Image.open(a.file, { backing: false, lock: LOCK_WRITE });
   const virtualSize = probe.size;
   await probe.close();
