@@ -1,6 +1,8 @@
 // `npm run demo`: a tour of qdedup in a temporary folder. Creates an image, writes a
-// pattern, a file and zeroes, reads them back, shows info and checks the image, printing
-// each command and its output. Exits non-zero if any step does not do what it should.
+// pattern, a file and zeroes, reads them back, shows info and checks the image; then takes in
+// an existing disk: estimates it, converts it into a dedup image and back to raw, and
+// deduplicates a plain image in place. Prints each command and its output; exits non-zero if
+// any step does not do what it should.
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
@@ -44,6 +46,23 @@ try {
   step(['info', image]);
   step(['check', image]);
   step(['check', '--output', 'json', image]);
+
+  // An existing disk: 8 MiB, the same 2 MiB four times.
+  const raw = join(dir, 'vm.raw');
+  const block = randomBytes(2 * 1024 * 1024);
+  writeFileSync(raw, Buffer.concat([block, block, block, block]));
+  step(['estimate', raw]);
+  const vm = join(dir, 'vm.qcow2');
+  step(['convert', raw, vm]);
+  step(['dedup-stats', vm]);
+  const exported = join(dir, 'exported.raw');
+  step(['convert', '-O', 'raw', vm, exported]);
+  if (Buffer.compare(readFileSync(exported), readFileSync(raw)) !== 0) throw new Error('demo: the exported disk differs from the one converted');
+  console.log('converted to a dedup image and back to raw: identical\n');
+  const plain = join(dir, 'plain.qcow2');
+  step(['convert', '-o', 'dedup=off,cluster_size=4k', raw, plain]);
+  step(['dedup', plain]);
+  step(['check', plain]);
   console.log('demo: every step did what it should');
 } catch (err) {
   console.error(err.message);
