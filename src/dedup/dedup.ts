@@ -25,7 +25,7 @@ import {
 import type { IndexEntry } from './slot-bits.ts';
 import type { Image } from '../image/image.ts';
 import type { ClusterWrite, ImageWriter, WritePolicy } from '../image/write-policy.ts';
-import { ChunkHasher, type ChunkDigest } from './chunk-hasher.ts';
+import { ChunkHasher, type PendingDigest } from './chunk-hasher.ts';
 import { isZero } from '../format/bytes.ts';
 import { HASH_BYTES } from '../format/hash-entry.ts';
 import { DEFAULT_HASH_ALGORITHM, createHasher, hashAlgorithmId, type Hasher, type SupportedHashAlgorithm } from './hasher.ts';
@@ -219,8 +219,8 @@ export class Dedup implements WritePolicy {
   // -------------------------------------------------------------------- write path
 
   /** Hashes a chunk of whole clusters ahead of its writeClusters, on a worker thread (WritePolicy.prepare). */
-  prepare(chunk: Buffer, start: number, count: number): Promise<ChunkDigest> {
-    return this.chunkHasher.digest(chunk, start, count);
+  prepare(chunk: Buffer, start: number, count: number): Promise<PendingDigest> {
+    return Promise.resolve(this.chunkHasher.begin(chunk, start, count));
   }
 
   /**
@@ -240,7 +240,7 @@ export class Dedup implements WritePolicy {
   async writeClusters(batch: ClusterWrite[], prepared?: unknown): Promise<void> {
     const writer = this.writer;
     const cs = writer.clusterSize;
-    const digest = prepared as ChunkDigest | undefined;
+    const digest = (prepared as PendingDigest | undefined)?.complete(); // the rest of the chunk hashed here, if the worker is behind
     // Each content is looked up once here, at its first occurrence (its later ones are
     // either repeats of a miss, never looked up, or looked up again below when decided).
     // Contents are keyed by their first 48 bits, confirmed by comparing whole hashes.

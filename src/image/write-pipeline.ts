@@ -10,8 +10,10 @@ import type { PreparedChunk } from './write-policy.ts';
 
 /** Bytes of input per chunk. */
 export const CHUNK_BYTES = 8 * 1024 * 1024;
-/** Buffers of the ring: the chunk being written, the next one being read and prepared, one spare. */
-const RING_BUFFERS = 3;
+/** Chunks read and prepared ahead of the one being written (the worker hashes that far ahead). */
+const AHEAD = 2;
+/** Buffers of the ring: the chunk being written, AHEAD being read and prepared, one whose writes behind may still run. */
+const RING_BUFFERS = AHEAD + 2;
 
 /** Where chunks come from: fills `buf[0…want)` as far as the input goes; returns the bytes read (fewer only at its end). */
 export interface ChunkSource {
@@ -71,40 +73,52 @@ export interface PipelineResult {
  */
 export async function writeChunks(image: Image, guestOffset: number, reader: ChunkReader, first: Buffer, o: PipelineOptions): Promise<PipelineResult> {
   const aborted = o.signal ? whenAborted(o.signal) : new Promise<never>(() => {});
-  type Ready = { chunk: Buffer; prepared: Promise<PreparedChunk> | null };
-  // Per chunk written: resolves when its writes behind have ended, so its buffer may be refilled.
-  const settled: Promise<void>[] = [];
+  type Ready = { chunk: Buffer; at: number; prepared: Promise<PreparedChunk> | null };
   const ready = (chunk: Buffer, at: number): Ready => {
     const prepared = chunk.length ? image.prepare(chunk, at) : null;
     prepared?.catch(() => {}); // a failure surfaces at its await below
-    return { chunk, prepared };
+    return { chunk, at, prepared };
+  };
+  // Per chunk written: resolves when its writes behind have ended, so its buffer may be refilled.
+  const settled: Promise<void>[] = [];
+  // Chunks read (one after another: the source is a stream) and prepared ahead, in order.
+  const queue: Promise<Ready>[] = [];
+  let tail: Promise<Ready> = Promise.resolve(ready(first, guestOffset));
+  let requested = 0; // chunks asked of the reader after `first`
+  let stop = false;
+  const readAhead = () => {
+    const k = ++requested; // chunk k goes into the buffer chunk k − RING_BUFFERS had
+    tail = tail.then(async (prev) => {
+      if (stop || prev.chunk.length === 0) return { chunk: prev.chunk.subarray(0, 0), at: prev.at, prepared: null };
+      await settled[k - RING_BUFFERS];
+      return ready(await reader.next(), prev.at + prev.chunk.length);
+    });
+    tail.catch(() => {});
+    queue.push(tail);
   };
   let written = 0;
-  let current: Ready | undefined = ready(first, guestOffset);
-  while (current?.chunk.length) {
-    const chunk: Buffer = current.chunk;
-    // The next chunk is read, then prepared, while this one is written.
-    const at: number = guestOffset + written + chunk.length;
-    // It goes into the buffer of the chunk RING_BUFFERS − 1 before this one.
-    const reuse = settled[settled.length - (RING_BUFFERS - 1)] ?? Promise.resolve();
-    const next: Promise<Ready> = reuse.then(() => reader.next()).then((c) => ready(c, at));
-    next.catch(() => {});
-    const fits = Math.min(chunk.length, o.room - written);
-    if (fits > 0) await image.write(guestOffset + written, fits < chunk.length ? chunk.subarray(0, fits) : chunk, (await current.prepared) ?? undefined);
-    const done = image.settled();
-    done.catch(() => {}); // a failure surfaces at its await (or at the commit)
-    settled.push(done);
-    written += fits;
-    o.progress?.(written);
-    if (fits < chunk.length) {
-      await image.settled();
-      return { written, overflow: true };
+  let current: Ready | undefined = await tail;
+  for (let i = 0; i < AHEAD; i++) readAhead();
+  try {
+    while (current?.chunk.length) {
+      const chunk: Buffer = current.chunk;
+      const fits = Math.min(chunk.length, o.room - written);
+      if (fits > 0) await image.write(guestOffset + written, fits < chunk.length ? chunk.subarray(0, fits) : chunk, (await current.prepared) ?? undefined);
+      const done = image.settled();
+      done.catch(() => {}); // a failure surfaces at its await (or at the commit)
+      settled.push(done);
+      written += fits;
+      o.progress?.(written);
+      if (fits < chunk.length) return { written, overflow: true };
+      if (o.signal?.aborted) break;
+      readAhead();
+      current = await Promise.race([queue.shift()!, aborted]);
     }
-    if (o.signal?.aborted) break;
-    current = await Promise.race([next, aborted]);
+    return { written, overflow: false };
+  } finally {
+    stop = true; // chunks not yet asked for are not read
+    await image.settled();
   }
-  await image.settled();
-  return { written, overflow: false };
 }
 
 /** A promise that resolves when `signal` aborts (never, if it does not). */

@@ -210,6 +210,27 @@ test("ChunkHasher: the worker gives the main thread's digests and finds zero clu
   }
 });
 
+test('ChunkHasher: complete() at once shares the chunk between the worker and this thread, with the same digest', async () => {
+  const data = sharedCopy(crypto.randomBytes(2048 * 4096));
+  data.fill(0, 7 * 4096, 8 * 4096);
+  const want = createHasher('sha256');
+  const h = new ChunkHasher('sha256', 4096);
+  try {
+    for (let round = 0; round < 4; round++) {
+      const d = h.begin(data, 0, 2048).complete(); // the worker may have done any part of it
+      for (const i of [0, 6, 8, 1000, 2047])
+        assert.deepEqual(d.hashes.subarray(i * 32, i * 32 + 32), want.hash(data.subarray(i * 4096, (i + 1) * 4096)), `round ${round}, cluster ${i}`);
+      assert.equal(d.zero[7], 1);
+      assert.equal(
+        d.zero.reduce((n, z) => n + z, 0),
+        1,
+      );
+    }
+  } finally {
+    await h.close();
+  }
+});
+
 test('ChunkHasher: a worker lost mid-chunk, or closed, leaves the main thread to hash', async () => {
   const data = sharedCopy(crypto.randomBytes(1024 * 4096));
   const want = createHasher('sha256').hashClusters(data, 4096);
