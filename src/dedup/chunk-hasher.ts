@@ -12,7 +12,8 @@
 // idle, and a worker that fails or cannot start leaves it all to the main thread: the
 // results never depend on the worker.
 
-import { Worker } from 'node:worker_threads';
+import { createRequire } from 'node:module';
+import type { Worker } from 'node:worker_threads';
 import { InternalError } from '../errors.ts';
 import { isZero } from '../format/bytes.ts';
 import { makeBlake3 } from './blake3.ts';
@@ -219,7 +220,9 @@ export class ChunkHasher {
     if (this.failed) return false;
     if (this.worker) return true;
     try {
-      const w = new Worker(WORKER_SOURCE, { eval: true, name: 'qdedup-hash' });
+      // Loaded on first use: commands that never hash a chunk (info, check, …) do not pay for it.
+      const { Worker: WorkerThread } = createRequire(import.meta.url)('node:worker_threads') as typeof import('node:worker_threads');
+      const w = new WorkerThread(WORKER_SOURCE, { eval: true, name: 'qdedup-hash' });
       w.unref();
       w.on('message', (m: { id: number; error?: string }) => {
         const p = this.waiting.get(m.id);

@@ -177,6 +177,12 @@ async function* heldRuns(image: Image, max: number): AsyncGenerator<{ first: num
   let n = 0;
   for (let l1Index = 0; l1Index * image.l2Entries < total; l1Index++) {
     const entryOf = await image.l2Reader(l1Index);
+    if (!entryOf.allocated) {
+      // No table: nothing held here (a sparse disk's empty stretches cost no loop).
+      if (n > 0) yield { first, clusters: n };
+      n = 0;
+      continue;
+    }
     const end = Math.min(total, (l1Index + 1) * image.l2Entries);
     for (let g = l1Index * image.l2Entries; g < end; g++) {
       const e = entryOf(g);

@@ -43,14 +43,17 @@ export interface GuestUsage {
 }
 
 /**
- * Walks the active L1/L2 tables once through the engine's reader (Image.l2TableEntries),
+ * Walks the active L1/L2 tables once through the engine's reader (Image.l2Reader),
  * which throws CorruptImageError for an entry a guest read would refuse.
  */
 export async function guestUsage(image: Image): Promise<GuestUsage> {
   const data = await clusterSetFor(image);
   let guestClusters = 0;
   for (let i = 0; i < image.header.l1Size; i++) {
-    for (const e of (await image.l2TableEntries(i)) ?? []) {
+    const entryOf = await image.l2Reader(i);
+    if (!entryOf.allocated) continue;
+    for (let g = i * image.l2Entries; g < (i + 1) * image.l2Entries; g++) {
+      const e = entryOf(g);
       if (e.kind === 'normal') {
         guestClusters++;
         data.add(e.hostOffset / image.clusterSize);

@@ -16,6 +16,9 @@ import type { WritePolicy } from './write-policy.ts';
 /** Clean L2 tables kept in memory before the cache is emptied of them. */
 const MAX_CACHED_L2_BYTES = 64 * 1024 * 1024;
 
+/** The entries of one L2 table, by guest cluster (Image.l2Reader); `allocated`: there is a table. */
+export type L2Reader = ((guestCluster: number) => L2Entry) & { readonly allocated: boolean };
+
 const UNALLOCATED: L2Entry = Object.freeze({
   kind: 'unallocated',
   hostOffset: 0,
@@ -154,13 +157,15 @@ export abstract class ImageTables {
   }
 
   /**
-   * Read-only walks (map): the validated entries of L1 entry `l1Index`'s L2 table, which is
-   * read without entering the cache (a walk holds one table at a time) unless already there.
+   * Read-only walks (map, dedup-stats, offline dedup): the validated entries of L1 entry
+   * `l1Index`'s L2 table, which is read without entering the cache (a walk holds one table at
+   * a time) unless already there. `allocated` is false when there is no table (every entry
+   * then reads as unallocated).
    */
-  async l2Reader(l1Index: number): Promise<(guestCluster: number) => L2Entry> {
+  async l2Reader(l1Index: number): Promise<L2Reader> {
     const l2Offset = this.l2OffsetAt(l1Index);
     const table = this.l2Cache.get(l1Index) ?? (l2Offset ? await this.file.read(l2Offset, this.clusterSize) : null);
-    return (guestCluster) => this.entryIn(table, l1Index, guestCluster);
+    return Object.assign((guestCluster: number) => this.entryIn(table, l1Index, guestCluster), { allocated: table !== null });
   }
 
   /** The L2 entry of guest cluster `guestCluster`, validated. */
@@ -168,16 +173,6 @@ export abstract class ImageTables {
     const l1Index = Math.floor(guestCluster / this.l2Entries);
     const table = await this.l2Table(l1Index);
     return this.entryIn(table, l1Index, guestCluster);
-  }
-
-  /**
-   * The entries of the L2 table L1 entry `l1Index` points at, each validated as entry()
-   * validates it, or null when there is none (for walks over every mapping: dedup-stats).
-   */
-  async l2TableEntries(l1Index: number): Promise<L2Entry[] | null> {
-    const table = await this.l2Table(l1Index);
-    if (!table) return null;
-    return Array.from({ length: this.l2Entries }, (_, j) => this.entryIn(table, l1Index, l1Index * this.l2Entries + j));
   }
 
   protected entryIn(table: Buffer | null, l1Index: number, guestCluster: number): L2Entry {
