@@ -230,7 +230,7 @@ export function offlineDedupSettings(
 ): DedupSettings {
   checkOfflineKeys(opts);
   const settings = dedupSettings(new Map([['dedup', 'sha256'], ...opts]), header.version, header.refcountOrder, header.size, clusterSize, parse);
-  if (!settings) throw new UsageError('dedup needs compat=1.1 and refcount_bits of 4 or more');
+  if (!settings) throw new UsageError(`dedup needs compat=1.1 and refcount_bits of ${MIN_DEDUP_REFCOUNT_BITS} or more`);
   return settings;
 }
 

@@ -151,6 +151,7 @@ async function rewriteHeldClusters(image: Image, o: OfflineOptions): Promise<{ c
     settled.push(done);
     o.progress?.(r.offset + r.data.length, image.size);
   };
+  let pendingClusters = 0;
   for await (const run of heldRuns(image, ring[0].length / cs)) {
     if (o.signal?.aborted) break;
     // Buffer k % RING held the chunk RING runs ago: its writes behind must have ended.
@@ -160,12 +161,17 @@ async function rewriteHeldClusters(image: Image, o: OfflineOptions): Promise<{ c
     await image.readRange(data, 0, run.first * cs, data.length);
     const ready: Ready = { offset: run.first * cs, data, prepared: image.prepare(data, run.first * cs) };
     ready.prepared.catch(() => {});
-    clusters += run.clusters;
-    if (pending) await write(pending);
+    if (pending) {
+      await write(pending);
+      clusters += pendingClusters;
+    }
     pending = ready;
+    pendingClusters = run.clusters;
   }
-  if (pending && !o.signal?.aborted) await write(pending);
-  else if (pending) clusters -= pending.data.length / cs;
+  if (pending && !o.signal?.aborted) {
+    await write(pending);
+    clusters += pendingClusters;
+  }
   await image.settled();
   return { clusters, interrupted: o.signal?.aborted ?? false };
 }

@@ -31,7 +31,7 @@ export async function discardFreeClusters(image: Image): Promise<DiscardResult> 
     else holesSupported = false;
   };
   // One refcount block at a time (bounded memory, I5).
-  const perBlock = (cs * 8) / 2 ** image.header.refcountOrder;
+  const perBlock = refcounts.blockEntries;
   for (let first = 0; first < clusters; first += perBlock) {
     await refcounts.fetch([first]);
     const end = Math.min(clusters, first + perBlock);

@@ -1,9 +1,9 @@
 // The write pipeline of a long write (an import): the input is read in chunks into a ring of
 // buffers in shared memory, and while chunk N is written (decided, linked, written out by
-// Image.write and its policy), chunk N+1 is read and then prepared — with inline dedup,
-// hashed in place by a worker thread (src/dedup/chunk-hasher.ts). Both cores stay busy; no
-// byte of input is copied between reading and writing. Every writer of a stream goes through
-// here (`write -i` today). docs/DESIGN.md "Write pipeline".
+// Image.write and its policy), the next AHEAD chunks are read and prepared — with inline
+// dedup, hashed in place by a worker thread (src/dedup/chunk-hasher.ts). Both cores stay
+// busy; no byte of input is copied between reading and writing. Every writer of a stream goes
+// through here (`write -i`, `convert`). docs/DESIGN.md "Write pipeline".
 
 import type { Image } from './image.ts';
 import type { PreparedChunk } from './write-policy.ts';

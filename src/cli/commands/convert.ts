@@ -39,7 +39,7 @@ export async function runConvert(a: ConvertArgs, io: Output): Promise<number> {
     await io.out(createOptionsHelp(opts));
     return 0;
   }
-  if (a.targetFormat === 'raw' && opts.size) throw new UsageError('-o options are for a qcow2 target (-O qcow2)');
+  if (a.targetFormat === 'raw' && opts.size > 0) throw new UsageError('-o options are for a qcow2 target (-O qcow2)');
   const sources: GuestReader[] = [];
   try {
     for (const path of a.sources) {
