@@ -8,12 +8,16 @@ import type { Header } from '../format/header.ts';
 import { Image, type OpenOptions } from '../image/image.ts';
 import { LOCK_WRITE } from '../image/image-lock.ts';
 import { createImage as createPlainImage, type CreateOptions as PlainCreateOptions } from '../image/create.ts';
+import { UnsupportedError } from '../errors.ts';
 import { Dedup, type DedupSettings } from './dedup.ts';
 
 export interface WriteOpenOptions extends Omit<OpenOptions, 'writable' | 'policy' | 'keepAutoclear'> {
   /** false: a read-write open that leaves the dedup store alone; writes then are not deduplicated (bit 60 is kept). */
   dedup?: boolean;
 }
+
+/** Why a compressed write into a dedup image is refused, for now. */
+export const COMPRESSED_DEDUP_UNSUPPORTED = 'compressed writes (-c) into a dedup image are not supported yet; a plain image (-o dedup=off) takes them';
 
 /** Autoclear bits a writer of this image maintains: bit 60 on a dedup image (its extension present). */
 export function dedupAutoclear(header: Header): bigint {
@@ -31,7 +35,14 @@ export function openForWrite(path: string, options: WriteOpenOptions = {}): Prom
     ...rest,
     writable: true,
     keepAutoclear: dedupAutoclear,
-    policy: dedup === false ? undefined : (image, writer) => Dedup.attach(image, writer),
+    policy:
+      dedup === false
+        ? undefined
+        : (image, writer) => {
+            // Before attach writes anything (its dirty flag): the image is left as it was.
+            if (options.compress && findDedupExtension(image.header.extensions)) throw new UnsupportedError(COMPRESSED_DEDUP_UNSUPPORTED);
+            return Dedup.attach(image, writer);
+          },
   });
 }
 

@@ -100,7 +100,7 @@ export function encodeL2Entry(table: Buffer, index: number, hostOffset: number, 
   table.writeUInt32BE(((hostOffset >>> 0) | (zero ? QCOW_OFLAG_ZERO : 0)) >>> 0, index * 8 + 4);
 }
 
-/** Writes a compressed L2 entry (used by tests and fixtures). */
+/** Writes a compressed L2 entry: the stream of `byteLength` bytes at host byte `byteOffset` (its sector count as QEMU computes it). */
 export function encodeCompressedL2Entry(table: Buffer, index: number, clusterBits: number, byteOffset: number, byteLength: number): void {
   const x = BigInt(70 - clusterBits);
   const sectors = BigInt(Math.ceil(((byteOffset % 512) + byteLength) / 512) - 1);

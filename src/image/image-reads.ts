@@ -170,6 +170,11 @@ export abstract class ImageReads extends ImageTables {
     if (zeros) appendMerged(zeros, ownZeros.concat(...backingZeros));
   }
 
+  /** Drops the last inflated cluster: the bytes at its offset are about to be reused. */
+  protected forgetDecompressed(): void {
+    this.lastCompressed = null;
+  }
+
   /** Inflates a compressed cluster (raw deflate) to exactly one cluster of bytes. */
   protected async decompress(e: L2Entry): Promise<Buffer> {
     if (this.lastCompressed?.offset === e.compressedOffset) return this.lastCompressed.data;

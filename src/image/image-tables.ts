@@ -5,7 +5,7 @@
 
 import { CorruptImageError, InternalError, hex } from '../errors.ts';
 import { MAX_HOST_OFFSET, MAX_L1_BYTES, clusterSizeOf, l2EntriesOf, type Header } from '../format/header.ts';
-import { decodeL1Entry, decodeL2Entry, encodeL1Entry, encodeL2Entry, type L2Entry } from '../format/l1l2.ts';
+import { decodeL1Entry, decodeL2Entry, encodeL1Entry, encodeCompressedL2Entry, encodeL2Entry, type L2Entry } from '../format/l1l2.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';
 import type { BlockFile } from './block-file.ts';
 import type { GuestReader } from './guest-reader.ts';
@@ -248,14 +248,24 @@ export abstract class ImageTables {
     this.setEntry(guestCluster, hostOffset, copied, false);
   }
 
+  /** Points guest cluster `guestCluster` at a compressed stream of `length` bytes at host byte `offset`, without I/O (as mapCluster). */
+  mapCompressed(guestCluster: number, offset: number, length: number): void {
+    encodeCompressedL2Entry(this.writableTable(guestCluster), guestCluster % this.l2Entries, this.clusterBits, offset, length);
+  }
+
   /**
    * Sets one L2 entry in a table made writable by l2TableForWrite() since the last commit (it
    * is then cached, COPIED in the L1, and never dropped from the cache). Throws InternalError otherwise.
    */
   protected setEntry(guestCluster: number, hostOffset: number, copied: boolean, zero: boolean): void {
+    encodeL2Entry(this.writableTable(guestCluster), guestCluster % this.l2Entries, hostOffset, copied, zero);
+  }
+
+  /** The L2 table of `guestCluster`, made writable by l2TableForWrite() since the last commit; InternalError otherwise. */
+  private writableTable(guestCluster: number): Buffer {
     this.assertWritable();
     const l1Index = Math.floor(guestCluster / this.l2Entries);
     if (!this.l2Dirty.has(l1Index)) throw new InternalError(`L2 table of guest cluster ${guestCluster} not prepared for writing`);
-    encodeL2Entry(this.l2Cache.get(l1Index)!, guestCluster % this.l2Entries, hostOffset, copied, zero);
+    return this.l2Cache.get(l1Index)!;
   }
 }

@@ -32,6 +32,7 @@ import { Refcounts } from './refcounts.ts';
 import { rebuildRefcounts } from './check/check-open-image.ts';
 import { RawImage, probeFormat, type GuestReader } from './guest-reader.ts';
 import { ImageCommit } from './image-commit.ts';
+import { CompressedWriter } from './compressed-write.ts';
 import type { ClusterWrite, ImageWriter, PreparedChunk, WritePolicy } from './write-policy.ts';
 
 /** Deepest backing chain followed (QEMU has no fixed limit; this bounds hostile chains). */
@@ -67,6 +68,12 @@ export interface OpenOptions {
    */
   detectZeroes?: boolean;
   /**
+   * Read-write opens: whole clusters written without a policy are stored compressed (raw
+   * deflate, packed as QEMU packs them: ./compressed-write.ts), zeros as zero clusters —
+   * `qemu-img convert -c`. A cluster that does not shrink is stored plain.
+   */
+  compress?: boolean;
+  /**
    * QEMU's image locks to take on the file (./image-lock.ts: LOCK_INFO, LOCK_READ,
    * LOCK_WRITE, or forceShare(…) for -U); none when absent. Backing files then get
    * LOCK_READ (force-shared when this is), as QEMU opens backing images.
@@ -87,6 +94,8 @@ export type AttachPolicy = (image: Image, writer: ImageWriter) => Promise<WriteP
 export class Image extends ImageCommit implements GuestReader {
   /** OpenOptions.detectZeroes. */
   private detectZeroes = false;
+  /** OpenOptions.compress: how whole clusters are compressed and packed (none: stored plain). */
+  private compressed: CompressedWriter | null = null;
   /** Set during a write() of a prepared chunk: where its new clusters are written behind. */
   private behind: WriteBehindFile | null = null;
 
@@ -108,6 +117,7 @@ export class Image extends ImageCommit implements GuestReader {
         await image.prepareForWrites(options.keepAutoclear?.(image.header) ?? 0n);
         image.detectZeroes = options.detectZeroes ?? false;
         if (options.policy) image.policy = await options.policy(image, image.writer());
+        if (options.compress && !image.policy) image.compressed = new CompressedWriter(image.writer(), !(image.header.version === 2 && image.backing));
       }
       return image;
     } catch (err) {
@@ -288,13 +298,17 @@ export class Image extends ImageCommit implements GuestReader {
   prepare(chunk: Buffer, guestOffset: number): Promise<PreparedChunk> {
     const start = (this.clusterSize - (guestOffset % this.clusterSize)) % this.clusterSize;
     const count = Math.max(0, Math.floor((chunk.length - start) / this.clusterSize));
+    if (this.compressed) return Promise.resolve({ start, count, result: this.compressed.prepare(chunk, start, count) });
     if (!this.policy?.prepare) return Promise.resolve({ start, count, result: undefined });
     return this.policy.prepare(chunk, start, count).then((result) => ({ start, count, result }));
   }
 
   private async writeBatch(batch: ClusterWrite[], prepared?: unknown): Promise<void> {
     if (this.policy) await this.policy.writeClusters(batch, prepared);
-    else await this.writeNewClusters(batch);
+    else if (this.compressed) {
+      this.forgetDecompressed(); // the new streams may reuse a freed cluster's bytes
+      await this.compressed.writeClusters(batch, prepared);
+    } else await this.writeNewClusters(batch);
   }
 
   /** The whole current content of a guest cluster (a fresh buffer). */
@@ -358,6 +372,23 @@ export class Image extends ImageCommit implements GuestReader {
     else await this.file.writev(start, clusters);
     this.startWriteback(clusters.length * this.clusterSize);
     return start;
+  }
+
+  /** Writes `bytes` at `offset`, clusters allocate() just gave (behind, during a pipelined write). */
+  private async writeBytes(offset: number, bytes: Buffer): Promise<void> {
+    this.guardDataWrite(offset, bytes.length);
+    if (this.behind) this.behind.writeBehind(offset, [bytes]);
+    else await this.file.write(offset, bytes);
+    this.startWriteback(bytes.length);
+  }
+
+  /** Ends the compression workers with the image. */
+  override async close(): Promise<void> {
+    try {
+      await super.close();
+    } finally {
+      await this.compressed?.close();
+    }
   }
 
   /**
@@ -442,6 +473,8 @@ export class Image extends ImageCommit implements GuestReader {
       refcountMax: refcounts.max,
       allocate: (n) => refcounts.allocate(n),
       writeRun: (clusters) => this.writeRun(clusters),
+      writeBytes: (offset, bytes) => this.writeBytes(offset, bytes),
+      mapCompressed: (g, offset, length) => this.mapCompressed(g, offset, length),
       prepareTables: (guestClusters) => this.prepareTables(guestClusters),
       mapCluster: (g, h, copied) => this.mapCluster(g, h, copied),
       readsAsZeros: (old) => this.readsAsZeros(old),

@@ -84,6 +84,8 @@ export interface ImageWriter {
   allocate(n: number): Promise<number>;
   /** Allocates one contiguous run and writes `clusters` there with one call. Returns its host offset. */
   writeRun(clusters: Buffer[]): Promise<number>;
+  /** Writes `bytes` at host offset `offset`, in clusters allocate() gave (behind, during a pipelined write). */
+  writeBytes(offset: number, bytes: Buffer): Promise<void>;
   /**
    * Makes the L2 tables of these guest clusters writable (allocation; before a run is
    * allocated, so that the run stays contiguous). They stay writable until the next commit.
@@ -91,6 +93,8 @@ export interface ImageWriter {
   prepareTables(guestClusters: number[]): Promise<void>;
   /** Points guest cluster `guestCluster` at `hostOffset`, without I/O: its table prepared. */
   mapCluster(guestCluster: number, hostOffset: number, copied: boolean): void;
+  /** Points guest cluster `guestCluster` at the compressed stream of `length` bytes at host byte `offset`, without I/O: its table prepared. */
+  mapCompressed(guestCluster: number, offset: number, length: number): void;
   /** True when entry `old` already reads as zeros and holds no cluster: zeroCluster() changes nothing and needs no table. */
   readsAsZeros(old: L2Entry): boolean;
   /**

@@ -3,12 +3,12 @@
 // raw. The copy itself is src/image/convert.ts; this file parses, opens and reports.
 
 import type { Argv } from 'yargs';
-import { InterruptedError, UsageError } from '../../errors.ts';
+import { InterruptedError, UnsupportedError, UsageError } from '../../errors.ts';
 import { Image } from '../../image/image.ts';
 import { RawImage, probeFormat, type GuestReader } from '../../image/guest-reader.ts';
 import { LOCK_READ, LOCK_WRITE } from '../../image/image-lock.ts';
 import { copyToImage, copyToRaw, totalSize } from '../../image/convert.ts';
-import { createImage, openForWrite } from '../../dedup/open.ts';
+import { COMPRESSED_DEDUP_UNSUPPORTED, createImage, openForWrite } from '../../dedup/open.ts';
 import { createOptionsHelp, resolveCreateOptions } from '../../dedup/create-options.ts';
 import { readOnlyLock, withForceShareOption, withQuietOption } from '../common.ts';
 import { parseBool, parseOptionList, parseSize } from '../parse.ts';
@@ -31,6 +31,8 @@ export interface ConvertArgs {
   progress: boolean;
   quiet: boolean;
   forceShare: boolean;
+  /** -c: whole clusters stored compressed (a plain target, for now). */
+  compress: boolean;
 }
 
 export async function runConvert(a: ConvertArgs, io: Output): Promise<number> {
@@ -55,12 +57,12 @@ export async function runConvert(a: ConvertArgs, io: Output): Promise<number> {
       const o = { signal: interrupts.signal, progress: (n: number) => progress?.update(n) };
       if (a.targetFormat === 'raw') copied = await copyToRaw(a.target, sources, o);
       else {
-        if (!a.noCreate)
-          await createImage(
-            a.target,
-            await resolveCreateOptions({ file: a.target, size: String(total), options: opts, force: true }, { size: parseSize, bool: parseBool }),
-          );
-        const target = await openForWrite(a.target, { lock: LOCK_WRITE, detectZeroes: true });
+        if (!a.noCreate) {
+          const create = await resolveCreateOptions({ file: a.target, size: String(total), options: opts, force: true }, { size: parseSize, bool: parseBool });
+          if (a.compress && create.dedup) throw new UnsupportedError(COMPRESSED_DEDUP_UNSUPPORTED);
+          await createImage(a.target, create);
+        }
+        const target = await openForWrite(a.target, { lock: LOCK_WRITE, detectZeroes: true, compress: a.compress });
         try {
           if (target.size < total) throw new UsageError(`the target's virtual size (${target.size}) is smaller than the sources' (${total})`);
           copied = await copyToImage(target, sources, o);
@@ -100,12 +102,14 @@ export function builder(y: Argv) {
       default: [],
       requiresArg: true,
     })
+    .option('c', { type: 'boolean', describe: 'store clusters compressed (deflate, as qemu-img convert -c); for now with -o dedup=off', default: false })
     .option('n', { type: 'boolean', describe: 'do not create the target: write into an existing image', default: false })
     .option('p', { type: 'boolean', describe: 'show a progress bar on stderr (a terminal only)', default: false })
     .example('$0 convert disk.raw disk.qcow2', 'import a raw disk into a dedup image')
     .example('$0 convert -f qcow2 -o dedup=blake3 vm.qcow2 vm-dedup.qcow2', 'deduplicate a qcow2 image into a new one')
     .example('$0 convert -O raw disk.qcow2 disk.raw', 'export to a sparse raw file')
     .example('$0 convert a.raw b.raw both.qcow2', 'concatenate two sources')
+    .example('$0 convert -c -o dedup=off disk.raw small.qcow2', 'a compressed image, as qemu-img convert -c makes')
     .epilogue(
       'Exit codes: 0 converted and synced; 1 failed; 130, 143, 129 interrupted by SIGINT, SIGTERM, SIGHUP (a qcow2 target is committed but ' + 'incomplete).',
     );
@@ -119,6 +123,7 @@ export function toArgs(argv: Record<string, unknown>): ConvertArgs {
   const targetFormat = String(argv.O);
   if (!FORMATS.includes(targetFormat)) throw new UsageError(`Unknown file format '${targetFormat}' (qcow2 or raw)`);
   if (targetFormat === 'raw' && argv.n) throw new UsageError('-n is for a qcow2 target');
+  if (targetFormat === 'raw' && argv.c) throw new UsageError('-c is for a qcow2 target');
   return {
     sources: files.slice(0, -1),
     target: files[files.length - 1],
@@ -129,6 +134,7 @@ export function toArgs(argv: Record<string, unknown>): ConvertArgs {
     progress: Boolean(argv.p),
     quiet: Boolean(argv.quiet),
     forceShare: Boolean(argv.U),
+    compress: Boolean(argv.c),
   };
 }
 export const run = runConvert;

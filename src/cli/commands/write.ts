@@ -27,6 +27,8 @@ export interface WriteArgs {
   zero: boolean;
   quiet: boolean;
   progress: boolean;
+  /** -c: whole clusters stored compressed (a plain image). */
+  compress: boolean;
 }
 
 export async function runWrite(a: WriteArgs, io: Output): Promise<number> {
@@ -86,7 +88,7 @@ async function writeFrom(a: WriteArgs, input: Input | undefined, io: Output): Pr
   let shortBy: IoError | undefined;
   let overflow: QdedupError | undefined;
   try {
-    const image = await openForWrite(a.file, { lock: LOCK_WRITE });
+    const image = await openForWrite(a.file, { lock: LOCK_WRITE, compress: a.compress });
     try {
       if (a.zero) {
         await image.writeZeroes(a.offset, total!);
@@ -182,12 +184,14 @@ export function builder(y: Argv) {
       requiresArg: true,
     })
     .option('z', { type: 'boolean', describe: 'write zeroes (zero clusters where whole clusters)', default: false })
+    .option('c', { type: 'boolean', describe: 'store whole clusters compressed, as qemu-io write -c (not yet into a dedup image)', default: false })
     .option('p', { type: 'boolean', describe: 'show a progress bar on stderr (a terminal only)', default: true })
     .option('U', { type: 'boolean', hidden: true }) // refused below, with qemu-io's reason
     .example('$0 write -P 0xab disk.qcow2 0 64k', '64 KiB of 0xab at offset 0')
     .example('$0 write -i data.bin disk.qcow2 1M', 'the bytes of data.bin at 1 MiB')
     .example('zcat disk.raw.gz | $0 write -i - disk.qcow2 0', 'a stream, to its end (exit 1 if it is empty or ends before LENGTH)')
     .example('$0 write -z disk.qcow2 0 1G', 'zero the first GiB')
+    .example('$0 write -c -i data.bin plain.qcow2 0', 'the bytes of data.bin, compressed')
     .epilogue(
       'Exit codes: 0 written and synced; 1 failed (an input that ends before LENGTH or is empty, a stream longer than the disk: what was written is ' +
         'committed); 130, 143, 129 interrupted by SIGINT, SIGTERM, SIGHUP after committing what was written.',
@@ -206,6 +210,7 @@ export function toArgs(argv: Record<string, unknown>): WriteArgs {
     zero: Boolean(argv.z),
     quiet: Boolean(argv.quiet),
     progress: Boolean(argv.p),
+    compress: Boolean(argv.c),
   };
 }
 export const run = runWrite;

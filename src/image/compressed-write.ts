@@ -1,0 +1,93 @@
+// Compressed writes (`write -c`, `convert -c`): each whole guest cluster of a batch is stored as
+// a raw deflate stream (../format/deflate.ts), the streams of the batch packed byte-tight into
+// one run of new clusters (./compressed-packing.ts) and named by compressed L2 descriptors —
+// what `qemu-img convert -c` writes, so stock QEMU reads it. A cluster that does not shrink is
+// stored plain; an all-zero cluster becomes a zero cluster. Streams come from the chunk
+// compressor's workers when the write pipeline prepared the chunk, else are made here.
+//
+// Order within a batch, as for plain runs (I3): the run is allocated and written (behind,
+// during a pipelined write) before any L2 entry names it; the L2 tables reach the disk only
+// at the commit, after the data (Image.flush). Old references are dropped after their
+// replacement is mapped.
+
+import { isZero } from '../format/bytes.ts';
+import { compressCluster } from '../format/deflate.ts';
+import { ChunkCompressor, INCOMPRESSIBLE, ZERO_CLUSTER, type CompressedChunk, type PendingCompression } from './chunk-compressor.ts';
+import { packStreams } from './compressed-packing.ts';
+import type { ClusterWrite, ImageWriter } from './write-policy.ts';
+
+export class CompressedWriter {
+  private compressor: ChunkCompressor | null = null;
+
+  /**
+   * `zeroClusters`: an all-zero cluster may become a zero cluster (not in a v2 image with a
+   * backing file, where that would read the backing file's bytes: such zeros are compressed).
+   */
+  constructor(
+    private readonly writer: ImageWriter,
+    private readonly zeroClusters: boolean,
+  ) {}
+
+  /** Starts compressing a chunk of the write pipeline (Image.prepare); writeClusters() gets the result. */
+  prepare(chunk: Buffer, start: number, count: number): PendingCompression {
+    this.compressor ??= new ChunkCompressor(this.writer.clusterSize);
+    return this.compressor.begin(chunk, start, count);
+  }
+
+  /** Writes a batch of whole guest clusters: zero clusters, one plain run, one packed run of streams. */
+  async writeClusters(batch: ClusterWrite[], prepared?: unknown): Promise<void> {
+    const w = this.writer;
+    const cs = w.clusterSize;
+    const chunk: CompressedChunk | undefined = (prepared as PendingCompression | undefined)?.complete();
+    const zeros: ClusterWrite[] = [];
+    const plain: ClusterWrite[] = [];
+    const packed: ClusterWrite[] = [];
+    const streams: Buffer[] = [];
+    for (const c of batch) {
+      const i = chunk ? c.prepared : -1;
+      let stream: Buffer | null = null;
+      if (i >= 0 && chunk!.lengths[i] > 0) stream = chunk!.streams.subarray(i * cs, i * cs + chunk!.lengths[i]);
+      else if (i >= 0 && chunk!.lengths[i] === INCOMPRESSIBLE) stream = null;
+      else if ((i >= 0 && chunk!.lengths[i] === ZERO_CLUSTER) || isZero(c.data)) {
+        if (this.zeroClusters) {
+          if (!w.readsAsZeros(c.old)) zeros.push(c);
+          continue;
+        }
+        stream = compressCluster(c.data);
+      } else stream = compressCluster(c.data);
+      if (stream) {
+        packed.push(c);
+        streams.push(stream);
+      } else plain.push(c);
+    }
+    await w.prepareTables([...zeros, ...plain, ...packed].map((c) => c.guestCluster));
+    for (const c of zeros) w.zeroCluster(c.guestCluster, c.old); // no policy: never a promise
+    if (plain.length) {
+      const start = await w.writeRun(plain.map((c) => c.data));
+      plain.forEach((c, k) => {
+        w.mapCluster(c.guestCluster, start + k * cs, true);
+        w.dropReference(c.old);
+      });
+    }
+    if (!packed.length) return;
+    // Every cluster of the run counts one reference per stream touching it (allocate gave one).
+    const run = packStreams(
+      streams.map((s) => s.length),
+      cs,
+      w.refcountMax,
+    );
+    const start = await w.allocate(run.clusters);
+    for (let k = 0; k < run.clusters; k++) for (let t = 1; t < run.touches[k]; t++) w.increment(start / cs + k);
+    const bytes = Buffer.alloc(run.clusters * cs);
+    streams.forEach((s, k) => s.copy(bytes, run.offsets[k]));
+    await w.writeBytes(start, bytes);
+    packed.forEach((c, k) => {
+      w.mapCompressed(c.guestCluster, start + run.offsets[k], streams[k].length);
+      w.dropReference(c.old);
+    });
+  }
+
+  async close(): Promise<void> {
+    await this.compressor?.close();
+  }
+}
