@@ -8,7 +8,8 @@
 import type { Argv } from 'yargs';
 import { InterruptedError, IoError, QdedupError, UsageError, printable } from '../../errors.ts';
 import { Image } from '../../image/image.ts';
-import { checkFormat, pastTheEnd, refuseForceShare, withFormatOption, withQuietOption } from '../common.ts';
+import { checkFormat, refuseForceShare, withFormatOption, withQuietOption } from '../common.ts';
+import { pastTheEnd } from '../../image/guest-range.ts';
 import { LOCK_WRITE } from '../../image/image-lock.ts';
 import { parsePattern, parseSize } from '../parse.ts';
 import type { Output } from '../output.ts';
