@@ -1,7 +1,7 @@
 // Options and argument checks shared by several subcommands.
 
 import type { Argv } from 'yargs';
-import { QdedupError, UsageError } from '../errors.ts';
+import { UsageError } from '../errors.ts';
 import { forceShare, type LockRequest } from '../image/image-lock.ts';
 
 export type OutputFormat = 'human' | 'json';
@@ -31,14 +31,6 @@ export function outputFormat(value: unknown): OutputFormat {
 /** qdedup only handles qcow2; accept `-f qcow2` like qemu-img, refuse anything else. */
 export function checkFormat(value: unknown): void {
   if (value !== undefined && value !== 'qcow2') throw new UsageError(`unsupported image format '${String(value)}' (qdedup handles qcow2 only)`);
-}
-
-/**
- * The error for guest I/O beyond the virtual disk: exit 1 naming the image, not a usage
- * error (qemu-io reports it as an I/O error: "write failed: Input/output error").
- */
-export function pastTheEnd(file: string, offset: number, length: number, virtualSize: number): QdedupError {
-  return new QdedupError(`offset ${offset} + length ${length} is past the end of the disk (virtual size ${virtualSize})`, 'ERANGE', 1, { path: file });
 }
 
 /** `-U`/`--force-share`, as qemu-img's read-only commands take it. */

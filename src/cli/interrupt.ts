@@ -6,7 +6,7 @@
 // left as after a crash (I3: dirty, the dedup index dropped at the next write).
 // Commands that only read install nothing: a signal ends them at once.
 
-import type { InterruptSignal } from '../errors.ts';
+import { InterruptedError, type InterruptSignal } from '../errors.ts';
 
 const SIGNALS: InterruptSignal[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
 
@@ -48,4 +48,13 @@ export function catchInterrupts(onFirst?: (sig: InterruptSignal) => void): Inter
     },
     dispose,
   };
+}
+
+/**
+ * After the work: when a signal came, the InterruptedError that reports it (exit 128 + its
+ * number), worded `interrupted (SIGNAL)` + `after` (what was done), naming `path`.
+ */
+export function throwIfInterrupted(interrupts: Interrupts, after: string, path: string): void {
+  const sig = interrupts.received;
+  if (sig) throw new InterruptedError(sig, `interrupted (${sig})${after}`, { path });
 }

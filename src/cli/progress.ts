@@ -23,3 +23,20 @@ export function startProgress(io: Output, total: number): Progress | null {
     stop: () => bar.stop(),
   };
 }
+
+/** A bar for work that learns its total when it starts: started (or not: no TTY) at the first update. */
+export interface LazyProgress {
+  update(done: number, total: number): void;
+  stop(): void;
+}
+
+export function lazyProgress(io: Output): LazyProgress {
+  let bar: Progress | null | undefined; // null: no bar (not a terminal)
+  return {
+    update: (done, total) => {
+      if (bar === undefined) bar = startProgress(io, total);
+      bar?.update(done);
+    },
+    stop: () => bar?.stop(),
+  };
+}

@@ -104,6 +104,17 @@ export function referencesPerCopy(refcountBits: number): number {
   return Math.floor(maxRefcount(Math.log2(refcountBits)) / 2) - 1;
 }
 
+/** The histogram's Total row: allocated and referenced blocks over all its buckets. */
+export function histogramTotals(s: ClusterSizeEstimate): { allocated: number; referenced: number } {
+  let allocated = 0;
+  let referenced = 0;
+  for (const r of s.histogram) {
+    allocated += r['allocated-blocks'];
+    referenced += r['referenced-blocks'];
+  }
+  return { allocated, referenced };
+}
+
 /** Refuses a cluster size the image format does not have (UsageError). */
 export function checkClusterSize(n: number): void {
   if (!Number.isSafeInteger(n) || n < MIN_CLUSTER_SIZE || n > MAX_CLUSTER_SIZE || (n & (n - 1)) !== 0) {

@@ -14,7 +14,8 @@ import { CorruptImageError, QdedupError, hex } from '../errors.ts';
 import { AUTOCLEAR_DEDUP, EXT_DEDUP, decodeDedupConfig, type DedupConfig, type DedupExtension, type JournalDescriptor } from '../format/dedup-ext.ts';
 import { ENTRY_HEADER_BYTES, JOURNAL_MAGIC, decodeJournalBlock, type BlockVerdict } from '../format/journal-block.ts';
 import type { BlockFile } from '../image/block-file.ts';
-import type { Image } from '../image/image.ts';
+import { Image } from '../image/image.ts';
+import type { LockRequest } from '../image/image-lock.ts';
 import type { ReplayStop } from './journal.ts';
 import { judgeStore } from './judge-store.ts';
 
@@ -195,4 +196,14 @@ export async function readJournals(image: Image): Promise<JournalsReport> {
     indexKept: verdict.trusted,
     indexReason,
   };
+}
+
+/** readJournals() of the image at `path`, opened read-only without its backing file, holding `lock` (QEMU's image locks). */
+export async function readImageJournals(path: string, lock?: LockRequest): Promise<JournalsReport> {
+  const image = await Image.open(path, { backing: false, lock });
+  try {
+    return await readJournals(image);
+  } finally {
+    await image.close();
+  }
 }

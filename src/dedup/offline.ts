@@ -52,6 +52,8 @@ export interface OfflineResult {
   /** Bytes the file took on the host before and after (st_blocks). */
   bytesBefore: number;
   bytesAfter: number;
+  /** Bytes given back to the host: bytesBefore − bytesAfter, 0 when the file grew. */
+  bytesReleased: number;
   /** True when a signal stopped the pass early (what was done is committed). */
   interrupted: boolean;
 }
@@ -98,6 +100,7 @@ export async function dedupInPlace(path: string, o: OfflineOptions): Promise<Off
     const discard = await discardFreeClusters(image);
     await image.close();
     const c = dedup.counters;
+    const bytesAfter = await allocatedBytes(path, o);
     return {
       enabled,
       notice: dedup.notice,
@@ -108,7 +111,8 @@ export async function dedupInPlace(path: string, o: OfflineOptions): Promise<Off
       stored: c.misses - before.misses,
       zero: c.zeroClusters - before.zeroClusters,
       bytesBefore,
-      bytesAfter: await allocatedBytes(path, o),
+      bytesAfter,
+      bytesReleased: Math.max(0, bytesBefore - bytesAfter),
     };
   } catch (err) {
     await image.abandon();

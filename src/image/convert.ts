@@ -8,9 +8,9 @@
 
 import { NodeFile } from './block-file.ts';
 import { isZero } from '../format/bytes.ts';
-import type { GuestReader } from './guest-reader.ts';
-import type { Image } from './image.ts';
-import { LOCK_CREATE } from './image-lock.ts';
+import { RawImage, probeFormat, type GuestReader } from './guest-reader.ts';
+import { Image } from './image.ts';
+import { LOCK_CREATE, type LockRequest } from './image-lock.ts';
 import { CHUNK_BYTES, ChunkReader, writeChunks, type ChunkSource } from './write-pipeline.ts';
 
 /** Zero detection step of a raw target: runs of this many zero bytes become holes (qemu-img convert -S 4k). */
@@ -21,6 +21,24 @@ export interface CopyOptions {
   signal?: AbortSignal;
   /** Called with the bytes copied so far. */
   progress?: (done: number) => void;
+}
+
+/**
+ * Opens the sources read-only holding `lock`, each as `format` says (qcow2 or raw) or as
+ * probed. Throws the first open error, with the sources opened before it closed again.
+ */
+export async function openSources(paths: string[], format: string | undefined, lock: LockRequest): Promise<GuestReader[]> {
+  const sources: GuestReader[] = [];
+  try {
+    for (const path of paths) {
+      const kind = format ?? (await probeFormat(path));
+      sources.push(kind === 'qcow2' ? await Image.open(path, { lock }) : await RawImage.open(path, lock));
+    }
+    return sources;
+  } catch (err) {
+    for (const s of sources) await s.close().catch(() => {});
+    throw err;
+  }
 }
 
 /** The guest bytes of `sources` back to back, as a ChunkSource. */

@@ -16,7 +16,7 @@ import { join } from 'node:path';
 import { BIN, NO_QEMU, tempDir } from '../helpers.ts';
 import { humanSize } from '../../src/cli/parse.ts';
 import { toJson } from '../../src/cli/output.ts';
-import { imageInfo, infoText } from '../../src/cli/commands/info.ts';
+import { imageInfo, infoText } from '../../src/cli/format-info.ts';
 import { snapshotInfo, snapshotListLines, vmClock } from '../../src/cli/snapshot-list.ts';
 import { decodeSnapshotEntry, encodeSnapshotEntry } from '../../src/format/snapshot.ts';
 

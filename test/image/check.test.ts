@@ -10,7 +10,7 @@ import { copyFileSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { NO_QEMU, qdedup, qemuCheck, run, tempDir } from '../helpers.ts';
 import { checkExitCode, checkImage, type RepairMode } from '../../src/image/check-image.ts';
-import { checkJson, quietKeeps } from '../../src/cli/commands/check.ts';
+import { checkJson, quietKeeps } from '../../src/cli/format-check.ts';
 import { getRefcount, setRefcount } from '../../src/format/refcount.ts';
 
 const dir = NO_QEMU ? '' : tempDir('qdedup-check-');

@@ -1,20 +1,19 @@
 // `qdedup convert`: qemu-img convert's syntax and meaning. One or more sources (raw or QCOW2,
 // concatenated) become a new image: a dedup QCOW2 by default (the options of `create`), or
-// raw. The copy itself is src/image/convert.ts; this file parses, opens and reports.
+// raw. The copy itself is src/image/convert.ts, into QCOW2 src/dedup/convert-image.ts; this
+// file parses, calls and reports.
 
 import type { Argv } from 'yargs';
-import { InterruptedError, UnsupportedError, UsageError } from '../../errors.ts';
-import { Image } from '../../image/image.ts';
-import { RawImage, probeFormat, type GuestReader } from '../../image/guest-reader.ts';
-import { LOCK_READ, LOCK_WRITE } from '../../image/image-lock.ts';
-import { copyToImage, copyToRaw, totalSize } from '../../image/convert.ts';
-import { COMPRESSED_DEDUP_UNSUPPORTED, createImage, openForWrite } from '../../dedup/open.ts';
+import { UsageError } from '../../errors.ts';
+import { LOCK_READ } from '../../image/image-lock.ts';
+import { copyToRaw, openSources, totalSize } from '../../image/convert.ts';
+import { convertIntoImage } from '../../dedup/convert-image.ts';
 import { createOptionsHelp, resolveCreateOptions } from '../../dedup/create-options.ts';
 import { readOnlyLock, withForceShareOption, withQuietOption } from '../common.ts';
 import { parseBool, parseOptionList, parseSize } from '../parse.ts';
 import type { Output } from '../output.ts';
 import { startProgress } from '../progress.ts';
-import { catchInterrupts } from '../interrupt.ts';
+import { catchInterrupts, throwIfInterrupted } from '../interrupt.ts';
 
 const FORMATS = ['qcow2', 'raw'];
 
@@ -42,13 +41,8 @@ export async function runConvert(a: ConvertArgs, io: Output): Promise<number> {
     return 0;
   }
   if (a.targetFormat === 'raw' && opts.size > 0) throw new UsageError('-o options are for a qcow2 target (-O qcow2)');
-  const sources: GuestReader[] = [];
+  const sources = await openSources(a.sources, a.sourceFormat, readOnlyLock(LOCK_READ, a.forceShare));
   try {
-    for (const path of a.sources) {
-      const format = a.sourceFormat ?? (await probeFormat(path));
-      const lock = readOnlyLock(LOCK_READ, a.forceShare);
-      sources.push(format === 'qcow2' ? await Image.open(path, { lock }) : await RawImage.open(path, lock));
-    }
     const total = totalSize(sources);
     const interrupts = catchInterrupts();
     const progress = a.progress && !a.quiet ? startProgress(io, total) : null;
@@ -57,32 +51,15 @@ export async function runConvert(a: ConvertArgs, io: Output): Promise<number> {
       const o = { signal: interrupts.signal, progress: (n: number) => progress?.update(n) };
       if (a.targetFormat === 'raw') copied = await copyToRaw(a.target, sources, o);
       else {
-        if (!a.noCreate) {
-          const create = await resolveCreateOptions({ file: a.target, size: String(total), options: opts, force: true }, { size: parseSize, bool: parseBool });
-          if (a.compress && create.dedup) throw new UnsupportedError(COMPRESSED_DEDUP_UNSUPPORTED);
-          await createImage(a.target, create);
-        }
-        const target = await openForWrite(a.target, { lock: LOCK_WRITE, detectZeroes: true, compress: a.compress });
-        try {
-          if (target.size < total) throw new UsageError(`the target's virtual size (${target.size}) is smaller than the sources' (${total})`);
-          copied = await copyToImage(target, sources, o);
-          await target.close(); // commits and syncs (I3)
-        } catch (err) {
-          await target.abandon();
-          throw err;
-        }
+        const request = { file: a.target, size: String(total), options: opts, force: true };
+        const create = a.noCreate ? undefined : await resolveCreateOptions(request, { size: parseSize, bool: parseBool });
+        copied = await convertIntoImage(a.target, sources, { ...o, create, compress: a.compress });
       }
     } finally {
       progress?.stop();
       interrupts.dispose();
     }
-    if (interrupts.received) {
-      throw new InterruptedError(
-        interrupts.received,
-        `interrupted (${interrupts.received}) after copying ${copied} of ${total} bytes; the target is incomplete`,
-        { path: a.target },
-      );
-    }
+    throwIfInterrupted(interrupts, ` after copying ${copied} of ${total} bytes; the target is incomplete`, a.target);
     return 0;
   } finally {
     for (const s of sources) await s.close().catch(() => {});

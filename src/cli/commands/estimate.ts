@@ -1,15 +1,17 @@
 // `qdedup estimate`: what dedup would save on raw or qcow2 images, read-only (a dry run
 // like ZFS's `zdb -S`). Parses the options, runs src/dedup/estimate.ts, prints its figures
-// as zdb's histogram table or as JSON (keys documented in docs/COMMANDS.md "estimate").
+// as zdb's histogram table (../format-estimate.ts) or as JSON (keys documented in
+// docs/COMMANDS.md "estimate").
 
 import type { Argv } from 'yargs';
 import { UsageError } from '../../errors.ts';
-import { estimate, DEFAULT_MAX_MEMORY, type ClusterSizeEstimate, type Estimate, type EstimateOptions, type InputFormat } from '../../dedup/estimate.ts';
+import { estimate, type EstimateOptions, type InputFormat } from '../../dedup/estimate.ts';
 import { LOCK_READ } from '../../image/image-lock.ts';
 import { outputFormat, readOnlyLock, withForceShareOption, withOutputOption, type OutputFormat } from '../common.ts';
-import { humanSize, parseSize } from '../parse.ts';
+import { estimateHuman, samplingNotes } from '../format-estimate.ts';
+import { parseSize } from '../parse.ts';
 import { toJson, type Output } from '../output.ts';
-import { startProgress } from '../progress.ts';
+import { lazyProgress } from '../progress.ts';
 
 export interface EstimateArgs extends EstimateOptions {
   files: string[];
@@ -18,45 +20,10 @@ export interface EstimateArgs extends EstimateOptions {
   progressBar: boolean;
 }
 
-/** zdb's nicenum for a count: 512, 1K, 32K, 1M. */
-const nice = (n: number) => (n < 1024 ? String(n) : n < 1024 ** 2 ? `${n / 1024}K` : `${n / 1024 ** 2}M`);
-
-/** One cluster size as `zdb -S` prints its simulated DDT: the bucket table, then the headline. */
-export function sizeHuman(s: ClusterSizeEstimate): string {
-  const row = (a: string, b: string, c: string, d: string, e: string) =>
-    `${a.padStart(6)}   ${b.padStart(10)} ${c.padStart(11)}   ${d.padStart(10)} ${e.padStart(11)}\n`;
-  let t = `Simulated dedup table, cluster size ${s['cluster-size']}:\n\n`;
-  t += 'bucket              allocated                  referenced\n';
-  t += '______   ______________________   ______________________\n';
-  t += row('refcnt', 'blocks', 'size', 'blocks', 'size') + row('------', '------', '----', '------', '----');
-  for (const r of s.histogram)
-    t += row(nice(r.refcnt), String(r['allocated-blocks']), humanSize(r['allocated-bytes']), String(r['referenced-blocks']), humanSize(r['referenced-bytes']));
-  const sum = (k: 'allocated-blocks' | 'referenced-blocks') => s.histogram.reduce((a, r) => a + r[k], 0);
-  const [alloc, ref] = [sum('allocated-blocks'), sum('referenced-blocks')];
-  t += row('Total', String(alloc), humanSize(alloc * s['cluster-size']), String(ref), humanSize(ref * s['cluster-size'])) + '\n';
-  t += `dedup = ${s['dedup-ratio'].toFixed(2)}, saved = ${humanSize(s['bytes-saved'])} (${s['bytes-saved']} bytes), zero clusters = ${s['zero-clusters']} of ${s['guest-clusters']}\n`;
-  if (s['cap-copies']) t += `refcount cap: ${s['cap-copies']} extra copies (included above)\n`;
-  if (s.sample > 1)
-    t += `sampled: 1 in ${s.sample} contents counted, allocated figures scaled up (relative standard error ${(s['sample-error']! * 100).toFixed(2)} %)\n`;
-  return t;
-}
-
-export function estimateHuman(e: Estimate): string {
-  const head = e.inputs.map((i) => `${i.filename}: ${i.format}, ${humanSize(i['virtual-size'])} (${i['virtual-size']} bytes)\n`).join('');
-  return head + e['cluster-sizes'].map((s) => '\n' + sizeHuman(s)).join('');
-}
-
 export async function runEstimate(a: EstimateArgs, io: Output): Promise<number> {
-  let bar: ReturnType<typeof startProgress> | undefined; // null: no bar (not a terminal)
-  const progress =
-    a.progressBar && !a.quiet ? (done: number, total: number) => (bar === undefined ? (bar = startProgress(io, total)) : bar)?.update(done) : undefined;
-  const e = await estimate(a.files, { ...a, progress }).finally(() => bar?.stop());
-  for (const s of e['cluster-sizes']) {
-    if (s.sample > (a.sample ?? 1) && !a.quiet)
-      io.err(
-        `qdedup: note: the table for cluster size ${s['cluster-size']} would exceed --max-memory ${humanSize(a.maxMemory ?? DEFAULT_MAX_MEMORY)}: sampled 1 in ${s.sample} contents`,
-      );
-  }
+  const bar = a.progressBar && !a.quiet ? lazyProgress(io) : undefined;
+  const e = await estimate(a.files, { ...a, progress: bar?.update }).finally(() => bar?.stop());
+  if (!a.quiet) for (const note of samplingNotes(e, a.sample, a.maxMemory)) io.err(note);
   await io.out(a.output === 'json' ? toJson(e) : estimateHuman(e));
   return 0;
 }

@@ -6,9 +6,10 @@ import type { Argv } from 'yargs';
 import { UsageError } from '../../errors.ts';
 import { Image } from '../../image/image.ts';
 import { LOCK_READ } from '../../image/image-lock.ts';
+import { pastTheEnd } from '../../image/guest-range.ts';
 import { mapHumanRows, mapImage, mapJsonLine, mapShares, type MapEntry } from '../../image/map.ts';
 import { dedupShareAccounting } from '../../dedup/sharing.ts';
-import { checkFormat, outputFormat, pastTheEnd, readOnlyLock, withForceShareOption, withFormatOption, withOutputOption, type OutputFormat } from '../common.ts';
+import { checkFormat, outputFormat, readOnlyLock, withForceShareOption, withFormatOption, withOutputOption, type OutputFormat } from '../common.ts';
 import { parseSize } from '../parse.ts';
 import { errorPrefix, type Output } from '../output.ts';
 

@@ -1,21 +1,20 @@
 // `qdedup read`: guest bytes to stdout, or verified against a pattern, or as a hexdump,
-// like qemu-io's `read`. Streams: chunk k+1 is read while chunk k is written, with two
-// buffers reused throughout; raw output into a regular file is sparse (../raw-output.ts).
+// like qemu-io's `read`. Streams with two buffers (src/image/guest-chunks.ts): the next
+// chunk is read while this one is written; raw output into a regular file is sparse
+// (../raw-output.ts).
 
 import type { Argv } from 'yargs';
 import { UsageError } from '../../errors.ts';
 import { Image } from '../../image/image.ts';
-import { checkFormat, pastTheEnd, readOnlyLock, withForceShareOption, withFormatOption, withQuietOption } from '../common.ts';
+import { READ_CHUNK_BYTES, readGuestChunks } from '../../image/guest-chunks.ts';
+import { pastTheEnd } from '../../image/guest-range.ts';
+import { PatternCheck } from '../../image/pattern-check.ts';
+import { checkFormat, readOnlyLock, withForceShareOption, withFormatOption, withQuietOption } from '../common.ts';
 import { LOCK_READ } from '../../image/image-lock.ts';
+import { HEXDUMP_CHUNK_BYTES, hexdumpLines } from '../hexdump.ts';
 import { parsePattern, parseSize } from '../parse.ts';
 import type { Output } from '../output.ts';
 import { rawSink } from '../raw-output.ts';
-
-/** Guest bytes read per step; two such buffers are held (bounded memory whatever the length). */
-const RAW_CHUNK_BYTES = 8 * 1024 * 1024;
-const HEXDUMP_CHUNK_BYTES = 1024 * 1024;
-/** Bytes of the expected pattern (-P) compared at a time. */
-const PATTERN_BYTES = 64 * 1024;
 
 export interface ReadArgs {
   file: string;
@@ -28,32 +27,6 @@ export interface ReadArgs {
   forceShare?: boolean;
 }
 
-/** qemu-io's dump_buffer: offset, 16 hex bytes, then the alphanumerics (others as '.'). */
-export function hexdumpLines(data: Buffer, baseOffset: number): string {
-  let out = '';
-  for (let i = 0; i < data.length; i += 16) {
-    const row = data.subarray(i, Math.min(i + 16, data.length));
-    let hexPart = '';
-    let text = '';
-    for (const b of row) {
-      hexPart += b.toString(16).padStart(2, '0') + ' ';
-      text += (b >= 0x30 && b <= 0x39) || (b >= 0x41 && b <= 0x5a) || (b >= 0x61 && b <= 0x7a) ? String.fromCharCode(b) : '.';
-    }
-    out += `${(baseOffset + i).toString(16).padStart(8, '0')}:  ${hexPart} ${text}\n`;
-  }
-  return out;
-}
-
-/** Index of the first byte of `data` that is not `pattern`, or -1 (compared a block at a time). */
-function firstMismatch(data: Buffer, pattern: number, expected: Buffer): number {
-  for (let at = 0; at < data.length; at += expected.length) {
-    const n = Math.min(expected.length, data.length - at);
-    if (data.compare(expected, 0, n, at, at + n) === 0) continue;
-    for (let i = at; i < at + n; i++) if (data[i] !== pattern) return i;
-  }
-  return -1;
-}
-
 export async function runRead(a: ReadArgs, io: Output): Promise<number> {
   const image = await Image.open(a.file, { lock: readOnlyLock(LOCK_READ, a.forceShare) });
   try {
@@ -62,41 +35,18 @@ export async function runRead(a: ReadArgs, io: Output): Promise<number> {
     const raw = a.pattern === undefined && !a.verbose;
     if (raw && io.stdoutIsTTY) throw new UsageError('refusing to write raw disk bytes to a terminal: redirect stdout, or use -v (hexdump) or -P (verify)');
     const sink = raw ? rawSink(io) : null;
-    const expected = a.pattern === undefined ? null : Buffer.alloc(PATTERN_BYTES, a.pattern);
-    let mismatch = -1;
-    // Two buffers: the next chunk is read while this one is written (or checked). A hexdump
-    // takes ~4.3 characters a byte: smaller steps keep its strings small.
-    const chunkStep = a.verbose ? HEXDUMP_CHUNK_BYTES : RAW_CHUNK_BYTES;
-    const chunkBytes = Math.min(chunkStep, length);
-    const buffers = [Buffer.allocUnsafe(chunkBytes), Buffer.allocUnsafe(chunkBytes)];
-    const zeroLists: number[][] = [[], []];
-    const readChunk = (k: number): Promise<void> => {
-      const done = k * chunkStep;
-      const n = Math.min(chunkStep, length - done);
-      const zeros = sink?.sparse ? zeroLists[k % 2] : undefined;
-      if (zeros) zeros.length = 0;
-      return image.readRange(buffers[k % 2], 0, a.offset + done, n, zeros);
-    };
-    const chunks = Math.ceil(length / chunkStep);
-    let pending = chunks > 0 ? readChunk(0) : null;
-    for (let k = 0; k < chunks; k++) {
-      await pending;
-      // Started before this chunk is written; a failure is seen at the next await.
-      pending = k + 1 < chunks ? readChunk(k + 1) : null;
-      pending?.catch(() => {});
-      const done = k * chunkStep;
-      const data = buffers[k % 2].subarray(0, Math.min(chunkStep, length - done));
-      if (sink) await sink.write(done, data, sink.sparse ? zeroLists[k % 2] : undefined);
-      if (a.verbose && !a.quiet) await io.out(hexdumpLines(data, a.offset + done));
-      if (expected && mismatch < 0) {
-        const at = firstMismatch(data, a.pattern!, expected);
-        if (at >= 0) mismatch = a.offset + done + at;
-      }
+    const verify = a.pattern === undefined ? null : new PatternCheck(a.pattern);
+    const step = a.verbose ? HEXDUMP_CHUNK_BYTES : READ_CHUNK_BYTES;
+    for await (const { at, data, zeros } of readGuestChunks(image, a.offset, length, step, sink?.sparse)) {
+      if (sink) await sink.write(at, data, zeros);
+      if (a.verbose && !a.quiet) await io.out(hexdumpLines(data, a.offset + at));
+      verify?.check(data, a.offset + at);
     }
     if (sink) {
       await sink.finish(length);
       return 0;
     }
+    const mismatch = verify?.firstMismatch ?? -1;
     if (mismatch >= 0) {
       await io.out(`Pattern verification failed at offset ${a.offset}, ${length} bytes\n`);
       io.err(`qdedup: first byte that differs from 0x${a.pattern!.toString(16)} is at offset ${mismatch}`);

@@ -1,22 +1,21 @@
 // `qdedup write`: writes a pattern, an input's bytes or zeroes at a guest offset, like
 // qemu-io's `write`, and makes them durable before it exits 0. The input (a file or any
-// stream, ../input.ts) is opened and checked before the image is opened for writing, then
-// written through the engine's write pipeline (src/image/write-pipeline.ts). SIGINT/SIGTERM/SIGHUP (../interrupt.ts) end the loop after the
-// chunk in flight; the image is then committed and closed and an InterruptedError reports
-// how much was written. Choices where qemu-io has no equivalent are in docs/COMMANDS.md "write".
+// stream, ../input.ts) is opened and the write prepared (src/dedup/guest-write.ts) before
+// the image is opened for writing; ../format-write.ts reports it. SIGINT/SIGTERM/SIGHUP
+// (../interrupt.ts) end the write after the chunk in flight; the image is then committed and
+// closed and an InterruptedError reports how much was written. Choices where qemu-io has no
+// equivalent are in docs/COMMANDS.md "write".
 
 import type { Argv } from 'yargs';
-import { InterruptedError, IoError, QdedupError, UsageError, printable } from '../../errors.ts';
-import { Image } from '../../image/image.ts';
-import { checkFormat, pastTheEnd, refuseForceShare, withFormatOption, withQuietOption } from '../common.ts';
-import { LOCK_WRITE } from '../../image/image-lock.ts';
+import { UsageError } from '../../errors.ts';
+import { prepareGuestWrite, type GuestWriteResult, type WriteData } from '../../dedup/guest-write.ts';
+import { checkFormat, refuseForceShare, withFormatOption, withQuietOption } from '../common.ts';
 import { parsePattern, parseSize } from '../parse.ts';
 import type { Output } from '../output.ts';
-import { startProgress } from '../progress.ts';
-import { openInput, type Input } from '../input.ts';
+import { lazyProgress } from '../progress.ts';
+import { openInput } from '../input.ts';
 import { catchInterrupts } from '../interrupt.ts';
-import { CHUNK_BYTES, ChunkReader, writeChunks } from '../../image/write-pipeline.ts';
-import { openForWrite, dedupOf } from '../../dedup/open.ts';
+import { reportWrite } from '../format-write.ts';
 
 export interface WriteArgs {
   file: string;
@@ -40,136 +39,26 @@ export async function runWrite(a: WriteArgs, io: Output): Promise<number> {
   // its writer, with the image not yet open), so a bad input leaves the image as it was.
   const input = a.input !== undefined ? await openInput(a.input) : undefined;
   try {
-    return await writeFrom(a, input, io);
+    const data: WriteData = input
+      ? { kind: 'source', source: input, length: a.length }
+      : a.zero
+        ? { kind: 'zeroes', length: a.length! }
+        : { kind: 'pattern', byte: a.pattern!, length: a.length! };
+    const write = await prepareGuestWrite(a.file, a.offset, data, { compress: a.compress });
+    const interrupts = catchInterrupts();
+    const bar = a.progress && !a.quiet ? lazyProgress(io) : undefined;
+    let r: GuestWriteResult;
+    try {
+      r = await write.run({ signal: interrupts.signal, progress: bar?.update });
+    } finally {
+      bar?.stop();
+      interrupts.dispose();
+    }
+    await reportWrite(a.file, a.offset, r, interrupts, a.quiet, io);
+    return 0;
   } finally {
     await input?.close();
   }
-}
-
-async function writeFrom(a: WriteArgs, input: Input | undefined, io: Output): Promise<number> {
-  // The number of bytes to write, when it is known before reading: LENGTH, or the size of
-  // a regular input file. A stream without LENGTH is written up to its end.
-  let total = a.length;
-  if (input?.size !== undefined) {
-    if (total === undefined) total = input.size;
-    else if (input.size < total)
-      throw new IoError(`cannot read input: it has only ${input.size} bytes, fewer than LENGTH ${total}`, { path: input.path }, 'ESHORTINPUT');
-    if (total === 0 && a.length === undefined) throw emptyInput(input);
-  }
-
-  // The range is checked on a read-only open first: a read-write open may already rewrite
-  // the header (clearing foreign autoclear bits), and a refused write must leave the file
-  // unchanged. Like qemu-io ("write failed: Input/output error"), this is not a usage error.
-  // Both opens take the writer's locks (QEMU's image locks), so another holder is refused
-  // here, with qemu-io's words, before anything is written (I6, docs/DESIGN.md).
-  const probe = await Image.open(a.file, { backing: false, lock: LOCK_WRITE });
-  const virtualSize = probe.size;
-  await probe.close();
-  if (total !== undefined && a.offset + total > virtualSize) throw pastTheEnd(a.file, a.offset, total, virtualSize);
-  if (a.offset > virtualSize) throw pastTheEnd(a.file, a.offset, 0, virtualSize);
-
-  // A stream's first chunk is read before the image is opened for writing: an empty stream
-  // (a producer that failed) leaves the image untouched.
-  // At most `total` bytes when it is known, else one byte more than the room left on the disk:
-  // that is how a stream too long for the disk is recognised without reading it all.
-  const reader = input ? new ChunkReader(input, total ?? virtualSize - a.offset + 1) : undefined;
-  let first: Buffer | undefined;
-  if (reader && total !== 0) {
-    first = await reader.next();
-    if (first.length === 0) {
-      if (total === undefined) throw emptyInput(input!);
-      throw new IoError(`${input!.label} ended after 0 of ${total} bytes; nothing was written`, { path: a.file }, 'ESHORTINPUT');
-    }
-    if (a.offset === virtualSize) throw tooLong(a, input!, virtualSize, 0);
-  }
-
-  const interrupts = catchInterrupts();
-  let done = 0;
-  let shortBy: IoError | undefined;
-  let overflow: QdedupError | undefined;
-  try {
-    const image = await openForWrite(a.file, { lock: LOCK_WRITE, compress: a.compress });
-    try {
-      if (a.zero) {
-        await image.writeZeroes(a.offset, total!);
-        done = total!;
-      } else if (a.pattern !== undefined) {
-        const chunk = Buffer.alloc(Math.min(total!, CHUNK_BYTES), a.pattern);
-        while (done < total! && !interrupts.signal.aborted) {
-          const n = Math.min(chunk.length, total! - done);
-          await image.write(a.offset + done, chunk.subarray(0, n));
-          done += n;
-        }
-      } else if (reader && first) {
-        const progress = a.progress && !a.quiet && total !== undefined ? startProgress(io, total) : null;
-        try {
-          const room = virtualSize - a.offset;
-          const r = await writeChunks(image, a.offset, reader, first, {
-            room,
-            signal: interrupts.signal,
-            progress: (n) => {
-              done = n;
-              progress?.update(n);
-            },
-          });
-          done = r.written;
-          // Like dd onto a device: what fits is written (and committed below), the rest refused.
-          if (r.overflow) overflow = tooLong(a, input!, virtualSize, done);
-        } finally {
-          progress?.stop();
-        }
-        if (!interrupts.signal.aborted && total !== undefined && done < total) {
-          shortBy = new IoError(
-            `${input!.label} ended after ${done} of ${total} bytes; wrote those ${done} bytes at offset ${a.offset}`,
-            { path: a.file },
-            'ESHORTINPUT',
-          );
-        }
-      }
-      await image.close(); // commits metadata and syncs: durable before exit 0 (I3)
-    } catch (err) {
-      await image.abandon();
-      throw err;
-    }
-    // After the write, so that a write that fails says one line, its error.
-    if (dedupOf(image)?.notice && !a.quiet) io.err(`qdedup: ${printable(a.file)}: ${dedupOf(image)!.notice}`);
-    const mismatches = dedupOf(image)?.counters.mismatches ?? 0;
-    if (mismatches) {
-      // Compared hits whose cluster held other bytes: written anew, but the index lies (src/dedup/slot-bits.ts).
-      io.err(
-        `qdedup: ${printable(a.file)}: warning: ${mismatches} dedup index ${mismatches === 1 ? 'entry names a cluster' : 'entries name clusters'} ` +
-          `holding other content; not used (a damaged index: 'qdedup check --deep' lists such entries)`,
-      );
-    }
-  } finally {
-    interrupts.dispose();
-  }
-  const sig = interrupts.received;
-  if (sig) {
-    const of = total !== undefined ? `${done} of ${total} bytes` : `${done} bytes (of an input of unknown length)`;
-    throw new InterruptedError(sig, `interrupted (${sig}) after writing ${of} at offset ${a.offset}; the data written is durable`, { path: a.file });
-  }
-  if (overflow) throw overflow;
-  if (!a.quiet) await io.out(`wrote ${done}/${total ?? done} bytes at offset ${a.offset}\n`);
-  if (shortBy) throw shortBy;
-  return 0;
-}
-
-/** A stream longer than the room left on the disk (found by reading one byte past it). */
-function tooLong(a: WriteArgs, input: Input, virtualSize: number, written: number): QdedupError {
-  const room = virtualSize - a.offset;
-  return new QdedupError(
-    `${input.label} goes past the end of the disk (virtual size ${virtualSize}): ${room} bytes fit from offset ${a.offset}; ` +
-      `${written ? `wrote those ${written} bytes, the rest of the input was not written` : 'nothing was written'}`,
-    'ERANGE',
-    1,
-    { path: a.file },
-  );
-}
-
-/** An input that gave no bytes when no LENGTH was asked for: most likely a producer that failed. */
-function emptyInput(input: Input): IoError {
-  return new IoError(`${input.label} is empty: nothing to write (give LENGTH 0 to write nothing)`, {}, 'EEMPTYINPUT'); // main.ts names the image
 }
 
 export function builder(y: Argv) {
