@@ -35,6 +35,10 @@ export function sizeHuman(s: ClusterSizeEstimate): string {
   const [alloc, ref] = [sum('allocated-blocks'), sum('referenced-blocks')];
   t += row('Total', String(alloc), humanSize(alloc * s['cluster-size']), String(ref), humanSize(ref * s['cluster-size'])) + '\n';
   t += `dedup = ${s['dedup-ratio'].toFixed(2)}, saved = ${humanSize(s['bytes-saved'])} (${s['bytes-saved']} bytes), zero clusters = ${s['zero-clusters']} of ${s['guest-clusters']}\n`;
+  t += `compress = ${s['compression-ratio'].toFixed(2)}, dedup * compress = ${s['combined-ratio'].toFixed(2)}, stored compressed = ${humanSize(s['compressed-allocated-bytes'])} (${s['compressed-allocated-bytes']} bytes)\n`;
+  const c = s['compression-sample'];
+  if (c.clusters)
+    t += `compressed ${c.sample > 1 ? `1 in ${c.sample}` : 'all'} distinct clusters: ${c.clusters} (${humanSize(c['input-bytes'])} into ${humanSize(c['stored-bytes'])}), ${c['plain-clusters']} stored plain\n`;
   if (s['cap-copies']) t += `refcount cap: ${s['cap-copies']} extra copies (included above)\n`;
   if (s.sample > 1)
     t += `sampled: 1 in ${s.sample} contents counted, allocated figures scaled up (relative standard error ${(s['sample-error']! * 100).toFixed(2)} %)\n`;
@@ -75,6 +79,11 @@ export function builder(y: Argv) {
       default: '16',
       requiresArg: true,
     })
+    .option('compression-sample', {
+      type: 'string',
+      describe: 'bytes of distinct clusters to compress for the compression ratio, per cluster size (default 16M, at most 4096 clusters)',
+      requiresArg: true,
+    })
     .option('p', { type: 'boolean', describe: 'show a progress bar on stderr (a terminal only)', default: true })
     .example('$0 estimate rootfs.img', 'dedup ratio and histogram at 4 KiB clusters')
     .example('$0 estimate --cluster-size 4k,64k --output json a.qcow2 b.raw', 'two images together, two cluster sizes');
@@ -97,6 +106,7 @@ export function toArgs(argv: Record<string, unknown>): EstimateArgs {
     sample: argv.sample === undefined ? undefined : whole(argv.sample, 'sample'),
     maxMemory: argv['max-memory'] === undefined ? undefined : parseSize(String(argv['max-memory']), 'memory size'),
     refcountBits: whole(argv['refcount-bits'], 'refcount width'),
+    compressionSample: argv['compression-sample'] === undefined ? undefined : parseSize(String(argv['compression-sample']), 'compression sample size'),
     output: outputFormat(argv.output),
     quiet: Boolean(argv.quiet),
     progressBar: Boolean(argv.p),
