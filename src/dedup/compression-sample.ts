@@ -66,6 +66,8 @@ export class CompressionSample {
   sample = 1;
   /** Copies of the held contents' clusters, by their hash's first 16 bytes. */
   private readonly held = new Map<string, { word: number; data: Buffer }>();
+  /** Copies of dropped contents, reused: the copies never take more than limit + 1 clusters. */
+  private readonly free: Buffer[] = [];
 
   /** `limit`: the most contents held (compressionSampleLimit). */
   constructor(
@@ -83,7 +85,9 @@ export class CompressionSample {
       const key = hashes.toString('latin1', i * 32, i * 32 + 16);
       if (this.held.has(key)) continue;
       const at = start + i * this.cs;
-      this.held.set(key, { word, data: Buffer.from(buf.subarray(at, at + this.cs)) });
+      const data = this.free.pop() ?? Buffer.allocUnsafeSlow(this.cs);
+      buf.copy(data, 0, at, at + this.cs);
+      this.held.set(key, { word, data });
       // (Past 2^32 only word 0 is kept: more contents than the limit may then stay.)
       while (this.held.size > this.limit && this.sample < 2 ** 32) this.halve();
     }
@@ -114,7 +118,11 @@ export class CompressionSample {
   /** Doubles the sample, dropping the contents that leave it. */
   private halve(): void {
     this.sample *= 2;
-    for (const [key, h] of this.held) if (h.word % this.sample !== 0) this.held.delete(key);
+    for (const [key, h] of this.held) {
+      if (h.word % this.sample === 0) continue;
+      this.held.delete(key);
+      this.free.push(h.data);
+    }
   }
 }
 
