@@ -176,12 +176,12 @@ export async function estimate(paths: string[], options: EstimateOptions = {}): 
   const perCopy = referencesPerCopy(refcountBits);
   const maxSlots = maxSlotsFor((options.maxMemory ?? DEFAULT_MAX_MEMORY) / sizes.length);
   const maxCs = sizes[sizes.length - 1];
+  const limits = sizes.map((cs) => compressionSampleLimit(cs, options.compressionSample));
 
   const inputs: Input[] = [];
   const states: SizeState[] = [];
   try {
     for (const p of paths) inputs.push(await openInput(p, options.format ?? 'auto', options.lock));
-    const limits = sizes.map((cs) => compressionSampleLimit(cs, options.compressionSample));
     for (const [i, cs] of sizes.entries()) {
       const compression = new CompressionSample(cs, limits[i]);
       states.push({ cs, table: new FingerprintTable(maxSlots, sample), hasher: new ChunkHasher('sha256', cs), compression, guest: 0, zero: 0, referenced: 0 });
