@@ -21,6 +21,10 @@ export function sizeHuman(s: ClusterSizeEstimate): string {
   const { allocated: alloc, referenced: ref } = histogramTotals(s);
   t += row('Total', String(alloc), humanSize(alloc * s['cluster-size']), String(ref), humanSize(ref * s['cluster-size'])) + '\n';
   t += `dedup = ${s['dedup-ratio'].toFixed(2)}, saved = ${humanSize(s['bytes-saved'])} (${s['bytes-saved']} bytes), zero clusters = ${s['zero-clusters']} of ${s['guest-clusters']}\n`;
+  t += `compress = ${s['compression-ratio'].toFixed(2)}, dedup * compress = ${s['combined-ratio'].toFixed(2)}, stored compressed = ${humanSize(s['compressed-allocated-bytes'])} (${s['compressed-allocated-bytes']} bytes)\n`;
+  const c = s['compression-sample'];
+  if (c.clusters)
+    t += `compressed ${c.sample > 1 ? `1 in ${c.sample}` : 'all'} distinct clusters: ${c.clusters} (${humanSize(c['input-bytes'])} into ${humanSize(c['stored-bytes'])}), ${c['plain-clusters']} stored plain\n`;
   if (s['cap-copies']) t += `refcount cap: ${s['cap-copies']} extra copies (included above)\n`;
   if (s.sample > 1)
     t += `sampled: 1 in ${s.sample} contents counted, allocated figures scaled up (relative standard error ${(s['sample-error']! * 100).toFixed(2)} %)\n`;

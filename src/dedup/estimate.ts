@@ -10,6 +10,9 @@
 // referenced more than the refcount cap allows gets one more copy per `perCopy`
 // references. Each input counts from a cluster boundary, its partial last cluster padded
 // with zeros (as a write of it at offset 0 into a fresh image is).
+//
+// Compression (./compression-sample.ts): a hash-picked sample of the distinct clusters is
+// deflated as a compressed import would store them, and its ratio scales the allocated bytes.
 
 import { stat } from 'node:fs/promises';
 import { maxRefcount } from '../format/refcount.ts';
@@ -18,6 +21,7 @@ import { Image } from '../image/image.ts';
 import { RawImage, probeFormat, type GuestReader } from '../image/guest-reader.ts';
 import type { LockRequest } from '../image/image-lock.ts';
 import { ChunkHasher, type ChunkDigest } from './chunk-hasher.ts';
+import { CompressionSample, compressionSampleLimit, type CompressionFigures } from './compression-sample.ts';
 import { FingerprintTable, maxSlotsFor, type BucketCounts } from './fingerprint-table.ts';
 
 export const DEFAULT_CLUSTER_SIZE = 4096;
@@ -43,6 +47,8 @@ export interface EstimateOptions {
   maxMemory?: number;
   /** Refcount width of the image imported into (its cap limits references per copy); default 16. */
   refcountBits?: number;
+  /** Bytes of distinct clusters compressed per cluster size for the compression figures (./compression-sample.ts); default 16 MiB, at most 4096 clusters. */
+  compressionSample?: number;
   /** Called after each chunk with the guest bytes done and the total. */
   progress?: (done: number, total: number) => void;
 }
@@ -58,7 +64,7 @@ export interface HistogramRow {
 }
 
 /** The figures of one cluster size (docs/COMMANDS.md "estimate" documents every key). */
-export interface ClusterSizeEstimate {
+export interface ClusterSizeEstimate extends CompressionFigures {
   'cluster-size': number;
   /** Clusters of all inputs, each input rounded up to whole clusters. */
   'guest-clusters': number;
@@ -74,6 +80,7 @@ export interface ClusterSizeEstimate {
   'bytes-saved': number;
   /** Copies the refcount cap adds (included in allocated-clusters). */
   'cap-copies': number;
+  // Then the CompressionFigures: compression-ratio, compressed-allocated-bytes, combined-ratio, compression-sample.
   /** 1: every content counted. N: 1 in N contents counted and the allocated figures scaled by N. */
   sample: number;
   /** With sample > 1: the relative standard error of allocated-clusters. */
@@ -148,6 +155,7 @@ interface SizeState {
   cs: number;
   table: FingerprintTable;
   hasher: ChunkHasher;
+  compression: CompressionSample;
   guest: number;
   zero: number;
   referenced: number;
@@ -179,13 +187,16 @@ export async function estimate(paths: string[], options: EstimateOptions = {}): 
   const perCopy = referencesPerCopy(refcountBits);
   const maxSlots = maxSlotsFor((options.maxMemory ?? DEFAULT_MAX_MEMORY) / sizes.length);
   const maxCs = sizes[sizes.length - 1];
+  const limits = sizes.map((cs) => compressionSampleLimit(cs, options.compressionSample));
 
   const inputs: Input[] = [];
   const states: SizeState[] = [];
   try {
     for (const p of paths) inputs.push(await openInput(p, options.format ?? 'auto', options.lock));
-    for (const cs of sizes)
-      states.push({ cs, table: new FingerprintTable(maxSlots, sample), hasher: new ChunkHasher('sha256', cs), guest: 0, zero: 0, referenced: 0 });
+    for (const [i, cs] of sizes.entries()) {
+      const compression = new CompressionSample(cs, limits[i]);
+      states.push({ cs, table: new FingerprintTable(maxSlots, sample), hasher: new ChunkHasher('sha256', cs), compression, guest: 0, zero: 0, referenced: 0 });
+    }
     const total = inputs.reduce((n, i) => n + i['virtual-size'], 0);
     const chunkCount = inputs.reduce((n, i) => n + Math.ceil(i['virtual-size'] / CHUNK_BYTES), 0);
     const buffers = [0, 1].map(() => Buffer.from(new SharedArrayBuffer(CHUNK_BYTES)));
@@ -208,6 +219,7 @@ export async function estimate(paths: string[], options: EstimateOptions = {}): 
       // into k's buffer while the main thread counts k.
       const digests = await hashing!;
       await reading;
+      for (const d of digests) if (d.digest) d.state.compression.pick(buffers[k % 2], d.start, d.digest);
       hashing = quiet(k + 1 < chunkCount ? hash(k + 1) : null);
       reading = quiet(read(k + 2));
       count(states, digests);
@@ -234,11 +246,12 @@ function quiet<T>(p: Promise<T> | null): Promise<T> | null {
   return p;
 }
 
-/** What one size's hashing of a chunk found: its clusters, zeros known without hashing, and the digest of the rest. */
+/** What one size's hashing of a chunk found: its clusters, zeros known without hashing, and the digest of the rest (of the clusters from byte `start`). */
 interface SizeDigest {
   state: SizeState;
   clusters: number;
   knownZero: number;
+  start: number;
   digest: ChunkDigest | null;
 }
 
@@ -271,7 +284,7 @@ function hashChunk(states: SizeState[], buf: Buffer, length: number, zeros: numb
     spans.map(async ({ state, clusters, first, last }) => {
       const count = last - first + 1;
       const digest = count > 0 ? await state.hasher.digest(buf, first * state.cs, count) : null;
-      return { state, clusters, knownZero: clusters - count, digest };
+      return { state, clusters, knownZero: clusters - count, start: first * state.cs, digest };
     }),
   );
 }
@@ -308,6 +321,7 @@ function figures(s: SizeState, perCopy: number): ClusterSizeEstimate {
     'dedup-ratio': allocated === 0 ? 1 : Math.round((referenced / allocated) * 10000) / 10000,
     'bytes-saved': Math.max(0, referenced - allocated) * cs,
     'cap-copies': (sum((r) => r.copies) - sum((r) => r.contents)) * n,
+    ...s.compression.figures(allocated, referenced),
     sample: n,
     // Bernoulli sampling of distinct contents with p = 1/n: Var(n·d) = n·D·(1 − p), so the
     // relative standard error of D̂ is √((n − 1) / D).

@@ -3,12 +3,15 @@
 // sha256 strings), zero runs, partial last clusters, several files and cluster sizes, inputs
 // crossing the 8 MiB chunk; qcow2 inputs made by qemu-img/qemu-io give their raw
 // equivalent's figures; the estimate equals what `create` + `write -i` then stores (the
-// refcount cap included); sampling; bad input; the JSON shape.
+// refcount cap included); sampling; bad input; the JSON shape. Compression: the ratio of the
+// distinct clusters deflated as QEMU stores compressed clusters, checked against node:zlib
+// over the same clusters, whole and sampled by hash.
 
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { closeSync, openSync, readFileSync, writeFileSync, writeSync } from 'node:fs';
+import { deflateRawSync } from 'node:zlib';
 import { join } from 'node:path';
 import { NO_QEMU, qdedup, run, tempDir, type RunResult } from '../helpers.ts';
 
@@ -92,6 +95,43 @@ function oracle(files: Buffer[], cs: number, perCopy = 32766) {
   const allocated = histogram.reduce((a, r) => a + r['allocated-blocks'], 0);
   const referenced = guest - zero;
   return { guest, zero, referenced, allocated, histogram };
+}
+
+/** What storing a cluster compressed takes, as QEMU's qcow2 (window 2^12, memLevel 9, level 6): the deflate stream, or the cluster when that is not smaller. */
+function storedSize(c: Buffer): number {
+  const z = deflateRawSync(c, { level: 6, windowBits: 12, memLevel: 9 });
+  return z.length < c.length ? z.length : c.length;
+}
+
+/** The distinct non-zero clusters of `files` (each zero-padded at its end), by SHA-256, first occurrence. */
+function distinctClusters(files: Buffer[], cs: number): Map<string, Buffer> {
+  const seen = new Map<string, Buffer>();
+  for (const f of files) {
+    for (let at = 0; at < f.length; at += cs) {
+      const c = Buffer.alloc(cs);
+      f.copy(c, 0, at, Math.min(f.length, at + cs));
+      if (!c.some((b) => b !== 0)) continue;
+      const h = createHash('sha256').update(c).digest();
+      const k = h.toString('hex');
+      if (!seen.has(k)) seen.set(k, c);
+    }
+  }
+  return seen;
+}
+
+/** The compression figures over the distinct clusters `keep` accepts (by SHA-256): their count, bytes, stored bytes, and those stored plain. */
+function compressionOracle(files: Buffer[], cs: number, keep: (hash: Buffer) => boolean = () => true) {
+  let clusters = 0;
+  let stored = 0;
+  let plain = 0;
+  for (const [k, c] of distinctClusters(files, cs)) {
+    if (!keep(Buffer.from(k, 'hex'))) continue;
+    const n = storedSize(c);
+    clusters++;
+    stored += n;
+    if (n === cs) plain++;
+  }
+  return { clusters, input: clusters * cs, stored, plain };
 }
 
 type SizeJson = Record<string, any>;
@@ -193,6 +233,14 @@ describe('estimate: exact figures on generated data', () => {
       r.stdout,
     );
     assert.ok(lines.includes('dedup = 1.36, saved = 152 KiB (155648 bytes), zero clusters = 50 of 195'), r.stdout);
+    // Noise does not compress: only the tail (1000 bytes and zero padding) shrinks.
+    const c = compressionOracle([main], 4096);
+    assert.equal(c.plain, 106);
+    const ratio = (107 * 4096) / c.stored;
+    const combined = (145 * 4096) / c.stored;
+    const line = `compress = ${ratio.toFixed(2)}, dedup * compress = ${combined.toFixed(2)}, stored compressed = 425 KiB (${c.stored} bytes)`;
+    assert.ok(lines.includes(line), `${line}\n${r.stdout}`);
+    assert.ok(lines.includes('compressed all distinct clusters: 107 (428 KiB into 425 KiB), 106 stored plain'), r.stdout);
   });
 
   it('JSON shape: documented keys, in order', () => {
@@ -210,10 +258,15 @@ describe('estimate: exact figures on generated data', () => {
       'dedup-ratio',
       'bytes-saved',
       'cap-copies',
+      'compression-ratio',
+      'compressed-allocated-bytes',
+      'combined-ratio',
+      'compression-sample',
       'sample',
       'table-bytes',
       'histogram',
     ]);
+    assert.deepEqual(Object.keys(sizes[0]['compression-sample']), ['sample', 'clusters', 'input-bytes', 'stored-bytes', 'plain-clusters']);
     assert.deepEqual(Object.keys(sizes[0].histogram[0]), ['refcnt', 'allocated-blocks', 'allocated-bytes', 'referenced-blocks', 'referenced-bytes']);
   });
 
@@ -224,6 +277,10 @@ describe('estimate: exact figures on generated data', () => {
     assert.deepEqual(
       [sizes[0]['guest-clusters'], sizes[0]['zero-clusters'], sizes[0]['allocated-clusters'], sizes[0]['dedup-ratio'], sizes[0].histogram],
       [25, 25, 0, 1, []],
+    );
+    assert.deepEqual(
+      [sizes[0]['compression-ratio'], sizes[0]['compressed-allocated-bytes'], sizes[0]['combined-ratio'], sizes[0]['compression-sample']],
+      [1, 0, 1, { sample: 1, clusters: 0, 'input-bytes': 0, 'stored-bytes': 0, 'plain-clusters': 0 }],
     );
   });
 });
@@ -349,8 +406,89 @@ describe('estimate: bad input is a one-line error, exit 1', () => {
     fails(['-f', 'qcow2', path('main.raw')], /^qdedup: .*main\.raw/);
     fails(['--sample', '3', path('main.raw')], /^qdedup: invalid sample 3: a power of two/);
     fails(['--refcount-bits', '2', path('main.raw')], /^qdedup: invalid refcount width 2/);
+    fails(['--compression-sample', '0', path('main.raw')], /^qdedup: invalid compression sample size 0: 1 byte or more$/);
+    fails(['--compression-sample', 'x', path('main.raw')], /^qdedup: invalid compression sample size 'x'/);
     fails([dir], /Is a directory/);
     fails(['/dev/null'], /^qdedup: \/dev\/null: not a regular file or block device/);
     fails([], /Not enough non-option arguments/);
+  });
+});
+
+describe('estimate: compression', () => {
+  /** `size` bytes of text-like data: words of a small vocabulary, the same for the same seed. */
+  function text(seed: number, size: number): Buffer {
+    const words = ['qcow2', 'cluster', 'the', 'of', 'refcount', 'table', 'guest', 'host', 'snapshot', 'deflate', 'a', 'image', 'backing'];
+    let x = (seed * 2654435761) >>> 0 || 1;
+    let t = '';
+    while (t.length < size) {
+      x ^= x << 13;
+      x ^= x >>> 17;
+      x ^= x << 5;
+      x >>>= 0;
+      t += words[x % words.length] + (x % 11 === 0 ? '\n' : x % 7 === 0 ? `, ${x % 1000} ` : ' ');
+    }
+    return Buffer.from(t.slice(0, size));
+  }
+  // 40 text blocks, 20 noise blocks, 10 half text half noise, repeats of each kind, a zero run, a partial text tail.
+  const blocks: Buffer[] = [];
+  for (let i = 0; i < 40; i++) blocks.push(text(i + 1, BLOCK));
+  for (let i = 0; i < 20; i++) blocks.push(noise(500 + i, BLOCK));
+  for (let i = 0; i < 10; i++) blocks.push(Buffer.concat([text(100 + i, BLOCK / 2), noise(600 + i, BLOCK / 2)]));
+  for (let i = 0; i < 5; i++) blocks.push(text(1, BLOCK), noise(500, BLOCK));
+  blocks.push(Buffer.alloc(16 * BLOCK), text(200, 1500));
+  const mixed = Buffer.concat(blocks);
+  writeFileSync(path('mixed.raw'), mixed);
+
+  it('every distinct cluster compressed: the ratio node:zlib gives over the same clusters, at 512, 4k and 64k', () => {
+    const { sizes } = estimateJson('--cluster-size', '512,4k,64k', path('mixed.raw'));
+    for (const s of sizes) {
+      const cs = s['cluster-size'];
+      const o = compressionOracle([mixed], cs);
+      const dedup = oracle([mixed], cs);
+      assert.equal(s['allocated-clusters'], o.clusters, `${cs}: no cap copies`);
+      assert.deepEqual(s['compression-sample'], {
+        sample: 1,
+        clusters: o.clusters,
+        'input-bytes': o.input,
+        'stored-bytes': o.stored,
+        'plain-clusters': o.plain,
+      });
+      assert.equal(s['compression-ratio'], Math.round((o.input / o.stored) * 10000) / 10000, `${cs}: ratio`);
+      assert.equal(s['compressed-allocated-bytes'], o.stored, `${cs}: the sample is every allocated cluster`);
+      assert.equal(s['combined-ratio'], Math.round(((dedup.referenced * cs) / o.stored) * 10000) / 10000);
+      assert.ok(s['compression-ratio'] > 1.3, `${cs}: text compresses (${s['compression-ratio']})`);
+    }
+    // At 4 KiB: the 20 noise blocks are stored plain, the text and half-text ones compressed.
+    assert.equal(sizes[1]['compression-sample']['plain-clusters'], 20);
+  });
+
+  it('incompressible data: every cluster stored plain, ratio 1', () => {
+    writeFileSync(path('noise.raw'), Buffer.concat([noise(77, 64 * BLOCK), noise(77, 64 * BLOCK)]));
+    const s = estimateJson(path('noise.raw')).sizes[0];
+    assert.deepEqual(s['compression-sample'], { sample: 1, clusters: 64, 'input-bytes': 64 * BLOCK, 'stored-bytes': 64 * BLOCK, 'plain-clusters': 64 });
+    assert.deepEqual([s['compression-ratio'], s['compressed-allocated-bytes'], s['dedup-ratio'], s['combined-ratio']], [1, 64 * BLOCK, 2, 2]);
+  });
+
+  it('--compression-sample: 1 in N distinct contents by hash (bytes 8–11 ≡ 0 mod N), scaled to all', () => {
+    const run = () => estimateJson('--compression-sample', '64k', path('mixed.raw')).sizes[0];
+    const s = run();
+    const c = s['compression-sample'];
+    // 16 contents at most: the smallest power of two N that keeps no more.
+    const word = (h: Buffer) => h.readUInt32LE(8);
+    const hashes = [...distinctClusters([mixed], BLOCK).keys()].map((k) => Buffer.from(k, 'hex'));
+    let n = 1;
+    while (hashes.filter((h) => word(h) % n === 0).length > 16) n *= 2;
+    assert.ok(n > 1);
+    const o = compressionOracle([mixed], BLOCK, (h) => word(h) % n === 0);
+    assert.deepEqual(c, { sample: n, clusters: o.clusters, 'input-bytes': o.input, 'stored-bytes': o.stored, 'plain-clusters': o.plain });
+    assert.equal(s['compression-ratio'], Math.round((o.input / o.stored) * 10000) / 10000);
+    assert.equal(s['compressed-allocated-bytes'], Math.round((s['allocated-clusters'] * BLOCK * o.stored) / o.input));
+    assert.deepEqual(run(), s, 'deterministic');
+    // The human output says it sampled.
+    const r = qdedup(['estimate', '--compression-sample', '64k', path('mixed.raw')]);
+    assert.match(
+      r.stdout,
+      new RegExp(`^compressed 1 in ${n} distinct clusters: ${o.clusters} \\(${o.clusters * 4} KiB into [0-9.]+ KiB\\), ${o.plain} stored plain$`, 'm'),
+    );
   });
 });

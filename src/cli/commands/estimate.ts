@@ -42,6 +42,11 @@ export function builder(y: Argv) {
       default: '16',
       requiresArg: true,
     })
+    .option('compression-sample', {
+      type: 'string',
+      describe: 'bytes of distinct clusters to compress for the compression ratio, per cluster size (default 16M, at most 4096 clusters)',
+      requiresArg: true,
+    })
     .option('p', { type: 'boolean', describe: 'show a progress bar on stderr (a terminal only)', default: true })
     .example('$0 estimate rootfs.img', 'dedup ratio and histogram at 4 KiB clusters')
     .example('$0 estimate --cluster-size 4k,64k --output json a.qcow2 b.raw', 'two images together, two cluster sizes');
@@ -64,6 +69,7 @@ export function toArgs(argv: Record<string, unknown>): EstimateArgs {
     sample: argv.sample === undefined ? undefined : whole(argv.sample, 'sample'),
     maxMemory: argv['max-memory'] === undefined ? undefined : parseSize(String(argv['max-memory']), 'memory size'),
     refcountBits: whole(argv['refcount-bits'], 'refcount width'),
+    compressionSample: argv['compression-sample'] === undefined ? undefined : parseSize(String(argv['compression-sample']), 'compression sample size'),
     output: outputFormat(argv.output),
     quiet: Boolean(argv.quiet),
     progressBar: Boolean(argv.p),
