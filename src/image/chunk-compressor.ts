@@ -95,9 +95,12 @@ export class PendingCompression implements CompressedChunk {
   }
 }
 
+/** Compression workers: one per core, up to this many (each costs ~10 MiB and ~40 ms to start). */
+const MAX_WORKERS = 8;
+
 /** Worker threads compressing whole chunks in turn, one per core (the main thread helps in complete()). */
 export class ChunkCompressor {
-  private readonly pool = new WorkerPool('qdedup-compress', WORKER_SOURCE, Math.max(1, availableParallelism()));
+  private readonly pool = new WorkerPool('qdedup-compress', WORKER_SOURCE, Math.min(MAX_WORKERS, Math.max(1, availableParallelism())));
 
   constructor(readonly clusterSize: number) {}
 

@@ -296,7 +296,7 @@ export class Image extends ImageCommit implements GuestReader {
    * `guestOffset` (the write pipeline, ./write-pipeline.ts); null when there is none to do.
    */
   prepare(chunk: Buffer, guestOffset: number): Promise<PreparedChunk> {
-    const start = (this.clusterSize - (guestOffset % this.clusterSize)) % this.clusterSize;
+    const start = Math.min(chunk.length, (this.clusterSize - (guestOffset % this.clusterSize)) % this.clusterSize); // (a chunk may end before the first boundary)
     const count = Math.max(0, Math.floor((chunk.length - start) / this.clusterSize));
     if (this.compressed) return Promise.resolve({ start, count, result: this.compressed.prepare(chunk, start, count) });
     if (!this.policy?.prepare) return Promise.resolve({ start, count, result: undefined });

@@ -37,12 +37,12 @@ export async function stream(image: Image, offset: number, data: Buffer, chunk: 
   if (r.written !== data.length) throw new Error(`stream wrote ${r.written} of ${data.length} bytes`);
 }
 
-/** Runs the workload on `file` until it finishes or crashes; returns the steps acknowledged. */
-export async function runSteps(path: string, file: FaultyFile, steps: Op[][]): Promise<number> {
+/** Runs the workload on `file` until it finishes or crashes; returns the steps acknowledged. `compress`: opened for compressed writes (-c). */
+export async function runSteps(path: string, file: FaultyFile, steps: Op[][], compress = false): Promise<number> {
   let done = 0;
   try {
     for (const step of steps) {
-      const image = await openForWrite(path, { file });
+      const image = await openForWrite(path, { file, compress });
       for (const op of step) {
         if (op.kind === 'write') await image.write(op.offset, op.data);
         else if (op.kind === 'stream') await stream(image, op.offset, op.data, op.chunk);

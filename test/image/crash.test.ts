@@ -17,8 +17,12 @@ import { HAVE_QEMU, qemuCheck, tempDir } from '../helpers.ts';
 import { runSteps, shadowsOf, type Op } from './crash-lib.ts';
 import { openForWrite } from '../../src/dedup/open.ts';
 
-/** A seeded workload: steps of 1–3 non-overlapping operations, each step one open/close. */
-function workload(seed: number, size: number, clusterSize: number, steps: number): Op[][] {
+/**
+ * A seeded workload: steps of 1–3 non-overlapping operations, each step one open/close.
+ * `compressible`: data that deflates to about half (streams that cross clusters), some
+ * random (stored plain), and streamed writes through the pipeline — for compressed writes.
+ */
+function workload(seed: number, size: number, clusterSize: number, steps: number, compressible = false): Op[][] {
   let x = seed;
   const rnd = (n: number) => {
     x ^= x << 13;
@@ -39,7 +43,13 @@ function workload(seed: number, size: number, clusterSize: number, steps: number
       if (used.some(([a, b]) => lo < b && a < hi)) continue;
       used.push([lo, hi]);
       if (rnd(5) === 0) step.push({ kind: 'zero', offset, length });
-      else step.push({ kind: 'write', offset, data: Buffer.alloc(length, 1 + rnd(255)) });
+      else if (!compressible) step.push({ kind: 'write', offset, data: Buffer.alloc(length, 1 + rnd(255)) });
+      else {
+        const data = Buffer.alloc(length);
+        const plain = rnd(4) === 0; // all random: stored plain
+        for (let b = 0; b < length; b++) data[b] = plain || (b >> 6) % 2 ? rnd(256) : 0x41 + (b % 7);
+        step.push(rnd(2) ? { kind: 'write', offset, data } : { kind: 'stream', offset, data, chunk: clusterSize * 2 });
+      }
     }
     out.push(step);
   }
@@ -68,6 +78,9 @@ const CONFIGS = [
   { clusterSize: 512, size: 2 * 1024 * 1024, steps: 13, seed: 11 },
   { clusterSize: 4096, size: 4 * 1024 * 1024, steps: 13, seed: 23 },
   { clusterSize: 65536, size: 8 * 1024 * 1024, steps: 8, seed: 37 },
+  // Compressed writes (-c): streams packed across clusters, refcounts per stream.
+  { clusterSize: 512, size: 1024 * 1024, steps: 10, seed: 53, compress: true },
+  { clusterSize: 4096, size: 4 * 1024 * 1024, steps: 10, seed: 61, compress: true },
 ];
 const MODES: LossMode[] = ['drop-unsynced', 'keep-unsynced', 'random-subset', 'torn'];
 /** QDEDUP_SOAK_SCALE=N (npm run soak): N workloads per configuration (round 0 is the CI one; round r uses seed + 1000·r). */
@@ -81,18 +94,33 @@ test('crash at every write and sync: acknowledged data survives, no corruption',
     const path = join(dir, `base-${c.clusterSize}.qcow2`);
     await createImage(path, { size: c.size, clusterBits: Math.log2(c.clusterSize), version: 3, refcountOrder: 4, lazyRefcounts: false, force: true });
     const base = readFileSync(path);
-    const steps = workload(c.seed, c.size, c.clusterSize, c.steps);
+    const compress = 'compress' in c && c.compress;
+    const steps = workload(c.seed, c.size, c.clusterSize, c.steps, compress);
     // Shadows after each acknowledged step.
     const shadows = shadowsOf(c.size, steps);
     const probe = new FaultyFile(path, base);
-    assert.equal(await runSteps(path, probe, steps), steps.length);
+    assert.equal(await runSteps(path, probe, steps, compress), steps.length);
+    if (compress) {
+      // Not vacuous: the workload leaves compressed clusters, some of them streams crossing a cluster boundary.
+      const done = await Image.open(path, { file: new MemFile(path, await probe.afterPowerLoss('drop-unsynced')) });
+      let compressed = 0;
+      let crossing = 0;
+      for (let g = 0; g < done.size / c.clusterSize; g++) {
+        const e = await done.entry(g);
+        if (e.kind !== 'compressed') continue;
+        compressed++;
+        if (Math.floor(e.compressedOffset / c.clusterSize) !== Math.floor((e.compressedOffset + e.compressedLength - 1) / c.clusterSize)) crossing++;
+      }
+      await done.close();
+      assert.ok(compressed > 20 && crossing > 0, `${compressed} compressed clusters, ${crossing} crossing`);
+    }
     const totalOps = probe.ops;
     for (let k = 0; k <= totalOps; k++) {
       for (const mode of MODES) {
         const file = new FaultyFile(path, base, { crashAt: k });
-        const acked = await runSteps(path, file, steps);
+        const acked = await runSteps(path, file, steps, compress);
         const bytes = await file.afterPowerLoss(mode, k * 7 + 1);
-        const label = `cluster ${c.clusterSize}, seed ${c.seed}, crash at op ${k}/${totalOps}, ${mode}`;
+        const label = `cluster ${c.clusterSize}${compress ? ' -c' : ''}, seed ${c.seed}, crash at op ${k}/${totalOps}, ${mode}`;
         await verifyState(path, bytes, shadows[acked], shadows[Math.min(acked + 1, steps.length)], label);
         states++;
         if (HAVE_QEMU && k % 9 === 0 && mode !== 'keep-unsynced') {
