@@ -10,7 +10,7 @@ import { COMMANDS, commandName, selectedCommand, unknownCommand } from './comman
 
 /**
  * qdedup's version from package.json. yargs' own lookup fails once the CLI is bundled into
- * dist/qdedup.mjs (it printed "unknown"), so search upwards from this module: one level
+ * dist/qdedup.cjs (it printed "unknown"), so search upwards from this module: one level
  * from dist/, two from src/cli/.
  */
 function packageVersion(): string {
