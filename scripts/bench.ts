@@ -20,7 +20,8 @@
 //
 // read-back: a dedup image of that file (made once) read to a regular file with
 // `qdedup read IMG > OUT` beside `qemu-img convert -O raw IMG OUT`. info: start-up, `qdedup
-// info` beside `qemu-img info` on a small image (and `node -e 0`). check: `qdedup check` of
+// info` beside `qemu-img info` on a small image (and `node -e 0`, timed in the same
+// alternation). check: `qdedup check` of
 // the same dedup image beside `qemu-img check` (which counts the dedup metadata as leaks).
 
 import { spawnSync } from 'node:child_process';
@@ -268,17 +269,30 @@ function dedupImage(): string {
 }
 
 /** Alternating runs of ours and theirs; prints both medians and qemu's time / ours. */
-function pairRow(label: string, oursName: string, theirsName: string, ours: () => void, theirs: () => void, aim: number, count = runs): void {
+/** `floor`: a third command timed in the same alternation (start-up: `node -e 0`), its median printed last. */
+function pairRow(
+  label: string,
+  oursName: string,
+  theirsName: string,
+  ours: () => void,
+  theirs: () => void,
+  aim: number,
+  count = runs,
+  floor?: { name: string; run: () => void },
+): void {
   const a: number[] = [];
   const b: number[] = [];
+  const f: number[] = [];
   for (let r = 0; r < count; r++) {
     a.push(timed(ours));
     if (haveQemu) b.push(timed(theirs));
+    if (floor) f.push(timed(floor.run));
   }
   console.log('');
   console.log(label);
   const digits = median(a) < 1 ? 3 : 2;
   console.log(`  ${oursName.padEnd(46)}${median(a).toFixed(digits).padStart(8)} s`);
+  if (floor) console.log(`  ${floor.name.padEnd(46)}${median(f).toFixed(digits).padStart(8)} s`);
   if (!b.length) return;
   console.log(`  ${theirsName.padEnd(46)}${median(b).toFixed(digits).padStart(8)} s`);
   const ratio = record(label.split(':')[0], median(a), median(b), aim);
@@ -317,16 +331,15 @@ if (want('info')) {
   const n = Math.max(runs, 11);
   pairRow(
     'start-up: info on a small (64 MiB, empty) dedup image',
-    'qdedup info',
+    'node bin/qdedup info',
     'qemu-img info',
-    () => sh(BIN, ['info', small]),
+    () => sh(process.execPath, [BIN, 'info', small]),
     () => sh('qemu-img', ['info', small]),
     0,
     n,
+    // In the same alternation: measured apart, the floor and qdedup saw different loads.
+    { name: 'node -e 0 (the floor)', run: () => sh(process.execPath, ['-e', '0']) },
   );
-  const nodeTimes: number[] = [];
-  for (let r = 0; r < n; r++) nodeTimes.push(timed(() => sh(process.execPath, ['-e', '0'])));
-  console.log(`  ${'node -e 0 (the floor)'.padEnd(46)}${median(nodeTimes).toFixed(3).padStart(8)} s`);
 }
 
 if (want('check')) {

@@ -1,11 +1,22 @@
-// Builds dist/: the CLI bundled with esbuild into ES modules — dist/qdedup.mjs (the
-// dispatcher: yargs, errors, output) and one chunk per subcommand, plus chunks they share
-// (dist/chunks/), loaded by `await import()` only when that subcommand runs. So bin/qdedup
-// neither resolves and compiles ~60 separate modules nor parses the code of commands it
-// does not run (see docs/PERFORMANCE.md). Run by `npm ci`/`npm install` (prepare) and
-// `npm run build`.
+// Builds dist/: the CLI bundled with esbuild into one CommonJS file, dist/qdedup.cjs, and
+// the V8 code cache bin/qdedup starts it with, dist/qdedup.cache. Run by `npm ci`/`npm
+// install` (prepare) and `npm run build`.
+//
+// Why this shape (docs/PERFORMANCE.md, "Start-up"): most of a start was V8 parsing and
+// compiling JavaScript, and Node 20 keeps no code cache for ES modules. A classic script
+// compiled through node:vm can be given one, so bin/qdedup reads the bundle, compiles it
+// with dist/qdedup.cache and runs it: no parse of the code, no compile of the functions the
+// cache holds. The cache is made here, by a training run (`info` on a small image, the
+// start-up the issue measures), and only here: bin/qdedup never writes one unless
+// QDEDUP_CODE_CACHE=write (this script) asks it to. Each subcommand's modules are still run
+// only when that command runs: the bundle initialises a module reached through import() on
+// first use (esbuild's lazy __esm wrappers), and test/cli/startup.test.ts checks it.
 import { build } from 'esbuild';
-import { rmSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { spawnSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 
 /**
  * Packages replaced in the bundle by lighter stand-ins (./build-shims/: each says why):
@@ -31,27 +42,61 @@ const lightShims = {
   },
 };
 
-const dist = new URL('../dist/', import.meta.url).pathname;
-rmSync(dist, { recursive: true, force: true }); // no stale chunks from an earlier build
+const root = new URL('../', import.meta.url).pathname;
+const dist = join(root, 'dist');
+const bundle = join(dist, 'qdedup.cjs');
+rmSync(dist, { recursive: true, force: true }); // no stale bundle or cache from an earlier build
 
-await build({
-  entryPoints: { qdedup: new URL('../src/cli/main.ts', import.meta.url).pathname },
-  outdir: dist,
-  outExtension: { '.js': '.mjs' },
-  chunkNames: 'chunks/[name]-[hash]',
+const out = await build({
+  entryPoints: [join(root, 'src/cli/main.ts')],
+  absWorkingDir: root, // module names in the bundle relative to the checkout, wherever the build runs from
+  write: false,
+  outfile: bundle,
   bundle: true,
-  splitting: true,
   platform: 'node',
-  format: 'esm',
+  format: 'cjs',
   target: 'node20',
   logLevel: 'warning',
-  // Smaller to parse at every start; identifiers stay readable for internal-error traces.
+  // Smaller to read at every start; identifiers stay readable for internal-error traces.
   minifyWhitespace: true,
   minifySyntax: true,
-  // koffi (src/image/ofd-lock.ts: fcntl for QEMU's image locks) loads a native .node file
+  // koffi (src/image/libc.ts: fcntl for QEMU's image locks) loads a native .node file
   // from its own folder: it stays in node_modules and is required from there at run time.
   external: ['koffi'],
   plugins: [lightShims],
-  // Bundled CommonJS packages (cli-progress) call require() for Node built-ins.
-  banner: { js: "import { createRequire as __qdedupRequire } from 'node:module'; const require = __qdedupRequire(import.meta.url);" },
+  // Strict, as the ES modules it is made of. import.meta.url (package.json, koffi and
+  // worker_threads are found from it) is the bundle's own URL.
+  banner: { js: "'use strict';const __qdedupUrl=require('node:url').pathToFileURL(__filename).href;" },
+  define: { 'import.meta.url': '__qdedupUrl' },
 });
+const code = out.outputFiles[0].text;
+// bin/qdedup compiles the bundle as a script without a dynamic import() callback.
+if (/\bimport\(/.test(code)) throw new Error('build: the bundle kept a dynamic import(), which bin/qdedup cannot run');
+// The first line names the build: bin/qdedup takes a cache only from the same build.
+const id = createHash('sha256').update(code).digest('hex').slice(0, 16);
+mkdirSync(dist, { recursive: true });
+writeFileSync(bundle, `// qdedup build ${id}\n${code}`);
+
+// The training run: bin/qdedup with QDEDUP_CODE_CACHE=write writes dist/qdedup.cache when
+// it exits, holding what V8 compiled for `info`. Without flags from NODE_OPTIONS (V8 refuses
+// a cache made under other flags). A failure costs start-up time only: no cache is written.
+const env = { ...process.env };
+for (const k of ['NODE_OPTIONS', 'QDEDUP_COVERAGE', 'QDEDUP_CODE_CACHE']) delete env[k];
+const bin = join(root, 'bin/qdedup');
+const tmp = mkdtempSync(join(tmpdir(), 'qdedup-build-'));
+try {
+  const image = join(tmp, 'train.qcow2');
+  const steps = [
+    { args: ['create', '-q', image, '64M'], env },
+    { args: ['info', image], env: { ...env, QDEDUP_CODE_CACHE: 'write' } },
+  ];
+  for (const step of steps) {
+    const r = spawnSync(process.execPath, [bin, ...step.args], { env: step.env, encoding: 'utf8' });
+    if (r.status !== 0) {
+      console.warn(`build: no code cache (qdedup ${step.args[0]} failed: ${(r.stderr || r.error || '').toString().trim()})`);
+      break;
+    }
+  }
+} finally {
+  rmSync(tmp, { recursive: true, force: true });
+}

@@ -10,7 +10,7 @@ import { COMMANDS, commandName, selectedCommand, unknownCommand } from './comman
 
 /**
  * qdedup's version from package.json. yargs' own lookup fails once the CLI is bundled into
- * dist/qdedup.mjs (it printed "unknown"), so search upwards from this module: one level
+ * dist/qdedup.cjs (it printed "unknown"), so search upwards from this module: one level
  * from dist/, two from src/cli/.
  */
 function packageVersion(): string {
@@ -233,4 +233,24 @@ export async function main(given: string[]): Promise<void> {
   }
 }
 
-await main(hideBin(process.argv));
+/**
+ * Runs main() on this process's command line. Not through a top-level await: bin/qdedup runs
+ * the bundle, dist/qdedup.cjs, as a classic script, the kind V8 keeps a code cache for
+ * (docs/PERFORMANCE.md), and a script has none. What such an await did is kept: an error
+ * main() lets through ends the process as an uncaught one (exit code 1), and a process whose
+ * command never settled (the event loop ran dry while it waited) exits 13 with Node's warning
+ * instead of 0. process.exit() (a reader gone away) exits as it says, as before.
+ */
+function runMain(): void {
+  let settled = false;
+  process.on('beforeExit', () => {
+    if (settled || process.exitCode !== undefined) return;
+    process.exitCode = 13;
+    process.stderr.write('Warning: Detected unsettled top-level await: qdedup main() never finished\n');
+  });
+  main(hideBin(process.argv)).then(() => {
+    settled = true;
+  });
+}
+
+runMain();

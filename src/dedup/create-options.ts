@@ -12,7 +12,7 @@ import { Image } from '../image/image.ts';
 import { RawImage, probeFormat } from '../image/guest-reader.ts';
 import { isAbsolute, resolve, dirname } from 'node:path';
 import { DEDUP_CLUSTER_BITS, DEFAULT_JOURNAL_BLOCK, MIN_DEDUP_REFCOUNT_ORDER, defaultDedupSettings, maxStoreOrder, type DedupSettings } from './dedup.ts';
-import { parseHashAlgorithm } from './hasher.ts';
+import { parseHashAlgorithm } from './hash-algorithms.ts';
 import type { CreateOptions } from './open.ts';
 
 /** The parsers of the caller's syntax; each throws UsageError naming `what`. */

@@ -1,8 +1,8 @@
-// The cluster hasher of the dedup write path: algorithm numbers (a byte of the dedup header
-// extension, src/format/dedup-ext.ts), name parsing, and the fastest correct implementation
-// of each algorithm on Node 20, measured with `npm run bench:hash` (scripts/bench-hash.ts)
-// on the project machine: 2 vCPU Zen 1 with SHA-NI, Node 20.20.2, OpenSSL 3.0.19, 256 MiB
-// of random 4 KiB clusters, one call per cluster, median of 3 quiet runs, MB/s = 10^6 B/s.
+// The cluster hasher of the dedup write path: the fastest correct implementation of each
+// algorithm (names and on-disk numbers: ./hash-algorithms.ts, re-exported here) on Node 20,
+// measured with `npm run bench:hash` (scripts/bench-hash.ts) on the project machine: 2 vCPU
+// Zen 1 with SHA-NI, Node 20.20.2, OpenSSL 3.0.19, 256 MiB of random 4 KiB clusters, one
+// call per cluster, median of 3 quiet runs, MB/s = 10^6 B/s.
 // The VM is noisy: the same row varies by ±15 % from one run to the next.
 //
 //   sha256    node:crypto crypto.hash('sha256', b, 'buffer')    1006 MB/s
@@ -24,57 +24,22 @@
 import crypto from 'node:crypto';
 import { endianness } from 'node:os';
 import { blake3 as nobleBlake3 } from '@noble/hashes/blake3.js';
-import { InternalError, UnsupportedError, UsageError } from '../errors.ts';
+import { InternalError } from '../errors.ts';
 import { HASH_BYTES } from '../format/hash-entry.ts';
 import { makeBlake3, type Blake3Into } from './blake3.ts';
+import { HASH_ALGORITHMS, supportedHashAlgorithm, type HashAlgorithm, type SupportedHashAlgorithm } from './hash-algorithms.ts';
 
-/** On-disk algorithm numbers (dedup header extension, byte 1). */
-export const HASH_ALGORITHMS = { sha256: 0, 'sha3-256': 1, skein: 2, blake3: 3 } as const;
-export type HashAlgorithm = keyof typeof HASH_ALGORITHMS;
-/** The algorithms qdedup implements (skein keeps its number but is refused). */
-export type SupportedHashAlgorithm = Exclude<HashAlgorithm, 'skein'>;
-export const SUPPORTED_HASH_ALGORITHMS: readonly SupportedHashAlgorithm[] = ['sha256', 'sha3-256', 'blake3'];
-export const DEFAULT_HASH_ALGORITHM: SupportedHashAlgorithm = 'sha256';
-
-/** "sha256, sha3-256 or blake3", for messages. */
-const CHOICES = SUPPORTED_HASH_ALGORITHMS.join(', ').replace(/, ([^,]*)$/, ' or $1');
-const NAMES_BY_ID = new Map<number, HashAlgorithm>(Object.entries(HASH_ALGORITHMS).map(([name, id]) => [id, name as HashAlgorithm]));
-
-function skeinRefused(): UnsupportedError {
-  return new UnsupportedError(`hash algorithm skein (${HASH_ALGORITHMS.skein}) is not supported; use ${CHOICES}`);
-}
-
-/** The on-disk number of an algorithm. */
-export function hashAlgorithmId(name: HashAlgorithm): number {
-  return HASH_ALGORITHMS[name];
-}
-
-/** The name of an on-disk algorithm number (skein included); UnsupportedError for a number no version of qdedup knows. */
-export function hashAlgorithmName(id: number): HashAlgorithm {
-  const name = NAMES_BY_ID.get(id);
-  if (name === undefined)
-    throw new UnsupportedError(`unknown dedup hash algorithm number ${id} (known: ` + `${[...NAMES_BY_ID].map(([i, n]) => `${i} ${n}`).join(', ')})`);
-  return name;
-}
-
-/**
- * Parses a user-given algorithm name (e.g. `-o dedup=NAME`), case-insensitively.
- * UnsupportedError for skein, UsageError for anything else unknown (`off` included: the
- * caller handles it).
- */
-export function parseHashAlgorithm(name: string): SupportedHashAlgorithm {
-  const n = name.trim().toLowerCase();
-  if (n === 'skein') throw skeinRefused();
-  if ((SUPPORTED_HASH_ALGORITHMS as readonly string[]).includes(n)) return n as SupportedHashAlgorithm;
-  throw new UsageError(`unknown hash algorithm '${name}': use ${CHOICES}`);
-}
-
-function supported(algorithm: HashAlgorithm | number): SupportedHashAlgorithm {
-  const name = typeof algorithm === 'number' ? hashAlgorithmName(algorithm) : algorithm;
-  if (name === 'skein') throw skeinRefused();
-  if (!Object.hasOwn(HASH_ALGORITHMS, name)) throw new UsageError(`unknown hash algorithm '${String(name)}': use ${CHOICES}`);
-  return name;
-}
+export {
+  DEFAULT_HASH_ALGORITHM,
+  HASH_ALGORITHMS,
+  SUPPORTED_HASH_ALGORITHMS,
+  hashAlgorithmId,
+  hashAlgorithmName,
+  parseHashAlgorithm,
+  supportedHashAlgorithm,
+  type HashAlgorithm,
+  type SupportedHashAlgorithm,
+} from './hash-algorithms.ts';
 
 export function checkBatch(data: Uint8Array, clusterSize: number): number {
   if (!Number.isInteger(clusterSize) || clusterSize <= 0) throw new InternalError(`hashClusters: cluster size ${clusterSize} is not a positive integer`);
@@ -130,7 +95,7 @@ export function clustersInto(algorithm: SupportedHashAlgorithm): ClustersInto {
 
 /** A synchronous hasher for an algorithm given by name or on-disk number. Refuses skein (UnsupportedError). */
 export function createHasher(algorithm: HashAlgorithm | number): Hasher {
-  const name = supported(algorithm);
+  const name = supportedHashAlgorithm(algorithm);
   const into = clustersInto(name);
   const nodeName = name === 'blake3' ? undefined : name;
   return {

@@ -9,7 +9,7 @@
 // replay leaves out; it ends at the first block without the magic (all zero past the end of
 // the file), so its cost is bounded by the journal and the file.
 
-import { crc32 } from 'node:zlib';
+import { crc32 } from '../format/crc32.ts';
 import { CorruptImageError, QdedupError, hex } from '../errors.ts';
 import { AUTOCLEAR_DEDUP, EXT_DEDUP, decodeDedupConfig, type DedupConfig, type DedupExtension, type JournalDescriptor } from '../format/dedup-ext.ts';
 import { ENTRY_HEADER_BYTES, JOURNAL_MAGIC, decodeJournalBlock, type BlockVerdict } from '../format/journal-block.ts';

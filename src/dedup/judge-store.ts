@@ -11,7 +11,7 @@ import { INCOMPAT_DIRTY } from '../format/header.ts';
 import { decodeL1Entry } from '../format/l1l2.ts';
 import type { Image } from '../image/image.ts';
 import { clusterSpan, storedRefcounts } from './clusters.ts';
-import { createHasher, hashAlgorithmName } from './hasher.ts';
+import { hashAlgorithmName, supportedHashAlgorithm } from './hash-algorithms.ts';
 import { HOLDER_NAME, Holder, type HolderHost } from './holder.ts';
 import { replayJournal } from './journal.ts';
 import { DedupStore, geometryOf, replayDamage, type StoreGeometry } from './store.ts';
@@ -139,7 +139,7 @@ export async function judgeStore(image: Image, options: JudgeOptions = {}): Prom
   if (snap) out.holder = await Holder.load(readOnlyHost(image), snap.l1TableOffset, snap.l1Size);
 
   try {
-    createHasher(ext.hashAlgorithm);
+    supportedHashAlgorithm(ext.hashAlgorithm);
   } catch (err) {
     if (!(err instanceof QdedupError)) throw err;
     return distrust('algorithm', err.message, err);

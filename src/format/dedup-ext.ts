@@ -6,7 +6,7 @@
 // is rewritten, with its checksum, at every clean close. Both are trusted only while the
 // dedup autoclear bit is set and the dirty flag is clear (I3, docs/DESIGN.md).
 
-import { crc32 } from 'node:zlib';
+import { crc32 } from './crc32.ts';
 import { CorruptImageError, hex } from '../errors.ts';
 import { readU64, writeU64 } from './bytes.ts';
 import type { HeaderExtension } from './header.ts';

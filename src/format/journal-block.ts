@@ -11,7 +11,7 @@
 // A block is valid only if the magic, the checksum, the expected sequence number and
 // every entry parse; replay stops at the first block that is not.
 
-import { crc32 } from 'node:zlib';
+import { crc32 } from './crc32.ts';
 import { HASH_ENTRY_BYTES, decodeHashEntry, encodeHashEntry, type HashEntry } from './hash-entry.ts';
 import { U64_HI_UNSAFE, readU64, writeU64 } from './bytes.ts';
 

@@ -4,6 +4,7 @@
 // binaries (no compiler at `npm ci`). koffi and libc are loaded on first use and only once;
 // where that fails (not Linux, koffi missing) libc() returns null and callers go without.
 
+import { closeSync, openSync, readSync } from 'node:fs';
 import { createRequire } from 'node:module';
 
 export interface Libc {
@@ -17,6 +18,68 @@ export interface Libc {
   errno(): number;
 }
 
+/** The part of koffi's API used here. */
+interface Koffi {
+  load(name: string): { func(proto: string): (...args: unknown[]) => number | bigint };
+  errno(): number;
+}
+
+/**
+ * koffi. Its package entry (koffi/index.cjs) spends ~12 ms at every load before it loads its
+ * prebuilt binary (~2.5 ms): it reads node's ELF header to tell glibc from musl, resolves its
+ * per-platform package, whose own entry reads the ELF header again, and wraps deprecated
+ * functions. Every command that takes QEMU's image locks (`info` included) pays that, so on
+ * glibc Linux the binary is required straight from that per-platform package
+ * (@koromix/koffi-linux-ARCH/linux_ARCH/koffi.node, a dependency koffi pins to its own
+ * version). Anything else — musl, another layout, a binary that does not load — goes
+ * through koffi's entry as before.
+ */
+function loadKoffi(require: NodeJS.Require): Koffi {
+  if (/^ld-linux/.test(nodeInterpreter().replace(/^.*\//, ''))) {
+    try {
+      const native = require(`@koromix/koffi-linux-${process.arch}/linux_${process.arch}/koffi.node`) as Partial<Koffi> | null;
+      if (typeof native?.load === 'function' && typeof native.errno === 'function') return native as Koffi;
+    } catch {
+      // not there or does not load: koffi's entry finds its binary
+    }
+  }
+  return require('koffi') as Koffi;
+}
+
+/**
+ * The program interpreter (ELF PT_INTERP) of the node binary: /lib64/ld-linux-x86-64.so.2
+ * for glibc, /lib/ld-musl-… for musl; '' when it cannot be read (then koffi decides).
+ */
+function nodeInterpreter(): string {
+  let fd: number | undefined;
+  try {
+    fd = openSync(process.execPath, 'r');
+    const h = Buffer.alloc(64);
+    // 64-bit little-endian ELF only (x86_64, aarch64); others are left to koffi.
+    if (readSync(fd, h, 0, 64, 0) < 64 || h.readUInt32BE(0) !== 0x7f454c46 || h[4] !== 2 || h[5] !== 1) return '';
+    const phoff = Number(h.readBigUInt64LE(32));
+    const entry = h.readUInt16LE(54);
+    const count = h.readUInt16LE(56);
+    if (entry < 56 || count > 256) return '';
+    const ph = Buffer.alloc(entry * count);
+    if (readSync(fd, ph, 0, ph.length, phoff) < ph.length) return '';
+    for (let at = 0; at < ph.length; at += entry) {
+      if (ph.readUInt32LE(at) !== 3) continue; // PT_INTERP: p_offset @8, p_filesz @32
+      const size = Number(ph.readBigUInt64LE(at + 32));
+      if (size > 4096) return '';
+      const name = Buffer.alloc(size);
+      const got = readSync(fd, name, 0, size, Number(ph.readBigUInt64LE(at + 8)));
+      const end = name.indexOf(0);
+      return name.toString('latin1', 0, end >= 0 && end < got ? end : got);
+    }
+    return '';
+  } catch {
+    return '';
+  } finally {
+    if (fd !== undefined) closeSync(fd);
+  }
+}
+
 let loaded: Libc | null | undefined;
 
 /** libc's calls, or null where they cannot be loaded. */
@@ -27,10 +90,7 @@ export function libc(): Libc | null {
   try {
     // createRequire: koffi is a native CommonJS package, kept out of the esbuild bundle
     // (scripts/build.mjs marks it external) and resolved from node_modules at run time.
-    const koffi = createRequire(import.meta.url)('koffi') as {
-      load(name: string): { func(proto: string): (...args: unknown[]) => number | bigint };
-      errno(): number;
-    };
+    const koffi = loadKoffi(createRequire(import.meta.url));
     const lib = koffi.load('libc.so.6');
     const fcntl = lib.func('int fcntl(int fd, int cmd, ...)');
     const lseek = lib.func('int64_t lseek(int fd, int64_t offset, int whence)');

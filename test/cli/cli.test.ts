@@ -96,7 +96,7 @@ describe('qdedup command line', { concurrency: 4 }, () => {
   });
 
   it('--version and -V print the package version', async () => {
-    // Regression: once bundled into dist/qdedup.mjs, yargs could not find package.json ("unknown").
+    // Regression: once bundled into dist/ (then dist/qdedup.mjs), yargs could not find package.json ("unknown").
     for (const flag of ['--version', '-V']) {
       const r = await q(flag);
       assert.equal(r.status, 0);

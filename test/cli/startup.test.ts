@@ -1,66 +1,180 @@
-// Start-up stays small, checked on the built dist/ rather than timed: what
-// bin/qdedup loads before it knows the command (dist/qdedup.mjs and the chunks it imports
-// statically) holds no subcommand, no QCOW2 engine, no progress bar, and none of the
-// packages scripts/build-shims/ replaces (the real string-width's Unicode regular
-// expressions cost 25–50 ms at load); each subcommand's chunk is reached only through a
-// dynamic import().
+// Start-up stays small, checked on the built dist/ rather than timed (docs/PERFORMANCE.md,
+// "Start-up"): bin/qdedup runs the one-file bundle dist/qdedup.cjs with the V8 code cache
+// scripts/build.mjs made for it, and uses a cache only when it belongs to that bundle; in the
+// bundle, each subcommand's modules and the QCOW2 engine are initialised only when the
+// command runs (esbuild's lazy __esm wrappers), so what a start loads before the command is
+// known holds no engine, no progress bar, no hashing, no image locks; the packages
+// scripts/build-shims/ replaces (the real string-width's Unicode regular expressions cost
+// 25–50 ms at load) are not in the bundle at all.
 
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, readFileSync, utimesSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
-import { ROOT, qdedup } from '../helpers.ts';
+import { BIN, ROOT, qdedup, tempDir } from '../helpers.ts';
 import { COMMANDS, commandName } from '../../src/cli/command-list.ts';
 
 const DIST = join(ROOT, 'dist');
+const BUNDLE = readFileSync(join(DIST, 'qdedup.cjs'), 'utf8');
 
-/** dist/qdedup.mjs and every chunk it imports statically, transitively: file → text. */
-function staticClosure(): Map<string, string> {
-  const seen = new Map<string, string>();
-  const visit = (rel: string) => {
-    if (seen.has(rel)) return;
-    const text = readFileSync(join(DIST, rel), 'utf8');
-    seen.set(rel, text);
-    const dir = rel.includes('/') ? rel.slice(0, rel.lastIndexOf('/') + 1) : '';
-    // Static imports only: `import{…}from"./x.mjs"` / `import"./x.mjs"`, not `import("./x.mjs")`.
-    for (const m of text.matchAll(/\bimport\s*(?:[^("'`;]*?\bfrom\s*)?["'](\.{1,2}\/[^"']+)["']/g)) {
-      visit(join(dir, m[1]).replace(/^\.\//, ''));
-    }
-  };
-  visit('qdedup.mjs');
-  return seen;
+/** Runs `bin` with `args` and returns the Node built-in modules the process loaded and the files it required. */
+function loaded(args: string[], bin = BIN): { status: number; builtins: Set<string>; files: string[] } {
+  const dir = tempDir();
+  const preload = join(dir, 'loaded.cjs');
+  const report = join(dir, 'loaded.json');
+  writeFileSync(
+    preload,
+    `process.on('exit', () => require('node:fs').writeFileSync(${JSON.stringify(report)}, JSON.stringify({` +
+      `builtins: process.moduleLoadList.filter((m) => m.startsWith('NativeModule ')).map((m) => m.slice(13)), files: Object.keys(require.cache) })));`,
+  );
+  const r = spawnSync(process.execPath, ['-r', preload, bin, ...args], { env: { ...process.env, NO_COLOR: '1' } });
+  const { builtins, files } = JSON.parse(readFileSync(report, 'utf8')) as { builtins: string[]; files: string[] };
+  return { status: r.status ?? -1, builtins: new Set(builtins), files };
 }
 
-describe('start-up: what loads before the command is known', () => {
-  it('dist/qdedup.mjs and its static imports hold no command, engine, progress bar, node:assert, node:tty or string-width regexes', () => {
-    const closure = staticClosure();
-    const all = [...closure.values()].join('\n');
+/** A small dedup image made by `create`. */
+function smallImage(): string {
+  const img = join(tempDir(), 'small.qcow2');
+  assert.equal(qdedup(['create', '-q', img, '64M']).status, 0);
+  return img;
+}
+
+describe('start-up: what a start loads', () => {
+  it('the bundle holds none of the packages build-shims replaces', () => {
     for (const [what, marker] of [
-      ['read.ts', 'Pattern verification failed'],
-      ['info.ts', 'Format specific information'],
-      ['the QCOW2 engine (image.ts)', 'inflateRawSync'],
-      ['cli-progress', 'SingleBar'],
       ['string-width (real)', 'RGI_Emoji'],
       ['string-width (real)', 'Intl.Segmenter'],
       ["chalk's supports-color (real)", 'TERM_PROGRAM'],
-      ['node:assert', 'from"assert"'],
-      ['node:tty', 'from"node:tty"'],
+      ['node:assert', 'require("assert")'],
     ]) {
-      assert.ok(
-        !all.includes(marker),
-        `${what} is loaded at start-up (found '${marker}' in ${[...closure.keys()].filter((k) => closure.get(k)!.includes(marker)).join(', ')})`,
-      );
+      assert.ok(!BUNDLE.includes(marker), `${what} is in dist/qdedup.cjs (found '${marker}')`);
     }
   });
 
-  it('every command in the list has its own chunk, imported dynamically, and runs', () => {
-    const main = readFileSync(join(DIST, 'qdedup.mjs'), 'utf8');
-    const dynamic = [...main.matchAll(/\bimport\(\s*["']\.\/chunks\/([a-z-]+)-[A-Z0-9]+\.mjs["']\s*\)/g)].map((m) => m[1]);
-    assert.deepEqual(dynamic.sort(), COMMANDS.map(commandName).sort());
+  it('no command and no engine module is initialised before the command is known', () => {
+    // esbuild wraps a module that is reached through import() in `init_x=__esm({"path"(){…}})`:
+    // its body runs on the first init_x() call. Such a call sits in the prologue of another
+    // wrapped module (`"path"(){init_a();init_b();…`), in an import() (`Promise.resolve().then(
+    // () => (init_x(), x_exports))`), or elsewhere: then it may run at start. The modules
+    // that do, and those their prologues initialise, must hold no command and no engine.
+    const initOf = new Map<string, string>(); // init function → module path
+    const prologue = new Map<string, string[]>(); // module path → the init functions its prologue calls
+    for (const m of BUNDLE.matchAll(/\b(init_[\w$]+)=__esm\(\{\s*"([^"]+)"\(\)\{/g)) {
+      initOf.set(m[1], m[2]);
+      // "use strict", then the init calls, among the require() of packages and built-ins.
+      const body = BUNDLE.slice(m.index + m[0].length, m.index + m[0].length + 4000);
+      const calls = /^(?:"use strict";)?(?:(?:[\w$]+=(?:__toESM\()?require\("[^"]*"\)(?:,1)?\)?|init_[\w$]+\(\))(?:[,;]|(?=\})))*/.exec(body)?.[0] ?? '';
+      prologue.set(
+        m[2],
+        [...calls.matchAll(/init_[\w$]+/g)].map((x) => x[0]),
+      );
+    }
+    const roots = new Set<string>();
+    for (const [init, path] of initOf) {
+      const calls = BUNDLE.split(`${init}()`).length - 1;
+      const inPrologues = [...prologue.values()].reduce((n, list) => n + list.filter((i) => i === init).length, 0);
+      const inImports = BUNDLE.split(`Promise.resolve().then(()=>(${init}(),`).length - 1;
+      if (calls > inPrologues + inImports) roots.add(path);
+    }
+    const atStart = new Set<string>();
+    const visit = (path: string) => {
+      if (atStart.has(path)) return;
+      atStart.add(path);
+      for (const init of prologue.get(path) ?? []) visit(initOf.get(init)!);
+    };
+    for (const r of roots) visit(r);
+    assert.ok(atStart.has('src/errors.ts'), 'the analysis found what main.ts initialises (errors.ts)');
+    const expected = [...COMMANDS.map((c) => `src/cli/commands/${commandName(c)}.ts`), 'src/image/image.ts', 'src/dedup/dedup.ts', 'src/dedup/hasher.ts'];
+    for (const m of expected) {
+      assert.ok(prologue.has(m), `${m} is not wrapped for lazy initialisation in dist/qdedup.cjs`);
+      assert.ok(!atStart.has(m), `${m} is initialised at start`);
+    }
+  });
+
+  it('--version loads no engine, hashing, compression, terminal, thread or lock code', () => {
+    const r = loaded(['--version']);
+    assert.equal(r.status, 0);
+    for (const m of ['zlib', 'crypto', 'tty', 'worker_threads', 'assert', 'os']) assert.ok(!r.builtins.has(m), `--version loaded node:${m}`);
+    assert.deepEqual(
+      r.files.filter((f) => f.includes('koffi')),
+      [],
+      '--version loaded koffi',
+    );
+  });
+
+  it('info loads no hashing, compression, terminal or thread code; info -U no koffi either', () => {
+    const img = smallImage();
+    for (const args of [
+      ['info', img],
+      ['info', '-U', img],
+    ]) {
+      const r = loaded(args);
+      assert.equal(r.status, 0, args.join(' '));
+      for (const m of ['crypto', 'zlib', 'tty', 'worker_threads', 'assert']) assert.ok(!r.builtins.has(m), `${args.join(' ')} loaded node:${m}`);
+      if (args.includes('-U'))
+        assert.deepEqual(
+          r.files.filter((f) => f.includes('koffi')),
+          [],
+          'info -U loaded koffi',
+        );
+    }
+  });
+
+  it('every command in the list runs (--help)', () => {
     for (const c of COMMANDS) {
       const r = qdedup([commandName(c), '--help']);
       assert.equal(r.status, 0, `${commandName(c)} --help: ${r.stderr}`);
       assert.ok(r.stdout.startsWith(`qdedup ${c.command}`), r.stdout.slice(0, 80));
     }
+  });
+});
+
+describe('start-up: the code cache', () => {
+  /** bin/qdedup's answer to QDEDUP_CODE_CACHE=report for `--version`, run from `bin`. */
+  const cacheState = (bin = BIN, env: Record<string, string> = {}) => {
+    const r = spawnSync(process.execPath, [bin, '--version'], { env: { ...process.env, QDEDUP_CODE_CACHE: 'report', ...env }, encoding: 'utf8' });
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(r.stdout, /^\d+\.\d+\.\d+/);
+    return /qdedup: code cache (.*)\n/.exec(r.stderr)?.[1];
+  };
+
+  it('the build made one, and bin/qdedup uses it', () => {
+    assert.equal(cacheState(), 'used');
+    assert.equal(cacheState(BIN, { QDEDUP_CODE_CACHE: 'off' }), undefined, 'off: not even reported');
+  });
+
+  /** A copy of bin/ and dist/ (and package.json, for --version) in a temporary folder: its bin/qdedup. */
+  function copy(): { bin: string; dist: string } {
+    const root = tempDir();
+    for (const d of ['bin', 'dist']) mkdirSync(join(root, d));
+    for (const f of ['bin/qdedup', 'bin/package.json', 'dist/qdedup.cjs', 'dist/qdedup.cache', 'package.json']) copyFileSync(join(ROOT, f), join(root, f));
+    return { bin: join(root, 'bin', 'qdedup'), dist: join(root, 'dist') };
+  }
+
+  it('a cache that is not for this bundle is not used, and the run is the same', () => {
+    // Made by another build (its key names another one).
+    let c = copy();
+    const cache = readFileSync(join(c.dist, 'qdedup.cache'));
+    const nl = cache.indexOf(10);
+    const key = JSON.parse(cache.toString('latin1', 0, nl)) as { build: string };
+    writeFileSync(
+      join(c.dist, 'qdedup.cache'),
+      Buffer.concat([Buffer.from(`${JSON.stringify({ ...key, build: '0123456789abcdef' })}\n`), cache.subarray(nl + 1)]),
+    );
+    assert.equal(cacheState(c.bin), 'none');
+    // Older than the bundle (the bundle was edited after the build).
+    c = copy();
+    const later = new Date(Date.now() + 60_000);
+    utimesSync(join(c.dist, 'qdedup.cjs'), later, later);
+    assert.equal(cacheState(c.bin), 'none');
+    // Its key right but its V8 data cut short: V8 refuses it and compiles as without one.
+    c = copy();
+    writeFileSync(join(c.dist, 'qdedup.cache'), cache.subarray(0, nl + 1 + Math.floor((cache.length - nl - 1) / 2)));
+    assert.equal(cacheState(c.bin), 'refused by V8');
+    // None at all.
+    c = copy();
+    writeFileSync(join(c.dist, 'qdedup.cache'), '');
+    assert.equal(cacheState(c.bin), 'none');
   });
 });
