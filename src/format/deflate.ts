@@ -3,7 +3,10 @@
 // writes. Pure: bytes in, bytes out. Layout of the L2 descriptor: ./l1l2.ts; docs/FORMAT.md
 // "Compressed clusters".
 
-import { constants, deflateRawSync } from 'node:zlib';
+import { createRequire } from 'node:module';
+
+/** node:zlib's deflateRawSync, loaded at the first compression (node:zlib costs every start ~3 ms: docs/PERFORMANCE.md). */
+let deflateRawSync: typeof import('node:zlib').deflateRawSync | undefined;
 
 /** Deflate window of every compressed cluster: 2^12 = 4 KiB, the window QEMU inflates with, whatever the cluster size. */
 export const DEFLATE_WINDOW_BITS = 12;
@@ -17,6 +20,7 @@ export const DEFLATE_LEVEL = 6;
  * smaller than the cluster: such a cluster is stored plain, as QEMU stores it.
  */
 export function compressCluster(data: Buffer, level = DEFLATE_LEVEL): Buffer | null {
-  const out = deflateRawSync(data, { level, windowBits: DEFLATE_WINDOW_BITS, memLevel: DEFLATE_MEM_LEVEL, strategy: constants.Z_DEFAULT_STRATEGY });
+  deflateRawSync ??= (createRequire(import.meta.url)('node:zlib') as typeof import('node:zlib')).deflateRawSync;
+  const out = deflateRawSync(data, { level, windowBits: DEFLATE_WINDOW_BITS, memLevel: DEFLATE_MEM_LEVEL }); // zlib's default strategy, as QEMU
   return out.length < data.length ? out : null;
 }
