@@ -254,8 +254,8 @@ async function fuzzImage(dir: string, name: string, bytes: Buffer, pick: number,
 
 /**
  * One mutant through the commands that take in existing images: `map` or `estimate`
- * (read-only: the file unchanged), then `convert` of it (the source unchanged; a target
- * made must pass qemu-img check and hold the source's guest data) or `dedup` of a copy (on a
+ * (read-only: the file unchanged), then `convert` of it, compressed or not (the source
+ * unchanged; a target made must pass qemu-img check and hold the source's guest data) or `dedup` of a copy (on a
  * mutant qemu-img finds clean, a success must keep the guest data and the image clean).
  */
 async function fuzzImportCommands(dir: string, name: string, bytes: Buffer, pick: number): Promise<ImageOutcome> {
@@ -286,7 +286,9 @@ async function fuzzImportCommands(dir: string, name: string, bytes: Buffer, pick
   };
   if (Math.floor(pick / 2) % 2 === 0) {
     const out = join(dir, `${name}-converted.qcow2`);
-    const r = await run('convert', ['convert', '-f', 'qcow2', file, out], file);
+    // Every other convert compresses into a plain target (-c): the same checks hold.
+    const compress = Math.floor(pick / 4) % 2 === 1 ? ['-c', '-o', 'dedup=off'] : [];
+    const r = await run('convert', ['convert', ...compress, '-f', 'qcow2', file, out], file);
     if (r.status === 0 && HAVE_QEMU) {
       await qemuClean(out, 'the image convert made');
       if (clean) await compare(file, out, 'convert of an image without corruption');
