@@ -262,6 +262,7 @@ export class Dedup implements WritePolicy {
       if (entry && Number.isSafeInteger(entry.hostOffset / cs)) hosts.push(entry.hostOffset / cs);
       const released = writer.releasedBy(w.old);
       if (released !== null) hosts.push(released);
+      else if (w.old.kind === 'compressed') hosts.push(...writer.clustersReleasedBy(w.old));
     }
     await this.prepareRelease(hosts);
 

@@ -31,3 +31,23 @@ export function encodeHashEntry(e: HashEntry, buf: Buffer, pos: number): void {
   writeU64(buf, pos + 32, e.hostOffset);
   writeU64(buf, pos + 40, e.firstGuestOffset);
 }
+
+// Entries of compressed copies (framed deflate streams, ./stream-header.ts): the host offset
+// is the stream's first byte — never a multiple of the cluster size, unlike a whole
+// cluster's — and the guest offset field carries the stream's length in its low bits (a
+// guest cluster's offset is a multiple of the cluster size; the length is less than one).
+
+/** True when an entry's host offset names a compressed stream rather than a whole cluster. */
+export function isStreamEntry(hostOffset: number, clusterSize: number): boolean {
+  return hostOffset % clusterSize !== 0;
+}
+
+/** The guest offset field of a stream entry: the guest cluster's offset plus the stream's length. */
+export function streamGuestField(guestOffset: number, length: number): number {
+  return guestOffset + length;
+}
+
+/** The stream length a stream entry's guest offset field carries. */
+export function streamLengthOf(guestField: number, clusterSize: number): number {
+  return guestField % clusterSize;
+}

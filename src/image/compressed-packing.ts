@@ -9,10 +9,13 @@
 // name is ever written again.
 
 import { InternalError } from '../errors.ts';
+import { STREAM_ALIGN, STREAM_HEADER_BYTES } from '../format/stream-header.ts';
 
 export interface PackedRun {
   /** Byte offset of each stream from the start of the run, in the order given. */
   offsets: number[];
+  /** Framed runs: byte offset of each stream's header (../format/stream-header.ts) from the start of the run. */
+  headers: number[];
   /** Host clusters the run takes. */
   clusters: number;
   /** Streams touching each cluster of the run: its refcount. */
@@ -22,24 +25,37 @@ export interface PackedRun {
 /**
  * Lays out streams of `lengths` bytes (each shorter than a cluster) in order from the start
  * of a run of `clusterSize` clusters, no cluster touched by more than `maxTouches` streams.
+ * `framed` (dedup images): each stream follows its 8-byte header, at a multiple of 8 in the
+ * same cluster as the stream's first byte, so no stream starts on a cluster boundary.
  */
-export function packStreams(lengths: number[], clusterSize: number, maxTouches: number): PackedRun {
+export function packStreams(lengths: number[], clusterSize: number, maxTouches: number, framed = false): PackedRun {
   if (maxTouches < 1) throw new InternalError('packStreams: a cluster must hold at least one stream');
   const offsets: number[] = [];
+  const headers: number[] = [];
   const touches: number[] = [];
+  const frame = framed ? STREAM_HEADER_BYTES : 0;
+  /** Where a stream whose header (if any) goes at or after `pos` starts. */
+  const startAt = (pos: number) => {
+    if (!framed) return pos;
+    let h = Math.ceil(pos / STREAM_ALIGN) * STREAM_ALIGN;
+    if ((h + frame) % clusterSize === 0) h += STREAM_ALIGN; // header and stream in one cluster
+    return h + frame;
+  };
   let pos = 0;
   for (const len of lengths) {
     if (len <= 0 || len >= clusterSize) throw new InternalError(`packStreams: stream of ${len} bytes in ${clusterSize}-byte clusters`);
-    let first = Math.floor(pos / clusterSize);
+    let start = startAt(pos);
+    let first = Math.floor(start / clusterSize);
     // A cluster at its maximum takes no more: start at the next one.
     if ((touches[first] ?? 0) >= maxTouches) {
       first++;
-      pos = first * clusterSize;
+      start = startAt(first * clusterSize);
     }
-    const last = Math.floor((pos + len - 1) / clusterSize);
+    const last = Math.floor((start + len - 1) / clusterSize);
     for (let c = first; c <= last; c++) touches[c] = (touches[c] ?? 0) + 1;
-    offsets.push(pos);
-    pos += len;
+    offsets.push(start);
+    if (framed) headers.push(start - frame);
+    pos = start + len;
   }
-  return { offsets, clusters: touches.length, touches };
+  return { offsets, headers, clusters: touches.length, touches };
 }

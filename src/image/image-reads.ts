@@ -2,18 +2,12 @@
 // entries (data pieces, zeros, compressed clusters, backing ranges), then the data pieces are
 // sorted by host offset and read with one preadv per contiguous host run.
 
-import { createRequire } from 'node:module';
+import { inflateCluster } from '../format/deflate.ts';
 import { CorruptImageError, QdedupError, hex } from '../errors.ts';
 import type { L2Entry } from '../format/l1l2.ts';
 import { readvFrom } from './block-file.ts';
 import { zeroRange } from './guest-reader.ts';
 import { ImageTables } from './image-tables.ts';
-
-/**
- * node:zlib's inflateRawSync, loaded at the first compressed cluster: most images have none,
- * and loading node:zlib costs ~3 ms of every start (docs/PERFORMANCE.md, "Start-up").
- */
-let inflateRawSync: typeof import('node:zlib').inflateRawSync | undefined;
 
 /** Largest host run read with one preadv (neighbouring clusters coalesced). */
 const MAX_READ_RUN_BYTES = 4 * 1024 * 1024;
@@ -187,8 +181,7 @@ export abstract class ImageReads extends ImageTables {
     const input = await this.file.read(e.compressedOffset, e.compressedLength);
     let data: Buffer;
     try {
-      inflateRawSync ??= (createRequire(import.meta.url)('node:zlib') as typeof import('node:zlib')).inflateRawSync;
-      data = inflateRawSync(input, { finishFlush: 2 /* Z_SYNC_FLUSH: the stream may end mid-sector */, maxOutputLength: this.clusterSize });
+      data = inflateCluster(input, this.clusterSize);
     } catch (err) {
       throw new CorruptImageError(`compressed cluster at ${hex(e.compressedOffset)} does not inflate: ${(err as Error).message}`, {
         path: this.path,

@@ -415,8 +415,7 @@ export class Image extends ImageCommit implements GuestReader {
     const old = await this.entry(guestCluster);
     if (this.readsAsZeros(old)) return; // no table to allocate, nothing to drop
     await this.l2TableForWrite(Math.floor(guestCluster / this.l2Entries));
-    const released = this.releasedBy(old);
-    if (this.policy && released !== null) await this.policy.prepareRelease([released]);
+    if (this.policy) await this.policy.prepareRelease(this.clustersReleasedBy(old));
     await this.zeroMapped(guestCluster, old);
   }
 
@@ -443,15 +442,37 @@ export class Image extends ImageCommit implements GuestReader {
   dropReference(old: L2Entry): Promise<void> | undefined {
     const refcounts = this.assertWritable();
     if (old.kind === 'compressed') {
+      // One reference on every cluster the stream touches, each released in turn.
       const [first, last] = compressedClusterSpan(old, this.clusterBits);
-      for (let c = first; c <= last; c++) refcounts.deferFree(c);
-      return undefined;
+      const policy = this.policy;
+      if (!policy) {
+        for (let c = first; c <= last; c++) refcounts.deferFree(c);
+        return undefined;
+      }
+      const from = (c: number): Promise<void> | undefined => {
+        for (; c <= last; c++) {
+          const releasing = policy.release(c);
+          if (releasing) return releasing.then(() => from(c + 1));
+        }
+        return undefined;
+      };
+      return from(first);
     }
     const released = this.releasedBy(old);
     if (released === null) return undefined;
     if (this.policy) return this.policy.release(released);
     refcounts.deferFree(released);
     return undefined;
+  }
+
+  /** Every host cluster dropReference(`old`) releases a reference of (what the policy's prepareRelease needs). */
+  clustersReleasedBy(old: L2Entry): number[] {
+    if (old.kind !== 'compressed') {
+      const c = this.releasedBy(old);
+      return c === null ? [] : [c];
+    }
+    const [first, last] = compressedClusterSpan(old, this.clusterBits);
+    return Array.from({ length: last - first + 1 }, (_, k) => first + k);
   }
 
   /**
@@ -481,6 +502,7 @@ export class Image extends ImageCommit implements GuestReader {
       zeroCluster: (g, old) => this.zeroMapped(g, old),
       dropReference: (old) => this.dropReference(old),
       releasedBy: (old) => this.releasedBy(old),
+      clustersReleasedBy: (old) => this.clustersReleasedBy(old),
       fetchRefcounts: (clusters) => refcounts.fetch(clusters),
       refcount: (c) => refcounts.count(c),
       increment: (c) => refcounts.increment(c),

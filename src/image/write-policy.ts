@@ -51,7 +51,7 @@ export interface WritePolicy {
   /** Reads what release() of these host clusters needs into memory (the engine calls it before a release of its own). */
   prepareRelease(clusters: number[]): Promise<void>;
   /**
-   * A guest reference to uncompressed host cluster `cluster` goes: the policy queues the
+   * A guest reference to host cluster `cluster` goes (one of each cluster a compressed stream touches): the policy queues the
    * decrement(s) with ImageWriter.deferFree (I2: after whatever must be durable first).
    * Decides without I/O (prepareRelease() first); returns a promise only when it started
    * I/O that must end before the next decision.
@@ -107,6 +107,8 @@ export interface ImageWriter {
   dropReference(old: L2Entry): Promise<void> | undefined;
   /** The host cluster dropReference(`old`) hands to the policy's release, or null (prepare its release first). */
   releasedBy(old: L2Entry): number | null;
+  /** Every host cluster dropReference(`old`) hands to the policy's release: releasedBy's, or each cluster a compressed stream touches. */
+  clustersReleasedBy(old: L2Entry): number[];
   /** Reads the refcount blocks of these host clusters into memory (until the next fetch). */
   fetchRefcounts(clusters: Iterable<number>): Promise<void>;
   /** Refcount of host cluster `cluster`, without I/O: its block fetched (or allocated) since the last fetch. */

@@ -10,6 +10,7 @@ import { randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { packStreams } from '../../src/image/compressed-packing.ts';
+import { STREAM_HEADER_BYTES, encodeStreamHeader, framedStreamsTouching } from '../../src/format/stream-header.ts';
 import { createImage } from '../../src/image/create.ts';
 import { Image } from '../../src/image/image.ts';
 import { ChunkReader, bufferSource, writeChunks } from '../../src/image/write-pipeline.ts';
@@ -31,6 +32,31 @@ test('packStreams: a cluster at the refcount maximum takes no more streams', () 
   assert.deepEqual(one.offsets, [0, 4096]);
   assert.deepEqual(one.touches, [1, 1]);
   assert.throws(() => packStreams([4096], 4096, 5), /stream of 4096 bytes/);
+});
+
+test('packStreams framed: each stream after its header, in one cluster, never on a boundary; the headers find every stream', () => {
+  const cs = 4096;
+  const lengths = [1000, 3000, 4079, 7, 4088, 2500, 1, 4095];
+  const p = packStreams(lengths, cs, 0xffff, true);
+  const run = Buffer.alloc(p.clusters * cs);
+  lengths.forEach((len, k) => {
+    const [h, o] = [p.headers[k], p.offsets[k]];
+    assert.equal(o - h, STREAM_HEADER_BYTES);
+    assert.equal(h % 8, 0);
+    assert.equal(Math.floor(h / cs), Math.floor(o / cs), 'header and stream start in one cluster');
+    assert.notEqual(o % cs, 0, 'no stream on a boundary');
+    if (k) assert.ok(h >= p.offsets[k - 1] + lengths[k - 1], 'no overlap');
+    encodeStreamHeader(run, h, len);
+    run.fill(0xee, o, o + len); // not a header's magic
+  });
+  for (let c = 0; c < p.clusters; c++) {
+    const want = lengths.map((length, k) => ({ offset: p.offsets[k], length })).filter((s) => s.offset < (c + 1) * cs && s.offset + s.length > c * cs);
+    const from = Math.max(0, c - 1) * cs;
+    const found = framedStreamsTouching(run.subarray(from, (c + 1) * cs), from, cs, c);
+    assert.deepEqual(found, want, `cluster ${c}`);
+    // Each cluster's count is its streams: the refcount packing gives it.
+    assert.equal(p.touches[c], want.length, `touches of cluster ${c}`);
+  }
 });
 
 /** Guest data of `clusters` clusters: text-like (compressible), random (not), zeros, repeats. */
