@@ -19,15 +19,19 @@ import { packStreams } from '../image/compressed-packing.ts';
 import type { ImageWriter } from '../image/write-policy.ts';
 import type { Holder } from './holder.ts';
 
-/** A held cluster of refcount 1 is the store's, never guest data: links need a guest's reference besides the holder's. */
+/**
+ * Smallest refcount of a cluster the write path links to: a guest reference and the holder's.
+ * A held cluster of refcount 1 is the store's own (a journal, an incarnation, …) or an orphan:
+ * an index entry naming it is never followed, whatever its bytes (I1).
+ */
 export const MIN_LINK_REFCOUNT = 2;
 
 export class CompressedCopies {
   constructor(
     private readonly writer: ImageWriter,
     private readonly holder: Holder,
-    /** The refcount at which a cluster takes no further link (Dedup's cap). */
-    private readonly cap: number,
+    /** The refcount at which a cluster takes no further link (Dedup's cap, read at each use: tests lower it). */
+    private readonly cap: () => number,
   ) {}
 
   /** The host clusters the stream of `length` bytes at `offset` touches, first and last. */
@@ -51,7 +55,7 @@ export class CompressedCopies {
     for (let c = first; c <= last; c++) {
       if (!this.holder.holds(c)) return false;
       const refcount = this.writer.refcount(c);
-      if (refcount < MIN_LINK_REFCOUNT || refcount >= this.cap) return false;
+      if (refcount < MIN_LINK_REFCOUNT || refcount >= this.cap()) return false;
     }
     return true;
   }

@@ -26,8 +26,10 @@ import type { IndexEntry } from './slot-bits.ts';
 import type { Image } from '../image/image.ts';
 import type { ClusterWrite, ImageWriter, WritePolicy } from '../image/write-policy.ts';
 import { ChunkHasher, type PendingDigest } from './chunk-hasher.ts';
+import { ChunkCompressor, type PendingCompression } from '../image/chunk-compressor.ts';
+import { CompressedCopies, MIN_LINK_REFCOUNT } from './compressed-copies.ts';
 import { isZero } from '../format/bytes.ts';
-import { HASH_BYTES } from '../format/hash-entry.ts';
+import { HASH_BYTES, isStreamEntry, streamLengthOf } from '../format/hash-entry.ts';
 import { DEFAULT_HASH_ALGORITHM, createHasher, hashAlgorithmId, type Hasher, type SupportedHashAlgorithm } from './hasher.ts';
 import type { Holder, HolderHost } from './holder.ts';
 import { DedupStore, geometryOf, type Allocate } from './store.ts';
@@ -43,12 +45,6 @@ export interface DedupSettings {
   journalBlockSize: number;
 }
 
-/**
- * Smallest refcount of a cluster the write path links to: a guest reference and the holder's.
- * A held cluster of refcount 1 is the store's own (a journal, an incarnation, …) or an orphan:
- * an index entry naming it is never followed, whatever its bytes (I1).
- */
-const MIN_LINK_REFCOUNT = 2;
 
 /** Smallest and largest store order the default rule picks (the option may go from 0 to 24). */
 const MIN_DEFAULT_ORDER = 4;
@@ -122,6 +118,10 @@ export class Dedup implements WritePolicy {
   cap: number;
   /** Allocation and overlap guard for the store and the holder (made once at open: the write path passes it per cluster). */
   private readonly host: HolderHost;
+  /** Compressed copies: linked to and released always (an earlier `-c` may have written them); written with compressWrites(). */
+  private readonly copies: CompressedCopies;
+  /** Compresses the chunks of the write pipeline (compressWrites(): `-c`), or null: unique clusters are written plain. */
+  private compressor: ChunkCompressor | null = null;
 
   private constructor(
     /** The image, read only: every change goes through `writer`. */
@@ -150,6 +150,12 @@ export class Dedup implements WritePolicy {
     // Refcount cap: past half the maximum the hash is no longer linked to.
     this.cap = Math.floor(writer.refcountMax / 2);
     this.host = host;
+    this.copies = new CompressedCopies(writer, holder, () => this.cap);
+  }
+
+  /** Unique clusters are written from now on as compressed copies (`-c`; docs/DESIGN.md "Compressed clusters"). */
+  compressWrites(): void {
+    this.compressor ??= new ChunkCompressor(this.writer.clusterSize);
   }
 
   /**
@@ -378,6 +384,11 @@ export class Dedup implements WritePolicy {
    * of its cluster fetched.
    */
   private linkable(e: IndexEntry, data: Buffer): number | null {
+    if (isStreamEntry(e.hostOffset, this.writer.clusterSize)) {
+      const length = streamLengthOf(e.firstGuestOffset, this.writer.clusterSize);
+      if (!this.copies.linkable(e.hostOffset, length)) return null;
+      return (!this.ext.verify && e.confirmed) || this.sameBytes(e, data, length) ? e.hostOffset : null;
+    }
     const cluster = e.hostOffset / this.writer.clusterSize;
     // An index entry is only good for a cluster the holder still holds (belt and braces for I1).
     if (!Number.isSafeInteger(cluster) || !this.holder.holds(cluster)) return null;
@@ -394,9 +405,10 @@ export class Dedup implements WritePolicy {
    * synchronous read, as for incarnation slots: the thread pool's round trip cost twice the
    * import's time when every cluster hit an entry from an earlier session.
    */
-  private sameBytes(e: IndexEntry, data: Buffer): boolean {
+  private sameBytes(e: IndexEntry, data: Buffer, streamLength = 0): boolean {
     this.counters.compared++;
-    if (!this.writer.file.readSync(e.hostOffset, data.length).equals(data)) {
+    const same = streamLength ? this.copies.sameBytes(e.hostOffset, streamLength, data) : this.writer.file.readSync(e.hostOffset, data.length).equals(data);
+    if (!same) {
       this.counters.mismatches++;
       return false;
     }
@@ -424,9 +436,17 @@ export class Dedup implements WritePolicy {
       if (left <= 2) {
         const cs = this.writer.clusterSize;
         const offset = cluster * cs;
+        // The entry naming the cluster whole, or else those of the streams touching it (I2).
         const hash = this.hasher.hash(this.writer.file.readSync(offset, cs));
         const e = this.store.lookup(hash);
-        if (e && e.hostOffset === offset) removing = this.store.remove(hash, this.allocate);
+        const named = e && e.hostOffset === offset ? [hash] : [];
+        if (!named.length) {
+          for (const s of this.copies.streamsTouching(cluster)) {
+            const h = this.hasher.hash(s.data);
+            if (this.store.lookup(h)?.hostOffset === s.offset) named.push(h);
+          }
+        }
+        for (const h of named) removing = removing ? removing.then(() => this.store.remove(h, this.allocate)) : this.store.remove(h, this.allocate);
         this.holder.release(cluster);
         this.counters.released++;
         drops = 2;
