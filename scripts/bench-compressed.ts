@@ -62,9 +62,10 @@ function filesystemImage(c: CompressedContext): string {
     if (r.status === 0) continue;
     rmSync(building, { force: true });
     const du = spawnSync('du', ['-sb', source]).stdout?.toString().split('\t')[0] ?? '?';
-    const hint =
-      cmd === 'mkfs.ext4' ? `; ${source} holds ${du} bytes: if it does not fit in --fs-size ${c.fsSize} (blocks or inodes), give a larger --fs-size` : '';
-    throw new Error(`${cmd} ${argv.join(' ')} failed (${r.status ?? r.signal})${hint}\n${r.stderr?.toString().trim() ?? r.error}`);
+    const stderr = r.stderr?.toString().trim() ?? String(r.error);
+    const full = /could not allocate|no space|inode/i.test(stderr);
+    const hint = full ? `: ${source} (${du} bytes of files) does not fit in --fs-size ${c.fsSize}; give a larger --fs-size` : '';
+    throw new Error(`${cmd} ${argv.join(' ')} failed (${r.status ?? r.signal})${hint}\n${stderr}`);
   }
   renameSync(building, path);
   console.log(`filesystem image: built in ${((Date.now() - t0) / 1000).toFixed(0)} s: ${path}`);

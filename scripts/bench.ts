@@ -349,20 +349,27 @@ if (want('check')) {
 }
 
 if (want('compressed-import')) {
-  compressedImport({
-    bin: BIN,
-    workDir: dir,
-    cacheDir: baseDir,
-    fsSource: option('fs-source', '/usr/share'),
-    fsSize: parseSize(option('fs-size', '1G')),
-    runs,
-    haveQemu,
-    summary,
-    timed,
-    median,
-    sh,
-    fmtSize,
-  });
+  try {
+    compressedImport({
+      bin: BIN,
+      workDir: dir,
+      cacheDir: baseDir,
+      fsSource: option('fs-source', '/usr/share'),
+      fsSize: parseSize(option('fs-size', '1G')),
+      runs,
+      haveQemu,
+      summary,
+      timed,
+      median,
+      sh,
+      fmtSize,
+    });
+  } catch (e) {
+    // A source that does not fit in --fs-size is the user's to fix: say it plainly, leave no temporary folder.
+    rmSync(dir, { recursive: true, force: true });
+    console.error(`compressed-import: ${(e as Error).message}`);
+    process.exit(1);
+  }
 }
 
 if (summary.length) {
