@@ -1,7 +1,7 @@
 // Benchmark: qdedup against qemu-img and qemu-io on the same data, in the same run, each
 // row beside its qemu counterpart with the ratio. Usage:
 //   npm run bench [-- --size 1G --dedup-sizes 256M,1G --runs 3 --dir /tmp --only NAME[,NAME…]]
-// Rows (names for --only): plain-import, dedup-import, read-back, info, check.
+// Rows (names for --only): plain-import, dedup-import, read-back, info, check, compressed-import.
 // Runs alternate (ours, theirs, ours, …) and each figure is the median: the machine may be
 // shared and noisy. Ratios are qemu's time / ours: above 1.0 qdedup is faster.
 //
@@ -23,6 +23,11 @@
 // info` beside `qemu-img info` on a small image (and `node -e 0`, timed in the same
 // alternation). check: `qdedup check` of
 // the same dedup image beside `qemu-img check` (which counts the dedup metadata as leaks).
+//
+// compressed-import (scripts/bench-compressed.ts; options --fs-source DIR, default /usr/share,
+// --fs-size, default 1G): an ext4 image of real files (mkfs.ext4 -d, cached in --dir) through
+// qemu-img convert -c (64 KiB, 4 KiB clusters), qdedup convert -c -o dedup=off, qdedup convert
+// and qdedup convert -c: time, MB/s, file sizes, ratios against qemu-img convert -c.
 
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, openSync, writeSync, closeSync, rmSync, readFileSync } from 'node:fs';
@@ -38,6 +43,7 @@ import { statSync } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { openForWrite, dedupOf } from '../src/dedup/open.ts';
 import { ChunkReader, writeChunks } from '../src/image/write-pipeline.ts';
+import { compressedImport, type SummaryEntry } from './bench-compressed.ts';
 
 const args = process.argv.slice(2);
 function option(name: string, fallback: string): string {
@@ -45,7 +51,7 @@ function option(name: string, fallback: string): string {
   return i >= 0 && args[i + 1] ? args[i + 1] : fallback;
 }
 const size = parseSize(option('size', '1G'));
-const ROWS = ['plain-import', 'dedup-import', 'read-back', 'info', 'check'];
+const ROWS = ['plain-import', 'dedup-import', 'read-back', 'info', 'check', 'compressed-import'];
 const only = option('only', '') ? option('only', '').split(',') : ROWS;
 for (const name of only) if (!ROWS.includes(name)) throw new Error(`--only: unknown row '${name}' (rows: ${ROWS.join(', ')})`);
 const want = (row: string) => only.includes(row);
@@ -53,7 +59,8 @@ const runs = Number(option('runs', '3'));
 const dedupSizes = option('dedup-sizes', '256M,1G')
   .split(',')
   .map((x) => parseSize(x));
-const dir = mkdtempSync(join(option('dir', tmpdir()), 'qdedup-bench-'));
+const baseDir = option('dir', tmpdir());
+const dir = mkdtempSync(join(baseDir, 'qdedup-bench-'));
 const BIN = new URL('../bin/qdedup', import.meta.url).pathname;
 
 function sh(cmd: string, argv: string[]): void {
@@ -68,7 +75,7 @@ function shAllow(cmd: string, argv: string[], ok: number[], stdout: 'ignore' | n
 }
 
 /** Every ratio of the run, printed together at the end beside its aim (docs/PERFORMANCE.md "Aims"). */
-const summary: { row: string; ratio: number; aim: number }[] = [];
+const summary: SummaryEntry[] = [];
 function record(row: string, oursSeconds: number, theirsSeconds: number, aim: number): number {
   const ratio = theirsSeconds / oursSeconds;
   summary.push({ row, ratio, aim });
@@ -354,10 +361,38 @@ if (want('check')) {
   );
 }
 
+if (want('compressed-import')) {
+  try {
+    compressedImport({
+      bin: BIN,
+      workDir: dir,
+      cacheDir: baseDir,
+      fsSource: option('fs-source', '/usr/share'),
+      fsSize: parseSize(option('fs-size', '1G')),
+      runs,
+      haveQemu,
+      summary,
+      timed,
+      median,
+      sh,
+      fmtSize,
+    });
+  } catch (e) {
+    // A source that does not fit in --fs-size is the user's to fix: say it plainly, leave no temporary folder.
+    rmSync(dir, { recursive: true, force: true });
+    console.error(`compressed-import: ${(e as Error).message}`);
+    process.exit(1);
+  }
+}
+
 if (summary.length) {
   console.log('');
-  console.log('summary: qemu-img time / qdedup time (above 1: qdedup faster); aims from docs/PERFORMANCE.md');
-  for (const { row, ratio, aim } of summary)
-    console.log(`  ${row.padEnd(52)}${ratio.toFixed(2).padStart(6)}${aim ? `   aim ≥ ${aim.toFixed(1)}${ratio >= aim ? '' : '  (not met)'}` : ''}`);
+  console.log('summary: qemu-img time / qdedup time (above 1: qdedup faster), sizes qdedup / qemu-img (below 1: smaller); aims from docs/PERFORMANCE.md');
+  const width = Math.max(52, ...summary.map((s) => s.row.length + 2));
+  for (const { row, ratio, aim, atMost, note } of summary) {
+    const met = atMost ? ratio <= aim : ratio >= aim;
+    const aimText = aim ? `   aim ${atMost ? '≤' : '≥'} ${aim.toFixed(atMost ? 2 : 1)}${met ? '' : '  (not met)'}` : '';
+    console.log(`  ${row.padEnd(width)}${note ? note : `${ratio.toFixed(2).padStart(6)}${aimText}`}`);
+  }
 }
 rmSync(dir, { recursive: true, force: true });
