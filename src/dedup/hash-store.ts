@@ -11,13 +11,13 @@ import {
   bucketMask,
   firstBucket,
   secondBucket,
-  decodeIncarnationSlot,
   encodeIncarnation,
   incarnationLayout,
   tagOf,
   type IncarnationLayout,
   type SlotArrays,
 } from '../format/incarnation.ts';
+import { readU64 } from '../format/bytes.ts';
 import { HASH_BYTES, HASH_ENTRY_BYTES } from '../format/hash-entry.ts';
 import type { IncarnationRecord, LimboRecord } from '../format/dedup-ext.ts';
 import type { BlockFile } from '../image/block-file.ts';
@@ -87,7 +87,7 @@ export class HashStore {
    * slot cache or with a synchronous read of their piece (the thread pool's round trip
    * would cost ten times more).
    */
-  lookup(hash: Uint8Array): Found | null {
+  lookup(hash: Buffer): Found | null {
     if (this.incarnations.length === 0) return null;
     this.lookups++;
     const tag = tagOf(hash);
@@ -115,17 +115,19 @@ export class HashStore {
         this.diskReads++;
         const raw = this.slots.slot(inc.record.offset + this.layout.tableOffset, this.layout.slots, s, this.readSync);
         if (!sameHash(raw, hash)) continue; // a tag collision: decode only the slot that matches
-        const e = decodeIncarnationSlot(raw);
-        if (!e.tombstone) this.hits++;
+        // The slot's hash is `hash`: the entry names the caller's bytes, as a log store's does (no copy).
+        const hostOffset = readU64(raw, 32, 'hash entry host offset');
+        const tombstone = hostOffset === 0;
+        if (!tombstone) this.hits++;
         const entry = {
-          hash: e.hash,
-          hostOffset: e.hostOffset,
-          firstGuestOffset: e.firstGuestOffset,
+          hash,
+          hostOffset,
+          firstGuestOffset: readU64(raw, 40, 'hash entry guest offset'),
           confirmed: inc.confirmed.get(s),
           bits: inc.confirmed,
           slot: s,
         };
-        return { entry, tombstone: e.tombstone };
+        return { entry, tombstone };
       }
     }
     return null;
