@@ -32,6 +32,7 @@ import type { Holder, HolderHost } from './holder.ts';
 import { DedupStore, geometryOf, type Allocate } from './store.ts';
 import { addHolder, findHolder, hostOf, releaseOrphans, storeAllocator } from './attach.ts';
 import { judgeStore } from './judge-store.ts';
+import { BatchKeys } from './batch-keys.ts';
 import { MIN_DEDUP_REFCOUNT_ORDER, defaultDedupSettings, type DedupSettings } from './settings.ts';
 
 export {
@@ -203,15 +204,14 @@ export class Dedup implements WritePolicy {
     const digest = (prepared as PendingDigest | undefined)?.complete(); // the rest of the chunk hashed here, if the worker is behind
 
     // Phase 1, look up. Per cluster, in arrays indexed like `batch` (no object per cluster):
-    // its hash (null: a zero cluster), its key (the hash's first 48 bits) and what the index
-    // holds for it. Each content is looked up once here, at its first occurrence; `found` is
-    // undefined for its later ones (either repeats of a miss, never looked up, or looked up
-    // again in phase 3 when decided). Contents are keyed by their first 48 bits, confirmed
-    // by comparing whole hashes.
+    // its hash (null: a zero cluster) and what the index holds for it. Each content is looked
+    // up once here, at its first occurrence; `found` is undefined for its later ones (either
+    // repeats of a miss, never looked up, or looked up again in phase 3 when decided).
+    // Contents are keyed by their hash's first 48 bits (BatchKeys), confirmed by comparing
+    // whole hashes.
     const hashes = new Array<Buffer | null>(n);
-    const keys = new Float64Array(n);
     const found = new Array<IndexEntry | null | undefined>(n);
-    const looked = new Map<number, Buffer>();
+    const looked = new BatchKeys(n); // key → the first cluster of that key
     for (let c = 0; c < n; c++) {
       const w = batch[c];
       const i = digest ? w.prepared : -1;
@@ -221,12 +221,10 @@ export class Dedup implements WritePolicy {
         continue;
       }
       const hash = i >= 0 ? digest!.hashes.subarray(i * HASH_BYTES, (i + 1) * HASH_BYTES) : this.hasher.hash(w.data);
-      const key = hash.readUIntBE(0, 6);
-      const seen = looked.get(key);
-      if (!seen) looked.set(key, hash);
+      const first = looked.get(hash);
+      if (first < 0) looked.set(hash, c);
       hashes[c] = hash;
-      keys[c] = key;
-      found[c] = seen?.equals(hash) ? undefined : this.store.lookup(hash);
+      found[c] = first >= 0 && hashes[first]!.equals(hash) ? undefined : this.store.lookup(hash);
     }
 
     // Phase 2, fetch. Tables of clusters that will not change are not made writable (zeroing
@@ -251,7 +249,7 @@ export class Dedup implements WritePolicy {
     // of its content). Misses are batch indexes; a miss's repeats are a chain through
     // `nextDup` (batch index of the next repeat, -1 at the end), `lastDup` its tail.
     const misses: number[] = [];
-    const missByKey = new Map<number, number>(); // key → the first miss of that key
+    const missByKey = new BatchKeys(n); // key → the first miss of that key
     const nextDup = new Int32Array(n).fill(-1);
     const lastDup = new Int32Array(n);
     for (let c = 0; c < n; c++) {
@@ -263,8 +261,8 @@ export class Dedup implements WritePolicy {
         if (releasing) await releasing;
         continue;
       }
-      const pendingMiss = missByKey.get(keys[c]);
-      if (pendingMiss !== undefined && hashes[pendingMiss]!.equals(hash)) {
+      const pendingMiss = missByKey.get(hash);
+      if (pendingMiss >= 0 && hashes[pendingMiss]!.equals(hash)) {
         nextDup[lastDup[pendingMiss]] = c; // lastDup of a miss starts at itself
         lastDup[pendingMiss] = c;
         continue;
@@ -281,7 +279,7 @@ export class Dedup implements WritePolicy {
       }
       misses.push(c);
       lastDup[c] = c;
-      if (pendingMiss === undefined) missByKey.set(keys[c], c);
+      if (pendingMiss < 0) missByKey.set(hash, c);
     }
     if (!misses.length) return;
 
