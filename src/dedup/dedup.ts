@@ -16,7 +16,6 @@ import {
   AUTOCLEAR_DEDUP,
   DEDUP_EXT_VERSION,
   EXT_DEDUP,
-  MAX_STORE_ORDER,
   configBytesFor,
   encodeDedupConfig,
   encodeDedupExtension,
@@ -30,65 +29,23 @@ import { ChunkCompressor, type PendingCompression } from '../image/chunk-compres
 import { CompressedCopies, MIN_LINK_REFCOUNT } from './compressed-copies.ts';
 import { isZero } from '../format/bytes.ts';
 import { HASH_BYTES, isStreamEntry, streamLengthOf } from '../format/hash-entry.ts';
-import { DEFAULT_HASH_ALGORITHM, createHasher, hashAlgorithmId, type Hasher, type SupportedHashAlgorithm } from './hasher.ts';
+import { createHasher, hashAlgorithmId, type Hasher } from './hasher.ts';
 import type { Holder, HolderHost } from './holder.ts';
 import { DedupStore, geometryOf, type Allocate } from './store.ts';
 import { addHolder, findHolder, hostOf, releaseOrphans, storeAllocator } from './attach.ts';
 import { judgeStore } from './judge-store.ts';
+import { BatchKeys } from './batch-keys.ts';
+import { MIN_DEDUP_REFCOUNT_ORDER, defaultDedupSettings, type DedupSettings } from './settings.ts';
 
-export interface DedupSettings {
-  algorithm: SupportedHashAlgorithm;
-  verify: boolean;
-  /** 0 = unlimited. */
-  maxIncarnations: number;
-  order: number;
-  journalBlockSize: number;
-}
-
-
-/** Smallest and largest store order the default rule picks (the option may go from 0 to 24). */
-const MIN_DEFAULT_ORDER = 4;
-const MAX_DEFAULT_ORDER = 20;
-
-/**
- * The seed's rule: a log store holds about 1/128 of the disk's clusters, so about 128
- * incarnations cover the whole disk. Returns the order (log2 of buckets of 4 slots).
- */
-export function defaultStoreOrder(virtualSize: number, clusterSize: number): number {
-  const slots = virtualSize / clusterSize / 128;
-  const order = Math.ceil(Math.log2(Math.max(1, slots / 4)));
-  return Math.min(MAX_DEFAULT_ORDER, maxStoreOrder(virtualSize, clusterSize), Math.max(MIN_DEFAULT_ORDER, order));
-}
-
-/**
- * The largest store order worth having for a disk of `virtualSize` bytes: a log store of at
- * most twice as many slots (4 × 2^order) as the disk has clusters. A larger one never fills
- * (every guest cluster indexed twice over), so it is never frozen, while its journals and
- * RAM grow with it: order 20 made a 64 MiB disk an 881 MB file. At least MIN_DEFAULT_ORDER
- * (64 slots, 3 KiB of RAM), whatever the disk; at most MAX_STORE_ORDER.
- */
-export function maxStoreOrder(virtualSize: number, clusterSize: number): number {
-  const clusters = Math.ceil(virtualSize / clusterSize);
-  const order = clusters >= 4 ? Math.floor(Math.log2(clusters / 2)) : 0;
-  return Math.min(MAX_STORE_ORDER, Math.max(MIN_DEFAULT_ORDER, order));
-}
-
-/** Dedup images default to 4 KiB clusters: more duplicates found than at 64 KiB. */
-export const DEDUP_CLUSTER_BITS = 12;
-/** Smallest refcount width dedup works with: 4 bits (room to count shared clusters). */
-export const MIN_DEDUP_REFCOUNT_ORDER = 2;
-export const DEFAULT_JOURNAL_BLOCK = 4096;
-
-/** What `qdedup create` picks when no dedup option is given. */
-export function defaultDedupSettings(virtualSize: number, clusterSize: number): DedupSettings {
-  return {
-    algorithm: DEFAULT_HASH_ALGORITHM,
-    verify: false,
-    maxIncarnations: 0,
-    order: defaultStoreOrder(virtualSize, clusterSize),
-    journalBlockSize: DEFAULT_JOURNAL_BLOCK,
-  };
-}
+export {
+  DEDUP_CLUSTER_BITS,
+  DEFAULT_JOURNAL_BLOCK,
+  MIN_DEDUP_REFCOUNT_ORDER,
+  defaultDedupSettings,
+  defaultStoreOrder,
+  maxStoreOrder,
+  type DedupSettings,
+} from './settings.ts';
 
 export type { ClusterWrite };
 
@@ -235,10 +192,12 @@ export class Dedup implements WritePolicy {
    * is met for the first time this session) is linked; the others are written in one
    * contiguous run and indexed. Every old reference is dropped after its replacement.
    *
-   * Two phases, so that each decision exists once and costs no promise: first everything the
-   * batch needs is fetched (the guest clusters' L2 tables made writable, the refcount blocks
-   * and holder tables of the old host clusters and of the index hits); then every cluster is
-   * decided in order by synchronous code. Only the store's rotation (a full log store) and
+   * Four phases, so that each decision exists once and costs no promise: every cluster is
+   * looked up (1); everything the batch needs is fetched (2: the guest clusters' L2 tables
+   * made writable, the refcount blocks and holder tables of the old host clusters and of the
+   * index hits); then every cluster is decided in order by synchronous code (3), and the
+   * misses are written in one run and indexed (4). Per-cluster state lives in arrays indexed
+   * like `batch`, not in an object per cluster. Only the store's rotation (a full log store) and
    * the rare extra copy (refcount cap, a cluster the holder cannot cover) are awaited, in
    * place, before the next decision; nothing fetched leaves memory before the next fetch.
    * Clusters of a prepared chunk come hashed (and found zero) already: `prepared`.
@@ -246,48 +205,76 @@ export class Dedup implements WritePolicy {
   async writeClusters(batch: ClusterWrite[], prepared?: unknown): Promise<void> {
     const writer = this.writer;
     const cs = writer.clusterSize;
+    const n = batch.length;
     const digest = (prepared as PendingDigest | undefined)?.complete(); // the rest of the chunk hashed here, if the worker is behind
-    // Each content is looked up once here, at its first occurrence (its later ones are
-    // either repeats of a miss, never looked up, or looked up again below when decided).
-    // Contents are keyed by their first 48 bits, confirmed by comparing whole hashes.
-    const looked = new Map<number, Buffer>();
-    const items = batch.map((w) => {
+
+    // Phase 1, look up. Per cluster, in arrays indexed like `batch` (no object per cluster):
+    // its hash (null: a zero cluster) and what the index holds for it. Each content is looked
+    // up once here, at its first occurrence; `found` is undefined for its later ones (either
+    // repeats of a miss, never looked up, or looked up again in phase 3 when decided).
+    // Contents are keyed by their hash's first 48 bits (BatchKeys), confirmed by comparing
+    // whole hashes.
+    const hashes = new Array<Buffer | null>(n);
+    const found = new Array<IndexEntry | null | undefined>(n);
+    const looked = new BatchKeys(n); // key → the first cluster of that key
+    for (let c = 0; c < n; c++) {
+      const w = batch[c];
       const i = digest ? w.prepared : -1;
-      if (i >= 0 ? digest!.zero[i] : isZero(w.data)) return { w, hash: null, key: 0, entry: null };
+      if (i >= 0 ? digest!.zero[i] : isZero(w.data)) {
+        hashes[c] = null;
+        found[c] = null;
+        continue;
+      }
       const hash = i >= 0 ? digest!.hashes.subarray(i * HASH_BYTES, (i + 1) * HASH_BYTES) : this.hasher.hash(w.data);
-      const key = hash.readUIntBE(0, 6);
-      const seen = looked.get(key);
-      if (!seen) looked.set(key, hash);
-      return { w, hash, key, entry: seen?.equals(hash) ? undefined : this.store.lookup(hash) };
-    });
-    // Fetch. Tables of clusters that will not change are not made writable (zeroing what
-    // already reads as zeros allocates nothing).
-    await writer.prepareTables(items.filter((it) => it.hash || !writer.readsAsZeros(it.w.old)).map((it) => it.w.guestCluster));
+      const first = looked.get(hash);
+      if (first < 0) looked.set(hash, c);
+      hashes[c] = hash;
+      found[c] = first >= 0 && hashes[first]!.equals(hash) ? undefined : this.store.lookup(hash);
+    }
+
+    // Phase 2, fetch. Tables of clusters that will not change are not made writable (zeroing
+    // what already reads as zeros allocates nothing); then the holder tables and refcount
+    // blocks of the old host clusters and of the index hits.
+    const guests: number[] = [];
     const hosts: number[] = [];
-    for (const { w, entry } of items) {
+    for (let c = 0; c < n; c++) {
+      const w = batch[c];
+      if (hashes[c] || !writer.readsAsZeros(w.old)) guests.push(w.guestCluster);
+    }
+    await writer.prepareTables(guests);
+    for (let c = 0; c < n; c++) {
+      const entry = found[c];
       if (entry && Number.isSafeInteger(entry.hostOffset / cs)) hosts.push(entry.hostOffset / cs);
-      const released = writer.releasedBy(w.old);
+      const released = writer.releasedBy(batch[c].old);
       if (released !== null) hosts.push(released);
-      else if (w.old.kind === 'compressed') hosts.push(...writer.clustersReleasedBy(w.old));
+      else if (batch[c].old.kind === 'compressed') hosts.push(...writer.clustersReleasedBy(batch[c].old));
     }
     await this.prepareRelease(hosts);
 
-    // Decide, in order: zero, link, or a miss (written below, with the repeats of its content).
-    const misses: { w: ClusterWrite; hash: Buffer; dups: ClusterWrite[] }[] = [];
-    const missByHash = new Map<number, (typeof misses)[number]>();
-    for (const { w, hash, key, entry: found } of items) {
+    // Phase 3, decide, in order: zero, link, or a miss (written in phase 4, with the repeats
+    // of its content). Misses are batch indexes; a miss's repeats are a chain through
+    // `nextDup` (batch index of the next repeat, -1 at the end), `lastDup` its tail.
+    const misses: number[] = [];
+    const missByKey = new BatchKeys(n); // key → the first miss of that key
+    const nextDup = new Int32Array(n).fill(-1);
+    const lastDup = new Int32Array(n);
+    for (let c = 0; c < n; c++) {
+      const w = batch[c];
+      const hash = hashes[c];
       if (!hash) {
         this.counters.zeroClusters++;
         const releasing = writer.zeroCluster(w.guestCluster, w.old);
         if (releasing) await releasing;
         continue;
       }
-      const pendingMiss = missByHash.get(key);
-      if (pendingMiss?.hash.equals(hash)) {
-        pendingMiss.dups.push(w);
+      const pendingMiss = missByKey.get(hash);
+      if (pendingMiss >= 0 && hashes[pendingMiss]!.equals(hash)) {
+        nextDup[lastDup[pendingMiss]] = c; // lastDup of a miss starts at itself
+        lastDup[pendingMiss] = c;
         continue;
       }
-      const entry = found === undefined ? this.store.lookup(hash) : found; // its cluster fetched with the first occurrence's
+      const f = found[c];
+      const entry = f === undefined ? this.store.lookup(hash) : f; // its cluster fetched with the first occurrence's
       const target = entry ? this.linkable(entry, w.data) : null;
       if (target !== null) {
         this.counters.hits++;
@@ -296,17 +283,19 @@ export class Dedup implements WritePolicy {
         if (releasing) await releasing;
         continue;
       }
-      const m = { w, hash, dups: [] as ClusterWrite[] };
-      misses.push(m);
-      if (!pendingMiss) missByHash.set(key, m);
+      misses.push(c);
+      lastDup[c] = c;
+      if (pendingMiss < 0) missByKey.set(hash, c);
     }
     if (!misses.length) return;
 
-    // The misses: one run, then each indexed (refcount 2: the guest and the holder) and mapped.
+    // Phase 4, the misses: one run, then each indexed (refcount 2: the guest and the holder)
+    // and mapped, then its repeats linked to it.
     this.counters.misses += misses.length;
-    const start = await writer.writeRun(misses.map((m) => m.w.data));
+    const start = await writer.writeRun(misses.map((c) => batch[c].data));
     for (let i = 0; i < misses.length; i++) {
-      const { w, hash, dups } = misses[i];
+      const w = batch[misses[i]];
+      const hash = hashes[misses[i]]!;
       const offset = start + i * cs;
       // A holder table to read or create (rare: once per table) is allocated here, in this
       // order, so that the file's layout is the same as when each hold read its own table.
@@ -317,7 +306,8 @@ export class Dedup implements WritePolicy {
       if (releasing) await releasing;
       let target = offset; // the indexed copy of this content the duplicates link to
       let held = this.holder.canHold(offset / cs);
-      for (const d of dups) {
+      for (let dc = nextDup[misses[i]]; dc >= 0; dc = nextDup[dc]) {
+        const d = batch[dc];
         if (!held) {
           this.counters.hits++;
           // Not held: sharing it could not keep COPIED truthful. Give the copy its own cluster.

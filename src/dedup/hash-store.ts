@@ -11,13 +11,13 @@ import {
   bucketMask,
   firstBucket,
   secondBucket,
-  decodeIncarnationSlot,
   encodeIncarnation,
   incarnationLayout,
   tagOf,
   type IncarnationLayout,
   type SlotArrays,
 } from '../format/incarnation.ts';
+import { readU64 } from '../format/bytes.ts';
 import { HASH_BYTES, HASH_ENTRY_BYTES } from '../format/hash-entry.ts';
 import type { IncarnationRecord, LimboRecord } from '../format/dedup-ext.ts';
 import type { BlockFile } from '../image/block-file.ts';
@@ -27,7 +27,23 @@ import { SlotCache } from './slot-cache.ts';
 export interface Incarnation {
   record: IncarnationRecord;
   tags: Uint16Array;
+  /** `tags` seen as 32-bit words, two tags each: a bucket's 4 tags are words 2b and 2b + 1 (see lookup). */
+  words: Uint32Array;
   confirmed: SlotBits;
+}
+
+/** An incarnation of filter `tags` (a Uint16Array of its own, so that its words line up). */
+function incarnation(record: IncarnationRecord, tags: Uint16Array, confirmed: SlotBits): Incarnation {
+  return { record, tags, words: new Uint32Array(tags.buffer, tags.byteOffset, tags.length >>> 1), confirmed };
+}
+
+/**
+ * True when one of the two 16-bit halves of `v` is zero. Exact for the question "is any half
+ * zero" (the classic test: a borrow only crosses into the high half when the low half is
+ * zero, and then the answer is already yes).
+ */
+function hasZeroHalf(v: number): boolean {
+  return ((v - 0x1_0001) & ~v & 0x8000_8000) !== 0;
 }
 
 /** What a lookup found: an entry, or a tombstone saying the hash was deleted. */
@@ -63,7 +79,7 @@ export class HashStore {
     this.incarnations = [];
     for (const record of records) {
       const filter = await this.file.read(record.offset, this.layout.slots * 2);
-      this.incarnations.push({ record, tags: decodeFilter(filter, this.layout.slots), confirmed: new SlotBits(this.layout.slots) });
+      this.incarnations.push(incarnation(record, decodeFilter(filter, this.layout.slots), new SlotBits(this.layout.slots)));
     }
     this.limbo = [...limbo];
   }
@@ -87,7 +103,7 @@ export class HashStore {
    * slot cache or with a synchronous read of their piece (the thread pool's round trip
    * would cost ten times more).
    */
-  lookup(hash: Uint8Array): Found | null {
+  lookup(hash: Buffer): Found | null {
     if (this.incarnations.length === 0) return null;
     this.lookups++;
     const tag = tagOf(hash);
@@ -96,18 +112,17 @@ export class HashStore {
     const s1 = b1 * BUCKET_SLOTS;
     const s2 = b2 * BUCKET_SLOTS;
     const two = b1 !== b2;
+    // Most incarnations match none of the 8 tags: one test of 4 words rejects them (a miss
+    // scans every incarnation, so this loop is the cost of a miss). A word XOR the tag in
+    // both halves has a zero half where a tag matches; half the work of 8 compares.
+    const tag2 = tag * 0x1_0001;
+    const w1 = b1 * 2;
+    const w2 = b2 * 2;
     for (const inc of this.incarnations) {
-      const tags = inc.tags;
-      // Most incarnations match none of the 8 tags: one unrolled test rejects them (a miss
-      // scans every incarnation, so this loop is the cost of a miss).
-      if (
-        tags[s1] !== tag &&
-        tags[s1 + 1] !== tag &&
-        tags[s1 + 2] !== tag &&
-        tags[s1 + 3] !== tag &&
-        (!two || (tags[s2] !== tag && tags[s2 + 1] !== tag && tags[s2 + 2] !== tag && tags[s2 + 3] !== tag))
-      )
+      const words = inc.words;
+      if (!hasZeroHalf(words[w1] ^ tag2) && !hasZeroHalf(words[w1 + 1] ^ tag2) && !hasZeroHalf(words[w2] ^ tag2) && !hasZeroHalf(words[w2 + 1] ^ tag2))
         continue;
+      const tags = inc.tags;
       for (let i = 0; i < 2 * BUCKET_SLOTS; i++) {
         if (i === BUCKET_SLOTS && !two) break;
         const s = i < BUCKET_SLOTS ? s1 + i : s2 + i - BUCKET_SLOTS;
@@ -115,17 +130,19 @@ export class HashStore {
         this.diskReads++;
         const raw = this.slots.slot(inc.record.offset + this.layout.tableOffset, this.layout.slots, s, this.readSync);
         if (!sameHash(raw, hash)) continue; // a tag collision: decode only the slot that matches
-        const e = decodeIncarnationSlot(raw);
-        if (!e.tombstone) this.hits++;
+        // The slot's hash is `hash`: the entry names the caller's bytes, as a log store's does (no copy).
+        const hostOffset = readU64(raw, 32, 'hash entry host offset');
+        const tombstone = hostOffset === 0;
+        if (!tombstone) this.hits++;
         const entry = {
-          hash: e.hash,
-          hostOffset: e.hostOffset,
-          firstGuestOffset: e.firstGuestOffset,
+          hash,
+          hostOffset,
+          firstGuestOffset: readU64(raw, 40, 'hash entry guest offset'),
           confirmed: inc.confirmed.get(s),
           bits: inc.confirmed,
           slot: s,
         };
-        return { entry, tombstone: e.tombstone };
+        return { entry, tombstone };
       }
     }
     return null;
@@ -149,7 +166,7 @@ export class HashStore {
     const offset = reused >= 0 ? this.limbo.splice(reused, 1)[0].offset : await allocate(this.layout.clusters);
     await this.file.write(offset, area);
     this.slots.fill(offset + this.layout.tableOffset, area.subarray(this.layout.tableOffset, this.layout.tableOffset + this.layout.slots * HASH_ENTRY_BYTES));
-    this.incarnations.unshift({ record: { offset, entries: count, generation }, tags: decodeFilter(area, this.layout.slots), confirmed });
+    this.incarnations.unshift(incarnation({ offset, entries: count, generation }, decodeFilter(area, this.layout.slots), confirmed));
     while (this.maxIncarnations > 0 && this.incarnations.length > this.maxIncarnations) {
       const oldest = this.incarnations.pop()!;
       this.slots.forget(oldest.record.offset + this.layout.tableOffset, this.layout.slots);

@@ -27,7 +27,7 @@ export function decodeHashEntry(buf: Buffer, pos: number): HashEntry {
 }
 
 export function encodeHashEntry(e: HashEntry, buf: Buffer, pos: number): void {
-  e.hash.copy(buf, pos, 0, HASH_BYTES);
+  buf.set(e.hash.length === HASH_BYTES ? e.hash : e.hash.subarray(0, HASH_BYTES), pos); // set(): no native call, unlike copy()
   writeU64(buf, pos + 32, e.hostOffset);
   writeU64(buf, pos + 40, e.firstGuestOffset);
 }

@@ -12,7 +12,8 @@
 // the order), so a lookup compares 8 tags in RAM and reads the 48-byte slots whose tag
 // matches: one disk read per hit, barring a 2^-16 tag collision per slot.
 
-import { HASH_ENTRY_BYTES, encodeHashEntry, decodeHashEntry, type HashEntry } from './hash-entry.ts';
+import { writeU64 } from './bytes.ts';
+import { HASH_BYTES, HASH_ENTRY_BYTES, decodeHashEntry, type HashEntry } from './hash-entry.ts';
 
 export const BUCKET_SLOTS = 4;
 
@@ -41,7 +42,12 @@ export function secondBucket(hash: Uint8Array, mask: number, b1: number): number
 
 /** The 16-bit filter tag of a hash: bytes 8–9, never 0 (0 marks an empty slot). */
 export function tagOf(hash: Uint8Array): number {
-  return (hash[8] << 8) | hash[9] || 1;
+  return tagAt(hash, 0);
+}
+
+/** tagOf() of the hash at byte `pos` of `bytes`. */
+export function tagAt(bytes: Uint8Array, pos: number): number {
+  return (bytes[pos + 8] << 8) | bytes[pos + 9] || 1;
 }
 
 /** Slot states of a table in memory. A tombstone records a deleted hash. */
@@ -79,14 +85,12 @@ export function encodeIncarnation(store: SlotArrays, clusterSize: number, order:
   const buf = Buffer.alloc(layout.clusters * clusterSize);
   for (let s = 0; s < store.slots; s++) {
     if (store.states[s] === SLOT_EMPTY) continue;
-    const hash = store.hashes.subarray(s * 32, s * 32 + 32);
-    buf.writeUInt16BE(tagOf(hash), s * 2);
-    const entry: HashEntry = {
-      hash: Buffer.from(hash.buffer, hash.byteOffset, 32),
-      hostOffset: store.states[s] === SLOT_TOMBSTONE ? 0 : store.hostOffsets[s],
-      firstGuestOffset: store.guestOffsets[s],
-    };
-    encodeHashEntry(entry, buf, layout.tableOffset + s * HASH_ENTRY_BYTES);
+    // The hash entry (docs/FORMAT.md "Hash entry"), written field by field: no object or view per slot.
+    const at = layout.tableOffset + s * HASH_ENTRY_BYTES;
+    for (let i = 0; i < HASH_BYTES; i++) buf[at + i] = store.hashes[s * HASH_BYTES + i];
+    buf.writeUInt16BE(tagAt(buf, at), s * 2);
+    writeU64(buf, at + HASH_BYTES, store.states[s] === SLOT_TOMBSTONE ? 0 : store.hostOffsets[s]);
+    writeU64(buf, at + HASH_BYTES + 8, store.guestOffsets[s]);
   }
   return buf;
 }
