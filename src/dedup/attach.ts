@@ -1,19 +1,97 @@
-// How Dedup.attach and Dedup.initialize (./dedup.ts) prepare a dedup image open for
-// writing, around the store: the holder snapshot found, or added (a new snapshot table made
+// Attaching inline dedup (./dedup.ts) to an image open for writing: attachDedup (the trust
+// protocol at open) and initializeDedup (a new dedup image), and around the store: the holder snapshot found, or added (a new snapshot table made
 // durable before the header names it); after a foreign writer or an untrusted store, the
 // clusters only the holder still references released through its references (I3); and the
 // allocation, overlap-guard and L1-move functions the store and the holder use.
 // Design: docs/DESIGN.md "The holder also holds the store".
 
 import { CorruptImageError, hex } from '../errors.ts';
-import type { DedupExtension } from '../format/dedup-ext.ts';
+import { DEDUP_EXT_VERSION, type DedupExtension } from '../format/dedup-ext.ts';
 import { SNAPSHOT_FIXED_BYTES, encodeSnapshotEntry } from '../format/snapshot.ts';
 import { writeU64 } from '../format/bytes.ts';
 import type { Image } from '../image/image.ts';
 import type { ImageWriter } from '../image/write-policy.ts';
 import { HOLDER_NAME, Holder, holderL1Size, type HolderHost } from './holder.ts';
-import { geometryOf, initialJournalBlocks, type Allocate } from './store.ts';
+import { DedupStore, geometryOf, initialJournalBlocks, type Allocate } from './store.ts';
+import { Dedup, writeDedupExtension } from './dedup.ts';
+import { hashAlgorithmId } from './hasher.ts';
+import { judgeStore } from './judge-store.ts';
+import { MIN_DEDUP_REFCOUNT_ORDER, defaultDedupSettings, type DedupSettings } from './settings.ts';
 import { heldClusters } from './clusters.ts';
+
+/**
+ * Read-write open of a dedup image: sets the dirty flag (synced), then opens the store
+ * or, if judgeStore() does not trust it, starts a fresh one. Returns null for a plain image.
+ */
+export async function attachDedup(image: Image, writer: ImageWriter): Promise<Dedup | null> {
+  // The trust verdict (reads only), and the store when trusted.
+  const seen = await judgeStore(image, { tolerant: true });
+  let ext = seen.ext;
+  if (seen.distrust === 'extension') {
+    // The extension itself does not decode: nothing of the old store can be found, let
+    // alone trusted. It is replaced by one with the default settings and a fresh store, as
+    // an untrusted store is (an algorithm or version qdedup does not know is refused instead).
+    if (image.header.refcountOrder < MIN_DEDUP_REFCOUNT_ORDER) throw seen.error!;
+    ext = newExtension(defaultDedupSettings(image.size, image.clusterSize), 0, 0);
+  }
+  if (!ext) return null;
+  if (seen.distrust === 'algorithm') throw seen.error!; // skein and unknown numbers, before any write
+  await writeDedupExtension(writer, { ...ext, dirty: true }); // I3: dirty durable before any other write
+  const host = hostOf(image, writer);
+  let holder = await findHolder(image, host);
+  // Untrusted: clusters only the holder references (the old store's, data a foreign writer
+  // left) are let go through the holder's references, never on the old store's word (I3).
+  // Before the new store is allocated (its clusters are held with refcount 1 too); the
+  // holder's cleared entries and the frees reach disk only at the commit that first makes
+  // the new store durable, after it (commit steps 3 and 5 follow beforeRefcounts's writes).
+  if (holder && !seen.trusted) await releaseOrphans(image, writer, holder);
+  if (!holder) holder = await addHolder(image, writer, host, ext);
+  const allocate = storeAllocator(holder, host);
+  let store = seen.store;
+  let extNow = { ...ext, dirty: true };
+  if (store) {
+    for (const a of seen.areas) host.markMetadata(a.offset, a.bytes, 'dedup metadata');
+  } else {
+    // Never write to nor free the old store's clusters: another tool may own them now.
+    store = await DedupStore.create(image.file, geometryOf(ext, image.clusterSize), allocate);
+    const configOffset = await allocate(1);
+    extNow = { ...extNow, configOffset, configBytes: image.clusterSize };
+  }
+  const d = new Dedup(image, writer, extNow, store, holder, host, allocate);
+  if (!seen.trusted) {
+    const replaced = seen.distrust === 'extension' ? 'the extension is replaced, with the default settings; ' : '';
+    d.notice = `dedup index not trusted: ${seen.reason}; ${replaced}starting a fresh index (data is safe; earlier copies are no longer found)`;
+  }
+  return d;
+}
+
+/** Turns a freshly created plain v3 image into a dedup image (qdedup create -o dedup=…). */
+export async function initializeDedup(image: Image, writer: ImageWriter, s: DedupSettings): Promise<Dedup> {
+  const host = hostOf(image, writer);
+  const configOffset = await host.allocate(1);
+  const ext = newExtension(s, configOffset, image.clusterSize);
+  await writeDedupExtension(writer, ext);
+  const holder = await addHolder(image, writer, host, ext);
+  await holder.holdRun(configOffset / image.clusterSize, 1); // allocated before the holder existed
+  const allocate = storeAllocator(holder, host);
+  const store = await DedupStore.create(image.file, geometryOf(ext, image.clusterSize), allocate);
+  return new Dedup(image, writer, ext, store, holder, host, allocate);
+}
+
+/** The extension of a new store with settings `s` (dirty: the store is about to be written), its configuration at `configOffset`. */
+function newExtension(s: DedupSettings, configOffset: number, configBytes: number): DedupExtension {
+  return {
+    version: DEDUP_EXT_VERSION,
+    hashAlgorithm: hashAlgorithmId(s.algorithm),
+    dirty: true,
+    verify: s.verify,
+    order: s.order,
+    journalBlockSize: s.journalBlockSize,
+    maxIncarnations: s.maxIncarnations,
+    configOffset,
+    configBytes,
+  };
+}
 
 /** The holder snapshot of the image, loaded, or null when it has none. */
 export async function findHolder(image: Image, host: HolderHost): Promise<Holder | null> {

@@ -13,10 +13,11 @@
 // - a stream is linked only when every cluster it touches is held and under the cap, and
 //   compared (inflated) when verifying or when its entry is not confirmed this session (I1).
 
-import { inflateCluster } from '../format/deflate.ts';
+import { compressCluster, inflateCluster } from '../format/deflate.ts';
+import type { CompressedChunk } from '../image/chunk-compressor.ts';
 import { encodeStreamHeader, framedStreamsTouching } from '../format/stream-header.ts';
 import { packStreams } from '../image/compressed-packing.ts';
-import type { ImageWriter } from '../image/write-policy.ts';
+import type { ClusterWrite, ImageWriter } from '../image/write-policy.ts';
 import type { Holder } from './holder.ts';
 
 /**
@@ -58,6 +59,28 @@ export class CompressedCopies {
       if (refcount < MIN_LINK_REFCOUNT || refcount >= this.cap()) return false;
     }
     return true;
+  }
+
+  /** True when every cluster the stream touches is under the cap (a duplicate may still link to it). */
+  underCap(offset: number, length: number): boolean {
+    const [first, last] = this.span(offset, length);
+    for (let c = first; c <= last; c++) if (this.writer.refcount(c) >= this.cap()) return false;
+    return true;
+  }
+
+  /**
+   * The compressed stream of each miss (`misses`: indexes into `batch`), or null for a
+   * cluster that does not shrink (stored whole): from the chunk the workers compressed when
+   * the cluster came from it, else compressed here.
+   */
+  streamsOf(batch: ClusterWrite[], misses: number[], chunk: CompressedChunk | undefined): (Buffer | null)[] {
+    const cs = this.writer.clusterSize;
+    return misses.map((c) => {
+      const i = chunk ? batch[c].prepared : -1;
+      if (i < 0) return compressCluster(batch[c].data);
+      const length = chunk!.lengths[i];
+      return length > 0 ? chunk!.streams.subarray(i * cs, i * cs + length) : null; // INCOMPRESSIBLE (never ZERO_CLUSTER: a miss)
+    });
   }
 
   /** True when the stream inflates to exactly `data` (a synchronous read, as Dedup.sameBytes). */

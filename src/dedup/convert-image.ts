@@ -3,23 +3,22 @@
 // the sources' guest bytes (src/image/convert.ts: inline dedup when the target has it), then
 // committed and synced; abandoned (its metadata not committed) when the copy fails.
 
-import { UnsupportedError, UsageError } from '../errors.ts';
+import { UsageError } from '../errors.ts';
 import { copyToImage, totalSize, type CopyOptions } from '../image/convert.ts';
 import type { GuestReader } from '../image/guest-reader.ts';
 import { LOCK_WRITE } from '../image/image-lock.ts';
-import { COMPRESSED_DEDUP_UNSUPPORTED, createImage, openForWrite, type CreateOptions } from './open.ts';
+import { createImage, openForWrite, type CreateOptions } from './open.ts';
 
 export interface ConvertImageOptions extends CopyOptions {
   /** Create the target with these options first; absent: write into the existing image. */
   create?: CreateOptions;
-  /** Whole clusters stored compressed (OpenOptions.compress); not yet into a dedup image. */
+  /** Whole clusters stored compressed (OpenOptions.compress; into a dedup image, its unique clusters). */
   compress?: boolean;
 }
 
 /** Copies `sources` into the QCOW2 image `target`; returns the bytes copied (fewer when `signal` stopped it). */
 export async function convertIntoImage(target: string, sources: GuestReader[], o: ConvertImageOptions = {}): Promise<number> {
   const total = totalSize(sources);
-  if (o.compress && o.create?.dedup) throw new UnsupportedError(COMPRESSED_DEDUP_UNSUPPORTED); // before anything is created
   if (o.create) await createImage(target, o.create);
   const image = await openForWrite(target, { lock: LOCK_WRITE, detectZeroes: true, compress: o.compress });
   try {

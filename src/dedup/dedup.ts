@@ -28,10 +28,10 @@ import { ChunkHasher, type PendingDigest } from './chunk-hasher.ts';
 import { ChunkCompressor, type PendingCompression } from '../image/chunk-compressor.ts';
 import { CompressedCopies, MIN_LINK_REFCOUNT } from './compressed-copies.ts';
 import { isZero } from '../format/bytes.ts';
-import { HASH_BYTES, isStreamEntry, streamLengthOf } from '../format/hash-entry.ts';
+import { HASH_BYTES, isStreamEntry, streamGuestField, streamLengthOf } from '../format/hash-entry.ts';
 import { createHasher, hashAlgorithmId, type Hasher } from './hasher.ts';
 import type { Holder, HolderHost } from './holder.ts';
-import { DedupStore, geometryOf, type Allocate } from './store.ts';
+import { type DedupStore, geometryOf, type Allocate } from './store.ts';
 import { addHolder, findHolder, hostOf, releaseOrphans, storeAllocator } from './attach.ts';
 import { judgeStore } from './judge-store.ts';
 import { BatchKeys } from './batch-keys.ts';
@@ -61,6 +61,18 @@ export interface WriteCounters {
   released: number;
 }
 
+/** What Dedup.prepare starts for a chunk: its hashes, and with -c its compressed clusters. */
+interface DedupPrepared {
+  digest: PendingDigest;
+  compressed: PendingCompression | null;
+}
+
+/** An indexed copy of a content: a whole cluster (`length` 0) or a compressed stream of `length` bytes, at host byte `offset`. */
+interface Copy {
+  offset: number;
+  length: number;
+}
+
 /** Inline deduplication: the write policy (src/image/write-policy.ts WritePolicy) of a dedup image open for writing. */
 export class Dedup implements WritePolicy {
   readonly hasher: Hasher;
@@ -80,7 +92,8 @@ export class Dedup implements WritePolicy {
   /** Compresses the chunks of the write pipeline (compressWrites(): `-c`), or null: unique clusters are written plain. */
   private compressor: ChunkCompressor | null = null;
 
-  private constructor(
+  /** Made by attachDedup and initializeDedup (./attach.ts). */
+  constructor(
     /** The image, read only: every change goes through `writer`. */
     private readonly image: Image,
     private readonly writer: ImageWriter,
@@ -115,75 +128,11 @@ export class Dedup implements WritePolicy {
     this.compressor ??= new ChunkCompressor(this.writer.clusterSize);
   }
 
-  /**
-   * Read-write open of a dedup image: sets the dirty flag (synced), then opens the store
-   * or, if judgeStore() does not trust it, starts a fresh one. Returns null for a plain image.
-   */
-  static async attach(image: Image, writer: ImageWriter): Promise<Dedup | null> {
-    // The trust verdict (reads only), and the store when trusted.
-    const seen = await judgeStore(image, { tolerant: true });
-    let ext = seen.ext;
-    if (seen.distrust === 'extension') {
-      // The extension itself does not decode: nothing of the old store can be found, let
-      // alone trusted. It is replaced by one with the default settings and a fresh store, as
-      // an untrusted store is (an algorithm or version qdedup does not know is refused instead).
-      if (image.header.refcountOrder < MIN_DEDUP_REFCOUNT_ORDER) throw seen.error!;
-      ext = newExtension(defaultDedupSettings(image.size, image.clusterSize), 0, 0);
-    }
-    if (!ext) return null;
-    if (seen.distrust === 'algorithm') throw seen.error!; // skein and unknown numbers, before any write
-    await Dedup.writeExtension(writer, { ...ext, dirty: true }); // I3: dirty durable before any other write
-    const host = hostOf(image, writer);
-    let holder = await findHolder(image, host);
-    // Untrusted: clusters only the holder references (the old store's, data a foreign writer
-    // left) are let go through the holder's references, never on the old store's word (I3).
-    // Before the new store is allocated (its clusters are held with refcount 1 too); the
-    // holder's cleared entries and the frees reach disk only at the commit that first makes
-    // the new store durable, after it (commit steps 3 and 5 follow beforeRefcounts's writes).
-    if (holder && !seen.trusted) await releaseOrphans(image, writer, holder);
-    if (!holder) holder = await addHolder(image, writer, host, ext);
-    const allocate = storeAllocator(holder, host);
-    let store = seen.store;
-    let extNow = { ...ext, dirty: true };
-    if (store) {
-      for (const a of seen.areas) host.markMetadata(a.offset, a.bytes, 'dedup metadata');
-    } else {
-      // Never write to nor free the old store's clusters: another tool may own them now.
-      store = await DedupStore.create(image.file, geometryOf(ext, image.clusterSize), allocate);
-      const configOffset = await allocate(1);
-      extNow = { ...extNow, configOffset, configBytes: image.clusterSize };
-    }
-    const d = new Dedup(image, writer, extNow, store, holder, host, allocate);
-    if (!seen.trusted) {
-      const replaced = seen.distrust === 'extension' ? 'the extension is replaced, with the default settings; ' : '';
-      d.notice = `dedup index not trusted: ${seen.reason}; ${replaced}starting a fresh index (data is safe; earlier copies are no longer found)`;
-    }
-    return d;
-  }
-
-  /** Turns a freshly created plain v3 image into a dedup image (qdedup create -o dedup=…). */
-  static async initialize(image: Image, writer: ImageWriter, s: DedupSettings): Promise<Dedup> {
-    const host = hostOf(image, writer);
-    const configOffset = await host.allocate(1);
-    const ext = newExtension(s, configOffset, image.clusterSize);
-    await Dedup.writeExtension(writer, ext);
-    const holder = await addHolder(image, writer, host, ext);
-    await holder.holdRun(configOffset / image.clusterSize, 1); // allocated before the holder existed
-    const allocate = storeAllocator(holder, host);
-    const store = await DedupStore.create(image.file, geometryOf(ext, image.clusterSize), allocate);
-    return new Dedup(image, writer, ext, store, holder, host, allocate);
-  }
-
-  /** Rewrites the header with `ext` and autoclear bit 60 set, then syncs. */
-  private static async writeExtension(writer: ImageWriter, ext: DedupExtension): Promise<void> {
-    await writer.writeExtension(EXT_DEDUP, encodeDedupExtension(ext), AUTOCLEAR_DEDUP);
-  }
-
   // -------------------------------------------------------------------- write path
 
-  /** Hashes a chunk of whole clusters ahead of its writeClusters, on a worker thread (WritePolicy.prepare). */
-  prepare(chunk: Buffer, start: number, count: number): Promise<PendingDigest> {
-    return Promise.resolve(this.chunkHasher.begin(chunk, start, count));
+  /** Hashes (and with -c compresses) a chunk of whole clusters ahead of its writeClusters, on worker threads (WritePolicy.prepare). */
+  prepare(chunk: Buffer, start: number, count: number): Promise<DedupPrepared> {
+    return Promise.resolve({ digest: this.chunkHasher.begin(chunk, start, count), compressed: this.compressor?.begin(chunk, start, count) ?? null });
   }
 
   /**
@@ -206,7 +155,8 @@ export class Dedup implements WritePolicy {
     const writer = this.writer;
     const cs = writer.clusterSize;
     const n = batch.length;
-    const digest = (prepared as PendingDigest | undefined)?.complete(); // the rest of the chunk hashed here, if the worker is behind
+    const ready = prepared as DedupPrepared | undefined;
+    const digest = ready?.digest.complete(); // the rest of the chunk hashed here, if the worker is behind
 
     // Phase 1, look up. Per cluster, in arrays indexed like `batch` (no object per cluster):
     // its hash (null: a zero cluster) and what the index holds for it. Each content is looked
@@ -244,7 +194,8 @@ export class Dedup implements WritePolicy {
     await writer.prepareTables(guests);
     for (let c = 0; c < n; c++) {
       const entry = found[c];
-      if (entry && Number.isSafeInteger(entry.hostOffset / cs)) hosts.push(entry.hostOffset / cs);
+      if (entry && isStreamEntry(entry.hostOffset, cs)) hosts.push(...this.copies.clusters(entry.hostOffset, streamLengthOf(entry.firstGuestOffset, cs)));
+      else if (entry && Number.isSafeInteger(entry.hostOffset / cs)) hosts.push(entry.hostOffset / cs);
       const released = writer.releasedBy(batch[c].old);
       if (released !== null) hosts.push(released);
       else if (batch[c].old.kind === 'compressed') hosts.push(...writer.clustersReleasedBy(batch[c].old));
@@ -278,8 +229,8 @@ export class Dedup implements WritePolicy {
       const target = entry ? this.linkable(entry, w.data) : null;
       if (target !== null) {
         this.counters.hits++;
-        if (w.old.kind === 'normal' && w.old.hostOffset === target) continue; // same content, same cluster
-        const releasing = this.link(w, target);
+        if ((w.old.kind === 'normal' ? w.old.hostOffset : w.old.compressedOffset) === target) continue; // same content, same copy
+        const releasing = this.link(w, { offset: target, length: isStreamEntry(target, cs) ? streamLengthOf(entry!.firstGuestOffset, cs) : 0 });
         if (releasing) await releasing;
         continue;
       }
@@ -289,23 +240,26 @@ export class Dedup implements WritePolicy {
     }
     if (!misses.length) return;
 
-    // Phase 4, the misses: one run, then each indexed (refcount 2: the guest and the holder)
-    // and mapped, then its repeats linked to it.
+    // Phase 4, the misses: one run of whole clusters and (with -c) one run of compressed
+    // copies, then each miss indexed (refcount 2 on what it touches: the guest and the
+    // holder) and mapped, then its repeats linked to it.
     this.counters.misses += misses.length;
-    const start = await writer.writeRun(misses.map((c) => batch[c].data));
-    for (let i = 0; i < misses.length; i++) {
+    const streams = this.compressor ? this.copies.streamsOf(batch, misses, ready?.compressed?.complete()) : null;
+    const whole = streams ? misses.filter((_, k) => !streams[k]) : misses;
+    const start = whole.length ? await writer.writeRun(whole.map((c) => batch[c].data)) : 0;
+    const packed = streams?.filter((x: Buffer | null): x is Buffer => x !== null) ?? [];
+    const run = packed.length ? await this.copies.writeRun(packed) : null;
+    for (let i = 0, p = 0, q = 0; i < misses.length; i++) {
       const w = batch[misses[i]];
       const hash = hashes[misses[i]]!;
-      const offset = start + i * cs;
-      // A holder table to read or create (rare: once per table) is allocated here, in this
-      // order, so that the file's layout is the same as when each hold read its own table.
-      if (this.holder.canHold(offset / cs) && !this.holder.ready(offset / cs)) await this.holder.prepareHold([offset / cs]);
-      let indexed = this.index(w, hash, offset);
+      const stream = streams?.[i] ?? null;
+      // The indexed copy of this content the duplicates link to.
+      let copy: Copy = stream ? { offset: run!.offsets[q++], length: stream.length } : { offset: start + p++ * cs, length: 0 };
+      let held = stream ? run!.held : this.holder.canHold(copy.offset / cs);
+      let indexed = this.index(w, hash, copy, held);
       if (indexed) await indexed;
       const releasing = writer.dropReference(w.old);
       if (releasing) await releasing;
-      let target = offset; // the indexed copy of this content the duplicates link to
-      let held = this.holder.canHold(offset / cs);
       for (let dc = nextDup[misses[i]]; dc >= 0; dc = nextDup[dc]) {
         const d = batch[dc];
         if (!held) {
@@ -320,17 +274,21 @@ export class Dedup implements WritePolicy {
         // The cap counts every reference this batch already added (increments apply at
         // once; the holder's is one of them): at the cap the duplicate gets its own copy,
         // which becomes the indexed one, so later copies link to it (docs/DESIGN.md, refcount cap).
-        if (writer.refcount(target / cs) < this.cap) {
+        if (copy.length ? this.copies.underCap(copy.offset, copy.length) : writer.refcount(copy.offset / cs) < this.cap) {
           this.counters.hits++;
-          const dropping = this.link(d, target);
+          const dropping = this.link(d, copy);
           if (dropping) await dropping;
           continue;
         }
         this.counters.misses++;
-        target = await writer.writeRun([d.data]);
-        held = this.holder.canHold(target / cs);
-        if (held && !this.holder.ready(target / cs)) await this.holder.prepareHold([target / cs]);
-        indexed = this.index(d, hash, target);
+        if (stream) {
+          const again = await this.copies.writeRun([stream]);
+          [copy, held] = [{ offset: again.offsets[0], length: stream.length }, again.held];
+        } else {
+          copy = { offset: await writer.writeRun([d.data]), length: 0 };
+          held = this.holder.canHold(copy.offset / cs);
+        }
+        indexed = this.index(d, hash, copy, held);
         if (indexed) await indexed;
         const dropping = writer.dropReference(d.old);
         if (dropping) await dropping;
@@ -339,31 +297,46 @@ export class Dedup implements WritePolicy {
   }
 
   /**
-   * Maps guest cluster `w` to the cluster just written at `offset` and, when the holder can
-   * cover it (prepareHold done), holds it and indexes it under `hash`: its refcount becomes 2
-   * before the L2 entry names it (I3), COPIED clear. Not held: mapped alone, COPIED set.
-   * A promise only when the store must rotate.
+   * Maps guest cluster `w` to the copy just written and, when `held`, indexes it under
+   * `hash`. A whole cluster is then held here (its table read or made first: rare, once per
+   * table, in this order so that the file's layout does not depend on batching) and its
+   * refcount becomes 2 before the L2 entry names it (I3), COPIED clear; not held, it is
+   * mapped alone, COPIED set. A compressed copy's run is held by writeRun already; the guest's
+   * reference goes on every cluster it touches. A promise only when the holder's table is
+   * read or the store must rotate.
    */
-  private index(w: ClusterWrite, hash: Buffer, offset: number): Promise<void> | undefined {
-    const cluster = offset / this.writer.clusterSize;
-    const held = this.holder.canHold(cluster);
+  private index(w: ClusterWrite, hash: Buffer, copy: Copy, held: boolean): Promise<void> | undefined {
+    const cs = this.writer.clusterSize;
+    if (copy.length) {
+      if (!held) {
+        this.copies.mapUnheld(w.guestCluster, copy.offset, copy.length);
+        return undefined;
+      }
+      this.copies.link(w.guestCluster, copy.offset, copy.length);
+      return this.store.insert(hash, copy.offset, streamGuestField(w.guestCluster * cs, copy.length), this.allocate);
+    }
+    const cluster = copy.offset / cs;
     let inserting: Promise<void> | undefined;
     if (held) {
+      if (!this.holder.ready(cluster)) return this.holder.prepareHold([cluster]).then(() => this.index(w, hash, copy, held));
       this.writer.increment(cluster);
       this.holder.hold(cluster);
-      inserting = this.store.insert(hash, offset, w.guestCluster * this.writer.clusterSize, this.allocate);
+      inserting = this.store.insert(hash, copy.offset, w.guestCluster * cs, this.allocate);
     }
-    this.writer.mapCluster(w.guestCluster, offset, !held);
+    this.writer.mapCluster(w.guestCluster, copy.offset, !held);
     return inserting;
   }
 
   /**
-   * Points guest cluster `w` at the indexed cluster at `target`: refcount + 1, the L2 entry,
-   * then the old reference dropped. A promise only when the release returned one.
+   * Points guest cluster `w` at the indexed copy: a reference on each cluster it touches, the
+   * L2 entry, then the old reference dropped. A promise only when the release returned one.
    */
-  private link(w: ClusterWrite, target: number): Promise<void> | undefined {
-    this.writer.increment(target / this.writer.clusterSize);
-    this.writer.mapCluster(w.guestCluster, target, false);
+  private link(w: ClusterWrite, copy: Copy): Promise<void> | undefined {
+    if (copy.length) this.copies.link(w.guestCluster, copy.offset, copy.length);
+    else {
+      this.writer.increment(copy.offset / this.writer.clusterSize);
+      this.writer.mapCluster(w.guestCluster, copy.offset, false);
+    }
     return this.writer.dropReference(w.old);
   }
 
@@ -490,22 +463,13 @@ export class Dedup implements WritePolicy {
   /** Clean close, after the last commit: clears the dirty flag, then syncs (I3). */
   async close(): Promise<void> {
     await this.chunkHasher.close();
+    await this.compressor?.close();
     this.ext.dirty = false;
-    await Dedup.writeExtension(this.writer, this.ext);
+    await writeDedupExtension(this.writer, this.ext);
   }
 }
 
-/** The extension of a new store with settings `s` (dirty: the store is about to be written), its configuration at `configOffset`. */
-function newExtension(s: DedupSettings, configOffset: number, configBytes: number): DedupExtension {
-  return {
-    version: DEDUP_EXT_VERSION,
-    hashAlgorithm: hashAlgorithmId(s.algorithm),
-    dirty: true,
-    verify: s.verify,
-    order: s.order,
-    journalBlockSize: s.journalBlockSize,
-    maxIncarnations: s.maxIncarnations,
-    configOffset,
-    configBytes,
-  };
+/** Rewrites the header with `ext` and autoclear bit 60 set, then syncs. */
+export async function writeDedupExtension(writer: ImageWriter, ext: DedupExtension): Promise<void> {
+  await writer.writeExtension(EXT_DEDUP, encodeDedupExtension(ext), AUTOCLEAR_DEDUP);
 }

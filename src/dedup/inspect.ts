@@ -8,7 +8,9 @@
 
 import { CorruptImageError, hex } from '../errors.ts';
 import { AUTOCLEAR_DEDUP } from '../format/dedup-ext.ts';
-import { HASH_ENTRY_BYTES } from '../format/hash-entry.ts';
+import { HASH_ENTRY_BYTES, isStreamEntry, streamLengthOf } from '../format/hash-entry.ts';
+import { STREAM_HEADER_BYTES, framedStreamsTouching } from '../format/stream-header.ts';
+import { inflateCluster } from '../format/deflate.ts';
 import { BUCKET_SLOTS, SLOT_USED, candidateBuckets, decodeIncarnationSlot, tagOf } from '../format/incarnation.ts';
 import type { CheckExtension, ExtensionReport } from '../image/check-image.ts';
 import type { Image } from '../image/image.ts';
@@ -27,6 +29,8 @@ const TABLE_READ_BYTES = 1024 * 1024;
 export interface LiveEntry {
   hash: Buffer;
   hostOffset: number;
+  /** The guest offset field (a stream entry's length in its low bits: ../format/hash-entry.ts). */
+  guestField: number;
   /** "current log store", "frozen log store" or "incarnation K slot S". */
   where: string;
 }
@@ -46,7 +50,7 @@ export async function* liveEntries(image: Image, store: DedupStore): AsyncGenera
       if (ls.states[s] !== SLOT_USED) continue;
       const hash = ls.hashAt(s);
       if (logs.slice(0, k).some((younger) => younger.find(hash) >= 0)) continue;
-      yield { hash: Buffer.from(hash), hostOffset: ls.hostOffsets[s], where: names[k] };
+      yield { hash: Buffer.from(hash), hostOffset: ls.hostOffsets[s], guestField: ls.guestOffsets[s], where: names[k] };
     }
   }
   const hs = store.hashStore;
@@ -68,7 +72,7 @@ export async function* liveEntries(image: Image, store: DedupStore): AsyncGenera
         if ((bucket !== b1 && bucket !== b2) || inc.tags[s] !== tagOf(slot.hash)) continue; // never reached by a lookup
         if (logs.some((ls) => ls.find(slot.hash) >= 0)) continue;
         if (await shadowedByYounger(image, store, k, slot.hash)) continue;
-        yield { hash: slot.hash, hostOffset: slot.hostOffset, where: `incarnation ${k} slot ${s}` };
+        yield { hash: slot.hash, hostOffset: slot.hostOffset, guestField: slot.firstGuestOffset, where: `incarnation ${k} slot ${s}` };
       }
     }
   }
@@ -132,7 +136,7 @@ export async function verifyIndex(
   }
   for await (const e of liveEntries(image, store)) {
     out.checked++;
-    const c = e.hostOffset / cs;
+    const c = Math.floor(e.hostOffset / cs); // (a compressed copy's: the cluster it starts in)
     const problem =
       Number.isSafeInteger(c) && storeClusters.has(c)
         ? `cluster belongs to the dedup store (${areaOf.get(c) ?? 'store area'}), not to guest data`
@@ -155,7 +159,8 @@ async function entryProblem(
   hasher: Hasher,
   deep: boolean,
 ): Promise<string | null> {
-  if (e.hostOffset === 0 || e.hostOffset % cs) return 'host offset is not a non-zero multiple of the cluster size';
+  if (isStreamEntry(e.hostOffset, cs)) return streamProblem(image, e, cs, fileSize, held, refcounts, hasher, deep);
+  if (e.hostOffset === 0) return 'host offset is 0';
   if (e.hostOffset >= fileSize) return 'cluster is past the end of the file';
   const cluster = e.hostOffset / cs;
   if (!held.has(cluster)) return 'cluster is not held by the dedup holder snapshot';
@@ -164,6 +169,46 @@ async function entryProblem(
   if (deep) {
     const actual = hasher.hash(await image.file.read(e.hostOffset, cs));
     if (!actual.equals(e.hash)) return `cluster content hashes to ${actual.toString('hex')}`;
+  }
+  return null;
+}
+
+/**
+ * What is wrong with a stream entry (a compressed copy): its frame (the header before it
+ * names its length), its clusters (held, allocated) and, `deep`, its inflated content.
+ */
+async function streamProblem(
+  image: Image,
+  e: LiveEntry,
+  cs: number,
+  fileSize: number,
+  held: ClusterSet,
+  refcounts: Refcounts,
+  hasher: Hasher,
+  deep: boolean,
+): Promise<string | null> {
+  const length = streamLengthOf(e.guestField, cs);
+  if (length === 0 || e.hostOffset < STREAM_HEADER_BYTES) return 'compressed copy with no length';
+  if (e.hostOffset + length > fileSize) return 'compressed copy is past the end of the file';
+  const framed = await image.file.read(e.hostOffset - STREAM_HEADER_BYTES, STREAM_HEADER_BYTES + length);
+  const base = e.hostOffset - STREAM_HEADER_BYTES;
+  const found = framedStreamsTouching(framed.subarray(0, STREAM_HEADER_BYTES), base, cs, Math.floor(e.hostOffset / cs));
+  if (found.length !== 1 || found[0].offset !== e.hostOffset || found[0].length !== length) return 'compressed copy has no frame header of its length';
+  const [first, last] = [Math.floor(e.hostOffset / cs), Math.floor((e.hostOffset + length - 1) / cs)];
+  for (let c = first; c <= last; c++) {
+    if (!held.has(c)) return `cluster ${hex(c * cs)} of the compressed copy is not held by the dedup holder snapshot`;
+    if ((await refcounts.get(c)) < 1) return `cluster ${hex(c * cs)} of the compressed copy is not allocated (refcount 0)`;
+  }
+  if (deep) {
+    let data: Buffer;
+    try {
+      data = inflateCluster(framed.subarray(STREAM_HEADER_BYTES), cs);
+    } catch (err) {
+      return `compressed copy does not inflate: ${(err as Error).message}`;
+    }
+    if (data.length !== cs) return `compressed copy inflates to ${data.length} bytes, not ${cs}`;
+    const actual = hasher.hash(data);
+    if (!actual.equals(e.hash)) return `compressed copy's content hashes to ${actual.toString('hex')}`;
   }
   return null;
 }

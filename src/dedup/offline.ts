@@ -22,7 +22,8 @@ import { Image, type OpenOptions } from '../image/image.ts';
 import type { PreparedChunk } from '../image/write-policy.ts';
 import { LOCK_READ, LOCK_WRITE } from '../image/image-lock.ts';
 import { CHUNK_BYTES } from '../image/write-pipeline.ts';
-import { Dedup, MIN_DEDUP_REFCOUNT_ORDER, type DedupSettings } from './dedup.ts';
+import { type Dedup, MIN_DEDUP_REFCOUNT_ORDER, type DedupSettings } from './dedup.ts';
+import { attachDedup, initializeDedup } from './attach.ts';
 import { dedupAutoclear } from './open.ts';
 
 export interface OfflineOptions {
@@ -81,7 +82,7 @@ export async function dedupInPlace(path: string, o: OfflineOptions): Promise<Off
     file: o.file,
     keepAutoclear: dedupAutoclear,
     policy: (img, writer) => {
-      if (img.header.extensions.some((e) => e.type === EXT_DEDUP)) return Dedup.attach(img, writer);
+      if (img.header.extensions.some((e) => e.type === EXT_DEDUP)) return attachDedup(img, writer);
       if (img.header.version !== 3 || img.header.refcountOrder < MIN_DEDUP_REFCOUNT_ORDER) {
         throw new UnsupportedError(
           `dedup needs a v3 image (compat=1.1) with refcount_bits of ${2 ** MIN_DEDUP_REFCOUNT_ORDER} or more; 'qdedup convert' makes one`,
@@ -89,7 +90,7 @@ export async function dedupInPlace(path: string, o: OfflineOptions): Promise<Off
         );
       }
       enabled = true;
-      return Dedup.initialize(img, writer, o.settings(img.header, img.clusterSize));
+      return initializeDedup(img, writer, o.settings(img.header, img.clusterSize));
     },
   });
   try {

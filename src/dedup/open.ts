@@ -8,16 +8,13 @@ import type { Header } from '../format/header.ts';
 import { Image, type OpenOptions } from '../image/image.ts';
 import { LOCK_WRITE } from '../image/image-lock.ts';
 import { createImage as createPlainImage, type CreateOptions as PlainCreateOptions } from '../image/create.ts';
-import { UnsupportedError } from '../errors.ts';
 import { Dedup, type DedupSettings } from './dedup.ts';
+import { attachDedup, initializeDedup } from './attach.ts';
 
 export interface WriteOpenOptions extends Omit<OpenOptions, 'writable' | 'policy' | 'keepAutoclear'> {
   /** false: a read-write open that leaves the dedup store alone; writes then are not deduplicated (bit 60 is kept). */
   dedup?: boolean;
 }
-
-/** Why a compressed write into a dedup image is refused, for now. */
-export const COMPRESSED_DEDUP_UNSUPPORTED = 'compressed writes (-c) into a dedup image are not supported yet; a plain image (-o dedup=off) takes them';
 
 /** Autoclear bits a writer of this image maintains: bit 60 on a dedup image (its extension present). */
 export function dedupAutoclear(header: Header): bigint {
@@ -26,8 +23,10 @@ export function dedupAutoclear(header: Header): bigint {
 
 /**
  * Opens `path` for writing (Image.open's contract) with inline deduplication on a dedup
- * image: Dedup.attach sets the dirty flag (synced) before any other write and trusts or
- * replaces the store. A plain image opens as with Image.open. Throws as Image.open does.
+ * image: attachDedup sets the dirty flag (synced) before any other write and trusts or
+ * replaces the store; with `compress`, its unique clusters are written as compressed copies.
+ * A plain image opens as with Image.open (`compress`: compressed clusters without dedup).
+ * Throws as Image.open does.
  */
 export function openForWrite(path: string, options: WriteOpenOptions = {}): Promise<Image> {
   const { dedup, ...rest } = options;
@@ -38,10 +37,10 @@ export function openForWrite(path: string, options: WriteOpenOptions = {}): Prom
     policy:
       dedup === false
         ? undefined
-        : (image, writer) => {
-            // Before attach writes anything (its dirty flag): the image is left as it was.
-            if (options.compress && findDedupExtension(image.header.extensions)) throw new UnsupportedError(COMPRESSED_DEDUP_UNSUPPORTED);
-            return Dedup.attach(image, writer);
+        : async (image, writer) => {
+            const d = await attachDedup(image, writer);
+            if (d && options.compress) d.compressWrites();
+            return d;
           },
   });
 }
@@ -70,7 +69,7 @@ export async function createImage(path: string, o: CreateOptions): Promise<Heade
     backing: false,
     lock: LOCK_WRITE,
     keepAutoclear: dedupAutoclear,
-    policy: (img, writer) => Dedup.initialize(img, writer, settings),
+    policy: (img, writer) => initializeDedup(img, writer, settings),
   });
   try {
     await image.close();

@@ -162,7 +162,7 @@ export class WorkerPool {
             this.waiting.delete(m.id);
             p.resolve();
           }
-          if (this.waiting.size === 0) w.unref();
+          if (this.waiting.size === 0) for (const x of this.workers) x.unref(); // idle: they do not keep the process alive
         });
         w.on('error', (e) => this.fail(e));
         w.on('exit', (code) => this.fail(new InternalError(`${this.name} worker exited (code ${code})`)));
