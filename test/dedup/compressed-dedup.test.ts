@@ -37,7 +37,7 @@ function sample(): Buffer {
   return Buffer.concat(clusters);
 }
 
-function checkDeep(path: string): Record<string, unknown> {
+function checkDeep(path: string): { dedup: Record<string, number> } {
   const r = qdedup(['check', '--deep', '--output', 'json', path]);
   assert.equal(r.status, 0, `qdedup check --deep: ${r.stdout.slice(0, 400)}${r.stderr}`);
   const j = JSON.parse(r.stdout);

@@ -19,6 +19,8 @@ import { createImage } from '../../src/dedup/open.ts';
 import { checkOpenImage } from '../../src/image/check-image.ts';
 import { CorruptImageError } from '../../src/errors.ts';
 import { liveEntries } from '../../src/dedup/inspect.ts';
+import { isStreamEntry, streamLengthOf } from '../../src/format/hash-entry.ts';
+import { inflateCluster } from '../../src/format/deflate.ts';
 import { judgeStore } from '../../src/dedup/judge-store.ts';
 import { FaultyFile, type LossMode } from '../doubles/faulty-file.ts';
 import { MemFile } from '../doubles/mem-file.ts';
@@ -34,6 +36,8 @@ interface Workload {
   clusterBits: number;
   settings: DedupSettings;
   steps: Op[][];
+  /** Written with -c: unique clusters as compressed copies (src/dedup/compressed-copies.ts). */
+  compress?: boolean;
   /** Run and closed before the crash enumeration, after which the dedup extension is made undecodable (the workload's first write replaces it). */
   damagedAfter?: Op[];
 }
@@ -56,6 +60,17 @@ function rng(seed: number) {
 function blocks(rnd: (n: number) => number, clusters: number, palette: number): Buffer {
   const out = Buffer.alloc(clusters * CS);
   for (let c = 0; c < clusters; c++) out.fill(1 + rnd(palette), c * CS, (c + 1) * CS);
+  return out;
+}
+
+/** Cluster-sized blocks of a few patterns, each half random bytes and half text: they compress to about half, so streams cross clusters. */
+function halfCompressible(rnd: (n: number) => number, clusters: number, palette: number): Buffer {
+  const out = Buffer.alloc(clusters * CS);
+  for (let c = 0; c < clusters; c++) {
+    const p = 1 + rnd(palette);
+    const r = rng(p * 7919);
+    for (let i = 0; i < CS; i++) out[c * CS + i] = (i >> 5) % 2 ? r(256) : 0x61 + ((i * p) % 13);
+  }
   return out;
 }
 
@@ -109,6 +124,20 @@ function workloads(seed: number): Workload[] {
       steps: tiny,
     });
   }
+  // 7. Compressed copies (-c): runs of framed streams, duplicates linked to them, rewrites
+  // and zeros that release them (every stream touching a dying cluster deleted first), in
+  // direct writes and through the pipeline.
+  const compressed: Op[][] = [
+    [{ kind: 'write', offset: 0, data: halfCompressible(rnd, 16, 5) }],
+    [{ kind: 'stream', offset: 20 * CS + 700, data: halfCompressible(rnd, 20, 5), chunk: 6 * CS }],
+    [
+      { kind: 'write', offset: 4 * CS, data: halfCompressible(rnd, 8, 9) },
+      { kind: 'zero', offset: 24 * CS, length: 6 * CS },
+    ],
+    [{ kind: 'write', offset: 0, data: Buffer.alloc(12 * CS, 0x33) }],
+  ];
+  out.push({ name: 'compressed', size: 1 << 20, clusterBits: 12, settings: base, steps: compressed, compress: true });
+  out.push({ name: 'compressed+verify', size: 1 << 20, clusterBits: 12, settings: { ...base, verify: true }, steps: compressed, compress: true });
   // 4. A journal that grows (allocated as it fills): 512-byte clusters and journal blocks, a
   // log store of 2048 slots whose 128-block journal fills with the first 1,152 entries; the
   // live entries move to a journal twice as large and the old area is given back.
@@ -132,9 +161,12 @@ async function assertIndexTrue(image: Image, label: string): Promise<number> {
   const d = dedupOf(image)!;
   let n = 0;
   for await (const e of liveEntries(image, d.store)) {
-    const data = await image.file.read(e.hostOffset, image.clusterSize);
-    assert.ok(d.hasher.hash(data).equals(e.hash), `${label}: index entry for cluster ${e.hostOffset} does not hash to its content`);
-    assert.ok(await d.holder.isHeld(e.hostOffset / image.clusterSize), `${label}: indexed cluster ${e.hostOffset} is not held`);
+    const cs = image.clusterSize;
+    const length = isStreamEntry(e.hostOffset, cs) ? streamLengthOf(e.guestField, cs) : 0;
+    const data = length ? inflateCluster(await image.file.read(e.hostOffset, length), cs) : await image.file.read(e.hostOffset, cs);
+    assert.ok(d.hasher.hash(data).equals(e.hash), `${label}: index entry for ${e.hostOffset} does not hash to its content`);
+    for (const c of new Set([Math.floor(e.hostOffset / cs), Math.floor((e.hostOffset + (length || cs) - 1) / cs)]))
+      assert.ok(await d.holder.isHeld(c), `${label}: cluster ${c} of the entry for ${e.hostOffset} is not held`);
     n++;
   }
   return n;
@@ -199,14 +231,28 @@ test('dedup: crash at every write and sync: acknowledged data survives, no corru
       }
       const base = readFileSync(path);
       const probe = new FaultyFile(path, base);
-      assert.equal(await runSteps(path, probe, w.steps), w.steps.length);
+      assert.equal(await runSteps(path, probe, w.steps, w.compress), w.steps.length);
+      if (w.compress) {
+        // Not vacuous: compressed copies are linked (shared), and some cross a cluster boundary.
+        const done = await Image.open(path, { file: new MemFile(path, await probe.afterPowerLoss('drop-unsynced')) });
+        const seen = new Map<number, number>();
+        let crossing = 0;
+        for (let g = 0; g < done.size / CS; g++) {
+          const e = await done.entry(g);
+          if (e.kind !== 'compressed') continue;
+          seen.set(e.compressedOffset, (seen.get(e.compressedOffset) ?? 0) + 1);
+          if (Math.floor(e.compressedOffset / CS) !== Math.floor((e.compressedOffset + e.compressedLength - 1) / CS)) crossing++;
+        }
+        await done.close();
+        assert.ok([...seen.values()].some((n) => n > 1) && crossing > 0, `${w.name}: ${seen.size} compressed copies, ${crossing} crossing`);
+      }
       const totalOps = probe.ops;
       // Every operation index; the fast tier takes every mode at every second index and one mode elsewhere.
       for (let k = 0; k <= totalOps; k++) {
         const modes = SCALE > 1 || k % 2 === 0 ? MODES : [MODES[k % 4]];
         for (const mode of modes) {
           const file = new FaultyFile(path, base, { crashAt: k });
-          const acked = await runSteps(path, file, w.steps);
+          const acked = await runSteps(path, file, w.steps, w.compress);
           const bytes = await file.afterPowerLoss(mode, k * 7 + 1);
           const label = `${w.name} round ${round}, crash at op ${k}/${totalOps}, ${mode}`;
           await verifyState(path, bytes, shadows[acked], shadows[Math.min(acked + 1, w.steps.length)], label);
