@@ -41,6 +41,8 @@ export interface DedupInfo {
   order?: number;
   'journal-block-size'?: number;
   'max-incarnations'?: number;
+  /** Present (true) when new unique clusters are written compressed by default (`create -o compression=on`). */
+  compression?: boolean;
 }
 
 /** The `dedup` object of a dedup image (its settings unless the extension does not decode). */
@@ -56,6 +58,7 @@ function dedupInfo(v: StoreVerdict): DedupInfo {
     order: e.order,
     'journal-block-size': e.journalBlockSize,
     'max-incarnations': e.maxIncarnations,
+    ...(e.compress ? { compression: true } : {}),
   };
 }
 
@@ -131,6 +134,7 @@ export function infoText(info: ImageInfo, date?: (sec: number) => string): strin
     if (dd.order !== undefined) lines.push(`        order: ${dd.order}`);
     if (dd['journal-block-size'] !== undefined) lines.push(`        journal block size: ${dd['journal-block-size']}`);
     if (dd['max-incarnations'] !== undefined) lines.push(`        max incarnations: ${dd['max-incarnations']}`);
+    if (dd.compression) lines.push('        compression: on');
   }
   return lines.join('\n') + '\n';
 }

@@ -58,6 +58,7 @@ export async function attachDedup(image: Image, writer: ImageWriter): Promise<De
     extNow = { ...extNow, configOffset, configBytes: image.clusterSize };
   }
   const d = new Dedup(image, writer, extNow, store, holder, host, allocate);
+  if (extNow.compress) d.compressWrites(); // create -o compression=on: every write as with -c
   if (!seen.trusted) {
     const replaced = seen.distrust === 'extension' ? 'the extension is replaced, with the default settings; ' : '';
     d.notice = `dedup index not trusted: ${seen.reason}; ${replaced}starting a fresh index (data is safe; earlier copies are no longer found)`;
@@ -85,6 +86,7 @@ function newExtension(s: DedupSettings, configOffset: number, configBytes: numbe
     hashAlgorithm: hashAlgorithmId(s.algorithm),
     dirty: true,
     verify: s.verify,
+    compress: s.compress,
     order: s.order,
     journalBlockSize: s.journalBlockSize,
     maxIncarnations: s.maxIncarnations,

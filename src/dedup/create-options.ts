@@ -49,6 +49,7 @@ const CREATE_OPTIONS: [string, string, (d: Defaults) => string][] = [
   ['backing_fmt', 'str', () => 'Image format of the base image (qcow2 or raw)'],
   ['cluster_size', 'size', (d) => `qcow2 cluster size, ${CLUSTER_RANGE} (default ${d.clusterSize})`],
   ['compat', 'str', () => 'Compatibility level (v2 [0.10] or v3 [1.1], default 1.1)'],
+  ['compression', 'bool (on/off)', () => 'Write new unique clusters compressed, as every write had -c (needs dedup; default off)'],
   [
     'dedup',
     'str',
@@ -178,7 +179,7 @@ export function dedupSettings(
   parse: OptionParsers,
 ): DedupSettings | undefined {
   const name = opts.get('dedup');
-  const dedupKeys = [...opts.keys()].filter((key) => key.startsWith('dedup_'));
+  const dedupKeys = [...opts.keys()].filter(isDedupKey);
   if (name === 'off') {
     if (dedupKeys.length) throw new UsageError(`'${dedupKeys[0]}' needs dedup on (dedup=off was given)`);
     return undefined;
@@ -209,7 +210,13 @@ export function dedupSettings(
   if (!validJournalBlockSize(journalBlockSize)) {
     throw new UsageError(`dedup_journal_block must be a power of two from ${MIN_JOURNAL_BLOCK} to ${k(MAX_JOURNAL_BLOCK)}`);
   }
-  return { algorithm, verify, maxIncarnations, order, journalBlockSize };
+  const compress = opts.has('compression') ? parse.bool(opts.get('compression')!, 'compression') : d.compress;
+  return { algorithm, verify, compress, maxIncarnations, order, journalBlockSize };
+}
+
+/** Keys kept in the dedup extension: they need dedup on. */
+function isDedupKey(key: string): boolean {
+  return key.startsWith('dedup_') || key === 'compression';
 }
 
 function parseCount(text: string, what: string, min: number, max: number): number {

@@ -8,6 +8,8 @@ import { DEFAULT_HASH_ALGORITHM, type SupportedHashAlgorithm } from './hasher.ts
 export interface DedupSettings {
   algorithm: SupportedHashAlgorithm;
   verify: boolean;
+  /** New unique clusters written compressed by default (`compression=on`). */
+  compress?: boolean;
   /** 0 = unlimited. */
   maxIncarnations: number;
   order: number;
@@ -52,6 +54,7 @@ export function defaultDedupSettings(virtualSize: number, clusterSize: number): 
   return {
     algorithm: DEFAULT_HASH_ALGORITHM,
     verify: false,
+    compress: false,
     maxIncarnations: 0,
     order: defaultStoreOrder(virtualSize, clusterSize),
     journalBlockSize: DEFAULT_JOURNAL_BLOCK,

@@ -19,6 +19,8 @@ export const DEDUP_EXT_VERSION = 1;
 export const DEDUP_EXT_BYTES = 48;
 export const DEDUP_FLAG_DIRTY = 0x01;
 export const DEDUP_FLAG_VERIFY = 0x02;
+/** New unique clusters are written compressed by default (`create -o compression=on`), as with `-c`. */
+export const DEDUP_FLAG_COMPRESS = 0x04;
 /** Largest log store: 2^20 buckets × 4 slots × 49 bytes ≈ 200 MiB of RAM per log store (I4, I5). */
 export const MAX_STORE_ORDER = 20;
 /** Largest max_incarnations (a u32 field; 0 = unlimited). */
@@ -37,6 +39,8 @@ export interface DedupExtension {
   hashAlgorithm: number;
   dirty: boolean;
   verify: boolean;
+  /** Unique clusters written compressed by default. */
+  compress?: boolean;
   /** Log store order: 2^order buckets of 4 slots. */
   order: number;
   journalBlockSize: number;
@@ -60,7 +64,7 @@ export function encodeDedupExtension(e: DedupExtension): Buffer {
   const buf = Buffer.alloc(DEDUP_EXT_BYTES);
   buf[0] = e.version;
   buf[1] = e.hashAlgorithm;
-  buf[2] = (e.dirty ? DEDUP_FLAG_DIRTY : 0) | (e.verify ? DEDUP_FLAG_VERIFY : 0);
+  buf[2] = (e.dirty ? DEDUP_FLAG_DIRTY : 0) | (e.verify ? DEDUP_FLAG_VERIFY : 0) | (e.compress ? DEDUP_FLAG_COMPRESS : 0);
   buf[3] = e.order;
   buf.writeUInt32BE(e.journalBlockSize, 4);
   buf.writeUInt32BE(e.maxIncarnations, 8);
@@ -74,7 +78,7 @@ export function decodeDedupExtension(buf: Buffer, clusterSize: number): DedupExt
   const bad = (what: string, at: number) => new CorruptImageError(`dedup header extension: ${what}`, { offset: at, structure: 'dedup header extension' });
   if (buf.length < DEDUP_EXT_BYTES) throw bad(`payload of ${buf.length} bytes, expected ${DEDUP_EXT_BYTES}`, 0);
   if (buf[0] !== DEDUP_EXT_VERSION) throw bad(`unknown version ${buf[0]}`, 0);
-  if (buf[2] & ~(DEDUP_FLAG_DIRTY | DEDUP_FLAG_VERIFY)) throw bad(`unknown flags 0x${buf[2].toString(16)}`, 2);
+  if (buf[2] & ~(DEDUP_FLAG_DIRTY | DEDUP_FLAG_VERIFY | DEDUP_FLAG_COMPRESS)) throw bad(`unknown flags 0x${buf[2].toString(16)}`, 2);
   const order = buf[3];
   if (order > MAX_STORE_ORDER) throw bad(`store order ${order} above ${MAX_STORE_ORDER}`, 3);
   const journalBlockSize = buf.readUInt32BE(4);
@@ -91,6 +95,7 @@ export function decodeDedupExtension(buf: Buffer, clusterSize: number): DedupExt
     hashAlgorithm: buf[1],
     dirty: (buf[2] & DEDUP_FLAG_DIRTY) !== 0,
     verify: (buf[2] & DEDUP_FLAG_VERIFY) !== 0,
+    compress: (buf[2] & DEDUP_FLAG_COMPRESS) !== 0,
     order,
     journalBlockSize,
     maxIncarnations: buf.readUInt32BE(8),

@@ -164,6 +164,24 @@ describe('compressed dedup images', { skip: NO_QEMU }, () => {
     assert.equal(stats.trusted, true);
   });
 
+  it('create -o compression=on: every later write compresses without -c; info says so; it needs dedup', () => {
+    const img = join(dir, 'default.qcow2');
+    assert.equal(qdedup(['create', '-q', '-o', 'compression=on', img, String(data.length)]).status, 0);
+    const info = JSON.parse(qdedup(['info', '--output', 'json', img]).stdout);
+    assert.equal(info['format-specific'].data.dedup.compression, true);
+    assert.match(qdedup(['info', img]).stdout, /compression: on/);
+    assert.equal(qdedup(['write', '-q', '-i', raw, img, '0']).status, 0);
+    assert.ok(qemuCompareRaw(img, raw));
+    const q = qemuCheck(img);
+    assert.equal(q.status, 0, q.stderr);
+    assert.ok(Number(q.json!['compressed-clusters']) >= 600, 'written compressed without -c');
+    clean(img);
+    const plain = qdedup(['create', '-q', '-o', 'dedup=off,compression=on', join(dir, 'x.qcow2'), '1M']);
+    assert.equal(plain.status, 1);
+    assert.match(plain.stderr, /'compression' needs dedup on/);
+    assert.doesNotMatch(qdedup(['info', join(dir, 'both.qcow2')]).stdout, /compression: on/, 'convert -c alone sets no default');
+  });
+
   it('the file QEMU sees is the one qemu-img map describes: compressed clusters, no data offsets for them', () => {
     const img = join(dir, 'both.qcow2');
     const map = JSON.parse(run('qemu-img', ['map', '--output=json', '-f', 'qcow2', img]).stdout) as { data: boolean; offset?: number; compressed?: boolean }[];
