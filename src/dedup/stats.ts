@@ -25,6 +25,8 @@ export interface DedupStats {
   'shared-clusters': number;
   'dedup-ratio': number;
   'bytes-saved': number;
+  /** Compressed clusters: guest entries naming one, distinct copies, and their bytes before and after compression. */
+  compressed: { clusters: number; copies: number; 'bytes-before': number; 'bytes-after': number };
   'metadata-clusters': number;
   'holder-clusters': number;
   'index-entries': number;
@@ -40,6 +42,10 @@ export interface GuestUsage {
   guestClusters: number;
   /** Distinct host clusters those entries use (every cluster a compressed stream touches). */
   dataClusters: ClusterSet;
+  /** Of guestClusters, the compressed ones. */
+  compressedClusters: number;
+  /** Distinct compressed streams: their offset → the bytes their descriptor spans (to the end of its last 512-byte sector). */
+  copies: Map<number, number>;
 }
 
 /**
@@ -49,6 +55,8 @@ export interface GuestUsage {
 export async function guestUsage(image: Image): Promise<GuestUsage> {
   const data = await clusterSetFor(image);
   let guestClusters = 0;
+  let compressedClusters = 0;
+  const copies = new Map<number, number>();
   for (let i = 0; i < image.header.l1Size; i++) {
     const entryOf = await image.l2Reader(i);
     if (!entryOf.allocated) continue;
@@ -59,12 +67,14 @@ export async function guestUsage(image: Image): Promise<GuestUsage> {
         data.add(e.hostOffset / image.clusterSize);
       } else if (e.kind === 'compressed') {
         guestClusters++;
+        compressedClusters++;
+        copies.set(e.compressedOffset, e.compressedLength);
         const [first, last] = compressedClusterSpan(e, image.clusterBits);
         for (let c = first; c <= last; c++) data.add(c);
       }
     }
   }
-  return { guestClusters, dataClusters: data };
+  return { guestClusters, dataClusters: data, compressedClusters, copies };
 }
 
 /**
@@ -111,6 +121,12 @@ export async function dedupStats(path: string, lock?: LockRequest): Promise<Dedu
       'shared-clusters': shared,
       'dedup-ratio': data === 0 ? 1 : Math.round((guest / data) * 10000) / 10000,
       'bytes-saved': (guest - data) * image.clusterSize,
+      compressed: {
+        clusters: usage.compressedClusters,
+        copies: usage.copies.size,
+        'bytes-before': usage.copies.size * image.clusterSize,
+        'bytes-after': [...usage.copies.values()].reduce((a, b) => a + b, 0),
+      },
       'metadata-clusters': v.metadataClusters,
       'holder-clusters': v.holder?.tableClusters ?? 0,
       'index-entries': s?.indexEntries ?? 0,

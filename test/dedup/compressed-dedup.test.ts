@@ -8,12 +8,15 @@
 import { describe, it, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { readFileSync, statSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
 import { join } from 'node:path';
 import { Image } from '../../src/image/image.ts';
+import { dedupOf, openForWrite } from '../../src/dedup/open.ts';
 import { NO_QEMU, qdedup, qemuCheck, qemuCompareRaw, run, tempDir } from '../helpers.ts';
 
 const CS = 4096;
+const HAVE_MKFS = spawnSync('mkfs.ext4', ['-V'], { stdio: 'ignore' }).status === 0;
 const dir = tempDir('qdedup-cdedup-');
 
 /** Text-like cluster `k` (compressible, distinct per k). */
@@ -98,6 +101,13 @@ describe('compressed dedup images', { skip: NO_QEMU }, () => {
     assert.ok(shared >= 700, `${shared} shared`);
     assert.ok(e.filter((x) => x.kind === 'compressed').length >= 1300, 'text clusters are compressed');
     assert.ok(e.filter((x) => x.kind === 'normal').length >= 100, 'random clusters stay whole');
+    // dedup-stats counts them: guest entries, distinct copies, bytes before and after compression.
+    const stats = JSON.parse(qdedup(['dedup-stats', '--output', 'json', both]).stdout);
+    const compressed = e.filter((x) => x.kind === 'compressed');
+    assert.equal(stats.compressed.clusters, compressed.length);
+    assert.equal(stats.compressed.copies, new Set(compressed.map((x) => x.at)).size);
+    assert.equal(stats.compressed['bytes-before'], stats.compressed.copies * CS);
+    assert.ok(stats.compressed['bytes-after'] < stats.compressed['bytes-before'] / 1.5, JSON.stringify(stats.compressed));
     const dedupOnly = join(dir, 'dedup.qcow2');
     const compressOnly = join(dir, 'compress.qcow2');
     assert.equal(qdedup(['convert', raw, dedupOnly]).status, 0);
@@ -181,6 +191,54 @@ describe('compressed dedup images', { skip: NO_QEMU }, () => {
     assert.match(plain.stderr, /'compression' needs dedup on/);
     assert.doesNotMatch(qdedup(['info', join(dir, 'both.qcow2')]).stdout, /compression: on/, 'convert -c alone sets no default');
   });
+
+  it('the refcount cap holds on every cluster a compressed copy touches: past it, a new copy', async () => {
+    const img = join(dir, 'cap.qcow2');
+    assert.equal(qdedup(['create', '-q', img, '1M']).status, 0);
+    const image = await openForWrite(img, { compress: true });
+    dedupOf(image)!.cap = 4; // the holder's reference and three guests' per copy
+    const same = Buffer.concat(Array.from({ length: 20 }, () => textCluster(7)));
+    await image.write(0, same);
+    await image.close();
+    const e = (await entries(img)).slice(0, 20);
+    assert.ok(e.every((x) => x.kind === 'compressed'));
+    const copies = new Map<number, number>();
+    for (const x of e) copies.set(x.at, (copies.get(x.at) ?? 0) + 1);
+    assert.equal(copies.size, 7, `copies: ${[...copies.values()]}`);
+    assert.ok([...copies.values()].every((n) => n <= 3));
+    const zeros = Buffer.alloc(1024 * 1024 - same.length);
+    writeFileSync(raw + '.cap', Buffer.concat([same, zeros]));
+    assert.ok(qemuCompareRaw(img, raw + '.cap'));
+    clean(img);
+  });
+
+  it(
+    'an ext4 filesystem of generated files (repeated and compressible) through convert -c',
+    { skip: HAVE_MKFS ? false : 'mkfs.ext4 not installed (e2fsprogs)' },
+    () => {
+      const tree = join(dir, 'tree');
+      mkdirSync(join(tree, 'docs'), { recursive: true });
+      mkdirSync(join(tree, 'copies'), { recursive: true });
+      for (let f = 0; f < 40; f++) {
+        const text = Buffer.concat(Array.from({ length: 3 + (f % 5) }, (_, k) => textCluster(f * 10 + k)));
+        writeFileSync(join(tree, 'docs', `doc${f}.txt`), text);
+        if (f % 3 === 0) writeFileSync(join(tree, 'copies', `doc${f}.copy`), text); // repeated files
+      }
+      writeFileSync(join(tree, 'random.bin'), randomBytes(300 * 1024)); // incompressible
+      const fs = join(dir, 'fs.raw');
+      writeFileSync(fs, Buffer.alloc(0));
+      assert.equal(run('truncate', ['-s', '16M', fs]).status, 0);
+      const mk = run('mkfs.ext4', ['-q', '-d', tree, fs]);
+      assert.equal(mk.status, 0, mk.stderr);
+      const both = join(dir, 'fs-both.qcow2');
+      const plain = join(dir, 'fs-dedup.qcow2');
+      assert.equal(qdedup(['convert', '-c', fs, both]).status, 0);
+      assert.equal(qdedup(['convert', fs, plain]).status, 0);
+      assert.ok(qemuCompareRaw(both, fs));
+      clean(both);
+      assert.ok(statSync(both).size < statSync(plain).size * 0.7, `${statSync(both).size} against dedup alone ${statSync(plain).size}`);
+    },
+  );
 
   it('the file QEMU sees is the one qemu-img map describes: compressed clusters, no data offsets for them', () => {
     const img = join(dir, 'both.qcow2');

@@ -286,8 +286,8 @@ async function fuzzImportCommands(dir: string, name: string, bytes: Buffer, pick
   };
   if (Math.floor(pick / 2) % 2 === 0) {
     const out = join(dir, `${name}-converted.qcow2`);
-    // Every other convert compresses into a plain target (-c): the same checks hold.
-    const compress = Math.floor(pick / 4) % 2 === 1 ? ['-c', '-o', 'dedup=off'] : [];
+    // Every other convert compresses (-c), into a dedup or a plain target: the same checks hold.
+    const compress = Math.floor(pick / 4) % 2 === 1 ? ['-c', ...(Math.floor(pick / 8) % 2 ? ['-o', 'dedup=off'] : [])] : [];
     const r = await run('convert', ['convert', ...compress, '-f', 'qcow2', file, out], file);
     if (r.status === 0 && HAVE_QEMU) {
       await qemuClean(out, 'the image convert made');

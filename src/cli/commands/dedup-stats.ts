@@ -33,6 +33,10 @@ export function dedupStatsHuman(path: string, s: DedupStats, color?: ChalkInstan
     ['shared clusters', String(s['shared-clusters'])],
     ['dedup ratio', headline(s['dedup-ratio'].toFixed(2))],
     ['bytes saved', headline(bytes(s['bytes-saved']))],
+    [
+      'compressed',
+      `${s.compressed.clusters} clusters in ${s.compressed.copies} copies, ${humanSize(s.compressed['bytes-before'])} stored in ${humanSize(s.compressed['bytes-after'])}`,
+    ],
     ['metadata clusters', String(s['metadata-clusters'])],
     ['holder clusters', String(s['holder-clusters'])],
     ['index entries', String(s['index-entries'])],
