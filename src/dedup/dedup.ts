@@ -1,26 +1,17 @@
-// Inline deduplication of an image open for writing: the trust protocol (dirty flag and
-// autoclear bit 60), the per-cluster write path (hash, look up, link or write), the
-// release of clusters whose last guest reference goes (hash deleted before the free, I2)
-// and the clean close. Design: docs/DESIGN.md "Deduplication"; layouts: docs/FORMAT.md §5–10.
+// Inline deduplication of an image open for writing: the per-cluster write path (hash, look
+// up, link or write; with -c, compressed copies: ./compressed-copies.ts), the release of
+// clusters whose last guest reference goes (hash deleted before the free, I2), the commit
+// hooks and the clean close. Design: docs/DESIGN.md "Deduplication"; layouts: docs/FORMAT.md §5–10.
 //
 // It is the engine's write policy (src/image/write-policy.ts WritePolicy), attached by
-// ./open.ts, and changes the image only through the ImageWriter it is given. The holder
-// snapshot and the store's allocation at open: ./attach.ts.
-//
-// Trust (I3, docs/DESIGN.md): the store is used only if judgeStore() (./judge-store.ts) trusts it
-// (autoclear bit set, dirty flag clear, configuration and journals intact, areas its own).
-// Otherwise a fresh store is built in new clusters and the old one is never written to nor freed. The dirty flag
-// reaches disk before the first write and is cleared only after everything else is durable.
+// ./open.ts through ./attach.ts, and changes the image only through the ImageWriter it is
+// given. The trust protocol at open is attachDedup's (./attach.ts): the store is used only if
+// judgeStore() (./judge-store.ts) trusts it (autoclear bit set, dirty flag clear,
+// configuration and journals intact, areas its own); otherwise a fresh store is built in new
+// clusters and the old one is never written to nor freed. The dirty flag reaches disk before
+// the first write and is cleared only after everything else is durable (close()).
 
-import {
-  AUTOCLEAR_DEDUP,
-  DEDUP_EXT_VERSION,
-  EXT_DEDUP,
-  configBytesFor,
-  encodeDedupConfig,
-  encodeDedupExtension,
-  type DedupExtension,
-} from '../format/dedup-ext.ts';
+import { AUTOCLEAR_DEDUP, EXT_DEDUP, configBytesFor, encodeDedupConfig, encodeDedupExtension, type DedupExtension } from '../format/dedup-ext.ts';
 import type { IndexEntry } from './slot-bits.ts';
 import type { Image } from '../image/image.ts';
 import type { ClusterWrite, ImageWriter, WritePolicy } from '../image/write-policy.ts';
@@ -29,13 +20,10 @@ import { ChunkCompressor, type PendingCompression } from '../image/chunk-compres
 import { CompressedCopies, MIN_LINK_REFCOUNT } from './compressed-copies.ts';
 import { isZero } from '../format/bytes.ts';
 import { HASH_BYTES, isStreamEntry, streamGuestField, streamLengthOf } from '../format/hash-entry.ts';
-import { createHasher, hashAlgorithmId, type Hasher } from './hasher.ts';
+import { createHasher, type Hasher } from './hasher.ts';
 import type { Holder, HolderHost } from './holder.ts';
-import { type DedupStore, geometryOf, type Allocate } from './store.ts';
-import { addHolder, findHolder, hostOf, releaseOrphans, storeAllocator } from './attach.ts';
-import { judgeStore } from './judge-store.ts';
+import type { DedupStore, Allocate } from './store.ts';
 import { BatchKeys } from './batch-keys.ts';
-import { MIN_DEDUP_REFCOUNT_ORDER, defaultDedupSettings, type DedupSettings } from './settings.ts';
 
 export {
   DEDUP_CLUSTER_BITS,

@@ -140,7 +140,7 @@ export async function verifyIndex(
     const problem =
       Number.isSafeInteger(c) && storeClusters.has(c)
         ? `cluster belongs to the dedup store (${areaOf.get(c) ?? 'store area'}), not to guest data`
-        : await entryProblem(image, e, cs, fileSize, held, refcounts, hasher, deep);
+        : await entryProblem(e, { image, cs, fileSize, held, refcounts, hasher, deep });
     if (problem === null) continue;
     out.bad++;
     if (out.lines.length < MAX_PROBLEM_LINES)
@@ -149,17 +149,20 @@ export async function verifyIndex(
   return out;
 }
 
-async function entryProblem(
-  image: Image,
-  e: LiveEntry,
-  cs: number,
-  fileSize: number,
-  held: ClusterSet,
-  refcounts: Refcounts,
-  hasher: Hasher,
-  deep: boolean,
-): Promise<string | null> {
-  if (isStreamEntry(e.hostOffset, cs)) return streamProblem(image, e, cs, fileSize, held, refcounts, hasher, deep);
+/** What an entry is checked against: the image, its held clusters and stored refcounts, the hasher; `deep` hashes contents. */
+interface EntryContext {
+  image: Image;
+  cs: number;
+  fileSize: number;
+  held: ClusterSet;
+  refcounts: Refcounts;
+  hasher: Hasher;
+  deep: boolean;
+}
+
+async function entryProblem(e: LiveEntry, x: EntryContext): Promise<string | null> {
+  const { image, cs, fileSize, held, refcounts, hasher, deep } = x;
+  if (isStreamEntry(e.hostOffset, cs)) return streamProblem(e, x);
   if (e.hostOffset === 0) return 'host offset is 0';
   if (e.hostOffset >= fileSize) return 'cluster is past the end of the file';
   const cluster = e.hostOffset / cs;
@@ -177,18 +180,10 @@ async function entryProblem(
  * What is wrong with a stream entry (a compressed copy): its frame (the header before it
  * names its length), its clusters (held, allocated) and, `deep`, its inflated content.
  */
-async function streamProblem(
-  image: Image,
-  e: LiveEntry,
-  cs: number,
-  fileSize: number,
-  held: ClusterSet,
-  refcounts: Refcounts,
-  hasher: Hasher,
-  deep: boolean,
-): Promise<string | null> {
+async function streamProblem(e: LiveEntry, x: EntryContext): Promise<string | null> {
+  const { image, cs, fileSize, held, refcounts, hasher, deep } = x;
   const length = streamLengthOf(e.guestField, cs);
-  if (length === 0 || e.hostOffset < STREAM_HEADER_BYTES) return 'compressed copy with no length';
+  if (length === 0 || e.hostOffset < STREAM_HEADER_BYTES) return 'host offset is not a multiple of the cluster size, and the entry gives no compressed length';
   if (e.hostOffset + length > fileSize) return 'compressed copy is past the end of the file';
   const framed = await image.file.read(e.hostOffset - STREAM_HEADER_BYTES, STREAM_HEADER_BYTES + length);
   const base = e.hostOffset - STREAM_HEADER_BYTES;

@@ -18,6 +18,7 @@ const ext: DedupExtension = {
   hashAlgorithm: 0,
   dirty: true,
   verify: false,
+  compress: false,
   order: 9,
   journalBlockSize: 4096,
   maxIncarnations: 2,
