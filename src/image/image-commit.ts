@@ -112,6 +112,25 @@ export abstract class ImageCommit extends ImageReads {
     this.headerDirty = true;
   }
 
+  /** Sets header extension `type` to `data` (added when absent) and sets `autoclear` bits; writes the header, then syncs (ImageWriter.writeExtension). */
+  async writeExtension(type: number, data: Buffer, autoclear: bigint): Promise<void> {
+    const e = this.header.extensions.find((x) => x.type === type);
+    if (e) e.data = data;
+    else this.header.extensions.push({ type, data });
+    this.header.autoclearFeatures |= autoclear;
+    await this.writeHeader();
+    await this.file.sync();
+  }
+
+  /** Points the header at a snapshot table of `count` entries, durable already; writes the header, syncs, reloads the snapshots. */
+  async setSnapshotTable(offset: number, count: number): Promise<void> {
+    this.header.snapshotsOffset = offset;
+    this.header.nbSnapshots = count;
+    await this.writeHeader();
+    await this.file.sync(); // I3: the header names the table only once the table is durable (the caller synced it)
+    await this.loadSnapshots();
+  }
+
   /** Commits (read-write) and closes this image and its backing chain. */
   async close(): Promise<void> {
     if (this.closed) return;

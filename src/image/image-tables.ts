@@ -5,7 +5,7 @@
 
 import { CorruptImageError, InternalError, hex } from '../errors.ts';
 import { MAX_HOST_OFFSET, MAX_L1_BYTES, clusterSizeOf, l2EntriesOf, type Header } from '../format/header.ts';
-import { decodeL1Entry, decodeL2Entry, encodeL1Entry, encodeCompressedL2Entry, encodeL2Entry, type L2Entry } from '../format/l1l2.ts';
+import { compressedClusterSpan, decodeL1Entry, decodeL2Entry, encodeL1Entry, encodeCompressedL2Entry, encodeL2Entry, type L2Entry } from '../format/l1l2.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';
 import type { BlockFile } from './block-file.ts';
 import type { GuestReader } from './guest-reader.ts';
@@ -267,5 +267,24 @@ export abstract class ImageTables {
     const l1Index = Math.floor(guestCluster / this.l2Entries);
     if (!this.l2Dirty.has(l1Index)) throw new InternalError(`L2 table of guest cluster ${guestCluster} not prepared for writing`);
     return this.l2Cache.get(l1Index)!;
+  }
+
+  /** Every host cluster dropReference(`old`) releases a reference of (what the policy's prepareRelease needs). */
+  clustersReleasedBy(old: L2Entry): number[] {
+    if (old.kind !== 'compressed') {
+      const c = this.releasedBy(old);
+      return c === null ? [] : [c];
+    }
+    const [first, last] = compressedClusterSpan(old, this.clusterBits);
+    return Array.from({ length: last - first + 1 }, (_, k) => first + k);
+  }
+
+  /**
+   * The host cluster whose reference dropReference(`old`) drops one by one (through the
+   * policy's release when there is one): a normal cluster, or the one a zero cluster keeps
+   * allocated (QEMU's zero with allocation). Null for none, and for compressed entries.
+   */
+  releasedBy(old: L2Entry): number | null {
+    return old.kind !== 'compressed' && old.hostOffset !== 0 ? old.hostOffset / this.clusterSize : null;
   }
 }

@@ -67,11 +67,7 @@ export interface OpenOptions {
    * policy decides zeros for itself (inline dedup always does this).
    */
   detectZeroes?: boolean;
-  /**
-   * Read-write opens: whole clusters written without a policy are stored compressed (raw
-   * deflate, packed as QEMU packs them: ./compressed-write.ts), zeros as zero clusters —
-   * `qemu-img convert -c`. A cluster that does not shrink is stored plain.
-   */
+  /** Read-write opens without a policy: whole clusters stored compressed, zeros as zero clusters, as `qemu-img convert -c` (./compressed-write.ts). */
   compress?: boolean;
   /**
    * QEMU's image locks to take on the file (./image-lock.ts: LOCK_INFO, LOCK_READ,
@@ -465,25 +461,6 @@ export class Image extends ImageCommit implements GuestReader {
     return undefined;
   }
 
-  /** Every host cluster dropReference(`old`) releases a reference of (what the policy's prepareRelease needs). */
-  clustersReleasedBy(old: L2Entry): number[] {
-    if (old.kind !== 'compressed') {
-      const c = this.releasedBy(old);
-      return c === null ? [] : [c];
-    }
-    const [first, last] = compressedClusterSpan(old, this.clusterBits);
-    return Array.from({ length: last - first + 1 }, (_, k) => first + k);
-  }
-
-  /**
-   * The host cluster whose reference dropReference(`old`) drops one by one (through the
-   * policy's release when there is one): a normal cluster, or the one a zero cluster keeps
-   * allocated (QEMU's zero with allocation). Null for none, and for compressed entries.
-   */
-  releasedBy(old: L2Entry): number | null {
-    return old.kind !== 'compressed' && old.hostOffset !== 0 ? old.hostOffset / this.clusterSize : null;
-  }
-
   /** The narrow interface a write policy changes this image through (read-write opens). */
   private writer(): ImageWriter {
     const refcounts = this.assertWritable();
@@ -508,21 +485,8 @@ export class Image extends ImageCommit implements GuestReader {
       increment: (c) => refcounts.increment(c),
       deferFree: (c) => refcounts.deferFree(c),
       markMetadata: (offset, bytes, what) => this.markMetadata(offset, bytes, what),
-      writeExtension: async (type, data, autoclear) => {
-        const e = this.header.extensions.find((x) => x.type === type);
-        if (e) e.data = data;
-        else this.header.extensions.push({ type, data });
-        this.header.autoclearFeatures |= autoclear;
-        await this.writeHeader();
-        await this.file.sync();
-      },
-      setSnapshotTable: async (offset, count) => {
-        this.header.snapshotsOffset = offset;
-        this.header.nbSnapshots = count;
-        await this.writeHeader();
-        await this.file.sync(); // I3: the header names the table only once the table is durable (the caller synced it)
-        await this.loadSnapshots();
-      },
+      writeExtension: (type, data, autoclear) => this.writeExtension(type, data, autoclear),
+      setSnapshotTable: (offset, count) => this.setSnapshotTable(offset, count),
       commit: () => this.flush(),
     };
   }
