@@ -14,9 +14,10 @@
 //   compared (inflated) when verifying or when its entry is not confirmed this session (I1).
 
 import { compressCluster, inflateCluster } from '../format/deflate.ts';
-import type { CompressedChunk } from '../image/chunk-compressor.ts';
-import { encodeStreamHeader, framedStreamsTouching } from '../format/stream-header.ts';
-import { packStreams } from '../image/compressed-packing.ts';
+import { framedStreamsTouching } from '../format/stream-header.ts';
+import { ZERO_CLUSTER, compressedClusterOf, type CompressedChunk } from '../image/chunk-compressor.ts';
+import { countStreamReferences, writeStreamRun } from '../image/compressed-write.ts';
+import { clusterSpan } from './clusters.ts';
 import type { ClusterWrite, ImageWriter } from '../image/write-policy.ts';
 import type { Holder } from './holder.ts';
 
@@ -37,8 +38,7 @@ export class CompressedCopies {
 
   /** The host clusters the stream of `length` bytes at `offset` touches, first and last. */
   span(offset: number, length: number): [number, number] {
-    const cs = this.writer.clusterSize;
-    return [Math.floor(offset / cs), Math.floor((offset + length - 1) / cs)];
+    return clusterSpan(offset, length, this.writer.clusterSize);
   }
 
   /** The clusters of span(), for prepareRelease. */
@@ -74,12 +74,9 @@ export class CompressedCopies {
    * the cluster came from it, else compressed here.
    */
   streamsOf(batch: ClusterWrite[], misses: number[], chunk: CompressedChunk | undefined): (Buffer | null)[] {
-    const cs = this.writer.clusterSize;
     return misses.map((c) => {
-      const i = chunk ? batch[c].prepared : -1;
-      if (i < 0) return compressCluster(batch[c].data);
-      const length = chunk!.lengths[i];
-      return length > 0 ? chunk!.streams.subarray(i * cs, i * cs + length) : null; // INCOMPRESSIBLE (never ZERO_CLUSTER: a miss)
+      const stream = compressedClusterOf(batch[c], chunk);
+      return stream === ZERO_CLUSTER ? compressCluster(batch[c].data) : stream; // (a miss is never all zeros)
     });
   }
 
@@ -105,25 +102,13 @@ export class CompressedCopies {
    */
   async writeRun(streams: Buffer[]): Promise<{ offsets: number[]; held: boolean }> {
     const w = this.writer;
-    const cs = w.clusterSize;
-    const run = packStreams(
-      streams.map((s) => s.length),
-      cs,
-      w.refcountMax - 1, // room for the holder's reference
-      true,
-    );
-    const start = await w.allocate(run.clusters);
-    const first = start / cs;
+    const { start, run } = await writeStreamRun(w, streams, w.refcountMax - 1 /* room for the holder's reference */, true);
+    const first = start / w.clusterSize;
+    // Before any entry names the run: the holder's table writes come at the commit, after the data.
     const held = this.holder.canHold(first + run.clusters - 1);
     if (held)
       await this.holder.holdRun(first, run.clusters); // allocate's reference is the holder's
-    else for (let k = 0; k < run.clusters; k++) for (let t = 1; t < run.touches[k]; t++) w.increment(first + k); // allocate's is one stream's
-    const bytes = Buffer.alloc(run.clusters * cs);
-    streams.forEach((s, k) => {
-      encodeStreamHeader(bytes, run.headers[k], s.length);
-      s.copy(bytes, run.offsets[k]);
-    });
-    await w.writeBytes(start, bytes);
+    else countStreamReferences(w, start, run); // allocate's is one stream's
     return { offsets: run.offsets.map((o) => start + o), held };
   }
 

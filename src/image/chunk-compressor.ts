@@ -9,6 +9,7 @@ import { availableParallelism } from 'node:os';
 import { InternalError } from '../errors.ts';
 import { isZero } from '../format/bytes.ts';
 import { DEFLATE_LEVEL, DEFLATE_MEM_LEVEL, DEFLATE_WINDOW_BITS, compressCluster } from '../format/deflate.ts';
+import type { ClusterWrite } from './write-policy.ts';
 import { CLUSTER_LOOP_SOURCE, MIN_WORKER_BYTES, SharedClusterWork, WorkerPool, controlLayout } from './chunk-workers.ts';
 
 /** `lengths[i]` of an all-zero cluster. */
@@ -57,6 +58,18 @@ export interface CompressedChunk {
   readonly clusterSize: number;
   readonly streams: Buffer;
   readonly lengths: Int32Array;
+}
+
+/**
+ * Whole cluster `w` compressed: from `chunk` when the workers compressed the chunk it came
+ * from, else here. ZERO_CLUSTER when it is all zeros, null when it does not shrink.
+ */
+export function compressedClusterOf(w: ClusterWrite, chunk: CompressedChunk | undefined): Buffer | null | typeof ZERO_CLUSTER {
+  const i = chunk ? w.prepared : -1;
+  if (i < 0) return isZero(w.data) ? ZERO_CLUSTER : compressCluster(w.data);
+  const length = chunk!.lengths[i];
+  if (length === ZERO_CLUSTER) return ZERO_CLUSTER;
+  return length === INCOMPRESSIBLE ? null : chunk!.streams.subarray(i * chunk!.clusterSize, i * chunk!.clusterSize + length);
 }
 
 /** A chunk being compressed, by the workers and by complete(). Its fields are the CompressedChunk once complete() returned. */

@@ -10,10 +10,10 @@
 // at the commit, after the data (Image.flush). Old references are dropped after their
 // replacement is mapped.
 
-import { isZero } from '../format/bytes.ts';
 import { compressCluster } from '../format/deflate.ts';
-import { ChunkCompressor, INCOMPRESSIBLE, ZERO_CLUSTER, type CompressedChunk, type PendingCompression } from './chunk-compressor.ts';
-import { packStreams } from './compressed-packing.ts';
+import { encodeStreamHeader } from '../format/stream-header.ts';
+import { ChunkCompressor, ZERO_CLUSTER, compressedClusterOf, type CompressedChunk, type PendingCompression } from './chunk-compressor.ts';
+import { packStreams, type PackedRun } from './compressed-packing.ts';
 import type { ClusterWrite, ImageWriter } from './write-policy.ts';
 
 export class CompressedWriter {
@@ -44,17 +44,14 @@ export class CompressedWriter {
     const packed: ClusterWrite[] = [];
     const streams: Buffer[] = [];
     for (const c of batch) {
-      const i = chunk ? c.prepared : -1;
-      let stream: Buffer | null = null;
-      if (i >= 0 && chunk!.lengths[i] > 0) stream = chunk!.streams.subarray(i * cs, i * cs + chunk!.lengths[i]);
-      else if (i >= 0 && chunk!.lengths[i] === INCOMPRESSIBLE) stream = null;
-      else if ((i >= 0 && chunk!.lengths[i] === ZERO_CLUSTER) || isZero(c.data)) {
+      let stream = compressedClusterOf(c, chunk);
+      if (stream === ZERO_CLUSTER) {
         if (this.zeroClusters) {
           if (!w.readsAsZeros(c.old)) zeros.push(c);
           continue;
         }
         stream = compressCluster(c.data);
-      } else stream = compressCluster(c.data);
+      }
       if (stream) {
         packed.push(c);
         streams.push(stream);
@@ -70,17 +67,8 @@ export class CompressedWriter {
       });
     }
     if (!packed.length) return;
-    // Every cluster of the run counts one reference per stream touching it (allocate gave one).
-    const run = packStreams(
-      streams.map((s) => s.length),
-      cs,
-      w.refcountMax,
-    );
-    const start = await w.allocate(run.clusters);
-    for (let k = 0; k < run.clusters; k++) for (let t = 1; t < run.touches[k]; t++) w.increment(start / cs + k);
-    const bytes = Buffer.alloc(run.clusters * cs);
-    streams.forEach((s, k) => s.copy(bytes, run.offsets[k]));
-    await w.writeBytes(start, bytes);
+    const { start, run } = await writeStreamRun(w, streams, w.refcountMax, false);
+    countStreamReferences(w, start, run);
     packed.forEach((c, k) => {
       w.mapCompressed(c.guestCluster, start + run.offsets[k], streams[k].length);
       w.dropReference(c.old);
@@ -90,4 +78,32 @@ export class CompressedWriter {
   async close(): Promise<void> {
     await this.compressor?.close();
   }
+}
+
+/**
+ * Writes `streams` packed into one run of new clusters (`framed`: each after its header, as in
+ * a dedup image) and returns where: the run's host offset and its layout. Each cluster of the
+ * run has refcount 1 (allocate's); the caller counts the other references.
+ */
+export async function writeStreamRun(w: ImageWriter, streams: Buffer[], maxTouches: number, framed: boolean): Promise<{ start: number; run: PackedRun }> {
+  const cs = w.clusterSize;
+  const run = packStreams(
+    streams.map((s) => s.length),
+    cs,
+    maxTouches,
+    framed,
+  );
+  const start = await w.allocate(run.clusters);
+  const bytes = Buffer.alloc(run.clusters * cs);
+  streams.forEach((s, k) => {
+    if (framed) encodeStreamHeader(bytes, run.headers[k], s.length);
+    s.copy(bytes, run.offsets[k]);
+  });
+  await w.writeBytes(start, bytes);
+  return { start, run };
+}
+
+/** One reference per stream touching each cluster of a run writeStreamRun wrote (allocate's is the first). */
+export function countStreamReferences(w: ImageWriter, start: number, run: PackedRun): void {
+  for (let k = 0; k < run.clusters; k++) for (let t = 1; t < run.touches[k]; t++) w.increment(start / w.clusterSize + k);
 }

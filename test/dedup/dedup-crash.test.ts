@@ -19,6 +19,7 @@ import { createImage } from '../../src/dedup/open.ts';
 import { checkOpenImage } from '../../src/image/check-image.ts';
 import { CorruptImageError } from '../../src/errors.ts';
 import { liveEntries } from '../../src/dedup/inspect.ts';
+import { clusterSpan } from '../../src/dedup/clusters.ts';
 import { isStreamEntry, streamLengthOf } from '../../src/format/hash-entry.ts';
 import { inflateCluster } from '../../src/format/deflate.ts';
 import { judgeStore } from '../../src/dedup/judge-store.ts';
@@ -26,7 +27,7 @@ import { FaultyFile, type LossMode } from '../doubles/faulty-file.ts';
 import { MemFile } from '../doubles/mem-file.ts';
 import type { DedupSettings } from '../../src/dedup/dedup.ts';
 import { HAVE_QEMU, qemuCheck, tempDir } from '../helpers.ts';
-import { runSteps, shadowsOf, type Op } from '../image/crash-lib.ts';
+import { compressedUse, runSteps, shadowsOf, type Op } from '../image/crash-lib.ts';
 import { dedupExtensionPayload } from './cli-lib.ts';
 import { openForWrite, dedupOf } from '../../src/dedup/open.ts';
 
@@ -165,8 +166,8 @@ async function assertIndexTrue(image: Image, label: string): Promise<number> {
     const length = isStreamEntry(e.hostOffset, cs) ? streamLengthOf(e.guestField, cs) : 0;
     const data = length ? inflateCluster(await image.file.read(e.hostOffset, length), cs) : await image.file.read(e.hostOffset, cs);
     assert.ok(d.hasher.hash(data).equals(e.hash), `${label}: index entry for ${e.hostOffset} does not hash to its content`);
-    for (const c of new Set([Math.floor(e.hostOffset / cs), Math.floor((e.hostOffset + (length || cs) - 1) / cs)]))
-      assert.ok(await d.holder.isHeld(c), `${label}: cluster ${c} of the entry for ${e.hostOffset} is not held`);
+    const [first, last] = clusterSpan(e.hostOffset, length || cs, cs);
+    for (const c of new Set([first, last])) assert.ok(await d.holder.isHeld(c), `${label}: cluster ${c} of the entry for ${e.hostOffset} is not held`);
     n++;
   }
   return n;
@@ -234,17 +235,8 @@ test('dedup: crash at every write and sync: acknowledged data survives, no corru
       assert.equal(await runSteps(path, probe, w.steps, w.compress), w.steps.length);
       if (w.compress) {
         // Not vacuous: compressed copies are linked (shared), and some cross a cluster boundary.
-        const done = await Image.open(path, { file: new MemFile(path, await probe.afterPowerLoss('drop-unsynced')) });
-        const seen = new Map<number, number>();
-        let crossing = 0;
-        for (let g = 0; g < done.size / CS; g++) {
-          const e = await done.entry(g);
-          if (e.kind !== 'compressed') continue;
-          seen.set(e.compressedOffset, (seen.get(e.compressedOffset) ?? 0) + 1);
-          if (Math.floor(e.compressedOffset / CS) !== Math.floor((e.compressedOffset + e.compressedLength - 1) / CS)) crossing++;
-        }
-        await done.close();
-        assert.ok([...seen.values()].some((n) => n > 1) && crossing > 0, `${w.name}: ${seen.size} compressed copies, ${crossing} crossing`);
+        const { copies, crossing } = await compressedUse(path, await probe.afterPowerLoss('drop-unsynced'));
+        assert.ok([...copies.values()].some((n) => n > 1) && crossing > 0, `${w.name}: ${copies.size} compressed copies, ${crossing} crossing`);
       }
       const totalOps = probe.ops;
       // Every operation index; the fast tier takes every mode at every second index and one mode elsewhere.

@@ -1,7 +1,8 @@
 // Shared by the crash-point enumerations (plain and dedup): a workload is a list of steps,
 // each one open / operations / close; a step is acknowledged when its close returns.
 
-import type { Image } from '../../src/image/image.ts';
+import { Image } from '../../src/image/image.ts';
+import { MemFile } from '../doubles/mem-file.ts';
 import { CrashError, type FaultyFile } from '../doubles/faulty-file.ts';
 import { openForWrite } from '../../src/dedup/open.ts';
 import { ChunkReader, bufferSource, writeChunks } from '../../src/image/write-pipeline.ts';
@@ -55,4 +56,27 @@ export async function runSteps(path: string, file: FaultyFile, steps: Op[][], co
     if (!(err instanceof CrashError)) throw err;
   }
   return done;
+}
+
+/**
+ * The compressed entries of the image in `bytes` (`path` names it): how many guest clusters
+ * name each stream, and how many streams cross a cluster boundary — so that a compressed
+ * workload can show it is not vacuous.
+ */
+export async function compressedUse(path: string, bytes: Buffer): Promise<{ copies: Map<number, number>; crossing: number }> {
+  const image = await Image.open(path, { file: new MemFile(path, bytes) });
+  const cs = image.clusterSize;
+  const copies = new Map<number, number>();
+  let crossing = 0;
+  try {
+    for (let g = 0; g < image.size / cs; g++) {
+      const e = await image.entry(g);
+      if (e.kind !== 'compressed') continue;
+      copies.set(e.compressedOffset, (copies.get(e.compressedOffset) ?? 0) + 1);
+      if (Math.floor(e.compressedOffset / cs) !== Math.floor((e.compressedOffset + e.compressedLength - 1) / cs)) crossing++;
+    }
+  } finally {
+    await image.close();
+  }
+  return { copies, crossing };
 }

@@ -14,7 +14,7 @@ import { checkOpenImage } from '../../src/image/check-image.ts';
 import { FaultyFile, type LossMode } from '../doubles/faulty-file.ts';
 import { MemFile } from '../doubles/mem-file.ts';
 import { HAVE_QEMU, qemuCheck, tempDir } from '../helpers.ts';
-import { runSteps, shadowsOf, type Op } from './crash-lib.ts';
+import { compressedUse, runSteps, shadowsOf, type Op } from './crash-lib.ts';
 import { openForWrite } from '../../src/dedup/open.ts';
 
 /**
@@ -102,16 +102,8 @@ test('crash at every write and sync: acknowledged data survives, no corruption',
     assert.equal(await runSteps(path, probe, steps, compress), steps.length);
     if (compress) {
       // Not vacuous: the workload leaves compressed clusters, some of them streams crossing a cluster boundary.
-      const done = await Image.open(path, { file: new MemFile(path, await probe.afterPowerLoss('drop-unsynced')) });
-      let compressed = 0;
-      let crossing = 0;
-      for (let g = 0; g < done.size / c.clusterSize; g++) {
-        const e = await done.entry(g);
-        if (e.kind !== 'compressed') continue;
-        compressed++;
-        if (Math.floor(e.compressedOffset / c.clusterSize) !== Math.floor((e.compressedOffset + e.compressedLength - 1) / c.clusterSize)) crossing++;
-      }
-      await done.close();
+      const { copies, crossing } = await compressedUse(path, await probe.afterPowerLoss('drop-unsynced'));
+      const compressed = [...copies.values()].reduce((a, b) => a + b, 0);
       assert.ok(compressed > 20 && crossing > 0, `${compressed} compressed clusters, ${crossing} crossing`);
     }
     const totalOps = probe.ops;
