@@ -79,7 +79,11 @@ export function builder(y: Argv) {
       default: [],
       requiresArg: true,
     })
-    .option('c', { type: 'boolean', describe: 'store clusters compressed (deflate, as qemu-img convert -c); for now with -o dedup=off', default: false })
+    .option('c', {
+      type: 'boolean',
+      describe: 'store clusters compressed (deflate, as qemu-img convert -c; in a dedup image, the unique ones)',
+      default: false,
+    })
     .option('n', { type: 'boolean', describe: 'do not create the target: write into an existing image', default: false })
     .option('p', { type: 'boolean', describe: 'show a progress bar on stderr (a terminal only)', default: false })
     .example('$0 convert disk.raw disk.qcow2', 'import a raw disk into a dedup image')

@@ -73,7 +73,7 @@ export function builder(y: Argv) {
       requiresArg: true,
     })
     .option('z', { type: 'boolean', describe: 'write zeroes (zero clusters where whole clusters)', default: false })
-    .option('c', { type: 'boolean', describe: 'store whole clusters compressed, as qemu-io write -c (not yet into a dedup image)', default: false })
+    .option('c', { type: 'boolean', describe: 'store whole clusters compressed, as qemu-io write -c (in a dedup image: the unique ones)', default: false })
     .option('p', { type: 'boolean', describe: 'show a progress bar on stderr (a terminal only)', default: true })
     .option('U', { type: 'boolean', hidden: true }) // refused below, with qemu-io's reason
     .example('$0 write -P 0xab disk.qcow2 0 64k', '64 KiB of 0xab at offset 0')
