@@ -7,14 +7,15 @@
 //
 // For each cluster size (64 KiB, 4 KiB) it times, on a page-cached random input file:
 //   qdedup create + qdedup write -i INPUT      (qdedup syncs before it exits)
+//   qdedup convert -f raw INPUT OUT            (one process: qemu-img convert's own syntax)
 //   qemu-img convert -f raw -O qcow2 + sync    (convert alone does not flush its output)
 //   qemu-io -c 'write -s INPUT 0 SIZE'         (into a fresh qemu-img image)
 // and prints the median wall time and MB/s (10^6 bytes/s) of each (plain images:
 // -o dedup=off), plus the wall time of `qdedup info` (start-up cost).
 //
 // Then the dedup import, at each of --dedup-sizes: a file in which half of the 4 KiB blocks repeat
-// earlier ones, written with `qdedup write -i` into a fresh dedup image (sha256, 4 KiB
-// clusters), beside `qemu-img convert -o cluster_size=4096` + sync of the same file: MB/s
+// earlier ones, written with `qdedup write -i` into a fresh dedup image and with `qdedup
+// convert` (sha256, 4 KiB clusters, both), beside `qemu-img convert -o cluster_size=4096` + sync of the same file: MB/s
 // of both and their ratio, both file sizes, peak RSS, index RAM per indexed cluster, and
 // disk reads per lookup that hits an incarnation (from one more, in-process, import).
 //
@@ -124,9 +125,10 @@ if (want('plain-import')) {
 for (const cluster of want('plain-import') ? ['64k', '4k'] : []) {
   const out = join(dir, 'out.qcow2');
   const rows: [string, number[]][] = [
-    ['qdedup write -i', []],
+    ['qdedup create + write -i', []],
     ['qemu-img convert + sync', []],
     ['qemu-io write -s', []],
+    ['qdedup convert', []],
   ];
   for (let r = 0; r < runs; r++) {
     rmSync(out, { force: true });
@@ -136,6 +138,8 @@ for (const cluster of want('plain-import') ? ['64k', '4k'] : []) {
         sh(BIN, ['write', '-q', '-i', input, out, '0']);
       }),
     );
+    rmSync(out, { force: true });
+    rows[3][1].push(timed(() => sh(BIN, ['convert', '-q', '-f', 'raw', '-O', 'qcow2', '-o', `cluster_size=${cluster},dedup=off`, input, out])));
     if (!haveQemu) continue;
     rmSync(out, { force: true });
     rows[1][1].push(
@@ -154,8 +158,9 @@ for (const cluster of want('plain-import') ? ['64k', '4k'] : []) {
     console.log(`${cluster.padEnd(10)}${name.padEnd(34)}${t.toFixed(2).padStart(7)}${mb(t).padStart(9)}`);
   }
   if (rows[1][1].length) {
-    const ratio = record(`plain import ${fmtSize(size)}, ${cluster} clusters`, median(rows[0][1]), median(rows[1][1]), 1.0);
-    console.log(`${cluster.padEnd(10)}ratio qemu-img convert / qdedup: ${ratio.toFixed(2)}`);
+    const write = record(`plain import ${fmtSize(size)}, ${cluster} clusters, create + write -i`, median(rows[0][1]), median(rows[1][1]), 1.0);
+    const convert = record(`plain import ${fmtSize(size)}, ${cluster} clusters, convert`, median(rows[3][1]), median(rows[1][1]), 1.0);
+    console.log(`${cluster.padEnd(10)}ratio qemu-img convert / qdedup: create + write -i ${write.toFixed(2)}, convert ${convert.toFixed(2)}`);
   }
   if (cluster === '4k') {
     rmSync(out, { force: true });
@@ -185,8 +190,10 @@ if (want('dedup-import')) {
     const { path: dup, blocks, unique } = duplicateInput(bytes);
     const out = join(dir, 'dedup.qcow2');
     const ours: number[] = [];
+    const converts: number[] = [];
     const theirs: number[] = [];
     let oursSize = 0;
+    let convertSize = 0;
     let theirsSize = 0;
     for (let r = 0; r < runs; r++) {
       rmSync(out, { force: true });
@@ -197,6 +204,9 @@ if (want('dedup-import')) {
         }),
       );
       oursSize = statSync(out).size;
+      rmSync(out, { force: true });
+      converts.push(timed(() => sh(BIN, ['convert', '-q', '-f', 'raw', '-O', 'qcow2', dup, out])));
+      convertSize = statSync(out).size;
       if (!haveQemu) continue;
       rmSync(out, { force: true });
       theirs.push(
@@ -216,12 +226,18 @@ if (want('dedup-import')) {
     console.log(
       `${'qdedup create + write -i (sha256, 4 KiB)'.padEnd(44)}${median(ours).toFixed(2).padStart(9)}${mbs(median(ours)).padStart(9)}${String(oursSize).padStart(13)}`,
     );
+    console.log(
+      `${'qdedup convert -f raw (sha256, 4 KiB)'.padEnd(44)}${median(converts).toFixed(2).padStart(9)}${mbs(median(converts)).padStart(9)}${String(convertSize).padStart(13)}`,
+    );
     if (theirs.length) {
       console.log(
         `${'qemu-img convert -o cluster_size=4096 + sync'.padEnd(44)}${median(theirs).toFixed(2).padStart(9)}${mbs(median(theirs)).padStart(9)}${String(theirsSize).padStart(13)}`,
       );
-      const ratio = record(`dedup import ${fmtSize(bytes)}, 50 % duplicates`, median(ours), median(theirs), 1.0);
-      console.log(`throughput ratio qdedup / qemu-img: ${ratio.toFixed(2)}; file size ratio: ${(oursSize / theirsSize).toFixed(2)}`);
+      const write = record(`dedup import ${fmtSize(bytes)}, 50 % duplicates, create + write -i`, median(ours), median(theirs), 1.0);
+      const convert = record(`dedup import ${fmtSize(bytes)}, 50 % duplicates, convert`, median(converts), median(theirs), 1.0);
+      console.log(
+        `throughput ratio qdedup / qemu-img: create + write -i ${write.toFixed(2)}, convert ${convert.toFixed(2)}; file size ratio: ${(oursSize / theirsSize).toFixed(2)}`,
+      );
     }
     rmSync(out, { force: true });
     sh(BIN, ['create', '-q', out, String(bytes)]);
