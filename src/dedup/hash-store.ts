@@ -61,7 +61,7 @@ export class HashStore {
   private readonly readSync = (offset: number, length: number) => this.file.readSync(offset, length);
   /** Statistics: lookups that reached the incarnations, slots they read (from the cache or the disk), hits. */
   lookups = 0;
-  diskReads = 0;
+  slotReads = 0;
   hits = 0;
 
   constructor(
@@ -127,7 +127,7 @@ export class HashStore {
         if (i === BUCKET_SLOTS && !two) break;
         const s = i < BUCKET_SLOTS ? s1 + i : s2 + i - BUCKET_SLOTS;
         if (tags[s] !== tag) continue;
-        this.diskReads++;
+        this.slotReads++;
         const raw = this.slots.slot(inc.record.offset + this.layout.tableOffset, this.layout.slots, s, this.readSync);
         if (!sameHash(raw, hash)) continue; // a tag collision: decode only the slot that matches
         // The slot's hash is `hash`: the entry names the caller's bytes, as a log store's does (no copy).

@@ -352,7 +352,7 @@ export class DedupStore {
       ramBytes: this.current.store.ramBytes + (this.frozen?.store.ramBytes ?? 0) + this.hashStore.ramBytes,
       filterRamBytes: this.hashStore.filterRamBytes,
       incarnationLookups: this.hashStore.lookups,
-      incarnationReads: this.hashStore.diskReads,
+      incarnationReads: this.hashStore.slotReads,
       incarnationHits: this.hashStore.hits,
       freezes: this.freezes,
       packs: this.packs,

@@ -64,7 +64,7 @@ test('tiny store: freezes, hits in incarnations, FIFO eviction with limbo reuse,
   const reads = dedupOf(image)!.store.stats();
   assert.equal(hitsRecent, 10, 'every recent cluster is found');
   assert.ok(reads.incarnationHits >= 1, 'some hits come from an incarnation');
-  assert.ok(reads.incarnationReads <= reads.incarnationHits * 1.02 + 1, `${reads.incarnationReads} disk reads for ${reads.incarnationHits} incarnation hits`);
+  assert.ok(reads.incarnationReads <= reads.incarnationHits * 1.02 + 1, `${reads.incarnationReads} slot reads for ${reads.incarnationHits} incarnation hits`);
   const old = run1.subarray(0, 4 * CS);
   await image.write(2 << 20, old);
   old.copy(shadow, 2 << 20);
