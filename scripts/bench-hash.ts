@@ -5,7 +5,7 @@
 //
 // Usage: npm run bench:hash [-- --mib N] [--batch-mib M] [--only SUBSTRING]
 //   --mib N        data hashed per run (default 256)
-//   --batch-mib M  batch size of the hashClusters rows (default 8)
+//   --batch-mib M  batch size of the batch rows (default 8)
 //   --only S       run only the rows whose label contains S
 //
 // "per cluster" rows make one call per 4 KiB cluster. "batch" rows hash M MiB batches held
@@ -20,7 +20,7 @@ import { parseArgs } from 'node:util';
 import { sha256 as nobleSha256 } from '@noble/hashes/sha2.js';
 import { sha3_256 as nobleSha3 } from '@noble/hashes/sha3.js';
 import { blake3 as nobleBlake3 } from '@noble/hashes/blake3.js';
-import { createHasher, type SupportedHashAlgorithm } from '../src/dedup/hasher.ts';
+import { clustersInto, createHasher, type SupportedHashAlgorithm } from '../src/dedup/hasher.ts';
 import { ChunkHasher } from '../src/dedup/chunk-hasher.ts';
 
 const { values } = parseArgs({
@@ -91,7 +91,14 @@ const rows: Row[] = [
 ];
 for (const alg of ['sha256', 'sha3-256', 'blake3'] as const) {
   const name = alg.padEnd(9);
-  rows.push(batches(`${name} hashClusters, main thread, ${batchLabel}`, (b) => sync[alg].hashClusters(b, CLUSTER)));
+  const into = clustersInto(alg);
+  rows.push(
+    batches(`${name} clustersInto, main thread, ${batchLabel}`, (b) => {
+      const out = Buffer.allocUnsafe((b.length / CLUSTER) * 32);
+      into(b, 0, CLUSTER, b.length / CLUSTER, out, 0);
+      return out;
+    }),
+  );
   const w = worker(alg);
   rows.push({ ...batches(`${name} ChunkHasher worker, shared memory, ${batchLabel}`, (b) => w.digest(b, 0, b.length / CLUSTER)), shared: true });
 }

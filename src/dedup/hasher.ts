@@ -41,12 +41,6 @@ export {
   type SupportedHashAlgorithm,
 } from './hash-algorithms.ts';
 
-export function checkBatch(data: Uint8Array, clusterSize: number): number {
-  if (!Number.isInteger(clusterSize) || clusterSize <= 0) throw new InternalError(`hashClusters: cluster size ${clusterSize} is not a positive integer`);
-  if (data.length % clusterSize !== 0) throw new InternalError(`hashClusters: ${data.length} bytes is not a whole number of ${clusterSize}-byte clusters`);
-  return data.length / clusterSize;
-}
-
 export const LITTLE_ENDIAN = endianness() === 'LE';
 
 function nobleBlake3Into(data: Uint8Array, byteOff: number, len: number, out: Uint8Array, outOff: number): void {
@@ -62,8 +56,6 @@ export interface Hasher {
   readonly id: number;
   /** The 32-byte hash of one cluster. */
   hash(data: Uint8Array): Buffer;
-  /** n×32 bytes: the hashes of the n consecutive clusters of `data` (a whole number of clusters). */
-  hashClusters(data: Uint8Array, clusterSize: number): Buffer;
 }
 
 export type ClustersInto = (data: Uint8Array, byteOff: number, clusterSize: number, count: number, out: Uint8Array, outOff: number) => void;
@@ -108,11 +100,5 @@ export function createHasher(algorithm: HashAlgorithm | number): Hasher {
           into(data, 0, data.length, 1, out, 0);
           return out;
         },
-    hashClusters(data, clusterSize) {
-      const n = checkBatch(data, clusterSize);
-      const out = Buffer.allocUnsafe(n * HASH_BYTES);
-      into(data, 0, clusterSize, n, out, 0);
-      return out;
-    },
   };
 }
