@@ -21,6 +21,7 @@ function offlineDedupJson(r: OfflineResult): Record<string, unknown> {
     'bytes-before': r.bytesBefore,
     'bytes-after': r.bytesAfter,
     'bytes-released': r.bytesReleased,
+    compressed: r.compressed,
     interrupted: r.interrupted,
   };
 }
@@ -30,7 +31,9 @@ export async function reportOfflineDedup(file: string, r: OfflineResult, output:
   if (output === 'json') return io.out(toJson(offlineDedupJson(r)));
   if (quiet) return;
   if (r.enabled) await io.out(`Deduplication turned on for ${file}\n`);
-  await io.out(`${r.clusters} clusters read: ${r.linked} linked to a copy, ${r.stored} stored as the indexed copy, ${r.zero} made zero clusters\n`);
+  await io.out(
+    `${r.clusters} clusters read: ${r.linked} linked to a copy, ${r.stored} stored as the indexed copy${r.compressed ? ' (compressed)' : ''}, ${r.zero} made zero clusters\n`,
+  );
   await io.out(
     `Released ${humanSize(r.bytesReleased)}: the file takes ${humanSize(r.bytesAfter)} on disk (was ${humanSize(r.bytesBefore)}); ` +
       `${r.discard.punched} free clusters punched, ${r.discard.truncated} cut off the end\n`,

@@ -111,6 +111,11 @@ export class Dedup implements WritePolicy {
     this.copies = new CompressedCopies(writer, holder, () => this.cap);
   }
 
+  /** True once compressWrites() was called. */
+  get compressing(): boolean {
+    return this.compressor !== null;
+  }
+
   /** Unique clusters are written from now on as compressed copies (`-c`; docs/DESIGN.md "Compressed clusters"). */
   compressWrites(): void {
     this.compressor ??= new ChunkCompressor(this.writer.clusterSize);

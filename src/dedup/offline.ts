@@ -5,6 +5,9 @@
 // reference goes. Then the clusters no one references any more are punched out of the file
 // and cut off its end (src/image/discard.ts), so its disk usage drops by what was shared.
 //
+// Clusters are written back compressed with -c, and whenever the image already holds
+// compressed clusters (or has compression=on): deduplicating never decompresses an image.
+//
 // A plain v3 image gets dedup turned on first (extension, store, holder snapshot, as create
 // makes them); a dedup image whose index was dropped gets a fresh one, filled by this pass.
 // Guest data never changes, and crash safety is the write path's: every step is a write
@@ -32,6 +35,12 @@ export interface OfflineOptions {
   signal?: AbortSignal;
   /** Guest bytes passed so far, of the disk's virtual size. */
   progress?: (done: number, total: number) => void;
+  /**
+   * Store the clusters the pass writes compressed (`-c`). Without it they are compressed all
+   * the same when the image already holds compressed clusters or has compression=on: a pass
+   * never decompresses an image the user chose to compress.
+   */
+  compress?: boolean;
   /** Test hook: bytes per chunk (default CHUNK_BYTES), small to make many chunks. */
   chunkBytes?: number;
   /** Test hook: the file to open instead of the path. */
@@ -57,6 +66,8 @@ export interface OfflineResult {
   bytesReleased: number;
   /** True when a signal stopped the pass early (what was done is committed). */
   interrupted: boolean;
+  /** True when the clusters written were stored compressed (-c, compressed clusters in the image, or compression=on). */
+  compressed: boolean;
 }
 
 /** Buffers of the read/hash/write ring (the chunk written, the next being read and hashed, one spare). */
@@ -95,6 +106,7 @@ export async function dedupInPlace(path: string, o: OfflineOptions): Promise<Off
   });
   try {
     const dedup = image.policy as Dedup;
+    if (o.compress || checked.compressedClusters > 0) dedup.compressWrites();
     const before = { ...dedup.counters };
     const { clusters, interrupted } = await rewriteHeldClusters(image, o);
     await image.flush();
@@ -114,6 +126,7 @@ export async function dedupInPlace(path: string, o: OfflineOptions): Promise<Off
       bytesBefore,
       bytesAfter,
       bytesReleased: Math.max(0, bytesBefore - bytesAfter),
+      compressed: dedup.compressing,
     };
   } catch (err) {
     await image.abandon();

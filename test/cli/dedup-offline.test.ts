@@ -1,8 +1,9 @@
 // `qdedup dedup` (offline deduplication in place) through the real bin/qdedup, qemu-img as the
 // oracle: an image qemu-img made (dedup off) is deduplicated — guest data identical (`qemu-img
 // compare`), `qemu-img check` clean, the file's disk usage down by the duplicates; a dedup
-// image whose index QEMU dropped gets it back; v2, corrupt and busy images are refused with
-// one line and exit 1, unchanged.
+// image whose index QEMU dropped gets it back; an image qemu-img compressed stays compressed,
+// and -c compresses a plain one; v2, corrupt and busy images are refused with one line and
+// exit 1, unchanged.
 
 import { describe, it, before } from 'node:test';
 import assert from 'node:assert/strict';
@@ -87,6 +88,47 @@ describe('qdedup dedup', { skip: NO_QEMU }, () => {
     const stats = JSON.parse(qdedup(['dedup-stats', '--output', 'json', img]).stdout);
     assert.equal(stats.trusted, true);
     assert.equal(stats['index-entries'], stats['data-clusters'], 'every stored cluster indexed again');
+  });
+
+  it('compressed: an image qemu-img compressed stays compressed; -c compresses a plain one', () => {
+    // Compressible clusters: text-like lines, a tenth of the 4 KiB blocks repeating earlier ones.
+    const blocks: Buffer[] = [];
+    for (let i = 0; i < 2048; i++) blocks.push(i % 10 === 9 ? blocks[i - 7] : Buffer.from(`line ${i} of a compressible file; `.repeat(200).slice(0, CS)));
+    const text = join(dir, 'text.raw');
+    writeFileSync(text, Buffer.concat(blocks));
+    const distinct = 2048 - 204;
+    const compressedClusters = (img: string) => JSON.parse(qdedup(['dedup-stats', '--output', 'json', img]).stdout).compressed;
+
+    const byQemu = join(dir, 'qemu-c.qcow2');
+    assert.equal(run('qemu-img', ['convert', '-c', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=4096', text, byQemu]).status, 0);
+    const sizeBefore = statSync(byQemu).size;
+    const r = qdedup(['dedup', '--output', 'json', byQemu]);
+    assert.equal(r.status, 0, r.stderr);
+    const out = JSON.parse(r.stdout);
+    assert.equal(out.compressed, true, 'the image held compressed clusters: the pass compresses');
+    assert.equal(out.stored, distinct);
+    compareRaw(text, byQemu);
+    assert.equal(qemuCheck(byQemu).status, 0);
+    const c = compressedClusters(byQemu);
+    assert.equal(c.clusters, 2048, 'every guest cluster names a compressed copy');
+    assert.equal(c.copies, distinct);
+    // Decompressed, the data alone would take 2048 × 4 KiB; kept compressed, the file stays near
+    // qemu-img's (plus the dedup store's own clusters).
+    assert.ok(statSync(byQemu).size < sizeBefore + 1024 * 1024, `${sizeBefore} → ${statSync(byQemu).size} bytes`);
+
+    const plain = join(dir, 'plain-c.qcow2');
+    assert.equal(run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=4096', text, plain]).status, 0);
+    const off = JSON.parse(qdedup(['dedup', '--output', 'json', plain]).stdout);
+    assert.equal(off.compressed, false, 'no compressed cluster, no -c: written plain');
+    const on = join(dir, 'plain-on.qcow2');
+    assert.equal(run('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=4096', text, on]).status, 0);
+    const withC = qdedup(['dedup', '-c', on]);
+    assert.equal(withC.status, 0, withC.stderr);
+    assert.match(withC.stdout, /stored as the indexed copy \(compressed\)/);
+    compareRaw(text, on);
+    assert.equal(qemuCheck(on).status, 0);
+    assert.equal(compressedClusters(on).copies, distinct);
+    assert.ok(du(on) < du(plain) / 4, `-c: ${du(on)} bytes on disk against ${du(plain)} without`);
   });
 
   it('refused: v2, corrupt, held by another process, bad options — one line, exit 1, unchanged', async () => {

@@ -17,6 +17,7 @@ export interface DedupArgs {
   output: OutputFormat;
   progress: boolean;
   quiet: boolean;
+  compress: boolean;
 }
 
 export async function runDedup(a: DedupArgs, io: Output): Promise<number> {
@@ -28,6 +29,7 @@ export async function runDedup(a: DedupArgs, io: Output): Promise<number> {
   try {
     r = await dedupInPlace(a.file, {
       settings: (header, clusterSize) => offlineDedupSettings(opts, header, clusterSize, { size: parseSize, bool: parseBool }),
+      compress: a.compress,
       signal: interrupts.signal,
       progress: bar?.update,
     });
@@ -51,8 +53,14 @@ export function builder(y: Argv) {
       default: [],
       requiresArg: true,
     })
+    .option('c', {
+      type: 'boolean',
+      describe: 'store the clusters written compressed (the default when the image holds compressed clusters or has compression=on)',
+      default: false,
+    })
     .option('p', { type: 'boolean', describe: 'show a progress bar on stderr (a terminal only)', default: true })
     .example('$0 dedup vm.qcow2', 'deduplicate an image QEMU made, in place')
+    .example('$0 dedup -c vm.qcow2', 'deduplicate and compress it')
     .example('$0 dedup -o dedup=blake3 vm.qcow2', 'turn dedup on with blake3')
     .epilogue('Exit codes: 0 done and synced; 1 failed (the image corrupt, v2, in use, …); 130, 143, 129 interrupted (what was done is committed).');
 }
@@ -65,6 +73,7 @@ export function toArgs(argv: Record<string, unknown>): DedupArgs {
     output: outputFormat(argv.output),
     progress: Boolean(argv.p),
     quiet: Boolean(argv.quiet),
+    compress: Boolean(argv.c),
   };
 }
 export const run = runDedup;
