@@ -45,7 +45,7 @@ export async function runMap(a: MapArgs, io: Output): Promise<number> {
     }
     const collected: MapEntry[] = [];
     for await (const e of entries) collected.push(e);
-    const { rows, error } = mapHumanRows(collected);
+    const { rows, error } = mapHumanRows(collected, a.shares ? a.file : undefined);
     await io.out(rows.map((r) => r + '\n').join(''));
     if (error) {
       io.err(`${errorPrefix(io)} ${error}`);
