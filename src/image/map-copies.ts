@@ -15,7 +15,7 @@
 // one for any image of fewer than 2^18 compressed clusters. Ranges before the first compressed
 // one go out unbuffered, so an image without compressed clusters costs nothing more.
 
-import { decodeL1Entry, decodeL2Entry, type L2Entry } from '../format/l1l2.ts';
+import { QCOW_OFLAG_COMPRESSED_HI, decodeL1Entry, decodeL2Entry, type L2Entry } from '../format/l1l2.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';
 import type { Image } from './image.ts';
 
@@ -62,8 +62,11 @@ export class CopySet {
   }
 }
 
-/** Every L2 entry of the active disk and of the snapshots `skip` does not skip, one table at a time. */
-export type ViewWalker = (fn: (guestCluster: number, e: L2Entry, snapshot?: string) => void) => Promise<void>;
+/**
+ * Every L2 entry of the active disk and of the snapshots `skip` does not skip, one table at a
+ * time; `compressedOnly`: the snapshots' other entries are not even decoded (the count walk).
+ */
+export type ViewWalker = (fn: (guestCluster: number, e: L2Entry, snapshot?: string) => void, compressedOnly?: boolean) => Promise<void>;
 
 /** The compressed entry of the active disk at a guest cluster (one L2 table kept), null for others. */
 export function activeCompressed(image: Image): (guestCluster: number) => Promise<L2Entry | null> {
@@ -131,7 +134,7 @@ export async function* withCopySharing<E extends CopyRange>(
         if (e.kind !== 'compressed') return;
         const c = copies.find(e);
         if (c) c.refs++;
-      });
+      }, true);
     }
     for (const { range, piece } of window) {
       if (!piece) {
@@ -184,11 +187,12 @@ export async function* withCopySharing<E extends CopyRange>(
 
 /**
  * Every L2 entry of the active disk, then of each snapshot but those `skip` skips, one table
- * at a time. Snapshot entries and tables that are not well-formed (unaligned) are passed over:
- * they reference nothing a range can share.
+ * at a time. Snapshot entries and tables that are not well-formed (unaligned, or past the end
+ * of the file, where they would read as zeros) are passed over: they reference nothing a range
+ * can share.
  */
 export function guestViews(image: Image, skip?: (s: SnapshotEntry) => boolean): ViewWalker {
-  return async (fn) => {
+  return async (fn, compressedOnly = false) => {
     const perTable = image.l2Entries;
     for (let i = 0; i < image.header.l1Size; i++) {
       const reader = await image.l2Reader(i);
@@ -196,18 +200,26 @@ export function guestViews(image: Image, skip?: (s: SnapshotEntry) => boolean): 
       for (let j = 0; j < perTable; j++) fn(i * perTable + j, reader(i * perTable + j));
     }
     const snapshots = image.header.nbSnapshots ? await image.loadSnapshots() : [];
-    for (const s of snapshots) if (!skip?.(s)) await walkSnapshot(image, s, (guestCluster, e) => fn(guestCluster, e, s.name));
+    const fileSize = snapshots.length ? await image.file.size() : 0;
+    for (const s of snapshots) if (!skip?.(s)) await walkSnapshot(image, s, fileSize, compressedOnly, (guestCluster, e) => fn(guestCluster, e, s.name));
   };
 }
 
-async function walkSnapshot(image: Image, s: SnapshotEntry, fn: (guestCluster: number, e: L2Entry) => void): Promise<void> {
+async function walkSnapshot(
+  image: Image,
+  s: SnapshotEntry,
+  fileSize: number,
+  compressedOnly: boolean,
+  fn: (guestCluster: number, e: L2Entry) => void,
+): Promise<void> {
   const cs = image.clusterSize;
   const l1 = s.l1Size ? await image.file.read(s.l1TableOffset, s.l1Size * 8) : Buffer.alloc(0);
   for (let i = 0; i < l1.length / 8; i++) {
     const l2Offset = decodeL1Entry(l1, i).l2Offset;
-    if (!l2Offset || l2Offset % cs) continue;
+    if (!l2Offset || l2Offset % cs || l2Offset >= fileSize) continue;
     const table = await image.file.read(l2Offset, cs);
     for (let j = 0; j < image.l2Entries; j++) {
+      if (compressedOnly && !(table.readUInt32BE(j * 8) & QCOW_OFLAG_COMPRESSED_HI)) continue;
       const e = decodeL2Entry(table, j, image.clusterBits);
       if (e.kind === 'compressed' || e.hostOffset % cs === 0) fn(i * image.l2Entries + j, e);
     }
