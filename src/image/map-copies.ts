@@ -141,13 +141,19 @@ export async function* withCopySharing<E extends CopyRange>(
         yield* emit(range, range);
         continue;
       }
-      for (let pos = piece.from, i = 0; pos < piece.to; i++) {
-        const end = Math.min((Math.floor(pos / cs) + 1) * cs, piece.to);
-        // The cluster's own entry is one of the copy's references; a cluster whose entry the
-        // walk did not see (changed under -U) counts none.
-        const others = Math.max(0, piece.copies[i].refs - 1);
-        yield* emit({ ...range, start: pos, length: end - pos, sharedBy: others }, range);
-        pos = end;
+      // The cluster's own entry is one of the copy's references; a cluster whose entry the
+      // walk did not see (changed under -U) counts none.
+      const others = (i: number) => Math.max(0, piece.copies[i].refs - 1);
+      const firstCluster = Math.floor(piece.from / cs);
+      for (let i = 0, from = piece.from; i < piece.copies.length; ) {
+        const count = others(i);
+        let j = i + 1;
+        while (j < piece.copies.length && others(j) === count) j++;
+        // the piece's clusters i … j-1, the first and last of the piece maybe in part
+        const to = Math.min((firstCluster + j) * cs, piece.to);
+        yield* emit({ ...range, start: from, length: to - from, sharedBy: count }, range);
+        from = to;
+        i = j;
       }
     }
     window = [];
@@ -189,31 +195,34 @@ export async function* withCopySharing<E extends CopyRange>(
  * Every L2 entry of the active disk, then of each snapshot but those `skip` skips, one table
  * at a time. Snapshot entries and tables that are not well-formed (unaligned, or past the end
  * of the file, where they would read as zeros) are passed over: they reference nothing a range
- * can share.
+ * can share; so are the active disk's in the count walk (`compressedOnly`), which reads the
+ * tables raw and decodes only compressed entries (map has validated those of its range).
  */
 export function guestViews(image: Image, skip?: (s: SnapshotEntry) => boolean): ViewWalker {
   return async (fn, compressedOnly = false) => {
     const perTable = image.l2Entries;
-    for (let i = 0; i < image.header.l1Size; i++) {
-      const reader = await image.l2Reader(i);
-      if (!reader.allocated) continue;
-      for (let j = 0; j < perTable; j++) fn(i * perTable + j, reader(i * perTable + j));
+    const fileSize = await image.file.size();
+    if (compressedOnly) await walkTables(image, image.l1.subarray(0, image.header.l1Size * 8), fileSize, true, fn);
+    else {
+      // --shares: the active disk's entries validated, as map reads them
+      for (let i = 0; i < image.header.l1Size; i++) {
+        const reader = await image.l2Reader(i);
+        if (!reader.allocated) continue;
+        for (let j = 0; j < perTable; j++) fn(i * perTable + j, reader(i * perTable + j));
+      }
     }
     const snapshots = image.header.nbSnapshots ? await image.loadSnapshots() : [];
-    const fileSize = snapshots.length ? await image.file.size() : 0;
-    for (const s of snapshots) if (!skip?.(s)) await walkSnapshot(image, s, fileSize, compressedOnly, (guestCluster, e) => fn(guestCluster, e, s.name));
+    for (const s of snapshots) {
+      if (skip?.(s)) continue;
+      const l1 = s.l1Size ? await image.file.read(s.l1TableOffset, s.l1Size * 8) : Buffer.alloc(0);
+      await walkTables(image, l1, fileSize, compressedOnly, (guestCluster, e) => fn(guestCluster, e, s.name));
+    }
   };
 }
 
-async function walkSnapshot(
-  image: Image,
-  s: SnapshotEntry,
-  fileSize: number,
-  compressedOnly: boolean,
-  fn: (guestCluster: number, e: L2Entry) => void,
-): Promise<void> {
+/** The entries of the L2 tables L1 table `l1` names (a snapshot's; the active disk's in the count walk). */
+async function walkTables(image: Image, l1: Buffer, fileSize: number, compressedOnly: boolean, fn: (guestCluster: number, e: L2Entry) => void): Promise<void> {
   const cs = image.clusterSize;
-  const l1 = s.l1Size ? await image.file.read(s.l1TableOffset, s.l1Size * 8) : Buffer.alloc(0);
   for (let i = 0; i < l1.length / 8; i++) {
     const l2Offset = decodeL1Entry(l1, i).l2Offset;
     if (!l2Offset || l2Offset % cs || l2Offset >= fileSize) continue;
