@@ -9,11 +9,12 @@
 // at most COPIES_PER_WINDOW units, a unit being one compressed guest cluster at depth 0 or one
 // other range waiting behind them; the window's distinct copies go into one Map (at most
 // COPIES_PER_WINDOW entries), then ONE walk of every L2 table of the disk and of its guest
-// snapshots (one table at a time, ./map.ts walkGuestViews) counts the entries naming each.
-// So RAM is O(COPIES_PER_WINDOW) (some tens of MiB at most) whatever the size of the image,
-// and the time is one walk of the tables per window: ⌈units mapped / COPIES_PER_WINDOW⌉ walks,
-// one for any image of fewer than 2^18 compressed clusters. Ranges before the first compressed
-// one go out unbuffered, so an image without compressed clusters costs nothing more.
+// snapshots (one table at a time, guestViews below) counts the entries naming each. So RAM
+// is O(COPIES_PER_WINDOW), about 100 bytes a unit (some tens of MiB at most), whatever the
+// size of the image, and the time is one walk of the tables per window: ⌈units mapped /
+// COPIES_PER_WINDOW⌉ walks, one for any image of fewer than 2^18 compressed clusters (2 GiB of
+// compressed 4 KiB clusters: 2 walks, 5 s). Ranges before the first compressed one go out
+// unbuffered, so an image without compressed clusters costs nothing more.
 
 import { QCOW_OFLAG_COMPRESSED_HI, decodeL1Entry, decodeL2Entry, type L2Entry } from '../format/l1l2.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';

@@ -338,9 +338,9 @@ export async function mapShares(image: Image, name: string, start: number, lengt
   const cs = image.clusterSize;
   /** Host cluster → the entries whose storage it is (several where the range itself holds duplicates). */
   const owner = new Map<number, MapEntry[]>();
-  /** Compressed copies of the range → the entries and guest clusters naming them. */
+  /** Compressed copies of the range → the entries naming them: how many of their clusters, and the last. */
   const copies = new CopySet();
-  const copyOwners = new Map<object, { e: MapEntry; guestCluster: number }[]>();
+  const copyOwners = new Map<object, Map<MapEntry, { clusters: number; guestCluster: number }>>();
   const compressedAt = activeCompressed(image);
   let owned = 0;
   const count = () => {
@@ -355,7 +355,11 @@ export async function mapShares(image: Image, name: string, start: number, lengt
         const l2 = await compressedAt(c);
         if (!l2) continue;
         const copy = copies.add(l2);
-        copyOwners.set(copy, [...(copyOwners.get(copy) ?? []), { e, guestCluster: c }]);
+        let owners = copyOwners.get(copy);
+        if (!owners) copyOwners.set(copy, (owners = new Map()));
+        const own = owners.get(e);
+        if (own) own.clusters++;
+        else owners.set(e, { clusters: 1, guestCluster: c });
         count();
       }
       continue;
@@ -377,11 +381,9 @@ export async function mapShares(image: Image, name: string, start: number, lengt
   const visitCompressed = (guestCluster: number, l2: L2Entry, snapshot?: string) => {
     const copy = copies.find(l2);
     if (!copy) return;
-    const listed = new Set<MapEntry>();
-    for (const { e, guestCluster: own } of copyOwners.get(copy)!) {
+    for (const [e, own] of copyOwners.get(copy)!) {
       // A cluster does not share with itself; another cluster of the range naming the copy does.
-      if ((snapshot === undefined && own === guestCluster) || listed.has(e)) continue;
-      listed.add(e);
+      if (snapshot === undefined && own.clusters === 1 && own.guestCluster === guestCluster) continue;
       found(e, { start: guestCluster * cs, length: cs, offset: l2.compressedOffset, ...(snapshot !== undefined ? { snapshot } : {}), compressed: true });
     }
   };
