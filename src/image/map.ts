@@ -1,11 +1,14 @@
 // `map`: how guest ranges map to the file, as `qemu-img map` reports it (QEMU 7.2,
 // qemu-img.c img_map/get_block_status/entry_mergeable, block/io.c bdrv_co_block_status,
 // block/qcow2.c qcow2_co_block_status), plus how many guest clusters share each range's
-// host clusters, and which guest ranges share a given range's storage.
+// host clusters (compressed clusters: how many guest clusters name the same compressed copy,
+// ./map-copies.ts), and which guest ranges share a given range's storage.
 //
 // Bounded memory: one L2 table per image of the chain is held at a time (Image.l2Reader),
-// refcount blocks through Refcounts' bounded cache; the shares scan holds one set entry per
-// host cluster of the range asked about (MAX_SHARES_CLUSTERS) and the ranges it prints.
+// refcount blocks through Refcounts' bounded cache; compressed copies are counted in windows
+// of at most COPIES_PER_WINDOW (2^18) compressed clusters, one walk of the tables per window
+// (./map-copies.ts); the shares scan holds one set entry per host cluster or compressed
+// cluster of the range asked about (MAX_SHARES_CLUSTERS) and the ranges it prints.
 //
 // Host-file holes, as qemu-img sees them (block/file-posix.c raw_co_block_status, through
 // lseek SEEK_DATA/SEEK_HOLE): a raw backing file is split at its holes (`zero: true,
@@ -18,11 +21,12 @@
 import { closeSync, fstatSync, openSync } from 'node:fs';
 import { dirname, isAbsolute } from 'node:path';
 import { UsageError } from '../errors.ts';
-import { decodeL1Entry, decodeL2Entry, type L2Entry } from '../format/l1l2.ts';
+import type { L2Entry } from '../format/l1l2.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';
 import type { GuestReader } from './guest-reader.ts';
 import { Image } from './image.ts';
 import { libc } from './libc.ts';
+import { COPIES_PER_WINDOW, CopySet, activeCompressed, guestViews, withCopySharing } from './map-copies.ts';
 import { Refcounts } from './refcounts.ts';
 
 /** One range of `qemu-img map --output=json` (its keys and meanings), plus qdedup's. */
@@ -42,6 +46,9 @@ export interface MapEntry {
    * range's own use the host clusters the range touches — in the active disk and in its
    * internal snapshots, from the refcounts (minus references a layer says are not guest
    * clusters: the dedup holder snapshot's). 0: the range's storage is its own.
+   * Compressed ranges at depth 0 (no offset): for EACH cluster of the range, how many guest
+   * clusters other than itself (disk and snapshots, those `skipSnapshot` skips excepted) have
+   * an L2 entry naming the same compressed copy; a compressed range is split where that changes.
    */
   sharedBy?: number;
   /** With --shares: the guest ranges (of the disk or of a snapshot) that use this range's host clusters. */
@@ -57,6 +64,8 @@ export interface ShareRange {
   snapshot?: string;
   /** Zero clusters that keep their host cluster (they read as zeros). */
   zero?: boolean;
+  /** A compressed cluster naming the same copy (one cluster; `offset`: the copy's first byte). */
+  compressed?: boolean;
 }
 
 /** What a layer above the engine knows about references that are not guest data. */
@@ -75,9 +84,11 @@ export interface MapOptions {
   /** Compute `sharedBy` for the ranges that have data at depth 0. */
   sharing?: boolean;
   accounting?: ShareAccounting;
+  /** Compressed clusters counted per walk of the tables (COPIES_PER_WINDOW; tests lower it). */
+  copiesPerWindow?: number;
 }
 
-/** Host clusters --shares looks for at most (one set entry each). */
+/** Host clusters and compressed clusters --shares looks for at most (one set entry each). */
 export const MAX_SHARES_CLUSTERS = 1 << 20;
 
 /** One layer of the backing chain: the image and the name qemu-img gives its file. */
@@ -264,6 +275,17 @@ function mergeable(curr: MapEntry, next: MapEntry): boolean {
  * them; `name` is the image's path as the user gave it (qemu-img's File column).
  */
 export async function* mapImage(image: Image, name: string, options: MapOptions = {}): AsyncGenerator<MapEntry> {
+  const ranges = mapRanges(image, name, options);
+  if (!options.sharing) return yield* ranges;
+  const walk = guestViews(image, options.accounting?.skipSnapshot);
+  yield* withCopySharing(ranges, image, isCompressedRange, walk, options.copiesPerWindow ?? COPIES_PER_WINDOW);
+}
+
+/** A compressed range of the image itself: data at depth 0 without an offset. */
+const isCompressedRange = (e: MapEntry) => e.data && e.depth === 0 && e.offset === undefined;
+
+/** mapImage's ranges, merged as qemu-img merges them, with `sharedBy` on those that have an offset. */
+async function* mapRanges(image: Image, name: string, options: MapOptions): AsyncGenerator<MapEntry> {
   const start = Math.min(options.start ?? 0, image.size);
   const end = Math.min(image.size, options.length === undefined ? image.size : start + options.length);
   const layers = chainOf(image, name);
@@ -305,7 +327,9 @@ async function shareCounter(image: Image, accounting: ShareAccounting | undefine
 /**
  * The ranges of [start, +length) with, for those that have data at depth 0, the guest
  * ranges of the active disk and of its internal snapshots (but those `accounting` skips)
- * whose L2 entries point into their host clusters — the range's own clusters excepted.
+ * whose L2 entries point into their host clusters — the range's own clusters excepted —
+ * or, for compressed ranges, name the same compressed copy as one of the range's clusters
+ * (every guest cluster but the one naming it itself, so a duplicate inside the range is listed).
  * Walks every L2 table of every view once, one table at a time.
  */
 export async function mapShares(image: Image, name: string, start: number, length: number, accounting?: ShareAccounting): Promise<MapEntry[]> {
@@ -314,26 +338,58 @@ export async function mapShares(image: Image, name: string, start: number, lengt
   const cs = image.clusterSize;
   /** Host cluster → the entries whose storage it is (several where the range itself holds duplicates). */
   const owner = new Map<number, MapEntry[]>();
+  /** Compressed copies of the range → the entries naming them: how many of their clusters, and the last. */
+  const copies = new CopySet();
+  const copyOwners = new Map<object, Map<MapEntry, { clusters: number; guestCluster: number }>>();
+  const compressedAt = activeCompressed(image);
   let owned = 0;
+  const count = () => {
+    if (++owned > MAX_SHARES_CLUSTERS)
+      throw new UsageError(`--shares: the range covers more than ${MAX_SHARES_CLUSTERS} host clusters; give a ` + 'shorter length');
+  };
   for (const e of entries) {
     if (e.sharedBy === undefined) continue;
     e.sharedWith = [];
-    for (let c = Math.floor(e.offset! / cs); c * cs < e.offset! + e.length; c++) {
+    if (e.offset === undefined) {
+      for (let c = Math.floor(e.start / cs); c * cs < e.start + e.length; c++) {
+        const l2 = await compressedAt(c);
+        if (!l2) continue;
+        const copy = copies.add(l2);
+        let owners = copyOwners.get(copy);
+        if (!owners) copyOwners.set(copy, (owners = new Map()));
+        const own = owners.get(e);
+        if (own) own.clusters++;
+        else owners.set(e, { clusters: 1, guestCluster: c });
+        count();
+      }
+      continue;
+    }
+    for (let c = Math.floor(e.offset / cs); c * cs < e.offset + e.length; c++) {
       owner.set(c, [...(owner.get(c) ?? []), e]);
-      if (++owned > MAX_SHARES_CLUSTERS)
-        throw new UsageError(`--shares: the range covers more than ${MAX_SHARES_CLUSTERS} host clusters; give a ` + 'shorter length');
+      count();
     }
   }
-  if (owner.size === 0) return entries;
+  if (owner.size === 0 && copies.size === 0) return entries;
   const found = (e: MapEntry, hit: ShareRange) => {
     const list = e.sharedWith!;
     const last = list[list.length - 1];
-    const adjacent = last && last.snapshot === hit.snapshot && last.zero === hit.zero && last.start + last.length === hit.start;
+    const adjacent =
+      last && !last.compressed && !hit.compressed && last.snapshot === hit.snapshot && last.zero === hit.zero && last.start + last.length === hit.start;
     if (adjacent && last.offset + last.length === hit.offset) last.length += hit.length;
     else list.push(hit);
   };
+  const visitCompressed = (guestCluster: number, l2: L2Entry, snapshot?: string) => {
+    const copy = copies.find(l2);
+    if (!copy) return;
+    for (const [e, own] of copyOwners.get(copy)!) {
+      // A cluster does not share with itself; another cluster of the range naming the copy does.
+      if (snapshot === undefined && own.clusters === 1 && own.guestCluster === guestCluster) continue;
+      found(e, { start: guestCluster * cs, length: cs, offset: l2.compressedOffset, ...(snapshot !== undefined ? { snapshot } : {}), compressed: true });
+    }
+  };
   const visit = (guestCluster: number, l2: L2Entry, snapshot?: string) => {
-    if (l2.kind === 'compressed' || !l2.hostOffset) return;
+    if (l2.kind === 'compressed') return visitCompressed(guestCluster, l2, snapshot);
+    if (!l2.hostOffset) return;
     const guest = guestCluster * cs;
     for (const e of owner.get(l2.hostOffset / cs) ?? []) {
       // The range's own clusters (the active disk's, over the range) are not "others".
@@ -347,35 +403,8 @@ export async function mapShares(image: Image, name: string, start: number, lengt
       });
     }
   };
-  const perTable = image.l2Entries;
-  for (let i = 0; i < image.header.l1Size; i++) {
-    const entry = await image.l2Reader(i);
-    for (let j = 0; j < perTable; j++) visit(i * perTable + j, entry(i * perTable + j));
-  }
-  const snapshots = image.header.nbSnapshots ? await image.loadSnapshots() : [];
-  for (const s of snapshots) {
-    if (accounting?.skipSnapshot?.(s)) continue;
-    await walkSnapshot(image, s, (guestCluster, l2) => visit(guestCluster, l2, s.name));
-  }
+  await guestViews(image, accounting?.skipSnapshot)(visit);
   return entries;
-}
-
-/**
- * Every L2 entry of a snapshot's tables, one table at a time. Entries and tables that are not
- * well-formed (unaligned) are passed over: they reference nothing a range can share.
- */
-async function walkSnapshot(image: Image, s: SnapshotEntry, fn: (guestCluster: number, e: L2Entry) => void): Promise<void> {
-  const cs = image.clusterSize;
-  const l1 = s.l1Size ? await image.file.read(s.l1TableOffset, s.l1Size * 8) : Buffer.alloc(0);
-  for (let i = 0; i < l1.length / 8; i++) {
-    const l2Offset = decodeL1Entry(l1, i).l2Offset;
-    if (!l2Offset || l2Offset % cs) continue;
-    const table = await image.file.read(l2Offset, cs);
-    for (let j = 0; j < image.l2Entries; j++) {
-      const e = decodeL2Entry(table, j, image.clusterBits);
-      if (e.kind !== 'compressed' && e.hostOffset % cs === 0) fn(i * image.l2Entries + j, e);
-    }
-  }
 }
 
 // ---------------------------------------------------------------- output, as qemu-img prints it
@@ -390,6 +419,7 @@ export function mapJsonLine(e: MapEntry): string {
       let item = `{ "start": ${s.start}, "length": ${s.length}, "offset": ${s.offset}`;
       if (s.snapshot !== undefined) item += `, "snapshot": ${JSON.stringify(s.snapshot)}`;
       if (s.zero) item += ', "zero": true';
+      if (s.compressed) item += ', "compressed": true';
       return item + '}';
     });
     line += `, "shared-with": [${items.join(', ')}]`;
@@ -405,18 +435,22 @@ const hex16 = (n: number) => (n === 0 ? '0' : `0x${n.toString(16)}`).padEnd(16);
  * together as qemu-img does; a `Shared by` column before File; under --shares, one
  * indented line per sharing range. Compressed data cannot be shown this way: `error` is
  * set at the first one (qemu-img: "File contains external, encrypted or compressed
- * clusters."), after the rows before it.
+ * clusters."), after the rows before it — unless `compressedFile` is given (--shares, which
+ * qemu-img does not have): then compressed ranges are rows too, "compressed" in the Mapped to
+ * column and `compressedFile` (the image's name) in File.
  */
-export function mapHumanRows(entries: Iterable<MapEntry>): { rows: string[]; error?: string } {
+export function mapHumanRows(entries: Iterable<MapEntry>, compressedFile?: string): { rows: string[]; error?: string } {
   const rows = [`${'Offset'.padEnd(16)}${'Length'.padEnd(16)}${'Mapped to'.padEnd(16)}${'Shared by'.padEnd(16)}File`];
   let curr: MapEntry | null = null;
   const dump = (e: MapEntry): string | undefined => {
-    if (e.data && e.offset === undefined) return 'File contains external, encrypted or compressed clusters.';
+    const compressed = e.data && e.offset === undefined;
+    if (compressed && compressedFile === undefined) return 'File contains external, encrypted or compressed clusters.';
     if (e.data && !e.zero) {
-      rows.push(`${hex16(e.start)}${hex16(e.length)}${hex16(e.offset ?? 0)}${String(e.sharedBy ?? '-').padEnd(16)}${e.file ?? ''}`);
+      const mapped = compressed ? 'compressed'.padEnd(16) : hex16(e.offset ?? 0);
+      rows.push(`${hex16(e.start)}${hex16(e.length)}${mapped}${String(e.sharedBy ?? '-').padEnd(16)}${compressed ? compressedFile : (e.file ?? '')}`);
       for (const s of e.sharedWith ?? []) {
         rows.push(
-          `    shared with ${hex16(s.start).trim()} (${s.length} bytes at ` +
+          `    shared with ${hex16(s.start).trim()} (${s.length} bytes ${s.compressed ? 'compressed ' : ''}at ` +
             `${hex16(s.offset).trim()})${s.zero ? ' as a zero cluster' : ''}${s.snapshot !== undefined ? ` in snapshot '${s.snapshot}'` : ''}`,
         );
       }
@@ -426,7 +460,9 @@ export function mapHumanRows(entries: Iterable<MapEntry>): { rows: string[]; err
   for (const given of entries) {
     // This format does not tell 0, ZERO and ZERO|DATA apart: qemu-img folds them (and merges more).
     const next = { ...given, ...(!given.data || given.zero ? { data: false, zero: true } : {}) };
-    if (curr && mergeable(curr, next)) {
+    // Compressed ranges split because their clusters' counts differ stay apart.
+    const sameCount = next.offset !== undefined || !next.data || curr?.sharedBy === next.sharedBy;
+    if (curr && sameCount && mergeable(curr, next)) {
       curr.length += next.length;
       continue;
     }

@@ -1,6 +1,7 @@
 // `qdedup map`: qemu-img map's ranges and output (src/image/map.ts), plus `shared-by` on
-// each range with data, and with --shares OFFSET[,LENGTH] the guest ranges that share a
-// range's storage. Read-only, with the locks `qemu-img map` takes (-U: none refused).
+// each range with data (compressed ranges: per compressed copy, src/image/map-copies.ts), and
+// with --shares OFFSET[,LENGTH] the guest ranges that share a range's storage. Read-only,
+// with the locks `qemu-img map` takes (-U: none refused).
 
 import type { Argv } from 'yargs';
 import { UsageError } from '../../errors.ts';
@@ -45,7 +46,7 @@ export async function runMap(a: MapArgs, io: Output): Promise<number> {
     }
     const collected: MapEntry[] = [];
     for await (const e of entries) collected.push(e);
-    const { rows, error } = mapHumanRows(collected);
+    const { rows, error } = mapHumanRows(collected, a.shares ? a.file : undefined);
     await io.out(rows.map((r) => r + '\n').join(''));
     if (error) {
       io.err(`${errorPrefix(io)} ${error}`);
@@ -74,7 +75,7 @@ export function builder(y: Argv) {
       requiresArg: true,
       describe:
         'OFFSET[,LENGTH]: map only this guest range (LENGTH default: one cluster) and list, under each range with data, the guest ranges of the ' +
-        'disk and of its snapshots that use the same host clusters',
+        'disk and of its snapshots that use the same host clusters (compressed ranges: the guest clusters naming the same compressed copies)',
     })
     .example('$0 map disk.qcow2', "qemu-img map's table, with a 'Shared by' column")
     .example('$0 map --output json disk.qcow2', 'qemu-img map\'s JSON; "shared-by": other guest clusters using the range\'s host clusters')
@@ -82,7 +83,8 @@ export function builder(y: Argv) {
     .epilogue(
       "shared-by counts, from the refcounts, the guest clusters other than the range's own (in the disk and its internal snapshots; the dedup " +
         "holder snapshot's reference excluded) that use the host clusters the range touches: 0 means the storage is the range's alone. Leaked references (see " +
-        "'qdedup check') count too.",
+        "'qdedup check') count too. On compressed ranges (no offset) it counts, for each cluster, the other guest clusters whose entries name the same " +
+        "compressed copy; such a range is split where that count changes (merged back, the ranges are qemu-img's).",
     );
 }
 
