@@ -99,11 +99,11 @@ interface Piece {
 }
 
 /**
- * `ranges` with `sharedBy` set on those `isCompressed` says are compressed at depth 0: the
- * guest entries (disk and guest snapshots, `walk`) other than the cluster's own that name the
- * cluster's copy. A range whose clusters have different counts is split where they change, so
- * that every printed count is true of every cluster of its range; the other ranges pass as
- * they are. `perWindow`: COPIES_PER_WINDOW (tests lower it).
+ * `ranges` with `sharedBy` set on those `isCompressed` says are compressed at depth 0: for
+ * each cluster of the range, the guest entries (disk and guest snapshots, `walk`) other than
+ * the cluster's own that name the cluster's copy, added up over the range (as the counts of a
+ * range of whole clusters are). Ranges come out as they went in (qemu-img's). `perWindow`:
+ * COPIES_PER_WINDOW (tests lower it).
  */
 export async function* withCopySharing<E extends CopyRange>(
   ranges: AsyncIterable<E>,
@@ -121,8 +121,10 @@ export async function* withCopySharing<E extends CopyRange>(
   let pending: { range: E; source: E } | null = null;
 
   function* emit(range: E, source: E): Generator<E> {
-    if (pending && pending.source === source && pending.range.sharedBy === range.sharedBy && pending.range.start + pending.range.length === range.start) {
+    if (pending && pending.source === source && pending.range.start + pending.range.length === range.start) {
+      // The next piece of a range a window boundary cut: one range again, its counts added.
       pending.range.length += range.length;
+      pending.range.sharedBy = (pending.range.sharedBy ?? 0) + (range.sharedBy ?? 0);
       return;
     }
     if (pending) yield pending.range;
@@ -143,19 +145,11 @@ export async function* withCopySharing<E extends CopyRange>(
         continue;
       }
       // The cluster's own entry is one of the copy's references; a cluster whose entry the
-      // walk did not see (changed under -U) counts none.
-      const others = (i: number) => Math.max(0, piece.copies[i].refs - 1);
-      const firstCluster = Math.floor(piece.from / cs);
-      for (let i = 0, from = piece.from; i < piece.copies.length; ) {
-        const count = others(i);
-        let j = i + 1;
-        while (j < piece.copies.length && others(j) === count) j++;
-        // the piece's clusters i … j-1, the first and last of the piece maybe in part
-        const to = Math.min((firstCluster + j) * cs, piece.to);
-        yield* emit({ ...range, start: from, length: to - from, sharedBy: count }, range);
-        from = to;
-        i = j;
-      }
+      // walk did not see (changed under -U) counts none. The range's count is its clusters'
+      // added up, as for a range of whole clusters.
+      let sharedBy = 0;
+      for (const copy of piece.copies) sharedBy += Math.max(0, copy.refs - 1);
+      yield* emit({ ...range, start: piece.from, length: piece.to - piece.from, sharedBy }, range);
     }
     window = [];
     units = 0;

@@ -46,9 +46,9 @@ export interface MapEntry {
    * range's own use the host clusters the range touches — in the active disk and in its
    * internal snapshots, from the refcounts (minus references a layer says are not guest
    * clusters: the dedup holder snapshot's). 0: the range's storage is its own.
-   * Compressed ranges at depth 0 (no offset): for EACH cluster of the range, how many guest
+   * Compressed ranges at depth 0 (no offset): for each cluster of the range, how many guest
    * clusters other than itself (disk and snapshots, those `skipSnapshot` skips excepted) have
-   * an L2 entry naming the same compressed copy; a compressed range is split where that changes.
+   * an L2 entry naming the same compressed copy, added up over the range.
    */
   sharedBy?: number;
   /** With --shares: the guest ranges (of the disk or of a snapshot) that use this range's host clusters. */
@@ -460,10 +460,10 @@ export function mapHumanRows(entries: Iterable<MapEntry>, compressedFile?: strin
   for (const given of entries) {
     // This format does not tell 0, ZERO and ZERO|DATA apart: qemu-img folds them (and merges more).
     const next = { ...given, ...(!given.data || given.zero ? { data: false, zero: true } : {}) };
-    // Compressed ranges split because their clusters' counts differ stay apart.
-    const sameCount = next.offset !== undefined || !next.data || curr?.sharedBy === next.sharedBy;
-    if (curr && sameCount && mergeable(curr, next)) {
+    if (curr && mergeable(curr, next)) {
       curr.length += next.length;
+      if (next.sharedBy !== undefined) curr.sharedBy = (curr.sharedBy ?? 0) + next.sharedBy;
+      if (next.sharedWith) curr.sharedWith = [...(curr.sharedWith ?? []), ...next.sharedWith];
       continue;
     }
     if (curr) {

@@ -84,7 +84,7 @@ export function builder(y: Argv) {
       "shared-by counts, from the refcounts, the guest clusters other than the range's own (in the disk and its internal snapshots; the dedup " +
         "holder snapshot's reference excluded) that use the host clusters the range touches: 0 means the storage is the range's alone. Leaked references (see " +
         "'qdedup check') count too. On compressed ranges (no offset) it counts, for each cluster, the other guest clusters whose entries name the same " +
-        "compressed copy; such a range is split where that count changes (merged back, the ranges are qemu-img's).",
+        "compressed copy. Over a range of several clusters the counts are added up; the ranges are qemu-img's.",
     );
 }
 
