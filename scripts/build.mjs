@@ -15,8 +15,9 @@ import { build } from 'esbuild';
 import { createHash } from 'node:crypto';
 import { spawnSync } from 'node:child_process';
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 
 /**
  * Packages replaced in the bundle by lighter stand-ins (./build-shims/: each says why):
@@ -42,6 +43,34 @@ const lightShims = {
   },
 };
 
+/**
+ * Edits of package sources in the bundle, each to code that does the same later or lazily.
+ * The build fails when an edit's text is not found (a new version of the package: look
+ * again at what it does at load).
+ */
+const EDITS = [
+  // yargs' platform shim reads process.stdout.columns when it loads: Node makes the stdout
+  // stream then, ~3 ms (a file) to ~8 ms (a pipe) of every start. yargs reads the value only
+  // to lay out help (src/cli/main.ts gives it the width itself then): a getter.
+  {
+    file: /[\\/]yargs[\\/]lib[\\/]platform-shims[\\/]esm\.mjs$/,
+    from: "stdColumns: typeof process.stdout.columns !== 'undefined' ? process.stdout.columns : null",
+    to: "get stdColumns() { return typeof process.stdout.columns !== 'undefined' ? process.stdout.columns : null }",
+  },
+];
+const sourceEdits = {
+  name: 'source-edits',
+  setup(b) {
+    for (const edit of EDITS) {
+      b.onLoad({ filter: edit.file }, async (args) => {
+        const text = await readFile(args.path, 'utf8');
+        if (!text.includes(edit.from)) throw new Error(`build: ${args.path} no longer holds: ${edit.from}`);
+        return { contents: text.replace(edit.from, edit.to), loader: 'js', resolveDir: dirname(args.path) };
+      });
+    }
+  },
+};
+
 const root = new URL('../', import.meta.url).pathname;
 const dist = join(root, 'dist');
 const bundle = join(dist, 'qdedup.cjs');
@@ -63,7 +92,7 @@ const out = await build({
   // koffi (src/image/libc.ts: fcntl for QEMU's image locks) loads a native .node file
   // from its own folder: it stays in node_modules and is required from there at run time.
   external: ['koffi'],
-  plugins: [lightShims],
+  plugins: [lightShims, sourceEdits],
   // Strict, as the ES modules it is made of. import.meta.url (package.json, koffi and
   // worker_threads are found from it) is the bundle's own URL.
   banner: { js: "'use strict';const __qdedupUrl=require('node:url').pathToFileURL(__filename).href;" },
