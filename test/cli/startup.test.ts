@@ -121,6 +121,27 @@ describe('start-up: what a start loads', () => {
     }
   });
 
+  it('info makes no stdout stream (its lines are written to the descriptor)', () => {
+    const r = loaded(['info', smallImage()]);
+    assert.equal(r.status, 0);
+    for (const m of ['stream', 'net', 'internal/fs/sync_write_stream']) assert.ok(!r.builtins.has(m), `info loaded node:${m}`);
+  });
+
+  it('help asked for among other options is help (yargs is then given every command)', () => {
+    const img = smallImage();
+    for (const args of [
+      ['info', '-Uh', img],
+      ['info', img, '--help'],
+    ]) {
+      const r = qdedup(args);
+      assert.equal(r.status, 0, `${args.join(' ')}: ${r.stderr}`);
+      assert.ok(r.stdout.startsWith('qdedup info <file>'), r.stdout.slice(0, 80));
+    }
+    const r = qdedup(['info', '-V']);
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(r.stdout, /^\d+\.\d+\.\d+\n$/);
+  });
+
   it('every command in the list runs (--help)', () => {
     for (const c of COMMANDS) {
       const r = qdedup([commandName(c), '--help']);
