@@ -103,7 +103,7 @@ describe('start-up: what a start loads', () => {
     );
   });
 
-  it('info loads no hashing, compression, terminal or thread code; info -U no koffi either', () => {
+  it('info loads no hashing, compression, terminal, thread or fs/promises code; info -U no koffi either', () => {
     const img = smallImage();
     for (const args of [
       ['info', img],
@@ -111,7 +111,8 @@ describe('start-up: what a start loads', () => {
     ]) {
       const r = loaded(args);
       assert.equal(r.status, 0, args.join(' '));
-      for (const m of ['crypto', 'zlib', 'tty', 'worker_threads', 'assert']) assert.ok(!r.builtins.has(m), `${args.join(' ')} loaded node:${m}`);
+      // fs/promises: its first use loads it (~2.5 ms); info reads through SyncReadFile.
+      for (const m of ['crypto', 'zlib', 'tty', 'worker_threads', 'assert', 'fs/promises']) assert.ok(!r.builtins.has(m), `${args.join(' ')} loaded node:${m}`);
       if (args.includes('-U'))
         assert.deepEqual(
           r.files.filter((f) => f.includes('koffi')),
