@@ -173,9 +173,9 @@ export async function main(given: string[]): Promise<void> {
     process.exitCode = report(err, io, false);
     return;
   }
-  // Only the module of the command that runs is loaded. yargs is given every command (and
-  // the terminal's width) only when it may print help or the version; otherwise only the
-  // command that runs (docs/PERFORMANCE.md, "Start-up"): it parses the same way.
+  // Only the module of the command that runs is loaded. yargs is given every command, --help,
+  // --version and the terminal's width only when it may print help or the version; otherwise
+  // only the command that runs (docs/PERFORMANCE.md, "Start-up"): it parses the same way.
   const selected = selectedCommand(argv);
   const full = !selected || asksHelpOrVersion(argv);
   // yargs prints help and the version through process.stdout: with the handler that makes
@@ -193,10 +193,6 @@ export async function main(given: string[]): Promise<void> {
     })
     .strict()
     .demandCommand(1, 'a command is needed')
-    .help()
-    .alias('h', 'help')
-    .version(packageVersion())
-    .alias('V', 'version')
     .showHelpOnFail(false)
     .fail((msg, err) => {
       if (err) {
@@ -211,7 +207,14 @@ export async function main(given: string[]): Promise<void> {
       if (unknown !== undefined) throw new UsageError(`Unknown argument: ${reveal(unknown)}`);
       throw new UsageError(reveal(msg));
     });
-  if (full) parser = parser.wrap(Math.min(100, process.stdout.columns || 100));
+  // --help and --version: the bundle's yargs gives an instance neither (scripts/build.mjs).
+  if (full)
+    parser = parser
+      .help()
+      .alias('h', 'help')
+      .version(packageVersion())
+      .alias('V', 'version')
+      .wrap(Math.min(100, process.stdout.columns || 100));
   /** Options of the subcommand being parsed (set by its builder). */
   let commandOptions: Set<string> | undefined;
   try {
