@@ -7,7 +7,7 @@ import { OutputError } from '../errors.ts';
 import { errnoText } from '../image/block-file.ts';
 
 export interface Output {
-  /** Writes text (or bytes) to stdout, waiting for the stream to drain. */
+  /** Writes text (or bytes) to stdout; settles once all of it was written (rejects with OutputError). */
   out(data: string | Buffer): Promise<void>;
   /** Writes a diagnostic line to stderr. */
   err(line: string): void;
