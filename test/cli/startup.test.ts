@@ -112,7 +112,8 @@ describe('start-up: what a start loads', () => {
       const r = loaded(args);
       assert.equal(r.status, 0, args.join(' '));
       // fs/promises: its first use loads it (~2.5 ms); info reads through SyncReadFile.
-      for (const m of ['crypto', 'zlib', 'tty', 'worker_threads', 'assert', 'fs/promises']) assert.ok(!r.builtins.has(m), `${args.join(' ')} loaded node:${m}`);
+      for (const m of ['crypto', 'zlib', 'tty', 'worker_threads', 'assert', 'fs/promises', 'os'])
+        assert.ok(!r.builtins.has(m), `${args.join(' ')} loaded node:${m}`);
       if (args.includes('-U'))
         assert.deepEqual(
           r.files.filter((f) => f.includes('koffi')),
