@@ -15,8 +15,9 @@ import { build } from 'esbuild';
 import { createHash } from 'node:crypto';
 import { spawnSync } from 'node:child_process';
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 
 /**
  * Packages replaced in the bundle by lighter stand-ins (./build-shims/: each says why):
@@ -42,6 +43,46 @@ const lightShims = {
   },
 };
 
+/**
+ * Edits of package sources in the bundle, each to code that does the same later or lazily.
+ * The build fails when an edit's text is not found (a new version of the package: look
+ * again at what it does at load).
+ */
+const EDITS = [
+  // yargs' platform shim reads process.stdout.columns when it loads: Node makes the stdout
+  // stream then, ~3 ms (a file) to ~8 ms (a pipe) of every start. yargs reads the value only
+  // to lay out help (src/cli/main.ts gives it the width itself then): a getter.
+  {
+    file: /[\\/]yargs[\\/]lib[\\/]platform-shims[\\/]esm\.mjs$/,
+    from: "stdColumns: typeof process.stdout.columns !== 'undefined' ? process.stdout.columns : null",
+    to: "get stdColumns() { return typeof process.stdout.columns !== 'undefined' ? process.stdout.columns : null }",
+  },
+  // yargs() gives every instance --help and a --version it guesses by reading the first
+  // package.json above the shim's main file (in the bundle: above the current directory).
+  // src/cli/main.ts sets both itself whenever they can be asked for (and qdedup's version);
+  // without them a parse that cannot print is ~3 ms shorter (fewer options in every pass).
+  {
+    file: /[\\/]yargs[\\/]build[\\/]lib[\\/]yargs-factory\.js$/,
+    from: '        yargs.help();\n        yargs.version();\n',
+    to: '',
+  },
+];
+const sourceEdits = {
+  name: 'source-edits',
+  setup(b) {
+    b.onLoad({ filter: /\.m?js$/ }, async (args) => {
+      const edits = EDITS.filter((e) => e.file.test(args.path));
+      if (!edits.length) return undefined;
+      let text = await readFile(args.path, 'utf8');
+      for (const edit of edits) {
+        if (!text.includes(edit.from)) throw new Error(`build: ${args.path} no longer holds: ${edit.from}`);
+        text = text.replace(edit.from, edit.to);
+      }
+      return { contents: text, loader: 'js', resolveDir: dirname(args.path) };
+    });
+  },
+};
+
 const root = new URL('../', import.meta.url).pathname;
 const dist = join(root, 'dist');
 const bundle = join(dist, 'qdedup.cjs');
@@ -63,7 +104,7 @@ const out = await build({
   // koffi (src/image/libc.ts: fcntl for QEMU's image locks) loads a native .node file
   // from its own folder: it stays in node_modules and is required from there at run time.
   external: ['koffi'],
-  plugins: [lightShims],
+  plugins: [lightShims, sourceEdits],
   // Strict, as the ES modules it is made of. import.meta.url (package.json, koffi and
   // worker_threads are found from it) is the bundle's own URL.
   banner: { js: "'use strict';const __qdedupUrl=require('node:url').pathToFileURL(__filename).href;" },
@@ -72,10 +113,12 @@ const out = await build({
 const code = out.outputFiles[0].text;
 // bin/qdedup compiles the bundle as a script without a dynamic import() callback.
 if (/\bimport\(/.test(code)) throw new Error('build: the bundle kept a dynamic import(), which bin/qdedup cannot run');
-// The first line names the build: bin/qdedup takes a cache only from the same build.
+// The first line names the build: bin/qdedup takes a cache only from the same build. The
+// code follows inside Node's CommonJS wrapper, so that bin/qdedup compiles the file's text as
+// it is read: wrapping it there made V8 copy the 500 KB into a new string at every start.
 const id = createHash('sha256').update(code).digest('hex').slice(0, 16);
 mkdirSync(dist, { recursive: true });
-writeFileSync(bundle, `// qdedup build ${id}\n${code}`);
+writeFileSync(bundle, `// qdedup build ${id}\n(function (exports, require, module, __filename, __dirname) {${code}\n})`);
 
 // The training run: bin/qdedup with QDEDUP_CODE_CACHE=write writes dist/qdedup.cache when
 // it exits, holding what V8 compiled for `info`. Without flags from NODE_OPTIONS (V8 refuses

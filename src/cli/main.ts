@@ -5,7 +5,7 @@ import { readFileSync } from 'node:fs';
 import yargs, { type Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { InternalError, OutputError, QdedupError, UsageError, printable } from '../errors.ts';
-import { errorPrefix, processOutput, toJson, type Output } from './output.ts';
+import { errorPrefix, processOutput, stdoutStream, toJson, type Output } from './output.ts';
 import { COMMANDS, commandName, selectedCommand, unknownCommand } from './command-list.ts';
 
 /**
@@ -100,6 +100,18 @@ export function prepareArgv(argv: string[]): { argv: string[]; reveal: (s: strin
   return { argv: out, reveal: (s) => (hidden.length ? s.replace(HIDDEN, (_, i: string) => hidden[Number(i)]) : s) };
 }
 
+/**
+ * True when `argv` (as prepareArgv left it: words after `--` hidden) names help or the
+ * version anywhere: --help, --version (=…, --no-…), or h or V among short options (`-Uh`).
+ * Then yargs may print, and is set up as for `qdedup --help`.
+ */
+export function asksHelpOrVersion(argv: string[]): boolean {
+  return argv.some((token) => {
+    if (token.startsWith('--')) return /^(?:no-)?(?:help|version)$/.test(token.slice(2).split('=')[0]);
+    return token.startsWith('-') && /[hV]/.test(token.slice(1).split('=')[0]);
+  });
+}
+
 /** Option names (and aliases) a yargs instance knows. */
 function optionNames(y: Argv<any>): Set<string> {
   const o = (y as unknown as { getOptions(): { key: Record<string, unknown>; alias: Record<string, string[]> } }).getOptions();
@@ -133,7 +145,7 @@ export function report(err: unknown, io: Output, json: boolean): number {
     const where = err.details.path ? `${printable(err.details.path)}: ` : '';
     io.err(`${errorPrefix(io)} ${where}${printable(err.message)}`);
     if (err instanceof UsageError) io.err("Try 'qdedup --help' for more information.");
-    if (json && !(err instanceof OutputError)) process.stdout.write(toJson({ error: err.toJSON() }), () => {});
+    if (json && !(err instanceof OutputError)) stdoutStream().write(toJson({ error: err.toJSON() }), () => {});
     return err.exitCode;
   }
   const e = err as Error;
@@ -144,10 +156,6 @@ export function report(err: unknown, io: Output, json: boolean): number {
 }
 
 export async function main(given: string[]): Promise<void> {
-  // `| head` closing stdout ends the command quietly.
-  process.stdout.on('error', (err: NodeJS.ErrnoException) => {
-    if (err.code === 'EPIPE') process.exit(process.exitCode ?? 0);
-  });
   // Until the command line is parsed, only --color/--no-color as typed decide the colour.
   let io = processOutput(colorAsTyped(given));
   let argv: string[] = given;
@@ -165,6 +173,14 @@ export async function main(given: string[]): Promise<void> {
     process.exitCode = report(err, io, false);
     return;
   }
+  // Only the module of the command that runs is loaded. yargs is given every command, --help,
+  // --version and the terminal's width only when it may print help or the version; otherwise
+  // only the command that runs (docs/PERFORMANCE.md, "Start-up"): it parses the same way.
+  const selected = selectedCommand(argv);
+  const full = !selected || asksHelpOrVersion(argv);
+  // yargs prints help and the version through process.stdout: with the handler that makes
+  // a closed pipe (`| head`) a quiet end.
+  if (full) stdoutStream();
   let parser = yargs(argv)
     .scriptName('qdedup')
     .parserConfiguration({ 'parse-numbers': false, 'parse-positional-numbers': false })
@@ -177,11 +193,6 @@ export async function main(given: string[]): Promise<void> {
     })
     .strict()
     .demandCommand(1, 'a command is needed')
-    .help()
-    .alias('h', 'help')
-    .version(packageVersion())
-    .alias('V', 'version')
-    .wrap(Math.min(100, process.stdout.columns || 100))
     .showHelpOnFail(false)
     .fail((msg, err) => {
       if (err) {
@@ -196,13 +207,19 @@ export async function main(given: string[]): Promise<void> {
       if (unknown !== undefined) throw new UsageError(`Unknown argument: ${reveal(unknown)}`);
       throw new UsageError(reveal(msg));
     });
+  // --help and --version: the bundle's yargs gives an instance neither (scripts/build.mjs).
+  if (full)
+    parser = parser
+      .help()
+      .alias('h', 'help')
+      .version(packageVersion())
+      .alias('V', 'version')
+      .wrap(Math.min(100, process.stdout.columns || 100));
   /** Options of the subcommand being parsed (set by its builder). */
   let commandOptions: Set<string> | undefined;
-  // Only the module of the command that runs is loaded; the others are listed for --help.
-  const selected = selectedCommand(argv);
   try {
     const mod = selected ? await selected.load() : undefined;
-    for (const entry of COMMANDS) {
+    for (const entry of full ? COMMANDS : [selected]) {
       // No handler: the command runs once parsing is over (below).
       parser = parser.command(entry.command, entry.describe, (y: Argv) => {
         if (entry !== selected || !mod) return y; // yargs builds only the command it matched

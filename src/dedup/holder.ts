@@ -20,7 +20,7 @@
 // cluster past that is never held (a data cluster is then not indexed, a store cluster leaks).
 
 import { CorruptImageError, InternalError, hex } from '../errors.ts';
-import { decodeL1Entry, decodeL2Entry, encodeL1Entry, encodeL2Entry } from '../format/l1l2.ts';
+import { decodeL1Entry, decodeL2Entry, encodeL1Entry, encodeL2Entry, l2Offsets } from '../format/l1l2.ts';
 import { MAX_L1_BYTES } from '../format/header.ts';
 import type { BlockFile } from '../image/block-file.ts';
 
@@ -159,12 +159,7 @@ export class Holder {
 
   /** Host offsets of the holder's L2 tables. */
   tableOffsets(): number[] {
-    const out: number[] = [];
-    for (let i = 0; i < this.l1Size; i++) {
-      const e = decodeL1Entry(this.l1, i);
-      if (e.l2Offset) out.push(e.l2Offset);
-    }
-    return out;
+    return l2Offsets(this.l1, this.l1Size);
   }
 
   /** Clusters the holder's own tables take (L1 and L2). */

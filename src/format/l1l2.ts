@@ -2,7 +2,7 @@
 // Spec: docs/interop/qcow2.rst "Cluster mapping". Entries are read as two u32 halves so
 // the hot path never touches BigInt; only compressed descriptors (bit 62) use BigInt.
 
-import { TWO_32 } from './bytes.ts';
+import { TWO_32, isZero } from './bytes.ts';
 
 /** Bit 63 of L1 and L2 entries: the cluster's refcount is exactly 1. */
 export const QCOW_OFLAG_COPIED_HI = 0x8000_0000;
@@ -40,6 +40,24 @@ export function decodeL1Entry(table: Buffer, index: number): L1Entry {
     copied: (hi & QCOW_OFLAG_COPIED_HI) !== 0,
     reservedBits: (hi & L1E_RESERVED_HI) !== 0 || (lo & L1E_RESERVED_LO) !== 0,
   };
+}
+
+/**
+ * The L2 table offsets of the first `entries` entries of an L1 table, in table order, unused
+ * entries left out. Unused (zero) entries, most of a large or sparse L1, are passed over 64
+ * at a time by a native compare instead of decoded one by one.
+ */
+export function l2Offsets(table: Buffer, entries: number): number[] {
+  const out: number[] = [];
+  for (let from = 0; from < entries; from += 64) {
+    const to = Math.min(entries, from + 64);
+    if (isZero(table.subarray(from * 8, to * 8))) continue;
+    for (let i = from; i < to; i++) {
+      const offset = decodeL1Entry(table, i).l2Offset;
+      if (offset) out.push(offset);
+    }
+  }
+  return out;
 }
 
 export function encodeL1Entry(table: Buffer, index: number, l2Offset: number, copied: boolean): void {

@@ -3,8 +3,9 @@
 // Reads past the end of the file return zeros, as QEMU's file driver does: QCOW2 files
 // are not padded to a cluster boundary and tables may end past EOF.
 
-import { open, type FileHandle } from 'node:fs/promises';
-import { constants, readSync, readvSync } from 'node:fs';
+import type { FileHandle } from 'node:fs/promises';
+// fs.promises, not node:fs/promises: Node loads it (~2.5 ms) on the first open, not with this module.
+import { constants, promises as fsp, readSync, readvSync } from 'node:fs';
 import { IoError } from '../errors.ts';
 import { takeImageLock, type HeldLock, type LockRequest } from './image-lock.ts';
 import { libc } from './libc.ts';
@@ -179,7 +180,7 @@ export class NodeFile implements BlockFile {
   static async open(path: string, writable: boolean, lock?: LockRequest): Promise<NodeFile> {
     let file: NodeFile;
     try {
-      file = new NodeFile(path, await open(path, writable ? 'r+' : 'r'));
+      file = new NodeFile(path, await fsp.open(path, writable ? 'r+' : 'r'));
     } catch (err) {
       throw ioError(err, path, 'cannot open');
     }
@@ -195,7 +196,7 @@ export class NodeFile implements BlockFile {
   static async create(path: string, exclusive: boolean, lock?: LockRequest): Promise<NodeFile> {
     let file: NodeFile;
     try {
-      file = new NodeFile(path, await open(path, constants.O_RDWR | constants.O_CREAT | (exclusive ? constants.O_EXCL : 0)));
+      file = new NodeFile(path, await fsp.open(path, constants.O_RDWR | constants.O_CREAT | (exclusive ? constants.O_EXCL : 0)));
     } catch (err) {
       const e = err as NodeJS.ErrnoException;
       if (e.code === 'EEXIST') throw new IoError('file exists (use --force to replace it)', { path }, 'EEXIST');

@@ -5,12 +5,15 @@
 // shrink and is stored plain; -1: all zeros, a zero cluster). Clusters are shared out as
 // ./chunk-workers.ts describes, so the result never depends on the workers.
 
-import { availableParallelism } from 'node:os';
+import { createRequire } from 'node:module';
 import { InternalError } from '../errors.ts';
 import { isZero } from '../format/bytes.ts';
 import { DEFLATE_LEVEL, DEFLATE_MEM_LEVEL, DEFLATE_WINDOW_BITS, compressCluster } from '../format/deflate.ts';
 import type { ClusterWrite } from './write-policy.ts';
 import { CLUSTER_LOOP_SOURCE, MIN_WORKER_BYTES, SharedClusterWork, WorkerPool, controlLayout } from './chunk-workers.ts';
+
+/** os.availableParallelism(): node:os is loaded when a compressor is made, not with this module (every start of `info` loads it). */
+const cpus = (): number => (createRequire(import.meta.url)('node:os') as typeof import('node:os')).availableParallelism();
 
 /** `lengths[i]` of an all-zero cluster. */
 export const ZERO_CLUSTER = -1;
@@ -113,7 +116,7 @@ const MAX_WORKERS = 8;
 
 /** Worker threads compressing whole chunks in turn, one per core (the main thread helps in complete()). */
 export class ChunkCompressor {
-  private readonly pool = new WorkerPool('qdedup-compress', WORKER_SOURCE, Math.min(MAX_WORKERS, Math.max(1, availableParallelism())));
+  private readonly pool = new WorkerPool('qdedup-compress', WORKER_SOURCE, Math.min(MAX_WORKERS, Math.max(1, cpus())));
 
   constructor(readonly clusterSize: number) {}
 

@@ -9,7 +9,7 @@
 // hostile L2 entry or a wrong refcount can never make us overwrite a table (I4, docs/DESIGN.md).
 
 import { dirname, isAbsolute, resolve } from 'node:path';
-import { realpath } from 'node:fs/promises';
+import { promises as fsp } from 'node:fs'; // fs/promises loaded on first use (start-up: `info`)
 import { CorruptImageError, IoError, QdedupError, UnsupportedError, hex, printable } from '../errors.ts';
 import {
   CLUSTER_BITS_OFFSET,
@@ -148,10 +148,10 @@ export class Image extends ImageCommit implements GuestReader {
     const shown = printable(name);
     if (/^[a-z][a-z0-9+.-]*:/i.test(name) && !isAbsolute(name)) throw new UnsupportedError(`backing file '${shown}': protocols are not supported`, where);
     const backingPath = isAbsolute(name) ? name : resolve(dirname(this.path), name);
-    const self = await realpath(this.path).catch(() => resolve(this.path));
+    const self = await fsp.realpath(this.path).catch(() => resolve(this.path));
     const visited = [...chain, self];
     if (visited.length > MAX_BACKING_DEPTH) throw new CorruptImageError(`backing chain deeper than ${MAX_BACKING_DEPTH} images`, where);
-    const target = await realpath(backingPath).catch(() => {
+    const target = await fsp.realpath(backingPath).catch(() => {
       throw new IoError(`cannot open backing file '${shown}': No such file or directory`, { path: printable(backingPath) }, 'ENOENT');
     });
     if (visited.includes(target)) throw new CorruptImageError(`backing chain loops back to '${shown}'`, where);

@@ -16,7 +16,7 @@
 import { CorruptImageError, InternalError, hex } from '../errors.ts';
 import { MAX_HOST_OFFSET, MAX_REFTABLE_BYTES } from '../format/header.ts';
 import { decodeReftableEntry, getRefcount, maxRefcount, refblockEntries, setRefcount } from '../format/refcount.ts';
-import { readU64, writeU64 } from '../format/bytes.ts';
+import { isZero, readU64, writeU64 } from '../format/bytes.ts';
 import type { BlockFile } from './block-file.ts';
 
 /** Clean refcount blocks kept in memory before the cache is emptied of them. */
@@ -159,7 +159,13 @@ export class Refcounts {
     const clusterSize = 2 ** layout.clusterBits;
     const raw = await file.read(layout.tableOffset, layout.tableClusters * clusterSize);
     const table: number[] = [];
-    for (let i = 0; i < raw.length / 8; i++) {
+    // Unused entries at the end of the table (most of it: a 64 MiB image with 4 KiB clusters
+    // uses 1 of 8192) pass every check below and are dropped after it: they are found 64 at a
+    // time by a native compare instead of decoded one by one (~4 ms of every `qdedup info`,
+    // docs/PERFORMANCE.md "Start-up").
+    let used = raw.length >> 3;
+    while (used > 0 && isZero(raw.subarray(Math.max(0, used - 64) * 8, used * 8))) used = Math.max(0, used - 64);
+    for (let i = 0; i < used; i++) {
       if (decodeReftableEntry(raw, i).reservedBits) {
         throw new CorruptImageError(`refcount table entry ${i} has reserved bits set`, { offset: layout.tableOffset + i * 8, structure: 'refcount table' });
       }

@@ -423,6 +423,35 @@ describe('qdedup command line', { concurrency: 4 }, () => {
     assert.equal(r.stderr, '');
   });
 
+  it(
+    'a non-blocking stdout pipe that fills up: every byte arrives, in order',
+    { skip: !existsSync('/usr/bin/python3') && 'python3 not installed' },
+    async () => {
+      // Output.out writes descriptor 1 itself; a pipe the parent made non-blocking refuses
+      // (EAGAIN) once full, and the rest must go on through the stream, which waits.
+      const file = await image('1M');
+      assert.equal((await q('write', '-q', '-P', '0xab', file, '0', '1M')).status, 0);
+      const expected = await q('read', '-v', file);
+      const script = [
+        'import os, subprocess, sys, time',
+        'r, w = os.pipe()',
+        'os.set_blocking(w, False)',
+        'p = subprocess.Popen(sys.argv[1:], stdout=w)',
+        'os.close(w)',
+        'time.sleep(0.5)',
+        'out = b""',
+        'while chunk := os.read(r, 65536): out += chunk',
+        'sys.stdout.buffer.write(out)',
+        'sys.exit(p.wait())',
+      ].join('\n');
+      const r = await exec('/usr/bin/python3', ['-c', script, process.execPath, BIN, 'read', '-v', file]);
+      assert.equal(r.status, 0, r.stderr);
+      assert.equal(r.stderr, '');
+      assert.ok(expected.stdout.length > 1 << 20, 'more than a pipe holds');
+      assert.equal(r.stdout, expected.stdout);
+    },
+  );
+
   it('read refuses to dump raw bytes to a terminal', { skip: !existsSync('/usr/bin/script') && 'script(1) not installed' }, async () => {
     const file = await image('1M');
     const r = await exec('script', ['-qec', `'${process.execPath}' '${BIN}' read '${file}'`, '/dev/null']);

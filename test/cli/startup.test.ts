@@ -103,7 +103,7 @@ describe('start-up: what a start loads', () => {
     );
   });
 
-  it('info loads no hashing, compression, terminal or thread code; info -U no koffi either', () => {
+  it('info loads no hashing, compression, terminal, thread or fs/promises code; info -U no koffi either', () => {
     const img = smallImage();
     for (const args of [
       ['info', img],
@@ -111,7 +111,9 @@ describe('start-up: what a start loads', () => {
     ]) {
       const r = loaded(args);
       assert.equal(r.status, 0, args.join(' '));
-      for (const m of ['crypto', 'zlib', 'tty', 'worker_threads', 'assert']) assert.ok(!r.builtins.has(m), `${args.join(' ')} loaded node:${m}`);
+      // fs/promises: its first use loads it (~2.5 ms); info reads through SyncReadFile.
+      for (const m of ['crypto', 'zlib', 'tty', 'worker_threads', 'assert', 'fs/promises', 'os'])
+        assert.ok(!r.builtins.has(m), `${args.join(' ')} loaded node:${m}`);
       if (args.includes('-U'))
         assert.deepEqual(
           r.files.filter((f) => f.includes('koffi')),
@@ -119,6 +121,27 @@ describe('start-up: what a start loads', () => {
           'info -U loaded koffi',
         );
     }
+  });
+
+  it('info makes no stdout stream (its lines are written to the descriptor)', () => {
+    const r = loaded(['info', smallImage()]);
+    assert.equal(r.status, 0);
+    for (const m of ['stream', 'net', 'internal/fs/sync_write_stream']) assert.ok(!r.builtins.has(m), `info loaded node:${m}`);
+  });
+
+  it('help asked for among other options is help (yargs is then given every command)', () => {
+    const img = smallImage();
+    for (const args of [
+      ['info', '-Uh', img],
+      ['info', img, '--help'],
+    ]) {
+      const r = qdedup(args);
+      assert.equal(r.status, 0, `${args.join(' ')}: ${r.stderr}`);
+      assert.ok(r.stdout.startsWith('qdedup info <file>'), r.stdout.slice(0, 80));
+    }
+    const r = qdedup(['info', '-V']);
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(r.stdout, /^\d+\.\d+\.\d+\n$/);
   });
 
   it('every command in the list runs (--help)', () => {

@@ -1,6 +1,14 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { compressedClusterSpan, decodeL1Entry, decodeL2Entry, encodeCompressedL2Entry, encodeL1Entry, encodeL2Entry } from '../../src/format/l1l2.ts';
+import {
+  compressedClusterSpan,
+  decodeL1Entry,
+  decodeL2Entry,
+  encodeCompressedL2Entry,
+  encodeL1Entry,
+  encodeL2Entry,
+  l2Offsets,
+} from '../../src/format/l1l2.ts';
 
 const table = (hex: string) => Buffer.from(hex, 'hex');
 
@@ -49,4 +57,23 @@ test('compressed descriptor past 2^53: the length comes from the exact offset bi
   const e = decodeL2Entry(buf, 0, 9);
   assert.equal(e.compressedOffset, 2 ** 60);
   assert.equal(e.compressedLength, 512 - 5);
+});
+
+test('l2Offsets: the offsets of used entries in order, across runs of unused ones', () => {
+  const l1 = Buffer.alloc(200 * 8);
+  const used = new Map([
+    [0, 0x10000],
+    [63, 0x20000],
+    [64, 0x30000],
+    [130, 0x40000],
+    [199, 0x1_0000_0000],
+  ]);
+  for (const [i, offset] of used) encodeL1Entry(l1, i, offset, i % 2 === 0);
+  assert.deepEqual(l2Offsets(l1, 200), [...used.values()]);
+  assert.deepEqual(l2Offsets(l1, 64), [0x10000, 0x20000], 'only the first `entries`');
+  assert.deepEqual(l2Offsets(Buffer.alloc(4096), 512), []);
+  // The same as decoding every entry.
+  const slow = [];
+  for (let i = 0; i < 200; i++) if (decodeL1Entry(l1, i).l2Offset) slow.push(decodeL1Entry(l1, i).l2Offset);
+  assert.deepEqual(l2Offsets(l1, 200), slow);
 });
