@@ -44,7 +44,7 @@ export interface OpenOptions {
   writable?: boolean;
   /** Internal: backing chain depth and visited files, to bound hostile chains. */
   chain?: string[];
-  /** Test hook: a file implementation to use instead of opening `path`. */
+  /** A file implementation to use instead of opening `path` (info reads through SyncReadFile; tests use in-memory and faulty files). */
   file?: BlockFile;
   /** false: do not open the backing chain (`info`, like qemu-img info; guest reads then see no backing data). */
   backing?: boolean;
