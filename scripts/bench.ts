@@ -302,7 +302,7 @@ function pairRow(
   aim: number,
   count = runs,
   floor?: { name: string; run: () => void },
-): void {
+): { ours: number; floor: number } {
   const a: number[] = [];
   const b: number[] = [];
   const f: number[] = [];
@@ -316,10 +316,13 @@ function pairRow(
   const digits = median(a) < 1 ? 3 : 2;
   console.log(`  ${oursName.padEnd(46)}${median(a).toFixed(digits).padStart(8)} s`);
   if (floor) console.log(`  ${floor.name.padEnd(46)}${median(f).toFixed(digits).padStart(8)} s`);
-  if (!b.length) return;
+  const medians = { ours: median(a), floor: f.length ? median(f) : Number.NaN };
+  if (!b.length) return medians;
   console.log(`  ${theirsName.padEnd(46)}${median(b).toFixed(digits).padStart(8)} s`);
-  const ratio = record(label.split(':')[0], median(a), median(b), aim);
+  const ratio = median(b) / median(a);
+  if (aim > 0) record(label.split(':')[0], median(a), median(b), aim);
   console.log(`  ratio qemu-img / qdedup: ${ratio.toFixed(2)} (above 1: qdedup faster; ${count} alternating runs each)`);
+  return medians;
 }
 
 if (want('read-back')) {
@@ -352,7 +355,7 @@ if (want('info')) {
   rmSync(small, { force: true });
   sh(BIN, ['create', '-q', small, '64M']);
   const n = Math.max(runs, 11);
-  pairRow(
+  const { ours, floor } = pairRow(
     'start-up: info on a small (64 MiB, empty) dedup image',
     'node bin/qdedup info',
     'qemu-img info',
@@ -363,6 +366,8 @@ if (want('info')) {
     // In the same alternation: measured apart, the floor and qdedup saw different loads.
     { name: 'node -e 0 (the floor)', run: () => sh(process.execPath, ['-e', '0']) },
   );
+  // Its aim is a time, not a ratio: qemu-img is C with no start-up to speak of.
+  summary.push({ row: `qdedup info, seconds (node -e 0: ${floor.toFixed(3)} s)`, ratio: ours, aim: 0.15, atMost: true });
 }
 
 if (want('check')) {
