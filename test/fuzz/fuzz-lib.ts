@@ -835,6 +835,28 @@ export function describe(m: Mutant, o: Outcome): string {
 //      a write of indexed contents reads back exactly.
 // dedupHazards() tells, from the mutant's bytes alone, which reported src/ bugs it can hit
 // (fuzz-images.test.ts KNOWN_BUGS).
+//
+// Compressed dedup mutants (makeDedupMutant(…, 'compressed'): their own seed space) start
+// from loadCompressedDedupBases(): dedup images whose unique clusters were written as framed
+// deflate streams (`-c`, or `compression=on`; docs/DESIGN.md "Compressed clusters"), with
+// duplicates linked to them, copies crossing host clusters, whole clusters that did not
+// shrink, released copies and a freed run, and index entries naming copies in journals and
+// incarnations; 4 KiB and 512-byte clusters, 16- and 4-bit refcounts, a foreign writer.
+// mapCopies() finds the copies (frames in the clusters the compressed L2 entries touch) and
+// what names and holds them; mutateCopy() (about two mutations in three) changes one of: a
+// frame header (magic, length, position, a false frame), a stream entry (host offset,
+// length bits, hash: a stale or hostile entry), a whole-cluster entry made to name a copy, a
+// compressed descriptor of a copy (offset, sector count), the deflate bytes (damaged, or
+// another copy's valid stream in their place), the refcount or the holder entry of a cluster
+// of copies; the others are the dedup mutations above. Their writes (every step's) use -c
+// three times in four. The assertions are the dedup mutants', I1 included: a hit on an
+// entry that lies must be refused by the compare (the inflated copy is compared when the
+// entry is unconfirmed or verify is on), never linked. Two allowances, both for damage no
+// writer can see without reading everything: an index lie the deep check saw before the
+// write (a copy that inflates otherwise or not at all) may outlive its cluster, as a
+// whole-cluster lie may; and where the check before the write found a refcount below its
+// references (QCOW2 corruption: QEMU too frees or reuses such a cluster), guest clusters
+// that were not written and read from that cluster are not asserted (counted instead).
 
 export interface DedupBase extends Base {
   clusterSize: number;
@@ -2031,6 +2053,8 @@ export interface DedupOutcome extends Outcome {
   write: string;
   /** Index hits of the write step (links to existing clusters). */
   hits: number;
+  /** Index entries the write step compared with the data and found naming other bytes (no link). */
+  mismatches: number;
   /**
    * I1 violations: after a successful write, written data that does not read back or other
    * guest data that changed. Each with the context that classifies it.
@@ -2273,6 +2297,7 @@ async function dedupSteps(m: DedupMutant, failures: string[], out: DedupOutcome,
       }
     }
     out.hits = dedupOf(wimg)?.counters.hits ?? 0;
+    out.mismatches = dedupOf(wimg)?.counters.mismatches ?? 0;
     await wimg.close();
     wimg = null;
     out.write = 'wrote';
@@ -2414,6 +2439,7 @@ export async function runDedupMutant(m: DedupMutant): Promise<DedupOutcome> {
     trust: 'refused',
     write: 'not run',
     hits: 0,
+    mismatches: 0,
     wrongData: [],
     indexLies: false,
     underCounted: 0,
