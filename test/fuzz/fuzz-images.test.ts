@@ -58,6 +58,8 @@ import {
 } from './fuzz-lib.ts';
 import { checkOpenImage } from '../../src/image/check-image.ts';
 import { openForWrite } from '../../src/dedup/open.ts';
+import { inflateCluster } from '../../src/format/deflate.ts';
+import { compressedReadLength } from '../../src/format/l1l2.ts';
 
 const COUNT = Number(process.env.QDEDUP_FUZZ ?? 2000);
 const FROM = Number(process.env.QDEDUP_FUZZ_FROM ?? 1);
@@ -481,6 +483,46 @@ describe(
         if (b.state === 'trusted') assert.ok(out.hits > 0, `${b.name}: the write found indexed copies`);
         assert.deepEqual(dedupHazards(b.bytes), { trustedOnDisk: b.state === 'trusted', hugeArea: null, overlap: null, holderUnaligned: null }, b.name);
       }
+    });
+
+    // C1 (found by seeds 1410 and 558): a copy whose deflate stream does not end where its
+    // entry's length says (here: the final-block bit of its only block cleared) inflates to the
+    // right cluster from exactly that length, so the hit's compare passed and the guest was
+    // linked; a read inflates the whole sectors the descriptor names and ran on into the bytes
+    // after the stream. The compare (and check --deep) now inflate what a read inflates.
+    it('regression C1: a hit on a copy whose stream runs on past its length is refused (the compare inflates what a read does)', async () => {
+      const base = compressedBases[0];
+      const cs = base.clusterSize;
+      const copies = mapDedup(base.bytes).copies!;
+      const bytes = Buffer.from(base.bytes);
+      const pick = copies.streamEntries
+        .map((e) => ({ hash: bytes.subarray(e.off, e.off + 32).toString('hex'), offset: Number(bytes.readBigUInt64BE(e.off + 32)) }))
+        .map((e) => ({ ...e, stream: copies.streams.find((s) => s.offset === e.offset) }))
+        .find(({ hash, stream }) => {
+          if (!stream || !base.contents.has(hash) || compressedReadLength(stream.offset, stream.length) === stream.length) return false;
+          const b = Buffer.from(bytes.subarray(stream.offset, stream.offset + compressedReadLength(stream.offset, stream.length)));
+          b[0] &= ~1; // BFINAL of the first block
+          const inflates = (n: number) => {
+            try {
+              return inflateCluster(b.subarray(0, n), cs).equals(base.contents.get(hash)!);
+            } catch {
+              return false;
+            }
+          };
+          return (b[0] & 6) !== 0 && inflates(stream.length) && !inflates(b.length);
+        });
+      assert.ok(pick?.stream, 'a copy of one block, not ending on a sector boundary');
+      bytes[pick.stream.offset] &= ~1;
+      const m = {
+        ...makeDedupMutant(0, [base], compressedLayouts, 'compressed'),
+        bytes,
+        steps: [`final-block bit of the copy at 0x${pick.stream.offset.toString(16)} cleared`],
+        targets: [pick.hash],
+        compress: true,
+      };
+      const out = await runDedupMutant(m);
+      assert.deepEqual([out.failures, out.wrongData], [[], []], describeDedup(m, out));
+      assert.ok(out.mismatches >= 1, `the write compared the copy and refused it: ${describeDedup(m, out)}`);
     });
 
     for (const r of COMPRESSED_REGRESSIONS) {
