@@ -1807,17 +1807,22 @@ function mutateCopy(x: CopyMutation): string | null {
       return `copy-entry hash of ${from.where} copied into ${e.where} (a copy)${crcNote(e)}`;
     }
     case 6: {
-      // A whole-cluster entry names a copy (its hash kept): an entry that lies about a stream.
-      const pool = rng.chance(0.5) && c.wholeEntries.length ? c.wholeEntries : c.streamEntries;
+      // A whole-cluster entry names a copy (its hash kept): an entry that lies about a stream;
+      // or a deletion (of a released copy's hash, in the bases) revived as an entry naming one.
+      const deletions = d.entries.filter((e) => e.journal && bytes[e.off - 3] & 1);
+      const r = rng.int(3);
+      const pool = r === 0 && c.wholeEntries.length ? c.wholeEntries : r === 1 && deletions.length ? deletions : c.streamEntries;
       if (!pool.length) return null;
       const e = rng.pick(pool);
+      const revived = pool === deletions;
+      if (revived) bytes[e.off - 3] &= ~1;
       const guest = (u64(bytes, e.off + 40) / BigInt(cs)) * BigInt(cs);
       bytes.writeBigUInt64BE(BigInt(other.offset), e.off + 32);
       bytes.writeBigUInt64BE(guest + BigInt(other.length), e.off + 40);
       fix(e.crc, 0.9);
       targets.add(base.bytes.subarray(e.off, e.off + 32).toString('hex'));
       target(other.offset);
-      return `copy-entry ${e.where} names the copy at ${hex(other.offset)} (length ${other.length})${crcNote(e)}`;
+      return `copy-entry ${e.where}${revived ? ' (a deletion, revived)' : ''} names the copy at ${hex(other.offset)} (length ${other.length})${crcNote(e)}`;
     }
     case 7: {
       // A guest's compressed descriptor: another copy, its frame header, a byte off, or a new offset / sector count.
