@@ -100,6 +100,7 @@ const FIGURES: { name: string; re: RegExp }[] = [
   { name: 'mutants through the CLI', re: /fuzzed images through the CLI: (\d+) mutants.*/ },
   { name: 'mutants in process', re: /fuzzed images: (\d+) in .*/ },
   { name: 'dedup mutants in process', re: /fuzzed dedup images: (\d+) in .*/ },
+  { name: 'compressed dedup mutants in process', re: /fuzzed compressed dedup images: (\d+) in .*/ },
   { name: 'mixed-turn sequences', re: /mixed turns: (\d+) sequences.*/ },
   { name: 'crash states', re: /crash states verified: (\d+).*/ },
   { name: 'I/O error cases', re: /I\/O error cases verified: (\d+).*/ },

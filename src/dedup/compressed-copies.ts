@@ -14,6 +14,7 @@
 //   compared (inflated) when verifying or when its entry is not confirmed this session (I1).
 
 import { compressCluster, inflateCluster } from '../format/deflate.ts';
+import { compressedReadLength } from '../format/l1l2.ts';
 import { framedStreamsTouching } from '../format/stream-header.ts';
 import { ZERO_CLUSTER, compressedClusterOf, type CompressedChunk } from '../image/chunk-compressor.ts';
 import { countStreamReferences, writeStreamRun } from '../image/compressed-write.ts';
@@ -80,9 +81,13 @@ export class CompressedCopies {
     });
   }
 
-  /** True when the stream inflates to exactly `data` (a synchronous read, as Dedup.sameBytes). */
+  /**
+   * True when the stream inflates to exactly `data` (a synchronous read, as Dedup.sameBytes),
+   * read as a guest read of the linked entry will read it: the whole sectors its descriptor
+   * names. A stream whose end is damaged runs on into the bytes after it (I1).
+   */
   sameBytes(offset: number, length: number, data: Buffer): boolean {
-    const inflated = this.inflate(this.writer.file.readSync(offset, length));
+    const inflated = this.inflate(this.writer.file.readSync(offset, compressedReadLength(offset, length)));
     return inflated?.equals(data) ?? false;
   }
 

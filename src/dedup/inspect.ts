@@ -11,6 +11,7 @@ import { AUTOCLEAR_DEDUP } from '../format/dedup-ext.ts';
 import { HASH_ENTRY_BYTES, isStreamEntry, streamLengthOf } from '../format/hash-entry.ts';
 import { STREAM_HEADER_BYTES, framedStreamsTouching } from '../format/stream-header.ts';
 import { inflateCluster } from '../format/deflate.ts';
+import { compressedReadLength } from '../format/l1l2.ts';
 import { BUCKET_SLOTS, SLOT_USED, candidateBuckets, decodeIncarnationSlot, tagOf } from '../format/incarnation.ts';
 import type { CheckExtension, ExtensionReport } from '../image/check-image.ts';
 import type { Image } from '../image/image.ts';
@@ -185,7 +186,8 @@ async function streamProblem(e: LiveEntry, x: EntryContext): Promise<string | nu
   const length = streamLengthOf(e.guestField, cs);
   if (length === 0 || e.hostOffset < STREAM_HEADER_BYTES) return 'host offset is not a multiple of the cluster size, and the entry gives no compressed length';
   if (e.hostOffset + length > fileSize) return 'compressed copy is past the end of the file';
-  const framed = await image.file.read(e.hostOffset - STREAM_HEADER_BYTES, STREAM_HEADER_BYTES + length);
+  // With the rest of its last sector: a guest read of a descriptor naming the copy inflates that.
+  const framed = await image.file.read(e.hostOffset - STREAM_HEADER_BYTES, STREAM_HEADER_BYTES + compressedReadLength(e.hostOffset, length));
   const base = e.hostOffset - STREAM_HEADER_BYTES;
   const found = framedStreamsTouching(framed.subarray(0, STREAM_HEADER_BYTES), base, cs, Math.floor(e.hostOffset / cs));
   if (found.length !== 1 || found[0].offset !== e.hostOffset || found[0].length !== length) return 'compressed copy has no frame header of its length';

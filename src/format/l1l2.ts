@@ -125,6 +125,14 @@ export function encodeCompressedL2Entry(table: Buffer, index: number, clusterBit
   table.writeBigUInt64BE((1n << 62n) | (sectors << x) | BigInt(byteOffset), index * 8);
 }
 
+/**
+ * The bytes a compressed L2 entry for a stream of `byteLength` bytes at `byteOffset` names
+ * (whole sectors, from the stream's first byte): what a read of that entry inflates.
+ */
+export function compressedReadLength(byteOffset: number, byteLength: number): number {
+  return Math.ceil(((byteOffset % 512) + byteLength) / 512) * 512 - (byteOffset % 512);
+}
+
 /** Host clusters touched by a compressed stream, as [first, last] cluster indexes. */
 export function compressedClusterSpan(e: L2Entry, clusterBits: number): [number, number] {
   const first = Math.floor(e.compressedOffset / 2 ** clusterBits);
