@@ -404,23 +404,29 @@ describe('malformed-image fuzzing (in process)', { skip: skipKind('plain') }, ()
   });
 });
 
+/**
+ * A base unmutated (mutant `m`'s writes, no mutation steps): it checks clean or with leaks,
+ * is trusted as its state says, takes a write (with -c when `compress`) that reads back (I1)
+ * and finds indexed copies when trusted, and shows none of the hazards.
+ */
+async function assertBaseWrites(m: DedupMutant, b: DedupBase, compress: boolean): Promise<void> {
+  const plain = { ...m, bytes: Buffer.from(b.bytes), steps: [], targets: [...b.contents.keys()].slice(0, 4), ...(compress ? { compress: true } : {}) };
+  const out = await runDedupMutant(plain);
+  assert.deepEqual([out.failures, out.wrongData], [[], []], describeDedup(plain, out));
+  assert.equal(out.trust, b.state === 'trusted' ? 'trusted' : 'untrusted', b.name);
+  assert.match(out.verdict, /\/(clean|leaks)$/, b.name);
+  assert.equal(out.write, 'wrote', b.name);
+  if (b.state === 'trusted') assert.ok(out.hits > 0, `${b.name}: the write found indexed copies`);
+  assert.deepEqual(dedupHazards(b.bytes), { trustedOnDisk: b.state === 'trusted', hugeArea: null, overlap: null, holderUnaligned: null }, b.name);
+}
+
 describe('malformed dedup images (in process): dedup extension, configuration area, journals, incarnations, holder', { skip: skipKind('dedup') }, () => {
   before(async () => {
     dedupBases ??= await loadDedupBases();
   });
 
   it('every dedup base checks clean or with leaks, and a write on it reads back (I1)', async () => {
-    for (const b of dedupBases) {
-      const m = makeDedupMutant(0, [b], dedupLayouts);
-      const plain = { ...m, bytes: Buffer.from(b.bytes), steps: [], targets: [...b.contents.keys()].slice(0, 4) };
-      const out = await runDedupMutant(plain);
-      assert.deepEqual([out.failures, out.wrongData], [[], []], describeDedup(plain, out));
-      assert.equal(out.trust, b.state === 'trusted' ? 'trusted' : 'untrusted', b.name);
-      assert.match(out.verdict, /\/(clean|leaks)$/, b.name);
-      assert.equal(out.write, 'wrote', b.name);
-      if (b.state === 'trusted') assert.ok(out.hits > 0, `${b.name}: the write found indexed copies`);
-      assert.deepEqual(dedupHazards(b.bytes), { trustedOnDisk: b.state === 'trusted', hugeArea: null, overlap: null, holderUnaligned: null }, b.name);
-    }
+    for (const b of dedupBases) await assertBaseWrites(makeDedupMutant(0, [b], dedupLayouts), b, false);
   });
 
   // Found by a soak of this fuzzer: a holder L1 entry moved onto a data cluster makes an
@@ -473,15 +479,7 @@ describe(
             copies.streams.some((s) => Math.floor(s.offset / b.clusterSize) !== Math.floor((s.offset + s.length - 1) / b.clusterSize)),
             `${b.name}: a copy crosses a host cluster boundary`,
           );
-        const m = makeDedupMutant(0, [b], compressedLayouts, 'compressed');
-        const plain = { ...m, bytes: Buffer.from(b.bytes), steps: [], targets: [...b.contents.keys()].slice(0, 4), compress: true };
-        const out = await runDedupMutant(plain);
-        assert.deepEqual([out.failures, out.wrongData], [[], []], describeDedup(plain, out));
-        assert.equal(out.trust, b.state === 'trusted' ? 'trusted' : 'untrusted', b.name);
-        assert.match(out.verdict, /\/(clean|leaks)$/, b.name);
-        assert.equal(out.write, 'wrote', b.name);
-        if (b.state === 'trusted') assert.ok(out.hits > 0, `${b.name}: the write found indexed copies`);
-        assert.deepEqual(dedupHazards(b.bytes), { trustedOnDisk: b.state === 'trusted', hugeArea: null, overlap: null, holderUnaligned: null }, b.name);
+        await assertBaseWrites(makeDedupMutant(0, [b], compressedLayouts, 'compressed'), b, true);
       }
     });
 
