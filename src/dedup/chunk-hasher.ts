@@ -6,7 +6,7 @@
 // too and not hashed.
 //
 // The clusters are shared out through an atomic counter (../image/chunk-workers.ts, which
-// the compression workers share): the worker takes them one by one
+// the compression workers share): the worker takes them in runs of CLUSTERS_PER_TAKE
 // from the start, and when the main thread needs the digest (complete()) before the worker
 // is done, it takes the rest itself instead of waiting. So a worker starved of CPU (two
 // cores, the kernel's writeback and the thread pool's copies) never leaves the main thread
