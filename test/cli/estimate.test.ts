@@ -5,7 +5,8 @@
 // equivalent's figures; the estimate equals what `create` + `write -i` then stores (the
 // refcount cap included); sampling; bad input; the JSON shape. Compression: the ratio of the
 // distinct clusters deflated as QEMU stores compressed clusters, checked against node:zlib
-// over the same clusters, whole and sampled by hash.
+// over the same clusters, whole and sampled by hash, and against what `convert -c` then
+// stores.
 
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
@@ -460,6 +461,22 @@ describe('estimate: compression', () => {
     }
     // At 4 KiB: the 20 noise blocks are stored plain, the text and half-text ones compressed.
     assert.equal(sizes[1]['compression-sample']['plain-clusters'], 20);
+  });
+
+  it('predicts what convert -c stores: the streams and plain clusters the file then holds', () => {
+    const s = estimateJson(path('mixed.raw')).sizes[0];
+    const img = path('mixed-c.qcow2');
+    const r = qdedup(['convert', '-q', '-c', '-f', 'raw', path('mixed.raw'), img]);
+    assert.equal(r.status, 0, r.stderr);
+    const stats = JSON.parse(qdedup(['dedup-stats', '--output', 'json', img]).stdout);
+    const c = s['compression-sample'];
+    const streams = s['allocated-clusters'] - c['plain-clusters'];
+    assert.equal(stats.compressed.copies, streams, 'one compressed copy per distinct compressible cluster');
+    // The file's data clusters hold exactly the predicted bytes, plus an 8-byte frame per copy
+    // and the unused tail of the run's last cluster (one chunk: one run of copies).
+    const stored = stats['data-clusters'] * BLOCK;
+    const predicted = s['compressed-allocated-bytes'] + 8 * streams;
+    assert.ok(stored >= predicted && stored < predicted + BLOCK, `${stored} bytes stored, ${predicted} predicted (with frames)`);
   });
 
   it('incompressible data: every cluster stored plain, ratio 1', () => {
