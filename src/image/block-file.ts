@@ -161,6 +161,26 @@ class ReadvState {
   }
 }
 
+/**
+ * BlockFile.readSync on descriptor `fd` (of file `path`): `length` bytes at `pos`, zeros past
+ * EOF and for a position that is not a safe integer (see NodeFile.read()); throws IoError.
+ */
+export function readSyncAt(fd: number, path: string, pos: number, length: number): Buffer {
+  const buf = Buffer.alloc(length);
+  if (!Number.isSafeInteger(pos + length)) return buf;
+  let done = 0;
+  try {
+    while (done < length) {
+      const n = readSync(fd, buf, done, length - done, pos + done);
+      if (n === 0) break; // EOF: the rest stays zero
+      done += n;
+    }
+  } catch (err) {
+    throw ioError(err, path, `read of ${length} bytes at ${pos} failed`);
+  }
+  return buf;
+}
+
 export class NodeFile implements BlockFile {
   readonly path: string;
   private readonly fh: FileHandle;
@@ -256,19 +276,7 @@ export class NodeFile implements BlockFile {
   }
 
   readSync(pos: number, length: number): Buffer {
-    const buf = Buffer.alloc(length);
-    if (!Number.isSafeInteger(pos + length)) return buf; // see read()
-    let done = 0;
-    try {
-      while (done < length) {
-        const n = readSync(this.fh.fd, buf, done, length - done, pos + done);
-        if (n === 0) break;
-        done += n;
-      }
-    } catch (err) {
-      throw ioError(err, this.path, `read of ${length} bytes at ${pos} failed`);
-    }
-    return buf;
+    return readSyncAt(this.fh.fd, this.path, pos, length);
   }
 
   async write(pos: number, data: Buffer): Promise<void> {

@@ -6,9 +6,9 @@
 // past the end of the file are zeros, as in NodeFile; errors are the same IoErrors. Any
 // write is a bug.
 
-import { closeSync, fstatSync, openSync, readSync } from 'node:fs';
+import { closeSync, fstatSync, openSync } from 'node:fs';
 import { InternalError } from '../errors.ts';
-import { ioError, type BlockFile } from './block-file.ts';
+import { ioError, readSyncAt, type BlockFile } from './block-file.ts';
 import { takeImageLock, type HeldLock, type LockRequest } from './image-lock.ts';
 
 export class SyncReadFile implements BlockFile {
@@ -50,20 +50,7 @@ export class SyncReadFile implements BlockFile {
   }
 
   readSync(pos: number, length: number): Buffer {
-    const buf = Buffer.alloc(length);
-    // A position that is not a safe integer lies past EOF: zeros (see NodeFile.read()).
-    if (!Number.isSafeInteger(pos + length)) return buf;
-    let done = 0;
-    try {
-      while (done < length) {
-        const n = readSync(this.fd, buf, done, length - done, pos + done);
-        if (n === 0) break; // EOF: the rest stays zero
-        done += n;
-      }
-    } catch (err) {
-      throw ioError(err, this.path, `read of ${length} bytes at ${pos} failed`);
-    }
-    return buf;
+    return readSyncAt(this.fd, this.path, pos, length);
   }
 
   async size(): Promise<number> {
