@@ -28,23 +28,32 @@ export const MIN_WORKER_BYTES = 1024 * 1024;
 export const CLUSTERS_PER_TAKE = 16;
 
 /**
- * Worker side, for the eval'd script: `takeClusters(m, work)` calls `work(i)` for every
- * cluster index it takes from the job `m` (fields n, out, doneOffset, ctrlOffset),
- * CLUSTERS_PER_TAKE at a time, and publishes each run as done.
+ * Takes runs of `step` cluster indexes from the counter `ctrl[0]` until none is left, does
+ * each with `work`, flags it in `done` and counts the run in `ctrl[1]`, waking a thread that
+ * waits there. The main thread runs it in complete(), the workers through its source
+ * (CLUSTER_LOOP_SOURCE), so it uses nothing from outside itself.
  */
-export const CLUSTER_LOOP_SOURCE = `
-function takeClusters(m, work) {
-  const done = new Uint8Array(m.out, m.doneOffset, m.count);
-  const ctrl = new Int32Array(m.out, m.ctrlOffset, 2);
+export function takeRuns(done: Uint8Array, ctrl: Int32Array, count: number, step: number, work: (i: number) => void): void {
   for (;;) {
-    const first = Atomics.add(ctrl, 0, ${CLUSTERS_PER_TAKE});
-    if (first >= m.count) break;
-    const end = Math.min(first + ${CLUSTERS_PER_TAKE}, m.count);
+    const first = Atomics.add(ctrl, 0, step);
+    if (first >= count) return;
+    const end = Math.min(first + step, count);
     for (let i = first; i < end; i++) work(i);
     for (let i = first; i < end; i++) Atomics.store(done, i, 1);
     Atomics.add(ctrl, 1, end - first);
     Atomics.notify(ctrl, 1);
   }
+}
+
+/**
+ * Worker side, for the eval'd script: `takeClusters(m, work)` calls `work(i)` for every
+ * cluster index it takes from the job `m` (fields count, out, doneOffset, ctrlOffset),
+ * CLUSTERS_PER_TAKE at a time (takeRuns).
+ */
+export const CLUSTER_LOOP_SOURCE = `
+const takeRuns = (${takeRuns.toString()});
+function takeClusters(m, work) {
+  takeRuns(new Uint8Array(m.out, m.doneOffset, m.count), new Int32Array(m.out, m.ctrlOffset, 2), m.count, ${CLUSTERS_PER_TAKE}, work);
 }`;
 
 /**
@@ -79,14 +88,7 @@ export class SharedClusterWork {
     if (this.completed) return;
     const { ctrl, done, count } = this;
     const shared = this.out instanceof SharedArrayBuffer;
-    for (;;) {
-      const first = shared ? Atomics.add(ctrl, 0, CLUSTERS_PER_TAKE) : (ctrl[0] += CLUSTERS_PER_TAKE) - CLUSTERS_PER_TAKE;
-      if (first >= count) break;
-      const end = Math.min(first + CLUSTERS_PER_TAKE, count);
-      for (let i = first; i < end; i++) work(i);
-      for (let i = first; i < end; i++) Atomics.store(done, i, 1);
-      Atomics.add(ctrl, 1, end - first);
-    }
+    takeRuns(done, ctrl, count, CLUSTERS_PER_TAKE, work); // Atomics work on memory that is not shared too
     let seen = Atomics.load(ctrl, 1);
     let since = performance.now();
     while (seen < count) {
