@@ -16,6 +16,7 @@ import {
   parseHashAlgorithm,
 } from '../../src/dedup/hasher.ts';
 import { ChunkHasher } from '../../src/dedup/chunk-hasher.ts';
+import { controlLayout } from '../../src/image/chunk-workers.ts';
 import { InternalError, UnsupportedError, UsageError } from '../../src/errors.ts';
 
 const hex = (b: Uint8Array) => Buffer.from(b).toString('hex');
@@ -238,6 +239,26 @@ test('ChunkHasher: complete() at once shares the chunk between the worker and th
         1,
       );
     }
+  } finally {
+    await h.close();
+  }
+});
+
+test('ChunkHasher: the worker script runs and hashes a whole chunk by itself, before complete()', async () => {
+  // Results never depend on the worker (the main thread does what it leaves), so only this
+  // test tells a worker whose script fails from one that works.
+  const count = 1024; // 4 MiB: a chunk the worker is given
+  const data = sharedCopy(crypto.randomBytes(count * 4096));
+  const h = new ChunkHasher('sha256', 4096);
+  try {
+    const d = h.begin(data, 0, count);
+    const ctrl = new Int32Array(d.out, controlLayout(count * (HASH_BYTES + 1), count).ctrl, 2); // the digest's counters
+    for (const t0 = Date.now(); Atomics.load(ctrl, 1) < count && Date.now() - t0 < 20_000; ) await new Promise((r) => setTimeout(r, 5));
+    assert.equal(Atomics.load(ctrl, 1), count, 'clusters the worker hashed');
+    const want = createHasher('sha256');
+    for (const i of [0, 511, 1023])
+      assert.deepEqual(d.hashes.subarray(i * 32, i * 32 + 32), want.hash(data.subarray(i * 4096, (i + 1) * 4096)), `cluster ${i}`);
+    d.complete();
   } finally {
     await h.close();
   }

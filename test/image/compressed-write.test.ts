@@ -10,6 +10,9 @@ import { randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { packStreams } from '../../src/image/compressed-packing.ts';
+import { ChunkCompressor } from '../../src/image/chunk-compressor.ts';
+import { controlLayout } from '../../src/image/chunk-workers.ts';
+import { inflateCluster } from '../../src/format/deflate.ts';
 import { STREAM_HEADER_BYTES, encodeStreamHeader, framedStreamsTouching } from '../../src/format/stream-header.ts';
 import { createImage } from '../../src/image/create.ts';
 import { Image } from '../../src/image/image.ts';
@@ -193,5 +196,31 @@ test('1-bit refcounts and a v2 image: every cluster within its refcount width, c
     assert.equal(check.status, 0, `${name}: ${check.stderr}`);
     assert.ok(Number(check.json!['compressed-clusters']) > 0, name);
     assert.ok(qemuCompareRaw(path, raw), name);
+  }
+});
+
+test("ChunkCompressor: the workers' script runs and compresses a whole chunk by itself, before complete()", async () => {
+  // Results never depend on the workers (complete() does what they leave), so only this test
+  // tells workers whose script fails from ones that work.
+  const cs = 4096;
+  const count = 256; // 1 MiB: a chunk the workers are given
+  const data = Buffer.from(new SharedArrayBuffer(count * cs));
+  for (let i = 0; i < count; i++) data.write(`cluster ${i} `.repeat(400), i * cs, cs, 'latin1');
+  const c = new ChunkCompressor(cs);
+  try {
+    const p = c.begin(data, 0, count);
+    const ctrl = new Int32Array(p.out, controlLayout(count * cs + count * 4, count).ctrl, 2); // the result's counters
+    for (const t0 = Date.now(); Atomics.load(ctrl, 1) < count && Date.now() - t0 < 20_000; ) await new Promise((r) => setTimeout(r, 5));
+    assert.equal(Atomics.load(ctrl, 1), count, 'clusters the workers compressed');
+    for (const i of [0, 100, 255]) {
+      assert.ok(p.lengths[i] > 0 && p.lengths[i] < cs, `cluster ${i} compressed`);
+      assert.ok(
+        inflateCluster(p.streams.subarray(i * cs, i * cs + p.lengths[i]), cs).equals(data.subarray(i * cs, (i + 1) * cs)),
+        `cluster ${i} inflates back`,
+      );
+    }
+    p.complete();
+  } finally {
+    await c.close();
   }
 });
