@@ -5,7 +5,16 @@
 
 import { CorruptImageError, InternalError, hex } from '../errors.ts';
 import { MAX_HOST_OFFSET, MAX_L1_BYTES, clusterSizeOf, l2EntriesOf, type Header } from '../format/header.ts';
-import { compressedClusterSpan, decodeL1Entry, decodeL2Entry, encodeL1Entry, encodeCompressedL2Entry, encodeL2Entry, type L2Entry } from '../format/l1l2.ts';
+import {
+  compressedClusterSpan,
+  decodeL1Entry,
+  decodeL2Entry,
+  l2Offsets,
+  encodeL1Entry,
+  encodeCompressedL2Entry,
+  encodeL2Entry,
+  type L2Entry,
+} from '../format/l1l2.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';
 import type { BlockFile } from './block-file.ts';
 import type { GuestReader } from './guest-reader.ts';
@@ -101,10 +110,7 @@ export abstract class ImageTables {
     this.markMetadata(0, this.clusterSize, 'header');
     this.markMetadata(h.refcountTableOffset, h.refcountTableClusters * this.clusterSize, 'refcount table');
     if (h.l1Size) this.markMetadata(h.l1TableOffset, h.l1Size * 8, 'active L1 table');
-    for (let i = 0; i < h.l1Size; i++) {
-      const e = decodeL1Entry(this.l1, i);
-      if (e.l2Offset) this.markMetadata(e.l2Offset, this.clusterSize, 'L2 table');
-    }
+    for (const l2Offset of l2Offsets(this.l1, h.l1Size)) this.markMetadata(l2Offset, this.clusterSize, 'L2 table');
     if (h.nbSnapshots) {
       this.markMetadata(h.snapshotsOffset, 1, 'snapshot table');
       for (const s of this.snapshots) if (s.l1Size) this.markMetadata(s.l1TableOffset, s.l1Size * 8, 'snapshot L1 table');

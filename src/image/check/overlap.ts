@@ -4,7 +4,7 @@
 
 import { AUTOCLEAR_BITMAPS, EXT_BITMAPS } from '../../format/header.ts';
 import { BITMAPS_EXT_BYTES, decodeBitmapsExtension } from '../../format/bitmaps.ts';
-import { decodeL1Entry } from '../../format/l1l2.ts';
+import { l2Offsets } from '../../format/l1l2.ts';
 import type { CheckRun } from './run.ts';
 
 /**
@@ -51,11 +51,7 @@ export function metadataOverlap(run: CheckRun, hostOffset: number, byteLength: n
 /** The offsets of the active L2 tables and of the refcount blocks, sorted. */
 function indexMetadata(run: CheckRun): { l2Tables: Float64Array; refcountBlocks: Float64Array } {
   const l1 = run.target.l1;
-  const l2: number[] = [];
-  for (let i = 0; i < run.header.l1Size; i++) {
-    const { l2Offset } = decodeL1Entry(l1, i);
-    if (l2Offset) l2.push(l2Offset);
-  }
+  const l2 = l2Offsets(l1, run.header.l1Size);
   const blocks: number[] = [];
   for (let i = 0; i < run.stored.entries; i++) {
     const { offset } = run.stored.blockOffset(i);
