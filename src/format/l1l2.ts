@@ -118,10 +118,15 @@ export function encodeL2Entry(table: Buffer, index: number, hostOffset: number, 
   table.writeUInt32BE(((hostOffset >>> 0) | (zero ? QCOW_OFLAG_ZERO : 0)) >>> 0, index * 8 + 4);
 }
 
+/** The 512-byte sectors a stream of `byteLength` bytes at host byte `byteOffset` touches: what its compressed L2 entry names. */
+function streamSectors(byteOffset: number, byteLength: number): number {
+  return Math.ceil(((byteOffset % 512) + byteLength) / 512);
+}
+
 /** Writes a compressed L2 entry: the stream of `byteLength` bytes at host byte `byteOffset` (its sector count as QEMU computes it). */
 export function encodeCompressedL2Entry(table: Buffer, index: number, clusterBits: number, byteOffset: number, byteLength: number): void {
   const x = BigInt(70 - clusterBits);
-  const sectors = BigInt(Math.ceil(((byteOffset % 512) + byteLength) / 512) - 1);
+  const sectors = BigInt(streamSectors(byteOffset, byteLength) - 1);
   table.writeBigUInt64BE((1n << 62n) | (sectors << x) | BigInt(byteOffset), index * 8);
 }
 
@@ -130,7 +135,7 @@ export function encodeCompressedL2Entry(table: Buffer, index: number, clusterBit
  * (whole sectors, from the stream's first byte): what a read of that entry inflates.
  */
 export function compressedReadLength(byteOffset: number, byteLength: number): number {
-  return Math.ceil(((byteOffset % 512) + byteLength) / 512) * 512 - (byteOffset % 512);
+  return streamSectors(byteOffset, byteLength) * 512 - (byteOffset % 512);
 }
 
 /** Host clusters touched by a compressed stream, as [first, last] cluster indexes. */
