@@ -31,6 +31,8 @@ export interface Input {
    * of the input. Throws IoError naming the input. One call at a time.
    */
   fill(buf: Buffer, want: number): Promise<number>;
+  /** The same from byte `pos`, for a regular file read from its start; calls may overlap. */
+  fillAt?(buf: Buffer, pos: number, want: number): Promise<number>;
   /** Releases the input; a fill() in progress is abandoned (it never resolves). */
   close(): Promise<void>;
 }
@@ -79,26 +81,36 @@ export async function openInput(path: string): Promise<Input> {
 class FileInput implements Input {
   private pos = 0;
   private closed = false;
+  readonly fillAt?: (buf: Buffer, pos: number, want: number) => Promise<number>;
+
   constructor(
     readonly path: string,
     readonly label: string,
     private readonly fd: number,
     readonly size: number,
     private readonly sequential: boolean,
-  ) {}
+  ) {
+    if (!sequential) this.fillAt = (buf, pos, want) => this.read(buf, pos, want);
+  }
 
   async fill(buf: Buffer, want: number): Promise<number> {
+    const got = await this.read(buf, this.sequential ? null : this.pos, want);
+    this.pos += got;
+    return got;
+  }
+
+  /** Up to `want` bytes into `buf` from `pos` (null: the descriptor's position), fewer only at the end. */
+  private async read(buf: Buffer, pos: number | null, want: number): Promise<number> {
     let got = 0;
     while (got < want) {
       let n: number;
       try {
-        n = await promised<number>((cb) => readFd(this.fd, buf, got, want - got, this.sequential ? null : this.pos, cb));
+        n = await promised<number>((cb) => readFd(this.fd, buf, got, want - got, pos === null ? null : pos + got, cb));
       } catch (err) {
         throw ioError(err, this.path, 'cannot read input');
       }
       if (n === 0) break;
       got += n;
-      this.pos += n;
     }
     return got;
   }

@@ -41,27 +41,30 @@ export async function openSources(paths: string[], format: string | undefined, l
   }
 }
 
-/** The guest bytes of `sources` back to back, as a ChunkSource. */
+/** The guest bytes of `sources` back to back, as a ChunkSource (positional: chunks are read at once). */
 export function guestSource(sources: GuestReader[]): ChunkSource {
-  let index = 0;
-  let pos = 0; // in sources[index]
-  return {
-    async fill(buf, want) {
-      let got = 0;
-      while (got < want && index < sources.length) {
-        const src = sources[index];
-        const n = Math.min(want - got, src.size - pos);
-        if (n > 0) {
-          if (src.readGuestInto) await src.readGuestInto(buf, got, pos, n);
-          else (await src.readGuest(pos, n)).copy(buf, got);
-          got += n;
-          pos += n;
-        }
-        if (pos >= src.size) {
-          index++;
-          pos = 0;
-        }
+  const fillAt = async (buf: Buffer, at: number, want: number): Promise<number> => {
+    let got = 0;
+    let start = 0; // of sources[i] in the sequence
+    for (const src of sources) {
+      const pos = at + got - start;
+      const n = Math.min(want - got, src.size - pos);
+      if (pos >= 0 && n > 0) {
+        if (src.readGuestInto) await src.readGuestInto(buf, got, pos, n);
+        else (await src.readGuest(pos, n)).copy(buf, got);
+        got += n;
       }
+      if (got === want) break;
+      start += src.size;
+    }
+    return got;
+  };
+  let next = 0;
+  return {
+    fillAt,
+    async fill(buf, want) {
+      const got = await fillAt(buf, next, want);
+      next += got;
       return got;
     },
   };

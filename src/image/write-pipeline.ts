@@ -11,42 +11,55 @@ import type { PreparedChunk } from './write-policy.ts';
 /** Bytes of input per chunk. */
 export const CHUNK_BYTES = 8 * 1024 * 1024;
 /** Chunks read and prepared ahead of the one being written (the worker hashes that far ahead). */
-const AHEAD = 2;
+const AHEAD = 4;
 /** Buffers of the ring: the chunk being written, AHEAD being read and prepared, one whose writes behind may still run. */
 const RING_BUFFERS = AHEAD + 2;
 
 /** Where chunks come from: fills `buf[0…want)` as far as the input goes; returns the bytes read (fewer only at its end). */
 export interface ChunkSource {
   fill(buf: Buffer, want: number): Promise<number>;
+  /**
+   * The same from byte `pos` of the input (a file, not a stream): calls may overlap, so
+   * several chunks are read at once without waiting on one another.
+   */
+  fillAt?(buf: Buffer, pos: number, want: number): Promise<number>;
 }
 
 /**
  * Successive chunks of a source (CHUNK_BYTES; tests make them small), in a ring of
  * RING_BUFFERS shared-memory buffers used in turn: a chunk stays valid until RING_BUFFERS − 1
- * more have been asked for. Reads at most `limit` bytes in all.
+ * more have been asked for. Reads at most `limit` bytes in all. Chunk k is read from byte
+ * k × chunkBytes: a source with fillAt() reads the chunks asked for at once, another one
+ * after the other.
  */
 export class ChunkReader {
   private readonly buffers: Buffer[] = [];
+  /** Bytes of a whole chunk: a shorter one is the input's last. */
+  readonly chunkBytes: number;
   private index = 0;
-  private pos = 0;
+  /** The fill before, which a source without fillAt() must finish first. */
+  private last: Promise<unknown> = Promise.resolve();
 
   constructor(
     private readonly source: ChunkSource,
     private readonly limit: number,
     chunkBytes = CHUNK_BYTES,
   ) {
-    const size = Math.max(1, Math.min(limit, chunkBytes));
-    for (let i = 0; i < RING_BUFFERS; i++) this.buffers.push(Buffer.from(new SharedArrayBuffer(size)));
+    this.chunkBytes = Math.max(1, Math.min(limit, chunkBytes));
+    for (let i = 0; i < RING_BUFFERS; i++) this.buffers.push(Buffer.from(new SharedArrayBuffer(this.chunkBytes)));
   }
 
   /** The next chunk; empty at the end of the input or of the limit. */
   async next(): Promise<Buffer> {
-    const buf = this.buffers[this.index++ % RING_BUFFERS];
-    const want = Math.min(buf.length, this.limit - this.pos);
+    const k = this.index++;
+    const buf = this.buffers[k % RING_BUFFERS];
+    const pos = k * this.chunkBytes;
+    const want = Math.min(buf.length, this.limit - pos);
     if (want <= 0) return buf.subarray(0, 0);
-    const got = await this.source.fill(buf, want);
-    this.pos += got;
-    return buf.subarray(0, got);
+    const source = this.source;
+    const got = source.fillAt ? source.fillAt(buf, pos, want) : this.last.then(() => source.fill(buf, want));
+    this.last = got.catch(() => {});
+    return buf.subarray(0, await got);
   }
 }
 
@@ -81,17 +94,24 @@ export async function writeChunks(image: Image, guestOffset: number, reader: Chu
   };
   // Per chunk written: resolves when its writes behind have ended, so its buffer may be refilled.
   const settled: Promise<void>[] = [];
-  // Chunks read (one after another: the source is a stream) and prepared ahead, in order.
+  // Chunks read and prepared ahead, in order. Each read starts as soon as its buffer is free
+  // and the read before it has started (a file's reads then run at once, in the thread pool,
+  // whatever the main thread is doing); each is prepared after the one before it.
   const queue: Promise<Ready>[] = [];
   let tail: Promise<Ready> = Promise.resolve(ready(first, guestOffset));
+  let asked: Promise<unknown> = Promise.resolve(); // the read before was asked of the reader
   let requested = 0; // chunks asked of the reader after `first`
   let stop = false;
   const readAhead = () => {
     const k = ++requested; // chunk k goes into the buffer chunk k − RING_BUFFERS had
-    tail = tail.then(async (prev) => {
-      if (stop || prev.chunk.length === 0) return { chunk: prev.chunk.subarray(0, 0), at: prev.at, prepared: null };
-      await settled[k - RING_BUFFERS];
-      return ready(await reader.next(), prev.at + prev.chunk.length);
+    const turn = Promise.all([asked, settled[k - RING_BUFFERS]]);
+    const read = turn.then(() => (stop ? null : reader.next()));
+    read.catch(() => {});
+    asked = turn;
+    tail = Promise.all([tail, read]).then(([prev, chunk]) => {
+      // After a short chunk (the input's end) nothing more is written.
+      if (!chunk || prev.chunk.length < reader.chunkBytes) return { chunk: prev.chunk.subarray(0, 0), at: prev.at, prepared: null };
+      return ready(chunk, prev.at + prev.chunk.length);
     });
     tail.catch(() => {});
     queue.push(tail);
@@ -127,12 +147,14 @@ function whenAborted(signal: AbortSignal): Promise<undefined> {
   return new Promise((resolve) => signal.addEventListener('abort', () => resolve(undefined), { once: true }));
 }
 
-/** A ChunkSource over bytes in memory. */
+/** A ChunkSource over bytes in memory (positional, as a file is). */
 export function bufferSource(data: Buffer): ChunkSource {
   let pos = 0;
+  const fillAt = async (buf: Buffer, at: number, want: number) => data.copy(buf, 0, at, at + want);
   return {
+    fillAt,
     fill: async (buf, want) => {
-      const n = data.copy(buf, 0, pos, pos + want);
+      const n = await fillAt(buf, pos, want);
       pos += n;
       return n;
     },
