@@ -22,6 +22,7 @@ import { sha3_256 as nobleSha3 } from '@noble/hashes/sha3.js';
 import { blake3 as nobleBlake3 } from '@noble/hashes/blake3.js';
 import { clustersInto, createHasher, type SupportedHashAlgorithm } from '../src/dedup/hasher.ts';
 import { ChunkHasher } from '../src/dedup/chunk-hasher.ts';
+import { nativeSha256 } from '../src/dedup/native-sha256.ts';
 
 const { values } = parseArgs({
   options: {
@@ -78,11 +79,14 @@ function worker(alg: SupportedHashAlgorithm): ChunkHasher {
   return h;
 }
 
+const native = nativeSha256();
+const nativeOut = Buffer.alloc(32);
 const batchLabel = `${values['batch-mib']} MiB batches`;
 const rows: Row[] = [
   perCluster('sha256    node:crypto crypto.hash()', (b) => crypto.hash('sha256', b, 'buffer')),
   perCluster('sha256    node:crypto createHash()', (b) => crypto.createHash('sha256').update(b).digest()),
   perCluster('sha256    @noble/hashes', (b) => nobleSha256(b)),
+  ...(native ? [perCluster('sha256    OpenSSL SHA256() via koffi (native-sha256.ts)', (b) => native(b, 0, b.length, nativeOut, 0))] : []),
   perCluster('sha3-256  node:crypto crypto.hash()', (b) => crypto.hash('sha3-256', b, 'buffer')),
   perCluster('sha3-256  node:crypto createHash()', (b) => crypto.createHash('sha3-256').update(b).digest()),
   perCluster('sha3-256  @noble/hashes', (b) => nobleSha3(b)),

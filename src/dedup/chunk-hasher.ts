@@ -16,6 +16,7 @@
 import { InternalError } from '../errors.ts';
 import { isZero } from '../format/bytes.ts';
 import { makeBlake3 } from './blake3.ts';
+import { makeNativeSha256, nativeSha256Path } from './native-sha256.ts';
 import { HASH_BYTES } from '../format/hash-entry.ts';
 import { CLUSTER_LOOP_SOURCE, MIN_WORKER_BYTES, SharedClusterWork, WorkerPool, controlLayout } from '../image/chunk-workers.ts';
 import { LITTLE_ENDIAN, clustersInto, type ClustersInto, type SupportedHashAlgorithm } from './hasher.ts';
@@ -36,11 +37,14 @@ function resultLayout(count: number): { zero: number; done: number; ctrl: number
 // The worker runs this as a CommonJS script (eval), so it needs no file of its own and
 // works the same from the TypeScript sources and from the esbuild bundle. `__name` is a
 // no-op shim for the helper some transpilers (tsx's esbuild with keepNames) insert.
-const WORKER_SOURCE = `'use strict';
+// `nativePath`: koffi's file, for OpenSSL's SHA256() (./native-sha256.ts); null: crypto.hash.
+function workerSource(nativePath: string | null): string {
+  return `'use strict';
 const { parentPort } = require('node:worker_threads');
 const crypto = require('node:crypto');
 const __name = (f) => f;
 const blake3Into = (${makeBlake3.toString()})();
+const sha256Into = ${nativePath ? `(${makeNativeSha256.toString()})(require, ${JSON.stringify(nativePath)})` : 'null'};
 let zeros = Buffer.alloc(0);
 ${CLUSTER_LOOP_SOURCE}
 parentPort.on('message', (m) => {
@@ -50,11 +54,13 @@ parentPort.on('message', (m) => {
     const out = new Uint8Array(m.out);
     if (zeros.length < cs) zeros = Buffer.alloc(cs);
     const zero = zeros.subarray(0, cs);
+    const native = m.algorithm === 'sha256' ? sha256Into : null;
     takeClusters(m, (i) => {
       const at = i * cs;
       const cluster = data.subarray(at, at + cs);
       if (cluster.equals(zero)) out[n * 32 + i] = 1;
       else if (m.algorithm === 'blake3') blake3Into(data, at, cs, out, i * 32);
+      else if (native) native(data, at, cs, out, i * 32);
       else out.set(crypto.hash(m.algorithm, cluster, 'buffer'), i * 32);
     });
     parentPort.postMessage({ id: m.id });
@@ -62,6 +68,7 @@ parentPort.on('message', (m) => {
     parentPort.postMessage({ id: m.id, error: String((e && e.stack) || e) });
   }
 });`;
+}
 
 /**
  * A chunk being hashed: by the worker, and by the main thread in complete(). Its fields are
@@ -105,7 +112,7 @@ export class PendingDigest implements ChunkDigest {
  * decided); the worker takes them in order, and the main thread finishes each one it needs.
  */
 export class ChunkHasher {
-  private readonly pool = new WorkerPool('qdedup-hash', WORKER_SOURCE, 1);
+  private readonly pool: WorkerPool;
   private readonly into: ClustersInto;
   /** The BLAKE3 of the worker is makeBlake3, little-endian only: elsewhere the main thread hashes. */
   private readonly mainOnly: boolean;
@@ -118,6 +125,7 @@ export class ChunkHasher {
   ) {
     this.into = clustersInto(algorithm);
     this.mainOnly = algorithm === 'blake3' && !LITTLE_ENDIAN;
+    this.pool = new WorkerPool('qdedup-hash', workerSource(algorithm === 'sha256' ? nativeSha256Path() : null), 1);
   }
 
   /**

@@ -3,6 +3,7 @@
 // file, ./discard.ts) — through the koffi FFI, which ships prebuilt
 // binaries (no compiler at `npm ci`). koffi and libc are loaded on first use and only once;
 // where that fails (not Linux, koffi missing) libc() returns null and callers go without.
+// koffiModule() serves src/dedup/native-sha256.ts too.
 
 import { closeSync, openSync, readSync } from 'node:fs';
 import { createRequire } from 'node:module';
@@ -18,15 +19,17 @@ export interface Libc {
   errno(): number;
 }
 
-/** The part of koffi's API used here. */
-interface Koffi {
-  load(name: string): { func(proto: string): (...args: unknown[]) => number | bigint };
+/** The part of koffi's API used here and in src/dedup/native-sha256.ts. */
+export interface Koffi {
+  load(name: string | null): { func(proto: string): (...args: unknown[]) => number | bigint };
   errno(): number;
+  address(pointer: unknown): bigint;
 }
 
 /**
- * koffi. Its package entry (koffi/index.cjs) spends ~12 ms at every load before it loads its
- * prebuilt binary (~2.5 ms): it reads node's ELF header to tell glibc from musl, resolves its
+ * koffi and the file it was loaded from (worker threads load it again from there). Its
+ * package entry (koffi/index.cjs) spends ~12 ms at every load before it loads its prebuilt
+ * binary (~2.5 ms): it reads node's ELF header to tell glibc from musl, resolves its
  * per-platform package, whose own entry reads the ELF header again, and wraps deprecated
  * functions. Every command that takes QEMU's image locks (`info` included) pays that, so on
  * glibc Linux the binary is required straight from that per-platform package
@@ -34,16 +37,36 @@ interface Koffi {
  * version). Anything else — musl, another layout, a binary that does not load — goes
  * through koffi's entry as before.
  */
-function loadKoffi(require: NodeJS.Require): Koffi {
+function loadKoffi(require: NodeJS.Require): { koffi: Koffi; path: string } {
   if (/^ld-linux/.test(nodeInterpreter().replace(/^.*\//, ''))) {
     try {
-      const native = require(`@koromix/koffi-linux-${process.arch}/linux_${process.arch}/koffi.node`) as Partial<Koffi> | null;
-      if (typeof native?.load === 'function' && typeof native.errno === 'function') return native as Koffi;
+      const path = require.resolve(`@koromix/koffi-linux-${process.arch}/linux_${process.arch}/koffi.node`);
+      const native = require(path) as Partial<Koffi> | null;
+      if (typeof native?.load === 'function' && typeof native.errno === 'function' && typeof native.address === 'function')
+        return { koffi: native as Koffi, path };
     } catch {
       // not there or does not load: koffi's entry finds its binary
     }
   }
-  return require('koffi') as Koffi;
+  const path = require.resolve('koffi');
+  return { koffi: require(path) as Koffi, path };
+}
+
+let koffiLoaded: { koffi: Koffi; path: string } | null | undefined;
+
+/** koffi and the file it was loaded from, loaded on first use; null where it cannot be (not Linux, not installed). */
+export function koffiModule(): { koffi: Koffi; path: string } | null {
+  if (koffiLoaded !== undefined) return koffiLoaded;
+  koffiLoaded = null;
+  if (process.platform !== 'linux') return null;
+  try {
+    // createRequire: koffi is a native CommonJS package, kept out of the esbuild bundle
+    // (scripts/build.mjs marks it external) and resolved from node_modules at run time.
+    koffiLoaded = loadKoffi(createRequire(import.meta.url));
+  } catch {
+    // not installed, or its binary does not load here
+  }
+  return koffiLoaded;
 }
 
 /**
@@ -86,12 +109,10 @@ let loaded: Libc | null | undefined;
 export function libc(): Libc | null {
   if (loaded !== undefined) return loaded;
   loaded = null;
-  if (process.platform !== 'linux') return null;
+  const k = koffiModule();
+  if (!k) return null;
   try {
-    // createRequire: koffi is a native CommonJS package, kept out of the esbuild bundle
-    // (scripts/build.mjs marks it external) and resolved from node_modules at run time.
-    const koffi = loadKoffi(createRequire(import.meta.url));
-    const lib = koffi.load('libc.so.6');
+    const lib = k.koffi.load('libc.so.6');
     const fcntl = lib.func('int fcntl(int fd, int cmd, ...)');
     const lseek = lib.func('int64_t lseek(int fd, int64_t offset, int whence)');
     const fallocate = lib.func('int fallocate(int fd, int mode, int64_t offset, int64_t len)');
@@ -99,7 +120,7 @@ export function libc(): Libc | null {
       fcntl: (fd, cmd, arg) => Number(fcntl(fd, cmd, 'void *', arg)),
       lseek: (fd, offset, whence) => Number(lseek(fd, offset, whence)),
       fallocate: (fd, mode, offset, length) => Number(fallocate(fd, mode, offset, length)),
-      errno: () => koffi.errno(),
+      errno: () => k.koffi.errno(),
     };
   } catch {
     return null;
