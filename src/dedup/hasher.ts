@@ -5,8 +5,8 @@
 // call per cluster, median of 3 quiet runs, MB/s = 10^6 B/s.
 // The VM is noisy: the same row varies by ±15 % from one run to the next.
 //
-//   sha256    OpenSSL's SHA256() through koffi (./native-sha256.ts) 856 MB/s (2026-12-06)
-//             where it loads, else node:crypto crypto.hash('sha256', b, 'buffer'): 732 the
+//   sha256    OpenSSL's SHA256_* through koffi (./native-sha256.ts)   947 MB/s (2026-12-06)
+//             where it loads, else node:crypto crypto.hash('sha256', b, 'buffer'): 740 the
 //             same day, 1006 on a faster one (createHash 856, @noble/hashes sha256 104)
 //   sha3-256  node:crypto crypto.hash('sha3-256', b, 'buffer')   331 MB/s
 //             (createHash 328, @noble/hashes sha3_256 23)

@@ -6,6 +6,9 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import { createRequire } from 'node:module';
+import v8 from 'node:v8';
+import { runInNewContext } from 'node:vm';
+import { koffiModule } from '../../src/image/libc.ts';
 import { makeNativeSha256, nativeSha256 } from '../../src/dedup/native-sha256.ts';
 import { clustersInto } from '../../src/dedup/hasher.ts';
 
@@ -43,6 +46,25 @@ test("native SHA-256: crypto.hash's digests for every kind of buffer and offset"
   bufs.forEach((b, i) => into(b, 0, b.length, out, i * 32));
   bufs.forEach((b, i) => assert.deepEqual(out.subarray(i * 32, i * 32 + 32), expected(b), `buffer ${i}`));
 });
+
+test(
+  'native SHA-256: right after garbage collections (what it holds by address stays alive)',
+  { skip: nativeSha256() ? false : 'no native SHA-256 here' },
+  () => {
+    v8.setFlagsFromString('--expose-gc');
+    const gc = runInNewContext('gc') as () => void;
+    const into = makeNativeSha256(createRequire(import.meta.url), koffiModule()!.path)!; // a hasher whose own memory is young
+    for (let round = 0; round < 20; round++) {
+      gc();
+      const junk = Array.from({ length: 2000 }, (_, i) => new Uint8Array(200 + (i % 300))); // memory malloc hands out again
+      const data = crypto.randomBytes(4096);
+      const out = new Uint8Array(32);
+      into(data, 0, data.length, out, 0);
+      assert.deepEqual(Buffer.from(out), expected(data), `round ${round}`);
+      assert.equal(junk.length, 2000);
+    }
+  },
+);
 
 test('native SHA-256: a range outside its buffer is refused before anything is read', { skip: nativeSha256() ? false : 'no native SHA-256 here' }, () => {
   const into = nativeSha256()!;
