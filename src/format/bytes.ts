@@ -28,8 +28,14 @@ export function divCeil(n: number, d: number): number {
 
 let zeros = Buffer.alloc(0);
 
-/** True when every byte is zero (memcmp against a shared zero buffer). */
+/**
+ * True when every byte is zero (memcmp against a shared zero buffer). Data that is not zero
+ * mostly has a byte other than zero at one end: those two bytes are looked at first, so such
+ * data costs no slice and no call into memcmp.
+ */
 export function isZero(b: Uint8Array): boolean {
-  if (zeros.length < b.length) zeros = Buffer.alloc(b.length);
+  const n = b.length;
+  if (n > 0 && (b[0] !== 0 || b[n - 1] !== 0)) return false;
+  if (zeros.length < n) zeros = Buffer.alloc(n);
   return zeros.subarray(0, b.length).equals(b);
 }

@@ -88,7 +88,12 @@ export class SharedClusterWork {
     if (this.completed) return;
     const { ctrl, done, count } = this;
     const shared = this.out instanceof SharedArrayBuffer;
-    takeRuns(done, ctrl, count, CLUSTERS_PER_TAKE, work); // Atomics work on memory that is not shared too
+    let mine = 0;
+    takeRuns(done, ctrl, count, CLUSTERS_PER_TAKE, (i) => {
+      mine++;
+      work(i);
+    });
+    (globalThis as any).T?.push(`main-hashed ${mine} ${performance.now().toFixed(1)}`); // work on memory that is not shared too
     let seen = Atomics.load(ctrl, 1);
     let since = performance.now();
     while (seen < count) {

@@ -197,6 +197,8 @@ function sharedCopy(data: Buffer, at = 0): Buffer {
 test("ChunkHasher: the worker gives the main thread's digests and finds zero clusters, in shared memory or not", async () => {
   const data = crypto.randomBytes(64 * 4096 + 100);
   data.fill(0, 100 + 5 * 4096, 100 + 7 * 4096); // clusters 5 and 6 (from byte 100) are zero
+  data[100 + 9 * 4096] = 0; // cluster 9 starts and ends with a zero byte but is not zero
+  data[100 + 10 * 4096 - 1] = 0;
   for (const alg of SUPPORTED_HASH_ALGORITHMS) {
     const want = createHasher(alg);
     const h = new ChunkHasher(alg, 4096);
