@@ -44,7 +44,10 @@ const { parentPort } = require('node:worker_threads');
 const crypto = require('node:crypto');
 const __name = (f) => f;
 const blake3Into = (${makeBlake3.toString()})();
-const sha256Into = ${nativePath ? `(${makeNativeSha256.toString()})(require, ${JSON.stringify(nativePath)})` : 'null'};
+// Made at the first sha256 job, not at start: a job keeps the worker alive, so the process
+// never ends this thread while koffi loads.
+const makeSha256 = ${nativePath ? `() => (${makeNativeSha256.toString()})(require, ${JSON.stringify(nativePath)})` : '() => null'};
+let sha256Into;
 let zeros = Buffer.alloc(0);
 ${CLUSTER_LOOP_SOURCE}
 parentPort.on('message', (m) => {
@@ -54,6 +57,7 @@ parentPort.on('message', (m) => {
     const out = new Uint8Array(m.out);
     if (zeros.length < cs) zeros = Buffer.alloc(cs);
     const zero = zeros.subarray(0, cs);
+    if (m.algorithm === 'sha256' && sha256Into === undefined) sha256Into = makeSha256();
     const native = m.algorithm === 'sha256' ? sha256Into : null;
     takeClusters(m, (i) => {
       const at = i * cs;

@@ -104,7 +104,7 @@ export class LogStore implements SlotArrays {
       const victim = bucket * BUCKET_SLOTS + (this.nextRandom() % BUCKET_SLOTS);
       const saved = {
         slot: victim,
-        hash: this.hashes.slice(victim * 32, victim * 32 + 32),
+        hash: Buffer.from(this.hashes.subarray(victim * 32, victim * 32 + 32)), // a copy, and a Buffer as every other hash looked up (one map for V8)
         host: this.hostOffsets[victim],
         guest: this.guestOffsets[victim],
         state: this.states[victim],

@@ -17,6 +17,16 @@ import { InternalError } from '../errors.ts';
 /** How long complete() waits for a cluster a worker took before doing it too (the work is idempotent). */
 const STALL_MS = 500;
 
+/** How long close() waits for a worker to exit by itself before terminating it. */
+const CLOSE_WAIT_MS = 5000;
+
+/**
+ * The start of every worker script: the message 'close' (WorkerPool.close) ends the worker
+ * from JavaScript, after the jobs before it and never inside a native call. Registered first,
+ * so the job handler never sees it.
+ */
+const WORKER_CLOSE_SOURCE = `require('node:worker_threads').parentPort.on('message', (m) => { if (m === 'close') process.exit(0); });\n`;
+
 /** Chunks smaller than this are done on the main thread: a worker takes 30–50 ms to start. */
 export const MIN_WORKER_BYTES = 1024 * 1024;
 
@@ -88,12 +98,7 @@ export class SharedClusterWork {
     if (this.completed) return;
     const { ctrl, done, count } = this;
     const shared = this.out instanceof SharedArrayBuffer;
-    let mine = 0;
-    takeRuns(done, ctrl, count, CLUSTERS_PER_TAKE, (i) => {
-      mine++;
-      work(i);
-    });
-    (globalThis as any).T?.push(`main-hashed ${mine} ${performance.now().toFixed(1)}`); // work on memory that is not shared too
+    takeRuns(done, ctrl, count, CLUSTERS_PER_TAKE, work); // Atomics work on memory that is not shared too
     let seen = Atomics.load(ctrl, 1);
     let since = performance.now();
     while (seen < count) {
@@ -119,6 +124,8 @@ export class SharedClusterWork {
  */
 export class WorkerPool {
   private workers: Worker[] = [];
+  /** Workers that have exited (close() need not ask them). */
+  private readonly exited = new WeakSet<Worker>();
   private failed = false;
   private nextId = 0;
   private readonly waiting = new Map<number, { left: number; resolve: () => void; reject: (e: Error) => void }>();
@@ -150,12 +157,33 @@ export class WorkerPool {
     return p;
   }
 
-  /** Ends the workers (the process may also just exit: idle workers do not keep it alive). */
+  /**
+   * Ends the workers (the process may also just exit: idle workers do not keep it alive). Each
+   * is asked to exit by itself once its jobs are done ('close', see WORKER_CLOSE_SOURCE), and
+   * terminated only if it has not within CLOSE_WAIT_MS: a worker terminated while it is in a
+   * native call (koffi loading, OpenSSL hashing) can abort the whole process.
+   */
   async close(): Promise<void> {
     const ws = this.workers;
     this.workers = [];
     this.failed = true;
-    await Promise.all(ws.map((w) => w.terminate()));
+    await Promise.all(
+      ws.map(async (w) => {
+        if (this.exited.has(w)) return;
+        const exited = new Promise<void>((resolve) => w.once('exit', () => resolve()));
+        let timer: NodeJS.Timeout | undefined;
+        try {
+          w.postMessage('close');
+        } catch {
+          // already gone
+        }
+        const late = new Promise<'late'>((resolve) => {
+          timer = setTimeout(() => resolve('late'), CLOSE_WAIT_MS);
+        });
+        if ((await Promise.race([exited, late])) === 'late') await w.terminate();
+        clearTimeout(timer);
+      }),
+    );
   }
 
   private start(): boolean {
@@ -163,7 +191,7 @@ export class WorkerPool {
     try {
       const { Worker: WorkerThread } = createRequire(import.meta.url)('node:worker_threads') as typeof import('node:worker_threads');
       for (let k = 0; k < this.size; k++) {
-        const w = new WorkerThread(this.source, { eval: true, name: this.name });
+        const w = new WorkerThread(WORKER_CLOSE_SOURCE + this.source, { eval: true, name: this.name });
         w.unref();
         w.on('message', (m: { id: number; error?: string }) => {
           const p = this.waiting.get(m.id);
@@ -178,7 +206,10 @@ export class WorkerPool {
           if (this.waiting.size === 0) for (const x of this.workers) x.unref(); // idle: they do not keep the process alive
         });
         w.on('error', (e) => this.fail(e));
-        w.on('exit', (code) => this.fail(new InternalError(`${this.name} worker exited (code ${code})`)));
+        w.on('exit', (code) => {
+          this.exited.add(w);
+          this.fail(new InternalError(`${this.name} worker exited (code ${code})`));
+        });
         this.workers.push(w);
       }
       return true;

@@ -33,12 +33,8 @@ export abstract class ImageCommit extends ImageReads {
     this.unsyncedBytes += bytes;
     if (this.unsyncedBytes < WRITEBACK_BYTES || this.writeback) return;
     this.unsyncedBytes = 0;
-    (globalThis as any).T?.push(`wb-start ${performance.now().toFixed(1)}`);
     this.writeback = this.file
       .sync()
-      .then(() => {
-        (globalThis as any).T?.push(`wb-end ${performance.now().toFixed(1)}`);
-      })
       .catch((err) => {
         this.writebackError = err;
       })

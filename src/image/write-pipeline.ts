@@ -84,12 +84,10 @@ export interface PipelineResult {
  * `guestOffset`, until the input ends, the room is full or `signal` aborts. Metadata is
  * committed by the image's flush()/close(), as for any write.
  */
-(globalThis as any).T = process.env.QT ? [] : undefined;
 export async function writeChunks(image: Image, guestOffset: number, reader: ChunkReader, first: Buffer, o: PipelineOptions): Promise<PipelineResult> {
   const aborted = o.signal ? whenAborted(o.signal) : new Promise<never>(() => {});
   type Ready = { chunk: Buffer; at: number; prepared: Promise<PreparedChunk> | null };
   const ready = (chunk: Buffer, at: number): Ready => {
-    (globalThis as any).T?.push(`ready ${at / 8388608} ${performance.now().toFixed(1)}`);
     const prepared = chunk.length ? image.prepare(chunk, at) : null;
     prepared?.catch(() => {}); // a failure surfaces at its await below
     return { chunk, at, prepared };
@@ -107,10 +105,8 @@ export async function writeChunks(image: Image, guestOffset: number, reader: Chu
   const readAhead = () => {
     const k = ++requested; // chunk k goes into the buffer chunk k − RING_BUFFERS had
     const turn = Promise.all([asked, settled[k - RING_BUFFERS]]);
-    const read = turn.then(() => {
-      (globalThis as any).T?.push(`readstart ${k} ${performance.now().toFixed(1)}`);
-      return stop ? null : reader.next();
-    });
+    turn.catch(() => {}); // a failed write behind surfaces at its own await (and through `read`)
+    const read = turn.then(() => (stop ? null : reader.next()));
     read.catch(() => {});
     asked = turn;
     tail = Promise.all([tail, read]).then(([prev, chunk]) => {
@@ -128,11 +124,8 @@ export async function writeChunks(image: Image, guestOffset: number, reader: Chu
     while (current?.chunk.length) {
       const chunk: Buffer = current.chunk;
       const fits = Math.min(chunk.length, o.room - written);
-      (globalThis as any).T?.push(`write ${current.at / 8388608} ${performance.now().toFixed(1)}`);
       if (fits > 0) await image.write(guestOffset + written, fits < chunk.length ? chunk.subarray(0, fits) : chunk, (await current.prepared) ?? undefined);
-      (globalThis as any).T?.push(`wrote ${current.at / 8388608} ${performance.now().toFixed(1)}`);
       const done = image.settled();
-      done.then(() => (globalThis as any).T?.push(`settled ${current!.at / 8388608} ${performance.now().toFixed(1)}`));
       done.catch(() => {}); // a failure surfaces at its await (or at the commit)
       settled.push(done);
       written += fits;
@@ -144,7 +137,6 @@ export async function writeChunks(image: Image, guestOffset: number, reader: Chu
     }
     return { written, overflow: false };
   } finally {
-    if ((globalThis as any).T) process.stderr.write((globalThis as any).T.join('\n') + '\n');
     stop = true; // chunks not yet asked for are not read
     await image.settled();
   }
