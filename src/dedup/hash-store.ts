@@ -26,15 +26,7 @@ import { SlotCache } from './slot-cache.ts';
 
 export interface Incarnation {
   record: IncarnationRecord;
-  tags: Uint16Array;
-  /** `tags` seen as 32-bit words, two tags each: a bucket's 4 tags are words 2b and 2b + 1 (see lookup). */
-  words: Uint32Array;
   confirmed: SlotBits;
-}
-
-/** An incarnation of filter `tags` (a Uint16Array of its own, so that its words line up). */
-function incarnation(record: IncarnationRecord, tags: Uint16Array, confirmed: SlotBits): Incarnation {
-  return { record, tags, words: new Uint32Array(tags.buffer, tags.byteOffset, tags.length >>> 1), confirmed };
 }
 
 /**
@@ -55,6 +47,14 @@ export class HashStore {
   private readonly mask: number;
   /** Youngest first. */
   incarnations: Incarnation[] = [];
+  /**
+   * The filters of all incarnations, bucket by bucket: bucket b of incarnation k (youngest
+   * first) is words 2 (b n + k) and 2 (b n + k) + 1, n = incarnations.length, each word two
+   * tags (slot 4b + 2w + h in bits 16h…16h+15 of word w). A lookup then reads, for each of
+   * its two buckets, one contiguous run of words across every incarnation (see lookup).
+   * Rebuilt at each freeze, with the new incarnation first (tagAt gives any tag back).
+   */
+  private filter: Uint32Array = new Uint32Array(0);
   limbo: LimboRecord[] = [];
   /** Table slots of the incarnations recently read or written. */
   private readonly slots = new SlotCache();
@@ -76,12 +76,39 @@ export class HashStore {
 
   /** Loads the filters of the recorded incarnations (one read each). */
   async load(records: IncarnationRecord[], limbo: LimboRecord[]): Promise<void> {
-    this.incarnations = [];
-    for (const record of records) {
-      const filter = await this.file.read(record.offset, this.layout.slots * 2);
-      this.incarnations.push(incarnation(record, decodeFilter(filter, this.layout.slots), new SlotBits(this.layout.slots)));
-    }
+    const tags: Uint16Array[] = [];
+    for (const record of records) tags.push(decodeFilter(await this.file.read(record.offset, this.layout.slots * 2), this.layout.slots));
+    this.incarnations = records.map((record) => ({ record, confirmed: new SlotBits(this.layout.slots) }));
+    this.filter = this.interleave(tags, 0);
     this.limbo = [...limbo];
+  }
+
+  /** The filter tag of slot `s` of incarnation `k` (0: an empty slot). */
+  tagAt(k: number, s: number): number {
+    const w = this.filter[2 * (Math.floor(s / BUCKET_SLOTS) * this.incarnations.length + k) + ((s >> 1) & 1)];
+    return s & 1 ? w >>> 16 : w & 0xffff;
+  }
+
+  /**
+   * A filter of `fresh` (youngest first) followed by the first `keep` incarnations of the
+   * current filter, in the layout of `filter`.
+   */
+  private interleave(fresh: Uint16Array[], keep: number): Uint32Array {
+    const buckets = this.layout.slots / BUCKET_SLOTS;
+    const n = fresh.length + keep;
+    const old = this.filter;
+    const oldN = old.length / (2 * buckets); // incarnations in `old`
+    const out = new Uint32Array(buckets * n * 2);
+    for (let b = 0; b < buckets; b++) {
+      let at = 2 * b * n;
+      for (const tags of fresh) {
+        const t = b * BUCKET_SLOTS;
+        out[at++] = tags[t] | (tags[t + 1] << 16);
+        out[at++] = tags[t + 2] | (tags[t + 3] << 16);
+      }
+      if (keep) out.set(old.subarray(2 * b * oldN, 2 * b * oldN + 2 * keep), at);
+    }
+    return out;
   }
 
   /** RAM held by the filters and their confirmed bits. */
@@ -116,17 +143,17 @@ export class HashStore {
     // scans every incarnation, so this loop is the cost of a miss). A word XOR the tag in
     // both halves has a zero half where a tag matches; half the work of 8 compares.
     const tag2 = tag * 0x1_0001;
-    const w1 = b1 * 2;
-    const w2 = b2 * 2;
-    for (const inc of this.incarnations) {
-      const words = inc.words;
-      if (!hasZeroHalf(words[w1] ^ tag2) && !hasZeroHalf(words[w1 + 1] ^ tag2) && !hasZeroHalf(words[w2] ^ tag2) && !hasZeroHalf(words[w2 + 1] ^ tag2))
+    const n = this.incarnations.length;
+    const filter = this.filter;
+    for (let k = 0, w1 = 2 * b1 * n, w2 = 2 * b2 * n; k < n; k++, w1 += 2, w2 += 2) {
+      if (!hasZeroHalf(filter[w1] ^ tag2) && !hasZeroHalf(filter[w1 + 1] ^ tag2) && !hasZeroHalf(filter[w2] ^ tag2) && !hasZeroHalf(filter[w2 + 1] ^ tag2))
         continue;
-      const tags = inc.tags;
+      const inc = this.incarnations[k];
       for (let i = 0; i < 2 * BUCKET_SLOTS; i++) {
         if (i === BUCKET_SLOTS && !two) break;
         const s = i < BUCKET_SLOTS ? s1 + i : s2 + i - BUCKET_SLOTS;
-        if (tags[s] !== tag) continue;
+        const word = filter[(i < BUCKET_SLOTS ? w1 : w2) + ((i >> 1) & 1)];
+        if ((i & 1 ? word >>> 16 : word & 0xffff) !== tag) continue;
         this.slotReads++;
         const raw = this.slots.slot(inc.record.offset + this.layout.tableOffset, this.layout.slots, s, this.readSync);
         if (!sameHash(raw, hash)) continue; // a tag collision: decode only the slot that matches
@@ -166,12 +193,15 @@ export class HashStore {
     const offset = reused >= 0 ? this.limbo.splice(reused, 1)[0].offset : await allocate(this.layout.clusters);
     await this.file.write(offset, area);
     this.slots.fill(offset + this.layout.tableOffset, area.subarray(this.layout.tableOffset, this.layout.tableOffset + this.layout.slots * HASH_ENTRY_BYTES));
-    this.incarnations.unshift(incarnation({ offset, entries: count, generation }, decodeFilter(area, this.layout.slots), confirmed));
+    this.incarnations.unshift({ record: { offset, entries: count, generation }, confirmed });
+    let keep = this.incarnations.length - 1; // of the incarnations before this one
     while (this.maxIncarnations > 0 && this.incarnations.length > this.maxIncarnations) {
       const oldest = this.incarnations.pop()!;
+      keep--;
       this.slots.forget(oldest.record.offset + this.layout.tableOffset, this.layout.slots);
       this.limbo.push({ offset: oldest.record.offset, clusters: this.layout.clusters });
     }
+    this.filter = this.interleave([decodeFilter(area, this.layout.slots)], keep);
   }
 
   /** Every area the store owns (incarnations and limbo), for check and dedup-stats. */

@@ -64,13 +64,13 @@ export async function* liveEntries(image: Image, store: DedupStore): AsyncGenera
       let chunk: Buffer | null = null;
       for (let i = 0; i < n; i++) {
         const s = first + i;
-        if (inc.tags[s] === 0) continue;
+        if (hs.tagAt(k, s) === 0) continue;
         chunk ??= await image.file.read(inc.record.offset + tableOffset + first * HASH_ENTRY_BYTES, n * HASH_ENTRY_BYTES);
         const slot = decodeIncarnationSlot(chunk, i * HASH_ENTRY_BYTES);
         if (slot.tombstone) continue;
         const bucket = Math.floor(s / BUCKET_SLOTS);
         const [b1, b2] = candidateBuckets(slot.hash, hs.order);
-        if ((bucket !== b1 && bucket !== b2) || inc.tags[s] !== tagOf(slot.hash)) continue; // never reached by a lookup
+        if ((bucket !== b1 && bucket !== b2) || hs.tagAt(k, s) !== tagOf(slot.hash)) continue; // never reached by a lookup
         if (logs.some((ls) => ls.find(slot.hash) >= 0)) continue;
         if (await shadowedByYounger(image, store, k, slot.hash)) continue;
         yield { hash: slot.hash, hostOffset: slot.hostOffset, guestField: slot.firstGuestOffset, where: `incarnation ${k} slot ${s}` };
@@ -88,7 +88,7 @@ async function shadowedByYounger(image: Image, store: DedupStore, k: number, has
     const inc = hs.incarnations[j];
     for (const b of b1 === b2 ? [b1] : [b1, b2]) {
       for (let s = b * BUCKET_SLOTS; s < (b + 1) * BUCKET_SLOTS; s++) {
-        if (inc.tags[s] !== tag) continue;
+        if (hs.tagAt(j, s) !== tag) continue;
         const slot = decodeIncarnationSlot(await image.file.read(inc.record.offset + hs.layout.tableOffset + s * HASH_ENTRY_BYTES, HASH_ENTRY_BYTES));
         if (slot.hash.equals(hash)) return true;
       }

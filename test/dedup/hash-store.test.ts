@@ -123,3 +123,42 @@ test('slot cache: bounded, filled by freezes and by reads, never stale after an 
   cache.fill(at(9), Buffer.alloc(2 * PIECE, 4));
   assert.equal(cache.ramBytes, 0);
 });
+
+test("the filters kept bucket by bucket give every incarnation's tags as its area on disk has them, through freezes, forgetting and reloading", async () => {
+  const file = new MemFile();
+  const hs = new HashStore(file, ORDER, CLUSTER, 3); // at most 3: older ones are forgotten
+  const next = { offset: 0x10000 };
+  const onDisk = async (k: number) => {
+    const tags = await file.read(hs.incarnations[k].record.offset, 64 * 2);
+    return Array.from({ length: 64 }, (_, s) => tags.readUInt16BE(s * 2));
+  };
+  const check = async (store: HashStore, label: string) => {
+    for (let k = 0; k < store.incarnations.length; k++) {
+      const want = await onDisk(k);
+      assert.ok(
+        want.some((t) => t !== 0),
+        `${label}: incarnation ${k} has tags`,
+      );
+      assert.deepEqual(
+        Array.from({ length: 64 }, (_, s) => store.tagAt(k, s)),
+        want,
+        `${label}: incarnation ${k}`,
+      );
+    }
+  };
+  for (let g = 0; g < 5; g++) {
+    await freezeRange(hs, g * 40, g * 40 + 40, g, next);
+    assert.equal(hs.incarnations.length, Math.min(g + 1, 3));
+    await check(hs, `after freeze ${g}`);
+  }
+  // The three youngest answer, the forgotten ones do not.
+  for (let i = 80; i < 200; i++) assert.equal((await hs.lookup(h(i)))?.entry.hostOffset, 0x100000 + i * CLUSTER, `key ${i}`);
+  for (let i = 0; i < 80; i++) assert.equal(await hs.lookup(h(i)), null, `forgotten key ${i}`);
+  const again = new HashStore(file, ORDER, CLUSTER, 3);
+  await again.load(
+    hs.incarnations.map((i) => i.record),
+    hs.limbo,
+  );
+  await check(again, 'reloaded');
+  for (let i = 80; i < 200; i++) assert.ok(await again.lookup(h(i)), `reloaded key ${i}`);
+});
