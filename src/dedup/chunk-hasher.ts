@@ -37,7 +37,7 @@ function resultLayout(count: number): { zero: number; done: number; ctrl: number
 // The worker runs this as a CommonJS script (eval), so it needs no file of its own and
 // works the same from the TypeScript sources and from the esbuild bundle. `__name` is a
 // no-op shim for the helper some transpilers (tsx's esbuild with keepNames) insert.
-// `nativePath`: koffi's file, for OpenSSL's SHA256() (./native-sha256.ts); null: crypto.hash.
+// `nativePath`: koffi's file, for OpenSSL's SHA256_* (./native-sha256.ts); null: crypto.hash.
 function workerSource(nativePath: string | null): string {
   return `'use strict';
 const { parentPort } = require('node:worker_threads');

@@ -73,6 +73,8 @@ test('native SHA-256: a range outside its buffer is refused before anything is r
   assert.throws(() => into(data, 50, 51, out, 0), RangeError);
   assert.throws(() => into(data, -1, 10, out, 0), RangeError);
   assert.throws(() => into(data, 0, 10, out, 33), RangeError);
+  assert.throws(() => into(data, 10, -5, out, 0), RangeError);
+  assert.throws(() => into(data, Number.NaN, 10, out, 0), RangeError);
 });
 
 test('clustersInto(sha256) gives crypto.hash digests, cluster after cluster', () => {
