@@ -8,7 +8,7 @@
 // and no per-entry object. Bucket choice, tags
 // and slot states are part of the on-disk layout and live in src/format/incarnation.ts.
 
-import { BUCKET_SLOTS, SLOT_EMPTY, SLOT_USED, candidateBuckets, bucketMask, firstBucket, secondBucket, type SlotArrays } from '../format/incarnation.ts';
+import { BUCKET_SLOTS, SLOT_EMPTY, SLOT_USED, bucketMask, firstBucket, secondBucket, type SlotArrays } from '../format/incarnation.ts';
 import { SlotBits } from './slot-bits.ts';
 
 /** Cuckoo displacements tried before an insert reports the table full (the seed's QCOW_LOG_STORE_MAX_KICKS). */
@@ -117,8 +117,8 @@ export class LogStore implements SlotArrays {
       curGuest = saved.guest;
       curState = saved.state;
       curConfirmed = saved.confirmed;
-      const [v1, v2] = candidateBuckets(curHash, this.order);
-      bucket = v1 === bucket ? v2 : v1;
+      const v1 = firstBucket(curHash, this.mask); // not candidateBuckets: its 2 ** order cost a pow per kick
+      bucket = v1 === bucket ? secondBucket(curHash, this.mask, v1) : v1;
       const free = this.freeSlot(bucket);
       if (free >= 0) {
         this.setSlot(free, curHash, curHost, curGuest, curState, curConfirmed);
