@@ -11,7 +11,7 @@ import { isZero } from '../format/bytes.ts';
 import { RawImage, probeFormat, type GuestReader } from './guest-reader.ts';
 import { Image } from './image.ts';
 import { LOCK_CREATE, type LockRequest } from './image-lock.ts';
-import { CHUNK_BYTES, ChunkReader, writeChunks, type ChunkSource } from './write-pipeline.ts';
+import { CHUNK_BYTES, ChunkReader, positionalSource, writeChunks, type ChunkSource } from './write-pipeline.ts';
 
 /** Zero detection step of a raw target: runs of this many zero bytes become holes (qemu-img convert -S 4k). */
 const SPARSE_BYTES = 4096;
@@ -59,15 +59,7 @@ export function guestSource(sources: GuestReader[]): ChunkSource {
     }
     return got;
   };
-  let next = 0;
-  return {
-    fillAt,
-    async fill(buf, want) {
-      const got = await fillAt(buf, next, want);
-      next += got;
-      return got;
-    },
-  };
+  return positionalSource(fillAt);
 }
 
 /** Total guest bytes of `sources`. */

@@ -148,10 +148,9 @@ function whenAborted(signal: AbortSignal): Promise<undefined> {
   return new Promise((resolve) => signal.addEventListener('abort', () => resolve(undefined), { once: true }));
 }
 
-/** A ChunkSource over bytes in memory (positional, as a file is). */
-export function bufferSource(data: Buffer): ChunkSource {
+/** A ChunkSource reading with `fillAt`, whose fill() goes on from where the fill before ended. */
+export function positionalSource(fillAt: (buf: Buffer, pos: number, want: number) => Promise<number>): ChunkSource {
   let pos = 0;
-  const fillAt = async (buf: Buffer, at: number, want: number) => data.copy(buf, 0, at, at + want);
   return {
     fillAt,
     fill: async (buf, want) => {
@@ -160,4 +159,9 @@ export function bufferSource(data: Buffer): ChunkSource {
       return n;
     },
   };
+}
+
+/** A ChunkSource over bytes in memory (positional, as a file is). */
+export function bufferSource(data: Buffer): ChunkSource {
+  return positionalSource(async (buf, at, want) => data.copy(buf, 0, at, at + want));
 }
