@@ -22,8 +22,7 @@
 // same functions, on chunks in shared memory: the main thread meanwhile decides and writes
 // the chunk before. `npm run bench:hash` has its row.
 
-import crypto from 'node:crypto';
-import { endianness } from 'node:os';
+import { createRequire } from 'node:module';
 import { blake3 as nobleBlake3 } from '@noble/hashes/blake3.js';
 import { InternalError } from '../errors.ts';
 import { HASH_BYTES } from '../format/hash-entry.ts';
@@ -43,7 +42,11 @@ export {
   type SupportedHashAlgorithm,
 } from './hash-algorithms.ts';
 
-export const LITTLE_ENDIAN = endianness() === 'LE';
+export const LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+
+let cryptoModule: typeof import('node:crypto') | undefined;
+/** node:crypto, loaded on first use: loading it costs ~9 ms of start-up that `create` and the sha256 of OpenSSL's own functions do not need. */
+const nodeCrypto = () => (cryptoModule ??= createRequire(import.meta.url)('node:crypto') as typeof import('node:crypto'));
 
 function nobleBlake3Into(data: Uint8Array, byteOff: number, len: number, out: Uint8Array, outOff: number): void {
   out.set(nobleBlake3(data.subarray(byteOff, byteOff + len)), outOff);
@@ -65,7 +68,7 @@ export type ClustersInto = (data: Uint8Array, byteOff: number, clusterSize: numb
 function nodeClustersInto(algorithm: string): ClustersInto {
   return (data, byteOff, clusterSize, count, out, outOff) => {
     for (let i = 0, at = byteOff; i < count; i++, at += clusterSize) {
-      out.set(crypto.hash(algorithm, data.subarray(at, at + clusterSize), 'buffer'), outOff + i * HASH_BYTES);
+      out.set(nodeCrypto().hash(algorithm, data.subarray(at, at + clusterSize), 'buffer'), outOff + i * HASH_BYTES);
     }
   };
 }
@@ -99,7 +102,7 @@ export function createHasher(algorithm: HashAlgorithm | number): Hasher {
     algorithm: name,
     id: HASH_ALGORITHMS[name],
     hash: nodeName
-      ? (data) => crypto.hash(nodeName, data, 'buffer')
+      ? (data) => nodeCrypto().hash(nodeName, data, 'buffer')
       : (data) => {
           const out = Buffer.allocUnsafe(HASH_BYTES);
           into(data, 0, data.length, 1, out, 0);

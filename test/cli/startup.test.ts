@@ -123,6 +123,13 @@ describe('start-up: what a start loads', () => {
     }
   });
 
+  it('create loads no node:crypto or node:os (it hashes nothing), nor threads', () => {
+    const dir = tempDir('qdedup-startup-create-');
+    const r = loaded(['create', '-q', join(dir, 'c.qcow2'), '64M']);
+    assert.equal(r.status, 0);
+    for (const m of ['crypto', 'os', 'worker_threads', 'zlib']) assert.ok(!r.builtins.has(m), `create loaded node:${m}`);
+  });
+
   it('info makes no stdout stream (its lines are written to the descriptor)', () => {
     const r = loaded(['info', smallImage()]);
     assert.equal(r.status, 0);
