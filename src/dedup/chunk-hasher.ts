@@ -28,6 +28,36 @@ export interface ChunkDigest {
   readonly zero: Uint8Array;
 }
 
+/**
+ * Digests clusters [first, end) of a chunk whose cluster 0 starts at data[start]: each
+ * all-zero cluster is flagged in `zero` (its hash not computed), and each stretch of the
+ * others is hashed by one call of `into` (the native SHA-256 takes up to eight clusters at
+ * once), hash i at hashes[32 i …]. The main thread and the worker run it (the worker its
+ * source, with its own `isZero`), so it uses nothing from outside itself.
+ */
+export function digestRun(
+  data: Uint8Array,
+  start: number,
+  cs: number,
+  first: number,
+  end: number,
+  isZero: (cluster: Uint8Array) => boolean,
+  into: ClustersInto,
+  hashes: Uint8Array,
+  zero: Uint8Array,
+): void {
+  let from = first; // the first cluster of the stretch not hashed yet
+  for (let i = first; i < end; i++) {
+    const at = start + i * cs;
+    // A byte other than zero at either end: not zero (most clusters), without a slice.
+    if (data[at] !== 0 || data[at + cs - 1] !== 0 || !isZero(data.subarray(at, at + cs))) continue;
+    zero[i] = 1;
+    if (i > from) into(data, start + from * cs, cs, i - from, hashes, from * 32);
+    from = i + 1;
+  }
+  if (end > from) into(data, start + from * cs, cs, end - from, hashes, from * 32);
+}
+
 /** Layout of a chunk's shared result: `count` hashes, `count` zero flags, then the control tail (../image/chunk-workers.ts). */
 function resultLayout(count: number): { zero: number; done: number; ctrl: number; bytes: number } {
   const zero = count * HASH_BYTES;
@@ -49,24 +79,25 @@ const blake3Into = (${makeBlake3.toString()})();
 const makeSha256 = ${nativePath ? `() => (${makeNativeSha256.toString()})(require, ${JSON.stringify(nativePath)})` : '() => null'};
 let sha256Into;
 let zeros = Buffer.alloc(0);
+const isZero = (cluster) => cluster.equals(zeros.subarray(0, cluster.length));
+const oneByOne = (hashOne) => (data, at, cs, count, out, outOff) => {
+  for (let k = 0; k < count; k++) hashOne(data, at + k * cs, cs, out, outOff + k * 32);
+};
+const blake3Clusters = oneByOne(blake3Into);
+const cryptoClusters = (algorithm) =>
+  oneByOne((data, at, cs, out, outOff) => out.set((crypto ??= require('node:crypto')).hash(algorithm, data.subarray(at, at + cs), 'buffer'), outOff));
+const digestRun = (${digestRun.toString()});
 ${CLUSTER_LOOP_SOURCE}
 parentPort.on('message', (m) => {
   try {
     const cs = m.clusterSize, n = m.count;
     const data = Buffer.from(m.data, m.byteOffset, n * cs);
     const out = new Uint8Array(m.out);
+    const zero = new Uint8Array(m.out, n * 32, n);
     if (zeros.length < cs) zeros = Buffer.alloc(cs);
-    const zero = zeros.subarray(0, cs);
     if (m.algorithm === 'sha256' && sha256Into === undefined) sha256Into = makeSha256();
-    const native = m.algorithm === 'sha256' ? sha256Into : null;
-    takeClusters(m, (i) => {
-      const at = i * cs;
-      // A byte other than zero at either end: not zero (most clusters), without a memcmp.
-      if (data[at] === 0 && data[at + cs - 1] === 0 && data.subarray(at, at + cs).equals(zero)) out[n * 32 + i] = 1;
-      else if (m.algorithm === 'blake3') blake3Into(data, at, cs, out, i * 32);
-      else if (native) native(data, at, cs, out, i * 32);
-      else out.set((crypto ??= require('node:crypto')).hash(m.algorithm, data.subarray(at, at + cs), 'buffer'), i * 32);
-    });
+    const into = m.algorithm === 'blake3' ? blake3Clusters : (m.algorithm === 'sha256' && sha256Into) || cryptoClusters(m.algorithm);
+    takeClusters(m, (first, end) => digestRun(data, 0, cs, first, end, isZero, into, out, zero));
     parentPort.postMessage({ id: m.id });
   } catch (e) {
     parentPort.postMessage({ id: m.id, error: String((e && e.stack) || e) });
@@ -99,17 +130,8 @@ export class PendingDigest implements ChunkDigest {
 
   /** Hashes every cluster no one has taken yet, then waits for those the worker is hashing. Synchronous. Returns the finished digest. */
   complete(): ChunkDigest {
-    this.work.complete((i) => this.hash(i));
+    this.work.complete((first, end) => digestRun(this.chunk, this.start, this.clusterSize, first, end, isZero, this.into, this.hashes, this.zero));
     return this;
-  }
-
-  private hash(i: number): void {
-    const cs = this.clusterSize;
-    const at = this.start + i * cs;
-    const c = this.chunk;
-    if (c[at] === 0 && c[at + cs - 1] === 0 && isZero(c.subarray(at, at + cs)))
-      this.zero[i] = 1; // no slice for most clusters (isZero's first test)
-    else this.into(c, at, cs, 1, this.hashes, i * HASH_BYTES);
   }
 }
 

@@ -5,8 +5,10 @@
 // call per cluster, median of 3 quiet runs, MB/s = 10^6 B/s.
 // The VM is noisy: the same row varies by ±15 % from one run to the next.
 //
-//   sha256    OpenSSL's SHA256_* through koffi (./native-sha256.ts)   947 MB/s (2026-12-06)
-//             where it loads, else node:crypto crypto.hash('sha256', b, 'buffer'): 740 the
+//   sha256    OpenSSL through koffi (./native-sha256.ts): clusters of a batch eight at a time
+//             through its multi-buffer sha256_multi_block 1573 MB/s; one at a time
+//             (SHA256_Init/_Update/_Final) 934 (2026-12-06)
+//             where it loads, else node:crypto crypto.hash('sha256', b, 'buffer'): 723 the
 //             same day, 1006 on a faster one (createHash 856, @noble/hashes sha256 104)
 //   sha3-256  node:crypto crypto.hash('sha3-256', b, 'buffer')   331 MB/s
 //             (createHash 328, @noble/hashes sha3_256 23)
@@ -27,7 +29,7 @@ import { blake3 as nobleBlake3 } from '@noble/hashes/blake3.js';
 import { InternalError } from '../errors.ts';
 import { HASH_BYTES } from '../format/hash-entry.ts';
 import { makeBlake3, type Blake3Into } from './blake3.ts';
-import { nativeSha256, type Sha256Into } from './native-sha256.ts';
+import { nativeSha256 } from './native-sha256.ts';
 import { HASH_ALGORITHMS, supportedHashAlgorithm, type HashAlgorithm, type SupportedHashAlgorithm } from './hash-algorithms.ts';
 
 export {
@@ -73,8 +75,8 @@ function nodeClustersInto(algorithm: string): ClustersInto {
   };
 }
 
-/** Clusters one after another through a function hashing one range into place (BLAKE3, native SHA-256). */
-function fixedClustersInto(into: Blake3Into | Sha256Into): ClustersInto {
+/** Clusters one after another through a function hashing one range into place (BLAKE3). */
+function fixedClustersInto(into: Blake3Into): ClustersInto {
   return (data, byteOff, clusterSize, count, out, outOff) => {
     for (let i = 0, at = byteOff; i < count; i++, at += clusterSize) into(data, at, clusterSize, out, outOff + i * HASH_BYTES);
   };
@@ -82,10 +84,8 @@ function fixedClustersInto(into: Blake3Into | Sha256Into): ClustersInto {
 
 export function clustersInto(algorithm: SupportedHashAlgorithm): ClustersInto {
   switch (algorithm) {
-    case 'sha256': {
-      const native = nativeSha256();
-      return native ? fixedClustersInto(native) : nodeClustersInto('sha256');
-    }
+    case 'sha256':
+      return nativeSha256() ?? nodeClustersInto('sha256');
     case 'sha3-256':
       return nodeClustersInto('sha3-256');
     case 'blake3':

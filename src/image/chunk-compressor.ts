@@ -41,13 +41,21 @@ parentPort.on('message', (m) => {
     const lengths = new Int32Array(m.out, m.lengthsOffset, m.count);
     if (zeros.length < cs) zeros = Buffer.alloc(cs);
     const zero = zeros.subarray(0, cs);
-    takeClusters(m, (i) => {
-      const cluster = data.subarray(i * cs, (i + 1) * cs);
-      if (cluster.equals(zero)) return void Atomics.store(lengths, i, ${ZERO_CLUSTER});
-      const z = zlib.deflateRawSync(cluster, options);
-      if (z.length >= cs) return void Atomics.store(lengths, i, ${INCOMPRESSIBLE});
-      z.copy(out, i * cs);
-      Atomics.store(lengths, i, z.length);
+    takeClusters(m, (first, end) => {
+      for (let i = first; i < end; i++) {
+        const cluster = data.subarray(i * cs, (i + 1) * cs);
+        if (cluster.equals(zero)) {
+          Atomics.store(lengths, i, ${ZERO_CLUSTER});
+          continue;
+        }
+        const z = zlib.deflateRawSync(cluster, options);
+        if (z.length >= cs) {
+          Atomics.store(lengths, i, ${INCOMPRESSIBLE});
+          continue;
+        }
+        z.copy(out, i * cs);
+        Atomics.store(lengths, i, z.length);
+      }
     });
     parentPort.postMessage({ id: m.id });
   } catch (e) {
@@ -96,7 +104,9 @@ export class PendingCompression implements CompressedChunk {
 
   /** Compresses every cluster the workers have not taken, waits for those they are on; synchronous. */
   complete(): CompressedChunk {
-    this.work.complete((i) => this.compress(i));
+    this.work.complete((first, end) => {
+      for (let i = first; i < end; i++) this.compress(i);
+    });
     return this;
   }
 

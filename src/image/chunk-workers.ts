@@ -39,16 +39,16 @@ export const CLUSTERS_PER_TAKE = 16;
 
 /**
  * Takes runs of `step` cluster indexes from the counter `ctrl[0]` until none is left, does
- * each with `work`, flags it in `done` and counts the run in `ctrl[1]`, waking a thread that
- * waits there. The main thread runs it in complete(), the workers through its source
- * (CLUSTER_LOOP_SOURCE), so it uses nothing from outside itself.
+ * each run [first, end) with `work`, flags it in `done` and counts it in `ctrl[1]`, waking a
+ * thread that waits there. The main thread runs it in complete(), the workers through its
+ * source (CLUSTER_LOOP_SOURCE), so it uses nothing from outside itself.
  */
-export function takeRuns(done: Uint8Array, ctrl: Int32Array, count: number, step: number, work: (i: number) => void): void {
+export function takeRuns(done: Uint8Array, ctrl: Int32Array, count: number, step: number, work: (first: number, end: number) => void): void {
   for (;;) {
     const first = Atomics.add(ctrl, 0, step);
     if (first >= count) return;
     const end = Math.min(first + step, count);
-    for (let i = first; i < end; i++) work(i);
+    work(first, end);
     done.fill(1, first, end); // plain stores, as the results' are: the Atomics.add after them publishes both
     Atomics.add(ctrl, 1, end - first);
     Atomics.notify(ctrl, 1);
@@ -56,9 +56,9 @@ export function takeRuns(done: Uint8Array, ctrl: Int32Array, count: number, step
 }
 
 /**
- * Worker side, for the eval'd script: `takeClusters(m, work)` calls `work(i)` for every
- * cluster index it takes from the job `m` (fields count, out, doneOffset, ctrlOffset),
- * CLUSTERS_PER_TAKE at a time (takeRuns).
+ * Worker side, for the eval'd script: `takeClusters(m, work)` calls `work(first, end)` for
+ * every run of cluster indexes it takes from the job `m` (fields count, out, doneOffset,
+ * ctrlOffset), CLUSTERS_PER_TAKE at a time (takeRuns).
  */
 export const CLUSTER_LOOP_SOURCE = `
 const takeRuns = (${takeRuns.toString()});
@@ -91,10 +91,10 @@ export class SharedClusterWork {
   }
 
   /**
-   * Does every cluster no one has taken yet with `work`, then waits for those workers are
-   * doing (microseconds; after STALL_MS without progress it does them too). Synchronous.
+   * Does every run of clusters no one has taken yet with `work`, then waits for those workers
+   * are doing (microseconds; after STALL_MS without progress it does them too). Synchronous.
    */
-  complete(work: (i: number) => void): void {
+  complete(work: (first: number, end: number) => void): void {
     if (this.completed) return;
     const { ctrl, done, count } = this;
     const shared = this.out instanceof SharedArrayBuffer;
@@ -109,7 +109,7 @@ export class SharedClusterWork {
         since = performance.now();
       } else if (performance.now() - since > STALL_MS) {
         // A worker that stopped mid-cluster (killed, stuck): do what it did not finish.
-        for (let i = 0; i < count; i++) if (Atomics.load(done, i) === 0) work(i);
+        for (let i = 0; i < count; i++) if (Atomics.load(done, i) === 0) work(i, i + 1);
         break;
       }
     }
