@@ -30,6 +30,15 @@ export class LogStore implements SlotArrays {
   count = 0;
   /** Pseudo-random state for the kick walk (deterministic: replay rebuilds the same table). */
   private seed = 0x9e3779b9;
+  /** The entries a kick walk displaced, kick by kick, to carry them on or undo the walk. */
+  private readonly walk = {
+    slots: new Int32Array(MAX_KICKS),
+    hashes: new Uint8Array(MAX_KICKS * 32),
+    hosts: new Float64Array(MAX_KICKS),
+    guests: new Float64Array(MAX_KICKS),
+    states: new Uint8Array(MAX_KICKS),
+    confirmed: new Uint8Array(MAX_KICKS),
+  };
 
   constructor(order: number) {
     if (!Number.isInteger(order) || order < 0 || order > 24) throw new RangeError(`log store order ${order} out of range 0–24`);
@@ -92,45 +101,43 @@ export class LogStore implements SlotArrays {
       return true;
     }
     // Random walk: evict a slot of the current bucket into its other bucket, undoing the
-    // whole path if it does not end in a free slot.
-    const path: { slot: number; hash: Uint8Array; host: number; guest: number; state: number; confirmed: boolean }[] = [];
-    let curHash = Uint8Array.from(hash);
-    let curHost = hostOffset;
-    let curGuest = guestOffset;
-    let curState = state;
-    let curConfirmed = confirmed;
+    // whole path if it does not end in a free slot. Kick k saves its victim's entry in
+    // record k of the walk (preallocated: no allocation per kick) and then carries it.
+    const w = this.walk;
+    let carried = -1; // the record carried, -1: the new entry
     let bucket = this.nextRandom() & 1 ? b1 : b2;
     for (let kick = 0; kick < MAX_KICKS; kick++) {
       const victim = bucket * BUCKET_SLOTS + (this.nextRandom() % BUCKET_SLOTS);
-      const saved = {
-        slot: victim,
-        hash: Buffer.from(this.hashes.subarray(victim * 32, victim * 32 + 32)), // a copy, and a Buffer as every other hash looked up (one map for V8)
-        host: this.hostOffsets[victim],
-        guest: this.guestOffsets[victim],
-        state: this.states[victim],
-        confirmed: this.confirmed.get(victim),
-      };
-      path.push(saved);
-      this.setSlot(victim, curHash, curHost, curGuest, curState, curConfirmed);
-      curHash = saved.hash;
-      curHost = saved.host;
-      curGuest = saved.guest;
-      curState = saved.state;
-      curConfirmed = saved.confirmed;
-      const v1 = firstBucket(curHash, this.mask); // not candidateBuckets: its 2 ** order cost a pow per kick
-      bucket = v1 === bucket ? secondBucket(curHash, this.mask, v1) : v1;
+      w.slots[kick] = victim;
+      copyHash(w.hashes, kick * 32, this.hashes, victim * 32);
+      w.hosts[kick] = this.hostOffsets[victim];
+      w.guests[kick] = this.guestOffsets[victim];
+      w.states[kick] = this.states[victim];
+      w.confirmed[kick] = this.confirmed.get(victim) ? 1 : 0;
+      if (carried < 0) this.setSlot(victim, hash, hostOffset, guestOffset, state, confirmed);
+      else this.restore(victim, carried);
+      carried = kick;
+      const v1 = firstBucket(w.hashes, this.mask, kick * 32); // not candidateBuckets: its 2 ** order cost a pow per kick
+      bucket = v1 === bucket ? secondBucket(w.hashes, this.mask, v1, kick * 32) : v1;
       const free = this.freeSlot(bucket);
       if (free >= 0) {
-        this.setSlot(free, curHash, curHost, curGuest, curState, curConfirmed);
+        this.restore(free, carried);
         this.count++;
         return true;
       }
     }
-    for (let i = path.length - 1; i >= 0; i--) {
-      const p = path[i];
-      this.setSlot(p.slot, p.hash, p.host, p.guest, p.state, p.confirmed);
-    }
+    for (let k = MAX_KICKS - 1; k >= 0; k--) this.restore(w.slots[k], k);
     return false;
+  }
+
+  /** Puts the entry saved in record `k` of the walk into slot `slot`. */
+  private restore(slot: number, k: number): void {
+    const w = this.walk;
+    copyHash(this.hashes, slot * 32, w.hashes, k * 32);
+    this.hostOffsets[slot] = w.hosts[k];
+    this.guestOffsets[slot] = w.guests[k];
+    this.states[slot] = w.states[k];
+    this.confirmed.set(slot, w.confirmed[k] === 1);
   }
 
   /** Removes `hash` from this table. Returns true if it was there. */
@@ -182,4 +189,9 @@ export class LogStore implements SlotArrays {
     this.seed = x >>> 0;
     return this.seed;
   }
+}
+
+/** Copies the 32 bytes of a hash from src[srcAt] to dst[dstAt] (no view made). */
+function copyHash(dst: Uint8Array, dstAt: number, src: Uint8Array, srcAt: number): void {
+  for (let i = 0; i < 32; i++) dst[dstAt + i] = src[srcAt + i];
 }

@@ -28,10 +28,11 @@ export class SlotCache {
   }
 
   /**
-   * The 48 bytes of slot `slot` of the table at file offset `table` (of `slots` slots):
-   * from the cache, else its piece read with `read(offset, length)` and kept.
+   * The cached piece holding slot `slot` of the table at file offset `table` (of `slots`
+   * slots): from the cache, else read with `read(offset, length)` and kept. The slot's 48
+   * bytes are at slotOffset(slot) in it (no view made per lookup).
    */
-  slot(table: number, slots: number, slot: number, read: (offset: number, length: number) => Buffer): Buffer {
+  piece(table: number, slots: number, slot: number, read: (offset: number, length: number) => Buffer): Buffer {
     const piece = Math.floor(slot / PIECE_SLOTS);
     const key = pieceKey(table, piece);
     let bytes = this.pieces.get(key);
@@ -43,8 +44,7 @@ export class SlotCache {
       bytes = read(table + first * HASH_ENTRY_BYTES, Math.min(PIECE_SLOTS, slots - first) * HASH_ENTRY_BYTES);
       this.add(key, bytes);
     }
-    const at = (slot % PIECE_SLOTS) * HASH_ENTRY_BYTES;
-    return bytes.subarray(at, at + HASH_ENTRY_BYTES);
+    return bytes;
   }
 
   /** Caches a whole table just written at file offset `table` (its bytes: `data`), replacing what was cached there. */
@@ -76,6 +76,11 @@ export class SlotCache {
       this.bytes -= b.length;
     }
   }
+}
+
+/** Where slot `slot`'s 48 bytes start in its piece (SlotCache.piece). */
+export function slotOffset(slot: number): number {
+  return (slot % PIECE_SLOTS) * HASH_ENTRY_BYTES;
 }
 
 /**

@@ -29,14 +29,14 @@ export function bucketMask(order: number): number {
   return 2 ** order - 1;
 }
 
-/** candidateBuckets()[0], without an array (the lookup path runs it several times per cluster). */
-export function firstBucket(hash: Uint8Array, mask: number): number {
-  return (((hash[0] << 24) | (hash[1] << 16) | (hash[2] << 8) | hash[3]) & mask) >>> 0;
+/** candidateBuckets()[0] of the hash at byte `at` of `hash`, without an array (the lookup path runs it several times per cluster). */
+export function firstBucket(hash: Uint8Array, mask: number, at = 0): number {
+  return (((hash[at] << 24) | (hash[at + 1] << 16) | (hash[at + 2] << 8) | hash[at + 3]) & mask) >>> 0;
 }
 
-/** candidateBuckets()[1], given the first bucket `b1`. */
-export function secondBucket(hash: Uint8Array, mask: number, b1: number): number {
-  const b2 = (((hash[4] << 24) | (hash[5] << 16) | (hash[6] << 8) | hash[7]) & mask) >>> 0;
+/** candidateBuckets()[1] of the hash at byte `at` of `hash`, given the first bucket `b1`. */
+export function secondBucket(hash: Uint8Array, mask: number, b1: number, at = 0): number {
+  const b2 = (((hash[at + 4] << 24) | (hash[at + 5] << 16) | (hash[at + 6] << 8) | hash[at + 7]) & mask) >>> 0;
   return b2 === b1 && mask > 0 ? b1 ^ 1 : b2;
 }
 

@@ -5,7 +5,7 @@ import { HashStore } from '../../src/dedup/hash-store.ts';
 import { LogStore } from '../../src/dedup/log-store.ts';
 import { MemFile } from '../doubles/mem-file.ts';
 import { SLOT_TOMBSTONE } from '../../src/format/incarnation.ts';
-import { PIECE_SLOTS, SlotCache } from '../../src/dedup/slot-cache.ts';
+import { PIECE_SLOTS, SlotCache, slotOffset } from '../../src/dedup/slot-cache.ts';
 
 const h = (i: number) => createHash('sha256').update(String(i)).digest();
 const ORDER = 4; // 64 slots
@@ -103,20 +103,21 @@ test('slot cache: bounded, filled by freezes and by reads, never stale after an 
   const at = (i: number) => 0x10000 * (i + 1);
   cache.fill(at(0), table(1));
   assert.equal(cache.ramBytes, SLOTS * 48);
-  assert.equal(cache.slot(at(0), SLOTS, 99, read)[0], 1);
+  assert.equal(cache.piece(at(0), SLOTS, 99, read)[slotOffset(99)], 1);
   assert.equal(reads, 0, 'a table just written is cached');
   // More tables push the least recently used pieces out: the bound holds.
   for (let i = 1; i < 5; i++) cache.fill(at(i), table(2));
   assert.ok(cache.ramBytes <= 5 * PIECE, `${cache.ramBytes} bytes cached`);
   await file.write(at(0), table(7));
-  assert.equal(cache.slot(at(0), SLOTS, 0, read)[0], 7, 'read from the file once evicted');
+  assert.equal(cache.piece(at(0), SLOTS, 0, read)[slotOffset(0)], 7, 'read from the file once evicted');
   assert.equal(reads, 1);
-  assert.equal(cache.slot(at(0), SLOTS, 84, read)[0], 7, 'the same piece: no second read');
-  assert.equal(cache.slot(at(0), SLOTS, 85, read).length, 48, 'the short last piece');
+  assert.equal(cache.piece(at(0), SLOTS, 84, read)[slotOffset(84)], 7, 'the same piece: no second read');
+  assert.equal(cache.piece(at(0), SLOTS, 85, read).length, 15 * 48, 'the short last piece');
+  assert.equal(slotOffset(85), 0, 'slot 85 starts the second piece');
   assert.equal(reads, 2);
   // The area reused by another table: filling replaces what was cached there.
   cache.fill(at(0), table(3));
-  for (const slot of [0, 50, 99]) assert.equal(cache.slot(at(0), SLOTS, slot, read)[0], 3);
+  for (const slot of [0, 50, 99]) assert.equal(cache.piece(at(0), SLOTS, slot, read)[slotOffset(slot)], 3);
   for (let i = 0; i < 5; i++) cache.forget(at(i), SLOTS);
   assert.equal(cache.ramBytes, 0);
   // A table larger than a quarter of the cache is not filled at freeze: read on demand.
