@@ -130,6 +130,16 @@ describe('start-up: what a start loads', () => {
     for (const m of ['crypto', 'os', 'worker_threads', 'zlib']) assert.ok(!r.builtins.has(m), `create loaded node:${m}`);
   });
 
+  it('a dedup write through the pipeline (hash worker, chunk ring) loads no perf_hooks (performance.now: ~2–3 ms at first use)', () => {
+    const dir = tempDir('qdedup-startup-write-');
+    const data = join(dir, 'data.raw');
+    writeFileSync(data, Buffer.alloc(2 * 1024 * 1024, 0x5a)); // two clusters' worth of chunk for the worker
+    const r = loaded(['convert', '-q', '-f', 'raw', data, join(dir, 'out.qcow2')]);
+    assert.equal(r.status, 0);
+    assert.ok(r.builtins.has('worker_threads'), 'the hash worker ran');
+    assert.ok(!r.builtins.has('perf_hooks'), 'convert loaded node:perf_hooks');
+  });
+
   it('info makes no stdout stream (its lines are written to the descriptor)', () => {
     const r = loaded(['info', smallImage()]);
     assert.equal(r.status, 0);
