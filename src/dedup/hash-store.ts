@@ -133,6 +133,41 @@ export class HashStore {
   lookup(hash: Buffer): Found | null {
     if (this.incarnations.length === 0) return null;
     this.lookups++;
+    const k = this.locate(hash);
+    if (k < 0) return null;
+    // The slot's hash is `hash`: the entry names the caller's bytes, as a log store's does (no copy).
+    const { piece, at, slot } = this.located;
+    const hostOffset = readU64(piece, at + 32, 'hash entry host offset');
+    const tombstone = hostOffset === 0;
+    if (!tombstone) this.hits++;
+    const confirmed = this.incarnations[k].confirmed;
+    const entry = {
+      hash,
+      hostOffset,
+      firstGuestOffset: readU64(piece, at + 40, 'hash entry guest offset'),
+      confirmed: confirmed.get(slot),
+      bits: confirmed,
+      slot,
+    };
+    return { entry, tombstone };
+  }
+
+  /**
+   * The youngest incarnation holding `hash` where a lookup reaches it (as an entry or a
+   * tombstone), or -1: what a lookup would find, without counting it (check, ./inspect.ts).
+   */
+  youngestHolding(hash: Uint8Array): number {
+    return this.incarnations.length === 0 ? -1 : this.locate(hash);
+  }
+
+  /** Where locate() found its hash last: the cached piece, the slot's offset in it, the slot. */
+  private located: { piece: Buffer; at: number; slot: number } = { piece: Buffer.alloc(0), at: 0, slot: 0 };
+
+  /**
+   * The youngest incarnation whose slot in one of `hash`'s two buckets holds `hash`, its
+   * place in `located`; -1 if none.
+   */
+  private locate(hash: Uint8Array): number {
     const tag = tagOf(hash);
     const b1 = firstBucket(hash, this.mask);
     const b2 = secondBucket(hash, this.mask, b1);
@@ -157,23 +192,15 @@ export class HashStore {
         this.slotReads++;
         const piece = this.slots.piece(inc.record.offset + this.layout.tableOffset, this.layout.slots, s, this.readSync);
         const at = slotOffset(s);
-        if (!sameHash(piece, at, hash)) continue; // a tag collision: decode only the slot that matches
-        // The slot's hash is `hash`: the entry names the caller's bytes, as a log store's does (no copy).
-        const hostOffset = readU64(piece, at + 32, 'hash entry host offset');
-        const tombstone = hostOffset === 0;
-        if (!tombstone) this.hits++;
-        const entry = {
-          hash,
-          hostOffset,
-          firstGuestOffset: readU64(piece, at + 40, 'hash entry guest offset'),
-          confirmed: inc.confirmed.get(s),
-          bits: inc.confirmed,
-          slot: s,
-        };
-        return { entry, tombstone };
+        if (!sameHash(piece, at, hash)) continue; // a tag collision
+        const l = this.located;
+        l.piece = piece;
+        l.at = at;
+        l.slot = s;
+        return k;
       }
     }
-    return null;
+    return -1;
   }
 
   /**

@@ -4,7 +4,9 @@
 // is trusted at all is judgeStore()'s verdict (./judge-store.ts). Reads only.
 //
 // Memory stays bounded by the file, not by fields read from it: cluster sets are bitmaps over
-// the file's clusters, incarnation tables are read in 1 MiB chunks.
+// the file's clusters, incarnation tables are read in 1 MiB chunks, and whether a younger
+// incarnation shadows a slot is asked of the hash store's own lookup (its filters, and its
+// slot cache of at most 16 MiB).
 
 import { CorruptImageError, hex } from '../errors.ts';
 import { AUTOCLEAR_DEDUP } from '../format/dedup-ext.ts';
@@ -12,7 +14,7 @@ import { HASH_ENTRY_BYTES, isStreamEntry, streamLengthOf } from '../format/hash-
 import { STREAM_HEADER_BYTES, framedStreamsTouching } from '../format/stream-header.ts';
 import { inflateCluster } from '../format/deflate.ts';
 import { compressedReadLength } from '../format/l1l2.ts';
-import { BUCKET_SLOTS, SLOT_USED, candidateBuckets, decodeIncarnationSlot, tagOf } from '../format/incarnation.ts';
+import { BUCKET_SLOTS, SLOT_USED, bucketMask, decodeIncarnationSlot, firstBucket, secondBucket, tagOf } from '../format/incarnation.ts';
 import type { CheckExtension, ExtensionReport } from '../image/check-image.ts';
 import type { Image } from '../image/image.ts';
 import type { Refcounts } from '../image/refcounts.ts';
@@ -57,6 +59,7 @@ export async function* liveEntries(image: Image, store: DedupStore): AsyncGenera
   const hs = store.hashStore;
   const { slots, tableOffset } = hs.layout;
   const perChunk = Math.max(1, Math.floor(TABLE_READ_BYTES / HASH_ENTRY_BYTES));
+  const mask = bucketMask(hs.order);
   for (let k = 0; k < hs.incarnations.length; k++) {
     const inc = hs.incarnations[k];
     for (let first = 0; first < slots; first += perChunk) {
@@ -69,32 +72,14 @@ export async function* liveEntries(image: Image, store: DedupStore): AsyncGenera
         const slot = decodeIncarnationSlot(chunk, i * HASH_ENTRY_BYTES);
         if (slot.tombstone) continue;
         const bucket = Math.floor(s / BUCKET_SLOTS);
-        const [b1, b2] = candidateBuckets(slot.hash, hs.order);
-        if ((bucket !== b1 && bucket !== b2) || hs.tagAt(k, s) !== tagOf(slot.hash)) continue; // never reached by a lookup
+        const b1 = firstBucket(slot.hash, mask);
+        if ((bucket !== b1 && bucket !== secondBucket(slot.hash, mask, b1)) || hs.tagAt(k, s) !== tagOf(slot.hash)) continue; // never reached by a lookup
         if (logs.some((ls) => ls.find(slot.hash) >= 0)) continue;
-        if (await shadowedByYounger(image, store, k, slot.hash)) continue;
+        if (hs.youngestHolding(slot.hash) < k) continue; // shadowed by a younger incarnation (an entry or a tombstone)
         yield { hash: slot.hash, hostOffset: slot.hostOffset, guestField: slot.firstGuestOffset, where: `incarnation ${k} slot ${s}` };
       }
     }
   }
-}
-
-/** True when an incarnation younger than `k` holds `hash` (as an entry or a tombstone). */
-async function shadowedByYounger(image: Image, store: DedupStore, k: number, hash: Buffer): Promise<boolean> {
-  const hs = store.hashStore;
-  const tag = tagOf(hash);
-  const [b1, b2] = candidateBuckets(hash, hs.order);
-  for (let j = 0; j < k; j++) {
-    const inc = hs.incarnations[j];
-    for (const b of b1 === b2 ? [b1] : [b1, b2]) {
-      for (let s = b * BUCKET_SLOTS; s < (b + 1) * BUCKET_SLOTS; s++) {
-        if (hs.tagAt(j, s) !== tag) continue;
-        const slot = decodeIncarnationSlot(await image.file.read(inc.record.offset + hs.layout.tableOffset + s * HASH_ENTRY_BYTES, HASH_ENTRY_BYTES));
-        if (slot.hash.equals(hash)) return true;
-      }
-    }
-  }
-  return false;
 }
 
 /** Problem lines kept by a verification (the count stays exact beyond it). */
