@@ -3,7 +3,9 @@
 //   npm run bench [-- --size 1G --dedup-sizes 256M,1G --runs 3 --dir /tmp --only NAME[,NAME…]]
 // Rows (names for --only): plain-import, dedup-import, read-back, info, check, compressed-import.
 // Runs alternate (ours, theirs, ours, …) and each figure is the median: the machine may be
-// shared and noisy. Ratios are qemu's time / ours: above 1.0 qdedup is faster.
+// shared and noisy. Ratios are qemu's time / ours: above 1.0 qdedup is faster. Before each
+// timed run the files it reads are read through (into the page cache: this machine's kernel
+// pages out what has not been used for about a minute) and `sync` runs.
 //
 // For each cluster size (64 KiB, 4 KiB) it times, on a page-cached random input file:
 //   qdedup create + qdedup write -i INPUT      (qdedup syncs before it exits)
@@ -31,7 +33,7 @@
 // and qdedup convert -c: time, MB/s, file sizes, ratios against qemu-img convert -c.
 
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, openSync, writeSync, closeSync, rmSync, readFileSync } from 'node:fs';
+import { mkdtempSync, openSync, writeSync, closeSync, rmSync, readFileSync, readSync } from 'node:fs';
 import { randomFillSync } from 'node:crypto';
 import { join } from 'node:path';
 import { tmpdir } from 'node:os';
@@ -83,7 +85,24 @@ function record(row: string, oursSeconds: number, theirsSeconds: number, aim: nu
   return ratio;
 }
 
-function timed(fn: () => void): number {
+/**
+ * Reads `path` through, so that it is in the page cache: this machine's kernel pages out
+ * memory left unused for about a minute (DAMON's `pageout` scheme), page cache included, and
+ * an input read from the disk would be charged to whichever tool ran first.
+ */
+function warm(path: string): void {
+  const fd = openSync(path, 'r');
+  try {
+    const buf = Buffer.allocUnsafe(16 * 1024 * 1024);
+    while (readSync(fd, buf, 0, buf.length, null) > 0);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** Wall time of `fn`, after a sync and with the files it reads (`inputs`) in the page cache. */
+function timed(fn: () => void, ...inputs: string[]): number {
+  for (const f of inputs) warm(f);
   sh('sync', []);
   const t0 = process.hrtime.bigint();
   fn();
@@ -136,21 +155,21 @@ for (const cluster of want('plain-import') ? ['64k', '4k'] : []) {
       timed(() => {
         sh(BIN, ['create', '-q', '-o', `cluster_size=${cluster},dedup=off`, out, String(size)]);
         sh(BIN, ['write', '-q', '-i', input, out, '0']);
-      }),
+      }, input),
     );
     rmSync(out, { force: true });
-    rows[3][1].push(timed(() => sh(BIN, ['convert', '-q', '-f', 'raw', '-O', 'qcow2', '-o', `cluster_size=${cluster},dedup=off`, input, out])));
+    rows[3][1].push(timed(() => sh(BIN, ['convert', '-q', '-f', 'raw', '-O', 'qcow2', '-o', `cluster_size=${cluster},dedup=off`, input, out]), input));
     if (!haveQemu) continue;
     rmSync(out, { force: true });
     rows[1][1].push(
       timed(() => {
         sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-o', `cluster_size=${cluster}`, input, out]);
         sh('sync', ['-f', out]);
-      }),
+      }, input),
     );
     rmSync(out, { force: true });
     sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${cluster}`, out, String(size)]);
-    rows[2][1].push(timed(() => sh('qemu-io', ['-f', 'qcow2', '-c', `write -q -s ${input} 0 ${size}`, out])));
+    rows[2][1].push(timed(() => sh('qemu-io', ['-f', 'qcow2', '-c', `write -q -s ${input} 0 ${size}`, out]), input));
   }
   for (const [name, times] of rows) {
     if (times.length === 0) continue;
@@ -201,11 +220,11 @@ if (want('dedup-import')) {
         timed(() => {
           sh(BIN, ['create', '-q', out, String(bytes)]);
           sh(BIN, ['write', '-q', '-i', dup, out, '0']);
-        }),
+        }, dup),
       );
       oursSize = statSync(out).size;
       rmSync(out, { force: true });
-      converts.push(timed(() => sh(BIN, ['convert', '-q', '-f', 'raw', '-O', 'qcow2', dup, out])));
+      converts.push(timed(() => sh(BIN, ['convert', '-q', '-f', 'raw', '-O', 'qcow2', dup, out]), dup));
       convertSize = statSync(out).size;
       if (!haveQemu) continue;
       rmSync(out, { force: true });
@@ -213,7 +232,7 @@ if (want('dedup-import')) {
         timed(() => {
           sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=4096', dup, out]);
           sh('sync', ['-f', out]);
-        }),
+        }, dup),
       );
       theirsSize = statSync(out).size;
     }
@@ -244,7 +263,7 @@ if (want('dedup-import')) {
     console.log(`qdedup write -i peak RSS: ${(peakRss(BIN, ['write', '-q', '-i', dup, out, '0']) / 1048576).toFixed(0)} MiB`);
     // The same data again in a new session: every cluster hits an index entry read from disk,
     // which is compared byte for byte at its first hit (src/dedup/slot-bits.ts).
-    const again = timed(() => sh(BIN, ['write', '-q', '-i', dup, out, '0']));
+    const again = timed(() => sh(BIN, ['write', '-q', '-i', dup, out, '0']), dup);
     console.log(
       `${'qdedup write -i again (new session: hits compared)'.padEnd(44)}${again.toFixed(2).padStart(9)}${mbs(again).padStart(9)}${String(statSync(out).size).padStart(13)}`,
     );
@@ -302,14 +321,15 @@ function pairRow(
   aim: number,
   count = runs,
   floor?: { name: string; run: () => void },
+  inputs: string[] = [],
 ): { ours: number; floor: number } {
   const a: number[] = [];
   const b: number[] = [];
   const f: number[] = [];
   for (let r = 0; r < count; r++) {
-    a.push(timed(ours));
-    if (haveQemu) b.push(timed(theirs));
-    if (floor) f.push(timed(floor.run));
+    a.push(timed(ours, ...inputs));
+    if (haveQemu) b.push(timed(theirs, ...inputs));
+    if (floor) f.push(timed(floor.run, ...inputs));
   }
   console.log('');
   console.log(label);
@@ -346,6 +366,9 @@ if (want('read-back')) {
       sh('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', img, out]);
     },
     1.0,
+    runs,
+    undefined,
+    [img],
   );
   rmSync(out, { force: true });
 }
@@ -379,6 +402,9 @@ if (want('check')) {
     () => shAllow(BIN, ['check', img], [0, 3]),
     () => shAllow('qemu-img', ['check', img], [0, 3]),
     0,
+    runs,
+    undefined,
+    [img],
   );
 }
 
