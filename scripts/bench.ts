@@ -2,8 +2,8 @@
 // row beside its qemu counterpart with the ratio. Usage:
 //   npm run bench [-- --size 1G --dedup-sizes 256M,1G --runs 3 --dir /tmp --only NAME[,NAME…]]
 // Rows (names for --only): plain-import, dedup-import, read-back, info, check, compressed-import.
-// Runs alternate (ours, theirs, ours, …) and each figure is the median: the machine may be
-// shared and noisy. Ratios are qemu's time / ours: above 1.0 qdedup is faster. Before each
+// Runs alternate (ours, theirs, ours, …; each run of a row starts with another tool, in turn)
+// and each figure is the median: the machine may be shared and noisy. Ratios are qemu's time / ours: above 1.0 qdedup is faster. Before each
 // timed run the files it reads are read through (into the page cache: this machine's kernel
 // pages out what has not been used for about a minute) and `sync` runs.
 //
@@ -109,6 +109,15 @@ function timed(fn: () => void, ...inputs: string[]): number {
   return Number(process.hrtime.bigint() - t0) / 1e9;
 }
 
+/**
+ * Runs `steps` (one timed command each) starting with step r mod their number: run r of a row
+ * starts with another tool than run r − 1, so what the machine does to the first command after
+ * a pause (it pages memory back in, among others) falls on each tool in turn.
+ */
+function inTurn(r: number, steps: (() => unknown)[]): void {
+  for (let i = 0; i < steps.length; i++) steps[(r + i) % steps.length]();
+}
+
 function median(xs: number[]): number {
   const s = [...xs].sort((a, b) => a - b);
   return s[Math.floor(s.length / 2)];
@@ -150,26 +159,39 @@ for (const cluster of want('plain-import') ? ['64k', '4k'] : []) {
     ['qdedup convert', []],
   ];
   for (let r = 0; r < runs; r++) {
-    rmSync(out, { force: true });
-    rows[0][1].push(
-      timed(() => {
-        sh(BIN, ['create', '-q', '-o', `cluster_size=${cluster},dedup=off`, out, String(size)]);
-        sh(BIN, ['write', '-q', '-i', input, out, '0']);
-      }, input),
-    );
-    rmSync(out, { force: true });
-    rows[3][1].push(timed(() => sh(BIN, ['convert', '-q', '-f', 'raw', '-O', 'qcow2', '-o', `cluster_size=${cluster},dedup=off`, input, out]), input));
-    if (!haveQemu) continue;
-    rmSync(out, { force: true });
-    rows[1][1].push(
-      timed(() => {
-        sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-o', `cluster_size=${cluster}`, input, out]);
-        sh('sync', ['-f', out]);
-      }, input),
-    );
-    rmSync(out, { force: true });
-    sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${cluster}`, out, String(size)]);
-    rows[2][1].push(timed(() => sh('qemu-io', ['-f', 'qcow2', '-c', `write -q -s ${input} 0 ${size}`, out]), input));
+    inTurn(r, [
+      () => {
+        rmSync(out, { force: true });
+        rows[0][1].push(
+          timed(() => {
+            sh(BIN, ['create', '-q', '-o', `cluster_size=${cluster},dedup=off`, out, String(size)]);
+            sh(BIN, ['write', '-q', '-i', input, out, '0']);
+          }, input),
+        );
+      },
+      () => {
+        rmSync(out, { force: true });
+        rows[3][1].push(timed(() => sh(BIN, ['convert', '-q', '-f', 'raw', '-O', 'qcow2', '-o', `cluster_size=${cluster},dedup=off`, input, out]), input));
+      },
+      ...(haveQemu
+        ? [
+            () => {
+              rmSync(out, { force: true });
+              rows[1][1].push(
+                timed(() => {
+                  sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-o', `cluster_size=${cluster}`, input, out]);
+                  sh('sync', ['-f', out]);
+                }, input),
+              );
+            },
+            () => {
+              rmSync(out, { force: true });
+              sh('qemu-img', ['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${cluster}`, out, String(size)]);
+              rows[2][1].push(timed(() => sh('qemu-io', ['-f', 'qcow2', '-c', `write -q -s ${input} 0 ${size}`, out]), input));
+            },
+          ]
+        : []),
+    ]);
   }
   for (const [name, times] of rows) {
     if (times.length === 0) continue;
@@ -215,26 +237,37 @@ if (want('dedup-import')) {
     let convertSize = 0;
     let theirsSize = 0;
     for (let r = 0; r < runs; r++) {
-      rmSync(out, { force: true });
-      ours.push(
-        timed(() => {
-          sh(BIN, ['create', '-q', out, String(bytes)]);
-          sh(BIN, ['write', '-q', '-i', dup, out, '0']);
-        }, dup),
-      );
-      oursSize = statSync(out).size;
-      rmSync(out, { force: true });
-      converts.push(timed(() => sh(BIN, ['convert', '-q', '-f', 'raw', '-O', 'qcow2', dup, out]), dup));
-      convertSize = statSync(out).size;
-      if (!haveQemu) continue;
-      rmSync(out, { force: true });
-      theirs.push(
-        timed(() => {
-          sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=4096', dup, out]);
-          sh('sync', ['-f', out]);
-        }, dup),
-      );
-      theirsSize = statSync(out).size;
+      inTurn(r, [
+        () => {
+          rmSync(out, { force: true });
+          ours.push(
+            timed(() => {
+              sh(BIN, ['create', '-q', out, String(bytes)]);
+              sh(BIN, ['write', '-q', '-i', dup, out, '0']);
+            }, dup),
+          );
+          oursSize = statSync(out).size;
+        },
+        () => {
+          rmSync(out, { force: true });
+          converts.push(timed(() => sh(BIN, ['convert', '-q', '-f', 'raw', '-O', 'qcow2', dup, out]), dup));
+          convertSize = statSync(out).size;
+        },
+        ...(haveQemu
+          ? [
+              () => {
+                rmSync(out, { force: true });
+                theirs.push(
+                  timed(() => {
+                    sh('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', '-o', 'cluster_size=4096', dup, out]);
+                    sh('sync', ['-f', out]);
+                  }, dup),
+                );
+                theirsSize = statSync(out).size;
+              },
+            ]
+          : []),
+      ]);
     }
     const mbs = (t: number) => (bytes / t / 1e6).toFixed(0);
     console.log('');
@@ -327,9 +360,11 @@ function pairRow(
   const b: number[] = [];
   const f: number[] = [];
   for (let r = 0; r < count; r++) {
-    a.push(timed(ours, ...inputs));
-    if (haveQemu) b.push(timed(theirs, ...inputs));
-    if (floor) f.push(timed(floor.run, ...inputs));
+    inTurn(r, [
+      () => a.push(timed(ours, ...inputs)),
+      ...(haveQemu ? [() => b.push(timed(theirs, ...inputs))] : []),
+      ...(floor ? [() => f.push(timed(floor.run, ...inputs))] : []),
+    ]);
   }
   console.log('');
   console.log(label);
