@@ -96,17 +96,16 @@ export function clustersInto(algorithm: SupportedHashAlgorithm): ClustersInto {
 /** A synchronous hasher for an algorithm given by name or on-disk number. Refuses skein (UnsupportedError). */
 export function createHasher(algorithm: HashAlgorithm | number): Hasher {
   const name = supportedHashAlgorithm(algorithm);
+  // One cluster through clustersInto, as a batch is: the same implementation (OpenSSL's own
+  // SHA-256 where it loads) for both.
   const into = clustersInto(name);
-  const nodeName = name === 'blake3' ? undefined : name;
   return {
     algorithm: name,
     id: HASH_ALGORITHMS[name],
-    hash: nodeName
-      ? (data) => nodeCrypto().hash(nodeName, data, 'buffer')
-      : (data) => {
-          const out = Buffer.allocUnsafe(HASH_BYTES);
-          into(data, 0, data.length, 1, out, 0);
-          return out;
-        },
+    hash: (data) => {
+      const out = Buffer.allocUnsafe(HASH_BYTES);
+      into(data, 0, data.length, 1, out, 0);
+      return out;
+    },
   };
 }
