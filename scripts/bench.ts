@@ -3,9 +3,10 @@
 //   npm run bench [-- --size 1G --dedup-sizes 256M,1G --runs 3 --dir /tmp --only NAME[,NAME…]]
 // Rows (names for --only): plain-import, dedup-import, read-back, info, check, compressed-import.
 // Runs alternate (ours, theirs, ours, …; each run of a row starts with another tool, in turn)
-// and each figure is the median: the machine may be shared and noisy. Ratios are qemu's time / ours: above 1.0 qdedup is faster. Before each
-// timed run the files it reads are read through (into the page cache: this machine's kernel
-// pages out what has not been used for about a minute) and `sync` runs.
+// and each figure is the median: the machine may be shared and noisy. Ratios are qemu's time
+// / ours: above 1.0 qdedup is faster. Before each timed run the files it reads are read
+// through (into the page cache: this machine's kernel pages out what has not been used for
+// about a minute) and `sync` runs.
 //
 // For each cluster size (64 KiB, 4 KiB) it times, on a page-cached random input file:
 //   qdedup create + qdedup write -i INPUT      (qdedup syncs before it exits)
@@ -33,7 +34,7 @@
 // and qdedup convert -c: time, MB/s, file sizes, ratios against qemu-img convert -c.
 
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, openSync, writeSync, closeSync, rmSync, readFileSync, readSync } from 'node:fs';
+import { mkdtempSync, openSync, writeSync, closeSync, rmSync, readSync } from 'node:fs';
 import { randomFillSync } from 'node:crypto';
 import { join } from 'node:path';
 import { tmpdir } from 'node:os';
@@ -139,7 +140,6 @@ if (want('plain-import')) {
     writeSync(fd, chunk, 0, Math.min(chunk.length, size - done));
   }
   closeSync(fd);
-  readFileSync(input); // into the page cache
 }
 const haveQemu = spawnSync('qemu-img', ['--version']).status === 0;
 const mb = (s: number) => (size / s / 1e6).toFixed(0);
@@ -217,7 +217,6 @@ function duplicateInput(bytes = size): { path: string; blocks: number; unique: n
   if (!d) {
     const path = join(dir, `half-${bytes}.raw`);
     const { blocks, unique } = writeDuplicateFile(path, bytes, 0.5);
-    readFileSync(path); // into the page cache
     d = { path, blocks, unique };
     dupInputs.set(bytes, d);
   }
@@ -338,7 +337,6 @@ function dedupImage(): string {
     dedupImagePath = join(dir, 'readback.qcow2');
     sh(BIN, ['create', '-q', dedupImagePath, String(size)]);
     sh(BIN, ['write', '-q', '-i', duplicateInput().path, dedupImagePath, '0']);
-    readFileSync(dedupImagePath); // into the page cache, as the input of the import rows
   }
   return dedupImagePath;
 }
