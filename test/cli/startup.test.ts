@@ -161,6 +161,19 @@ describe('start-up: what a start loads', () => {
     assert.match(r.stdout, /^\d+\.\d+\.\d+\n$/);
   });
 
+  it('bin/qdedup run as a program starts Node without NODE_EXTRA_CA_CERTS (Node would parse the certificates it names)', () => {
+    // A file that does not exist makes Node say, at start, that it ignores it: run as
+    // `node bin/qdedup`, Node sees the variable; run through its first line, it must not.
+    const env = { ...process.env, NODE_EXTRA_CA_CERTS: join(tempDir(), 'no-such-bundle.pem') };
+    const viaNode = spawnSync(process.execPath, [BIN, '--version'], { env, encoding: 'utf8' });
+    assert.equal(viaNode.status, 0, viaNode.stderr);
+    assert.match(viaNode.stderr, /Ignoring extra certs from/);
+    const direct = spawnSync(BIN, ['--version'], { env, encoding: 'utf8' });
+    assert.equal(direct.status, 0, direct.stderr);
+    assert.equal(direct.stderr, '');
+    assert.match(direct.stdout, /^\d+\.\d+\.\d+\n$/);
+  });
+
   it('every command in the list runs (--help)', () => {
     for (const c of COMMANDS) {
       const r = qdedup([commandName(c), '--help']);
