@@ -19,7 +19,7 @@ import { framedStreamsTouching } from '../format/stream-header.ts';
 import { ZERO_CLUSTER, compressedClusterOf, type CompressedChunk } from '../image/chunk-compressor.ts';
 import { countStreamReferences, writeStreamRun } from '../image/compressed-write.ts';
 import { clusterSpan } from './clusters.ts';
-import type { ClusterWrite, ImageWriter } from '../image/write-policy.ts';
+import type { ClusterBatch, ImageWriter } from '../image/write-policy.ts';
 import type { Holder } from './holder.ts';
 
 /**
@@ -74,10 +74,10 @@ export class CompressedCopies {
    * cluster that does not shrink (stored whole): from the chunk the workers compressed when
    * the cluster came from it, else compressed here.
    */
-  streamsOf(batch: ClusterWrite[], misses: number[], chunk: CompressedChunk | undefined): (Buffer | null)[] {
+  streamsOf(batch: ClusterBatch, misses: number[], chunk: CompressedChunk | undefined): (Buffer | null)[] {
     return misses.map((c) => {
-      const stream = compressedClusterOf(batch[c], chunk);
-      return stream === ZERO_CLUSTER ? compressCluster(batch[c].data) : stream; // (a miss is never all zeros)
+      const stream = compressedClusterOf(batch, c, chunk);
+      return stream === ZERO_CLUSTER ? compressCluster(batch.data(c)) : stream; // (a miss is never all zeros)
     });
   }
 

@@ -14,11 +14,11 @@
 import { AUTOCLEAR_DEDUP, EXT_DEDUP, configBytesFor, encodeDedupConfig, encodeDedupExtension, type DedupExtension } from '../format/dedup-ext.ts';
 import type { IndexEntry } from './slot-bits.ts';
 import type { Image } from '../image/image.ts';
-import type { ClusterWrite, ImageWriter, WritePolicy } from '../image/write-policy.ts';
+import type { ClusterBatch, ImageWriter, WritePolicy } from '../image/write-policy.ts';
+import type { L2Entry } from '../format/l1l2.ts';
 import { ChunkHasher, type PendingDigest } from './chunk-hasher.ts';
 import { ChunkCompressor, type PendingCompression } from '../image/chunk-compressor.ts';
 import { CompressedCopies, MIN_LINK_REFCOUNT } from './compressed-copies.ts';
-import { isZero } from '../format/bytes.ts';
 import { HASH_BYTES, isStreamEntry, streamGuestField, streamLengthOf } from '../format/hash-entry.ts';
 import { createHasher, type Hasher } from './hasher.ts';
 import type { Holder, HolderHost } from './holder.ts';
@@ -34,8 +34,6 @@ export {
   maxStoreOrder,
   type DedupSettings,
 } from './settings.ts';
-
-export type { ClusterWrite };
 
 /** Counters of the current session (for tests and benchmarks). */
 export interface WriteCounters {
@@ -53,12 +51,6 @@ export interface WriteCounters {
 interface DedupPrepared {
   digest: PendingDigest;
   compressed: PendingCompression | null;
-}
-
-/** An indexed copy of a content: a whole cluster (`length` 0) or a compressed stream of `length` bytes, at host byte `offset`. */
-interface Copy {
-  offset: number;
-  length: number;
 }
 
 /** Inline deduplication: the write policy (src/image/write-policy.ts WritePolicy) of a dedup image open for writing. */
@@ -144,7 +136,7 @@ export class Dedup implements WritePolicy {
    * place, before the next decision; nothing fetched leaves memory before the next fetch.
    * Clusters of a prepared chunk come hashed (and found zero) already: `prepared`.
    */
-  async writeClusters(batch: ClusterWrite[], prepared?: unknown): Promise<void> {
+  async writeClusters(batch: ClusterBatch, prepared?: unknown): Promise<void> {
     const writer = this.writer;
     const cs = writer.clusterSize;
     const n = batch.length;
@@ -161,14 +153,13 @@ export class Dedup implements WritePolicy {
     const found = new Array<IndexEntry | null | undefined>(n);
     const looked = new BatchKeys(n); // key → the first cluster of that key
     for (let c = 0; c < n; c++) {
-      const w = batch[c];
-      const i = digest ? w.prepared : -1;
-      if (i >= 0 ? digest!.zero[i] : isZero(w.data)) {
+      const i = digest ? batch.prepared[c] : -1;
+      if (i >= 0 ? digest!.zero[i] : batch.isZero(c)) {
         hashes[c] = null;
         found[c] = null;
         continue;
       }
-      const hash = i >= 0 ? digest!.hashes.subarray(i * HASH_BYTES, (i + 1) * HASH_BYTES) : this.hasher.hash(w.data);
+      const hash = i >= 0 ? digest!.hashes.subarray(i * HASH_BYTES, (i + 1) * HASH_BYTES) : this.hasher.hash(batch.data(c));
       const first = looked.get(hash);
       if (first < 0) looked.set(hash, c);
       hashes[c] = hash;
@@ -181,17 +172,17 @@ export class Dedup implements WritePolicy {
     const guests: number[] = [];
     const hosts: number[] = [];
     for (let c = 0; c < n; c++) {
-      const w = batch[c];
-      if (hashes[c] || !writer.readsAsZeros(w.old)) guests.push(w.guestCluster);
+      if (hashes[c] || !writer.readsAsZeros(batch.old[c])) guests.push(batch.guest[c]);
     }
     await writer.prepareTables(guests);
     for (let c = 0; c < n; c++) {
       const entry = found[c];
       if (entry && isStreamEntry(entry.hostOffset, cs)) hosts.push(...this.copies.clusters(entry.hostOffset, streamLengthOf(entry.firstGuestOffset, cs)));
       else if (entry && Number.isSafeInteger(entry.hostOffset / cs)) hosts.push(entry.hostOffset / cs);
-      const released = writer.releasedBy(batch[c].old);
+      const old = batch.old[c];
+      const released = writer.releasedBy(old);
       if (released !== null) hosts.push(released);
-      else if (batch[c].old.kind === 'compressed') hosts.push(...writer.clustersReleasedBy(batch[c].old));
+      else if (old.kind === 'compressed') hosts.push(...writer.clustersReleasedBy(old));
     }
     await this.prepareRelease(hosts);
 
@@ -203,11 +194,11 @@ export class Dedup implements WritePolicy {
     const nextDup = new Int32Array(n).fill(-1);
     const lastDup = new Int32Array(n);
     for (let c = 0; c < n; c++) {
-      const w = batch[c];
+      const old = batch.old[c];
       const hash = hashes[c];
       if (!hash) {
         this.counters.zeroClusters++;
-        const releasing = writer.zeroCluster(w.guestCluster, w.old);
+        const releasing = writer.zeroCluster(batch.guest[c], old);
         if (releasing) await releasing;
         continue;
       }
@@ -219,11 +210,11 @@ export class Dedup implements WritePolicy {
       }
       const f = found[c];
       const entry = f === undefined ? this.store.lookup(hash) : f; // its cluster fetched with the first occurrence's
-      const target = entry ? this.linkable(entry, w.data) : null;
+      const target = entry ? this.linkable(entry, batch, c) : null;
       if (target !== null) {
         this.counters.hits++;
-        if ((w.old.kind === 'normal' ? w.old.hostOffset : w.old.compressedOffset) === target) continue; // same content, same copy
-        const releasing = this.link(w, { offset: target, length: isStreamEntry(target, cs) ? streamLengthOf(entry!.firstGuestOffset, cs) : 0 });
+        if ((old.kind === 'normal' ? old.hostOffset : old.compressedOffset) === target) continue; // same content, same copy
+        const releasing = this.link(batch.guest[c], old, target, isStreamEntry(target, cs) ? streamLengthOf(entry!.firstGuestOffset, cs) : 0);
         if (releasing) await releasing;
         continue;
       }
@@ -235,102 +226,105 @@ export class Dedup implements WritePolicy {
 
     // Phase 4, the misses: one run of whole clusters and (with -c) one run of compressed
     // copies, then each miss indexed (refcount 2 on what it touches: the guest and the
-    // holder) and mapped, then its repeats linked to it.
+    // holder) and mapped, then its repeats linked to it. The indexed copy of a content, which
+    // its duplicates link to, is a whole cluster (`copyLength` 0) or a compressed stream of
+    // `copyLength` bytes, at host byte `copyOffset`.
     this.counters.misses += misses.length;
     const streams = this.compressor ? this.copies.streamsOf(batch, misses, ready?.compressed?.complete()) : null;
     const whole = streams ? misses.filter((_, k) => !streams[k]) : misses;
-    const start = whole.length ? await writer.writeRun(whole.map((c) => batch[c].data)) : 0;
+    const start = whole.length ? await writer.writeRun(batch.views(whole)) : 0;
     const packed = streams?.filter((x: Buffer | null): x is Buffer => x !== null) ?? [];
     const run = packed.length ? await this.copies.writeRun(packed) : null;
     for (let i = 0, p = 0, q = 0; i < misses.length; i++) {
-      const w = batch[misses[i]];
-      const hash = hashes[misses[i]]!;
+      const m = misses[i];
+      const hash = hashes[m]!;
       const stream = streams?.[i] ?? null;
-      // The indexed copy of this content the duplicates link to.
-      let copy: Copy = stream ? { offset: run!.offsets[q++], length: stream.length } : { offset: start + p++ * cs, length: 0 };
-      let held = stream ? run!.held : this.holder.canHold(copy.offset / cs);
-      let indexed = this.index(w, hash, copy, held);
+      let copyOffset = stream ? run!.offsets[q++] : start + p++ * cs;
+      let copyLength = stream ? stream.length : 0;
+      let held = stream ? run!.held : this.holder.canHold(copyOffset / cs);
+      let indexed = this.index(batch.guest[m], hash, copyOffset, copyLength, held);
       if (indexed) await indexed;
-      const releasing = writer.dropReference(w.old);
+      const releasing = writer.dropReference(batch.old[m]);
       if (releasing) await releasing;
-      for (let dc = nextDup[misses[i]]; dc >= 0; dc = nextDup[dc]) {
-        const d = batch[dc];
+      for (let d = nextDup[m]; d >= 0; d = nextDup[d]) {
         if (!held) {
           this.counters.hits++;
           // Not held: sharing it could not keep COPIED truthful. Give the copy its own cluster.
-          const own = await writer.writeRun([d.data]);
-          writer.mapCluster(d.guestCluster, own, true);
-          const dropping = writer.dropReference(d.old);
+          const own = await writer.writeRun(batch.views([d]));
+          writer.mapCluster(batch.guest[d], own, true);
+          const dropping = writer.dropReference(batch.old[d]);
           if (dropping) await dropping;
           continue;
         }
         // The cap counts every reference this batch already added (increments apply at
         // once; the holder's is one of them): at the cap the duplicate gets its own copy,
         // which becomes the indexed one, so later copies link to it (docs/DESIGN.md, refcount cap).
-        if (copy.length ? this.copies.underCap(copy.offset, copy.length) : writer.refcount(copy.offset / cs) < this.cap) {
+        if (copyLength ? this.copies.underCap(copyOffset, copyLength) : writer.refcount(copyOffset / cs) < this.cap) {
           this.counters.hits++;
-          const dropping = this.link(d, copy);
+          const dropping = this.link(batch.guest[d], batch.old[d], copyOffset, copyLength);
           if (dropping) await dropping;
           continue;
         }
         this.counters.misses++;
         if (stream) {
           const again = await this.copies.writeRun([stream]);
-          [copy, held] = [{ offset: again.offsets[0], length: stream.length }, again.held];
+          [copyOffset, copyLength, held] = [again.offsets[0], stream.length, again.held];
         } else {
-          copy = { offset: await writer.writeRun([d.data]), length: 0 };
-          held = this.holder.canHold(copy.offset / cs);
+          copyOffset = await writer.writeRun(batch.views([d]));
+          held = this.holder.canHold(copyOffset / cs);
         }
-        indexed = this.index(d, hash, copy, held);
+        indexed = this.index(batch.guest[d], hash, copyOffset, copyLength, held);
         if (indexed) await indexed;
-        const dropping = writer.dropReference(d.old);
+        const dropping = writer.dropReference(batch.old[d]);
         if (dropping) await dropping;
       }
     }
   }
 
   /**
-   * Maps guest cluster `w` to the copy just written and, when `held`, indexes it under
-   * `hash`. A whole cluster is then held here (its table read or made first: rare, once per
-   * table, in this order so that the file's layout does not depend on batching) and its
-   * refcount becomes 2 before the L2 entry names it (I3), COPIED clear; not held, it is
-   * mapped alone, COPIED set. A compressed copy's run is held by writeRun already; the guest's
-   * reference goes on every cluster it touches. A promise only when the holder's table is
-   * read or the store must rotate.
+   * Maps guest cluster `guestCluster` to the copy just written (a whole cluster at
+   * `copyOffset` when `copyLength` is 0, else a compressed stream of `copyLength` bytes)
+   * and, when `held`, indexes it under `hash`. A whole cluster is then held here (its table
+   * read or made first: rare, once per table, in this order so that the file's layout does
+   * not depend on batching) and its refcount becomes 2 before the L2 entry names it (I3),
+   * COPIED clear; not held, it is mapped alone, COPIED set. A compressed copy's run is held
+   * by writeRun already; the guest's reference goes on every cluster it touches. A promise
+   * only when the holder's table is read or the store must rotate.
    */
-  private index(w: ClusterWrite, hash: Buffer, copy: Copy, held: boolean): Promise<void> | undefined {
+  private index(guestCluster: number, hash: Buffer, copyOffset: number, copyLength: number, held: boolean): Promise<void> | undefined {
     const cs = this.writer.clusterSize;
-    if (copy.length) {
+    if (copyLength) {
       if (!held) {
-        this.copies.mapUnheld(w.guestCluster, copy.offset, copy.length);
+        this.copies.mapUnheld(guestCluster, copyOffset, copyLength);
         return undefined;
       }
-      this.copies.link(w.guestCluster, copy.offset, copy.length);
-      return this.store.insert(hash, copy.offset, streamGuestField(w.guestCluster * cs, copy.length), this.allocate);
+      this.copies.link(guestCluster, copyOffset, copyLength);
+      return this.store.insert(hash, copyOffset, streamGuestField(guestCluster * cs, copyLength), this.allocate);
     }
-    const cluster = copy.offset / cs;
+    const cluster = copyOffset / cs;
     let inserting: Promise<void> | undefined;
     if (held) {
-      if (!this.holder.ready(cluster)) return this.holder.prepareHold([cluster]).then(() => this.index(w, hash, copy, held));
+      if (!this.holder.ready(cluster)) return this.holder.prepareHold([cluster]).then(() => this.index(guestCluster, hash, copyOffset, copyLength, held));
       this.writer.increment(cluster);
       this.holder.hold(cluster);
-      inserting = this.store.insert(hash, copy.offset, w.guestCluster * cs, this.allocate);
+      inserting = this.store.insert(hash, copyOffset, guestCluster * cs, this.allocate);
     }
-    this.writer.mapCluster(w.guestCluster, copy.offset, !held);
+    this.writer.mapCluster(guestCluster, copyOffset, !held);
     return inserting;
   }
 
   /**
-   * Points guest cluster `w` at the indexed copy: a reference on each cluster it touches, the
-   * L2 entry, then the old reference dropped. A promise only when the release returned one.
+   * Points guest cluster `guestCluster`, whose entry was `old`, at the indexed copy (as for
+   * index()): a reference on each cluster it touches, the L2 entry, then the old reference
+   * dropped. A promise only when the release returned one.
    */
-  private link(w: ClusterWrite, copy: Copy): Promise<void> | undefined {
-    if (copy.length) this.copies.link(w.guestCluster, copy.offset, copy.length);
+  private link(guestCluster: number, old: L2Entry, copyOffset: number, copyLength: number): Promise<void> | undefined {
+    if (copyLength) this.copies.link(guestCluster, copyOffset, copyLength);
     else {
-      this.writer.increment(copy.offset / this.writer.clusterSize);
-      this.writer.mapCluster(w.guestCluster, copy.offset, false);
+      this.writer.increment(copyOffset / this.writer.clusterSize);
+      this.writer.mapCluster(guestCluster, copyOffset, false);
     }
-    return this.writer.dropReference(w.old);
+    return this.writer.dropReference(old);
   }
 
   /**
@@ -339,18 +333,18 @@ export class Dedup implements WritePolicy {
    * this session), or null. Without I/O but a compare: the holder table and refcount block
    * of its cluster fetched.
    */
-  private linkable(e: IndexEntry, data: Buffer): number | null {
+  private linkable(e: IndexEntry, batch: ClusterBatch, c: number): number | null {
     if (isStreamEntry(e.hostOffset, this.writer.clusterSize)) {
       const length = streamLengthOf(e.firstGuestOffset, this.writer.clusterSize);
       if (!this.copies.linkable(e.hostOffset, length)) return null;
-      return (!this.ext.verify && e.confirmed) || this.sameBytes(e, data, length) ? e.hostOffset : null;
+      return (!this.ext.verify && e.confirmed) || this.sameBytes(e, batch, c, length) ? e.hostOffset : null;
     }
     const cluster = e.hostOffset / this.writer.clusterSize;
     // An index entry is only good for a cluster the holder still holds (belt and braces for I1).
     if (!Number.isSafeInteger(cluster) || !this.holder.holds(cluster)) return null;
     const refcount = this.writer.refcount(cluster);
     if (refcount < MIN_LINK_REFCOUNT || refcount >= this.cap) return null;
-    if ((this.ext.verify || !e.confirmed) && !this.sameBytes(e, data)) return null;
+    if ((this.ext.verify || !e.confirmed) && !this.sameBytes(e, batch, c)) return null;
     return e.hostOffset;
   }
 
@@ -361,9 +355,11 @@ export class Dedup implements WritePolicy {
    * synchronous read, as for incarnation slots: the thread pool's round trip cost twice the
    * import's time when every cluster hit an entry from an earlier session.
    */
-  private sameBytes(e: IndexEntry, data: Buffer, streamLength = 0): boolean {
+  private sameBytes(e: IndexEntry, batch: ClusterBatch, c: number, streamLength = 0): boolean {
     this.counters.compared++;
-    const same = streamLength ? this.copies.sameBytes(e.hostOffset, streamLength, data) : this.writer.file.readSync(e.hostOffset, data.length).equals(data);
+    const same = streamLength
+      ? this.copies.sameBytes(e.hostOffset, streamLength, batch.data(c))
+      : batch.equals(c, this.writer.file.readSync(e.hostOffset, this.writer.clusterSize));
     if (!same) {
       this.counters.mismatches++;
       return false;

@@ -78,6 +78,16 @@ export interface L2Entry {
   compressedLength: number;
 }
 
+/** The entry of a cluster no table maps, shared: decodeL2Entry returns it for every all-zero entry (no object per entry). */
+export const UNALLOCATED: L2Entry = Object.freeze({
+  kind: 'unallocated',
+  hostOffset: 0,
+  copied: false,
+  reservedBits: false,
+  compressedOffset: 0,
+  compressedLength: 0,
+});
+
 /**
  * Decodes L2 entry `index` of `table`. For compressed entries `clusterBits` selects the
  * split between offset and sector count (x = 70 - cluster_bits).
@@ -85,6 +95,7 @@ export interface L2Entry {
 export function decodeL2Entry(table: Buffer, index: number, clusterBits: number): L2Entry {
   const hi = table.readUInt32BE(index * 8);
   const lo = table.readUInt32BE(index * 8 + 4);
+  if (hi === 0 && lo === 0) return UNALLOCATED;
   if (hi & QCOW_OFLAG_COMPRESSED_HI) {
     const descriptor = table.readBigUInt64BE(index * 8) & ((1n << 62n) - 1n);
     const x = BigInt(70 - clusterBits);

@@ -9,7 +9,7 @@ import { createRequire } from 'node:module';
 import { InternalError } from '../errors.ts';
 import { isZero } from '../format/bytes.ts';
 import { DEFLATE_LEVEL, DEFLATE_MEM_LEVEL, DEFLATE_WINDOW_BITS, compressCluster } from '../format/deflate.ts';
-import type { ClusterWrite } from './write-policy.ts';
+import type { ClusterBatch } from './write-policy.ts';
 import { CLUSTER_LOOP_SOURCE, MIN_WORKER_BYTES, SharedClusterWork, WorkerPool, controlLayout } from './chunk-workers.ts';
 
 /** os.availableParallelism(): node:os is loaded when a compressor is made, not with this module (every start of `info` loads it). */
@@ -72,12 +72,12 @@ export interface CompressedChunk {
 }
 
 /**
- * Whole cluster `w` compressed: from `chunk` when the workers compressed the chunk it came
- * from, else here. ZERO_CLUSTER when it is all zeros, null when it does not shrink.
+ * Whole cluster `c` of `batch` compressed: from `chunk` when the workers compressed the chunk
+ * it came from, else here. ZERO_CLUSTER when it is all zeros, null when it does not shrink.
  */
-export function compressedClusterOf(w: ClusterWrite, chunk: CompressedChunk | undefined): Buffer | null | typeof ZERO_CLUSTER {
-  const i = chunk ? w.prepared : -1;
-  if (i < 0) return isZero(w.data) ? ZERO_CLUSTER : compressCluster(w.data);
+export function compressedClusterOf(batch: ClusterBatch, c: number, chunk: CompressedChunk | undefined): Buffer | null | typeof ZERO_CLUSTER {
+  const i = chunk ? batch.prepared[c] : -1;
+  if (i < 0) return batch.isZero(c) ? ZERO_CLUSTER : compressCluster(batch.data(c));
   const length = chunk!.lengths[i];
   if (length === ZERO_CLUSTER) return ZERO_CLUSTER;
   return length === INCOMPRESSIBLE ? null : chunk!.streams.subarray(i * chunk!.clusterSize, i * chunk!.clusterSize + length);

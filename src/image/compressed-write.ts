@@ -14,7 +14,7 @@ import { compressCluster } from '../format/deflate.ts';
 import { encodeStreamHeader } from '../format/stream-header.ts';
 import { ChunkCompressor, ZERO_CLUSTER, compressedClusterOf, type CompressedChunk, type PendingCompression } from './chunk-compressor.ts';
 import { packStreams, type PackedRun } from './compressed-packing.ts';
-import type { ClusterWrite, ImageWriter } from './write-policy.ts';
+import type { ClusterBatch, ImageWriter } from './write-policy.ts';
 
 export class CompressedWriter {
   private compressor: ChunkCompressor | null = null;
@@ -35,43 +35,44 @@ export class CompressedWriter {
   }
 
   /** Writes a batch of whole guest clusters: zero clusters, one plain run, one packed run of streams. */
-  async writeClusters(batch: ClusterWrite[], prepared?: unknown): Promise<void> {
+  async writeClusters(batch: ClusterBatch, prepared?: unknown): Promise<void> {
     const w = this.writer;
     const cs = w.clusterSize;
     const chunk: CompressedChunk | undefined = (prepared as PendingCompression | undefined)?.complete();
-    const zeros: ClusterWrite[] = [];
-    const plain: ClusterWrite[] = [];
-    const packed: ClusterWrite[] = [];
+    // Batch indexes of the clusters that become zero clusters, stay plain, are compressed.
+    const zeros: number[] = [];
+    const plain: number[] = [];
+    const packed: number[] = [];
     const streams: Buffer[] = [];
-    for (const c of batch) {
-      let stream = compressedClusterOf(c, chunk);
+    for (let c = 0; c < batch.length; c++) {
+      let stream = compressedClusterOf(batch, c, chunk);
       if (stream === ZERO_CLUSTER) {
         if (this.zeroClusters) {
-          if (!w.readsAsZeros(c.old)) zeros.push(c);
+          if (!w.readsAsZeros(batch.old[c])) zeros.push(c);
           continue;
         }
-        stream = compressCluster(c.data);
+        stream = compressCluster(batch.data(c));
       }
       if (stream) {
         packed.push(c);
         streams.push(stream);
       } else plain.push(c);
     }
-    await w.prepareTables([...zeros, ...plain, ...packed].map((c) => c.guestCluster));
-    for (const c of zeros) w.zeroCluster(c.guestCluster, c.old); // no policy: never a promise
+    await w.prepareTables([...zeros, ...plain, ...packed].map((c) => batch.guest[c]));
+    for (const c of zeros) w.zeroCluster(batch.guest[c], batch.old[c]); // no policy: never a promise
     if (plain.length) {
-      const start = await w.writeRun(plain.map((c) => c.data));
+      const start = await w.writeRun(batch.views(plain));
       plain.forEach((c, k) => {
-        w.mapCluster(c.guestCluster, start + k * cs, true);
-        w.dropReference(c.old);
+        w.mapCluster(batch.guest[c], start + k * cs, true);
+        w.dropReference(batch.old[c]);
       });
     }
     if (!packed.length) return;
     const { start, run } = await writeStreamRun(w, streams, w.refcountMax, false);
     countStreamReferences(w, start, run);
     packed.forEach((c, k) => {
-      w.mapCompressed(c.guestCluster, start + run.offsets[k], streams[k].length);
-      w.dropReference(c.old);
+      w.mapCompressed(batch.guest[c], start + run.offsets[k], streams[k].length);
+      w.dropReference(batch.old[c]);
     });
   }
 

@@ -13,6 +13,7 @@ import {
   encodeL1Entry,
   encodeCompressedL2Entry,
   encodeL2Entry,
+  UNALLOCATED,
   type L2Entry,
 } from '../format/l1l2.ts';
 import type { SnapshotEntry } from '../format/snapshot.ts';
@@ -27,15 +28,6 @@ const MAX_CACHED_L2_BYTES = 64 * 1024 * 1024;
 
 /** The entries of one L2 table, by guest cluster (Image.l2Reader); `allocated`: there is a table. */
 export type L2Reader = ((guestCluster: number) => L2Entry) & { readonly allocated: boolean };
-
-const UNALLOCATED: L2Entry = Object.freeze({
-  kind: 'unallocated',
-  hostOffset: 0,
-  copied: false,
-  reservedBits: false,
-  compressedOffset: 0,
-  compressedLength: 0,
-});
 
 /** An open image's state, tables and mapping (the base of Image, ./image.ts). */
 export abstract class ImageTables {

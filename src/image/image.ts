@@ -10,7 +10,7 @@
 
 import { dirname, isAbsolute, resolve } from 'node:path';
 import { promises as fsp } from 'node:fs'; // fs/promises loaded on first use (start-up: `info`)
-import { CorruptImageError, IoError, QdedupError, UnsupportedError, hex, printable } from '../errors.ts';
+import { CorruptImageError, InternalError, IoError, QdedupError, UnsupportedError, hex, printable } from '../errors.ts';
 import {
   CLUSTER_BITS_OFFSET,
   INCOMPAT_CORRUPT,
@@ -24,7 +24,6 @@ import {
   type Header,
 } from '../format/header.ts';
 import { compressedClusterSpan, decodeL1Entry, type L2Entry } from '../format/l1l2.ts';
-import { isZero } from '../format/bytes.ts';
 import { NodeFile, type BlockFile } from './block-file.ts';
 import { WriteBehindFile } from './write-behind.ts';
 import { BLK_PERM_ALL, LOCK_READ, forceShare, type LockRequest } from './image-lock.ts';
@@ -33,7 +32,8 @@ import { rebuildRefcounts } from './check/check-open-image.ts';
 import { RawImage, probeFormat, type GuestReader } from './guest-reader.ts';
 import { ImageCommit } from './image-commit.ts';
 import { CompressedWriter } from './compressed-write.ts';
-import type { ClusterWrite, ImageWriter, PreparedChunk, WritePolicy } from './write-policy.ts';
+import type { ImageWriter, PreparedChunk, WritePolicy } from './write-policy.ts';
+import { ClusterBatch } from './cluster-batch.ts';
 
 /** Deepest backing chain followed (QEMU has no fixed limit; this bounds hostile chains). */
 export const MAX_BACKING_DEPTH = 32;
@@ -94,6 +94,8 @@ export class Image extends ImageCommit implements GuestReader {
   private compressed: CompressedWriter | null = null;
   /** Set during a write() of a prepared chunk: where its new clusters are written behind. */
   private behind: WriteBehindFile | null = null;
+  /** The batch writes fill (./cluster-batch.ts), kept for the next write; null while one uses it. */
+  private batch: ClusterBatch | null = null;
 
   /**
    * Opens and validates an image. Read-write opens refuse corrupt images, clear unknown
@@ -242,49 +244,63 @@ export class Image extends ImageCommit implements GuestReader {
   }
 
   private async writeClusters(guestOffset: number, data: Buffer, prepared?: PreparedChunk): Promise<void> {
-    let batch: ClusterWrite[] = [];
-    let table: Buffer | null = null;
-    let tableIndex = -1; // the L1 index `table` belongs to (-1: read it again)
-    for (const { guestCluster, inCluster, n, done } of this.pieces(guestOffset, data.length)) {
-      const part = data.subarray(done, done + n);
-      const l1Index = Math.floor(guestCluster / this.l2Entries);
-      if (l1Index !== tableIndex) {
-        table = await this.l2Table(l1Index); // once per table, not per cluster
-        tableIndex = l1Index;
-      }
-      const old = this.entryIn(table, l1Index, guestCluster);
-      if (old.kind === 'normal' && old.copied && !this.policy) {
-        this.guardDataWrite(old.hostOffset + inCluster, n);
-        // I4: COPIED is trusted only for a cluster the refcounts count. A hostile entry
-        // (say at 1 TiB, past every refcount block) had us grow the file to 1 TiB.
-        if ((await this.assertWritable().get(old.hostOffset / this.clusterSize)) === 0) {
-          throw this.l2Corruption(
-            Math.floor(guestCluster / this.l2Entries),
-            guestCluster % this.l2Entries,
-            `data cluster ${hex(old.hostOffset)} has the COPIED flag but refcount 0`,
-          );
+    const cs = this.clusterSize;
+    const batch = this.takeBatch();
+    try {
+      let table: Buffer | null = null;
+      let tableIndex = -1; // the L1 index `table` belongs to (-1: read it again)
+      // Cluster by cluster, without an object or a view per cluster: whole clusters go into
+      // the batch as offsets into `data`.
+      for (let done = 0; done < data.length; ) {
+        const pos = guestOffset + done;
+        const guestCluster = Math.floor(pos / cs);
+        const inCluster = pos - guestCluster * cs;
+        const n = Math.min(cs - inCluster, data.length - done);
+        const l1Index = Math.floor(guestCluster / this.l2Entries);
+        if (l1Index !== tableIndex) {
+          table = await this.l2Table(l1Index); // once per table, not per cluster
+          tableIndex = l1Index;
         }
-        await this.file.write(old.hostOffset + inCluster, part);
-        this.startWriteback(n);
-      } else {
-        // A new host cluster: always with dedup (allocate on rewrite), else when not ours alone.
-        // Whole clusters stay views of the caller's buffer: the batch is written before write() returns.
-        let full = part;
-        if (n < this.clusterSize) {
-          full = await this.readCluster(guestCluster, old);
-          part.copy(full, inCluster);
+        const old = this.entryIn(table, l1Index, guestCluster);
+        if (old.kind === 'normal' && old.copied && !this.policy) {
+          this.guardDataWrite(old.hostOffset + inCluster, n);
+          // I4: COPIED is trusted only for a cluster the refcounts count. A hostile entry
+          // (say at 1 TiB, past every refcount block) had us grow the file to 1 TiB.
+          if ((await this.assertWritable().get(old.hostOffset / cs)) === 0) {
+            throw this.l2Corruption(l1Index, guestCluster % this.l2Entries, `data cluster ${hex(old.hostOffset)} has the COPIED flag but refcount 0`);
+          }
+          await this.file.write(old.hostOffset + inCluster, data.subarray(done, done + n));
+          this.startWriteback(n);
+        } else if (n === cs) {
+          // A new host cluster: always with dedup (allocate on rewrite), else when not ours alone.
+          // Whole clusters stay in the caller's buffer: the batch is written before write() returns.
+          const at = prepared ? (done - prepared.start) / cs : -1;
+          batch.push(guestCluster, data, done, old, at >= 0 && at < prepared!.count && Number.isInteger(at) ? at : -1);
+        } else {
+          const full = await this.readCluster(guestCluster, old);
+          data.copy(full, inCluster, done, done + n);
+          batch.push(guestCluster, full, 0, old, -1);
         }
-        const at = prepared && n === this.clusterSize ? (done - prepared.start) / this.clusterSize : -1;
-        batch.push({ guestCluster, data: full, old, prepared: at >= 0 && at < prepared!.count && Number.isInteger(at) ? at : -1 });
-        if (batch.length * this.clusterSize >= MAX_BATCH_BYTES) {
+        done += n;
+        if (batch.length === batch.capacity) {
           await this.writeBatch(batch, prepared?.result);
-          batch = [];
+          batch.clear();
           tableIndex = -1; // the batch may have replaced the table (copy on write)
         }
       }
+      if (batch.length) await this.writeBatch(batch, prepared?.result);
+    } finally {
+      batch.clear();
+      this.batch = batch;
     }
-    if (batch.length) await this.writeBatch(batch, prepared?.result);
     await this.commitIfLarge();
+  }
+
+  /** The image's batch (reused from write to write), or a new one while it is in use. */
+  private takeBatch(): ClusterBatch {
+    const batch = this.batch ?? new ClusterBatch(this.clusterSize, Math.max(1, Math.floor(MAX_BATCH_BYTES / this.clusterSize)));
+    this.batch = null;
+    return batch;
   }
 
   /**
@@ -299,7 +315,7 @@ export class Image extends ImageCommit implements GuestReader {
     return this.policy.prepare(chunk, start, count).then((result) => ({ start, count, result }));
   }
 
-  private async writeBatch(batch: ClusterWrite[], prepared?: unknown): Promise<void> {
+  private async writeBatch(batch: ClusterBatch, prepared?: unknown): Promise<void> {
     if (this.policy) await this.policy.writeClusters(batch, prepared);
     else if (this.compressed) {
       this.forgetDecompressed(); // the new streams may reuse a freed cluster's bytes
@@ -326,22 +342,20 @@ export class Image extends ImageCommit implements GuestReader {
    * Allocates one contiguous run for the batch, writes it with one call, then maps it. With
    * detectZeroes, whole clusters of zeros become zero clusters instead.
    */
-  private async writeNewClusters(batch: ClusterWrite[]): Promise<void> {
-    let data = batch;
+  private async writeNewClusters(batch: ClusterBatch): Promise<void> {
+    const data: number[] = [];
     // (A v2 image cannot say "zeros" over a backing file: there its zeros stay data.)
-    if (this.detectZeroes && !(this.header.version === 2 && this.backing)) {
-      data = [];
-      for (const w of batch) {
-        if (!isZero(w.data)) data.push(w);
-        else if (!this.readsAsZeros(w.old)) await this.zeroCluster(w.guestCluster);
-      }
-      if (!data.length) return;
+    const detect = this.detectZeroes && !(this.header.version === 2 && this.backing);
+    for (let i = 0; i < batch.length; i++) {
+      if (!detect || !batch.isZero(i)) data.push(i);
+      else if (!this.readsAsZeros(batch.old[i])) await this.zeroCluster(batch.guest[i]);
     }
-    await this.prepareTables(data.map((p) => p.guestCluster));
-    const start = await this.writeRun(data.map((p) => p.data));
-    for (let i = 0; i < data.length; i++) {
-      this.mapCluster(data[i].guestCluster, start + i * this.clusterSize, true);
-      this.dropReference(data[i].old); // no policy here: never a promise
+    if (!data.length) return;
+    await this.prepareTables(data.map((i) => batch.guest[i]));
+    const start = await this.writeRun(batch.views(data));
+    for (let k = 0; k < data.length; k++) {
+      this.mapCluster(batch.guest[data[k]], start + k * this.clusterSize, true);
+      this.dropReference(batch.old[data[k]]); // no policy here: never a promise
     }
   }
 
@@ -360,13 +374,16 @@ export class Image extends ImageCommit implements GuestReader {
     }
   }
 
-  /** Allocates one contiguous run of new clusters and writes `clusters` there with one call. Returns its host offset. */
-  async writeRun(clusters: Buffer[]): Promise<number> {
-    const start = await this.assertWritable().allocate(clusters.length);
-    this.guardDataWrite(start, clusters.length * this.clusterSize);
-    if (this.behind) this.behind.writeBehind(start, clusters);
-    else await this.file.writev(start, clusters);
-    this.startWriteback(clusters.length * this.clusterSize);
+  /** Allocates one contiguous run of new clusters and writes `buffers` (whole clusters each) there with one call. Returns its host offset. */
+  async writeRun(buffers: Buffer[]): Promise<number> {
+    let bytes = 0;
+    for (const b of buffers) bytes += b.length;
+    if (bytes % this.clusterSize !== 0) throw new InternalError(`writeRun: ${bytes} bytes are not whole ${this.clusterSize}-byte clusters`);
+    const start = await this.assertWritable().allocate(bytes / this.clusterSize);
+    this.guardDataWrite(start, bytes);
+    if (this.behind) this.behind.writeBehind(start, buffers);
+    else await this.file.writev(start, buffers);
+    this.startWriteback(bytes);
     return start;
   }
 

@@ -5,17 +5,9 @@
 
 import type { L2Entry } from '../format/l1l2.ts';
 import type { BlockFile } from './block-file.ts';
+import type { ClusterBatch } from './cluster-batch.ts';
 
-/** One whole guest cluster of a write, waiting for a new host cluster (or a policy's decision). */
-export interface ClusterWrite {
-  guestCluster: number;
-  /** Its new bytes (a view of the caller's buffer, valid until the batch is written). */
-  data: Buffer;
-  /** The L2 entry it replaces (its reference is dropped after the replacement is mapped). */
-  old: L2Entry;
-  /** Its index among the clusters of the prepared chunk it came from (PreparedChunk), or -1. */
-  prepared: number;
-}
+export type { ClusterBatch };
 
 /**
  * A chunk of a long write, prepared ahead (WritePolicy.prepare: its clusters hashed on
@@ -45,9 +37,10 @@ export interface WritePolicy {
    * Writes a batch of whole guest clusters (in guest order) in place of the engine's one
    * new run. Every old reference must be dropped (ImageWriter.dropReference) after its
    * replacement is mapped. `prepared`: the result of prepare() for the chunk the batch's
-   * clusters with `prepared` ≥ 0 come from.
+   * clusters with `prepared` ≥ 0 come from. The batch is the engine's, emptied and reused
+   * once this resolves.
    */
-  writeClusters(batch: ClusterWrite[], prepared?: unknown): Promise<void>;
+  writeClusters(batch: ClusterBatch, prepared?: unknown): Promise<void>;
   /** Reads what release() of these host clusters needs into memory (the engine calls it before a release of its own). */
   prepareRelease(clusters: number[]): Promise<void>;
   /**
@@ -82,8 +75,8 @@ export interface ImageWriter {
   readonly refcountMax: number;
   /** Allocates `n` contiguous clusters (refcount 1) and returns the host offset of the first. */
   allocate(n: number): Promise<number>;
-  /** Allocates one contiguous run and writes `clusters` there with one call. Returns its host offset. */
-  writeRun(clusters: Buffer[]): Promise<number>;
+  /** Allocates one contiguous run and writes `buffers` (whole clusters each) there with one call. Returns its host offset. */
+  writeRun(buffers: Buffer[]): Promise<number>;
   /** Writes `bytes` at host offset `offset`, in clusters allocate() gave (behind, during a pipelined write). */
   writeBytes(offset: number, bytes: Buffer): Promise<void>;
   /**
