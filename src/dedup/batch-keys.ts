@@ -20,33 +20,33 @@ export class BatchKeys {
     this.mask = size - 1;
   }
 
-  /** The value stored under the key of `hash` (its bytes 0–5), or -1. */
-  get(hash: Uint8Array): number {
-    return this.at[this.slotOf(hash)];
+  /** The value stored under the key of the hash at byte `at` of `hash` (its bytes 0–5), or -1. */
+  get(hash: Uint8Array, at = 0): number {
+    return this.at[this.slotOf(hash, at)];
   }
 
-  /** Stores `value` (≥ 0) under the key of `hash`, replacing what was there. */
-  set(hash: Uint8Array, value: number): void {
-    const s = this.slotOf(hash);
-    this.hi[s] = keyHi(hash);
-    this.lo[s] = keyLo(hash);
+  /** Stores `value` (≥ 0) under the key of the hash at byte `at` of `hash`, replacing what was there. */
+  set(hash: Uint8Array, value: number, at = 0): void {
+    const s = this.slotOf(hash, at);
+    this.hi[s] = keyHi(hash, at);
+    this.lo[s] = keyLo(hash, at);
     this.at[s] = value;
   }
 
-  /** The slot holding the key of `hash`, or the empty slot where it would go (linear probing). */
-  private slotOf(hash: Uint8Array): number {
-    const hi = keyHi(hash);
-    const lo = keyLo(hash);
+  /** The slot holding the key, or the empty slot where it would go (linear probing). */
+  private slotOf(hash: Uint8Array, at: number): number {
+    const hi = keyHi(hash, at);
+    const lo = keyLo(hash, at);
     let s = Math.imul(hi ^ Math.imul(lo, 0x9e37_79b1), 0x85eb_ca6b) & this.mask;
     while (this.at[s] >= 0 && (this.hi[s] !== hi || this.lo[s] !== lo)) s = (s + 1) & this.mask;
     return s;
   }
 }
 
-function keyHi(hash: Uint8Array): number {
-  return ((hash[0] << 24) | (hash[1] << 16) | (hash[2] << 8) | hash[3]) >>> 0;
+function keyHi(hash: Uint8Array, at: number): number {
+  return ((hash[at] << 24) | (hash[at + 1] << 16) | (hash[at + 2] << 8) | hash[at + 3]) >>> 0;
 }
 
-function keyLo(hash: Uint8Array): number {
-  return (hash[4] << 8) | hash[5];
+function keyLo(hash: Uint8Array, at: number): number {
+  return (hash[at + 4] << 8) | hash[at + 5];
 }

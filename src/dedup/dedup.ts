@@ -12,7 +12,6 @@
 // the first write and is cleared only after everything else is durable (close()).
 
 import { AUTOCLEAR_DEDUP, EXT_DEDUP, configBytesFor, encodeDedupConfig, encodeDedupExtension, type DedupExtension } from '../format/dedup-ext.ts';
-import type { IndexEntry } from './slot-bits.ts';
 import type { Image } from '../image/image.ts';
 import type { ClusterBatch, ImageWriter, WritePolicy } from '../image/write-policy.ts';
 import type { L2Entry } from '../format/l1l2.ts';
@@ -24,6 +23,7 @@ import { createHasher, type Hasher } from './hasher.ts';
 import type { Holder, HolderHost } from './holder.ts';
 import type { DedupStore, Allocate } from './store.ts';
 import { BatchKeys } from './batch-keys.ts';
+import { BatchLookups, ENTRY, NOT_LOOKED } from './batch-lookups.ts';
 
 export {
   DEDUP_CLUSTER_BITS,
@@ -71,6 +71,8 @@ export class Dedup implements WritePolicy {
   private readonly copies: CompressedCopies;
   /** Compresses the chunks of the write pipeline (compressWrites(): `-c`), or null: unique clusters are written plain. */
   private compressor: ChunkCompressor | null = null;
+  /** What writeClusters knows about each cluster of its batch (reused from batch to batch). */
+  private readonly lookups = new BatchLookups();
 
   /** Made by attachDedup and initializeDedup (./attach.ts). */
   constructor(
@@ -144,26 +146,25 @@ export class Dedup implements WritePolicy {
     const digest = ready?.digest.complete(); // the rest of the chunk hashed here, if the worker is behind
 
     // Phase 1, look up. Per cluster, in arrays indexed like `batch` (no object per cluster):
-    // its hash (null: a zero cluster) and what the index holds for it. Each content is looked
-    // up once here, at its first occurrence; `found` is undefined for its later ones (either
+    // where its hash is (none: a zero cluster) and what the index holds for it. Each content
+    // is looked up once here, at its first occurrence; its later ones are NOT_LOOKED (either
     // repeats of a miss, never looked up, or looked up again in phase 3 when decided).
     // Contents are keyed by their hash's first 48 bits (BatchKeys), confirmed by comparing
     // whole hashes.
-    const hashes = new Array<Buffer | null>(n);
-    const found = new Array<IndexEntry | null | undefined>(n);
+    const L = this.lookups;
+    L.reset(n);
     const looked = new BatchKeys(n); // key → the first cluster of that key
     for (let c = 0; c < n; c++) {
       const i = digest ? batch.prepared[c] : -1;
       if (i >= 0 ? digest!.zero[i] : batch.isZero(c)) {
-        hashes[c] = null;
-        found[c] = null;
+        L.setZero(c);
         continue;
       }
-      const hash = i >= 0 ? digest!.hashes.subarray(i * HASH_BYTES, (i + 1) * HASH_BYTES) : this.hasher.hash(batch.data(c));
-      const first = looked.get(hash);
-      if (first < 0) looked.set(hash, c);
-      hashes[c] = hash;
-      found[c] = first >= 0 && hashes[first]!.equals(hash) ? undefined : this.store.lookup(hash);
+      if (i >= 0) L.setHash(c, digest!.hashes, i * HASH_BYTES);
+      else L.setHash(c, this.hasher.hash(batch.data(c)), 0); // (not from the pipeline: a write's edges)
+      const first = looked.get(L.hashIn[c]!, L.hashAt[c]);
+      if (first < 0) looked.set(L.hashIn[c]!, c, L.hashAt[c]);
+      if (first < 0 || !L.sameHash(first, c)) L.setFound(c, this.store.find(L.hashIn[c]!, L.hashAt[c]), this.store.found);
     }
 
     // Phase 2, fetch. Tables of clusters that will not change are not made writable (zeroing
@@ -172,13 +173,15 @@ export class Dedup implements WritePolicy {
     const guests: number[] = [];
     const hosts: number[] = [];
     for (let c = 0; c < n; c++) {
-      if (hashes[c] || !writer.readsAsZeros(batch.old[c])) guests.push(batch.guest[c]);
+      if (L.hashIn[c] || !writer.readsAsZeros(batch.old[c])) guests.push(batch.guest[c]);
     }
     await writer.prepareTables(guests);
     for (let c = 0; c < n; c++) {
-      const entry = found[c];
-      if (entry && isStreamEntry(entry.hostOffset, cs)) hosts.push(...this.copies.clusters(entry.hostOffset, streamLengthOf(entry.firstGuestOffset, cs)));
-      else if (entry && Number.isSafeInteger(entry.hostOffset / cs)) hosts.push(entry.hostOffset / cs);
+      if (L.state[c] === ENTRY) {
+        const host = L.hostOffset[c];
+        if (isStreamEntry(host, cs)) hosts.push(...this.copies.clusters(host, streamLengthOf(L.firstGuestOffset[c], cs)));
+        else if (Number.isSafeInteger(host / cs)) hosts.push(host / cs);
+      }
       const old = batch.old[c];
       const released = writer.releasedBy(old);
       if (released !== null) hosts.push(released);
@@ -195,32 +198,32 @@ export class Dedup implements WritePolicy {
     const lastDup = new Int32Array(n);
     for (let c = 0; c < n; c++) {
       const old = batch.old[c];
-      const hash = hashes[c];
+      const hash = L.hashIn[c];
       if (!hash) {
         this.counters.zeroClusters++;
         const releasing = writer.zeroCluster(batch.guest[c], old);
         if (releasing) await releasing;
         continue;
       }
-      const pendingMiss = missByKey.get(hash);
-      if (pendingMiss >= 0 && hashes[pendingMiss]!.equals(hash)) {
+      const at = L.hashAt[c];
+      const pendingMiss = missByKey.get(hash, at);
+      if (pendingMiss >= 0 && L.sameHash(pendingMiss, c)) {
         nextDup[lastDup[pendingMiss]] = c; // lastDup of a miss starts at itself
         lastDup[pendingMiss] = c;
         continue;
       }
-      const f = found[c];
-      const entry = f === undefined ? this.store.lookup(hash) : f; // its cluster fetched with the first occurrence's
-      const target = entry ? this.linkable(entry, batch, c) : null;
+      if (L.state[c] === NOT_LOOKED) L.setFound(c, this.store.find(hash, at), this.store.found); // its cluster fetched with the first occurrence's
+      const target = L.state[c] === ENTRY ? this.linkable(c, batch) : null;
       if (target !== null) {
         this.counters.hits++;
         if ((old.kind === 'normal' ? old.hostOffset : old.compressedOffset) === target) continue; // same content, same copy
-        const releasing = this.link(batch.guest[c], old, target, isStreamEntry(target, cs) ? streamLengthOf(entry!.firstGuestOffset, cs) : 0);
+        const releasing = this.link(batch.guest[c], old, target, isStreamEntry(target, cs) ? streamLengthOf(L.firstGuestOffset[c], cs) : 0);
         if (releasing) await releasing;
         continue;
       }
       misses.push(c);
       lastDup[c] = c;
-      if (pendingMiss < 0) missByKey.set(hash, c);
+      if (pendingMiss < 0) missByKey.set(hash, c, at);
     }
     if (!misses.length) return;
 
@@ -237,12 +240,13 @@ export class Dedup implements WritePolicy {
     const run = packed.length ? await this.copies.writeRun(packed) : null;
     for (let i = 0, p = 0, q = 0; i < misses.length; i++) {
       const m = misses[i];
-      const hash = hashes[m]!;
+      const hash = L.hashIn[m]!;
+      const at = L.hashAt[m];
       const stream = streams?.[i] ?? null;
       let copyOffset = stream ? run!.offsets[q++] : start + p++ * cs;
       let copyLength = stream ? stream.length : 0;
       let held = stream ? run!.held : this.holder.canHold(copyOffset / cs);
-      let indexed = this.index(batch.guest[m], hash, copyOffset, copyLength, held);
+      let indexed = this.index(batch.guest[m], hash, at, copyOffset, copyLength, held);
       if (indexed) await indexed;
       const releasing = writer.dropReference(batch.old[m]);
       if (releasing) await releasing;
@@ -273,7 +277,7 @@ export class Dedup implements WritePolicy {
           copyOffset = await writer.writeRun(batch.views([d]));
           held = this.holder.canHold(copyOffset / cs);
         }
-        indexed = this.index(batch.guest[d], hash, copyOffset, copyLength, held);
+        indexed = this.index(batch.guest[d], hash, at, copyOffset, copyLength, held);
         if (indexed) await indexed;
         const dropping = writer.dropReference(batch.old[d]);
         if (dropping) await dropping;
@@ -284,14 +288,14 @@ export class Dedup implements WritePolicy {
   /**
    * Maps guest cluster `guestCluster` to the copy just written (a whole cluster at
    * `copyOffset` when `copyLength` is 0, else a compressed stream of `copyLength` bytes)
-   * and, when `held`, indexes it under `hash`. A whole cluster is then held here (its table
+   * and, when `held`, indexes it under the hash at byte `at` of `hash`. A whole cluster is then held here (its table
    * read or made first: rare, once per table, in this order so that the file's layout does
    * not depend on batching) and its refcount becomes 2 before the L2 entry names it (I3),
    * COPIED clear; not held, it is mapped alone, COPIED set. A compressed copy's run is held
    * by writeRun already; the guest's reference goes on every cluster it touches. A promise
    * only when the holder's table is read or the store must rotate.
    */
-  private index(guestCluster: number, hash: Buffer, copyOffset: number, copyLength: number, held: boolean): Promise<void> | undefined {
+  private index(guestCluster: number, hash: Uint8Array, at: number, copyOffset: number, copyLength: number, held: boolean): Promise<void> | undefined {
     const cs = this.writer.clusterSize;
     if (copyLength) {
       if (!held) {
@@ -299,18 +303,27 @@ export class Dedup implements WritePolicy {
         return undefined;
       }
       this.copies.link(guestCluster, copyOffset, copyLength);
-      return this.store.insert(hash, copyOffset, streamGuestField(guestCluster * cs, copyLength), this.allocate);
+      return this.store.insert(hash, copyOffset, streamGuestField(guestCluster * cs, copyLength), this.allocate, at);
     }
     const cluster = copyOffset / cs;
     let inserting: Promise<void> | undefined;
     if (held) {
-      if (!this.holder.ready(cluster)) return this.holder.prepareHold([cluster]).then(() => this.index(guestCluster, hash, copyOffset, copyLength, held));
+      if (!this.holder.ready(cluster)) return this.indexOnceHoldable(guestCluster, hash, at, copyOffset, held);
       this.writer.increment(cluster);
       this.holder.hold(cluster);
-      inserting = this.store.insert(hash, copyOffset, guestCluster * cs, this.allocate);
+      inserting = this.store.insert(hash, copyOffset, guestCluster * cs, this.allocate, at);
     }
     this.writer.mapCluster(guestCluster, copyOffset, !held);
     return inserting;
+  }
+
+  /**
+   * index() of a whole cluster whose holder table is not in memory: read or made first. Apart
+   * from index(), whose every call would otherwise make a context for this continuation's closure.
+   */
+  private async indexOnceHoldable(guestCluster: number, hash: Uint8Array, at: number, copyOffset: number, held: boolean): Promise<void> {
+    await this.holder.prepareHold([copyOffset / this.writer.clusterSize]);
+    await this.index(guestCluster, hash, at, copyOffset, 0, held);
   }
 
   /**
@@ -328,43 +341,49 @@ export class Dedup implements WritePolicy {
   }
 
   /**
-   * The host offset of the indexed cluster of entry `e` when it may be linked to (held,
-   * under the cap, and equal to `data` when verifying or when the entry is not confirmed
-   * this session), or null. Without I/O but a compare: the holder table and refcount block
-   * of its cluster fetched.
+   * The host offset of the indexed cluster of the entry found for cluster `c` of `batch`
+   * (this.lookups) when it may be linked to (held, under the cap, and equal to the cluster's
+   * bytes when verifying or when the entry is not confirmed this session), or null. Without
+   * I/O but a compare: the holder table and refcount block of its cluster fetched.
    */
-  private linkable(e: IndexEntry, batch: ClusterBatch, c: number): number | null {
-    if (isStreamEntry(e.hostOffset, this.writer.clusterSize)) {
-      const length = streamLengthOf(e.firstGuestOffset, this.writer.clusterSize);
-      if (!this.copies.linkable(e.hostOffset, length)) return null;
-      return (!this.ext.verify && e.confirmed) || this.sameBytes(e, batch, c, length) ? e.hostOffset : null;
+  private linkable(c: number, batch: ClusterBatch): number | null {
+    const L = this.lookups;
+    const host = L.hostOffset[c];
+    const check = this.ext.verify || !L.confirmed[c];
+    if (isStreamEntry(host, this.writer.clusterSize)) {
+      const length = streamLengthOf(L.firstGuestOffset[c], this.writer.clusterSize);
+      if (!this.copies.linkable(host, length)) return null;
+      return !check || this.sameBytes(c, batch, length) ? host : null;
     }
-    const cluster = e.hostOffset / this.writer.clusterSize;
+    const cluster = host / this.writer.clusterSize;
     // An index entry is only good for a cluster the holder still holds (belt and braces for I1).
     if (!Number.isSafeInteger(cluster) || !this.holder.holds(cluster)) return null;
     const refcount = this.writer.refcount(cluster);
     if (refcount < MIN_LINK_REFCOUNT || refcount >= this.cap) return null;
-    if ((this.ext.verify || !e.confirmed) && !this.sameBytes(e, batch, c)) return null;
-    return e.hostOffset;
+    if (check && !this.sameBytes(c, batch)) return null;
+    return host;
   }
 
   /**
-   * Compares the indexed cluster of `e` with `data` (verify mode, or an entry from disk that
-   * may lie: damage, a crafted image, a stale entry; src/dedup/slot-bits.ts). Equal bytes
-   * confirm the entry for the session: a held cluster is never rewritten in place (I2). A
-   * synchronous read, as for incarnation slots: the thread pool's round trip cost twice the
-   * import's time when every cluster hit an entry from an earlier session.
+   * Compares the indexed cluster found for cluster `c` with its bytes (verify mode, or an
+   * entry from disk that may lie: damage, a crafted image, a stale entry;
+   * src/dedup/slot-bits.ts). Equal bytes confirm the entry for the session: a held cluster is
+   * never rewritten in place (I2). A synchronous read, as for incarnation slots: the thread
+   * pool's round trip cost twice the import's time when every cluster hit an entry from an
+   * earlier session.
    */
-  private sameBytes(e: IndexEntry, batch: ClusterBatch, c: number, streamLength = 0): boolean {
+  private sameBytes(c: number, batch: ClusterBatch, streamLength = 0): boolean {
+    const L = this.lookups;
+    const host = L.hostOffset[c];
     this.counters.compared++;
     const same = streamLength
-      ? this.copies.sameBytes(e.hostOffset, streamLength, batch.data(c))
-      : batch.equals(c, this.writer.file.readSync(e.hostOffset, this.writer.clusterSize));
+      ? this.copies.sameBytes(host, streamLength, batch.data(c))
+      : batch.equals(c, this.writer.file.readSync(host, this.writer.clusterSize));
     if (!same) {
       this.counters.mismatches++;
       return false;
     }
-    this.store.confirm(e);
+    this.store.confirm(L.bits[c], L.slot[c]);
     return true;
   }
 

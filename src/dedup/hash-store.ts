@@ -13,7 +13,7 @@ import {
   secondBucket,
   encodeIncarnation,
   incarnationLayout,
-  tagOf,
+  tagAt,
   type IncarnationLayout,
   type SlotArrays,
 } from '../format/incarnation.ts';
@@ -21,7 +21,7 @@ import { readU64 } from '../format/bytes.ts';
 import { HASH_BYTES, HASH_ENTRY_BYTES } from '../format/hash-entry.ts';
 import type { IncarnationRecord, LimboRecord } from '../format/dedup-ext.ts';
 import type { BlockFile } from '../image/block-file.ts';
-import { SlotBits, type IndexEntry } from './slot-bits.ts';
+import { SlotBits, emptyFoundSlot, type FoundSlot, type IndexEntry } from './slot-bits.ts';
 import { SlotCache, slotOffset } from './slot-cache.ts';
 
 export interface Incarnation {
@@ -40,6 +40,11 @@ function hasZeroHalf(v: number): boolean {
 
 /** What a lookup found: an entry, or a tombstone saying the hash was deleted. */
 export type Found = { entry: IndexEntry; tombstone: boolean };
+
+/** HashStore.find's answers. */
+export const NOT_FOUND = 0;
+export const FOUND_ENTRY = 1;
+export const FOUND_TOMBSTONE = 2;
 
 export class HashStore {
   readonly layout: IncarnationLayout;
@@ -131,26 +136,35 @@ export class HashStore {
    * would cost ten times more).
    */
   lookup(hash: Buffer): Found | null {
-    if (this.incarnations.length === 0) return null;
-    this.lookups++;
-    const k = this.locate(hash);
-    if (k < 0) return null;
-    // The slot's hash is `hash`: the entry names the caller's bytes, as a log store's does (no copy).
-    const { piece, at, slot } = this.located;
-    const hostOffset = readU64(piece, at + 32, 'hash entry host offset');
-    const tombstone = hostOffset === 0;
-    if (!tombstone) this.hits++;
-    const confirmed = this.incarnations[k].confirmed;
-    const entry = {
-      hash,
-      hostOffset,
-      firstGuestOffset: readU64(piece, at + 40, 'hash entry guest offset'),
-      confirmed: confirmed.get(slot),
-      bits: confirmed,
-      slot,
-    };
-    return { entry, tombstone };
+    const found = this.find(hash, 0, this.scratch);
+    // The entry names the caller's bytes, as a log store's does (no copy).
+    return found === NOT_FOUND ? null : { entry: { hash, ...this.scratch }, tombstone: found === FOUND_TOMBSTONE };
   }
+
+  /**
+   * lookup() of the hash at byte `at` of `hash`, without an object: NOT_FOUND, FOUND_ENTRY
+   * (its fields written into `out`) or FOUND_TOMBSTONE.
+   */
+  find(hash: Uint8Array, at: number, out: FoundSlot): number {
+    if (this.incarnations.length === 0) return NOT_FOUND;
+    this.lookups++;
+    const k = this.locate(hash, at);
+    if (k < 0) return NOT_FOUND;
+    const { piece, at: slotAt, slot } = this.located;
+    const hostOffset = readU64(piece, slotAt + 32, 'hash entry host offset');
+    if (hostOffset === 0) return FOUND_TOMBSTONE;
+    this.hits++;
+    const confirmed = this.incarnations[k].confirmed;
+    out.hostOffset = hostOffset;
+    out.firstGuestOffset = readU64(piece, slotAt + 40, 'hash entry guest offset');
+    out.confirmed = confirmed.get(slot);
+    out.bits = confirmed;
+    out.slot = slot;
+    return FOUND_ENTRY;
+  }
+
+  /** What lookup() has find() write. */
+  private readonly scratch = emptyFoundSlot();
 
   /**
    * The youngest incarnation holding `hash` where a lookup reaches it (as an entry or a
@@ -167,10 +181,10 @@ export class HashStore {
    * The youngest incarnation whose slot in one of `hash`'s two buckets holds `hash`, its
    * place in `located`; -1 if none.
    */
-  private locate(hash: Uint8Array): number {
-    const tag = tagOf(hash);
-    const b1 = firstBucket(hash, this.mask);
-    const b2 = secondBucket(hash, this.mask, b1);
+  private locate(hash: Uint8Array, at = 0): number {
+    const tag = tagAt(hash, at);
+    const b1 = firstBucket(hash, this.mask, at);
+    const b2 = secondBucket(hash, this.mask, b1, at);
     const s1 = b1 * BUCKET_SLOTS;
     const s2 = b2 * BUCKET_SLOTS;
     const two = b1 !== b2;
@@ -191,11 +205,11 @@ export class HashStore {
         if ((i & 1 ? word >>> 16 : word & 0xffff) !== tag) continue;
         this.slotReads++;
         const piece = this.slots.piece(inc.record.offset + this.layout.tableOffset, this.layout.slots, s, this.readSync);
-        const at = slotOffset(s);
-        if (!sameHash(piece, at, hash)) continue; // a tag collision
+        const slotAt = slotOffset(s);
+        if (!sameHash(piece, slotAt, hash, at)) continue; // a tag collision
         const l = this.located;
         l.piece = piece;
-        l.at = at;
+        l.at = slotAt;
         l.slot = s;
         return k;
       }
@@ -246,7 +260,7 @@ export class HashStore {
  * Buffer.compare's call into C++ (its arguments checked, the views' buffers fetched) cost
  * several times the compare of 32 bytes.
  */
-function sameHash(piece: Uint8Array, at: number, hash: Uint8Array): boolean {
-  for (let i = 0; i < HASH_BYTES; i++) if (piece[at + i] !== hash[i]) return false;
+function sameHash(piece: Uint8Array, at: number, hash: Uint8Array, hashAt: number): boolean {
+  for (let i = 0; i < HASH_BYTES; i++) if (piece[at + i] !== hash[hashAt + i]) return false;
   return true;
 }

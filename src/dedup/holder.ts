@@ -22,6 +22,7 @@
 import { CorruptImageError, InternalError, hex } from '../errors.ts';
 import { decodeL1Entry, decodeL2Entry, encodeL1Entry, encodeL2Entry, l2Offsets } from '../format/l1l2.ts';
 import { MAX_L1_BYTES } from '../format/header.ts';
+import { TWO_32 } from '../format/bytes.ts';
 import type { BlockFile } from '../image/block-file.ts';
 
 export const HOLDER_NAME = 'qdedup-dedup-holder';
@@ -183,13 +184,17 @@ export class Holder {
    * them need no I/O (tables stay in memory until a commit writes them).
    */
   async fetch(clusters: Iterable<number>): Promise<void> {
+    // The tables are found first, without an await in the loop: a for…of holding one made an
+    // iterator result per cluster.
+    const missing: number[] = [];
     let last = -1;
     for (const c of clusters) {
       if (!this.covers(c)) continue;
       const l1Index = Math.floor(c / this.l2Entries);
-      if (l1Index !== last && !this.l2Cache.has(l1Index)) await this.table(l1Index);
+      if (l1Index !== last && !this.l2Cache.has(l1Index) && !missing.includes(l1Index)) missing.push(l1Index);
       last = l1Index;
     }
+    for (const l1Index of missing) await this.table(l1Index);
   }
 
   /**
@@ -244,6 +249,10 @@ export class Holder {
   }
 
   private heldIn(t: Buffer, l1Index: number, cluster: number): boolean {
+    // The entry hold() writes, compared as it is (decoding it made an object per hit).
+    const offset = cluster * this.clusterSize;
+    const at = (cluster % this.l2Entries) * 8;
+    if (t.readUInt32BE(at) === Math.floor(offset / TWO_32) && t.readUInt32BE(at + 4) === offset >>> 0 && offset !== 0) return true;
     const e = decodeL2Entry(t, cluster % this.l2Entries, this.host.clusterBits);
     if (e.kind === 'unallocated') return false;
     if (e.kind !== 'normal' || e.hostOffset !== cluster * this.clusterSize) {

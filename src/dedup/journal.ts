@@ -7,7 +7,7 @@
 // once more entries arrive. So a torn write can only damage the block being written, never
 // entries committed earlier, and replay stops there.
 
-import { decodeJournalBlock, encodeJournalBlock, entriesPerBlock, type BlockVerdict, type JournalEntry } from '../format/journal-block.ts';
+import { decodeJournalBlock, encodeJournalEntry, entriesPerBlock, sealJournalBlock, type BlockVerdict, type JournalEntry } from '../format/journal-block.ts';
 import type { JournalDescriptor } from '../format/dedup-ext.ts';
 import type { BlockFile } from '../image/block-file.ts';
 
@@ -49,8 +49,9 @@ export class Journal {
   readonly perBlock: number;
   /** Next block index to write. */
   private nextBlock: number;
-  /** Entries not yet in a block written whole and full. */
-  private pending: JournalEntry[] = [];
+  /** The block being filled, its entries encoded as they come (no object per entry), and how many it holds. */
+  private filling: Buffer;
+  private pending = 0;
   /** Full blocks encoded and waiting for flush(). */
   private ready: Buffer[] = [];
 
@@ -64,11 +65,12 @@ export class Journal {
     this.blockSize = blockSize;
     this.perBlock = entriesPerBlock(blockSize);
     this.nextBlock = blocksUsed;
+    this.filling = Buffer.alloc(blockSize);
   }
 
   /** Blocks written or committed to being written, the partly filled one included. */
   get blocksUsed(): number {
-    return this.nextBlock + this.ready.length + (this.pending.length ? 1 : 0);
+    return this.nextBlock + this.ready.length + (this.pending ? 1 : 0);
   }
 
   /** Blocks written to disk so far (replay of a clean journal stops exactly here). */
@@ -78,18 +80,25 @@ export class Journal {
 
   /** True when `count` more entries would not fit in the journal's blocks. */
   wouldOverflow(count: number): boolean {
-    const entries = this.ready.length * this.perBlock + this.pending.length + count;
+    const entries = this.ready.length * this.perBlock + this.pending + count;
     return this.nextBlock + Math.ceil(entries / this.perBlock) > this.desc.blocks;
   }
 
-  /** Queues an entry; the caller checks wouldOverflow() first. */
-  append(entry: JournalEntry): void {
+  /** Queues an entry: the hash at byte `hashAt` of `hash` and its offsets. The caller checks wouldOverflow() first. */
+  append(hash: Uint8Array, hashAt: number, hostOffset: number, firstGuestOffset: number, deleted: boolean): void {
     if (this.wouldOverflow(1)) throw new RangeError('journal full');
-    this.pending.push(entry);
-    if (this.pending.length === this.perBlock) {
-      this.ready.push(encodeJournalBlock(this.blockSize, this.desc.startSequence + this.nextBlock + this.ready.length, this.pending));
-      this.pending = [];
+    encodeJournalEntry(this.filling, this.pending++, hash, hashAt, hostOffset, firstGuestOffset, deleted);
+    if (this.pending === this.perBlock) {
+      sealJournalBlock(this.filling, this.sequenceOf(this.ready.length), this.pending);
+      this.ready.push(this.filling);
+      this.filling = Buffer.alloc(this.blockSize);
+      this.pending = 0;
     }
+  }
+
+  /** The sequence number of the `k`th block after the last one written. */
+  private sequenceOf(k: number): number {
+    return this.desc.startSequence + this.nextBlock + k;
   }
 
   /**
@@ -98,7 +107,11 @@ export class Journal {
    */
   async flush(): Promise<void> {
     const blocks = [...this.ready];
-    if (this.pending.length) blocks.push(encodeJournalBlock(this.blockSize, this.desc.startSequence + this.nextBlock + this.ready.length, this.pending));
+    if (this.pending) {
+      const partial = Buffer.from(this.filling);
+      sealJournalBlock(partial, this.sequenceOf(this.ready.length), this.pending);
+      blocks.push(partial);
+    }
     if (blocks.length === 0) return;
     await this.file.writev(this.desc.offset + this.nextBlock * this.blockSize, blocks);
     this.nextBlock += blocks.length;

@@ -58,25 +58,25 @@ export class LogStore implements SlotArrays {
     return this.slots * (32 + 8 + 8 + 1) + this.confirmed.ramBytes;
   }
 
-  private matches(slot: number, hash: Uint8Array): boolean {
+  private matches(slot: number, hash: Uint8Array, at: number): boolean {
     const hashes = this.hashes;
     const base = slot * 32;
-    for (let i = 0; i < 32; i++) if (hashes[base + i] !== hash[i]) return false;
+    for (let i = 0; i < 32; i++) if (hashes[base + i] !== hash[at + i]) return false;
     return true;
   }
 
-  /** Slot holding `hash` (used or tombstone), or -1. */
-  find(hash: Uint8Array): number {
-    const b1 = firstBucket(hash, this.mask);
-    const s = this.findInBucket(b1, hash);
+  /** Slot holding the hash at byte `at` of `hash` (used or tombstone), or -1. */
+  find(hash: Uint8Array, at = 0): number {
+    const b1 = firstBucket(hash, this.mask, at);
+    const s = this.findInBucket(b1, hash, at);
     if (s >= 0) return s;
-    const b2 = secondBucket(hash, this.mask, b1);
-    return b1 === b2 ? s : this.findInBucket(b2, hash);
+    const b2 = secondBucket(hash, this.mask, b1, at);
+    return b1 === b2 ? s : this.findInBucket(b2, hash, at);
   }
 
-  private findInBucket(b: number, hash: Uint8Array): number {
+  private findInBucket(b: number, hash: Uint8Array, at: number): number {
     for (let s = b * BUCKET_SLOTS; s < (b + 1) * BUCKET_SLOTS; s++) {
-      if (this.states[s] !== SLOT_EMPTY && this.matches(s, hash)) return s;
+      if (this.states[s] !== SLOT_EMPTY && this.matches(s, hash, at)) return s;
     }
     return -1;
   }
@@ -86,17 +86,17 @@ export class LogStore implements SlotArrays {
    * `confirmed`: this session wrote the cluster). Returns false, with the table unchanged, when no slot can be found within MAX_KICKS
    * displacements: the table is full and must be frozen.
    */
-  put(hash: Uint8Array, hostOffset: number, guestOffset: number, state = SLOT_USED, confirmed = false): boolean {
-    const existing = this.find(hash);
+  put(hash: Uint8Array, hostOffset: number, guestOffset: number, state = SLOT_USED, confirmed = false, at = 0): boolean {
+    const existing = this.find(hash, at);
     if (existing >= 0) {
-      this.setSlot(existing, hash, hostOffset, guestOffset, state, confirmed);
+      this.setSlot(existing, hash, at, hostOffset, guestOffset, state, confirmed);
       return true;
     }
-    const b1 = firstBucket(hash, this.mask);
-    const b2 = secondBucket(hash, this.mask, b1);
+    const b1 = firstBucket(hash, this.mask, at);
+    const b2 = secondBucket(hash, this.mask, b1, at);
     const free = this.freeSlot(b1) >= 0 ? this.freeSlot(b1) : this.freeSlot(b2);
     if (free >= 0) {
-      this.setSlot(free, hash, hostOffset, guestOffset, state, confirmed);
+      this.setSlot(free, hash, at, hostOffset, guestOffset, state, confirmed);
       this.count++;
       return true;
     }
@@ -114,7 +114,7 @@ export class LogStore implements SlotArrays {
       w.guests[kick] = this.guestOffsets[victim];
       w.states[kick] = this.states[victim];
       w.confirmed[kick] = this.confirmed.get(victim) ? 1 : 0;
-      if (carried < 0) this.setSlot(victim, hash, hostOffset, guestOffset, state, confirmed);
+      if (carried < 0) this.setSlot(victim, hash, at, hostOffset, guestOffset, state, confirmed);
       else this.restore(victim, carried);
       carried = kick;
       const v1 = firstBucket(w.hashes, this.mask, kick * 32); // not candidateBuckets: its 2 ** order cost a pow per kick
@@ -172,8 +172,8 @@ export class LogStore implements SlotArrays {
     return -1;
   }
 
-  private setSlot(slot: number, hash: Uint8Array, host: number, guest: number, state: number, confirmed: boolean): void {
-    this.hashes.set(hash.length === 32 ? hash : hash.subarray(0, 32), slot * 32); // hashes are 32 bytes: no view to make
+  private setSlot(slot: number, hash: Uint8Array, at: number, host: number, guest: number, state: number, confirmed: boolean): void {
+    copyHash(this.hashes, slot * 32, hash, at);
     this.hostOffsets[slot] = host;
     this.guestOffsets[slot] = guest;
     this.states[slot] = state;

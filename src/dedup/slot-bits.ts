@@ -32,9 +32,19 @@ export class SlotBits {
   }
 }
 
-/** An index entry as a lookup found it, with its confirmed bit and where that bit lives. */
-export interface IndexEntry extends HashEntry {
+/** Where a lookup found an entry: its offsets, its confirmed bit and where that bit lives (DedupStore.find writes one in place). */
+export interface FoundSlot {
+  hostOffset: number;
+  firstGuestOffset: number;
   confirmed: boolean;
   bits: SlotBits;
   slot: number;
+}
+
+/** An index entry as a lookup found it. */
+export interface IndexEntry extends HashEntry, FoundSlot {}
+
+/** A FoundSlot to be written by a find (its fields mean nothing before). */
+export function emptyFoundSlot(): FoundSlot {
+  return { hostOffset: 0, firstGuestOffset: 0, confirmed: false, bits: new SlotBits(0), slot: 0 };
 }

@@ -10,10 +10,10 @@ import { SLOT_EMPTY, SLOT_TOMBSTONE, SLOT_USED } from '../format/incarnation.ts'
 import { entriesPerBlock, type JournalEntry } from '../format/journal-block.ts';
 import { nextGeneration, type DedupConfig, type DedupExtension, type JournalDescriptor } from '../format/dedup-ext.ts';
 import type { BlockFile } from '../image/block-file.ts';
-import { HashStore } from './hash-store.ts';
+import { FOUND_ENTRY, HashStore } from './hash-store.ts';
 import { Journal, replayJournal, type ReplayResult, type ReplayStop } from './journal.ts';
 import { LogStore } from './log-store.ts';
-import type { IndexEntry } from './slot-bits.ts';
+import { emptyFoundSlot, type FoundSlot, type IndexEntry, type SlotBits } from './slot-bits.ts';
 
 export interface StoreGeometry {
   order: number;
@@ -68,17 +68,15 @@ export function replayDamage(stops: (ReplayStop | null)[], journals: JournalDesc
   return null;
 }
 
-/** The entry in slot `slot` of a log store, or null for a tombstone (a deleted hash). */
-function entryAt(store: LogStore, slot: number, hash: Buffer): IndexEntry | null {
-  if (store.states[slot] === SLOT_TOMBSTONE) return null;
-  return {
-    hash,
-    hostOffset: store.hostOffsets[slot],
-    firstGuestOffset: store.guestOffsets[slot],
-    confirmed: store.confirmed.get(slot),
-    bits: store.confirmed,
-    slot,
-  };
+/** Writes the entry in slot `slot` of a log store into `out`; false for a tombstone (a deleted hash). */
+function slotFound(store: LogStore, slot: number, out: FoundSlot): boolean {
+  if (store.states[slot] === SLOT_TOMBSTONE) return false;
+  out.hostOffset = store.hostOffsets[slot];
+  out.firstGuestOffset = store.guestOffsets[slot];
+  out.confirmed = store.confirmed.get(slot);
+  out.bits = store.confirmed;
+  out.slot = slot;
+  return true;
 }
 
 interface Side {
@@ -98,6 +96,8 @@ export class DedupStore {
   private currentIndex: number;
   /** Where replay stopped at open, per journal (for journal-dump and dedup-stats). */
   readonly replays: [ReplayResult | null, ReplayResult | null] = [null, null];
+  /** What the last find() that returned true found (overwritten by the next find). */
+  readonly found: FoundSlot = emptyFoundSlot();
   freezes = 0;
   packs = 0;
   /** The journal descriptors the configuration held at open (replay is judged against them). */
@@ -181,22 +181,30 @@ export class DedupStore {
    * HashStore.lookup. Unless `confirmed`, its cluster must be compared before a link.
    */
   lookup(hash: Buffer): IndexEntry | null {
-    const inCurrent = this.current.store.find(hash);
-    if (inCurrent >= 0) return entryAt(this.current.store, inCurrent, hash);
-    const inFrozen = this.frozen ? this.frozen.store.find(hash) : -1;
-    if (inFrozen >= 0) return entryAt(this.frozen!.store, inFrozen, hash);
-    const found = this.hashStore.lookup(hash);
-    return found && !found.tombstone ? found.entry : null;
+    return this.find(hash) ? { hash, ...this.found } : null;
   }
 
   /**
-   * Records that `hash` is the content of the cluster at `hostOffset` (first written at
-   * guestOffset). Returns a promise only when the log store must be frozen or the journal
-   * packed (I/O); the common case completes synchronously and returns undefined, so the
-   * write path awaits only when there is something to wait for.
+   * lookup() of the hash at byte `at` of `hash`, without an object: true when there is an
+   * entry, its fields then in `found` until the next find.
    */
-  insert(hash: Buffer, hostOffset: number, guestOffset: number, allocate: Allocate): Promise<void> | undefined {
-    return this.record({ hash, hostOffset, firstGuestOffset: guestOffset, deleted: false }, allocate);
+  find(hash: Uint8Array, at = 0): boolean {
+    const inCurrent = this.current.store.find(hash, at);
+    if (inCurrent >= 0) return slotFound(this.current.store, inCurrent, this.found);
+    const inFrozen = this.frozen ? this.frozen.store.find(hash, at) : -1;
+    if (inFrozen >= 0) return slotFound(this.frozen!.store, inFrozen, this.found);
+    return this.hashStore.find(hash, at, this.found) === FOUND_ENTRY;
+  }
+
+  /**
+   * Records that the hash at byte `at` of `hash` is the content of the cluster at
+   * `hostOffset` (first written at guestOffset). Returns a promise only when the log store
+   * must be frozen or the journal packed (I/O); the common case completes synchronously and
+   * returns undefined, so the write path awaits only when there is something to wait for.
+   * `hash` must not change until then.
+   */
+  insert(hash: Uint8Array, hostOffset: number, guestOffset: number, allocate: Allocate, at = 0): Promise<void> | undefined {
+    return this.record(hash, at, hostOffset, guestOffset, false, allocate);
   }
 
   /**
@@ -204,35 +212,37 @@ export class DedupStore {
    * a promise only when the log store must be frozen or the journal packed.
    */
   remove(hash: Buffer, allocate: Allocate): Promise<void> | undefined {
-    return this.record({ hash, hostOffset: 0, firstGuestOffset: 0, deleted: true }, allocate);
+    return this.record(hash, 0, 0, 0, true, allocate);
   }
 
   /** Marks a found entry confirmed: its cluster's bytes were compared with data of its hash. */
-  confirm(e: IndexEntry): void {
-    e.bits.set(e.slot, true);
+  confirm(bits: SlotBits, slot: number): void {
+    bits.set(slot, true);
   }
 
   /** Puts the entry in the current log store and appends it to the journal; a promise only when it must rotate or pack. */
-  private record(e: JournalEntry, allocate: Allocate): Promise<void> | undefined {
-    const state = e.deleted ? SLOT_TOMBSTONE : SLOT_USED;
+  private record(hash: Uint8Array, at: number, hostOffset: number, guestOffset: number, deleted: boolean, allocate: Allocate): Promise<void> | undefined {
+    const state = deleted ? SLOT_TOMBSTONE : SLOT_USED;
     // One put() only: a refused put advances the log store's kick walk, so it must not be retried before rotating.
     // An entry this session records names a cluster it has just written: confirmed.
-    if (!this.current.store.put(e.hash, e.hostOffset, e.firstGuestOffset, state, !e.deleted)) return this.rotateAndRecord(e, state, allocate);
-    if (this.current.journal.wouldOverflow(1)) return this.packAndAppend(e, allocate);
-    this.current.journal.append(e);
+    if (!this.current.store.put(hash, hostOffset, guestOffset, state, !deleted, at))
+      return this.rotateAndRecord(hash, at, hostOffset, guestOffset, deleted, allocate);
+    if (this.current.journal.wouldOverflow(1)) return this.packAndAppend(hash, at, hostOffset, guestOffset, deleted, allocate);
+    this.current.journal.append(hash, at, hostOffset, guestOffset, deleted);
     return undefined;
   }
 
-  private async rotateAndRecord(e: JournalEntry, state: number, allocate: Allocate): Promise<void> {
+  private async rotateAndRecord(hash: Uint8Array, at: number, hostOffset: number, guestOffset: number, deleted: boolean, allocate: Allocate): Promise<void> {
     await this.rotate(allocate);
-    if (!this.current.store.put(e.hash, e.hostOffset, e.firstGuestOffset, state, !e.deleted)) throw new InternalError('an empty log store refused an entry');
+    if (!this.current.store.put(hash, hostOffset, guestOffset, deleted ? SLOT_TOMBSTONE : SLOT_USED, !deleted, at))
+      throw new InternalError('an empty log store refused an entry');
     if (this.current.journal.wouldOverflow(1)) await this.pack(allocate);
-    this.current.journal.append(e);
+    this.current.journal.append(hash, at, hostOffset, guestOffset, deleted);
   }
 
-  private async packAndAppend(e: JournalEntry, allocate: Allocate): Promise<void> {
+  private async packAndAppend(hash: Uint8Array, at: number, hostOffset: number, guestOffset: number, deleted: boolean, allocate: Allocate): Promise<void> {
     await this.pack(allocate);
-    this.current.journal.append(e);
+    this.current.journal.append(hash, at, hostOffset, guestOffset, deleted);
   }
 
   /** The current log store is full: it becomes the frozen one and the journals swap. */
@@ -286,12 +296,7 @@ export class DedupStore {
     const journal = new Journal(this.file, desc, this.geometry.journalBlockSize);
     for (let s = 0; s < store.slots; s++) {
       if (store.states[s] === SLOT_EMPTY) continue;
-      journal.append({
-        hash: Buffer.from(store.hashAt(s)),
-        hostOffset: store.hostOffsets[s],
-        firstGuestOffset: store.guestOffsets[s],
-        deleted: store.states[s] === SLOT_TOMBSTONE,
-      });
+      journal.append(store.hashes, s * 32, store.hostOffsets[s], store.guestOffsets[s], store.states[s] === SLOT_TOMBSTONE);
     }
     this.current = { store, journal, desc };
     this.packs++;

@@ -26,10 +26,11 @@ export function decodeHashEntry(buf: Buffer, pos: number): HashEntry {
   };
 }
 
-export function encodeHashEntry(e: HashEntry, buf: Buffer, pos: number): void {
-  buf.set(e.hash.length === HASH_BYTES ? e.hash : e.hash.subarray(0, HASH_BYTES), pos); // set(): no native call, unlike copy()
-  writeU64(buf, pos + 32, e.hostOffset);
-  writeU64(buf, pos + 40, e.firstGuestOffset);
+/** Encodes an entry at `pos`: the hash at byte `hashAt` of `hash`, then the two offsets. */
+export function encodeHashEntry(buf: Buffer, pos: number, hash: Uint8Array, hashAt: number, hostOffset: number, firstGuestOffset: number): void {
+  for (let i = 0; i < HASH_BYTES; i++) buf[pos + i] = hash[hashAt + i];
+  writeU64(buf, pos + 32, hostOffset);
+  writeU64(buf, pos + 40, firstGuestOffset);
 }
 
 // Entries of compressed copies (framed deflate streams, ./stream-header.ts): the host offset

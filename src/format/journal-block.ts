@@ -51,20 +51,38 @@ export function entriesPerBlock(blockSize: number): number {
 export function encodeJournalBlock(blockSize: number, sequence: number, entries: JournalEntry[]): Buffer {
   if (entries.length > entriesPerBlock(blockSize)) throw new RangeError(`${entries.length} entries do not fit in a ${blockSize}-byte journal block`);
   const buf = Buffer.alloc(blockSize);
-  buf.writeUInt32BE(JOURNAL_MAGIC, 0);
-  writeU64(buf, 8, sequence);
-  buf.writeUInt16BE(entries.length, 16);
-  buf.writeUInt16BE(entries.length * JOURNAL_HASH_ENTRY_BYTES, 18);
-  let pos = JOURNAL_HEADER_BYTES;
-  for (const e of entries) {
-    buf[pos] = ENTRY_TYPE_HASH;
-    buf[pos + 1] = e.deleted ? ENTRY_FLAG_DELETED : 0;
-    buf.writeUInt16BE(HASH_ENTRY_BYTES, pos + 2);
-    encodeHashEntry(e, buf, pos + ENTRY_HEADER_BYTES);
-    pos += JOURNAL_HASH_ENTRY_BYTES;
-  }
-  buf.writeUInt32BE(crc32(buf.subarray(8)), 4);
+  entries.forEach((e, i) => encodeJournalEntry(buf, i, e.hash, 0, e.hostOffset, e.firstGuestOffset, e.deleted));
+  sealJournalBlock(buf, sequence, entries.length);
   return buf;
+}
+
+/**
+ * Writes entry `index` of a block being filled (a block encoded entry by entry, then sealed):
+ * the hash at byte `hashAt` of `hash`, its host and guest offsets, deleted or not.
+ */
+export function encodeJournalEntry(
+  block: Buffer,
+  index: number,
+  hash: Uint8Array,
+  hashAt: number,
+  hostOffset: number,
+  firstGuestOffset: number,
+  deleted: boolean,
+): void {
+  const pos = JOURNAL_HEADER_BYTES + index * JOURNAL_HASH_ENTRY_BYTES;
+  block[pos] = ENTRY_TYPE_HASH;
+  block[pos + 1] = deleted ? ENTRY_FLAG_DELETED : 0;
+  block.writeUInt16BE(HASH_ENTRY_BYTES, pos + 2);
+  encodeHashEntry(block, pos + ENTRY_HEADER_BYTES, hash, hashAt, hostOffset, firstGuestOffset);
+}
+
+/** Completes a block whose first `count` entries are encoded (and the rest zero): its header and checksum. */
+export function sealJournalBlock(block: Buffer, sequence: number, count: number): void {
+  block.writeUInt32BE(JOURNAL_MAGIC, 0);
+  writeU64(block, 8, sequence);
+  block.writeUInt16BE(count, 16);
+  block.writeUInt16BE(count * JOURNAL_HASH_ENTRY_BYTES, 18);
+  block.writeUInt32BE(crc32(block.subarray(8)), 4);
 }
 
 /**

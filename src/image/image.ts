@@ -365,8 +365,9 @@ export class Image extends ImageCommit implements GuestReader {
    */
   async prepareTables(guestClusters: number[]): Promise<void> {
     const seen = new Set<number>();
-    for (const c of guestClusters) {
-      const l1Index = Math.floor(c / this.l2Entries);
+    // An index loop: a for…of holding an await made an iterator result per cluster.
+    for (let i = 0; i < guestClusters.length; i++) {
+      const l1Index = Math.floor(guestClusters[i] / this.l2Entries);
       if (!seen.has(l1Index)) {
         seen.add(l1Index);
         await this.l2TableForWrite(l1Index);

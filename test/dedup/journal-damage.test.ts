@@ -117,7 +117,7 @@ test('every kind of damage at 3 positions stops replayJournal() and the scan at 
     // One session per block, as qdedup writes them: 12 entries (one in three a deletion).
     const j = new Journal(file, desc, bs, s);
     const es = Array.from({ length: 12 }, (_, i) => entry(`s${s} e${i}`, s * 12 + i, i % 3 === 2));
-    for (const e of es) j.append(e);
+    for (const e of es) j.append(e.hash, 0, e.hostOffset, e.firstGuestOffset, e.deleted);
     await j.flush();
     written.push(es);
   }
