@@ -76,3 +76,36 @@ test('with at most 2 incarnations the oldest are forgotten and their space reuse
   assert.equal(await store.lookup(h(0)), null); // forgotten
   assert.ok(await store.lookup(h(199)));
 });
+
+test('hashes inside a larger buffer (bytes, at): insert and find agree with lookup of a copy, in every place an entry lives', async () => {
+  // The write path passes a digest buffer and an offset (src/dedup/batch-lookups.ts), never a view.
+  const file = new MemFile();
+  const allocate = allocator();
+  const store = await DedupStore.create(file, G, allocate);
+  const n = 120; // several freezes: incarnations, the frozen and the current log store
+  const digest = Buffer.alloc(7 + n * 32); // hashes at odd offsets
+  for (let i = 0; i < n; i++) h(i).copy(digest, 7 + i * 32);
+  for (let i = 0; i < n; i++) await store.insert(digest, 0x1000 * (i + 1), 512 * i, allocate, 7 + i * 32);
+  await store.remove(h(5), allocate); // a tombstone in the current log store over an incarnation's entry
+  for (let i = 0; i < n; i++) {
+    const found = store.find(digest, 7 + i * 32);
+    const looked = store.lookup(h(i));
+    if (i === 5) {
+      assert.equal(found, false);
+      assert.equal(looked, null);
+      continue;
+    }
+    assert.equal(found, true, `key ${i}`);
+    assert.equal(store.found.hostOffset, 0x1000 * (i + 1));
+    assert.equal(store.found.firstGuestOffset, 512 * i);
+    const { hash, ...entry } = looked!;
+    assert.deepEqual(entry, { ...store.found });
+    assert.deepEqual(hash, h(i));
+  }
+  assert.equal(store.find(Buffer.concat([Buffer.alloc(3), h(n + 1)]), 3), false);
+  // The journal holds the hashes, not the buffer they came from.
+  digest.fill(0);
+  await store.flush(allocate);
+  const reopened = await DedupStore.open(file, G, store.config());
+  for (let i = 0; i < n; i += 11) if (i !== 5) assert.equal(reopened.lookup(h(i))?.hostOffset, 0x1000 * (i + 1), `reopened key ${i}`);
+});
