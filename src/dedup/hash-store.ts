@@ -142,8 +142,8 @@ export class HashStore {
   }
 
   /**
-   * lookup() of the hash at byte `at` of `hash`, without an object: NOT_FOUND, FOUND_ENTRY
-   * (its fields written into `out`) or FOUND_TOMBSTONE.
+   * lookup() of the hash at byte `at` of `hash`, without an object: NOT_FOUND, FOUND_ENTRY or
+   * FOUND_TOMBSTONE (host offset 0), the slot's fields written into `out` for both.
    */
   find(hash: Uint8Array, at: number, out: FoundSlot): number {
     if (this.incarnations.length === 0) return NOT_FOUND;
@@ -151,15 +151,14 @@ export class HashStore {
     const k = this.locate(hash, at);
     if (k < 0) return NOT_FOUND;
     const { piece, at: slotAt, slot } = this.located;
-    const hostOffset = readU64(piece, slotAt + 32, 'hash entry host offset');
-    if (hostOffset === 0) return FOUND_TOMBSTONE;
-    this.hits++;
     const confirmed = this.incarnations[k].confirmed;
-    out.hostOffset = hostOffset;
+    out.hostOffset = readU64(piece, slotAt + 32, 'hash entry host offset');
     out.firstGuestOffset = readU64(piece, slotAt + 40, 'hash entry guest offset');
     out.confirmed = confirmed.get(slot);
     out.bits = confirmed;
     out.slot = slot;
+    if (out.hostOffset === 0) return FOUND_TOMBSTONE;
+    this.hits++;
     return FOUND_ENTRY;
   }
 
