@@ -71,8 +71,8 @@ export class Dedup implements WritePolicy {
   private readonly copies: CompressedCopies;
   /** Compresses the chunks of the write pipeline (compressWrites(): `-c`), or null: unique clusters are written plain. */
   private compressor: ChunkCompressor | null = null;
-  /** What writeClusters knows about each cluster of its batch (reused from batch to batch). */
-  private readonly lookups = new BatchLookups();
+  /** What writeClusters knows about each cluster of its batch (reused from batch to batch; null while in use). */
+  private lookups: BatchLookups | null = new BatchLookups();
 
   /** Made by attachDedup and initializeDedup (./attach.ts). */
   constructor(
@@ -139,10 +139,22 @@ export class Dedup implements WritePolicy {
    * Clusters of a prepared chunk come hashed (and found zero) already: `prepared`.
    */
   async writeClusters(batch: ClusterBatch, prepared?: unknown): Promise<void> {
+    // The lookups' arrays are reused from batch to batch; a batch written while another one
+    // is (two writes at once) gets arrays of its own.
+    const L = this.lookups ?? new BatchLookups();
+    this.lookups = null;
+    try {
+      await this.decideAndWrite(batch, prepared as DedupPrepared | undefined, L);
+    } finally {
+      this.lookups = L;
+    }
+  }
+
+  /** writeClusters() with `L` to keep what it knows about each cluster of the batch. */
+  private async decideAndWrite(batch: ClusterBatch, ready: DedupPrepared | undefined, L: BatchLookups): Promise<void> {
     const writer = this.writer;
     const cs = writer.clusterSize;
     const n = batch.length;
-    const ready = prepared as DedupPrepared | undefined;
     const digest = ready?.digest.complete(); // the rest of the chunk hashed here, if the worker is behind
 
     // Phase 1, look up. Per cluster, in arrays indexed like `batch` (no object per cluster):
@@ -151,7 +163,6 @@ export class Dedup implements WritePolicy {
     // repeats of a miss, never looked up, or looked up again in phase 3 when decided).
     // Contents are keyed by their hash's first 48 bits (BatchKeys), confirmed by comparing
     // whole hashes.
-    const L = this.lookups;
     L.reset(n);
     const looked = new BatchKeys(n); // key → the first cluster of that key
     for (let c = 0; c < n; c++) {
@@ -213,7 +224,7 @@ export class Dedup implements WritePolicy {
         continue;
       }
       if (L.state[c] === NOT_LOOKED) L.setFound(c, this.store.find(hash, at), this.store.found); // its cluster fetched with the first occurrence's
-      const target = L.state[c] === ENTRY ? this.linkable(c, batch) : null;
+      const target = L.state[c] === ENTRY ? this.linkable(c, batch, L) : null;
       if (target !== null) {
         this.counters.hits++;
         if ((old.kind === 'normal' ? old.hostOffset : old.compressedOffset) === target) continue; // same content, same copy
@@ -342,25 +353,24 @@ export class Dedup implements WritePolicy {
 
   /**
    * The host offset of the indexed cluster of the entry found for cluster `c` of `batch`
-   * (this.lookups) when it may be linked to (held, under the cap, and equal to the cluster's
+   * (`L`) when it may be linked to (held, under the cap, and equal to the cluster's
    * bytes when verifying or when the entry is not confirmed this session), or null. Without
    * I/O but a compare: the holder table and refcount block of its cluster fetched.
    */
-  private linkable(c: number, batch: ClusterBatch): number | null {
-    const L = this.lookups;
+  private linkable(c: number, batch: ClusterBatch, L: BatchLookups): number | null {
     const host = L.hostOffset[c];
     const check = this.ext.verify || !L.confirmed[c];
     if (isStreamEntry(host, this.writer.clusterSize)) {
       const length = streamLengthOf(L.firstGuestOffset[c], this.writer.clusterSize);
       if (!this.copies.linkable(host, length)) return null;
-      return !check || this.sameBytes(c, batch, length) ? host : null;
+      return !check || this.sameBytes(c, batch, L, length) ? host : null;
     }
     const cluster = host / this.writer.clusterSize;
     // An index entry is only good for a cluster the holder still holds (belt and braces for I1).
     if (!Number.isSafeInteger(cluster) || !this.holder.holds(cluster)) return null;
     const refcount = this.writer.refcount(cluster);
     if (refcount < MIN_LINK_REFCOUNT || refcount >= this.cap) return null;
-    if (check && !this.sameBytes(c, batch)) return null;
+    if (check && !this.sameBytes(c, batch, L)) return null;
     return host;
   }
 
@@ -372,8 +382,7 @@ export class Dedup implements WritePolicy {
    * pool's round trip cost twice the import's time when every cluster hit an entry from an
    * earlier session.
    */
-  private sameBytes(c: number, batch: ClusterBatch, streamLength = 0): boolean {
-    const L = this.lookups;
+  private sameBytes(c: number, batch: ClusterBatch, L: BatchLookups, streamLength = 0): boolean {
     const host = L.hostOffset[c];
     this.counters.compared++;
     const same = streamLength
