@@ -15,10 +15,20 @@ export const SLOT_CACHE_BYTES = 16 * 1024 * 1024;
 
 export class SlotCache {
   /**
-   * Key (pieceKey) → the piece's bytes; Map order is use order, oldest first. A number, not a
-   * string: building and hashing a string key was a tenth of a hit's cost.
+   * Key (pieceKey) → the piece's node. A number, not a string: building and hashing a string
+   * key was a tenth of a hit's cost.
    */
-  private readonly pieces = new Map<number, Buffer>();
+  private readonly nodes = new Map<number, number>();
+  /** Per node: its piece's bytes (null: a free node) and key… */
+  private readonly data: (Buffer | null)[] = [];
+  private readonly keys: number[] = [];
+  /** …and its neighbours in use order, -1 at the ends: a hit relinks its node, which makes nothing (a Map's delete and set made an entry per hit). */
+  private readonly older: number[] = [];
+  private readonly newer: number[] = [];
+  private oldest = -1;
+  private newest = -1;
+  /** Nodes whose piece left, to reuse. */
+  private readonly free: number[] = [];
   private bytes = 0;
 
   constructor(private readonly maxBytes = SLOT_CACHE_BYTES) {}
@@ -35,15 +45,17 @@ export class SlotCache {
   piece(table: number, slots: number, slot: number, read: (offset: number, length: number) => Buffer): Buffer {
     const piece = Math.floor(slot / PIECE_SLOTS);
     const key = pieceKey(table, piece);
-    let bytes = this.pieces.get(key);
-    if (bytes) {
-      this.pieces.delete(key); // most recently used: to the end
-      this.pieces.set(key, bytes);
-    } else {
-      const first = piece * PIECE_SLOTS;
-      bytes = read(table + first * HASH_ENTRY_BYTES, Math.min(PIECE_SLOTS, slots - first) * HASH_ENTRY_BYTES);
-      this.add(key, bytes);
+    const node = this.nodes.get(key);
+    if (node !== undefined) {
+      if (node !== this.newest) {
+        this.unlink(node); // most recently used: to the new end
+        this.linkNewest(node);
+      }
+      return this.data[node]!;
     }
+    const first = piece * PIECE_SLOTS;
+    const bytes = read(table + first * HASH_ENTRY_BYTES, Math.min(PIECE_SLOTS, slots - first) * HASH_ENTRY_BYTES);
+    this.add(key, bytes);
     return bytes;
   }
 
@@ -59,22 +71,45 @@ export class SlotCache {
   /** Drops the pieces of the table at `table` (of `slots` slots): its incarnation is forgotten. */
   forget(table: number, slots: number): void {
     for (let piece = 0; piece * PIECE_SLOTS < slots; piece++) {
-      const key = pieceKey(table, piece);
-      const bytes = this.pieces.get(key);
-      if (!bytes) continue;
-      this.pieces.delete(key);
-      this.bytes -= bytes.length;
+      const node = this.nodes.get(pieceKey(table, piece));
+      if (node !== undefined) this.remove(node);
     }
   }
 
+  /** Keeps `bytes` under `key` as the most recently used, then drops the least recently used while over the bound. */
   private add(key: number, bytes: Buffer): void {
-    this.pieces.set(key, bytes);
+    const node = this.free.pop() ?? this.data.length;
+    this.data[node] = bytes;
+    this.keys[node] = key;
+    this.nodes.set(key, node);
+    this.linkNewest(node);
     this.bytes += bytes.length;
-    for (const [oldest, b] of this.pieces) {
-      if (this.bytes <= this.maxBytes) break;
-      this.pieces.delete(oldest);
-      this.bytes -= b.length;
-    }
+    while (this.bytes > this.maxBytes && this.oldest >= 0) this.remove(this.oldest);
+  }
+
+  private remove(node: number): void {
+    this.unlink(node);
+    this.nodes.delete(this.keys[node]);
+    this.bytes -= this.data[node]!.length;
+    this.data[node] = null;
+    this.free.push(node);
+  }
+
+  private unlink(node: number): void {
+    const o = this.older[node];
+    const n = this.newer[node];
+    if (o >= 0) this.newer[o] = n;
+    else this.oldest = n;
+    if (n >= 0) this.older[n] = o;
+    else this.newest = o;
+  }
+
+  private linkNewest(node: number): void {
+    this.older[node] = this.newest;
+    this.newer[node] = -1;
+    if (this.newest >= 0) this.newer[this.newest] = node;
+    else this.oldest = node;
+    this.newest = node;
   }
 }
 

@@ -128,6 +128,36 @@ test('slot cache: bounded, filled by freezes and by reads, never stale after an 
   assert.equal(cache.ramBytes, 0);
 });
 
+test('slot cache: least recently used out; a hit makes its piece the newest; the bound holds over many rounds', () => {
+  const PIECE = PIECE_SLOTS * 48;
+  const cache = new SlotCache(3 * PIECE);
+  const reads: number[] = [];
+  const read = (offset: number, length: number) => {
+    reads.push(offset);
+    return Buffer.alloc(length, offset / 0x10000);
+  };
+  const at = (i: number) => 0x10000 * (i + 1);
+  const get = (i: number) => cache.piece(at(i), PIECE_SLOTS, 0, read)[0];
+  for (const i of [0, 1, 2]) assert.equal(get(i), i + 1); // three reads, the cache full
+  assert.equal(get(0), 1); // a hit: 0 becomes the newest, 1 the oldest
+  assert.equal(reads.length, 3);
+  get(3); // pushes out 1, the least recently used
+  assert.equal(cache.ramBytes, 3 * PIECE);
+  get(0);
+  get(2);
+  assert.equal(reads.length, 4, '0 and 2 stayed');
+  get(1);
+  assert.equal(reads.length, 5, '1 was pushed out');
+  // Over many rounds the bound holds and every piece read is the one asked for.
+  for (let round = 0; round < 50; round++) {
+    const i = (round * 7) % 11;
+    assert.equal(get(i), i + 1);
+    assert.ok(cache.ramBytes <= 3 * PIECE);
+  }
+  for (let i = 0; i < 11; i++) cache.forget(at(i), PIECE_SLOTS);
+  assert.equal(cache.ramBytes, 0);
+});
+
 test("the filters kept bucket by bucket give every incarnation's tags as its area on disk has them, through freezes, forgetting and reloading", async () => {
   const file = new MemFile();
   const hs = new HashStore(file, ORDER, CLUSTER, 3); // at most 3: older ones are forgotten
