@@ -255,7 +255,7 @@ export class Dedup implements WritePolicy {
       const at = L.hashAt[m];
       const stream = streams?.[i] ?? null;
       let copyOffset = stream ? run!.offsets[q++] : start + p++ * cs;
-      let copyLength = stream ? stream.length : 0;
+      const copyLength = stream ? stream.length : 0;
       let held = stream ? run!.held : this.holder.canHold(copyOffset / cs);
       let indexed = this.index(batch.guest[m], hash, at, copyOffset, copyLength, held);
       if (indexed) await indexed;
@@ -265,7 +265,7 @@ export class Dedup implements WritePolicy {
         if (!held) {
           this.counters.hits++;
           // Not held: sharing it could not keep COPIED truthful. Give the copy its own cluster.
-          const own = await writer.writeRun(batch.views([d]));
+          const own = await writer.writeRun([batch.data(d)]);
           writer.mapCluster(batch.guest[d], own, true);
           const dropping = writer.dropReference(batch.old[d]);
           if (dropping) await dropping;
@@ -283,9 +283,10 @@ export class Dedup implements WritePolicy {
         this.counters.misses++;
         if (stream) {
           const again = await this.copies.writeRun([stream]);
-          [copyOffset, copyLength, held] = [again.offsets[0], stream.length, again.held];
+          copyOffset = again.offsets[0]; // (copyLength: the same stream's)
+          held = again.held;
         } else {
-          copyOffset = await writer.writeRun(batch.views([d]));
+          copyOffset = await writer.writeRun([batch.data(d)]);
           held = this.holder.canHold(copyOffset / cs);
         }
         indexed = this.index(batch.guest[d], hash, at, copyOffset, copyLength, held);

@@ -34,8 +34,13 @@ let zeros = Buffer.alloc(0);
  * data costs no slice and no call into memcmp.
  */
 export function isZero(b: Uint8Array): boolean {
-  const n = b.length;
-  if (n > 0 && (b[0] !== 0 || b[n - 1] !== 0)) return false;
+  return isZeroRange(b, 0, b.length);
+}
+
+/** isZero() of bytes [start, end) of `b`, without a view of them. */
+export function isZeroRange(b: Uint8Array, start: number, end: number): boolean {
+  const n = end - start;
+  if (n > 0 && (b[start] !== 0 || b[end - 1] !== 0)) return false;
   if (zeros.length < n) zeros = Buffer.alloc(n);
-  return zeros.subarray(0, b.length).equals(b);
+  return zeros.compare(b, start, end, 0, n) === 0;
 }

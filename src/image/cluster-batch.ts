@@ -5,10 +5,8 @@
 // bytes at `at[i]` of `source[i]`: the caller's buffer, or for a partial write a cluster read
 // and patched. They are valid until the batch is written.
 
+import { isZeroRange } from '../format/bytes.ts';
 import type { L2Entry } from '../format/l1l2.ts';
-
-/** All-zero bytes to compare clusters with (grown to the largest cluster asked about). */
-let zeros = Buffer.alloc(0);
 
 export class ClusterBatch {
   /** Clusters in the batch: indexes 0 … length − 1 of the arrays below. */
@@ -59,12 +57,7 @@ export class ClusterBatch {
 
   /** True when cluster i is all zeros (no view made). */
   isZero(i: number): boolean {
-    const s = this.source[i];
-    const at = this.at[i];
-    const cs = this.clusterSize;
-    if (s[at] !== 0 || s[at + cs - 1] !== 0) return false;
-    if (zeros.length < cs) zeros = Buffer.alloc(cs);
-    return zeros.compare(s, at, at + cs, 0, cs) === 0;
+    return isZeroRange(this.source[i], this.at[i], this.at[i] + this.clusterSize);
   }
 
   /** True when cluster i's bytes equal `bytes` (no view made). */
